@@ -1,0 +1,5 @@
+"""Torch-free SeeSR runtime: numpy + onnxruntime (TensorRT later).
+
+This package must never import torch: it is what users deploy.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,182 @@
+"""``seesr-export``: the build-side command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import SeeSRExportError
+
+SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
+
+
+class Progress:
+    """Stage names and a step bar on stderr; silent when quiet."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._start = time.perf_counter()
+
+    def stage(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self._start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def bar(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, disable=self.quiet, leave=False, file=sys.stderr)
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("checkpoints (a SeeSR checkout, or each file on its own)")
+    group.add_argument("--seesr-root", type=Path, default=Path("."),
+                       help="SeeSR checkout holding preset/models and ram/data (default: current directory)")
+    for name, what in [("sd2", "stable-diffusion-2-base folder"), ("unet", "SeeSR unet folder"),
+                       ("controlnet", "SeeSR controlnet folder"), ("ram", "ram_swin_large_14m.pth"),
+                       ("dape", "DAPE.pth"), ("tag-list", "ram_tag_list.txt"),
+                       ("tag-thresholds", "ram_tag_list_threshold.txt")]:
+        group.add_argument(f"--{name}", type=Path, default=None, help=f"path of the {what}")
+
+
+def paths_from_args(args):
+    from .layout import SeeSRPaths
+
+    return SeeSRPaths.from_root(args.seesr_root, sd2=args.sd2, unet=args.unet, controlnet=args.controlnet,
+                                ram=args.ram, dape=args.dape, tag_list=args.tag_list,
+                                tag_thresholds=args.tag_thresholds)
+
+
+def save_png_atomically(image, path: Path) -> None:
+    """Write to a temporary file beside ``path``, then rename: never a half-written PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def cmd_fixture(args) -> int:
+    from .testing.fixtures import write_fixture
+
+    progress = Progress(args.quiet)
+    progress.stage(f"writing {args.size} random-weight SeeSR checkpoints to {args.out}")
+    write_fixture(args.out, size=args.size, seed=args.seed)
+    progress.stage("done")
+    return 0
+
+
+def run_reference(paths, inputs: list[Path], out_dir: Path, options: dict, progress: Progress) -> int:
+    from PIL import Image
+
+    from .reference import SeeSRReference
+
+    progress.stage("loading SeeSR networks (torch reference, fp32 CPU)")
+    pipe = SeeSRReference.from_paths(paths)
+    failures = 0
+    for path in inputs:
+        progress.stage(f"upscaling {path}")
+        try:
+            with Image.open(path) as opened:
+                lr = opened.convert("RGB")
+        except (OSError, ValueError) as exc:
+            print(f"error: {path}: not a readable image ({exc})", file=sys.stderr)
+            failures += 1
+            continue
+        with progress.bar(options["steps"], "denoising") as bar:
+            result = pipe(lr, callback=lambda i, t: bar.update(1), **options)
+        target = out_dir / f"{path.stem}.png"
+        save_png_atomically(result.image, target)
+        progress.stage(f"wrote {target} ({result.image.size[0]}x{result.image.size[1]}); tags: {result.tags!r}")
+    return 1 if failures else 0
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=50, help="DDPM steps (default 50)")
+    parser.add_argument("--guidance", type=float, default=5.5, help="classifier-free guidance scale (default 5.5)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--prompt", default="", help="user prompt added after the tags")
+    parser.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain")
+    parser.add_argument("--process-size", type=int, default=512)
+    parser.add_argument("--upscale", type=int, default=4)
+    parser.add_argument("--latent-tile-size", type=int, default=96)
+    parser.add_argument("--latent-tile-overlap", type=int, default=4)
+
+
+def sampling_options(args) -> dict:
+    return dict(steps=args.steps, guidance=args.guidance, seed=args.seed, prompt=args.prompt,
+                color_fix=args.color_fix, process_size=args.process_size, upscale=args.upscale,
+                latent_tile_size=args.latent_tile_size, latent_tile_overlap=args.latent_tile_overlap)
+
+
+def cmd_reference(args) -> int:
+    return run_reference(paths_from_args(args), args.inputs, args.output, sampling_options(args),
+                         Progress(args.quiet))
+
+
+def cmd_demo(args) -> int:
+    """Random-weight checkpoints + the bundled sample image, end to end."""
+    from .layout import SeeSRPaths
+    from .testing.fixtures import write_fixture
+
+    progress = Progress(args.quiet)
+    checkout = args.out / "checkpoints"
+    marker = checkout / ".complete"
+    if not marker.exists():
+        progress.stage(f"writing tiny demo checkpoints to {checkout}")
+        write_fixture(checkout, size="tiny", seed=0)
+        marker.write_text("tiny seed 0\n")
+    return run_reference(SeeSRPaths.from_root(checkout), [SAMPLE_IMAGE], args.out, sampling_options(args),
+                         progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seesr-export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fixture", help="write random-weight SeeSR checkpoints in the official layout")
+    p.add_argument("--out", type=Path, required=True, help="checkout root to create")
+    p.add_argument("--size", choices=["tiny", "sd2"], default="tiny",
+                   help="tiny: seconds, for tests; sd2: real SD2-base + Swin-L shapes, for benchmarks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_fixture)
+
+    p = sub.add_parser("reference", help="upscale images with the torch reference pipeline (fp32, CPU)")
+    p.add_argument("inputs", nargs="+", type=Path, help="LR images")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory for PNGs")
+    add_checkpoint_args(p)
+    add_sampling_args(p)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("demo", help="demo checkpoints + bundled sample image through the reference pipeline")
+    p.add_argument("--out", type=Path, default=Path("out/demo"))
+    add_sampling_args(p)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("error: seesr-export needs the build extras: pip install 'seesr-export[export]'", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except SeeSRExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

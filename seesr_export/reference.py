@@ -1,0 +1,314 @@
+"""The torch reference pipeline: SeeSR's official inference, fp32 on CPU.
+
+This is the oracle every exported graph and the torch-free runtime are
+compared against, so it follows ``test_seesr.py`` and
+``pipelines/pipeline_seesr.py`` step by step (see ../shared/SEESR_NOTES.md),
+with one addition: every random draw goes through ``noise_fn`` so a test can
+inject the same noise into the runtime.
+
+Known deviation: the official pipeline switches to a tiled VAE (GroupNorm
+statistics aggregated over tiles) above 1088 px on the encoder side and 246
+latent px on the decoder side; the reference always runs the VAE untiled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .layout import SeeSRPaths
+
+NoiseFn = Callable[[str, tuple], "np.ndarray | torch.Tensor"]
+
+DEFAULT_ADDED_PROMPT = "clean, high-resolution, 8k"
+DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DAPE_SIZE = 384
+START_STEP = 999  # the LR latent is noised to t=999 whatever the first sampled timestep is
+COLOR_FIXES = ("adain", "wavelet", "none")
+
+
+# ---------------------------------------------------------------- geometry
+
+def working_image(lr: Image.Image, process_size: int = 512, upscale: int = 4) -> Image.Image:
+    """The LR image resized to the size SeeSR denoises at (PIL bicubic, as the official script)."""
+    w, h = lr.size
+    short = process_size // upscale
+    if w < short or h < short:
+        scale = short / min(w, h)
+        lr = lr.resize((int(scale * w), int(scale * h)), Image.BICUBIC)
+    lr = lr.resize((lr.size[0] * upscale, lr.size[1] * upscale), Image.BICUBIC)
+    # A resample to a multiple of 8, not a crop.
+    return lr.resize((lr.size[0] // 8 * 8, lr.size[1] // 8 * 8), Image.BICUBIC)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float [1, 3, H, W] in [0, 1] (torchvision's ToTensor)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())[None]
+
+
+def dape_input(lr: Image.Image) -> torch.Tensor:
+    """DAPE's input: the original LR as a tensor, bilinear-resized to 384 without antialias
+    (torchvision 0.15 did not antialias tensors), ImageNet-normalised."""
+    x = F.interpolate(to_tensor(lr), size=(DAPE_SIZE, DAPE_SIZE), mode="bilinear", align_corners=False,
+                      antialias=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ---------------------------------------------------------------- tiling
+
+def tile_origins(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Top-left corners (y, x) of the latent tiles, in the official order (x outer, y inner).
+
+    Tiles step by ``tile - overlap``; the last row and column are pushed
+    against the far edge instead of overhanging it.
+    """
+    def starts(extent: int) -> list[int]:
+        count = 1
+        while (count - 1) * (tile - overlap) + tile < extent:
+            count += 1
+        return [i * (tile - overlap) if i < count - 1 else extent - tile for i in range(count)]
+
+    return [(y, x) for x in starts(width) for y in starts(height)]
+
+
+def gaussian_tile_weights(tile: int) -> np.ndarray:
+    """Blend weights of one tile; the official code centres x at (T-1)/2 but y at T/2."""
+    var = 0.01
+
+    def profile(midpoint: float) -> np.ndarray:
+        i = np.arange(tile, dtype=np.float64)
+        return np.exp(-(i - midpoint) ** 2 / (tile * tile) / (2 * var)) / np.sqrt(2 * np.pi * var)
+
+    return np.outer(profile(tile / 2), profile((tile - 1) / 2))
+
+
+# ---------------------------------------------------------------- colour fix
+
+def _to_uint8_truncating(x: torch.Tensor) -> Image.Image:
+    # torchvision's ToPILImage: x*255 then byte(), i.e. truncation, not rounding.
+    array = (x.clamp(0.0, 1.0)[0] * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def adain_color_fix(target: Image.Image, source: Image.Image) -> Image.Image:
+    t, s = to_tensor(target), to_tensor(source)
+
+    def stats(x):
+        flat = x.reshape(1, 3, -1)
+        return flat.mean(dim=2).view(1, 3, 1, 1), (flat.var(dim=2) + 1e-5).sqrt().view(1, 3, 1, 1)
+
+    t_mean, t_std = stats(t)
+    s_mean, s_std = stats(s)
+    return _to_uint8_truncating((t - t_mean) / t_std * s_std + s_mean)
+
+
+def _wavelet_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=x.dtype) / 16
+    kernel = kernel[None, None].repeat(3, 1, 1, 1)
+    x = F.pad(x, (radius,) * 4, mode="replicate")
+    return F.conv2d(x, kernel, groups=3, dilation=radius)
+
+
+def _wavelet_split(x: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    high = torch.zeros_like(x)
+    for i in range(levels):
+        low = _wavelet_blur(x, 2 ** i)
+        high += x - low
+        x = low
+    return high, x
+
+
+def wavelet_color_fix(target: Image.Image, source: Image.Image) -> Image.Image:
+    target_high, _ = _wavelet_split(to_tensor(target))
+    _, source_low = _wavelet_split(to_tensor(source))
+    return _to_uint8_truncating(target_high + source_low)
+
+
+# ---------------------------------------------------------------- sampler
+
+def ddpm_step(scheduler, eps: torch.Tensor, t: int, sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One DDPM step (epsilon prediction, fixed_small variance) with the variance noise given."""
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    a_t = scheduler.alphas_cumprod[t]
+    a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.one
+    beta_t = 1 - a_t / a_prev
+    x0 = (sample - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    if scheduler.config.clip_sample:
+        r = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-r, r)
+    mean = (a_prev ** 0.5 * beta_t / (1 - a_t)) * x0 + ((a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t)) * sample
+    if t <= 0:
+        return mean
+    variance = torch.clamp((1 - a_prev) / (1 - a_t) * beta_t, min=1e-20)
+    return mean + variance ** 0.5 * noise
+
+
+@dataclass
+class ReferenceResult:
+    image: Image.Image
+    tags: str
+    prompt: str
+    latents: list = field(default_factory=list)  # latents after every step, [1, 4, h, w]
+
+
+class SeeSRReference:
+    """All SeeSR networks in torch, driven exactly as the official pipeline drives them."""
+
+    def __init__(self, dape, tag_list, tag_thresholds, tokenizer, text_encoder, vae, unet, controlnet,
+                 scheduler_config: dict):
+        from diffusers import DDPMScheduler
+
+        self.dape, self.tag_list, self.tag_thresholds = dape, tag_list, tag_thresholds
+        self.tokenizer, self.text_encoder, self.vae = tokenizer, text_encoder, vae
+        self.unet, self.controlnet = unet, controlnet
+        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    @classmethod
+    def from_paths(cls, paths: SeeSRPaths) -> "SeeSRReference":
+        from .models import dape as dape_mod
+        from .models import sd2
+        from .models.denoiser import load_seesr_controlnet, load_seesr_unet
+
+        paths.check()
+        dape = dape_mod.load_dape(paths.ram, paths.dape)
+        tags, thresholds = dape_mod.load_tag_list(paths.tag_list, paths.tag_thresholds, dape.num_classes)
+        return cls(dape, tags, thresholds, sd2.load_tokenizer(paths.sd2), sd2.load_text_encoder(paths.sd2),
+                   sd2.load_vae(paths.sd2), load_seesr_unet(paths.unet), load_seesr_controlnet(paths.controlnet),
+                   sd2.load_scheduler_config(paths.sd2))
+
+    # -- stages
+
+    @torch.no_grad()
+    def tag(self, lr: Image.Image) -> tuple[str, torch.Tensor]:
+        """DAPE: the tag string (hard prompt) and the 145x512 image embeddings (soft prompt)."""
+        from .models.dape import select_tags
+
+        image_embeds, tag_logits = self.dape(dape_input(lr))
+        return select_tags(tag_logits[0], self.tag_list, self.tag_thresholds), image_embeds
+
+    @torch.no_grad()
+    def encode_text(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def predict_noise(self, latents, t, text_embeds, image_embeds, control_image, conditioning_scale):
+        timestep = torch.tensor([t], dtype=torch.int64)
+        down, mid = self.controlnet(latents, timestep, text_embeds, image_embeds, control_image, conditioning_scale)
+        return self.unet(latents, timestep, text_embeds, image_embeds, down, mid)
+
+    def predict_noise_tiled(self, latents, t, text_embeds, image_embeds, control_image, conditioning_scale,
+                            tile: int, overlap: int):
+        _, _, h, w = latents.shape
+        tile = min(tile, h, w)
+        weights = torch.from_numpy(gaussian_tile_weights(tile))  # float64, as the official code
+        total = torch.zeros_like(latents)
+        contributors = torch.zeros_like(latents)
+        for y, x in tile_origins(h, w, tile, overlap):
+            window = (slice(None), slice(None), slice(y, y + tile), slice(x, x + tile))
+            pixels = (slice(None), slice(None), slice(8 * y, 8 * (y + tile)), slice(8 * x, 8 * (x + tile)))
+            pred = self.predict_noise(latents[window], t, text_embeds, image_embeds, control_image[pixels],
+                                      conditioning_scale)
+            total[window] += pred * weights
+            contributors[window] += weights
+        return total / contributors
+
+    # -- the whole pipeline
+
+    @torch.no_grad()
+    def __call__(self, lr: Image.Image, *, prompt: str = "", added_prompt: str = DEFAULT_ADDED_PROMPT,
+                 negative_prompt: str = DEFAULT_NEGATIVE_PROMPT, steps: int = 50, guidance: float = 5.5,
+                 conditioning_scale: float = 1.0, process_size: int = 512, upscale: int = 4,
+                 latent_tile_size: int = 96, latent_tile_overlap: int = 4, color_fix: str = "adain",
+                 start_point: str = "lr", noise_fn: NoiseFn | None = None, seed: int = 0,
+                 callback: Callable[[int, int], None] | None = None) -> ReferenceResult:
+        if color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
+        if start_point not in ("lr", "noise"):
+            raise ValueError(f"start_point must be 'lr' or 'noise', got {start_point!r}")
+        noise = _noise_source(noise_fn, seed)
+        lr = lr.convert("RGB")
+        tags, image_embeds = self.tag(lr)
+        full_prompt = f"{tags}, {prompt}," + added_prompt
+
+        work = working_image(lr, process_size, upscale)
+        control = to_tensor(work)
+        text_embeds = self.encode_text(full_prompt)
+        cfg = guidance > 1.0
+        if cfg:  # every batched tensor is [uncond, cond]
+            text_embeds = torch.cat([self.encode_text(negative_prompt), text_embeds])
+            image_embeds = torch.cat([image_embeds, image_embeds])
+            control = torch.cat([control, control])
+
+        self.scheduler.set_timesteps(steps)
+        latent_shape = (1, 4, work.size[1] // 8, work.size[0] // 8)
+        latents = noise("initial", latent_shape) * self.scheduler.init_noise_sigma
+        if start_point == "lr":
+            latents = self._lr_latent(to_tensor(work), latents, noise)
+
+        _, _, h, w = latents.shape
+        tiled = h * w > latent_tile_size * latent_tile_size
+        history = []
+        for i, t in enumerate(self.scheduler.timesteps.tolist()):
+            model_input = torch.cat([latents, latents]) if cfg else latents
+            if tiled:
+                eps = self.predict_noise_tiled(model_input, t, text_embeds, image_embeds, control,
+                                               conditioning_scale, latent_tile_size, latent_tile_overlap)
+            else:
+                eps = self.predict_noise(model_input, t, text_embeds, image_embeds, control, conditioning_scale)
+            if cfg:
+                eps_uncond, eps_text = eps.chunk(2)
+                eps = eps_uncond + guidance * (eps_text - eps_uncond)
+            latents = ddpm_step(self.scheduler, eps, t, latents, noise("step", latent_shape))
+            history.append(latents.clone())
+            if callback is not None:
+                callback(i, t)
+
+        image = self._decode(latents)
+        if color_fix == "adain":
+            image = adain_color_fix(image, work)
+        elif color_fix == "wavelet":
+            image = wavelet_color_fix(image, work)
+        image = image.resize((lr.size[0] * upscale, lr.size[1] * upscale), Image.BICUBIC)
+        return ReferenceResult(image=image, tags=tags, prompt=full_prompt, latents=history)
+
+    def _lr_latent(self, work: torch.Tensor, initial_noise: torch.Tensor, noise) -> torch.Tensor:
+        """LR embedding: sample the VAE posterior of the image, then noise it to t=999."""
+        moments = self.vae.encode(work * 2 - 1).latent_dist
+        mean, logvar = moments.mean, torch.clamp(moments.logvar, -30.0, 20.0)
+        sample = mean + torch.exp(0.5 * logvar) * noise("posterior", tuple(mean.shape))
+        timestep = torch.tensor([START_STEP], dtype=torch.int64)
+        return self.scheduler.add_noise(sample * self.scaling_factor, initial_noise, timestep)
+
+    def _decode(self, latents: torch.Tensor) -> Image.Image:
+        image = self.vae.decode(latents / self.scaling_factor).sample
+        image = (image / 2 + 0.5).clamp(0, 1)
+        array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return Image.fromarray(array)
+
+
+def _noise_source(noise_fn: NoiseFn | None, seed: int):
+    """Wrap ``noise_fn`` (or a seeded torch generator) as ``noise(kind, shape) -> float32 tensor``."""
+    if noise_fn is None:
+        generator = torch.Generator().manual_seed(seed)
+        return lambda kind, shape: torch.randn(shape, generator=generator)
+
+    def draw(kind: str, shape: Sequence[int]) -> torch.Tensor:
+        value = noise_fn(kind, tuple(shape))
+        value = torch.as_tensor(np.asarray(value), dtype=torch.float32)
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"noise_fn returned shape {tuple(value.shape)} for {kind!r}, expected {tuple(shape)}")
+        return value
+
+    return draw

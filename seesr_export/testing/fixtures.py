@@ -1,0 +1,289 @@
+"""Random-weight SeeSR checkpoints in exactly the official ``preset/models`` layout.
+
+No model hub is reachable from tests or CI, so every test (and the demo) makes
+its own checkpoints: ``tiny`` sizes run in seconds, ``sd2`` sizes are the real
+SD2-base + Swin-L shapes for benchmarks (latency does not depend on weight
+values). Output is deterministic for a given seed.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from dataclasses import dataclass
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..layout import SeeSRPaths
+
+SIZES = ("tiny", "sd2")
+
+_UNET_COMMON = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_eps": 1e-05,
+    "use_linear_projection": True,
+    "upcast_attention": False,
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "resnet_time_scale_shift": "default",
+    "use_image_cross_attention": True,
+}
+
+
+@dataclass(frozen=True)
+class FixtureShapes:
+    unet_channels: list
+    unet_heads: list
+    norm_groups: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    vae_channels: list
+    vae_layers: int
+    vae_groups: int
+    cond_channels: list
+
+
+SHAPES = {
+    "tiny": FixtureShapes([32, 32, 64, 64], [2, 2, 4, 4], 8, 32, 2, 4, [16, 16, 32, 32], 1, 8, [8, 16, 16, 32]),
+    "sd2": FixtureShapes([320, 640, 1280, 1280], [5, 10, 20, 20], 32, 1024, 23, 16, [128, 256, 512, 512], 2, 32,
+                         [16, 32, 96, 256]),
+}
+
+
+def _json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def randomize_(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Overwrite every parameter with seeded values of a sane scale.
+
+    Diffusers zero-initialises ControlNet's output convolutions; random
+    non-zero values make sure every weight actually influences the outputs.
+    """
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
+            elif name.endswith("weight"):  # norm scales
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=generator))
+    return module
+
+
+def _unet_config(s: FixtureShapes, text_dim: int) -> dict:
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.21.0",
+        **_UNET_COMMON,
+        "block_out_channels": s.unet_channels,
+        "attention_head_dim": s.unet_heads,
+        "norm_num_groups": s.norm_groups,
+        "cross_attention_dim": text_dim,
+        "sample_size": 64,
+        "center_input_sample": False,
+    }
+
+
+def _controlnet_config(s: FixtureShapes, text_dim: int) -> dict:
+    config = {k: v for k, v in _unet_config(s, text_dim).items()
+              if k not in ("out_channels", "up_block_types", "mid_block_type", "sample_size", "center_input_sample",
+                           "dual_cross_attention")}
+    config.update({
+        "_class_name": "ControlNetModel",
+        "conditioning_channels": 3,
+        "conditioning_embedding_out_channels": s.cond_channels,
+        "controlnet_conditioning_channel_order": "rgb",
+        "global_pool_conditions": False,
+    })
+    return config
+
+
+def _vae_config(s: FixtureShapes) -> dict:
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.8.0",
+        "act_fn": "silu",
+        "block_out_channels": s.vae_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": s.vae_layers,
+        "norm_num_groups": s.vae_groups,
+        "sample_size": 512,
+    }
+
+
+def _text_config(s: FixtureShapes) -> dict:
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "hidden_act": "gelu",
+        "hidden_size": s.text_hidden,
+        "intermediate_size": 4 * s.text_hidden,
+        "num_attention_heads": s.text_heads,
+        "num_hidden_layers": s.text_layers,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "layer_norm_eps": 1e-05,
+        "projection_dim": 512,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "torch_dtype": "float32",
+    }
+
+
+SD2_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+SD2_FEATURE_EXTRACTOR = {
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": 224,
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest above 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def clip_bpe_merges() -> list[str]:
+    """The CLIP BPE merge list, from the vocabulary file open_clip_torch ships."""
+    # Locate the file without importing open_clip (its import needs torchvision).
+    spec = importlib.util.find_spec("open_clip")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    candidates = [Path(f) / "bpe_simple_vocab_16e6.txt.gz" for f in folders]
+    found = [c for c in candidates if c.is_file()]
+    if not found:
+        raise RuntimeError("the CLIP BPE vocabulary comes from the open_clip_torch package, which is not "
+                           "installed: pip install --no-deps open_clip_torch")
+    data = found[0].read_bytes()
+    lines = gzip.decompress(data).decode("utf-8").split("\n")
+    return lines[1:49152 - 256 - 2 + 1]  # CLIP keeps the first 48894 merges
+
+
+def write_clip_tokenizer(folder: Path) -> None:
+    """An SD2 ``tokenizer/`` folder (CLIPTokenizer files; pad token "!" = id 0)."""
+    merges = clip_bpe_merges()
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    _json(folder / "vocab.json", {t: i for i, t in enumerate(tokens)})
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "!",
+                "unk_token": "<|endoftext|>"}
+    _json(folder / "special_tokens_map.json", specials)
+    _json(folder / "tokenizer_config.json", {**specials, "add_prefix_space": False, "do_lower_case": True,
+                                             "errors": "replace", "model_max_length": 77,
+                                             "tokenizer_class": "CLIPTokenizer"})
+
+
+def _save_diffusers(folder: Path, config: dict, model: nn.Module, safetensors: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    _json(folder / "config.json", config)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    else:
+        torch.save(state, folder / "diffusion_pytorch_model.bin")
+
+
+def write_sd2(folder: Path, size: str, generator: torch.Generator) -> None:
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..models.denoiser import _diffusers_kwargs
+
+    s = SHAPES[size]
+    _json(folder / "scheduler" / "scheduler_config.json", SD2_SCHEDULER)
+    _json(folder / "feature_extractor" / "preprocessor_config.json", SD2_FEATURE_EXTRACTOR)
+    write_clip_tokenizer(folder / "tokenizer")
+
+    vae_config = _vae_config(s)
+    vae = randomize_(AutoencoderKL(**_diffusers_kwargs(AutoencoderKL, vae_config, "fixture")), generator)
+    _save_diffusers(folder / "vae", vae_config, vae, safetensors=True)
+
+    text_config = _text_config(s)
+    text = randomize_(CLIPTextModel(CLIPTextConfig.from_dict(text_config)), generator)
+    _json(folder / "text_encoder" / "config.json", text_config)
+    save_file({k: v.contiguous() for k, v in text.state_dict().items()},
+              str(folder / "text_encoder" / "model.safetensors"))
+
+
+def write_seesr_denoisers(folder: Path, size: str, generator: torch.Generator) -> None:
+    from ..models.denoiser import SeeSRControlNet, SeeSRUNet
+
+    s = SHAPES[size]
+    unet_config = _unet_config(s, s.text_hidden)
+    _save_diffusers(folder / "unet", unet_config, randomize_(SeeSRUNet(unet_config), generator), safetensors=False)
+    control_config = _controlnet_config(s, s.text_hidden)
+    _save_diffusers(folder / "controlnet", control_config,
+                    randomize_(SeeSRControlNet(control_config), generator), safetensors=True)
+
+
+def write_fixture(root: Path | str, size: str = "tiny", seed: int = 0) -> SeeSRPaths:
+    """Write a complete random-weight SeeSR checkout under ``root``; returns its paths."""
+    from .dape_fixture import write_dape_lora, write_ram_checkpoint, write_tag_files
+
+    if size not in SIZES:
+        raise ValueError(f"fixture size must be one of {SIZES}, got {size!r}")
+    paths = SeeSRPaths.from_root(root)
+    generator = torch.Generator().manual_seed(seed)
+    write_sd2(paths.sd2, size, generator)
+    write_seesr_denoisers(paths.unet.parent, size, generator)
+    paths.ram.parent.mkdir(parents=True, exist_ok=True)
+    write_ram_checkpoint(paths.ram, size=size, seed=seed + 1)
+    write_dape_lora(paths.dape, paths.ram, seed=seed + 2)
+    paths.tag_list.parent.mkdir(parents=True, exist_ok=True)
+    write_tag_files(paths.tag_list, paths.tag_thresholds, seed=seed + 3)
+    return paths
