@@ -181,7 +181,7 @@ class SeeSRReference:
 
         paths.check()
         dape = dape_mod.load_dape(paths.ram, paths.dape)
-        tags, thresholds = dape_mod.load_tag_list(paths.tag_list, paths.tag_thresholds, dape.num_classes)
+        tags, thresholds = dape_mod.load_tag_list(paths.tag_list, paths.tag_thresholds, dape.config.num_classes)
         return cls(dape, tags, thresholds, sd2.load_tokenizer(paths.sd2), sd2.load_text_encoder(paths.sd2),
                    sd2.load_vae(paths.sd2), load_seesr_unet(paths.unet), load_seesr_controlnet(paths.controlnet),
                    sd2.load_scheduler_config(paths.sd2))

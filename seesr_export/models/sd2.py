@@ -50,10 +50,22 @@ def load_text_encoder(sd2_folder: Path) -> nn.Module:
     model = CLIPTextModel(config)
     weights = find_weights(folder, "model", "SD2 text encoder") if (folder / "model.safetensors").exists() \
         else find_weights(folder, "pytorch_model", "SD2 text encoder")
+    state = _match_text_prefix(load_state_dict(weights, "SD2 text encoder"), model)
     # position_ids is a constant buffer older transformers saved; it is rebuilt, not loaded.
-    load_strict(model, load_state_dict(weights, "SD2 text encoder"), weights,
-                ignore_keys=("text_model.embeddings.position_ids",))
+    load_strict(model, state, weights, ignore_keys=("text_model.embeddings.position_ids", "embeddings.position_ids"))
     return model.eval()
+
+
+def _match_text_prefix(state_dict: dict, model: nn.Module) -> dict:
+    """SD2 checkpoints name keys ``text_model.*`` (transformers 4); transformers 5 drops that prefix."""
+    prefix = "text_model."
+    model_has = any(k.startswith(prefix) for k in model.state_dict())
+    file_has = any(k.startswith(prefix) for k in state_dict)
+    if file_has and not model_has:
+        return {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    if model_has and not file_has:
+        return {prefix + k: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def load_tokenizer(sd2_folder: Path):

@@ -20,6 +20,8 @@ from torch import nn
 from ..layout import SeeSRPaths
 
 SIZES = ("tiny", "sd2")
+# What diffusers/transformers write; older transformers refuse safetensors files without it.
+SAFETENSORS_METADATA = {"format": "pt"}
 
 _UNET_COMMON = {
     "in_channels": 4,
@@ -232,7 +234,7 @@ def _save_diffusers(folder: Path, config: dict, model: nn.Module, safetensors: b
     if safetensors:
         from safetensors.torch import save_file
 
-        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata=SAFETENSORS_METADATA)
     else:
         torch.save(state, folder / "diffusion_pytorch_model.bin")
 
@@ -256,8 +258,11 @@ def write_sd2(folder: Path, size: str, generator: torch.Generator) -> None:
     text_config = _text_config(s)
     text = randomize_(CLIPTextModel(CLIPTextConfig.from_dict(text_config)), generator)
     _json(folder / "text_encoder" / "config.json", text_config)
-    save_file({k: v.contiguous() for k, v in text.state_dict().items()},
-              str(folder / "text_encoder" / "model.safetensors"))
+    # Keys as SD2 ships them (transformers 4 naming, "text_model." prefix).
+    state = {k if k.startswith("text_model.") else f"text_model.{k}": v.contiguous() for k, v in text.state_dict().items()}
+    state["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # saved by the transformers of 2022
+    save_file(state,
+              str(folder / "text_encoder" / "model.safetensors"), metadata=SAFETENSORS_METADATA)
 
 
 def write_seesr_denoisers(folder: Path, size: str, generator: torch.Generator) -> None:

@@ -1,0 +1,28 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_checkout(tmp_path_factory):
+    """A complete random-weight SeeSR checkout (tiny sizes), written once per test session."""
+    from seesr_export.testing.fixtures import write_fixture
+
+    return write_fixture(tmp_path_factory.mktemp("seesr") , size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_checkout):
+    from seesr_export.reference import SeeSRReference
+
+    return SeeSRReference.from_paths(tiny_checkout)
+
+
+@pytest.fixture
+def lr_image():
+    """A small non-square LR image with structure (deterministic)."""
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:40, 0:56]
+    base = np.stack([x * 4, y * 5, (x + y) * 2], -1) % 256
+    noisy = base + rng.normal(0, 8, base.shape)
+    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
