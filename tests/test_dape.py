@@ -22,6 +22,7 @@ from seesr_export.models.dape import (
 )
 from seesr_export.testing.dape_fixture import (
     NUM_CLASSES,
+    calibrate_tag_bias,
     ram_layout,
     sample_image,
     write_dape_lora,
@@ -33,11 +34,13 @@ from seesr_export.testing.dape_fixture import (
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dape")
-    return SimpleNamespace(
+    files = SimpleNamespace(
         ram=write_ram_checkpoint(folder / "ram_swin_large_14m.pth", "tiny", seed=0),
         dape=write_dape_lora(folder / "DAPE.pth", "tiny", seed=1),
         tags=write_tag_files(folder / "ram_tag_list.txt", folder / "ram_tag_list_threshold.txt", seed=2),
     )
+    calibrate_tag_bias(files.ram, files.dape, files.tags[1])
+    return files
 
 
 @pytest.fixture(scope="module")

@@ -317,3 +317,27 @@ def sample_image(seed: int = 0, batch: int = 1) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (image - mean) / std
+
+
+
+def calibrate_tag_bias(ram_path: Path | str, dape_path: Path | str, threshold_path: Path | str,
+                       target_tags: int = 20) -> float:
+    """Shift ``fc.bias`` so that exactly ``target_tags`` tags fire on ``sample_image()``.
+
+    Random weights give tag logits a large, seed-dependent common offset; without
+    this either none or thousands of the 4585 tags fire. Real RAM fires tens, and
+    prompts of that length are what the rest of the pipeline should be tested on.
+    Returns the shift applied.
+    """
+    from ..models.dape import load_dape
+
+    with torch.no_grad():
+        _, logits = load_dape(ram_path, dape_path)(sample_image(seed=0))
+    thresholds = torch.tensor([float(v) for v in Path(threshold_path).read_text().split()])
+    # A tag fires when logit + shift > logit(threshold): sort those margins.
+    margins, _ = torch.sort(torch.logit(thresholds.double()) - logits[0].double())
+    shift = float((margins[target_tags - 1] + margins[target_tags]) / 2)
+    checkpoint = torch.load(ram_path, map_location="cpu", weights_only=True)
+    checkpoint["model"]["fc.bias"] = checkpoint["model"]["fc.bias"] + shift
+    torch.save(checkpoint, ram_path)
+    return shift

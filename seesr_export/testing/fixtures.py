@@ -278,7 +278,7 @@ def write_seesr_denoisers(folder: Path, size: str, generator: torch.Generator) -
 
 def write_fixture(root: Path | str, size: str = "tiny", seed: int = 0) -> SeeSRPaths:
     """Write a complete random-weight SeeSR checkout under ``root``; returns its paths."""
-    from .dape_fixture import write_dape_lora, write_ram_checkpoint, write_tag_files
+    from .dape_fixture import calibrate_tag_bias, write_dape_lora, write_ram_checkpoint, write_tag_files
 
     if size not in SIZES:
         raise ValueError(f"fixture size must be one of {SIZES}, got {size!r}")
@@ -291,4 +291,5 @@ def write_fixture(root: Path | str, size: str = "tiny", seed: int = 0) -> SeeSRP
     write_dape_lora(paths.dape, paths.ram, seed=seed + 2)
     paths.tag_list.parent.mkdir(parents=True, exist_ok=True)
     write_tag_files(paths.tag_list, paths.tag_thresholds, seed=seed + 3)
+    calibrate_tag_bias(paths.ram, paths.dape, paths.tag_thresholds)
     return paths
