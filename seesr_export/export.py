@@ -1,0 +1,279 @@
+"""Tracing SeeSR's networks to ONNX with the interface declared in ``seesr_runtime.networks``.
+
+Each network gets a thin wrapper whose ``forward`` takes and returns exactly
+the tensors of its ``NetworkSpec``, in order; the spec also names the dynamic
+axes. Then: the full ONNX checker (external-data aware), shape inference and
+constant folding, and optionally an fp16 copy with attention kept in fp32.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from seesr_runtime.networks import ModelDims, NetworkSpec
+
+OPSET = 17
+TWO_GB = 2 * 1024 ** 3
+
+# ---------------------------------------------------------------- wrappers
+
+
+class DapeGraph(nn.Module):
+    def __init__(self, dape):
+        super().__init__()
+        self.dape = dape
+
+    def forward(self, image):
+        return self.dape(image)
+
+
+class TextEncoderGraph(nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids)[0]
+
+
+class ControlNetGraph(nn.Module):
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, image_embeds, controlnet_cond, conditioning_scale):
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, image_embeds, controlnet_cond,
+                                    conditioning_scale)
+        return (*down, mid)
+
+
+class UNetGraph(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, image_embeds, *residuals):
+        return self.unet(sample, timestep, encoder_hidden_states, image_embeds, list(residuals[:-1]), residuals[-1])
+
+
+class VaeEncoderGraph(nn.Module):
+    """Posterior moments; the sampling (and its noise) stays in the runtime."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        moments = self.vae.quant_conv(self.vae.encoder(image))
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        return mean, torch.clamp(logvar, -30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution
+
+
+class VaeDecoderGraph(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decoder(self.vae.post_quant_conv(latent))
+
+
+def graph_modules(models) -> dict[str, nn.Module]:
+    """Wrap the loaded torch models (a ``SeeSRReference``'s) as exportable graphs, by network name."""
+    return {
+        "dape": DapeGraph(models.dape),
+        "text_encoder": TextEncoderGraph(models.text_encoder),
+        "controlnet": ControlNetGraph(models.controlnet),
+        "unet": UNetGraph(models.unet),
+        "vae_encoder": VaeEncoderGraph(models.vae),
+        "vae_decoder": VaeDecoderGraph(models.vae),
+    }
+
+
+def model_dims(models) -> ModelDims:
+    """Read the interface dimensions off the loaded networks."""
+    controlnet = models.controlnet
+    channels, strides, stride = [controlnet.conv_in.out_channels], [1], 1
+    for block in controlnet.down_blocks:
+        for resnet in block.resnets:
+            channels.append(resnet.out_channels)
+            strides.append(stride)
+        for downsampler in block.downsamplers or []:
+            stride *= 2
+            channels.append(downsampler.out_channels)
+            strides.append(stride)
+    return ModelDims(
+        text_dim=models.text_encoder.config.hidden_size,
+        num_tags=models.dape.config.num_classes,
+        residual_channels=tuple(channels),
+        residual_strides=tuple(strides),
+        mid_channels=controlnet.controlnet_mid_block.out_channels,
+        latent_channels=models.unet.conv_in.in_channels,
+        image_tokens=models.dape.config.num_image_tokens,
+        image_embed_dim=models.dape.config.image_embed_dim,
+    )
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def sample_feeds(spec: NetworkSpec, env: dict[str, int], seed: int = 0, vocab: int = 49408) -> dict[str, np.ndarray]:
+    """Random inputs of the right shapes and ranges for ``spec`` (tracing and parity tests)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for tensor in spec.inputs:
+        shape = tensor.concrete_shape(env)
+        if tensor.dtype == "int64":
+            value = rng.integers(0, vocab, shape, dtype=np.int64)
+        elif tensor.name == "timestep":
+            value = rng.integers(1, 1000, shape).astype(np.float32)
+        elif tensor.name == "conditioning_scale":
+            value = np.array(0.8, dtype=np.float32)
+        elif tensor.name == "controlnet_cond":
+            value = rng.random(shape, dtype=np.float32)
+        elif tensor.name.endswith("_res"):
+            value = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            value = rng.standard_normal(shape).astype(np.float32)
+        feeds[tensor.name] = value
+    return feeds
+
+
+def run_torch(module: nn.Module, spec: NetworkSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        outputs = module(*(torch.from_numpy(feeds[name]) for name in spec.input_names))
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return [o.detach().numpy() for o in outputs]
+
+
+# ---------------------------------------------------------------- export
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = OPSET
+    # Graphs above this size keep their weights in one external-data file beside the .onnx.
+    external_data_threshold: int = TWO_GB
+
+
+def export_onnx(module: nn.Module, spec: NetworkSpec, env: dict[str, int], path: Path,
+                options: ExportOptions = ExportOptions()) -> list[Path]:
+    """Trace ``module`` to ``path`` (+ ``path.data`` when large); returns the files written."""
+    import onnx
+
+    path = Path(path)
+    feeds = sample_feeds(spec, env)
+    args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
+    module = module.eval()
+    with tempfile.TemporaryDirectory(prefix="seesr-trace-", dir=path.parent) as scratch:
+        traced = Path(scratch) / "traced.onnx"
+        with torch.no_grad():
+            torch.onnx.export(module, args, str(traced), dynamo=False, opset_version=options.opset,
+                              input_names=spec.input_names, output_names=spec.output_names,
+                              dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+        model = onnx.load(str(traced), load_external_data=True)
+    model = simplify(model)
+    return save_onnx(model, path, options.external_data_threshold)
+
+
+def simplify(model):
+    """Shape inference, constant folding and dead-node removal (onnx-graphsurgeon)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.fold_constants().cleanup().toposort()
+    model = gs.export_onnx(graph)
+    if model.ByteSize() < TWO_GB:  # in-memory inference is limited by protobuf
+        model = onnx.shape_inference.infer_shapes(model)
+    return model
+
+
+def save_onnx(model, path: Path, external_data_threshold: int = TWO_GB) -> list[Path]:
+    import onnx
+
+    path = Path(path)
+    data_name = path.name + ".data"
+    large = _weights_bytes(model) > external_data_threshold
+    for stale in (path, path.with_name(data_name)):
+        if stale.exists():
+            stale.unlink()
+    if large:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return [path, path.with_name(data_name)] if large else [path]
+
+
+def _weights_bytes(model) -> int:
+    from onnx import numpy_helper  # noqa: F401  (import keeps onnx's lazy modules loaded)
+
+    total = 0
+    for tensor in model.graph.initializer:
+        total += len(tensor.raw_data) if tensor.raw_data else 0
+    return total
+
+
+# ---------------------------------------------------------------- fp16
+
+
+def attention_fp32_nodes(model) -> list[str]:
+    """Names of the nodes computing attention scores and their softmax.
+
+    SD2-family attention overflows fp16 (black or NaN images): each Softmax,
+    the MatMul producing its scores and any scale between them stay in fp32.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type != "Softmax":
+            continue
+        keep.append(node.name)
+        current = producers.get(node.input[0])
+        while current is not None and current.op_type in ("Mul", "Div", "Add", "Cast", "MatMul"):
+            keep.append(current.name)
+            if current.op_type == "MatMul":
+                break
+            current = producers.get(current.input[0])
+    return keep
+
+
+def convert_fp16(src: Path, dst: Path, external_data_threshold: int = TWO_GB) -> list[Path]:
+    """An fp16 copy of ``src`` with fp32 inputs/outputs and attention scores kept in fp32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src), load_external_data=True)
+    _name_unnamed_nodes(model)
+    keep = attention_fp32_nodes(model)
+    model = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
+                                     disable_shape_infer=model.ByteSize() >= TWO_GB)
+    return save_onnx(model, dst, external_data_threshold)
+
+
+def _name_unnamed_nodes(model) -> None:
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+
+
+def copy_files(files: list[Path], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for f in files:
+        target = folder / f.name
+        try:
+            os.link(f, target)  # same filesystem: no copy of gigabytes
+        except OSError:
+            shutil.copy2(f, target)
+        out.append(target)
+    return out
