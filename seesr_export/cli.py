@@ -132,8 +132,42 @@ def cmd_demo(args) -> int:
         progress.stage(f"writing tiny demo checkpoints to {checkout}")
         write_fixture(checkout, size="tiny", seed=0)
         marker.write_text("tiny seed 0\n")
-    return run_reference(SeeSRPaths.from_root(checkout), [SAMPLE_IMAGE], args.out, sampling_options(args),
-                         progress)
+    from .bundle import BuildOptions, build_bundle
+
+    paths = SeeSRPaths.from_root(checkout)
+    progress.stage(f"building the fp32 ONNX bundle {args.bundle}")
+    report = build_bundle(paths, args.bundle, BuildOptions(precision="fp32"), progress)
+    for name, parity in report.parity.items():
+        progress.stage(f"{name}: onnxruntime vs torch rel L2 {parity['fp32']['max_rel_l2']:.1e}")
+    return run_reference(paths, [SAMPLE_IMAGE], args.out, sampling_options(args), progress)
+
+
+def cmd_build(args) -> int:
+    from .bundle import BuildOptions, build_bundle
+
+    options = BuildOptions(precision=args.precision, backend=args.backend,
+                           networks=tuple(args.networks) if args.networks else BuildOptions.networks,
+                           opset=args.opset, verify=not args.no_verify)
+    if args.external_data_threshold_mb is not None:
+        options.external_data_threshold = int(args.external_data_threshold_mb * 1024 ** 2)
+    report = build_bundle(paths_from_args(args), args.out, options, Progress(args.quiet))
+    for name, parity in report.parity.items():
+        errors = ", ".join(f"{p} rel L2 {v['max_rel_l2']:.2e}" for p, v in parity.items())
+        print(f"{name}: onnxruntime vs torch: {errors}", file=sys.stderr)
+    return 0
+
+
+BUILD_HELP = """\
+precision:
+  fp32   fp32 ONNX graphs (what onnxruntime on CPU runs best)
+  fp16   fp32 graphs plus fp16 copies for GPU backends (fp32 inputs/outputs; attention scores
+         and softmax kept in fp32, since SD2 attention overflows fp16)
+  int8   Q/DQ-quantized UNet and ControlNet: not implemented yet (refused with a message)
+backend:
+  onnx      ONNX graphs only (any machine)
+  tensorrt  also TensorRT engines: needs an NVIDIA GPU and the 'tensorrt' package
+            (pip install 'seesr-export[tensorrt]'); refused clearly where either is missing
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_fixture)
 
+    p = sub.add_parser("build", help="export every SeeSR network and write a bundle under engines/",
+                       epilog=BUILD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write (e.g. engines/seesr)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    p.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
+    p.add_argument("--networks", nargs="+", metavar="NAME",
+                   help="export only these (dape text_encoder controlnet unet vae_encoder vae_decoder)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--external-data-threshold-mb", type=float, default=None,
+                   help="graphs above this size keep weights in one .onnx.data file (default 2048)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check of each graph")
+    add_checkpoint_args(p)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_build)
+
     p = sub.add_parser("reference", help="upscale images with the torch reference pipeline (fp32, CPU)")
     p.add_argument("inputs", nargs="+", type=Path, help="LR images")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory for PNGs")
@@ -156,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_reference)
 
-    p = sub.add_parser("demo", help="demo checkpoints + bundled sample image through the reference pipeline")
+    p = sub.add_parser("demo", help="demo checkpoints -> fp32 bundle; sample image through the reference pipeline")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
+    p.add_argument("--bundle", type=Path, default=Path("engines/demo"))
     add_sampling_args(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)

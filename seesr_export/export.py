@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,7 +173,9 @@ def export_onnx(module: nn.Module, spec: NetworkSpec, env: dict[str, int], path:
     feeds = sample_feeds(spec, env)
     args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
     module = module.eval()
-    with tempfile.TemporaryDirectory(prefix="seesr-trace-", dir=path.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix="seesr-trace-", dir=path.parent) as scratch, warnings.catch_warnings():
+        # The tracer warns about every Python-side shape check it folds; they are expected here.
+        warnings.simplefilter("ignore")
         traced = Path(scratch) / "traced.onnx"
         with torch.no_grad():
             torch.onnx.export(module, args, str(traced), dynamo=False, opset_version=options.opset,
@@ -239,7 +242,7 @@ def attention_fp32_nodes(model) -> list[str]:
             continue
         keep.append(node.name)
         current = producers.get(node.input[0])
-        while current is not None and current.op_type in ("Mul", "Div", "Add", "Cast", "MatMul"):
+        while current is not None and current.op_type in ("Mul", "Div", "Add", "Reshape", "Cast", "MatMul"):
             keep.append(current.name)
             if current.op_type == "MatMul":
                 break
@@ -257,7 +260,42 @@ def convert_fp16(src: Path, dst: Path, external_data_threshold: int = TWO_GB) ->
     keep = attention_fp32_nodes(model)
     model = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
                                      disable_shape_infer=model.ByteSize() >= TWO_GB)
-    return save_onnx(model, dst, external_data_threshold)
+    _drop_fp16_round_trips(model)
+    return save_onnx(_toposort(model), dst, external_data_threshold)
+
+
+def _drop_fp16_round_trips(model) -> int:
+    """Bypass Cast(fp32->fp16) -> Cast(fp16->fp32) pairs the converter puts between two kept-fp32 nodes.
+
+    Left in, the attention scores would still be rounded to fp16 (and overflow)
+    on their way from the fp32 MatMul to the fp32 Softmax. Returns the pairs removed.
+    """
+    from onnx import TensorProto
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+    replace = {}
+    for node in model.graph.node:
+        first = producers.get(node.input[0]) if cast_to(node) == TensorProto.FLOAT else None
+        if first is not None and cast_to(first) == TensorProto.FLOAT16:
+            replace[node.output[0]] = first.input[0]
+    graph_outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in replace and name not in graph_outputs:
+                node.input[i] = replace[name]
+    return len(replace)
+
+
+def _toposort(model):
+    """The converter appends its input casts last; ONNX wants producers before consumers."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
 
 
 def _name_unnamed_nodes(model) -> None:

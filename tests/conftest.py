@@ -26,3 +26,13 @@ def lr_image():
     base = np.stack([x * 4, y * 5, (x + y) * 2], -1) % 256
     noisy = base + rng.normal(0, 8, base.shape)
     return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkout, tmp_path_factory):
+    """An fp16 bundle (fp32 + fp16 graphs) of the tiny checkout, built once per session."""
+    from seesr_export.bundle import BuildOptions, build_bundle
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    build_bundle(tiny_checkout, out, BuildOptions(precision="fp16"))
+    return out

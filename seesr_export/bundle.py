@@ -1,0 +1,388 @@
+"""``seesr-export build``: a SeeSR checkout in, one self-describing bundle out.
+
+The bundle is built in a hidden sibling directory and renamed into place at the
+end, so an interrupted build never leaves a half bundle. Each network's graphs
+are keyed on the hashes of its source files and the export options; a rebuild
+reuses (hard-links) the graphs of the previous bundle whose key is unchanged.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from seesr_runtime.manifest import FORMAT, MANIFEST, SCHEMA_VERSION, BundleError, Manifest, sha256_file
+from seesr_runtime.networks import NETWORK_NAMES, ModelDims, network_specs
+
+from . import __version__
+from .errors import SeeSRExportError
+from .layout import SeeSRPaths
+from .reference import (DAPE_SIZE, DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT, IMAGENET_MEAN, IMAGENET_STD,
+                        START_STEP)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = ("onnx", "tensorrt")
+TRACE_ENV = {"B": 2, "h": 16, "w": 24}  # small and non-square: axis mix-ups fail loudly
+EXPORT_CODE_VERSION = 1  # bump when a change to the exporter changes its graphs
+
+# Which source files each network is traced from (the cache key hashes them).
+NETWORK_SOURCES = {
+    "dape": ("ram", "dape"),
+    "text_encoder": ("text_encoder",),
+    "controlnet": ("controlnet",),
+    "unet": ("unet",),
+    "vae_encoder": ("vae",),
+    "vae_decoder": ("vae",),
+}
+
+
+class BuildError(SeeSRExportError):
+    pass
+
+
+@dataclass
+class BuildOptions:
+    precision: str = "fp32"
+    backend: str = "onnx"
+    networks: tuple = NETWORK_NAMES
+    opset: int = 17
+    external_data_threshold: int = 2 * 1024 ** 3
+    verify: bool = True  # ONNX vs torch on sample inputs, recorded in the manifest
+    name: str | None = None
+
+    def graph_precisions(self) -> tuple[str, ...]:
+        # fp32 graphs are always written: onnxruntime on CPU wants them, and they are
+        # the baseline the lower precisions are measured against.
+        return ("fp32",) if self.precision == "fp32" else ("fp32", "fp16")
+
+
+@dataclass
+class BuildReport:
+    bundle: Path
+    exported: list = field(default_factory=list)
+    reused: list = field(default_factory=list)
+    parity: dict = field(default_factory=dict)
+
+
+def check_request(options: BuildOptions) -> None:
+    """Refuse, up front and in one message, what this build cannot produce."""
+    if options.precision not in PRECISIONS:
+        raise BuildError(f"--precision must be one of {PRECISIONS}, got {options.precision!r}")
+    if options.backend not in BACKENDS:
+        raise BuildError(f"--backend must be one of {BACKENDS}, got {options.backend!r}")
+    unknown = [n for n in options.networks if n not in NETWORK_NAMES]
+    if unknown:
+        raise BuildError(f"unknown network(s) {unknown}; choose from {list(NETWORK_NAMES)}")
+    if options.backend == "tensorrt":
+        missing = _tensorrt_missing()
+        if missing:
+            raise BuildError(f"--backend tensorrt is not available here: {missing}. "
+                             "Use --backend onnx (the bundle's ONNX graphs build engines later on a GPU machine).")
+    if options.precision == "int8":
+        raise BuildError("--precision int8 (Q/DQ calibration of UNet and ControlNet) is not implemented yet; "
+                         "use --precision fp32 or fp16")
+
+
+def _tensorrt_missing() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "the 'tensorrt' Python package is not installed (pip install 'seesr-export[tensorrt]')"
+    if not (Path("/dev/nvidiactl").exists() or os.environ.get("CUDA_VISIBLE_DEVICES")):
+        return "no NVIDIA GPU is visible"
+    return None
+
+
+# ---------------------------------------------------------------- sources
+
+
+def source_files(paths: SeeSRPaths) -> dict[str, list[Path]]:
+    """The files behind each role, for hashing (configs included: they shape the graphs)."""
+    def folder(p: Path) -> list[Path]:
+        return sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else []
+
+    return {
+        "ram": [paths.ram], "dape": [paths.dape],
+        "tag_list": [paths.tag_list], "tag_thresholds": [paths.tag_thresholds],
+        "text_encoder": folder(paths.sd2 / "text_encoder"), "tokenizer": folder(paths.sd2 / "tokenizer"),
+        "vae": folder(paths.sd2 / "vae"), "scheduler": folder(paths.sd2 / "scheduler"),
+        "unet": folder(paths.unet), "controlnet": folder(paths.controlnet),
+    }
+
+
+def hash_sources(paths: SeeSRPaths) -> dict[str, dict[str, str]]:
+    """role -> {file name: sha256}; names, not paths, so a moved checkout still hits the cache."""
+    return {role: {f.name: sha256_file(f) for f in files} for role, files in source_files(paths).items()}
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    versions = {"seesr_export": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    for name in ("diffusers", "transformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+# ---------------------------------------------------------------- build
+
+
+class _Models:
+    """Torch models loaded on first use, so a fully cached build loads none."""
+
+    def __init__(self, paths: SeeSRPaths):
+        self.paths = paths
+
+    @cached_property
+    def reference(self):
+        from .reference import SeeSRReference
+
+        return SeeSRReference.from_paths(self.paths)
+
+
+def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=None) -> BuildReport:
+    from .cli import Progress
+
+    progress = progress or Progress(quiet=True)
+    check_request(options)
+    out = Path(out)
+    previous = _previous_bundle(out)
+    paths.check()
+    progress.stage("hashing source checkpoints")
+    sources = hash_sources(paths)
+    versions = _tool_versions()
+    models = _Models(paths)
+    report = BuildReport(bundle=out)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        dims, text_files = _write_text_and_tagger(paths, work, models, sources, previous, progress)
+        specs = network_specs(dims)
+        networks = {}
+        for name in options.networks:
+            key = _key(name, options.graph_precisions(), options.opset, options.external_data_threshold,
+                       EXPORT_CODE_VERSION, versions, [sources[r] for r in NETWORK_SOURCES[name]])
+            entry = _reuse(previous, name, key, work)
+            if entry is not None:
+                progress.stage(f"{name}: unchanged, reusing the previous graphs")
+                report.reused.append(name)
+            else:
+                entry = _export_network(name, specs[name], models, work, options, progress)
+                report.exported.append(name)
+            entry["cache_key"] = key
+            networks[name] = entry
+            if "parity" in entry:
+                report.parity[name] = entry["parity"]
+        manifest = _manifest(options.name or out.name, dims, networks, paths, sources, versions, text_files)
+        manifest["files"] = {n: sha256_file(work / n) for n in ("tokenizer.json", "negative_prompt_embeds.npy")}
+        manifest["provenance"]["checkout"] = {f: str(getattr(paths, f)) for f in paths.__dataclass_fields__}
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        Manifest.load(work).verify_files()
+        _swap_into_place(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    progress.stage(f"bundle ready: {out} (exported {report.exported or 'none'}, reused {report.reused or 'none'})")
+    return report
+
+
+def _previous_bundle(out: Path) -> Manifest | None:
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise BuildError(f"--out {out} exists and is not a directory")
+    if not (out / MANIFEST).exists():
+        if any(out.iterdir()):
+            raise BuildError(f"--out {out} exists and is not a SeeSR bundle (no {MANIFEST}); "
+                             "choose another directory or remove it")
+        return None
+    try:
+        return Manifest.load(out)
+    except BundleError:
+        return None  # a damaged bundle is rebuilt from scratch, then replaced
+
+
+def _remove_stale_partials(out: Path) -> None:
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _swap_into_place(work: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(work, out)
+
+
+def _reuse(previous: Manifest | None, name: str, key: str, work: Path) -> dict | None:
+    """Hard-link the previous bundle's graphs for ``name`` if they were built from the same inputs."""
+    from .export import copy_files
+
+    if previous is None:
+        return None
+    entry = previous.data["networks"].get(name)
+    if not entry or entry.get("cache_key") != key:
+        return None
+    pinned = {rel: sha for files in entry["files"].values() for rel, sha in files["sha256"].items()}
+    if not all((previous.root / rel).is_file() and sha256_file(previous.root / rel) == sha
+               for rel, sha in pinned.items()):
+        return None
+    for rel in pinned:
+        copy_files([previous.root / rel], (work / rel).parent)
+    return json.loads(json.dumps(entry))
+
+
+def _export_network(name, spec, models, work: Path, options: BuildOptions, progress) -> dict:
+    from .export import ExportOptions, convert_fp16, export_onnx, graph_modules
+
+    module = graph_modules(models.reference)[name]
+    export_options = ExportOptions(opset=options.opset, external_data_threshold=options.external_data_threshold)
+    entry = {"spec": spec.to_json(), "files": {}}
+    progress.stage(f"{name}: tracing to ONNX (fp32)")
+    fp32_dir = work / "onnx" / "fp32"
+    fp32_dir.mkdir(parents=True, exist_ok=True)
+    written = {"fp32": export_onnx(module, spec, TRACE_ENV, fp32_dir / f"{name}.onnx", export_options)}
+    if "fp16" in options.graph_precisions():
+        progress.stage(f"{name}: fp16 copy (attention scores and softmax kept in fp32)")
+        fp16_dir = work / "onnx" / "fp16"
+        fp16_dir.mkdir(parents=True, exist_ok=True)
+        written["fp16"] = convert_fp16(written["fp32"][0], fp16_dir / f"{name}.onnx",
+                                       options.external_data_threshold)
+    for precision, files in written.items():
+        rels = [str(f.relative_to(work)) for f in files]
+        entry["files"][precision] = {
+            "onnx": rels[0],
+            "external_data": rels[1] if len(rels) > 1 else None,
+            "sha256": {rel: sha256_file(work / rel) for rel in rels},
+            "precision": precision,
+        }
+    if options.verify:
+        progress.stage(f"{name}: checking ONNX against torch")
+        entry["parity"] = {p: verify_graph(module, spec, work / entry["files"][p]["onnx"]) for p in written}
+    return entry
+
+
+def verify_graph(module, spec, onnx_path: Path, env: dict | None = None) -> dict:
+    """Relative L2 error of every output, onnxruntime (CPU) against torch, on one random input."""
+    import onnxruntime as ort
+
+    from .export import run_torch, sample_feeds
+
+    env = env or {"B": 1, "h": 8, "w": 16}
+    feeds = sample_feeds(spec, env, seed=1)
+    expected = run_torch(module, spec, feeds)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(spec.output_names, feeds)
+    errors = {n: relative_l2(g, e) for n, g, e in zip(spec.output_names, got, expected)}
+    return {"max_rel_l2": max(errors.values()), "env": env}
+
+
+def relative_l2(got: np.ndarray, expected: np.ndarray) -> float:
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+# ---------------------------------------------------------------- text, tagger, manifest
+
+
+def write_tokenizer_json(sd2_folder: Path, path: Path, max_length: int = 77, pad_id: int = 0) -> None:
+    """SD2's CLIP tokenizer as one ``tokenizer.json`` the ``tokenizers`` library loads alone,
+    with truncation to 77 and padding with id 0 (SD2's pad token "!") built in."""
+    from tokenizers import Tokenizer
+
+    from .models.sd2 import load_tokenizer
+
+    slow_or_fast = load_tokenizer(sd2_folder)
+    backend = getattr(slow_or_fast, "backend_tokenizer", None)
+    if backend is None:  # transformers 4 with the slow tokenizer
+        from transformers import CLIPTokenizerFast
+
+        backend = CLIPTokenizerFast.from_pretrained(str(Path(sd2_folder) / "tokenizer")).backend_tokenizer
+    tokenizer = Tokenizer.from_str(backend.to_str())
+    tokenizer.enable_truncation(max_length)
+    tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id))
+    tokenizer.save(str(path))
+
+
+def _write_text_and_tagger(paths, work: Path, models, sources, previous, progress):
+    """tokenizer.json and the negative prompt's embedding (reused when their inputs are unchanged)."""
+    key = _key("text", EXPORT_CODE_VERSION, sources["text_encoder"], sources["tokenizer"], DEFAULT_NEGATIVE_PROMPT,
+               sources["ram"], sources["dape"], sources["unet"], sources["controlnet"])
+    names = ("tokenizer.json", "negative_prompt_embeds.npy")
+    if previous is not None and previous.data["text"].get("cache_key") == key and \
+            all((previous.root / n).is_file() for n in names):
+        from .export import copy_files
+
+        copy_files([previous.root / n for n in names], work)
+        return ModelDims.from_json(previous.data["dims"]), {"cache_key": key}
+    from .export import model_dims
+
+    progress.stage("loading torch models")
+    reference = models.reference
+    progress.stage("tokenizer.json and the negative prompt embedding")
+    write_tokenizer_json(paths.sd2, work / "tokenizer.json")
+    np.save(work / "negative_prompt_embeds.npy", reference.encode_text(DEFAULT_NEGATIVE_PROMPT).numpy())
+    return model_dims(reference), {"cache_key": key}
+
+
+def _manifest(name, dims, networks, paths, sources, versions, text) -> dict:
+    from .models.dape import load_tag_list
+    from .models.sd2 import load_scheduler_config
+
+    tags, thresholds = load_tag_list(paths.tag_list, paths.tag_thresholds, dims.num_tags)
+    vae_config = json.loads((paths.sd2 / "vae" / "config.json").read_text())
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "format": FORMAT,
+        "name": name,
+        "dims": dims.to_json(),
+        "networks": networks,
+        "pipeline": {
+            "scheduler": {"type": "DDPMScheduler", **load_scheduler_config(paths.sd2)},
+            "vae_scaling_factor": float(vae_config.get("scaling_factor", 0.18215)),
+            "start_step": START_STEP,
+            "prompt_template": "{tags}, {prompt},{added_prompt}",
+            "added_prompt": DEFAULT_ADDED_PROMPT,
+            "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
+            "defaults": {"steps": 50, "guidance": 5.5, "conditioning_scale": 1.0, "process_size": 512,
+                         "upscale": 4, "latent_tile_size": 96, "latent_tile_overlap": 4, "color_fix": "adain",
+                         "start_point": "lr", "vae_encoder_tile_size": 1024, "vae_decoder_tile_size": 224},
+        },
+        "tagger": {
+            "input_size": DAPE_SIZE, "resize": "bilinear, half-pixel centres, no antialias",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "tags": tags, "thresholds": [float(t) for t in thresholds],
+            "rule": "sigmoid(tag_logits) > threshold, joined with ', ' in class order",
+        },
+        "text": {"tokenizer": "tokenizer.json", "max_length": dims.text_tokens, "pad_id": 0,
+                 "negative_prompt_embeds": "negative_prompt_embeds.npy", **text},
+        "provenance": {
+            "sources": sources,
+            "versions": versions,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
