@@ -25,6 +25,7 @@ from seesr_runtime.networks import NETWORK_NAMES, ModelDims, network_specs
 
 from . import __version__
 from .errors import SeeSRExportError
+from .export import GRAPHS
 from .layout import SeeSRPaths
 from .reference import (DAPE_SIZE, DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT, IMAGENET_MEAN, IMAGENET_STD,
                         START_STEP)
@@ -43,6 +44,11 @@ NETWORK_SOURCES = {
     "vae_encoder": ("vae",),
     "vae_decoder": ("vae",),
 }
+
+
+# Which networks use each torch model (a model is dropped once none is left to export).
+_USERS = {"dape": ("dape",), "text_encoder": ("text_encoder",), "controlnet": ("controlnet",), "unet": ("unet",),
+          "vae": ("vae_encoder", "vae_decoder")}
 
 
 class BuildError(SeeSRExportError):
@@ -147,16 +153,62 @@ def _tool_versions() -> dict[str, str]:
 
 
 class _Models:
-    """Torch models loaded on first use, so a fully cached build loads none."""
+    """Torch models loaded on first use and dropped after their last graph: a fully cached
+    build loads none, and a full-size build holds one big network at a time."""
 
     def __init__(self, paths: SeeSRPaths):
         self.paths = paths
 
     @cached_property
-    def reference(self):
-        from .reference import SeeSRReference
+    def dape(self):
+        from .models.dape import load_dape
 
-        return SeeSRReference.from_paths(self.paths)
+        return load_dape(self.paths.ram, self.paths.dape)
+
+    @cached_property
+    def text_encoder(self):
+        from .models.sd2 import load_text_encoder
+
+        return load_text_encoder(self.paths.sd2)
+
+    @cached_property
+    def tokenizer(self):
+        from .models.sd2 import load_tokenizer
+
+        return load_tokenizer(self.paths.sd2)
+
+    @cached_property
+    def vae(self):
+        from .models.sd2 import load_vae
+
+        return load_vae(self.paths.sd2)
+
+    @cached_property
+    def unet(self):
+        from .models.denoiser import load_seesr_unet
+
+        return load_seesr_unet(self.paths.unet)
+
+    @cached_property
+    def controlnet(self):
+        from .models.denoiser import load_seesr_controlnet
+
+        return load_seesr_controlnet(self.paths.controlnet)
+
+    def dims(self) -> ModelDims:
+        import torch
+
+        from .export import model_dims
+        from .models.denoiser import SeeSRControlNet, read_config
+
+        with torch.device("meta"):  # the structure alone; no weights read or allocated
+            skeleton = SeeSRControlNet(read_config(self.paths.controlnet, "SeeSR ControlNet"))
+        latent_channels = read_config(self.paths.unet, "SeeSR UNet").get("in_channels", 4)
+        return model_dims(self.dape, self.text_encoder, skeleton, latent_channels)
+
+    def drop(self, *names: str) -> None:
+        for name in names:
+            self.__dict__.pop(name, None)
 
 
 def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=None) -> BuildReport:
@@ -180,7 +232,8 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
         dims, text_files = _write_text_and_tagger(paths, work, models, sources, previous, progress)
         specs = network_specs(dims)
         networks = {}
-        for name in options.networks:
+        for i, name in enumerate(options.networks):
+            remaining = options.networks[i + 1:]
             key = _key(name, options.graph_precisions(), options.opset, options.external_data_threshold,
                        EXPORT_CODE_VERSION, versions, [sources[r] for r in NETWORK_SOURCES[name]])
             entry = _reuse(previous, name, key, work)
@@ -190,6 +243,8 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
             else:
                 entry = _export_network(name, specs[name], models, work, options, progress)
                 report.exported.append(name)
+            if not any(n in remaining for n in _USERS[GRAPHS[name][0]]):
+                models.drop(GRAPHS[name][0])
             entry["cache_key"] = key
             networks[name] = entry
             if "parity" in entry:
@@ -257,9 +312,10 @@ def _reuse(previous: Manifest | None, name: str, key: str, work: Path) -> dict |
 
 
 def _export_network(name, spec, models, work: Path, options: BuildOptions, progress) -> dict:
-    from .export import ExportOptions, convert_fp16, export_onnx, graph_modules
+    from .export import ExportOptions, convert_fp16, export_onnx, graph_module
 
-    module = graph_modules(models.reference)[name]
+    progress.stage(f"{name}: loading the torch model")
+    module = graph_module(name, models)
     export_options = ExportOptions(opset=options.opset, external_data_threshold=options.external_data_threshold)
     entry = {"spec": spec.to_json(), "files": {}}
     progress.stage(f"{name}: tracing to ONNX (fp32)")
@@ -339,14 +395,13 @@ def _write_text_and_tagger(paths, work: Path, models, sources, previous, progres
 
         copy_files([previous.root / n for n in names], work)
         return ModelDims.from_json(previous.data["dims"]), {"cache_key": key}
-    from .export import model_dims
+    from .reference import encode_prompt
 
-    progress.stage("loading torch models")
-    reference = models.reference
     progress.stage("tokenizer.json and the negative prompt embedding")
     write_tokenizer_json(paths.sd2, work / "tokenizer.json")
-    np.save(work / "negative_prompt_embeds.npy", reference.encode_text(DEFAULT_NEGATIVE_PROMPT).numpy())
-    return model_dims(reference), {"cache_key": key}
+    embeds = encode_prompt(models.tokenizer, models.text_encoder, DEFAULT_NEGATIVE_PROMPT)
+    np.save(work / "negative_prompt_embeds.npy", embeds.numpy())
+    return models.dims(), {"cache_key": key}
 
 
 def _manifest(name, dims, networks, paths, sources, versions, text) -> dict:

@@ -86,21 +86,29 @@ class VaeDecoderGraph(nn.Module):
         return self.vae.decoder(self.vae.post_quant_conv(latent))
 
 
+# Which loaded torch model each network graph wraps.
+GRAPHS = {
+    "dape": ("dape", DapeGraph),
+    "text_encoder": ("text_encoder", TextEncoderGraph),
+    "controlnet": ("controlnet", ControlNetGraph),
+    "unet": ("unet", UNetGraph),
+    "vae_encoder": ("vae", VaeEncoderGraph),
+    "vae_decoder": ("vae", VaeDecoderGraph),
+}
+
+
+def graph_module(name: str, models) -> nn.Module:
+    """The exportable graph of network ``name``; ``models`` has the torch models as attributes."""
+    attribute, wrapper = GRAPHS[name]
+    return wrapper(getattr(models, attribute)).eval()
+
+
 def graph_modules(models) -> dict[str, nn.Module]:
-    """Wrap the loaded torch models (a ``SeeSRReference``'s) as exportable graphs, by network name."""
-    return {
-        "dape": DapeGraph(models.dape),
-        "text_encoder": TextEncoderGraph(models.text_encoder),
-        "controlnet": ControlNetGraph(models.controlnet),
-        "unet": UNetGraph(models.unet),
-        "vae_encoder": VaeEncoderGraph(models.vae),
-        "vae_decoder": VaeDecoderGraph(models.vae),
-    }
+    return {name: graph_module(name, models) for name in GRAPHS}
 
 
-def model_dims(models) -> ModelDims:
-    """Read the interface dimensions off the loaded networks."""
-    controlnet = models.controlnet
+def residual_layout(controlnet) -> tuple[list[int], list[int]]:
+    """Channels and stride of each ControlNet residual, in UNet skip order."""
     channels, strides, stride = [controlnet.conv_in.out_channels], [1], 1
     for block in controlnet.down_blocks:
         for resnet in block.resnets:
@@ -110,15 +118,21 @@ def model_dims(models) -> ModelDims:
             stride *= 2
             channels.append(downsampler.out_channels)
             strides.append(stride)
+    return channels, strides
+
+
+def model_dims(dape, text_encoder, controlnet, latent_channels: int) -> ModelDims:
+    """Read the interface dimensions off the networks (``controlnet`` may live on the meta device)."""
+    channels, strides = residual_layout(controlnet)
     return ModelDims(
-        text_dim=models.text_encoder.config.hidden_size,
-        num_tags=models.dape.config.num_classes,
+        text_dim=text_encoder.config.hidden_size,
+        num_tags=dape.config.num_classes,
         residual_channels=tuple(channels),
         residual_strides=tuple(strides),
         mid_channels=controlnet.controlnet_mid_block.out_channels,
-        latent_channels=models.unet.conv_in.in_channels,
-        image_tokens=models.dape.config.num_image_tokens,
-        image_embed_dim=models.dape.config.image_embed_dim,
+        latent_channels=latent_channels,
+        image_tokens=dape.config.num_image_tokens,
+        image_embed_dim=dape.config.image_embed_dim,
     )
 
 

@@ -152,6 +152,14 @@ def ddpm_step(scheduler, eps: torch.Tensor, t: int, sample: torch.Tensor, noise:
     return mean + variance ** 0.5 * noise
 
 
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, text: str) -> torch.Tensor:
+    """CLIP last hidden state of ``text``: 77 tokens, truncated, padded with id 0, no attention mask."""
+    ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
 @dataclass
 class ReferenceResult:
     image: Image.Image
@@ -196,11 +204,8 @@ class SeeSRReference:
         image_embeds, tag_logits = self.dape(dape_input(lr))
         return select_tags(tag_logits[0], self.tag_list, self.tag_thresholds), image_embeds
 
-    @torch.no_grad()
     def encode_text(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids)[0]
+        return encode_prompt(self.tokenizer, self.text_encoder, text)
 
     @torch.no_grad()
     def predict_noise(self, latents, t, text_embeds, image_embeds, control_image, conditioning_scale):

@@ -66,7 +66,8 @@ def test_external_data_path(reference, tmp_path):
     from seesr_runtime.networks import network_specs
     from seesr_export.export import model_dims
 
-    spec = network_specs(model_dims(reference))["vae_decoder"]
+    dims = model_dims(reference.dape, reference.text_encoder, reference.controlnet, 4)
+    spec = network_specs(dims)["vae_decoder"]
     module = graph_modules(reference)["vae_decoder"]
     files = export_onnx(module, spec, {"B": 1, "h": 8, "w": 8}, tmp_path / "vae_decoder.onnx",
                         ExportOptions(external_data_threshold=0))
