@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from seesr_runtime.imaging import gaussian_tile_weights, tile_origins, working_image
+
 from .layout import SeeSRPaths
 
 NoiseFn = Callable[[str, tuple], "np.ndarray | torch.Tensor"]
@@ -34,17 +36,8 @@ COLOR_FIXES = ("adain", "wavelet", "none")
 
 
 # ---------------------------------------------------------------- geometry
-
-def working_image(lr: Image.Image, process_size: int = 512, upscale: int = 4) -> Image.Image:
-    """The LR image resized to the size SeeSR denoises at (PIL bicubic, as the official script)."""
-    w, h = lr.size
-    short = process_size // upscale
-    if w < short or h < short:
-        scale = short / min(w, h)
-        lr = lr.resize((int(scale * w), int(scale * h)), Image.BICUBIC)
-    lr = lr.resize((lr.size[0] * upscale, lr.size[1] * upscale), Image.BICUBIC)
-    # A resample to a multiple of 8, not a crop.
-    return lr.resize((lr.size[0] // 8 * 8, lr.size[1] // 8 * 8), Image.BICUBIC)
+# Geometry and tile layout are plain PIL/numpy, shared with the runtime (and checked
+# against the official pipeline end to end); the networks and colour fix here are torch.
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -61,34 +54,6 @@ def dape_input(lr: Image.Image) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-# ---------------------------------------------------------------- tiling
-
-def tile_origins(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """Top-left corners (y, x) of the latent tiles, in the official order (x outer, y inner).
-
-    Tiles step by ``tile - overlap``; the last row and column are pushed
-    against the far edge instead of overhanging it.
-    """
-    def starts(extent: int) -> list[int]:
-        count = 1
-        while (count - 1) * (tile - overlap) + tile < extent:
-            count += 1
-        return [i * (tile - overlap) if i < count - 1 else extent - tile for i in range(count)]
-
-    return [(y, x) for x in starts(width) for y in starts(height)]
-
-
-def gaussian_tile_weights(tile: int) -> np.ndarray:
-    """Blend weights of one tile; the official code centres x at (T-1)/2 but y at T/2."""
-    var = 0.01
-
-    def profile(midpoint: float) -> np.ndarray:
-        i = np.arange(tile, dtype=np.float64)
-        return np.exp(-(i - midpoint) ** 2 / (tile * tile) / (2 * var)) / np.sqrt(2 * np.pi * var)
-
-    return np.outer(profile(tile / 2), profile((tile - 1) / 2))
 
 
 # ---------------------------------------------------------------- colour fix

@@ -36,3 +36,23 @@ def tiny_bundle(tiny_checkout, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "tiny"
     build_bundle(tiny_checkout, out, BuildOptions(precision="fp16"))
     return out
+
+
+@pytest.fixture(scope="session")
+def runtime_bundle(request):
+    """A tiny bundle for the torch-free runtime tests: $SEESR_TEST_BUNDLE when set (CI's base-install
+    run, where no torch exists to build one), else the session's tiny bundle."""
+    import os
+    from pathlib import Path
+
+    given = os.environ.get("SEESR_TEST_BUNDLE")
+    if given:
+        return Path(given)
+    return request.getfixturevalue("tiny_bundle")
+
+
+@pytest.fixture(scope="session")
+def runtime_pipeline(runtime_bundle):
+    from seesr_runtime import SeeSRPipeline
+
+    return SeeSRPipeline.from_bundle(runtime_bundle)

@@ -21,8 +21,8 @@ def recorded_noise(seed=0):
 
 def test_working_image_follows_official_geometry():
     # short side 40 < 512//4: scale 3.2 -> 179x128, x4 -> 716x512, resampled to multiples of 8.
-    assert ref.working_image(Image.new("RGB", (56, 40))).size == (712, 512)  # int(3.2*56)=179 -> 716 -> 712
-    assert ref.working_image(Image.new("RGB", (200, 150))).size == (800, 600)
+    assert ref.working_image(Image.new("RGB", (56, 40)), 512, 4).size == (712, 512)  # int(3.2*56)=179 -> 716 -> 712
+    assert ref.working_image(Image.new("RGB", (200, 150)), 512, 4).size == (800, 600)
     assert ref.working_image(Image.new("RGB", (1000, 37)), 512, 4).size == (13832, 512)
 
 

@@ -2,21 +2,185 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import warnings
+from pathlib import Path
 
 from . import __version__
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+DEFAULT_MAX_PIXELS = 4096 * 4096  # input pixels; the output is 16x that
+MIN_SIDE = 8
+
+
+class ImageRejected(Exception):
+    """This input cannot be upscaled; the message says why."""
+
+
+def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Open ``path`` as an RGB PIL image, or raise ImageRejected with a clear reason.
+
+    Returns ``(image, note)``: note says what conversion was applied, if any
+    (grayscale, alpha dropped as the official script does, 16-bit scaled to 8-bit).
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if path.stat().st_size == 0:
+        raise ImageRejected("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                w, h = opened.size
+                if w * h > max_pixels:
+                    raise ImageRejected(f"{w}x{h} is {w * h} pixels, over the limit of {max_pixels} "
+                                        "(raise it with --max-pixels)")
+                opened.load()
+                image = opened.copy()
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(f"refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageRejected("not a readable image (corrupt or unknown format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected(f"cannot decode the image ({exc}); truncated or corrupt?") from None
+    if min(image.size) < MIN_SIDE:
+        raise ImageRejected(f"{image.size[0]}x{image.size[1]} is too small (at least {MIN_SIDE}x{MIN_SIDE} pixels)")
+    note = None
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if array.max() > 255 else 1.0
+        image = Image.fromarray(np.clip(np.round(array / scale), 0, 255).astype(np.uint8))
+        note = "16-bit grayscale scaled to 8-bit RGB"
+    elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        note = "alpha channel dropped (as the official script does)"
+    elif image.mode in ("L", "1"):
+        note = "grayscale converted to RGB"
+    elif image.mode not in ("RGB", "P"):
+        note = f"{image.mode} converted to RGB"
+    return image.convert("RGB"), note
+
+
+def expand_inputs(inputs: list[Path]) -> list[Path]:
+    """Files as given; directories expanded to their images (sorted, not recursive)."""
+    files = []
+    for path in inputs:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            files.append(path)
+    return files
+
+
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def cmd_upscale(args) -> int:
+    from tqdm import tqdm
+
+    from .pipeline import SeeSRPipeline
+
+    files = expand_inputs(args.inputs)
+    if not files:
+        print("error: no input images found", file=sys.stderr)
+        return 2
+    backend_options = {"precision": args.precision, "providers": args.providers, "threads": args.threads}
+    pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, **backend_options)
+    options = {k: getattr(args, k) for k in ("prompt", "added_prompt", "negative_prompt", "steps", "guidance",
+                                              "conditioning_scale", "process_size", "upscale", "latent_tile_size",
+                                              "latent_tile_overlap", "color_fix", "start_point")}
+    done, skipped, failed = 0, 0, []
+    say = (lambda msg: None) if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
+    for path in tqdm(files, desc="images", unit="img", disable=args.quiet, file=sys.stderr):
+        target = args.output / f"{path.stem}.png"
+        if args.skip_existing and target.exists():
+            skipped += 1
+            continue
+        try:
+            lr, note = load_lr_image(path, args.max_pixels)
+        except (ImageRejected, OSError) as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            failed.append(path)
+            continue
+        if note:
+            say(f"note: {path}: {note}")
+        steps = options["steps"] or pipe.defaults["steps"]
+        with tqdm(total=steps, desc=path.name, unit="step", leave=False, disable=args.quiet, file=sys.stderr) as bar:
+            result = pipe(lr, seed=args.seed, callback=lambda i, t: bar.update(1), **options)
+        write_atomically(target, lambda tmp: result.image.save(tmp, format="PNG"))
+        if args.save_prompts:
+            write_atomically(args.output / "txt" / f"{path.stem}.txt", lambda tmp: Path(tmp).write_text(result.prompt))
+        say(f"{path} -> {target} ({result.image.size[0]}x{result.image.size[1]})")
+        done += 1
+    print(f"{done} upscaled, {skipped} skipped, {len(failed)} failed" +
+          (": " + ", ".join(str(p) for p in failed) if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seesr", description="Run SeeSR from an exported bundle, without PyTorch.")
     parser.add_argument("--version", action="version", version=f"seesr-runtime {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("upscale", help="x4 super-resolution of images with a bundle",
+                       description="Upscale images (files or directories) with a SeeSR bundle. Options left out "
+                                   "take the bundle's defaults (those of the official test_seesr.py).")
+    p.add_argument("inputs", nargs="+", type=Path, help="LR images, or directories of images")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory (PNG, same stem as the input)")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"], help="inference backend")
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="onnxruntime execution providers in order, e.g. cuda cpu (default: cpu)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                   help="which graphs of the bundle to run (fp16 is for GPU providers)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--prompt", default=None, help="user prompt inserted after the tags (default empty)")
+    p.add_argument("--added-prompt", default=None, help='appended prompt (default "clean, high-resolution, 8k")')
+    p.add_argument("--negative-prompt", default=None,
+                   help='negative prompt (default "dotted, noise, blur, lowres, smooth")')
+    p.add_argument("--steps", type=int, default=None, help="DDPM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance; 1.0 disables (default 5.5)")
+    p.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet scale (default 1.0)")
+    p.add_argument("--process-size", type=int, default=None, help="minimum working size in pixels (default 512)")
+    p.add_argument("--upscale", type=int, default=None, help="scale factor (default 4)")
+    p.add_argument("--latent-tile-size", type=int, default=None, help="latent tile, in latent pixels (default 96)")
+    p.add_argument("--latent-tile-overlap", type=int, default=None, help="latent tile overlap (default 4)")
+    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None, help="default adain")
+    p.add_argument("--start-point", choices=["lr", "noise"], default=None,
+                   help="lr: start from the noised LR latent (default); noise: pure noise")
+    p.add_argument("--save-prompts", action="store_true", help="also write each prompt to OUTPUT/txt/NAME.txt")
+    p.add_argument("--skip-existing", action="store_true", help="leave inputs whose output PNG exists")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse inputs with more pixels (decompression-bomb guard; default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes; errors and summary only")
+    p.set_defaults(func=cmd_upscale)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("seesr: the runtime commands (upscale, bench) arrive with bundles; see README.md", file=sys.stderr)
-    return 0
+    from .manifest import BundleError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

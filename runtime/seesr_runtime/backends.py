@@ -1,0 +1,72 @@
+"""The networks behind one small interface: ``backend.run(network, feeds) -> outputs``.
+
+A backend is created once per pipeline and keeps one session per network,
+created on first use and reused across steps and images. Feeds and outputs are
+float32/int64 numpy arrays named as in the bundle manifest.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from .manifest import BundleError, Manifest
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Outputs of ``network`` in manifest order."""
+
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class OnnxRuntimeBackend:
+    """onnxruntime sessions over the bundle's ONNX graphs.
+
+    ``providers``: e.g. ``["cuda", "cpu"]`` (needs onnxruntime-gpu); CPU by default.
+    ``precision``: which graphs to load, ``"fp32"`` (CPU) or ``"fp16"`` (GPU providers).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest, precision: str = "fp32", providers: list[str] | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        self.manifest, self.precision = manifest, precision
+        self.providers = [PROVIDER_ALIASES.get(p, p) for p in (providers or ["cpu"])]
+        missing = [p for p in self.providers if p not in ort.get_available_providers()]
+        if missing:
+            raise BundleError(f"onnxruntime providers {missing} are not available here "
+                              f"(available: {ort.get_available_providers()}); "
+                              "install onnxruntime-gpu for CUDA/TensorRT")
+        self.options = ort.SessionOptions()
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            self.options.intra_op_num_threads = threads
+        self._sessions = {}
+        self._outputs = {n: manifest.spec(n).output_names for n in manifest.data["networks"]}
+
+    def session(self, network: str):
+        if network not in self._sessions:
+            import onnxruntime as ort
+
+            path = self.manifest.graph_path(network, self.precision)
+            self._sessions[network] = ort.InferenceSession(str(path), self.options, providers=self.providers)
+        return self._sessions[network]
+
+    def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session(network).run(self._outputs[network], feeds)
+
+
+def create_backend(kind: str, manifest: Manifest, **options) -> Backend:
+    if kind == "onnxruntime":
+        return OnnxRuntimeBackend(manifest, **options)
+    raise BundleError(f"unknown backend {kind!r} (available: 'onnxruntime')")

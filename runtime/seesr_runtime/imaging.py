@@ -1,0 +1,148 @@
+"""Image geometry, DAPE preprocessing, latent tiling and colour fix: SeeSR's numpy side.
+
+Each function reproduces one step of the official ``test_seesr.py`` /
+``pipeline_seesr.py`` (see the notes in each docstring for the exact rule).
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# ---------------------------------------------------------------- geometry
+
+
+def working_image(lr: Image.Image, process_size: int, upscale: int) -> Image.Image:
+    """The LR image at the size SeeSR denoises: short side raised to process_size/upscale if smaller,
+    then x upscale, then resampled (not cropped) to multiples of 8. PIL bicubic throughout."""
+    w, h = lr.size
+    short = process_size // upscale
+    if w < short or h < short:
+        scale = short / min(w, h)
+        lr = lr.resize((int(scale * w), int(scale * h)), Image.BICUBIC)
+    lr = lr.resize((lr.size[0] * upscale, lr.size[1] * upscale), Image.BICUBIC)
+    return lr.resize((lr.size[0] // 8 * 8, lr.size[1] // 8 * 8), Image.BICUBIC)
+
+
+def to_chw(image: Image.Image) -> np.ndarray:
+    """PIL RGB -> float32 [1, 3, H, W] in [0, 1]."""
+    return (np.asarray(image, dtype=np.float32) / np.float32(255.0)).transpose(2, 0, 1)[None].copy()
+
+
+def to_uint8_rounded(image: np.ndarray) -> np.ndarray:
+    """VAE output [1, 3, H, W] in about [-1, 1] -> HxWx3 uint8, rounding as diffusers does."""
+    x = np.clip(image[0] / np.float32(2.0) + np.float32(0.5), 0.0, 1.0)
+    return np.round(x.transpose(1, 2, 0) * np.float32(255.0)).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- DAPE input
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """torch's ``interpolate(mode="bilinear", align_corners=False, antialias=False)`` on [N, C, H, W]."""
+    out_h, out_w = size
+
+    def axis(n_in: int, n_out: int):
+        src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+        src = np.maximum(src, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        frac = (src - i0).astype(np.float32)
+        return i0, i1, frac
+
+    y0, y1, fy = axis(x.shape[2], out_h)
+    x0, x1, fx = axis(x.shape[3], out_w)
+    top = x[:, :, y0] * (1 - fy)[:, None] + x[:, :, y1] * fy[:, None]
+    return (top[..., x0] * (1 - fx) + top[..., x1] * fx).astype(np.float32)
+
+
+def dape_input(lr: Image.Image, size: int, mean, std) -> np.ndarray:
+    """The original LR as a tensor, bilinear-resized to size x size without antialias (SeeSR's
+    torchvision 0.15 did not antialias tensors, so large inputs alias as they did), normalised."""
+    x = resize_bilinear(to_chw(lr), (size, size))
+    mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return ((x - mean) / std).astype(np.float32)
+
+
+def select_tags(tag_logits: np.ndarray, tags: list[str], thresholds: np.ndarray) -> str:
+    """Tags whose sigmoid(logit) is strictly above their threshold, in class order, joined with ", "."""
+    probs = 1.0 / (1.0 + np.exp(-tag_logits.astype(np.float32)))
+    return ", ".join(tag for tag, fired in zip(tags, probs > thresholds) if fired)
+
+
+# ---------------------------------------------------------------- latent tiling
+
+
+def tile_origins(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Top-left corners (y, x) of the latent tiles in the official order (x outer, y inner);
+    tiles step by tile-overlap and the last row/column is pushed against the far edge."""
+    def starts(extent: int) -> list[int]:
+        count = 1
+        while (count - 1) * (tile - overlap) + tile < extent:
+            count += 1
+        return [i * (tile - overlap) if i < count - 1 else extent - tile for i in range(count)]
+
+    return [(y, x) for x in starts(width) for y in starts(height)]
+
+
+def gaussian_tile_weights(tile: int) -> np.ndarray:
+    """float64 [tile, tile] blend weights; the official code centres x at (T-1)/2 but y at T/2."""
+    var = 0.01
+
+    def profile(midpoint: float) -> np.ndarray:
+        i = np.arange(tile, dtype=np.float64)
+        return np.exp(-(i - midpoint) ** 2 / (tile * tile) / (2 * var)) / np.sqrt(2 * np.pi * var)
+
+    return np.outer(profile(tile / 2), profile((tile - 1) / 2))
+
+
+# ---------------------------------------------------------------- colour fix
+
+
+def _truncate_to_image(x: np.ndarray) -> Image.Image:
+    # torchvision's ToPILImage: x*255 then a byte cast, i.e. truncation (not rounding).
+    x = np.clip(x[0], 0.0, 1.0).transpose(1, 2, 0) * np.float32(255.0)
+    return Image.fromarray(x.astype(np.uint8))
+
+
+def adain_color_fix(target: Image.Image, source: Image.Image) -> Image.Image:
+    """Give target the per-channel mean and (unbiased, +1e-5) std of source."""
+    t, s = to_chw(target), to_chw(source)
+
+    def stats(x):
+        flat = x.reshape(3, -1)
+        return flat.mean(axis=1).reshape(1, 3, 1, 1), np.sqrt(flat.var(axis=1, ddof=1) + 1e-5).reshape(1, 3, 1, 1)
+
+    t_mean, t_std = stats(t)
+    s_mean, s_std = stats(s)
+    return _truncate_to_image(((t - t_mean) / t_std * s_std + s_mean).astype(np.float32))
+
+
+def _wavelet_blur(x: np.ndarray, radius: int) -> np.ndarray:
+    """3x3 [1,2,1]x[1,2,1]/16 kernel, dilation radius, replicate padding."""
+    p = np.pad(x, ((0, 0), (0, 0), (radius, radius), (radius, radius)), mode="edge")
+    h, w = x.shape[2], x.shape[3]
+    out = np.zeros_like(x)
+    for dy, wy in ((0, 1.0), (1, 2.0), (2, 1.0)):
+        for dx, wx in ((0, 1.0), (1, 2.0), (2, 1.0)):
+            out += np.float32(wy * wx / 16.0) * p[:, :, dy * radius:dy * radius + h, dx * radius:dx * radius + w]
+    return out
+
+
+def _wavelet_split(x: np.ndarray, levels: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    high = np.zeros_like(x)
+    for i in range(levels):
+        low = _wavelet_blur(x, 2 ** i)
+        high += x - low
+        x = low
+    return high, x
+
+
+def wavelet_color_fix(target: Image.Image, source: Image.Image) -> Image.Image:
+    """High frequencies of target plus the low frequency of source (5-level a-trous wavelet)."""
+    target_high, _ = _wavelet_split(to_chw(target))
+    _, source_low = _wavelet_split(to_chw(source))
+    return _truncate_to_image(target_high + source_low)
+
+
+COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": lambda target, source: target}

@@ -1,0 +1,195 @@
+"""SeeSR x4 super-resolution, top to bottom, in numpy over a bundle's networks.
+
+    lr image ──DAPE──> tags (hard prompt) + 145x512 image embeddings (soft prompt)
+             ──resize──> working image (x4, multiple of 8) ──> ControlNet condition
+    prompt = "{tags}, {user prompt}," + added prompt ──CLIP──> text embeddings
+    latent = VAE posterior sample of the working image, noised to t=999
+    50 DDPM steps: ControlNet residuals + UNet noise, guided 5.5 over [uncond, cond]
+    VAE decode ──> colour fix (adain) ──> resize to 4x the input
+
+Faithful to the official ``test_seesr.py`` / ``pipeline_seesr.py`` (see
+../shared/SEESR_NOTES.md). Every random draw goes through ``noise(kind, shape)``
+in the official order (initial latent noise, VAE posterior noise, one per
+step), so a caller can replay another implementation's stream via ``noise_fn``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from .backends import Backend, create_backend
+from .imaging import (COLOR_FIXES, dape_input, gaussian_tile_weights, select_tags, tile_origins, to_chw,
+                      to_uint8_rounded, working_image)
+from .manifest import Manifest
+from .scheduler import DDPMScheduler
+from .text import PromptEncoder
+
+NoiseFn = Callable[[str, tuple], np.ndarray]
+OPTIONS = ("prompt", "added_prompt", "negative_prompt", "steps", "guidance", "conditioning_scale", "process_size",
+           "upscale", "latent_tile_size", "latent_tile_overlap", "color_fix", "start_point")
+
+
+@dataclass
+class UpscaleResult:
+    image: Image.Image
+    tags: str
+    prompt: str
+    latents: list = field(default_factory=list)  # [1, 4, h, w] float32 after every step
+
+
+class SeeSRPipeline:
+    def __init__(self, manifest: Manifest, backend: Backend):
+        self.manifest, self.backend = manifest, backend
+        pipeline, tagger = manifest.data["pipeline"], manifest.data["tagger"]
+        self.defaults = {**pipeline["defaults"], "prompt": "", "added_prompt": pipeline["added_prompt"],
+                         "negative_prompt": pipeline["negative_prompt"]}
+        self.scheduler_config = {k: v for k, v in pipeline["scheduler"].items() if k != "type"}
+        self.scaling_factor = np.float32(pipeline["vae_scaling_factor"])
+        self.start_step = pipeline["start_step"]
+        self.prompt_template = pipeline["prompt_template"]
+        self.tags = tagger["tags"]
+        self.thresholds = np.asarray(tagger["thresholds"], dtype=np.float32)
+        self.tagger = tagger
+        self.text = PromptEncoder(manifest, backend)
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, backend: str = "onnxruntime", verify: bool = False,
+                    **backend_options) -> "SeeSRPipeline":
+        manifest = Manifest.load(bundle)
+        if verify:
+            manifest.verify_files()
+        return cls(manifest, create_backend(backend, manifest, **backend_options))
+
+    # ------------------------------------------------------------ stages
+
+    def tag(self, lr: Image.Image) -> tuple[str, np.ndarray]:
+        """DAPE: the tag string and the [1, 145, 512] image embeddings."""
+        image = dape_input(lr, self.tagger["input_size"], self.tagger["mean"], self.tagger["std"])
+        image_embeds, tag_logits = self.backend.run("dape", {"image": image})
+        return select_tags(tag_logits[0], self.tags, self.thresholds), image_embeds
+
+    def predict_noise(self, latents, t, text_embeds, image_embeds, control, conditioning_scale):
+        """ControlNet residuals, then the UNet's noise prediction, for one (possibly tiled) window."""
+        timestep = np.full((latents.shape[0],), t, dtype=np.float32)
+        common = {"sample": latents, "timestep": timestep, "encoder_hidden_states": text_embeds,
+                  "image_embeds": image_embeds}
+        residuals = self.backend.run("controlnet", {**common, "controlnet_cond": control,
+                                                    "conditioning_scale": np.array(conditioning_scale, dtype=np.float32)})
+        names = self.manifest.spec("controlnet").output_names
+        return self.backend.run("unet", {**common, **dict(zip(names, residuals))})[0]
+
+    def predict_noise_tiled(self, latents, t, text_embeds, image_embeds, control, conditioning_scale,
+                            tile: int, overlap: int):
+        """Overlapping latent tiles blended with the official (asymmetric) Gaussian weights."""
+        _, _, h, w = latents.shape
+        tile = min(tile, h, w)
+        weights = gaussian_tile_weights(tile)
+        total = np.zeros(latents.shape, dtype=np.float32)
+        contributors = np.zeros(latents.shape, dtype=np.float32)
+        for y, x in tile_origins(h, w, tile, overlap):
+            window = np.s_[:, :, y:y + tile, x:x + tile]
+            pixels = np.s_[:, :, 8 * y:8 * (y + tile), 8 * x:8 * (x + tile)]
+            eps = self.predict_noise(latents[window], t, text_embeds, image_embeds, control[pixels],
+                                     conditioning_scale)
+            total[window] += eps * weights  # float64 product, accumulated in float32, as the official code
+            contributors[window] += weights
+        return total / contributors
+
+    def lr_latent(self, work: np.ndarray, initial_noise: np.ndarray, noise, scheduler) -> np.ndarray:
+        """Sample the VAE posterior of the working image, scale it, and noise it to t=999."""
+        mean, logvar = self.backend.run("vae_encoder", {"image": work * np.float32(2.0) - np.float32(1.0)})
+        sample = mean + np.exp(np.float32(0.5) * logvar) * noise("posterior", mean.shape)
+        return scheduler.add_noise(sample * self.scaling_factor, initial_noise, self.start_step)
+
+    def decode(self, latents: np.ndarray) -> Image.Image:
+        image = self.backend.run("vae_decoder", {"latent": latents / self.scaling_factor})[0]
+        return Image.fromarray(to_uint8_rounded(image))
+
+    # ------------------------------------------------------------ the whole pipeline
+
+    def __call__(self, image, *, seed: int = 0, noise_fn: NoiseFn | None = None,
+                 callback: Callable[[int, int], None] | None = None, **options) -> UpscaleResult:
+        o = self._options(options)
+        noise = _noise_source(noise_fn, seed)
+        lr = as_rgb(image)
+        tags, image_embeds = self.tag(lr)
+        prompt = self.prompt_template.format(tags=tags, prompt=o["prompt"], added_prompt=o["added_prompt"])
+
+        work = working_image(lr, o["process_size"], o["upscale"])
+        control = to_chw(work)
+        text_embeds = self.text.encode(prompt)
+        guided = o["guidance"] > 1.0
+        if guided:  # every batched tensor is [uncond, cond]
+            text_embeds = np.concatenate([self.text.encode_negative(o["negative_prompt"]), text_embeds])
+            image_embeds = np.concatenate([image_embeds, image_embeds])
+            control = np.concatenate([control, control])
+
+        scheduler = DDPMScheduler(self.scheduler_config)
+        scheduler.set_timesteps(o["steps"])
+        shape = (1, 4, work.size[1] // 8, work.size[0] // 8)
+        latents = noise("initial", shape) * np.float32(scheduler.init_noise_sigma)
+        if o["start_point"] == "lr":
+            latents = self.lr_latent(to_chw(work), latents, noise, scheduler)
+
+        tiled = shape[2] * shape[3] > o["latent_tile_size"] ** 2
+        history = []
+        for i, t in enumerate(scheduler.timesteps.tolist()):
+            model_input = np.concatenate([latents, latents]) if guided else latents
+            if tiled:
+                eps = self.predict_noise_tiled(model_input, t, text_embeds, image_embeds, control,
+                                               o["conditioning_scale"], o["latent_tile_size"],
+                                               o["latent_tile_overlap"])
+            else:
+                eps = self.predict_noise(model_input, t, text_embeds, image_embeds, control, o["conditioning_scale"])
+            if guided:
+                eps_uncond, eps_text = eps[:1], eps[1:]
+                eps = eps_uncond + np.float32(o["guidance"]) * (eps_text - eps_uncond)
+            latents = scheduler.step(eps, t, latents, noise("step", shape))
+            history.append(latents)
+            if callback is not None:
+                callback(i, t)
+
+        result = COLOR_FIXES[o["color_fix"]](self.decode(latents), work)
+        result = result.resize((lr.size[0] * o["upscale"], lr.size[1] * o["upscale"]), Image.BICUBIC)
+        return UpscaleResult(image=result, tags=tags, prompt=prompt, latents=history)
+
+    def _options(self, options: dict) -> dict:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; known: {list(OPTIONS)}")
+        o = {**{k: self.defaults[k] for k in OPTIONS}, **{k: v for k, v in options.items() if v is not None}}
+        if o["color_fix"] not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {sorted(COLOR_FIXES)}, got {o['color_fix']!r}")
+        if o["start_point"] not in ("lr", "noise"):
+            raise ValueError(f"start_point must be 'lr' or 'noise', got {o['start_point']!r}")
+        if o["latent_tile_overlap"] >= o["latent_tile_size"]:
+            raise ValueError("latent_tile_overlap must be smaller than latent_tile_size")
+        return o
+
+
+def as_rgb(image) -> Image.Image:
+    """A PIL image or an HxWx3 uint8 array, as an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected a PIL image or an HxWx3 uint8 array, got {array.dtype} {array.shape}")
+    return Image.fromarray(array)
+
+
+def _noise_source(noise_fn: NoiseFn | None, seed: int):
+    if noise_fn is None:
+        rng = np.random.default_rng(seed)
+        return lambda kind, shape: rng.standard_normal(shape, dtype=np.float32)
+
+    def draw(kind: str, shape: tuple) -> np.ndarray:
+        value = np.asarray(noise_fn(kind, tuple(shape)), dtype=np.float32)
+        if value.shape != tuple(shape):
+            raise ValueError(f"noise_fn returned shape {value.shape} for {kind!r}, expected {tuple(shape)}")
+        return value
+
+    return draw

@@ -1,0 +1,32 @@
+"""Prompt -> CLIP embeddings: the bundle's tokenizer.json and text_encoder graph."""
+from __future__ import annotations
+
+import numpy as np
+
+from .manifest import Manifest
+
+
+class PromptEncoder:
+    def __init__(self, manifest: Manifest, backend):
+        from tokenizers import Tokenizer
+
+        text = manifest.data["text"]
+        self.backend = backend
+        self.tokenizer = Tokenizer.from_file(str(manifest.root / text["tokenizer"]))
+        self.max_length = text["max_length"]
+        self.default_negative = manifest.data["pipeline"]["negative_prompt"]
+        # The default negative prompt's embedding is the same for every image: computed at build time.
+        self.negative_embeds = np.load(manifest.root / text["negative_prompt_embeds"]).astype(np.float32)
+
+    def token_ids(self, text: str) -> np.ndarray:
+        """int64 [1, 77]: BOS, tokens, EOS, truncated and padded with id 0 (built into tokenizer.json)."""
+        ids = self.tokenizer.encode(text).ids
+        if len(ids) != self.max_length:
+            raise ValueError(f"tokenizer.json gave {len(ids)} ids, expected {self.max_length} (padding missing?)")
+        return np.asarray([ids], dtype=np.int64)
+
+    def encode(self, text: str) -> np.ndarray:
+        return self.backend.run("text_encoder", {"input_ids": self.token_ids(text)})[0]
+
+    def encode_negative(self, text: str) -> np.ndarray:
+        return self.negative_embeds if text == self.default_negative else self.encode(text)

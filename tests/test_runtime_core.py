@@ -1,0 +1,92 @@
+"""The torch-free runtime on its own (these tests also run in a venv without torch: see .ci/run)."""
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seesr_runtime.imaging import gaussian_tile_weights, tile_origins
+from seesr_runtime.manifest import BundleError, Manifest
+
+
+def test_pipeline_runs_where_importing_torch_raises(runtime_bundle, tmp_path):
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is forbidden in the runtime")
+        sys.meta_path.insert(0, NoTorch())
+        import numpy as np
+        from PIL import Image
+        from seesr_runtime import SeeSRPipeline
+        pipe = SeeSRPipeline.from_bundle({str(runtime_bundle)!r}, verify=True)
+        lr = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+        result = pipe(lr, steps=2, process_size=64)
+        assert result.image.size == (128, 96), result.image.size
+        assert "torch" not in sys.modules
+        print("OK", result.image.size, len(result.tags.split(", ")))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("OK")
+
+
+def test_seeded_runs_repeat_and_seeds_differ(runtime_pipeline, lr_image):
+    a = runtime_pipeline(lr_image, steps=2, process_size=128, seed=3)
+    b = runtime_pipeline(lr_image, steps=2, process_size=128, seed=3)
+    c = runtime_pipeline(np.asarray(lr_image), steps=2, process_size=128, seed=4)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert not np.array_equal(a.latents[-1], c.latents[-1])
+    assert a.prompt.endswith(", ,clean, high-resolution, 8k") and a.tags
+
+
+def test_noise_is_drawn_in_the_official_order(runtime_pipeline, lr_image):
+    calls = []
+
+    def noise_fn(kind, shape):
+        calls.append((kind, shape))
+        return np.zeros(shape, np.float32)
+
+    runtime_pipeline(lr_image, steps=3, process_size=128, noise_fn=noise_fn)
+    assert calls == [("initial", (1, 4, 20, 28)), ("posterior", (1, 4, 20, 28))] + [("step", (1, 4, 20, 28))] * 3
+
+
+def test_bad_arguments_are_named(runtime_pipeline, lr_image):
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        runtime_pipeline(np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="color_fix"):
+        runtime_pipeline(lr_image, color_fix="sepia")
+    with pytest.raises(TypeError, match="unknown option"):
+        runtime_pipeline(lr_image, stepz=3)
+    with pytest.raises(ValueError, match="noise_fn returned shape"):
+        runtime_pipeline(lr_image, steps=1, process_size=128, noise_fn=lambda k, s: np.zeros((1,), np.float32))
+
+
+def test_tiles_cover_the_latent():
+    for h, w, tile, overlap in [(20, 28, 16, 4), (100, 130, 48, 4), (96, 96, 96, 4), (150, 200, 96, 4)]:
+        tile = min(tile, h, w)
+        covered = np.zeros((h, w), bool)
+        for y, x in tile_origins(h, w, tile, overlap):
+            assert 0 <= y <= h - tile and 0 <= x <= w - tile
+            covered[y:y + tile, x:x + tile] = True
+        assert covered.all()
+    weights = gaussian_tile_weights(16)
+    assert weights.shape == (16, 16) and (weights > 0).all()
+
+
+def test_manifest_errors_are_clear(runtime_bundle, tmp_path):
+    with pytest.raises(BundleError, match="not a SeeSR bundle"):
+        Manifest.load(tmp_path)
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(runtime_bundle, copy)
+    graph = Manifest.load(copy).graph_path("vae_decoder")
+    graph.write_bytes(graph.read_bytes()[:-10])
+    with pytest.raises(BundleError, match="sha256 mismatch for onnx/fp32/vae_decoder.onnx"):
+        Manifest.load(copy).verify_files()
+    with pytest.raises(BundleError, match="no int8 graph"):
+        Manifest.load(copy).graph_path("unet", "int8")
