@@ -33,6 +33,7 @@ from .reference import (DAPE_SIZE, DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnx", "tensorrt")
 TRACE_ENV = {"B": 2, "h": 16, "w": 24}  # small and non-square: axis mix-ups fail loudly
+VERIFY_ENV = {"B": 1, "h": 8, "w": 16}  # another shape than the trace's, checked at build time
 EXPORT_CODE_VERSION = 1  # bump when a change to the exporter changes its graphs
 
 # Which source files each network is traced from (the cache key hashes them).
@@ -241,10 +242,9 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
                 progress.stage(f"{name}: unchanged, reusing the previous graphs")
                 report.reused.append(name)
             else:
-                entry = _export_network(name, specs[name], models, work, options, progress)
+                entry = _export_network(name, specs[name], models, work, options, progress, remaining)
                 report.exported.append(name)
-            if not any(n in remaining for n in _USERS[GRAPHS[name][0]]):
-                models.drop(GRAPHS[name][0])
+            _release_if_unused(models, name, remaining)
             entry["cache_key"] = key
             networks[name] = entry
             if "parity" in entry:
@@ -311,17 +311,32 @@ def _reuse(previous: Manifest | None, name: str, key: str, work: Path) -> dict |
     return json.loads(json.dumps(entry))
 
 
-def _export_network(name, spec, models, work: Path, options: BuildOptions, progress) -> dict:
-    from .export import ExportOptions, convert_fp16, export_onnx, graph_module
+def _release_if_unused(models: _Models, name: str, remaining) -> None:
+    attribute = GRAPHS[name][0]
+    if not any(n in remaining for n in _USERS[attribute]):
+        models.drop(attribute)
+
+
+def _export_network(name, spec, models, work: Path, options: BuildOptions, progress, remaining=()) -> dict:
+    from .export import ExportOptions, convert_fp16, export_onnx, graph_module, run_torch, sample_feeds
 
     progress.stage(f"{name}: loading the torch model")
     module = graph_module(name, models)
+    # Torch's answers first: the torch weights are freed as soon as the trace is done.
+    feeds = sample_feeds(spec, VERIFY_ENV, seed=1)
+    expected = run_torch(module, spec, feeds) if options.verify else None
     export_options = ExportOptions(opset=options.opset, external_data_threshold=options.external_data_threshold)
     entry = {"spec": spec.to_json(), "files": {}}
     progress.stage(f"{name}: tracing to ONNX (fp32)")
     fp32_dir = work / "onnx" / "fp32"
     fp32_dir.mkdir(parents=True, exist_ok=True)
-    written = {"fp32": export_onnx(module, spec, TRACE_ENV, fp32_dir / f"{name}.onnx", export_options)}
+
+    def release():
+        nonlocal module
+        module = None
+        _release_if_unused(models, name, remaining)
+
+    written = {"fp32": export_onnx(module, spec, TRACE_ENV, fp32_dir / f"{name}.onnx", export_options, release)}
     if "fp16" in options.graph_precisions():
         progress.stage(f"{name}: fp16 copy (attention scores and softmax kept in fp32)")
         fp16_dir = work / "onnx" / "fp16"
@@ -338,23 +353,18 @@ def _export_network(name, spec, models, work: Path, options: BuildOptions, progr
         }
     if options.verify:
         progress.stage(f"{name}: checking ONNX against torch")
-        entry["parity"] = {p: verify_graph(module, spec, work / entry["files"][p]["onnx"]) for p in written}
+        entry["parity"] = {p: compare_graph(work / entry["files"][p]["onnx"], spec, feeds, expected) for p in written}
     return entry
 
 
-def verify_graph(module, spec, onnx_path: Path, env: dict | None = None) -> dict:
-    """Relative L2 error of every output, onnxruntime (CPU) against torch, on one random input."""
+def compare_graph(onnx_path: Path, spec, feeds: dict, expected: list) -> dict:
+    """Relative L2 error of every output, onnxruntime (CPU) against torch's ``expected``."""
     import onnxruntime as ort
 
-    from .export import run_torch, sample_feeds
-
-    env = env or {"B": 1, "h": 8, "w": 16}
-    feeds = sample_feeds(spec, env, seed=1)
-    expected = run_torch(module, spec, feeds)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(spec.output_names, feeds)
-    errors = {n: relative_l2(g, e) for n, g, e in zip(spec.output_names, got, expected)}
-    return {"max_rel_l2": max(errors.values()), "env": env}
+    errors = [relative_l2(g, e) for g, e in zip(got, expected)]
+    return {"max_rel_l2": max(errors), "env": VERIFY_ENV}
 
 
 def relative_l2(got: np.ndarray, expected: np.ndarray) -> float:

@@ -179,25 +179,47 @@ class ExportOptions:
 
 
 def export_onnx(module: nn.Module, spec: NetworkSpec, env: dict[str, int], path: Path,
-                options: ExportOptions = ExportOptions()) -> list[Path]:
-    """Trace ``module`` to ``path`` (+ ``path.data`` when large); returns the files written."""
-    import onnx
+                options: ExportOptions = ExportOptions(), release=None) -> list[Path]:
+    """Trace ``module`` to ``path`` (+ ``path.data`` when large); returns the files written.
 
+    ``release()``, if given, is called once the trace is done and before the graph is
+    post-processed, so the caller can free the torch weights: at SD2 size a second and
+    third copy of the UNet would not fit in memory.
+    """
     path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="seesr-trace-", dir=path.parent) as scratch:
+        traced = trace(module, spec, env, Path(scratch) / "traced.onnx", options.opset)
+        del module
+        if release is not None:
+            release()
+        return finalize(traced, path, options.external_data_threshold)
+
+
+def trace(module: nn.Module, spec: NetworkSpec, env: dict[str, int], path: Path, opset: int = OPSET) -> Path:
+    """torch.onnx.export (TorchScript tracer) with the spec's names and dynamic axes."""
     feeds = sample_feeds(spec, env)
     args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
-    module = module.eval()
-    with tempfile.TemporaryDirectory(prefix="seesr-trace-", dir=path.parent) as scratch, warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python-side shape check it folds; they are expected here.
         warnings.simplefilter("ignore")
-        traced = Path(scratch) / "traced.onnx"
-        with torch.no_grad():
-            torch.onnx.export(module, args, str(traced), dynamo=False, opset_version=options.opset,
-                              input_names=spec.input_names, output_names=spec.output_names,
-                              dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
-        model = onnx.load(str(traced), load_external_data=True)
-    model = simplify(model)
-    return save_onnx(model, path, options.external_data_threshold)
+        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=opset,
+                          input_names=spec.input_names, output_names=spec.output_names,
+                          dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+    return path
+
+
+def finalize(traced: Path, path: Path, external_data_threshold: int = TWO_GB) -> list[Path]:
+    """Clean up a traced graph and save it: one .onnx, plus one .onnx.data when large."""
+    import onnx
+
+    model = onnx.load(str(traced), load_external_data=True)
+    if _weights_bytes(model) < TWO_GB:
+        model = simplify(model)
+    # Above 2 GB, graphsurgeon would hold two more copies of the weights; torch's exporter has
+    # already folded the constants, so only the node order is checked.
+    else:
+        toposort(model)
+    return save_onnx(model, path, external_data_threshold)
 
 
 def simplify(model):
@@ -208,9 +230,25 @@ def simplify(model):
     graph = gs.import_onnx(model)
     graph.fold_constants().cleanup().toposort()
     model = gs.export_onnx(graph)
-    if model.ByteSize() < TWO_GB:  # in-memory inference is limited by protobuf
-        model = onnx.shape_inference.infer_shapes(model)
-    return model
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def toposort(model) -> None:
+    """Reorder ``model.graph.node`` in place so producers precede consumers (no tensor copies)."""
+    nodes = list(model.graph.node)
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    ordered, pending = [], nodes
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError(f"graph has a cycle or a dangling input near node {pending[0].name!r}")
+        ready_ids = {id(n) for n in ready}
+        for node in ready:
+            available.update(node.output)
+        ordered.extend(ready)
+        pending = [n for n in pending if id(n) not in ready_ids]
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
 
 
 def save_onnx(model, path: Path, external_data_threshold: int = TWO_GB) -> list[Path]:
@@ -275,7 +313,20 @@ def convert_fp16(src: Path, dst: Path, external_data_threshold: int = TWO_GB) ->
     model = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
                                      disable_shape_infer=model.ByteSize() >= TWO_GB)
     _drop_fp16_round_trips(model)
-    return save_onnx(_toposort(model), dst, external_data_threshold)
+    toposort(model)  # the converter appends its input casts last
+    _remove_dead_nodes(model)
+    return save_onnx(model, dst, external_data_threshold)
+
+
+def _remove_dead_nodes(model) -> None:
+    """Drop nodes whose outputs nobody reads (the bypassed fp16 round-trip casts)."""
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for node in dead:
+            model.graph.node.remove(node)
 
 
 def _drop_fp16_round_trips(model) -> int:
@@ -301,15 +352,6 @@ def _drop_fp16_round_trips(model) -> int:
             if name in replace and name not in graph_outputs:
                 node.input[i] = replace[name]
     return len(replace)
-
-
-def _toposort(model):
-    """The converter appends its input casts last; ONNX wants producers before consumers."""
-    import onnx_graphsurgeon as gs
-
-    graph = gs.import_onnx(model)
-    graph.cleanup().toposort()
-    return gs.export_onnx(graph)
 
 
 def _name_unnamed_nodes(model) -> None:
