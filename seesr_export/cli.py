@@ -8,6 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from .errors import SeeSRExportError
 
 SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
@@ -121,7 +123,10 @@ def cmd_reference(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Random-weight checkpoints + the bundled sample image, end to end."""
+    """Random-weight checkpoints -> fp32 ONNX bundle -> the torch-free runtime on the sample image."""
+    from seesr_runtime import SeeSRPipeline
+
+    from .bundle import BuildOptions, build_bundle
     from .layout import SeeSRPaths
     from .testing.fixtures import write_fixture
 
@@ -132,14 +137,20 @@ def cmd_demo(args) -> int:
         progress.stage(f"writing tiny demo checkpoints to {checkout}")
         write_fixture(checkout, size="tiny", seed=0)
         marker.write_text("tiny seed 0\n")
-    from .bundle import BuildOptions, build_bundle
-
-    paths = SeeSRPaths.from_root(checkout)
     progress.stage(f"building the fp32 ONNX bundle {args.bundle}")
-    report = build_bundle(paths, args.bundle, BuildOptions(precision="fp32"), progress)
+    report = build_bundle(SeeSRPaths.from_root(checkout), args.bundle, BuildOptions(precision="fp32"), progress)
     for name, parity in report.parity.items():
         progress.stage(f"{name}: onnxruntime vs torch rel L2 {parity['fp32']['max_rel_l2']:.1e}")
-    return run_reference(paths, [SAMPLE_IMAGE], args.out, sampling_options(args), progress)
+    progress.stage(f"upscaling {SAMPLE_IMAGE.name} with the torch-free runtime (onnxruntime, CPU)")
+    pipe = SeeSRPipeline.from_bundle(args.bundle)
+    options = sampling_options(args)
+    seed = options.pop("seed")
+    with progress.bar(options["steps"], "denoising") as bar:
+        result = pipe(Image.open(SAMPLE_IMAGE), seed=seed, callback=lambda i, t: bar.update(1), **options)
+    target = args.out / f"{SAMPLE_IMAGE.stem}.png"
+    save_png_atomically(result.image, target)
+    progress.stage(f"wrote {target} ({result.image.size[0]}x{result.image.size[1]}); tags: {result.tags!r}")
+    return 0
 
 
 def cmd_build(args) -> int:
@@ -205,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_reference)
 
-    p = sub.add_parser("demo", help="demo checkpoints -> fp32 bundle; sample image through the reference pipeline")
+    p = sub.add_parser("demo", help="demo checkpoints -> fp32 bundle -> sample image through the torch-free runtime")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--bundle", type=Path, default=Path("engines/demo"))
     add_sampling_args(p)

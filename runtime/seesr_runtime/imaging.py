@@ -146,3 +146,60 @@ def wavelet_color_fix(target: Image.Image, source: Image.Image) -> Image.Image:
 
 
 COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": lambda target, source: target}
+
+
+# ---------------------------------------------------------------- VAE tiling
+
+
+def feather_weights(size: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
+    """1-D blend weights of one tile: linear ramps across the overlaps shared with neighbours."""
+    w = np.ones(size, dtype=np.float32)
+    ramp = (np.arange(overlap, dtype=np.float32) + 1) / (overlap + 1)
+    if not at_start and overlap:
+        w[:overlap] = ramp
+    if not at_end and overlap:
+        w[size - overlap:] = ramp[::-1]
+    return w
+
+
+def blended_tiles(height: int, width: int, tile: int, overlap: int):
+    """Yield (y, x, tile_h, tile_w, weights[tile_h, tile_w]) covering the image with feathered overlaps."""
+    def starts(extent: int) -> list[int]:
+        if extent <= tile:
+            return [0]
+        step = tile - overlap
+        out = list(range(0, extent - tile, step))
+        return out + [extent - tile]
+
+    ys, xs = starts(height), starts(width)
+    for y in ys:
+        for x in xs:
+            th, tw = min(tile, height), min(tile, width)
+            wy = feather_weights(th, overlap, y == ys[0], y == ys[-1])
+            wx = feather_weights(tw, overlap, x == xs[0], x == xs[-1])
+            yield y, x, th, tw, np.outer(wy, wx)
+
+
+def run_tiled(run, x: np.ndarray, tile: int, overlap: int, scale: float):
+    """Apply ``run`` (a VAE half: [1, C, H, W] -> list of [1, C', H*scale, W*scale]) tile by tile,
+    blending overlaps linearly. Memory then depends on the tile size, not the image size; the
+    result is close to, not equal to, the untiled one (GroupNorm and the mid-block attention see
+    one tile at a time)."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap {overlap} must be in [0, tile={tile})")
+    _, _, h, w = x.shape
+    totals, norm = None, None
+    for y, x0, th, tw, weights in blended_tiles(h, w, tile, overlap):
+        outputs = run(x[:, :, y:y + th, x0:x0 + tw])
+        oy, ox = int(y * scale), int(x0 * scale)
+        oh, ow = outputs[0].shape[2], outputs[0].shape[3]
+        up = np.kron(weights, np.ones((int(round(scale)), int(round(scale))), np.float32)) if scale >= 1 \
+            else weights[::int(round(1 / scale)), ::int(round(1 / scale))]
+        up = up[:oh, :ow]
+        if totals is None:
+            totals = [np.zeros((o.shape[0], o.shape[1], int(h * scale), int(w * scale)), np.float32) for o in outputs]
+            norm = np.zeros((int(h * scale), int(w * scale)), np.float32)
+        for total, out in zip(totals, outputs):
+            total[:, :, oy:oy + oh, ox:ox + ow] += out * up
+        norm[oy:oy + oh, ox:ox + ow] += up
+    return [total / norm for total in totals]

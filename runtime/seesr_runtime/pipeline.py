@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .backends import Backend, create_backend
-from .imaging import (COLOR_FIXES, dape_input, gaussian_tile_weights, select_tags, tile_origins, to_chw,
+from .imaging import (COLOR_FIXES, dape_input, gaussian_tile_weights, run_tiled, select_tags, tile_origins, to_chw,
                       to_uint8_rounded, working_image)
 from .manifest import Manifest
 from .scheduler import DDPMScheduler
@@ -30,7 +30,10 @@ from .text import PromptEncoder
 
 NoiseFn = Callable[[str, tuple], np.ndarray]
 OPTIONS = ("prompt", "added_prompt", "negative_prompt", "steps", "guidance", "conditioning_scale", "process_size",
-           "upscale", "latent_tile_size", "latent_tile_overlap", "color_fix", "start_point")
+           "upscale", "latent_tile_size", "latent_tile_overlap", "color_fix", "start_point", "vae_encoder_tile_size",
+           "vae_decoder_tile_size")
+# The official tiled VAE starts above tile + 2*pad: 1024 + 64 image px (encoder), 224 + 22 latent px (decoder).
+VAE_ENCODER_PAD, VAE_DECODER_PAD = 32, 11
 
 
 @dataclass
@@ -99,14 +102,27 @@ class SeeSRPipeline:
             contributors[window] += weights
         return total / contributors
 
-    def lr_latent(self, work: np.ndarray, initial_noise: np.ndarray, noise, scheduler) -> np.ndarray:
+    def encode(self, image: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
+        """VAE posterior moments; above the official threshold (tile + 64 px) in overlapping tiles."""
+        run = lambda x: self.backend.run("vae_encoder", {"image": x})  # noqa: E731
+        if max(image.shape[2:]) <= tile + 2 * VAE_ENCODER_PAD:
+            return tuple(run(image))
+        return tuple(run_tiled(run, image, tile, min(2 * VAE_ENCODER_PAD, tile // 4), 1 / 8))
+
+    def lr_latent(self, work: np.ndarray, initial_noise: np.ndarray, noise, scheduler, vae_tile: int) -> np.ndarray:
         """Sample the VAE posterior of the working image, scale it, and noise it to t=999."""
-        mean, logvar = self.backend.run("vae_encoder", {"image": work * np.float32(2.0) - np.float32(1.0)})
+        mean, logvar = self.encode(work * np.float32(2.0) - np.float32(1.0), vae_tile)
         sample = mean + np.exp(np.float32(0.5) * logvar) * noise("posterior", mean.shape)
         return scheduler.add_noise(sample * self.scaling_factor, initial_noise, self.start_step)
 
-    def decode(self, latents: np.ndarray) -> Image.Image:
-        image = self.backend.run("vae_decoder", {"latent": latents / self.scaling_factor})[0]
+    def decode(self, latents: np.ndarray, tile: int = 224) -> Image.Image:
+        """VAE decode; above the official threshold (tile + 22 latent px) in overlapping tiles."""
+        run = lambda z: self.backend.run("vae_decoder", {"latent": z})  # noqa: E731
+        latents = latents / self.scaling_factor
+        if max(latents.shape[2:]) <= tile + 2 * VAE_DECODER_PAD:
+            image = run(latents)[0]
+        else:
+            image = run_tiled(run, latents, tile, min(2 * VAE_DECODER_PAD, tile // 4), 8)[0]
         return Image.fromarray(to_uint8_rounded(image))
 
     # ------------------------------------------------------------ the whole pipeline
@@ -133,7 +149,7 @@ class SeeSRPipeline:
         shape = (1, 4, work.size[1] // 8, work.size[0] // 8)
         latents = noise("initial", shape) * np.float32(scheduler.init_noise_sigma)
         if o["start_point"] == "lr":
-            latents = self.lr_latent(to_chw(work), latents, noise, scheduler)
+            latents = self.lr_latent(to_chw(work), latents, noise, scheduler, o["vae_encoder_tile_size"])
 
         tiled = shape[2] * shape[3] > o["latent_tile_size"] ** 2
         history = []
@@ -153,7 +169,7 @@ class SeeSRPipeline:
             if callback is not None:
                 callback(i, t)
 
-        result = COLOR_FIXES[o["color_fix"]](self.decode(latents), work)
+        result = COLOR_FIXES[o["color_fix"]](self.decode(latents, o["vae_decoder_tile_size"]), work)
         result = result.resize((lr.size[0] * o["upscale"], lr.size[1] * o["upscale"]), Image.BICUBIC)
         return UpscaleResult(image=result, tags=tags, prompt=prompt, latents=history)
 
