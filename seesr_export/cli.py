@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,15 +51,9 @@ def paths_from_args(args):
 
 def save_png_atomically(image, path: Path) -> None:
     """Write to a temporary file beside ``path``, then rename: never a half-written PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from seesr_runtime.cli import write_atomically
+
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def cmd_fixture(args) -> int:

@@ -207,19 +207,18 @@ class SeeSRControlNet(nn.Module):
         return down, self.controlnet_mid_block(hidden) * conditioning_scale
 
 
-def load_seesr_unet(folder: Path) -> SeeSRUNet:
+def _load(folder: Path, cls, what: str):
     folder = Path(folder)
-    config = read_config(folder, "SeeSR UNet")
-    weights = find_weights(folder, "diffusion_pytorch_model", "SeeSR UNet")
-    model = SeeSRUNet(config, source=str(folder / "config.json"))
-    load_strict(model, load_state_dict(weights, "SeeSR UNet"), weights)
+    config = read_config(folder, what)
+    weights = find_weights(folder, "diffusion_pytorch_model", what)
+    model = cls(config, source=str(folder / "config.json"))
+    load_strict(model, load_state_dict(weights, what), weights)
     return model.eval()
+
+
+def load_seesr_unet(folder: Path) -> SeeSRUNet:
+    return _load(folder, SeeSRUNet, "SeeSR UNet")
 
 
 def load_seesr_controlnet(folder: Path) -> SeeSRControlNet:
-    folder = Path(folder)
-    config = read_config(folder, "SeeSR ControlNet")
-    weights = find_weights(folder, "diffusion_pytorch_model", "SeeSR ControlNet")
-    model = SeeSRControlNet(config, source=str(folder / "config.json"))
-    load_strict(model, load_state_dict(weights, "SeeSR ControlNet"), weights)
-    return model.eval()
+    return _load(folder, SeeSRControlNet, "SeeSR ControlNet")
