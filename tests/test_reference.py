@@ -114,3 +114,17 @@ def test_bad_noise_shape_is_named(reference, lr_image):
     with pytest.raises(ValueError, match="noise_fn returned shape"):
         reference(lr_image, steps=1, noise_fn=lambda kind, shape: np.zeros((1, 4, 2, 2), np.float32),
                   process_size=128)
+
+
+def test_reference_cli_writes_pngs_and_reports_bad_files(tiny_checkout, lr_image, tmp_path, capsys):
+    from seesr_export.cli import main
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    lr_image.save(good)
+    bad.write_bytes(b"not an image")
+    root = tiny_checkout.sd2.parents[2]
+    code = main(["reference", str(good), str(bad), "-o", str(tmp_path / "out"), "--seesr-root", str(root),
+                 "--steps", "1", "--process-size", "64", "-q"])
+    assert code == 1
+    assert "bad.png: not a readable image" in capsys.readouterr().err
+    assert Image.open(tmp_path / "out" / "good.png").size == (224, 160)

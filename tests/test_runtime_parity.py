@@ -26,13 +26,14 @@ def compare(runtime_pipeline, reference, lr, **options):
     return max(errors), int(diff.max())
 
 
-# Tolerances: latents after every step rel L2 <= 1e-4 (measured ~2e-6); the final image within
-# 1 level with color_fix none/wavelet. adain multiplies a 1-level rounding flip of the decoded image
-# by the colour gain (source std / target std), so it may show 2 levels where that gain exceeds 1;
-# the torch reference shows the same against the official code.
+# Tolerances: latents after every step rel L2 <= 1e-4 (measured ~2e-6); the final uint8 image within
+# 1 level. (A rare 1-level rounding flip of the decoded image is multiplied by adain's colour gain,
+# source std / target std; with the official geometry the final bicubic resize averages it back to
+# <= 1 level, but at process_size 128, where that resize is the identity, adain can show 2.)
 @pytest.mark.parametrize("options, image_tolerance", [
     (dict(steps=3, process_size=128, color_fix="none"), 1),
     (dict(steps=3, process_size=128, color_fix="wavelet"), 1),
+    (dict(steps=2, color_fix="adain"), 1),  # the defaults: process size 512, adain
     (dict(steps=2, process_size=128, color_fix="adain"), 2),
     (dict(steps=2, process_size=128, latent_tile_size=16, latent_tile_overlap=4, color_fix="none"), 1),
     (dict(steps=2, process_size=128, guidance=1.0, color_fix="none"), 1),
