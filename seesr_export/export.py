@@ -311,7 +311,7 @@ def convert_fp16(src: Path, dst: Path, external_data_threshold: int = TWO_GB) ->
     _name_unnamed_nodes(model)
     keep = attention_fp32_nodes(model)
     model = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
-                                     disable_shape_infer=model.ByteSize() >= TWO_GB)
+                                     disable_shape_infer=_weights_bytes(model) >= TWO_GB)
     _drop_fp16_round_trips(model)
     toposort(model)  # the converter appends its input casts last
     _remove_dead_nodes(model)
