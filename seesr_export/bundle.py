@@ -231,6 +231,9 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         dims, text_files = _write_text_and_tagger(paths, work, models, sources, previous, progress)
+        for attribute, users in _USERS.items():  # loaded for the text stage but not exported now
+            if not any(n in options.networks for n in users):
+                models.drop(attribute)
         specs = network_specs(dims)
         networks = {}
         for i, name in enumerate(options.networks):
