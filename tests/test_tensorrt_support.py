@@ -1,0 +1,47 @@
+"""TensorRT support that needs no GPU: profiles from the manifest, engine names, manifest entries."""
+import pytest
+
+from seesr_export.trt_engines import EngineOptions, engine_entry, engine_filename, optimization_profiles
+from seesr_runtime.manifest import Manifest
+from seesr_runtime.networks import NETWORK_NAMES
+
+
+def test_profiles_cover_the_declared_shapes(runtime_bundle):
+    manifest = Manifest.load(runtime_bundle)
+    for name in NETWORK_NAMES:
+        spec = manifest.spec(name)
+        profiles = optimization_profiles(spec)
+        assert [p for p, _ in profiles] == [p.name for p in spec.profiles]
+        for (_, shapes), profile in zip(profiles, spec.profiles):
+            assert set(shapes) == {t.name for t in spec.inputs if t.shape}
+            for tensor in spec.inputs:
+                if not tensor.shape:
+                    continue
+                low, opt, high = shapes[tensor.name]
+                assert all(a <= b <= c for a, b, c in zip(low, opt, high)), (name, tensor.name)
+                assert opt == tensor.concrete_shape(profile.opt)
+
+
+def test_denoiser_profiles_include_512px_and_the_96_tile():
+    from seesr_runtime.networks import ModelDims, network_specs
+
+    dims = ModelDims(text_dim=1024, num_tags=4585, residual_channels=(320,) * 4 + (640,) * 3 + (1280,) * 5,
+                     residual_strides=(1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8), mid_channels=1280)
+    unet = network_specs(dims)["unet"]
+    shapes = dict(optimization_profiles(unet))
+    assert shapes["512px"]["sample"] == ((1, 4, 64, 64), (2, 4, 64, 64), (2, 4, 64, 64))
+    assert shapes["tile96"]["down_res_11"][2] == (2, 1280, 12, 12)
+    assert shapes["dynamic"]["encoder_hidden_states"][0] == (1, 77, 1024)
+    control = dict(optimization_profiles(network_specs(dims)["controlnet"]))
+    assert control["tile96"]["controlnet_cond"][1] == (2, 3, 768, 768)
+    with pytest.raises(ValueError, match="no profile"):
+        optimization_profiles(unet, ("4k",))
+
+
+def test_engine_names_and_manifest_entry(runtime_bundle):
+    assert engine_filename("unet", "fp16", "10.8.0", (9, 0)) == "unet.fp16.trt10.8.0.sm90.plan"
+    spec = Manifest.load(runtime_bundle).spec("unet")
+    entry = engine_entry("unet", spec, "engines/unet.fp16.trt10.8.0.sm90.plan", "0" * 64,
+                         EngineOptions(profiles=("512px", "tile96")), "10.8.0", (9, 0))
+    assert entry["strongly_typed"] and entry["profiles"] == ["512px", "tile96"]
+    assert entry["compute_capability"] == [9, 0]
