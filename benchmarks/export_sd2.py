@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ def main() -> int:
         (checkout / ".complete").write_text("sd2 seed 0\n")
         fixture = {"seconds": round(seconds, 1), "peak_rss_gb": round(peak / 1e9, 2)}
 
+    shutil.rmtree(bundle, ignore_errors=True)  # every network exported for real, not from the cache
     rows = []
     for i, name in enumerate(NETWORK_NAMES):
         seconds, peak, code = run_child([*py, "build", "--seesr-root", str(checkout), "--out", str(bundle),
