@@ -65,6 +65,9 @@ class BuildOptions:
     external_data_threshold: int = 2 * 1024 ** 3
     verify: bool = True  # ONNX vs torch on sample inputs, recorded in the manifest
     name: str | None = None
+    calib_images: tuple = ()  # int8: real LR images the sampler runs on to record calibration inputs
+    calib_size: int = 4
+    calib_steps: int = 4
 
     def graph_precisions(self) -> tuple[str, ...]:
         # fp32 graphs are always written: onnxruntime on CPU wants them, and they are
@@ -78,6 +81,7 @@ class BuildReport:
     exported: list = field(default_factory=list)
     reused: list = field(default_factory=list)
     parity: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)  # int8: error and PSNR against fp32
 
 
 def check_request(options: BuildOptions) -> None:
@@ -95,8 +99,13 @@ def check_request(options: BuildOptions) -> None:
             raise BuildError(f"--backend tensorrt is not available here: {missing}. "
                              "Use --backend onnx (the bundle's ONNX graphs build engines later on a GPU machine).")
     if options.precision == "int8":
-        raise BuildError("--precision int8 (Q/DQ calibration of UNet and ControlNet) is not implemented yet; "
-                         "use --precision fp32 or fp16")
+        if not options.calib_images:
+            raise BuildError("--precision int8 needs --calib-images DIR: real LR images that the SeeSR sampler "
+                             "runs on to record calibration inputs (random tensors calibrate badly)")
+        missing = [n for n in ("unet", "controlnet") if n not in options.networks]
+        if missing or not set(NETWORK_NAMES) <= set(options.networks):
+            raise BuildError("--precision int8 calibrates through the whole sampler: build all networks "
+                             "(leave out --networks)")
 
 
 def _tensorrt_missing() -> str | None:
@@ -256,6 +265,9 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
         manifest["files"] = {n: sha256_file(work / n) for n in ("tokenizer.json", "negative_prompt_embeds.npy")}
         manifest["provenance"]["checkout"] = {f: str(getattr(paths, f)) for f in paths.__dataclass_fields__}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if options.precision == "int8":
+            report.quality = _add_int8(work, manifest, options, progress)
+            (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         Manifest.load(work).verify_files()
         _swap_into_place(work, out)
     except BaseException:
@@ -358,6 +370,38 @@ def _export_network(name, spec, models, work: Path, options: BuildOptions, progr
         progress.stage(f"{name}: checking ONNX against torch")
         entry["parity"] = {p: compare_graph(work / entry["files"][p]["onnx"], spec, feeds, expected) for p in written}
     return entry
+
+
+def _add_int8(work: Path, manifest: dict, options: BuildOptions, progress) -> dict:
+    """Calibrate through the sampler, write int8 UNet/ControlNet graphs, and measure them against fp32."""
+    from PIL import Image
+
+    from .quantize import (QUANTIZED_NETWORKS, QualityReport, QuantOptions, end_to_end_psnr, heldout_error,
+                           quantize_graph, record_calibration_feeds)
+
+    quant = QuantOptions(calib_size=options.calib_size, calib_steps=options.calib_steps)
+    images = [Image.open(p).convert("RGB") for p in options.calib_images]
+    bundle = Manifest.load(work)
+    recorded = record_calibration_feeds(bundle, images, quant, progress)
+    quality = QualityReport()
+    (work / "onnx" / "int8").mkdir(parents=True, exist_ok=True)
+    for name in QUANTIZED_NETWORKS:
+        feeds = recorded[name]
+        split = max(1, int(len(feeds) * (1 - quant.holdout)))
+        calibration, heldout = feeds[:split], feeds[split:] or feeds[-1:]
+        progress.stage(f"{name}: int8 Q/DQ from {len(calibration)} recorded calls")
+        rel = f"onnx/int8/{name}.onnx"
+        quality.excluded[name] = quantize_graph(bundle.graph_path(name, "fp32"), work / rel, calibration, quant)
+        quality.network_rel_l2[name] = heldout_error(bundle, name, work / rel, heldout)
+        rels = [rel] + ([rel + ".data"] if (work / (rel + ".data")).exists() else [])
+        manifest["networks"][name]["files"]["int8"] = {
+            "onnx": rel, "external_data": rels[1] if len(rels) > 1 else None,
+            "sha256": {r: sha256_file(work / r) for r in rels}, "precision": "int8"}
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    progress.stage("int8: end-to-end PSNR against fp32 (same noise)")
+    quality.psnr_vs_fp32_db = end_to_end_psnr(Manifest.load(work), images[-1], quant.calib_steps, seed=1234)
+    manifest["quality"] = {"int8": quality.to_json()}
+    return quality.to_json()
 
 
 def compare_graph(onnx_path: Path, spec, feeds: dict, expected: list) -> dict:

@@ -31,7 +31,8 @@ class OnnxRuntimeBackend:
     """onnxruntime sessions over the bundle's ONNX graphs.
 
     ``providers``: e.g. ``["cuda", "cpu"]`` (needs onnxruntime-gpu); CPU by default.
-    ``precision``: which graphs to load, ``"fp32"`` (CPU) or ``"fp16"`` (GPU providers).
+    ``precision``: which graphs to load: ``"fp32"`` (CPU), ``"fp16"`` (GPU providers) or ``"int8"``
+    (Q/DQ UNet and ControlNet, fp32 for the other networks).
     """
 
     name = "onnxruntime"
@@ -58,7 +59,10 @@ class OnnxRuntimeBackend:
         if network not in self._sessions:
             import onnxruntime as ort
 
-            path = self.manifest.graph_path(network, self.precision)
+            precision = self.precision
+            if precision == "int8" and "int8" not in self.manifest.data["networks"][network]["files"]:
+                precision = "fp32"  # int8 bundles quantize only the UNet and ControlNet
+            path = self.manifest.graph_path(network, precision)
             self._sessions[network] = ort.InferenceSession(str(path), self.options, providers=self.providers)
         return self._sessions[network]
 

@@ -1,0 +1,154 @@
+"""int8 Q/DQ graphs of the UNet and ControlNet (97 % of SeeSR's FLOPs), calibrated through the sampler.
+
+Calibration data is what the networks see in real use: the fp32 runtime upscales
+the calibration images and every ControlNet/UNet call of every step is recorded.
+Quantization is explicit (QDQ nodes), so TensorRT and onnxruntime alike run the
+same int8 graph. This is the onnxruntime static quantizer path (runs on CPU);
+NVIDIA's ModelOpt recipe (SmoothQuant on linear layers) is the planned primary
+path on GPU machines. Layers that diffusion PTQ recipes keep in higher precision
+are excluded by name (``DEFAULT_EXCLUDE``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from seesr_runtime.backends import OnnxRuntimeBackend
+from seesr_runtime.manifest import Manifest
+from seesr_runtime.pipeline import SeeSRPipeline
+
+QUANTIZED_NETWORKS = ("controlnet", "unet")
+# Time embedding, first/last convolutions, skip projections and the transformers' output projections:
+# small, sensitive layers NVIDIA's diffusion recipes leave unquantized.
+DEFAULT_EXCLUDE = ("time_embedding", "conv_in", "conv_out", "conv_shortcut", "norm_out", "proj_out")
+QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    calib_size: int = 4  # images
+    calib_steps: int = 4  # sampler steps per image (every step's inputs are recorded)
+    holdout: float = 0.25  # share of recorded calls kept out of calibration, to measure the error
+    exclude: tuple = DEFAULT_EXCLUDE
+    exclude_image_attention: bool = False  # also keep the image cross-attention projections in fp32
+    seed: int = 0
+
+
+class RecordingBackend:
+    """Wraps a backend and keeps a copy of every feed given to the chosen networks."""
+
+    def __init__(self, inner, networks=QUANTIZED_NETWORKS):
+        self.inner, self.name = inner, f"recording({inner.name})"
+        self.recorded = {n: [] for n in networks}
+
+    def run(self, network, feeds):
+        if network in self.recorded:
+            self.recorded[network].append({k: np.array(v, copy=True) for k, v in feeds.items()})
+        return self.inner.run(network, feeds)
+
+
+def record_calibration_feeds(manifest: Manifest, images: list, options: QuantOptions, progress=None) -> dict:
+    """Run the fp32 pipeline on ``images`` and return every ControlNet/UNet feed it made."""
+    backend = RecordingBackend(OnnxRuntimeBackend(manifest, precision="fp32"))
+    pipe = SeeSRPipeline(manifest, backend)
+    for i, image in enumerate(images[:options.calib_size]):
+        if progress is not None:
+            progress.stage(f"calibration: image {i + 1}/{min(len(images), options.calib_size)} "
+                           f"through {options.calib_steps} sampler steps")
+        pipe(image, steps=options.calib_steps, seed=options.seed + i)
+    return backend.recorded
+
+
+def excluded_nodes(model, options: QuantOptions) -> list[str]:
+    """Quantizable nodes left in fp32: the recipe's exclusions by name, and every MatMul of two
+    activations (attention's Q.K^T and P.V: int8 would hurt, and calibrating their N x N inputs
+    would hold gigabytes)."""
+    patterns = list(options.exclude) + (["image_attentions"] if options.exclude_image_attention else [])
+    pattern = re.compile("|".join(re.escape(p) for p in patterns))
+    weights = {t.name for t in model.graph.initializer}
+    excluded = []
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZABLE_OPS:
+            continue
+        activation_only = node.op_type == "MatMul" and not any(i in weights for i in node.input)
+        if activation_only or pattern.search(node.name):
+            excluded.append(node.name)
+    return excluded
+
+
+class _FeedsReader:
+    """onnxruntime's CalibrationDataReader over recorded feeds."""
+
+    def __init__(self, feeds: list[dict]):
+        self._feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+    def rewind(self):  # not needed: one pass
+        pass
+
+
+def quantize_graph(fp32_path: Path, out_path: Path, calibration: list[dict], options: QuantOptions) -> list[str]:
+    """Write a QDQ int8 copy of ``fp32_path``; returns the names of the excluded nodes."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    excluded = excluded_nodes(onnx.load(str(fp32_path), load_external_data=False), options)
+    large = Path(str(fp32_path) + ".data").exists()
+    quantize_static(
+        str(fp32_path), str(out_path), _FeedsReader(calibration),
+        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZABLE_OPS),
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+        nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+        # onnxruntime's percentile calibrator keeps every activation of every call in memory (20 GB
+        # for the tiny fixture); min/max keeps two scalars per tensor, and its moving average damps outliers.
+        # Dedicated pairs: an excluded layer reads the fp32 tensor even where a neighbour quantizes it.
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibMovingAverage": True,
+                       "DedicatedQDQPair": True},
+        use_external_data_format=large,
+    )
+    return excluded
+
+
+def heldout_error(manifest: Manifest, network: str, int8_path: Path, feeds: list[dict]) -> float:
+    """Worst relative L2 of the int8 graph against fp32 over held-out recorded calls."""
+    import onnxruntime as ort
+
+    from .bundle import relative_l2
+
+    fp32 = ort.InferenceSession(str(manifest.graph_path(network, "fp32")), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    names = manifest.spec(network).output_names
+    worst = 0.0
+    for feed in feeds:
+        for a, b in zip(int8.run(names, feed), fp32.run(names, feed)):
+            worst = max(worst, relative_l2(a, b))
+    return worst
+
+
+def psnr(a, b) -> float:
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    mse = float(np.mean(diff ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+@dataclass
+class QualityReport:
+    network_rel_l2: dict = field(default_factory=dict)
+    psnr_vs_fp32_db: float | None = None
+    excluded: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"network_rel_l2_vs_fp32": self.network_rel_l2, "end_to_end_psnr_vs_fp32_db": self.psnr_vs_fp32_db,
+                "excluded_nodes": {n: len(v) for n, v in self.excluded.items()}}
+
+
+def end_to_end_psnr(manifest: Manifest, image, steps: int, seed: int) -> float:
+    """PSNR of the final image with int8 UNet/ControlNet against the all-fp32 pipeline, same noise."""
+    fp32 = SeeSRPipeline(manifest, OnnxRuntimeBackend(manifest, precision="fp32"))
+    int8 = SeeSRPipeline(manifest, OnnxRuntimeBackend(manifest, precision="int8"))
+    return psnr(int8(image, steps=steps, seed=seed).image, fp32(image, steps=steps, seed=seed).image)
