@@ -268,6 +268,9 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
         if options.precision == "int8":
             report.quality = _add_int8(work, manifest, options, progress)
             (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if options.backend == "tensorrt":
+            _add_engines(work, manifest, options, progress)
+            (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         Manifest.load(work).verify_files()
         _swap_into_place(work, out)
     except BaseException:
@@ -402,6 +405,34 @@ def _add_int8(work: Path, manifest: dict, options: BuildOptions, progress) -> di
     quality.psnr_vs_fp32_db = end_to_end_psnr(Manifest.load(work), images[-1], quant.calib_steps, seed=1234)
     manifest["quality"] = {"int8": quality.to_json()}
     return quality.to_json()
+
+
+def _add_engines(work: Path, manifest: dict, options: BuildOptions, progress) -> None:
+    """One TensorRT engine per network (the precision's graph; fp16 for the rest of an int8 build)."""
+    import tensorrt as trt
+
+    from .trt_engines import EngineOptions, build_engine, engine_entry, engine_filename
+
+    from seesr_runtime.trt_backend import _cudart
+
+    cudart = _cudart()
+
+    _, device = cudart.cudaGetDevice()
+    _, major = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device)
+    _, minor = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device)
+    bundle = Manifest.load(work)
+    cache = work.parent / ".seesr-timing.cache"  # beside the bundles: survives rebuilds
+    for name in manifest["networks"]:
+        files = manifest["networks"][name]["files"]
+        precision = options.precision if options.precision in files else "fp16"
+        engine_options = EngineOptions(precision=precision, timing_cache=cache)
+        rel = f"trt/{engine_filename(name, precision, trt.__version__, (major, minor))}"
+        progress.stage(f"{name}: TensorRT {precision} engine")
+        build_engine(bundle.graph_path(name, precision), bundle.spec(name), work / rel, engine_options)
+        entry = engine_entry(name, bundle.spec(name), rel, sha256_file(work / rel), engine_options, trt.__version__,
+                             (major, minor))
+        manifest["networks"][name].setdefault("engines", {})[options.precision] = entry
+        manifest.setdefault("files", {})[rel] = entry["sha256"]
 
 
 def compare_graph(onnx_path: Path, spec, feeds: dict, expected: list) -> dict:

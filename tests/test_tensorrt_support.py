@@ -45,3 +45,41 @@ def test_engine_names_and_manifest_entry(runtime_bundle):
                          EngineOptions(profiles=("512px", "tile96")), "10.8.0", (9, 0))
     assert entry["strongly_typed"] and entry["profiles"] == ["512px", "tile96"]
     assert entry["compute_capability"] == [9, 0]
+
+
+def test_tensorrt_backend_imports_without_torch_and_refuses_clearly(runtime_bundle):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("no torch")
+        sys.meta_path.insert(0, NoTorch())
+        import seesr_runtime.trt_backend  # the module itself imports neither torch nor tensorrt
+        from seesr_runtime import SeeSRPipeline
+        from seesr_runtime.manifest import BundleError
+        try:
+            SeeSRPipeline.from_bundle({str(runtime_bundle)!r}, backend="tensorrt")
+        except BundleError as exc:
+            print("REFUSED", exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("REFUSED") and "backend='onnxruntime'" in done.stdout
+
+
+def test_gpu_validate_dry_run(tiny_bundle):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_validate.py"
+    done = subprocess.run([sys.executable, str(script), "--bundle", str(tiny_bundle), "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "plan: unet fp16 at {'B': 2, 'h': 64, 'w': 64}" in done.stdout
+    assert "dry run: 6 engines would be built and checked" in done.stdout

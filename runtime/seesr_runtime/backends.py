@@ -73,4 +73,12 @@ class OnnxRuntimeBackend:
 def create_backend(kind: str, manifest: Manifest, **options) -> Backend:
     if kind == "onnxruntime":
         return OnnxRuntimeBackend(manifest, **options)
-    raise BundleError(f"unknown backend {kind!r} (available: 'onnxruntime')")
+    if kind == "tensorrt":
+        from .trt_backend import TensorRTBackend
+
+        try:
+            return TensorRTBackend(manifest, **{k: v for k, v in options.items() if k == "precision" and v})
+        except ImportError as exc:
+            raise BundleError(f"the tensorrt backend needs the 'tensorrt' and 'cuda-python' packages and an NVIDIA "
+                              f"GPU ({exc}); use backend='onnxruntime'") from None
+    raise BundleError(f"unknown backend {kind!r} (available: 'onnxruntime', 'tensorrt')")

@@ -1,0 +1,110 @@
+"""TensorRT backend: the bundle's engines through the TensorRT runtime and cuda-python (no torch, no pycuda).
+
+Device buffers are allocated once per tensor and grown only when a larger shape
+arrives, so steps and images reuse them; every engine's execution context runs
+in one shared activation buffer (``USER_MANAGED`` allocation), sized for the
+largest engine, since the networks run one after another. Host copies happen
+only at the interface the numpy pipeline needs.
+
+Not testable on the CPU-only CI machines: see benchmarks/gpu_validate.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .manifest import BundleError, Manifest
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        from cuda import cudart  # older cuda-python
+    return cudart
+
+
+def _check(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+class _DeviceBuffer:
+    def __init__(self, cudart):
+        self.cudart, self.ptr, self.nbytes = cudart, 0, 0
+
+    def ensure(self, nbytes: int) -> int:
+        if nbytes > self.nbytes:
+            if self.ptr:
+                _check(self.cudart.cudaFree(self.ptr))
+            self.ptr, self.nbytes = _check(self.cudart.cudaMalloc(nbytes)), nbytes
+        return self.ptr
+
+    def free(self):
+        if self.ptr:
+            self.cudart.cudaFree(self.ptr)
+            self.ptr, self.nbytes = 0, 0
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, manifest: Manifest, precision: str = "fp16"):
+        import tensorrt as trt
+
+        self.trt, self.cudart = trt, _cudart()
+        self.manifest, self.precision = manifest, precision
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.stream = _check(self.cudart.cudaStreamCreate())
+        self.engines, self.contexts, self.buffers = {}, {}, {}
+        for network, entry in manifest.data["networks"].items():
+            engine_entry = entry.get("engines", {}).get(precision)
+            if engine_entry is None:
+                raise BundleError(f"{manifest.root}: no {precision} TensorRT engine for {network!r}; "
+                                  "build with seesr-export build --backend tensorrt")
+            engine = self.runtime.deserialize_cuda_engine((manifest.root / engine_entry["file"]).read_bytes())
+            if engine is None:
+                raise BundleError(f"{engine_entry['file']}: TensorRT could not deserialize it (built for "
+                                  f"TensorRT {engine_entry['tensorrt']}, sm{''.join(map(str, engine_entry['compute_capability']))})")
+            self.engines[network] = engine
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.contexts = {n: e.create_execution_context(strategy) for n, e in self.engines.items()}
+        self.activations = _DeviceBuffer(self.cudart)
+        self.activations.ensure(max(e.device_memory_size_v2 for e in self.engines.values()))
+        self._outputs = {n: manifest.spec(n).output_names for n in self.engines}
+
+    def _buffer(self, network: str, tensor: str, nbytes: int) -> int:
+        key = (network, tensor)
+        if key not in self.buffers:
+            self.buffers[key] = _DeviceBuffer(self.cudart)
+        return self.buffers[key].ensure(nbytes)
+
+    def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        cudart, context, engine = self.cudart, self.contexts[network], self.engines[network]
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        context.device_memory = self.activations.ptr
+        for name, value in feeds.items():
+            value = np.ascontiguousarray(value, dtype=self.trt.nptype(engine.get_tensor_dtype(name)))
+            context.set_input_shape(name, value.shape)
+            ptr = self._buffer(network, name, max(value.nbytes, 1))
+            _check(cudart.cudaMemcpyAsync(ptr, value.ctypes.data, value.nbytes, h2d, self.stream))
+            context.set_tensor_address(name, ptr)
+        outputs = []
+        for name in self._outputs[network]:
+            shape = tuple(context.get_tensor_shape(name))
+            host = np.empty(shape, dtype=self.trt.nptype(engine.get_tensor_dtype(name)))
+            context.set_tensor_address(name, self._buffer(network, name, max(host.nbytes, 1)))
+            outputs.append(host)
+        if not context.execute_async_v3(self.stream):
+            raise RuntimeError(f"TensorRT execution of {network} failed")
+        for name, host in zip(self._outputs[network], outputs):
+            _check(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[(network, name)].ptr, host.nbytes, d2h,
+                                          self.stream))
+        _check(cudart.cudaStreamSynchronize(self.stream))
+        return [o.astype(np.float32, copy=False) if o.dtype == np.float16 else o for o in outputs]
+
+    def close(self):
+        for buffer in self.buffers.values():
+            buffer.free()
+        self.activations.free()
