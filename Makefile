@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,quant]'
 	# Only its CLIP BPE vocabulary file is used (to build tokenizer fixtures offline).
 	$(BIN)/pip install -q --no-deps open_clip_torch==3.3.0
 	touch $(STAMP)

@@ -68,6 +68,7 @@ class BuildOptions:
     calib_images: tuple = ()  # int8: real LR images the sampler runs on to record calibration inputs
     calib_size: int = 4
     calib_steps: int = 4
+    quant_method: str = "auto"  # int8: "modelopt" (SmoothQuant, primary), "onnxruntime" (fallback), "auto"
 
     def graph_precisions(self) -> tuple[str, ...]:
         # fp32 graphs are always written: onnxruntime on CPU wants them, and they are
@@ -266,7 +267,7 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
         manifest["provenance"]["checkout"] = {f: str(getattr(paths, f)) for f in paths.__dataclass_fields__}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if options.precision == "int8":
-            report.quality = _add_int8(work, manifest, options, progress)
+            report.quality = _add_int8(work, manifest, options, progress, models)
             (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if options.backend == "tensorrt":
             _add_engines(work, manifest, options, progress)
@@ -375,14 +376,18 @@ def _export_network(name, spec, models, work: Path, options: BuildOptions, progr
     return entry
 
 
-def _add_int8(work: Path, manifest: dict, options: BuildOptions, progress) -> dict:
+def _add_int8(work: Path, manifest: dict, options: BuildOptions, progress, models: _Models) -> dict:
     """Calibrate through the sampler, write int8 UNet/ControlNet graphs, and measure them against fp32."""
     from PIL import Image
 
+    from .export import graph_module
     from .quantize import (QUANTIZED_NETWORKS, QualityReport, QuantOptions, end_to_end_psnr, heldout_error,
-                           quantize_graph, record_calibration_feeds)
+                           modelopt_available, quantize_graph, quantize_module_modelopt, record_calibration_feeds)
 
-    quant = QuantOptions(calib_size=options.calib_size, calib_steps=options.calib_steps)
+    quant = QuantOptions(method=options.quant_method, calib_size=options.calib_size, calib_steps=options.calib_steps)
+    use_modelopt = quant.method == "modelopt" or (quant.method == "auto" and modelopt_available())
+    if quant.method == "modelopt" and not modelopt_available():
+        raise BuildError("--quant-method modelopt needs nvidia-modelopt: pip install 'seesr-export[quant]'")
     images = [Image.open(p).convert("RGB") for p in options.calib_images]
     bundle = Manifest.load(work)
     recorded = record_calibration_feeds(bundle, images, quant, progress)
@@ -392,9 +397,17 @@ def _add_int8(work: Path, manifest: dict, options: BuildOptions, progress) -> di
         feeds = recorded[name]
         split = max(1, int(len(feeds) * (1 - quant.holdout)))
         calibration, heldout = feeds[:split], feeds[split:] or feeds[-1:]
-        progress.stage(f"{name}: int8 Q/DQ from {len(calibration)} recorded calls")
+        progress.stage(f"{name}: int8 Q/DQ ({'ModelOpt SmoothQuant' if use_modelopt else 'onnxruntime'}) "
+                       f"from {len(calibration)} recorded calls")
         rel = f"onnx/int8/{name}.onnx"
-        quality.excluded[name] = quantize_graph(bundle.graph_path(name, "fp32"), work / rel, calibration, quant)
+        if use_modelopt:
+            module = graph_module(name, models)
+            quality.excluded[name] = quantize_module_modelopt(module, bundle.spec(name), calibration, work / rel,
+                                                              TRACE_ENV, quant)
+            del module
+            models.drop(GRAPHS[name][0])
+        else:
+            quality.excluded[name] = quantize_graph(bundle.graph_path(name, "fp32"), work / rel, calibration, quant)
         quality.network_rel_l2[name] = heldout_error(bundle, name, work / rel, heldout)
         rels = [rel] + ([rel + ".data"] if (work / (rel + ".data")).exists() else [])
         manifest["networks"][name]["files"]["int8"] = {
@@ -403,8 +416,8 @@ def _add_int8(work: Path, manifest: dict, options: BuildOptions, progress) -> di
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     progress.stage("int8: end-to-end PSNR against fp32 (same noise)")
     quality.psnr_vs_fp32_db = end_to_end_psnr(Manifest.load(work), images[-1], quant.calib_steps, seed=1234)
-    manifest["quality"] = {"int8": quality.to_json()}
-    return quality.to_json()
+    manifest["quality"] = {"int8": {**quality.to_json(), "method": "modelopt" if use_modelopt else "onnxruntime"}}
+    return manifest["quality"]["int8"]
 
 
 def _add_engines(work: Path, manifest: dict, options: BuildOptions, progress) -> None:

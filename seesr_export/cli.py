@@ -152,7 +152,8 @@ def cmd_build(args) -> int:
     options = BuildOptions(precision=args.precision, backend=args.backend,
                            networks=tuple(args.networks) if args.networks else BuildOptions.networks,
                            opset=args.opset, verify=not args.no_verify, calib_images=calib,
-                           calib_size=args.calib_size, calib_steps=args.calib_steps)
+                           calib_size=args.calib_size, calib_steps=args.calib_steps,
+                           quant_method=args.quant_method)
     if args.external_data_threshold_mb is not None:
         options.external_data_threshold = int(args.external_data_threshold_mb * 1024 ** 2)
     report = build_bundle(paths_from_args(args), args.out, options, Progress(args.quiet))
@@ -183,11 +184,12 @@ precision:
          and softmax kept in fp32, since SD2 attention overflows fp16)
   int8   fp32 + fp16 graphs, plus Q/DQ int8 UNet and ControlNet (97 % of the FLOPs) calibrated on
          real LR images run through the SeeSR sampler (--calib-images DIR, --calib-size N images,
-         --calib-steps K steps each; every step's inputs are recorded). onnxruntime's static
-         quantizer (per-channel symmetric weights, percentile activations; time embedding, conv_in,
-         conv_out, conv_shortcut, proj_out excluded). The int8 graphs run on onnxruntime CPU
-         (seesr upscale --precision int8). Error per network and end-to-end PSNR against fp32 are
-         printed and stored in the manifest.
+         --calib-steps K steps each; every step's inputs are recorded). --quant-method: NVIDIA
+         ModelOpt INT8 SmoothQuant (alpha 0.8; needs pip install 'seesr-export[quant]') or
+         onnxruntime's static quantizer (min/max, per-channel weights); time embedding, conv_in,
+         conv_out, conv_shortcut, norm_out, proj_out and attention's Q.K^T / P.V stay fp32.
+         The int8 graphs run on onnxruntime CPU (seesr upscale --precision int8). Error per network
+         and end-to-end PSNR against fp32 are printed and stored in the manifest.
 backend:
   onnx      ONNX graphs only (any machine)
   tensorrt  also TensorRT engines: needs an NVIDIA GPU and the 'tensorrt' package
@@ -221,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=Path, default=None, help="int8: folder of real LR calibration images")
     p.add_argument("--calib-size", type=int, default=4, help="int8: how many calibration images (default 4)")
     p.add_argument("--calib-steps", type=int, default=4, help="int8: sampler steps per image (default 4)")
+    p.add_argument("--quant-method", choices=["auto", "modelopt", "onnxruntime"], default="auto",
+                   help="int8 quantizer: NVIDIA ModelOpt SmoothQuant (needs the 'quant' extra), onnxruntime's "
+                        "static quantizer, or auto (ModelOpt when installed)")
     add_checkpoint_args(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_build)

@@ -208,12 +208,16 @@ def trace(module: nn.Module, spec: NetworkSpec, env: dict[str, int], path: Path,
     return path
 
 
-def finalize(traced: Path, path: Path, external_data_threshold: int = TWO_GB) -> list[Path]:
-    """Clean up a traced graph and save it: one .onnx, plus one .onnx.data when large."""
+def finalize(traced: Path, path: Path, external_data_threshold: int = TWO_GB, fold: bool = True) -> list[Path]:
+    """Clean up a traced graph and save it: one .onnx, plus one .onnx.data when large.
+
+    ``fold=False`` for Q/DQ graphs: folding would evaluate Quantize/DequantizeLinear on the
+    constant weights and leave fake-quantized fp32 weights without the Q/DQ that int8 engines need.
+    """
     import onnx
 
     model = onnx.load(str(traced), load_external_data=True)
-    if _weights_bytes(model) < TWO_GB:
+    if fold and _weights_bytes(model) < TWO_GB:
         model = simplify(model)
     # Above 2 GB, graphsurgeon would hold two more copies of the weights; torch's exporter has
     # already folded the constants, so only the node order is checked.

@@ -10,8 +10,12 @@ from seesr_runtime import SeeSRPipeline
 from seesr_runtime.manifest import Manifest
 
 
-@pytest.fixture(scope="module")
-def int8_bundle(tiny_checkout, tmp_path_factory):
+@pytest.fixture(scope="module", params=["modelopt", "onnxruntime"])
+def int8_bundle(request, tiny_checkout, tmp_path_factory):
+    from seesr_export.quantize import modelopt_available
+
+    if request.param == "modelopt" and not modelopt_available():
+        pytest.skip("nvidia-modelopt is not installed (pip install 'seesr-export[quant]')")
     folder = tmp_path_factory.mktemp("calib")
     rng = np.random.default_rng(5)
     images = []
@@ -23,7 +27,9 @@ def int8_bundle(tiny_checkout, tmp_path_factory):
         images.append(path)
     out = tmp_path_factory.mktemp("engines") / "int8"
     report = build_bundle(tiny_checkout, out, BuildOptions(precision="int8", calib_images=tuple(images),
-                                                           calib_size=3, calib_steps=2, verify=False))
+                                                           calib_size=3, calib_steps=2, verify=False,
+                                                           quant_method=request.param))
+    assert report.quality["method"] == request.param
     return out, report
 
 
@@ -33,7 +39,8 @@ def test_int8_graphs_run_with_bounded_error(int8_bundle, lr_image):
     manifest.verify_files()
     quality = manifest.data["quality"]["int8"]
     assert quality == report.quality
-    # Measured on the tiny random-weight fixture: ControlNet ~8e-2, UNet ~6e-2, PSNR ~30 dB.
+    # Measured on the tiny random-weight fixture (onnxruntime quantizer): ControlNet ~8e-2, UNet ~6e-2,
+    # PSNR ~30 dB.
     for name in ("controlnet", "unet"):
         assert "int8" in manifest.data["networks"][name]["files"]
         assert 0 < quality["network_rel_l2_vs_fp32"][name] < 0.25
@@ -54,8 +61,17 @@ def test_exclusions_are_honoured(int8_bundle):
         def quantized(node):
             """Its weight is int8 (dequantized from an initializer). An excluded layer keeps fp32
             weights and computes in fp32; its activation may still come from a quantized neighbour."""
-            return any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
-                       and producers[i].input[0] in weights for i in node.input)
+            for i in node.input:
+                dq = producers.get(i)
+                if dq is not None and dq.op_type == "Transpose":  # linear weights: DQ -> Transpose -> MatMul
+                    dq = producers.get(dq.input[0])
+                if dq is None or dq.op_type != "DequantizeLinear":
+                    continue
+                source = producers.get(dq.input[0])  # ModelOpt: fp32 weight -> Q -> DQ
+                if dq.input[0] in weights or (source is not None and source.op_type == "QuantizeLinear"
+                                              and source.input[0] in weights):
+                    return True
+            return False
 
         compute = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
         excluded = [n for n in compute if any(p in n.name for p in DEFAULT_EXCLUDE)]
