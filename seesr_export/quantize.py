@@ -195,6 +195,9 @@ class QualityReport:
 
 def end_to_end_psnr(manifest: Manifest, image, steps: int, seed: int) -> float:
     """PSNR of the final image with int8 UNet/ControlNet against the all-fp32 pipeline, same noise."""
-    fp32 = SeeSRPipeline(manifest, OnnxRuntimeBackend(manifest, precision="fp32"))
-    int8 = SeeSRPipeline(manifest, OnnxRuntimeBackend(manifest, precision="int8"))
-    return psnr(int8(image, steps=steps, seed=seed).image, fp32(image, steps=steps, seed=seed).image)
+    images = []
+    for precision in ("fp32", "int8"):  # one pipeline's sessions at a time: at SD2 size memory is the limit
+        pipe = SeeSRPipeline(manifest, OnnxRuntimeBackend(manifest, precision=precision))
+        images.append(pipe(image, steps=steps, seed=seed).image)
+        del pipe
+    return psnr(images[1], images[0])
