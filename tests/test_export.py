@@ -210,3 +210,14 @@ def test_unavailable_backends_are_refused_clearly(tiny_checkout, tmp_path, capsy
     assert "tensorrt" in err and "--backend onnx" in err
     err = _cli_error(capsys, ["--seesr-root", root, "--out", str(tmp_path / "q"), "--precision", "int8"])
     assert "--precision int8 needs --calib-images" in err
+
+
+def test_build_help_documents_precisions_and_backends():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "seesr_export.cli", "build", "--help"], capture_output=True,
+                          text=True)
+    for text in ["fp32", "fp16", "int8", "--calib-images", "--calib-size", "--calib-steps", "--quant-method",
+                 "tensorrt", "needs an NVIDIA GPU", "--networks", "--external-data-threshold-mb", "--no-verify"]:
+        assert text in done.stdout, text
