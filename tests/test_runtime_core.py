@@ -7,18 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from no_torch import PRELUDE
 from seesr_runtime.imaging import gaussian_tile_weights, tile_origins
 from seesr_runtime.manifest import BundleError, Manifest
 
 
 def test_pipeline_runs_where_importing_torch_raises(runtime_bundle, tmp_path):
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is forbidden in the runtime")
-        sys.meta_path.insert(0, NoTorch())
+    script = PRELUDE + textwrap.dedent(f"""
         import numpy as np
         from PIL import Image
         from seesr_runtime import SeeSRPipeline

@@ -52,13 +52,9 @@ def test_tensorrt_backend_imports_without_torch_and_refuses_clearly(runtime_bund
     import sys
     import textwrap
 
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("no torch")
-        sys.meta_path.insert(0, NoTorch())
+    from no_torch import PRELUDE
+
+    script = PRELUDE + textwrap.dedent(f"""
         import seesr_runtime.trt_backend  # the module itself imports neither torch nor tensorrt
         from seesr_runtime import SeeSRPipeline
         from seesr_runtime.manifest import BundleError
