@@ -25,7 +25,8 @@ from seesr_runtime.networks import NETWORK_NAMES, ModelDims, network_specs
 
 from . import __version__
 from .errors import SeeSRExportError
-from .export import GRAPHS
+from .export import GRAPHS, graph_module
+from .flops import network_flops
 from .layout import SeeSRPaths
 from .reference import (DAPE_SIZE, DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT, IMAGENET_MEAN, IMAGENET_STD,
                         START_STEP)
@@ -69,6 +70,7 @@ class BuildOptions:
     calib_size: int = 4
     calib_steps: int = 4
     quant_method: str = "auto"  # int8: "modelopt" (SmoothQuant, primary), "onnxruntime" (fallback), "auto"
+    jobs: int = 1  # networks exported at once, each in its own process (each needs up to ~12 GB at SD2 size)
 
     def graph_precisions(self) -> tuple[str, ...]:
         # fp32 graphs are always written: onnxruntime on CPU wants them, and they are
@@ -245,21 +247,30 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
             if not any(n in options.networks for n in users):
                 models.drop(attribute)
         specs = network_specs(dims)
+        keys = {name: _key(name, options.graph_precisions(), options.opset, options.external_data_threshold,
+                           EXPORT_CODE_VERSION, versions, [sources[r] for r in NETWORK_SOURCES[name]])
+                for name in options.networks}
         networks = {}
-        for i, name in enumerate(options.networks):
-            remaining = options.networks[i + 1:]
-            key = _key(name, options.graph_precisions(), options.opset, options.external_data_threshold,
-                       EXPORT_CODE_VERSION, versions, [sources[r] for r in NETWORK_SOURCES[name]])
-            entry = _reuse(previous, name, key, work)
+        for name in options.networks:
+            entry = _reuse(previous, name, keys[name], work)
             if entry is not None:
                 progress.stage(f"{name}: unchanged, reusing the previous graphs")
                 report.reused.append(name)
-            else:
-                entry = _export_network(name, specs[name], models, work, options, progress, remaining)
-                report.exported.append(name)
-            _release_if_unused(models, name, remaining)
-            entry["cache_key"] = key
-            networks[name] = entry
+                if "flops" not in entry:  # bundles written before FLOPs were counted
+                    entry["flops"] = network_flops(graph_module(name, models), specs[name])
+                networks[name] = entry
+        todo = [n for n in options.networks if n not in networks]
+        if options.jobs > 1 and len(todo) > 1:
+            models.drop(*_USERS)
+            networks.update(_export_parallel(todo, specs, paths, work, options, progress))
+        else:
+            for i, name in enumerate(todo):
+                networks[name] = _export_network(name, specs[name], models, work, options, progress, todo[i + 1:])
+                _release_if_unused(models, name, todo[i + 1:])
+        report.exported.extend(todo)
+        networks = {name: networks[name] for name in options.networks}
+        for name, entry in networks.items():
+            entry["cache_key"] = keys[name]
             if "parity" in entry:
                 report.parity[name] = entry["parity"]
         manifest = _manifest(options.name or out.name, dims, networks, paths, sources, versions, text_files)
@@ -345,7 +356,7 @@ def _export_network(name, spec, models, work: Path, options: BuildOptions, progr
     feeds = sample_feeds(spec, VERIFY_ENV, seed=1)
     expected = run_torch(module, spec, feeds) if options.verify else None
     export_options = ExportOptions(opset=options.opset, external_data_threshold=options.external_data_threshold)
-    entry = {"spec": spec.to_json(), "files": {}}
+    entry = {"spec": spec.to_json(), "files": {}, "flops": network_flops(module, spec)}
     progress.stage(f"{name}: tracing to ONNX (fp32)")
     fp32_dir = work / "onnx" / "fp32"
     fp32_dir.mkdir(parents=True, exist_ok=True)
@@ -374,6 +385,42 @@ def _export_network(name, spec, models, work: Path, options: BuildOptions, progr
         progress.stage(f"{name}: checking ONNX against torch")
         entry["parity"] = {p: compare_graph(work / entry["files"][p]["onnx"], spec, feeds, expected) for p in written}
     return entry
+
+
+def _export_parallel(names, specs, paths: SeeSRPaths, work: Path, options: BuildOptions, progress) -> dict:
+    """Export ``names`` in ``options.jobs`` worker processes (big machines: the trace and the ONNX
+    passes are mostly single-threaded, so networks in parallel cut the wall time)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    jobs = min(options.jobs, len(names))
+    progress.stage(f"exporting {', '.join(names)} in {jobs} processes")
+    # Largest first, so the UNet does not start last.
+    order = sorted(names, key=lambda n: ("unet", "controlnet", "text_encoder", "dape").index(n)
+                   if n in ("unet", "controlnet", "text_encoder", "dape") else 9)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    entries = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_export_worker, name, specs[name], paths, work, options, threads): name
+                   for name in order}
+        for future in as_completed(futures):
+            name = futures[future]
+            entries[name], seconds = future.result()
+            progress.stage(f"{name}: exported ({seconds:.0f} s)")
+    return entries
+
+
+def _export_worker(name, spec, paths, work, options, threads):
+    import time
+
+    import torch
+
+    from .cli import Progress
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    entry = _export_network(name, spec, _Models(paths), Path(work), options, Progress(quiet=True))
+    return entry, time.perf_counter() - start
 
 
 def _add_int8(work: Path, manifest: dict, options: BuildOptions, progress, models: _Models) -> dict:
@@ -542,3 +589,22 @@ def _manifest(name, dims, networks, paths, sources, versions, text) -> dict:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }
+
+
+def add_flops(bundle: Path, paths: SeeSRPaths, progress=None) -> dict:
+    """Count FLOPs for a bundle built before they were recorded; rewrites only manifest.json."""
+    from .cli import Progress
+
+    progress = progress or Progress(quiet=True)
+    manifest = Manifest.load(bundle)
+    models = _Models(paths)
+    data = json.loads(json.dumps(manifest.data))
+    for name in data["networks"]:
+        progress.stage(f"{name}: counting FLOPs")
+        data["networks"][name]["flops"] = network_flops(graph_module(name, models), manifest.spec(name))
+        _release_if_unused(models, name, ())
+    tmp = Path(bundle) / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, Path(bundle) / MANIFEST)
+    return {n: e["flops"] for n, e in data["networks"].items()}
+

@@ -145,6 +145,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_flops(args) -> int:
+    from .bundle import add_flops
+
+    progress = Progress(args.quiet)
+    for name, entry in add_flops(args.bundle, paths_from_args(args), progress).items():
+        progress.stage(f"{name}: " + ", ".join(f"{p['env']} {p['flops'] / 1e9:.1f} GFLOP" for p in entry["points"]))
+    return 0
+
+
 def cmd_build(args) -> int:
     from .bundle import BuildOptions, build_bundle
 
@@ -153,7 +162,7 @@ def cmd_build(args) -> int:
                            networks=tuple(args.networks) if args.networks else BuildOptions.networks,
                            opset=args.opset, verify=not args.no_verify, calib_images=calib,
                            calib_size=args.calib_size, calib_steps=args.calib_steps,
-                           quant_method=args.quant_method)
+                           quant_method=args.quant_method, jobs=args.jobs)
     if args.external_data_threshold_mb is not None:
         options.external_data_threshold = int(args.external_data_threshold_mb * 1024 ** 2)
     report = build_bundle(paths_from_args(args), args.out, options, Progress(args.quiet))
@@ -220,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data-threshold-mb", type=float, default=None,
                    help="graphs above this size keep weights in one .onnx.data file (default 2048)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check of each graph")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="export this many networks at once, one process each (big machines; each can need "
+                        "~12 GB at SD2 size; default 1)")
     p.add_argument("--calib-images", type=Path, default=None, help="int8: folder of real LR calibration images")
     p.add_argument("--calib-size", type=int, default=4, help="int8: how many calibration images (default 4)")
     p.add_argument("--calib-steps", type=int, default=4, help="int8: sampler steps per image (default 4)")
@@ -229,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_args(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("flops", help="count each network's FLOPs into an existing bundle's manifest",
+                       description="Bundles built by this version record FLOPs already; this adds them to older "
+                                   "bundles (seesr bench reports TFLOP/s from them).")
+    p.add_argument("--bundle", type=Path, required=True)
+    add_checkpoint_args(p)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("reference", help="upscale images with the torch reference pipeline (fp32, CPU)")
     p.add_argument("inputs", nargs="+", type=Path, help="LR images")

@@ -12,6 +12,7 @@ latent px on the decoder side; the reference always runs the VAE untiled.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -134,7 +135,13 @@ class ReferenceResult:
 
 
 class SeeSRReference:
-    """All SeeSR networks in torch, driven exactly as the official pipeline drives them."""
+    """All SeeSR networks in torch, driven exactly as the official pipeline drives them.
+
+    fp32 on the CPU by default (the oracle); ``.to("cuda", torch.float16)`` gives the
+    official fp16 GPU configuration for benchmarks. ``profiler`` (a
+    ``seesr_runtime.profiling.StageProfiler``) records the same stages as the runtime;
+    on CUDA they are timed with events.
+    """
 
     def __init__(self, dape, tag_list, tag_thresholds, tokenizer, text_encoder, vae, unet, controlnet,
                  scheduler_config: dict):
@@ -145,6 +152,38 @@ class SeeSRReference:
         self.unet, self.controlnet = unet, controlnet
         self.scheduler = DDPMScheduler.from_config(scheduler_config)
         self.scaling_factor = float(vae.config.scaling_factor)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.profiler, self._pending = None, []
+
+    def to(self, device, dtype: torch.dtype = torch.float32) -> "SeeSRReference":
+        self.device, self.dtype = torch.device(device), dtype
+        for model in (self.dape, self.text_encoder, self.vae, self.unet, self.controlnet):
+            model.to(self.device, dtype)
+        return self
+
+    def _put(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, self.dtype)
+
+    @contextmanager
+    def _stage(self, name: str):
+        if self.profiler is None:
+            yield
+        elif self.device.type != "cuda":
+            with self.profiler.stage(name):
+                yield
+        else:  # events, resolved once per image, so timing adds no synchronisation between stages
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._pending.append((name, start, end))
+
+    def _resolve_stages(self) -> None:
+        if self._pending:
+            torch.cuda.synchronize(self.device)
+            for name, start, end in self._pending:
+                self.profiler.add(name, start.elapsed_time(end) / 1e3)
+            self._pending = []
 
     @classmethod
     def from_paths(cls, paths: SeeSRPaths) -> "SeeSRReference":
@@ -166,23 +205,33 @@ class SeeSRReference:
         """DAPE: the tag string (hard prompt) and the 145x512 image embeddings (soft prompt)."""
         from .models.dape import select_tags
 
-        image_embeds, tag_logits = self.dape(dape_input(lr))
-        return select_tags(tag_logits[0], self.tag_list, self.tag_thresholds), image_embeds
+        with self._stage("preprocess"):
+            image = self._put(dape_input(lr))
+        with self._stage("dape"):
+            image_embeds, tag_logits = self.dape(image)
+        return select_tags(tag_logits[0].float().cpu(), self.tag_list, self.tag_thresholds), image_embeds
 
     def encode_text(self, text: str) -> torch.Tensor:
-        return encode_prompt(self.tokenizer, self.text_encoder, text)
+        with self._stage("text_encoder"):
+            ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            with torch.no_grad():
+                return self.text_encoder(ids.to(self.device))[0]
 
     @torch.no_grad()
     def predict_noise(self, latents, t, text_embeds, image_embeds, control_image, conditioning_scale):
-        timestep = torch.tensor([t], dtype=torch.int64)
-        down, mid = self.controlnet(latents, timestep, text_embeds, image_embeds, control_image, conditioning_scale)
-        return self.unet(latents, timestep, text_embeds, image_embeds, down, mid)
+        timestep = torch.tensor([t], dtype=torch.int64, device=self.device)
+        with self._stage("controlnet"):
+            down, mid = self.controlnet(latents, timestep, text_embeds, image_embeds, control_image,
+                                        conditioning_scale)
+        with self._stage("unet"):
+            return self.unet(latents, timestep, text_embeds, image_embeds, down, mid)
 
     def predict_noise_tiled(self, latents, t, text_embeds, image_embeds, control_image, conditioning_scale,
                             tile: int, overlap: int):
         _, _, h, w = latents.shape
         tile = min(tile, h, w)
-        weights = torch.from_numpy(gaussian_tile_weights(tile))  # float64, as the official code
+        weights = torch.from_numpy(gaussian_tile_weights(tile)).to(self.device)  # float64, as the official code
         total = torch.zeros_like(latents)
         contributors = torch.zeros_like(latents)
         for y, x in tile_origins(h, w, tile, overlap):
@@ -207,13 +256,16 @@ class SeeSRReference:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
         if start_point not in ("lr", "noise"):
             raise ValueError(f"start_point must be 'lr' or 'noise', got {start_point!r}")
-        noise = _noise_source(noise_fn, seed)
-        lr = lr.convert("RGB")
+        cpu_noise = _noise_source(noise_fn, seed)
+        noise = lambda kind, shape: self._put(cpu_noise(kind, shape))  # noqa: E731 (drawn on the CPU: same stream)
+        with self._stage("preprocess"):
+            lr = lr.convert("RGB")
         tags, image_embeds = self.tag(lr)
         full_prompt = f"{tags}, {prompt}," + added_prompt
 
-        work = working_image(lr, process_size, upscale)
-        control = to_tensor(work)
+        with self._stage("preprocess"):
+            work = working_image(lr, process_size, upscale)
+            control = self._put(to_tensor(work))
         text_embeds = self.encode_text(full_prompt)
         cfg = guidance > 1.0
         if cfg:  # every batched tensor is [uncond, cond]
@@ -225,46 +277,54 @@ class SeeSRReference:
         latent_shape = (1, 4, work.size[1] // 8, work.size[0] // 8)
         latents = noise("initial", latent_shape) * self.scheduler.init_noise_sigma
         if start_point == "lr":
-            latents = self._lr_latent(to_tensor(work), latents, noise)
+            latents = self._lr_latent(self._put(to_tensor(work)), latents, noise)
 
         _, _, h, w = latents.shape
         tiled = h * w > latent_tile_size * latent_tile_size
         history = []
         for i, t in enumerate(self.scheduler.timesteps.tolist()):
-            model_input = torch.cat([latents, latents]) if cfg else latents
-            if tiled:
-                eps = self.predict_noise_tiled(model_input, t, text_embeds, image_embeds, control,
-                                               conditioning_scale, latent_tile_size, latent_tile_overlap)
-            else:
-                eps = self.predict_noise(model_input, t, text_embeds, image_embeds, control, conditioning_scale)
-            if cfg:
-                eps_uncond, eps_text = eps.chunk(2)
-                eps = eps_uncond + guidance * (eps_text - eps_uncond)
-            latents = ddpm_step(self.scheduler, eps, t, latents, noise("step", latent_shape))
+            with self._stage("denoise_step"):
+                model_input = torch.cat([latents, latents]) if cfg else latents
+                if tiled:
+                    eps = self.predict_noise_tiled(model_input, t, text_embeds, image_embeds, control,
+                                                   conditioning_scale, latent_tile_size, latent_tile_overlap)
+                else:
+                    eps = self.predict_noise(model_input, t, text_embeds, image_embeds, control, conditioning_scale)
+                with self._stage("scheduler_step"):
+                    if cfg:
+                        eps_uncond, eps_text = eps.chunk(2)
+                        eps = eps_uncond + guidance * (eps_text - eps_uncond)
+                    latents = ddpm_step(self.scheduler, eps, t, latents, noise("step", latent_shape))
             history.append(latents.clone())
             if callback is not None:
                 callback(i, t)
 
         image = self._decode(latents)
-        if color_fix == "adain":
-            image = adain_color_fix(image, work)
-        elif color_fix == "wavelet":
-            image = wavelet_color_fix(image, work)
-        image = image.resize((lr.size[0] * upscale, lr.size[1] * upscale), Image.BICUBIC)
+        with self._stage("postprocess"):
+            if color_fix == "adain":
+                image = adain_color_fix(image, work)
+            elif color_fix == "wavelet":
+                image = wavelet_color_fix(image, work)
+            image = image.resize((lr.size[0] * upscale, lr.size[1] * upscale), Image.BICUBIC)
+        if self.profiler is not None:
+            self._resolve_stages()
         return ReferenceResult(image=image, tags=tags, prompt=full_prompt, latents=history)
 
     def _lr_latent(self, work: torch.Tensor, initial_noise: torch.Tensor, noise) -> torch.Tensor:
         """LR embedding: sample the VAE posterior of the image, then noise it to t=999."""
-        moments = self.vae.encode(work * 2 - 1).latent_dist
+        with self._stage("vae_encoder"):
+            moments = self.vae.encode(work * 2 - 1).latent_dist
         mean, logvar = moments.mean, torch.clamp(moments.logvar, -30.0, 20.0)
         sample = mean + torch.exp(0.5 * logvar) * noise("posterior", tuple(mean.shape))
-        timestep = torch.tensor([START_STEP], dtype=torch.int64)
+        timestep = torch.tensor([START_STEP], dtype=torch.int64, device=self.device)
         return self.scheduler.add_noise(sample * self.scaling_factor, initial_noise, timestep)
 
     def _decode(self, latents: torch.Tensor) -> Image.Image:
-        image = self.vae.decode(latents / self.scaling_factor).sample
-        image = (image / 2 + 0.5).clamp(0, 1)
-        array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        with self._stage("vae_decoder"):
+            image = self.vae.decode(latents / self.scaling_factor).sample
+        with self._stage("postprocess"):
+            image = (image.float().cpu() / 2 + 0.5).clamp(0, 1)
+            array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         return Image.fromarray(array)
 
 

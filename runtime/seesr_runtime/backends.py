@@ -43,6 +43,13 @@ class OnnxRuntimeBackend:
 
         self.manifest, self.precision = manifest, precision
         self.providers = [PROVIDER_ALIASES.get(p, p) for p in (providers or ["cpu"])]
+        if set(self.providers) - {"CPUExecutionProvider"} and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu >= 1.21 finds CUDA/cuDNN in the nvidia-* wheels (those torch also uses)
+            # this way; where they are system libraries instead, the call is harmless.
+            try:
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - the session creation below reports what is really missing
+                pass
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
         if missing:
             raise BundleError(f"onnxruntime providers {missing} are not available here "

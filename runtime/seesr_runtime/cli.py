@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -131,6 +132,57 @@ def cmd_upscale(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import (FORMAT, BenchConfig, bundle_info, format_table, git_commit, gpu_memory_mb, machine_info,
+                        peak_host_mb, run_bench, versions, write_json)
+    from .pipeline import SeeSRPipeline
+    from .profiling import StageProfiler
+
+    image = None
+    if args.image is not None:
+        try:
+            image, _ = load_lr_image(args.image)
+        except (ImageRejected, OSError) as exc:
+            print(f"error: {args.image}: {exc}", file=sys.stderr)
+            return 2
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    profiler = StageProfiler()
+    backend_options = {"precision": args.precision, "providers": args.providers, "threads": args.threads}
+    start = time.perf_counter()
+    pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, profiler=profiler, **backend_options)
+    load_s = time.perf_counter() - start  # sessions/engines open lazily: the first warm-up image pays the rest
+    on_gpu = args.backend == "tensorrt" or any(p.lower() in ("cuda", "tensorrt") or "CUDA" in p or "Tensorrt" in p
+                                               for p in (args.providers or []))
+    label = args.label or f"{args.backend} {args.precision}"
+    if len(args.steps) not in (1, len(args.size)):
+        print(f"error: --steps takes one value or one per --size ({len(args.size)}), got {len(args.steps)}",
+              file=sys.stderr)
+        return 2
+    results = []
+    for size, steps in zip(args.size, args.steps * len(args.size) if len(args.steps) == 1 else args.steps):
+        config = BenchConfig(size=size, steps=steps, runs=args.runs, warmup=args.warmup, seed=args.seed,
+                             guidance=args.guidance, peak_tflops=args.peak_tflops)
+        say(f"bench {label}: {size} px, {steps} steps, {args.warmup} warm-up + {args.runs} timed")
+        report = run_bench(pipe, profiler, config, image,
+                           progress=lambda i, s: say(f"  {'warm-up' if i < args.warmup else 'run'} {i + 1}: "
+                                                     f"{s:.3f} s"))
+        report["memory"] = {"peak_host_mb": peak_host_mb(), "peak_gpu_mb": gpu_memory_mb() if on_gpu else None}
+        results.append(report)
+        if not args.quiet:
+            print(f"== {label}, {size} px ==")
+            print(format_table(report), flush=True)
+    summary = {
+        "format": FORMAT, "version": 1, "label": label,
+        "backend": {"name": args.backend, "precision": args.precision, "providers": args.providers or ["cpu"]},
+        "load_s": load_s, "machine": machine_info(), "versions": versions(), "commit": git_commit(),
+        "bundle": bundle_info(pipe.manifest), "results": results,
+    }
+    if args.json:
+        write_json(Path(args.json), summary)
+        say(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seesr", description="Run SeeSR from an exported bundle, without PyTorch.")
     parser.add_argument("--version", action="version", version=f"seesr-runtime {__version__}")
@@ -170,6 +222,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"refuse inputs with more pixels (decompression-bomb guard; default {DEFAULT_MAX_PIXELS})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes; errors and summary only")
     p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser("bench", help="per-stage and end-to-end latency of a bundle on this machine",
+                       description="Upscale a synthetic LR image (size/4 pixels per side) x4, WARMUP untimed times "
+                                   "then RUNS timed times, and report every stage (median, p95 per call and per "
+                                   "image), end to end, images/s and peak memory. No PyTorch needed; "
+                                   "benchmarks/bench.py runs the PyTorch reference beside it.")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"], help="inference backend")
+    p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers in order, e.g. cuda cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="graphs/engines to run")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--size", type=int, nargs="+", default=[512],
+                   help="output side(s) in pixels: 512 (one 64x64 latent), 1024 (4 latent tiles), 2048; several "
+                        "sizes share one session load (default 512)")
+    p.add_argument("--steps", type=int, nargs="+", default=[50],
+                   help="DDPM steps per image, one value or one per --size (default 50); fewer steps are also "
+                        "extrapolated to 50")
+    p.add_argument("--runs", type=int, default=3, help="timed images (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed images first (default 1)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance (default: the bundle's, 5.5)")
+    p.add_argument("--seed", type=int, default=0, help="noise and synthetic-image seed")
+    p.add_argument("--image", type=Path, default=None, help="an LR image to use instead of the synthetic one")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's stated peak TFLOP/s; adds each network's fraction of it")
+    p.add_argument("--label", default=None, help="name of this configuration in the report")
+    p.add_argument("--json", type=Path, default=None, help="write the full report here (JSON)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -14,6 +14,7 @@ step), so a caller can replay another implementation's stream via ``noise_fn``.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ from .backends import Backend, create_backend
 from .imaging import (COLOR_FIXES, dape_input, gaussian_tile_weights, run_tiled, select_tags, tile_origins, to_chw,
                       to_uint8_rounded, working_image)
 from .manifest import Manifest
+from .profiling import ProfiledBackend, StageProfiler
 from .scheduler import DDPMScheduler
 from .text import PromptEncoder
 
@@ -45,8 +47,10 @@ class UpscaleResult:
 
 
 class SeeSRPipeline:
-    def __init__(self, manifest: Manifest, backend: Backend):
-        self.manifest, self.backend = manifest, backend
+    def __init__(self, manifest: Manifest, backend: Backend, profiler: StageProfiler | None = None):
+        """``profiler``: record every stage and network call (``seesr bench``); None costs nothing."""
+        self.manifest, self.profiler = manifest, profiler
+        self.backend = ProfiledBackend(backend, profiler) if profiler is not None else backend
         pipeline, tagger = manifest.data["pipeline"], manifest.data["tagger"]
         self.defaults = {**pipeline["defaults"], "prompt": "", "added_prompt": pipeline["added_prompt"],
                          "negative_prompt": pipeline["negative_prompt"]}
@@ -57,21 +61,25 @@ class SeeSRPipeline:
         self.tags = tagger["tags"]
         self.thresholds = np.asarray(tagger["thresholds"], dtype=np.float32)
         self.tagger = tagger
-        self.text = PromptEncoder(manifest, backend)
+        self.text = PromptEncoder(manifest, self.backend)
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, backend: str = "onnxruntime", verify: bool = False,
-                    **backend_options) -> "SeeSRPipeline":
+                    profiler: StageProfiler | None = None, **backend_options) -> "SeeSRPipeline":
         manifest = Manifest.load(bundle)
         if verify:
             manifest.verify_files()
-        return cls(manifest, create_backend(backend, manifest, **backend_options))
+        return cls(manifest, create_backend(backend, manifest, **backend_options), profiler)
+
+    def _stage(self, name: str):
+        return self.profiler.stage(name) if self.profiler is not None else nullcontext()
 
     # ------------------------------------------------------------ stages
 
     def tag(self, lr: Image.Image) -> tuple[str, np.ndarray]:
         """DAPE: the tag string and the [1, 145, 512] image embeddings."""
-        image = dape_input(lr, self.tagger["input_size"], self.tagger["mean"], self.tagger["std"])
+        with self._stage("preprocess"):
+            image = dape_input(lr, self.tagger["input_size"], self.tagger["mean"], self.tagger["std"])
         image_embeds, tag_logits = self.backend.run("dape", {"image": image})
         return select_tags(tag_logits[0], self.tags, self.thresholds), image_embeds
 
@@ -131,12 +139,14 @@ class SeeSRPipeline:
                  callback: Callable[[int, int], None] | None = None, **options) -> UpscaleResult:
         o = self._options(options)
         noise = _noise_source(noise_fn, seed)
-        lr = as_rgb(image)
+        with self._stage("preprocess"):
+            lr = as_rgb(image)
         tags, image_embeds = self.tag(lr)
         prompt = self.prompt_template.format(tags=tags, prompt=o["prompt"], added_prompt=o["added_prompt"])
 
-        work = working_image(lr, o["process_size"], o["upscale"])
-        control = to_chw(work)
+        with self._stage("preprocess"):
+            work = working_image(lr, o["process_size"], o["upscale"])
+            control = to_chw(work)
         text_embeds = self.text.encode(prompt)
         guided = o["guidance"] > 1.0
         if guided:  # every batched tensor is [uncond, cond]
@@ -154,23 +164,28 @@ class SeeSRPipeline:
         tiled = shape[2] * shape[3] > o["latent_tile_size"] ** 2
         history = []
         for i, t in enumerate(scheduler.timesteps.tolist()):
-            model_input = np.concatenate([latents, latents]) if guided else latents
-            if tiled:
-                eps = self.predict_noise_tiled(model_input, t, text_embeds, image_embeds, control,
-                                               o["conditioning_scale"], o["latent_tile_size"],
-                                               o["latent_tile_overlap"])
-            else:
-                eps = self.predict_noise(model_input, t, text_embeds, image_embeds, control, o["conditioning_scale"])
-            if guided:
-                eps_uncond, eps_text = eps[:1], eps[1:]
-                eps = eps_uncond + np.float32(o["guidance"]) * (eps_text - eps_uncond)
-            latents = scheduler.step(eps, t, latents, noise("step", shape))
+            with self._stage("denoise_step"):
+                model_input = np.concatenate([latents, latents]) if guided else latents
+                if tiled:
+                    eps = self.predict_noise_tiled(model_input, t, text_embeds, image_embeds, control,
+                                                   o["conditioning_scale"], o["latent_tile_size"],
+                                                   o["latent_tile_overlap"])
+                else:
+                    eps = self.predict_noise(model_input, t, text_embeds, image_embeds, control,
+                                             o["conditioning_scale"])
+                with self._stage("scheduler_step"):
+                    if guided:
+                        eps_uncond, eps_text = eps[:1], eps[1:]
+                        eps = eps_uncond + np.float32(o["guidance"]) * (eps_text - eps_uncond)
+                    latents = scheduler.step(eps, t, latents, noise("step", shape))
             history.append(latents)
             if callback is not None:
                 callback(i, t)
 
-        result = COLOR_FIXES[o["color_fix"]](self.decode(latents, o["vae_decoder_tile_size"]), work)
-        result = result.resize((lr.size[0] * o["upscale"], lr.size[1] * o["upscale"]), Image.BICUBIC)
+        decoded = self.decode(latents, o["vae_decoder_tile_size"])
+        with self._stage("postprocess"):
+            result = COLOR_FIXES[o["color_fix"]](decoded, work)
+            result = result.resize((lr.size[0] * o["upscale"], lr.size[1] * o["upscale"]), Image.BICUBIC)
         return UpscaleResult(image=result, tags=tags, prompt=prompt, latents=history)
 
     def _options(self, options: dict) -> dict:
