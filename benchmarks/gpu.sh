@@ -50,7 +50,7 @@ mkdir -p "$OUT"
 exec 2> >(tee -a "$OUT/gpu.log" >&2)
 
 {
-    echo "date: $(date -u +%FT%TZ)"; echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "date: $(date -u +%FT%TZ)"; echo "commit: ${SEESR_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
     nvidia-smi 2>/dev/null || echo "no nvidia-smi"
     "$PY" - <<'EOF'
 import importlib, platform
