@@ -96,7 +96,7 @@ def test_repository_rewrite_and_refusals(runtime_bundle, tmp_path, capsys):
 # ------------------------------------------------------------------ a real server
 
 @pytest.fixture(scope="module")
-def server(runtime_bundle, tmp_path_factory):
+def server(runtime_bundle, tmp_path_factory, request):
     reason = _server_missing()
     if reason:
         (pytest.fail if REQUIRED else pytest.skip)(reason)
@@ -107,8 +107,8 @@ def server(runtime_bundle, tmp_path_factory):
     assert write_repo(runtime_bundle, repo, "--instances", "2", "--threads", "1", "--max-pixels", str(MAX_PIXELS),
                       "--option", "process_size=64") == 0
     with TritonServer(repo, work) as running:
-        print(f"\ntritonserver ready in {running.startup_seconds:.1f} s on {running.http_url} (HTTP), "
-              f"{running.grpc_url} (gRPC)")
+        say(request, f"tritonserver ready in {running.startup_seconds:.1f} s on {running.http_url} (HTTP), "
+                        f"{running.grpc_url} (gRPC)")
         yield running
     assert not running.alive()
 
@@ -170,7 +170,7 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(server, lr_
 
 @needs_server
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_concurrent_load_has_no_errors(server, lr_image, tmp_path, capsys, protocol):
+def test_concurrent_load_has_no_errors(server, lr_image, tmp_path, capsys, request, protocol):
     from seesr_runtime.triton_client import main
 
     image = tmp_path / "lr.png"
@@ -183,9 +183,15 @@ def test_concurrent_load_has_no_errors(server, lr_image, tmp_path, capsys, proto
     assert (report["ok"], report["errors"], report["concurrency"]) == (64, 0, 32)
     latency = report["latency_ms"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
-    with capsys.disabled():
-        print(f"\n{protocol} load: 64 requests, 32 concurrent, 0 errors, {report['throughput_rps']:.1f} req/s, "
-              f"latency p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms, p99 {latency['p99']:.0f} ms")
+    say(request, f"{protocol} load: 64 requests, 32 concurrent, 0 errors, {report['throughput_rps']:.1f} req/s, "
+                 f"latency p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms, p99 {latency['p99']:.0f} ms")
+
+
+def say(request, line: str) -> None:
+    """A line in pytest's own output (CI logs show it) even though output is captured."""
+    plugins = request.config.pluginmanager
+    with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
+        plugins.get_plugin("terminalreporter").write_line(f"\n{line}")
 
 
 @needs_server
@@ -208,6 +214,22 @@ def test_client_upscale_writes_outputs(server, lr_image, tmp_path, capsys):
     assert f"c_big.png: input 'image' is 80x80 = 6400 pixels, over this model's limit of {MAX_PIXELS}" in err
     assert "1 upscaled, 2 failed" in err
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "a.txt"]
+
+
+@needs_server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_client_names_an_unreachable_server(lr_image, tmp_path, capsys, protocol):
+    from seesr_runtime.triton_client import main
+
+    from triton_server import free_port
+
+    lr_image.save(tmp_path / "a.png")
+    url = f"127.0.0.1:{free_port()}"  # nothing listens there
+    code = main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--protocol", protocol,
+                 "--url", url, "--timeout", "10"])
+    assert code == 2
+    assert f"error: no Triton server reachable over {protocol} at {url}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @needs_server

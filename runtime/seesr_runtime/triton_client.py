@@ -54,6 +54,18 @@ def connect(protocol: str, url: str | None = None, timeout: float = 600.0):
     return module.InferenceServerClient(url)
 
 
+def check_ready(client, protocol: str, url: str | None, model: str, timeout: float = 30.0) -> None:
+    """One clear error up front when the server or the model is not there, instead of one per image."""
+    url = url or DEFAULT_URLS[protocol]
+    extra = {"client_timeout": timeout} if protocol == "grpc" else {}  # HTTP: bounded by connect()'s timeouts
+    try:
+        ready = client.is_model_ready(model, **extra)
+    except Exception as exc:  # noqa: BLE001 - connection refused, DNS, timeouts: all mean "not reachable"
+        raise ClientError(f"no Triton server reachable over {protocol} at {url} ({exc})") from None
+    if not ready:
+        raise ClientError(f"the server at {url} has no ready model {model!r} (see its log)")
+
+
 def build_inputs(protocol: str, image: np.ndarray, *, prompt: str | None = None, seed: int | None = None,
                  steps: int | None = None, guidance: float | None = None) -> list:
     """The request's input tensors. ``image`` is sent as given (its dtype and shape), so the server decides."""
@@ -195,6 +207,7 @@ def cmd_upscale(args) -> int:
         return 2
     client, failed = connect(args.protocol, args.url, args.timeout), []
     try:
+        check_ready(client, args.protocol, args.url, args.model, min(args.timeout, 30.0))
         for path in files:
             try:
                 result = infer(client, args.protocol, build_inputs(args.protocol, _load_image(path, args.max_pixels),
@@ -223,6 +236,11 @@ def cmd_load(args) -> int:
     except ImageRejected as exc:
         print(f"error: {args.image}: {exc}", file=sys.stderr)
         return 2
+    client = connect(args.protocol, args.url, args.timeout)
+    try:
+        check_ready(client, args.protocol, args.url, args.model, min(args.timeout, 30.0))
+    finally:
+        client.close()
     report = run_load(args.protocol, args.url, image, concurrency=args.concurrency, requests=args.requests,
                       model=args.model, timeout=args.timeout, **_sampling(args))
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
