@@ -105,7 +105,7 @@ def server(runtime_bundle, tmp_path_factory, request):
     # Two instances with one thread each: the load test runs them in parallel on two cores, and the
     # in-process reference below uses one thread too (same arithmetic, same bytes out).
     assert write_repo(runtime_bundle, repo, "--instances", "2", "--threads", "1", "--max-pixels", str(MAX_PIXELS),
-                      "--option", "process_size=64") == 0
+                      "--option", f"process_size={PIPELINE['process_size']}") == 0
     with TritonServer(repo, work) as running:
         say(request, f"tritonserver ready in {running.startup_seconds:.1f} s on {running.http_url} (HTTP), "
                         f"{running.grpc_url} (gRPC)")
