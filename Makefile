@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-triton venv clean
 
 demo: $(STAMP)
 	$(BIN)/seesr-export demo --out out/demo
@@ -24,5 +24,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps open_clip_torch==3.3.0
 	touch $(STAMP)
 
+# Triton deployment tests against a real tritonserver (nvidia-pytriton's binary, CPU, 127.0.0.1 only).
+# Own env: that wheel needs numpy<2; it holds the torch-free runtime alone (editable), never torch.
+# The tiny bundle is built on the torch side ($(VENV)); rebuilds are cached.
+TRITON_VENV ?= .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+TRITON_WORK := out/triton-test
+
+test-triton: $(STAMP) $(TRITON_STAMP)
+	$(BIN)/seesr-export fixture --out $(TRITON_WORK)/checkpoints -q
+	$(BIN)/seesr-export build --seesr-root $(TRITON_WORK)/checkpoints --out $(TRITON_WORK)/engines/tiny --no-verify -q
+	SEESR_REQUIRE_TRITON=1 SEESR_TEST_BUNDLE=$(TRITON_WORK)/engines/tiny $(TRITON_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_triton.py
+
+$(TRITON_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/pip install -q 'numpy<2' nvidia-pytriton pytest -e '.[triton]'
+	touch $(TRITON_STAMP)
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(TRITON_VENV) out

@@ -186,6 +186,33 @@ def expand_images(folder: Path) -> list[Path]:
     return images
 
 
+def cmd_triton(args) -> int:
+    from .triton_repo import TritonOptions, write_repository
+
+    options = TritonOptions(instances=args.instances, kind=args.kind, backend=args.backend, precision=args.precision,
+                            providers=tuple(args.providers) if args.providers else None, threads=args.threads,
+                            max_pixels=args.max_pixels, pipeline_options=dict(args.option or []),
+                            reference_bundle=args.reference_bundle, model_name=args.model_name)
+    model_dir = write_repository(args.bundle, args.out, options)
+    if not args.quiet:
+        print(f"wrote {model_dir} ({options.instances} x {options.kind} instance(s), {options.backend}); serve with:\n"
+              f"  tritonserver --model-repository {args.out.resolve()}", file=sys.stderr)
+    return 0
+
+
+def pipeline_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE for --option; VALUE is read as JSON when it parses (64 -> int), else kept as text."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. process_size=512), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 BUILD_HELP = """\
 precision:
   fp32   fp32 ONNX graphs (what onnxruntime on CPU runs best)
@@ -264,13 +291,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("triton", help="write a Triton Inference Server model repository for a bundle (no torch needed)",
+                       description="Write a Triton model repository: a Python-backend model running the torch-free "
+                                   "runtime on the bundle (copied in, hard-linked where possible).")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
+    p.add_argument("--out", type=Path, required=True, help="model repository to write (e.g. model_repository/)")
+    p.add_argument("--instances", type=int, default=1, help="model instances (per GPU with --kind gpu; default 1)")
+    p.add_argument("--kind", choices=["cpu", "gpu"], default="cpu", help="instance kind (default cpu)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="runtime backend inside each instance (tensorrt needs the bundle's engines and --kind gpu)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
+                   help="graphs to run (default fp32 on CPU, fp16 on GPU when the bundle has them)")
+    p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers (default cpu; gpu: cuda cpu)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per instance (default cores/instances)")
+    p.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest input image, in pixels, a request "
+                                                                        "may send (default 2048*2048)")
+    p.add_argument("--option", type=pipeline_option, action="append", metavar="KEY=VALUE",
+                   help="pipeline default for every request, e.g. --option process_size=512 (repeatable)")
+    p.add_argument("--reference-bundle", action="store_true",
+                   help="store the bundle's absolute path instead of copying it (the server must see that path)")
+    p.add_argument("--model-name", default="seesr", help="Triton model name (default seesr)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_triton, needs_torch=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        import torch  # noqa: F401
+        if getattr(args, "needs_torch", True):
+            import torch  # noqa: F401
     except ImportError:
         print("error: seesr-export needs the build extras: pip install 'seesr-export[export]'", file=sys.stderr)
         return 2

@@ -1,0 +1,295 @@
+"""``seesr-triton-client``: send images to a SeeSR model on Triton Inference Server (torch-free).
+
+    seesr-triton-client upscale photos/ -o results/ --url 127.0.0.1:8000            # HTTP
+    seesr-triton-client upscale a.png -o results/ --protocol grpc --url 127.0.0.1:8001
+    seesr-triton-client load a.png --concurrency 32 --requests 256 --steps 20       # throughput, p50/p95/p99
+
+Needs ``pip install 'seesr-export[triton]'`` (tritonclient over HTTP and gRPC).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+PROTOCOLS = ("http", "grpc")
+DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
+OUTPUTS = ("image", "tags", "prompt")
+# Triton wire type and numpy dtype of each optional scalar input (config.pbtxt written by seesr-export triton).
+SCALARS = {"seed": ("INT64", np.int64), "steps": ("INT32", np.int32), "guidance": ("FP32", np.float32)}
+
+
+class ClientError(Exception):
+    """The server refused a request or could not be reached; the message is the server's."""
+
+
+def _module(protocol: str):
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    try:
+        if protocol == "http":
+            import tritonclient.http as module
+        else:
+            import tritonclient.grpc as module
+    except ImportError as exc:
+        raise ClientError(f"tritonclient is not installed ({exc}): pip install 'seesr-export[triton]'") from None
+    return module
+
+
+def connect(protocol: str, url: str | None = None, timeout: float = 600.0):
+    """A tritonclient InferenceServerClient; ``timeout`` bounds connecting and each request (seconds)."""
+    module = _module(protocol)
+    url = url or DEFAULT_URLS[protocol]
+    if protocol == "http":
+        return module.InferenceServerClient(url, connection_timeout=min(timeout, 60.0), network_timeout=timeout)
+    return module.InferenceServerClient(url)
+
+
+def check_ready(client, protocol: str, url: str | None, model: str, timeout: float = 30.0) -> None:
+    """One clear error up front when the server or the model is not there, instead of one per image."""
+    url = url or DEFAULT_URLS[protocol]
+    extra = {"client_timeout": timeout} if protocol == "grpc" else {}  # HTTP: bounded by connect()'s timeouts
+    try:
+        ready = client.is_model_ready(model, **extra)
+    except Exception as exc:  # noqa: BLE001 - connection refused, DNS, timeouts: all mean "not reachable"
+        raise ClientError(f"no Triton server reachable over {protocol} at {url} ({exc})") from None
+    if not ready:
+        raise ClientError(f"the server at {url} has no ready model {model!r} (see its log)")
+
+
+def build_inputs(protocol: str, image: np.ndarray, *, prompt: str | None = None, seed: int | None = None,
+                 steps: int | None = None, guidance: float | None = None) -> list:
+    """The request's input tensors. ``image`` is sent as given (its dtype and shape), so the server decides."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    module = _module(protocol)
+    image = np.ascontiguousarray(image)
+    tensors = [_tensor(module, "image", image, np_to_triton_dtype(image.dtype))]
+    if prompt is not None:
+        tensors.append(_tensor(module, "prompt", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"))
+    for name, value in (("seed", seed), ("steps", steps), ("guidance", guidance)):
+        if value is not None:
+            wire, dtype = SCALARS[name]
+            tensors.append(_tensor(module, name, np.array([value], dtype=dtype), wire))
+    return tensors
+
+
+def _tensor(module, name: str, array: np.ndarray, wire_type: str):
+    tensor = module.InferInput(name, list(array.shape), wire_type)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+@dataclass
+class Upscaled:
+    image: np.ndarray  # uint8 [4H, 4W, 3]
+    tags: str
+    prompt: str
+
+
+def infer(client, protocol: str, inputs: list, model: str = "seesr", timeout: float = 600.0) -> Upscaled:
+    """One request; raises ClientError with the server's message when it is refused."""
+    from tritonclient.utils import InferenceServerException
+
+    module = _module(protocol)
+    outputs = [module.InferRequestedOutput(name) for name in OUTPUTS]
+    extra = {"client_timeout": timeout} if protocol == "grpc" else {}
+    try:
+        result = client.infer(model, inputs, outputs=outputs, **extra)
+    except InferenceServerException as exc:
+        raise ClientError(exc.message() or str(exc)) from None
+    return Upscaled(image=result.as_numpy("image"), tags=_text(result.as_numpy("tags")),
+                    prompt=_text(result.as_numpy("prompt")))
+
+
+def _text(value: np.ndarray) -> str:
+    raw = value.reshape(-1)[0]
+    return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+
+
+# ------------------------------------------------------------------ load test
+
+@dataclass
+class LoadReport:
+    protocol: str
+    concurrency: int
+    requests: int
+    ok: int
+    errors: int
+    seconds: float
+    throughput_rps: float
+    latency_ms: dict  # p50, p95, p99, mean, max over successful requests
+    error_messages: list  # distinct messages, at most 5
+
+    def summary(self) -> str:
+        lat = self.latency_ms
+        lines = [f"{self.requests} requests over {self.protocol}, concurrency {self.concurrency}: "
+                 f"{self.ok} ok, {self.errors} errors in {self.seconds:.2f} s ({self.throughput_rps:.2f} req/s)"]
+        if lat:
+            lines.append(f"latency ms: p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}  "
+                         f"mean {lat['mean']:.1f}  max {lat['max']:.1f}")
+        lines += [f"error: {message}" for message in self.error_messages]
+        return "\n".join(lines)
+
+
+def run_load(protocol: str, url: str | None, image: np.ndarray, *, concurrency: int, requests: int,
+             model: str = "seesr", timeout: float = 600.0, **options) -> LoadReport:
+    """``requests`` requests, ``concurrency`` in flight at a time (one connection per worker thread)."""
+    if concurrency < 1 or requests < 1:
+        raise ValueError(f"concurrency and requests must be at least 1, got {concurrency} and {requests}")
+    local, clients, lock = threading.local(), [], threading.Lock()
+
+    def one(_index: int):
+        if not hasattr(local, "client"):
+            local.client = connect(protocol, url, timeout)
+            with lock:
+                clients.append(local.client)
+        began = time.perf_counter()
+        try:
+            infer(local.client, protocol, build_inputs(protocol, image, **options), model, timeout)
+        except Exception as exc:  # noqa: BLE001 - every failure is counted and reported, none stops the run
+            return None, f"{type(exc).__name__}: {exc}"
+        return time.perf_counter() - began, None
+
+    began = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            outcomes = list(pool.map(one, range(requests)))
+    finally:
+        for client in clients:
+            client.close()
+    return _report(protocol, concurrency, requests, time.perf_counter() - began, outcomes)
+
+
+def _report(protocol, concurrency, requests, seconds, outcomes) -> LoadReport:
+    latencies = np.array([lat for lat, _ in outcomes if lat is not None]) * 1000.0
+    messages = [message for _, message in outcomes if message is not None]
+    latency = {}
+    if latencies.size:
+        p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+        latency = {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(latencies.mean()),
+                   "max": float(latencies.max())}
+    return LoadReport(protocol=protocol, concurrency=concurrency, requests=requests, ok=int(latencies.size),
+                      errors=len(messages), seconds=seconds, throughput_rps=latencies.size / seconds,
+                      latency_ms=latency, error_messages=sorted(set(messages))[:5])
+
+
+# ------------------------------------------------------------------ command line
+
+def _sampling(args) -> dict:
+    return {"prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance": args.guidance}
+
+
+def _load_image(path: Path, max_pixels: int) -> np.ndarray:
+    from .cli import load_lr_image
+
+    image, _note = load_lr_image(path, max_pixels)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def cmd_upscale(args) -> int:
+    from PIL import Image
+
+    from .cli import ImageRejected, expand_inputs, write_atomically
+
+    files = expand_inputs(args.inputs)
+    if not files:
+        print("error: no input images found", file=sys.stderr)
+        return 2
+    client, failed = connect(args.protocol, args.url, args.timeout), []
+    try:
+        check_ready(client, args.protocol, args.url, args.model, min(args.timeout, 30.0))
+        for path in files:
+            try:
+                result = infer(client, args.protocol, build_inputs(args.protocol, _load_image(path, args.max_pixels),
+                                                                   **_sampling(args)), args.model, args.timeout)
+            except (ImageRejected, ClientError, OSError) as exc:
+                print(f"error: {path}: {exc}", file=sys.stderr)
+                failed.append(path)
+                continue
+            target = args.output / f"{path.stem}.png"
+            write_atomically(target, lambda tmp: Image.fromarray(result.image).save(tmp, format="PNG"))
+            write_atomically(args.output / f"{path.stem}.txt", lambda tmp: Path(tmp).write_text(result.prompt + "\n"))
+            if not args.quiet:
+                print(f"{path} -> {target} ({result.image.shape[1]}x{result.image.shape[0]}); tags: {result.tags}",
+                      file=sys.stderr)
+    finally:
+        client.close()
+    print(f"{len(files) - len(failed)} upscaled, {len(failed)} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_load(args) -> int:
+    from .cli import ImageRejected
+
+    try:
+        image = _load_image(args.image, args.max_pixels)
+    except ImageRejected as exc:
+        print(f"error: {args.image}: {exc}", file=sys.stderr)
+        return 2
+    client = connect(args.protocol, args.url, args.timeout)
+    try:
+        check_ready(client, args.protocol, args.url, args.model, min(args.timeout, 30.0))
+    finally:
+        client.close()
+    report = run_load(args.protocol, args.url, image, concurrency=args.concurrency, requests=args.requests,
+                      model=args.model, timeout=args.timeout, **_sampling(args))
+    print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
+    return 1 if report.errors else 0
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="http", help="default http")
+    parser.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8000 for http, :8001 for grpc)")
+    parser.add_argument("--model", default="seesr", help="model name in the repository (default seesr)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    parser.add_argument("--seed", type=int, default=None, help="noise seed (server default 0)")
+    parser.add_argument("--steps", type=int, default=None, help="DDPM steps (server default: the bundle's, 50)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 5.5)")
+    parser.add_argument("--prompt", default=None, help="user prompt added after the tags")
+    parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="refuse larger local inputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seesr-triton-client",
+                                     description="Send images to a SeeSR model served by Triton Inference Server.")
+    parser.add_argument("--version", action="version", version=f"seesr-runtime {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("upscale", help="upscale images through the server; write NAME.png and NAME.txt (prompt)")
+    p.add_argument("inputs", nargs="+", type=Path, help="images, or directories of images")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    p.add_argument("-q", "--quiet", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser("load", help="send one image N times, C at a time; report throughput, latency, errors")
+    p.add_argument("image", type=Path)
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    p.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _common(p)
+    p.set_defaults(func=cmd_load)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ClientError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""``seesr-export triton``: a Triton Inference Server model repository for a bundle (torch-free).
+
+    OUT/
+      .seesr-triton-repository      marker: this directory was written here (safe to replace)
+      seesr/
+        config.pbtxt                Python backend; inputs, outputs, instance groups, parameters
+        1/model.py                  seesr_runtime/triton/model.py: the runtime, loaded once per instance
+        1/bundle/                   the bundle, hard-linked or copied (absent with reference_bundle)
+
+The repository is written into a hidden sibling and renamed into place, and it only ever
+replaces an empty directory or a repository this command wrote.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from seesr_runtime import __version__ as runtime_version
+from seesr_runtime.manifest import BundleError, Manifest
+from seesr_runtime.pipeline import OPTIONS
+from seesr_runtime.triton import MODEL_FILE
+
+from .errors import SeeSRExportError
+
+MARKER = ".seesr-triton-repository"
+KINDS = ("cpu", "gpu")
+BACKENDS = ("onnxruntime", "tensorrt")
+DEFAULT_MAX_PIXELS = 2048 * 2048  # input pixels per request; the output has 16x as many
+
+
+class TritonRepoError(SeeSRExportError):
+    """The repository cannot be written as asked; the message says why."""
+
+
+@dataclass
+class TritonOptions:
+    instances: int = 1
+    kind: str = "cpu"
+    backend: str = "onnxruntime"
+    precision: str | None = None  # default: fp32 on CPU, fp16 on GPU when the bundle has it
+    providers: tuple[str, ...] | None = None  # onnxruntime; default: cpu, or cuda then cpu on GPU
+    threads: int | None = None  # onnxruntime intra-op threads per instance; None: cores / instances
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    pipeline_options: dict = field(default_factory=dict)  # per-model defaults (process_size, tiles...)
+    reference_bundle: bool = False  # store the bundle's absolute path instead of a copy
+    model_name: str = "seesr"
+
+
+def write_repository(bundle: Path, out: Path, options: TritonOptions) -> Path:
+    """Write the repository for ``bundle`` at ``out``; returns the model directory."""
+    manifest = _load_bundle(bundle)
+    options = resolve_options(manifest, options)
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model_dir = work / options.model_name
+        version_dir = model_dir / "1"
+        version_dir.mkdir(parents=True)
+        shutil.copyfile(MODEL_FILE, version_dir / "model.py")
+        if options.reference_bundle:
+            bundle_param = str(manifest.root.resolve())
+        else:
+            _link_or_copy_tree(manifest.root, version_dir / "bundle")
+            bundle_param = "bundle"
+        (model_dir / "config.pbtxt").write_text(model_config(options, bundle_param))
+        (work / MARKER).write_text(json.dumps({"bundle": str(manifest.root.resolve()), "model": options.model_name,
+                                               "seesr_runtime": runtime_version}, indent=1) + "\n")
+        _swap_into_place(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out / options.model_name
+
+
+def _load_bundle(bundle: Path) -> Manifest:
+    try:
+        return Manifest.load(bundle)
+    except BundleError as exc:
+        raise TritonRepoError(f"--bundle: {exc}") from None
+
+
+def resolve_options(manifest: Manifest, options: TritonOptions) -> TritonOptions:
+    """Fill the defaults that depend on the kind and the bundle; refuse what cannot run."""
+    if options.kind not in KINDS:
+        raise TritonRepoError(f"--kind must be one of {KINDS}, got {options.kind!r}")
+    if options.backend not in BACKENDS:
+        raise TritonRepoError(f"--backend must be one of {BACKENDS}, got {options.backend!r}")
+    if options.instances < 1:
+        raise TritonRepoError(f"--instances must be at least 1, got {options.instances}")
+    if options.max_pixels < 64:
+        raise TritonRepoError(f"--max-pixels must be at least 64, got {options.max_pixels}")
+    if options.threads is not None and options.threads < 1:
+        raise TritonRepoError(f"--threads must be at least 1, got {options.threads}")
+    if not options.model_name.replace("_", "").replace("-", "").isalnum():
+        raise TritonRepoError(f"--model-name {options.model_name!r}: use letters, digits, '-' and '_'")
+    unknown = sorted(set(options.pipeline_options) - set(OPTIONS))
+    if unknown:
+        raise TritonRepoError(f"--option {unknown}: unknown pipeline option(s); known: {list(OPTIONS)}")
+    gpu = options.kind == "gpu"
+    if options.backend == "tensorrt" and not gpu:
+        raise TritonRepoError("--backend tensorrt runs TensorRT engines on GPUs: use --kind gpu")
+    precision = options.precision or _default_precision(manifest, options.backend, gpu)
+    providers = tuple(options.providers or (("cuda", "cpu") if gpu else ("cpu",)))
+    _check_bundle_has(manifest, options.backend, precision)
+    return TritonOptions(**{**options.__dict__, "precision": precision, "providers": providers})
+
+
+def _default_precision(manifest: Manifest, backend: str, gpu: bool) -> str:
+    if backend == "tensorrt":
+        return "fp16"
+    has_fp16 = all("fp16" in entry["files"] for entry in manifest.data["networks"].values())
+    return "fp16" if gpu and has_fp16 else "fp32"
+
+
+def _check_bundle_has(manifest: Manifest, backend: str, precision: str) -> None:
+    networks = manifest.data["networks"]
+    if backend == "tensorrt":
+        missing = [n for n, entry in networks.items() if precision not in entry.get("engines", {})]
+        what = f"{precision} TensorRT engines (seesr-export build --backend tensorrt)"
+    else:
+        fallback = "fp32" if precision == "int8" else precision  # int8 bundles quantize two networks only
+        missing = [n for n, entry in networks.items() if precision not in entry["files"]
+                   and fallback not in entry["files"]]
+        what = f"{precision} ONNX graphs"
+    if missing:
+        raise TritonRepoError(f"--bundle {manifest.root}: no {what} for {missing}")
+
+
+def model_config(options: TritonOptions, bundle_param: str) -> str:
+    """config.pbtxt: no server-side batching (images differ in size), optional sampling inputs."""
+    kind = "KIND_GPU" if options.kind == "gpu" else "KIND_CPU"
+    parameters = {
+        "bundle": bundle_param,
+        "backend": options.backend,
+        "precision": options.precision,
+        "providers": ",".join(options.providers),
+        "threads": "auto" if options.threads is None else str(options.threads),
+        "max_pixels": str(options.max_pixels),
+        "pipeline_options": json.dumps(options.pipeline_options, sort_keys=True),
+        "seesr_runtime_version": runtime_version,
+    }
+    lines = [
+        f'name: "{options.model_name}"',
+        'backend: "python"',
+        "max_batch_size: 0",
+        "input [",
+        '  { name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] },',
+        '  { name: "prompt" data_type: TYPE_STRING dims: [ 1 ] optional: true },',
+        '  { name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true },',
+        '  { name: "steps" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
+        '  { name: "guidance" data_type: TYPE_FP32 dims: [ 1 ] optional: true }',
+        "]",
+        "output [",
+        '  { name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] },',
+        '  { name: "tags" data_type: TYPE_STRING dims: [ 1 ] },',
+        '  { name: "prompt" data_type: TYPE_STRING dims: [ 1 ] }',
+        "]",
+        f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]",
+    ]
+    lines += [f'parameters: {{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}'
+              for key, value in parameters.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _check_target(out: Path) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise TritonRepoError(f"--out {out} exists and is not a directory")
+    if any(out.iterdir()) and not (out / MARKER).exists():
+        raise TritonRepoError(f"--out {out} exists and is not a repository written by seesr-export triton "
+                              f"(no {MARKER}); choose another directory or remove it")
+
+
+def _link_or_copy_tree(source: Path, target: Path) -> None:
+    """Hard links where source and target share a filesystem (bundles hold gigabytes), else copies."""
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_or_copy,
+                    ignore=shutil.ignore_patterns(".*.partial-*", ".*.old-*"))
+
+
+def _swap_into_place(work: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(work, out)
