@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
 from seesr_runtime.bench import (NETWORK_STAGES, STAGES, BenchConfig, bundle_info, git_commit,  # noqa: E402
-                                 machine_info, peak_host_mb, run_bench, write_json)
+                                 gpu_memory_mb, machine_info, peak_host_mb, run_bench, write_json)
 
 PLOT_STAGES = (*STAGES, "other")
 
@@ -69,8 +69,12 @@ def torch_worker(args) -> int:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         report = run_bench(pipe, profiler, config)
+        # peak_gpu_mb is the driver's view (context + caching allocator), as for the runtime's backends;
+        # torch's own count of live tensors is kept beside it.
         report["memory"] = {"peak_host_mb": peak_host_mb(),
-                            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 1024 ** 2 if device == "cuda" else None}
+                            "peak_gpu_mb": gpu_memory_mb() if device == "cuda" else None,
+                            "torch_max_allocated_mb": torch.cuda.max_memory_allocated() / 1024 ** 2
+                            if device == "cuda" else None}
         results.append(report)
     summary = {"format": "seesr-bench", "version": 1, "label": f"PyTorch {dtype_name} ({device})",
                "backend": {"name": "torch", "precision": dtype_name, "providers": [device]}, "load_s": load_s,

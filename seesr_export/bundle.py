@@ -70,6 +70,8 @@ class BuildOptions:
     calib_size: int = 4
     calib_steps: int = 4
     quant_method: str = "auto"  # int8: "modelopt" (SmoothQuant, primary), "onnxruntime" (fallback), "auto"
+    int8_image_attention_fp32: bool = False  # int8: keep the image cross-attention projections in fp32
+    int8_conv_percentile: float = 99.99  # int8 (ModelOpt): conv input range at this percentile; 100 = max
     jobs: int = 1  # networks exported at once, each in its own process (each needs up to ~12 GB at SD2 size)
 
     def graph_precisions(self) -> tuple[str, ...]:
@@ -431,7 +433,9 @@ def _add_int8(work: Path, manifest: dict, options: BuildOptions, progress, model
     from .quantize import (QUANTIZED_NETWORKS, QualityReport, QuantOptions, end_to_end_psnr, heldout_error,
                            modelopt_available, quantize_graph, quantize_module_modelopt, record_calibration_feeds)
 
-    quant = QuantOptions(method=options.quant_method, calib_size=options.calib_size, calib_steps=options.calib_steps)
+    quant = QuantOptions(method=options.quant_method, calib_size=options.calib_size, calib_steps=options.calib_steps,
+                         exclude_image_attention=options.int8_image_attention_fp32,
+                         conv_input_percentile=None if options.int8_conv_percentile >= 100 else options.int8_conv_percentile)
     use_modelopt = quant.method == "modelopt" or (quant.method == "auto" and modelopt_available())
     if quant.method == "modelopt" and not modelopt_available():
         raise BuildError("--quant-method modelopt needs nvidia-modelopt: pip install 'seesr-export[quant]'")
@@ -463,7 +467,10 @@ def _add_int8(work: Path, manifest: dict, options: BuildOptions, progress, model
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     progress.stage("int8: end-to-end PSNR against fp32 (same noise)")
     quality.psnr_vs_fp32_db = end_to_end_psnr(Manifest.load(work), images[-1], quant.calib_steps, seed=1234)
-    manifest["quality"] = {"int8": {**quality.to_json(), "method": "modelopt" if use_modelopt else "onnxruntime"}}
+    settings = {"image_attention_fp32": quant.exclude_image_attention,
+                "conv_input_percentile": quant.conv_input_percentile if use_modelopt else None}
+    manifest["quality"] = {"int8": {**quality.to_json(), "method": "modelopt" if use_modelopt else "onnxruntime",
+                                    "settings": settings}}
     return manifest["quality"]["int8"]
 
 

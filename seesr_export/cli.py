@@ -162,7 +162,9 @@ def cmd_build(args) -> int:
                            networks=tuple(args.networks) if args.networks else BuildOptions.networks,
                            opset=args.opset, verify=not args.no_verify, calib_images=calib,
                            calib_size=args.calib_size, calib_steps=args.calib_steps,
-                           quant_method=args.quant_method, jobs=args.jobs)
+                           quant_method=args.quant_method, jobs=args.jobs,
+                           int8_image_attention_fp32=args.int8_image_attention_fp32,
+                           int8_conv_percentile=args.int8_conv_percentile)
     if args.external_data_threshold_mb is not None:
         options.external_data_threshold = int(args.external_data_threshold_mb * 1024 ** 2)
     report = build_bundle(paths_from_args(args), args.out, options, Progress(args.quiet))
@@ -265,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant-method", choices=["auto", "modelopt", "onnxruntime"], default="auto",
                    help="int8 quantizer: NVIDIA ModelOpt SmoothQuant (needs the 'quant' extra), onnxruntime's "
                         "static quantizer, or auto (ModelOpt when installed)")
+    p.add_argument("--int8-conv-percentile", type=float, default=99.99,
+                   help="int8, ModelOpt: calibrate convolution inputs to this histogram percentile (NVIDIA's "
+                        "diffusion recipe); 100 = plain max (default 99.99)")
+    p.add_argument("--int8-image-attention-fp32", action="store_true",
+                   help="int8: also keep SeeSR's image cross-attention projections unquantized (see "
+                        "benchmarks/results/cpu/int8_image_attention.md for the measured effect)")
     add_checkpoint_args(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_build)

@@ -41,6 +41,7 @@ class QuantOptions:
     holdout: float = 0.25  # share of recorded calls kept out of calibration, to measure the error
     exclude: tuple = DEFAULT_EXCLUDE
     exclude_image_attention: bool = False  # also keep the image cross-attention projections in fp32
+    conv_input_percentile: float | None = 99.99  # ModelOpt: convolution inputs' amax at this percentile
     seed: int = 0
 
 
@@ -146,7 +147,8 @@ def quantize_module_modelopt(module, spec, calibration: list[dict], out_path: Pa
     config["algorithm"] = {"method": "smoothquant", "alpha": 0.8}
     patterns = list(options.exclude) + (["image_attentions"] if options.exclude_image_attention else [])
     disabled = [f"*{p}*" for p in patterns]
-    config["quant_cfg"] = list(config["quant_cfg"]) + [{"quantizer_name": d, "enable": False} for d in disabled]
+    config["quant_cfg"] = list(config["quant_cfg"]) + _conv_percentile_cfg(options.conv_input_percentile) + \
+        [{"quantizer_name": d, "enable": False} for d in disabled]
 
     def forward_loop(model):
         with torch.no_grad():
@@ -158,6 +160,23 @@ def quantize_module_modelopt(module, spec, calibration: list[dict], out_path: Pa
         traced = trace(quantized, spec, trace_env, Path(scratch) / "traced.onnx")
         finalize(traced, out_path, fold=False)
     return disabled
+
+
+def _conv_percentile_cfg(percentile: float | None) -> list[dict]:
+    """Convolution inputs calibrated to a histogram percentile rather than the max, as NVIDIA's diffusion
+    recipe does: a few outlier activations would otherwise stretch the int8 range of a whole layer.
+    (SmoothQuant only rescales linear layers, so convolutions get no help from it.)"""
+    if percentile is None:
+        return []
+    from modelopt.torch.quantization.calib.histogram import HistogramCalibrator
+
+    class PercentileCalibrator(HistogramCalibrator):
+        def compute_amax(self, method: str = "percentile", **kwargs):
+            return super().compute_amax(method, **{"percentile": percentile, **kwargs})
+
+    calibrator = (PercentileCalibrator, (), {"num_bits": 8, "axis": None})
+    return [{"quantizer_name": "*input_quantizer", "parent_class": "nn.Conv2d",
+             "cfg": {"num_bits": 8, "axis": None, "calibrator": calibrator}}]
 
 
 def heldout_error(manifest: Manifest, network: str, int8_path: Path, feeds: list[dict]) -> float:

@@ -79,3 +79,21 @@ def test_gpu_validate_dry_run(tiny_bundle):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "plan: unet fp16 at {'B': 2, 'h': 64, 'w': 64}" in done.stdout
     assert "dry run: 6 engines would be built and checked" in done.stdout
+
+
+def test_cuda_graph_option_belongs_to_tensorrt(runtime_bundle, capsys):
+    """--cuda-graph is a TensorRT backend option: onnxruntime refuses it by name, and the CLI's
+    tensorrt backend refuses clearly where TensorRT is missing (exit 2, no traceback)."""
+    from seesr_runtime.backends import create_backend
+    from seesr_runtime.cli import main
+    from seesr_runtime.manifest import BundleError
+
+    manifest = Manifest.load(runtime_bundle)
+    with pytest.raises(BundleError, match="tensorrt backend"):
+        create_backend("onnxruntime", manifest, cuda_graph=True)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert main(["bench", "--bundle", str(runtime_bundle), "--backend", "tensorrt", "--cuda-graph",
+                     "--precision", "fp16", "--steps", "1", "--runs", "1", "--warmup", "0", "-q"]) == 2
+        assert "tensorrt" in capsys.readouterr().err

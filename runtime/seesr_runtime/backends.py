@@ -79,12 +79,16 @@ class OnnxRuntimeBackend:
 
 def create_backend(kind: str, manifest: Manifest, **options) -> Backend:
     if kind == "onnxruntime":
+        if options.pop("cuda_graph", False):
+            raise BundleError("CUDA graph capture is an option of the tensorrt backend (onnxruntime runs here "
+                              "with host feeds, which a captured graph cannot take)")
         return OnnxRuntimeBackend(manifest, **options)
     if kind == "tensorrt":
         from .trt_backend import TensorRTBackend
 
         try:
-            return TensorRTBackend(manifest, **{k: v for k, v in options.items() if k == "precision" and v})
+            return TensorRTBackend(manifest, **{k: v for k, v in options.items()
+                                                if k in ("precision", "cuda_graph") and v})
         except ImportError as exc:
             raise BundleError(f"the tensorrt backend needs the 'tensorrt' and 'cuda-python' packages and an NVIDIA "
                               f"GPU ({exc}); use backend='onnxruntime'") from None

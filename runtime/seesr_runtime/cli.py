@@ -100,6 +100,8 @@ def cmd_upscale(args) -> int:
         print("error: no input images found", file=sys.stderr)
         return 2
     backend_options = {"precision": args.precision, "providers": args.providers, "threads": args.threads}
+    if args.cuda_graph:
+        backend_options["cuda_graph"] = True
     pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, **backend_options)
     options = {k: getattr(args, k) for k in ("prompt", "added_prompt", "negative_prompt", "steps", "guidance",
                                               "conditioning_scale", "process_size", "upscale", "latent_tile_size",
@@ -148,6 +150,8 @@ def cmd_bench(args) -> int:
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     profiler = StageProfiler()
     backend_options = {"precision": args.precision, "providers": args.providers, "threads": args.threads}
+    if args.cuda_graph:
+        backend_options["cuda_graph"] = True
     start = time.perf_counter()
     pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, profiler=profiler, **backend_options)
     load_s = time.perf_counter() - start  # sessions/engines open lazily: the first warm-up image pays the rest
@@ -194,13 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, help="LR images, or directories of images")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (PNG, same stem as the input)")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"], help="inference backend")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="inference backend (tensorrt: a bundle built with --backend tensorrt, an NVIDIA GPU)")
     p.add_argument("--providers", nargs="+", default=None,
                    help="onnxruntime execution providers in order, e.g. cuda cpu (default: cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
                    help="which graphs of the bundle to run: fp16 is for GPU providers; int8 (bundles built with "
                         "--precision int8) runs the Q/DQ UNet and ControlNet")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="tensorrt backend: capture each engine launch as a CUDA graph and replay it")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--prompt", default=None, help="user prompt inserted after the tags (default empty)")
     p.add_argument("--added-prompt", default=None, help='appended prompt (default "clean, high-resolution, 8k")')
@@ -233,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers in order, e.g. cuda cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="graphs/engines to run")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="tensorrt backend: capture each engine launch as a CUDA graph and replay it")
     p.add_argument("--size", type=int, nargs="+", default=[512],
                    help="output side(s) in pixels: 512 (one 64x64 latent), 1024 (4 latent tiles), 2048; several "
                         "sizes share one session load (default 512)")

@@ -50,11 +50,14 @@ class _DeviceBuffer:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, manifest: Manifest, precision: str = "fp16"):
+    def __init__(self, manifest: Manifest, precision: str = "fp16", cuda_graph: bool = False):
+        """``cuda_graph``: capture each engine launch once per input shape and replay it (static shapes;
+        a buffer that grows changes the addresses and so gets a new graph)."""
         import tensorrt as trt
 
         self.trt, self.cudart = trt, _cudart()
-        self.manifest, self.precision = manifest, precision
+        self.manifest, self.precision, self.cuda_graph = manifest, precision, cuda_graph
+        self._graphs = {}
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.stream = _check(self.cudart.cudaStreamCreate())
         self.engines, self.contexts, self.buffers = {}, {}, {}
@@ -87,21 +90,24 @@ class TensorRTBackend:
         cudart, context, engine = self.cudart, self.contexts[network], self.engines[network]
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         context.device_memory = self.activations.ptr
+        addresses = []
         for name, value in feeds.items():
             value = np.ascontiguousarray(value, dtype=self.trt.nptype(engine.get_tensor_dtype(name)))
             context.set_input_shape(name, value.shape)
             ptr = self._buffer(network, name, max(value.nbytes, 1))
             _check(cudart.cudaMemcpyAsync(ptr, value.ctypes.data, value.nbytes, h2d, self.stream))
             context.set_tensor_address(name, ptr)
+            addresses.append((name, value.shape, ptr))
         outputs = []
         for name in self._outputs[network]:
             shape = tuple(context.get_tensor_shape(name))
             host = np.empty(shape, dtype=self.trt.nptype(engine.get_tensor_dtype(name)))
-            context.set_tensor_address(name, self._buffer(network, name, max(host.nbytes, 1)))
+            ptr = self._buffer(network, name, max(host.nbytes, 1))
+            context.set_tensor_address(name, ptr)
+            addresses.append((name, shape, ptr))
             outputs.append(host)
         _check(cudart.cudaEventRecord(self._events[0], self.stream))
-        if not context.execute_async_v3(self.stream):
-            raise RuntimeError(f"TensorRT execution of {network} failed")
+        self._launch(network, context, tuple(addresses))
         _check(cudart.cudaEventRecord(self._events[1], self.stream))
         for name, host in zip(self._outputs[network], outputs):
             _check(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[(network, name)].ptr, host.nbytes, d2h,
@@ -110,11 +116,35 @@ class TensorRTBackend:
         self._last_ms = float(_check(cudart.cudaEventElapsedTime(*self._events)))
         return [o.astype(np.float32, copy=False) if o.dtype == np.float16 else o for o in outputs]
 
+    def _launch(self, network: str, context, key: tuple) -> None:
+        """Enqueue the engine; with ``cuda_graph``, replay a graph captured for these exact shapes and
+        device addresses (every step of one image size repeats them, so the 50 steps replay one graph
+        per network instead of enqueueing hundreds of kernels each)."""
+        if not self.cuda_graph:
+            if not context.execute_async_v3(self.stream):
+                raise RuntimeError(f"TensorRT execution of {network} failed")
+            return
+        graph = self._graphs.get((network, key))
+        if graph is None:
+            # One plain run first: TensorRT does its shape-dependent setup outside the capture.
+            if not context.execute_async_v3(self.stream):
+                raise RuntimeError(f"TensorRT execution of {network} failed")
+            mode = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+            _check(self.cudart.cudaStreamBeginCapture(self.stream, mode))
+            context.execute_async_v3(self.stream)
+            captured = _check(self.cudart.cudaStreamEndCapture(self.stream))
+            graph = self._graphs[(network, key)] = _check(self.cudart.cudaGraphInstantiate(captured, 0))
+            _check(self.cudart.cudaGraphDestroy(captured))
+        _check(self.cudart.cudaGraphLaunch(graph, self.stream))
+
     def device_ms(self) -> float | None:
         """GPU time of the last engine launch (CUDA events), without the host copies."""
         return self._last_ms
 
     def close(self):
+        for graph in self._graphs.values():
+            self.cudart.cudaGraphExecDestroy(graph)
+        self._graphs.clear()
         for buffer in self.buffers.values():
             buffer.free()
         self.activations.free()

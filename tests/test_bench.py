@@ -1,0 +1,134 @@
+"""Benchmarks: `seesr bench` reports, FLOPs in the manifest, the GPU script's CPU dry run.
+
+No timing thresholds: speed lives in benchmarks/results, not in asserts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seesr_runtime.manifest import Manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+NETWORK_CALLS = {"dape": 1, "text_encoder": 1, "vae_encoder": 1, "vae_decoder": 1}  # + controlnet/unet per step
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def test_seesr_bench_smoke(runtime_bundle, tmp_path):
+    """The CLI on the tiny bundle: every documented field exists and is positive."""
+    from seesr_runtime.cli import main
+
+    out = tmp_path / "bench.json"
+    steps = 2
+    assert main(["bench", "--bundle", str(runtime_bundle), "--size", "128", "--steps", str(steps), "--runs", "2",
+                 "--warmup", "1", "--peak-tflops", "1.0", "--json", str(out), "-q"]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["format"] == "seesr-bench" and summary["backend"]["name"] == "onnxruntime"
+    assert summary["machine"]["cpu_count"] >= 1 and summary["machine"]["cpu"]
+    assert len(summary["bundle"]["manifest_sha256"]) == 64
+    assert summary["versions"]["onnxruntime"]
+    [report] = summary["results"]
+    assert report["output_size"] == [128, 128] and report["config"]["steps"] == steps
+    assert report["end_to_end"]["n"] == 2 and len(report["warmup_s"]) == 1
+    for key in ("median_ms", "p95_ms", "mean_ms", "min_ms"):
+        assert _positive(report["end_to_end"][key])
+    assert _positive(report["images_per_second"])
+    assert _positive(report["extrapolated"]["end_to_end_s"]) and report["extrapolated"]["steps"] == 50
+    assert report["extrapolated"]["end_to_end_s"] > report["end_to_end"]["median_ms"] / 1e3  # 2 -> 50 steps
+    assert _positive(report["memory"]["peak_host_mb"]) and report["memory"]["peak_gpu_mb"] is None
+    stages = report["stages"]
+    expected_calls = {**NETWORK_CALLS, "controlnet": steps, "unet": steps, "scheduler_step": steps,
+                      "denoise_step": steps, "postprocess": 1}
+    for stage, calls in expected_calls.items():
+        assert stages[stage]["calls_per_image"] == calls, stage
+        assert _positive(stages[stage]["per_call"]["median_ms"]) and _positive(stages[stage]["per_image"]["p95_ms"])
+    for network in (*NETWORK_CALLS, "controlnet", "unet"):
+        assert _positive(stages[network]["flops_per_call"]) and _positive(stages[network]["tflops_per_s"])
+        assert stages[network]["fraction_of_peak"] == pytest.approx(stages[network]["tflops_per_s"])
+    # The stages account for the image: what is left ("other": tokenizing, guidance, copies) is small.
+    named = sum(stages[s]["per_image"]["median_ms"] for s in expected_calls if s != "denoise_step")
+    assert named <= report["end_to_end"]["median_ms"] * 1.05
+
+
+def test_bench_rejects_mismatched_steps(runtime_bundle, capsys):
+    from seesr_runtime.cli import main
+
+    assert main(["bench", "--bundle", str(runtime_bundle), "--size", "128", "256", "--steps", "1", "2", "3"]) == 2
+    assert "one per --size" in capsys.readouterr().err
+
+
+def test_profiling_does_not_change_the_result(runtime_bundle, lr_image):
+    from seesr_runtime import SeeSRPipeline
+    from seesr_runtime.profiling import StageProfiler
+
+    plain = SeeSRPipeline.from_bundle(runtime_bundle)(lr_image, seed=5, steps=2)
+    profiler = StageProfiler()
+    profiled = SeeSRPipeline.from_bundle(runtime_bundle, profiler=profiler)(lr_image, seed=5, steps=2)
+    assert np.array_equal(np.asarray(plain.image), np.asarray(profiled.image))
+    assert set(profiler.calls()) >= {"dape", "text_encoder", "vae_encoder", "controlnet", "unet", "vae_decoder"}
+
+
+def test_manifest_flops_match_the_counter(tiny_bundle, tiny_checkout):
+    """Every network has FLOPs at its profiles' opt shapes; they equal a count on real tensors."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from seesr_export.bundle import _Models
+    from seesr_export.export import graph_module, sample_feeds
+
+    manifest = Manifest.load(tiny_bundle)
+    for name, entry in manifest.data["networks"].items():
+        points = entry["flops"]["points"]
+        assert points and all(p["flops"] > 0 for p in points), name
+        envs = [p["env"] for p in points]
+        assert all(profile.opt in envs or {**profile.opt, "B": 1} in envs for profile in manifest.spec(name).profiles)
+    unet = {tuple(sorted(p["env"].items())): p["flops"] for p in manifest.data["networks"]["unet"]["flops"]["points"]}
+    assert unet[(("B", 2), ("h", 64), ("w", 64))] == 2 * unet[(("B", 1), ("h", 64), ("w", 64))]
+
+    spec = manifest.spec("controlnet")
+    module = graph_module("controlnet", _Models(tiny_checkout))
+    env = {"B": 2, "h": 64, "w": 64}
+    feeds = sample_feeds(spec, env)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+    stored = {tuple(sorted(p["env"].items())): p["flops"] for p in manifest.data["networks"]["controlnet"]["flops"]["points"]}
+    assert stored[tuple(sorted(env.items()))] == counter.get_total_flops()
+
+
+def test_gpu_script_dry_run(tmp_path, tiny_bundle):
+    """benchmarks/gpu.sh end to end on the CPU (tiny fixture, PyTorch + onnxruntime fp16 graphs), so the
+    GPU lease never starts with a typo. Its parallel export (--jobs 2) writes the same bytes as a serial one."""
+    env = {**os.environ, "PYTHON": sys.executable, "SEESR_GPU_WORK": str(tmp_path / "work")}
+    out = tmp_path / "results"
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", str(out)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "bench_dry_run.json").read_text())
+    labels = [c["label"] for c in summary["configurations"]]
+    assert labels[0].startswith("PyTorch") and len(labels) >= 2
+    for configuration in summary["configurations"]:
+        assert [r["config"]["size"] for r in configuration["results"]] == [512, 1024], configuration["label"]
+        for result in configuration["results"]:
+            assert _positive(result["end_to_end"]["median_ms"])
+            assert _positive(result["speedup_vs_torch"]["end_to_end"])
+    tiled = summary["configurations"][1]["results"][1]["stages"]
+    assert tiled["unet"]["calls_per_image"] == 4  # 1024 px: 128x128 latent in four 96-latent tiles, one step
+    assert (out / "bench_dry_run.md").read_text().count("| **end to end (s)** |") == 2
+    assert (out / "environment.txt").exists() and (out / "gpu.log").exists()
+    if (out / "bench_dry_run.png").exists():  # matplotlib is optional
+        assert (out / "bench_dry_run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    built = Manifest.load(tmp_path / "work" / "engines" / "tiny").data["networks"]
+    serial = Manifest.load(tiny_bundle).data["networks"]
+    for name in serial:
+        for precision in ("fp32", "fp16"):
+            assert built[name]["files"][precision]["sha256"] == serial[name]["files"][precision]["sha256"], name
