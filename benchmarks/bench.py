@@ -11,7 +11,7 @@ ratio against the PyTorch reference measured in the same run.
 
 Configurations: ``--torch DEVICE:DTYPE`` (``cpu:fp32``, ``cuda:fp16``; ``none`` to skip) runs
 ``seesr_export.reference`` (SDPA attention, as the official code on diffusers); ``--runtime
-BACKEND:PRECISION[:PROVIDER,...]`` runs ``seesr bench``.
+BACKEND:PRECISION[:PROVIDER,...[:CPU_ARENA]]`` runs ``seesr bench``.
 """
 from __future__ import annotations
 
@@ -93,12 +93,16 @@ def _steps_per_size(args) -> list[int]:
 def runtime_command(spec: str, args, json_path: Path) -> tuple[str, list[str]]:
     backend, precision, *rest = spec.split(":")
     providers = rest[0].split(",") if rest else []
-    label = f"{backend} {precision}" + (f" ({','.join(providers)})" if providers else "")
+    arena = rest[1] if len(rest) > 1 else None
+    label = f"{backend} {precision}" + (f" ({','.join(providers)})" if providers else "") + \
+        (f" arena={arena}" if arena else "")
     command = [sys.executable, "-m", "seesr_runtime.cli", "bench", "--bundle", str(args.bundle), "--backend", backend,
                "--precision", precision, "--size", *map(str, args.sizes), "--steps", *map(str, args.steps),
                "--runs", str(args.runs), "--warmup", str(args.warmup), "--label", label, "--json", str(json_path)]
     if providers:
         command += ["--providers", *providers]
+    if arena:
+        command += ["--cpu-arena", arena]
     if args.peak_tflops:
         command += ["--peak-tflops", str(args.peak_tflops)]
     return label, command

@@ -50,34 +50,60 @@ def test_int8_graphs_run_with_bounded_error(int8_bundle, lr_image):
     assert result.image.size == (224, 160) and np.isfinite(result.latents[-1]).all()
 
 
+def quantized_nodes(model) -> set:
+    """Names of the Conv/MatMul/Gemm nodes whose weight is int8 (dequantized from an initializer). An
+    excluded layer keeps fp32 weights and computes in fp32; its activation may still come from a
+    quantized neighbour."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    weights = {t.name for t in model.graph.initializer}
+
+    def quantized(node):
+        for i in node.input:
+            dq = producers.get(i)
+            if dq is not None and dq.op_type == "Transpose":  # linear weights: DQ -> Transpose -> MatMul
+                dq = producers.get(dq.input[0])
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            source = producers.get(dq.input[0])  # ModelOpt: fp32 weight -> Q -> DQ
+            if dq.input[0] in weights or (source is not None and source.op_type == "QuantizeLinear"
+                                          and source.input[0] in weights):
+                return True
+        return False
+
+    return {n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and quantized(n)}
+
+
 def test_exclusions_are_honoured(int8_bundle):
-    out, _ = int8_bundle
+    out, report = int8_bundle
     manifest = Manifest.load(out)
+    settings = manifest.data["quality"]["int8"]["settings"]
+    assert settings["image_attention_fp32"] is False
+    assert settings["conv_input_percentile"] == (99.99 if report.quality["method"] == "modelopt" else None)
     for name in ("controlnet", "unet"):
         model = onnx.load(str(manifest.graph_path(name, "int8")))
-        producers = {o: n for n in model.graph.node for o in n.output}
-        weights = {t.name for t in model.graph.initializer}
-
-        def quantized(node):
-            """Its weight is int8 (dequantized from an initializer). An excluded layer keeps fp32
-            weights and computes in fp32; its activation may still come from a quantized neighbour."""
-            for i in node.input:
-                dq = producers.get(i)
-                if dq is not None and dq.op_type == "Transpose":  # linear weights: DQ -> Transpose -> MatMul
-                    dq = producers.get(dq.input[0])
-                if dq is None or dq.op_type != "DequantizeLinear":
-                    continue
-                source = producers.get(dq.input[0])  # ModelOpt: fp32 weight -> Q -> DQ
-                if dq.input[0] in weights or (source is not None and source.op_type == "QuantizeLinear"
-                                              and source.input[0] in weights):
-                    return True
-            return False
-
         compute = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
-        excluded = [n for n in compute if any(p in n.name for p in DEFAULT_EXCLUDE)]
+        int8 = quantized_nodes(model)
+        excluded = [n.name for n in compute if any(p in n.name for p in DEFAULT_EXCLUDE)]
         assert excluded, name
-        assert not any(quantized(n) for n in excluded), [n.name for n in excluded if quantized(n)]
-        assert sum(quantized(n) for n in compute) > len(compute) // 3  # the bulk is int8
-        scores = [n for n in compute if n.op_type == "MatMul" and n.name.endswith(("attn1/MatMul", "attn2/MatMul"))]
-        assert scores and not any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
-                                  for n in scores for i in n.input)  # attention Q.K^T stays fp32
+        assert not int8 & set(excluded), sorted(int8 & set(excluded))
+        assert len(int8) > len(compute) // 3  # the bulk is int8
+        assert any("image_attentions" in n for n in int8)  # quantized by default (see the experiment)
+
+
+def test_image_attention_can_stay_fp32(tiny_checkout, tmp_path, lr_image):
+    from seesr_export.quantize import modelopt_available
+
+    method = "modelopt" if modelopt_available() else "onnxruntime"
+    lr_image.save(tmp_path / "calib.png")
+    out = tmp_path / "int8"
+    build_bundle(tiny_checkout, out, BuildOptions(precision="int8", calib_images=(tmp_path / "calib.png",),
+                                                  calib_size=1, calib_steps=1, verify=False, quant_method=method,
+                                                  int8_image_attention_fp32=True))
+    manifest = Manifest.load(out)
+    assert manifest.data["quality"]["int8"]["settings"]["image_attention_fp32"] is True
+    for name in ("controlnet", "unet"):
+        model = onnx.load(str(manifest.graph_path(name, "int8")))
+        int8 = quantized_nodes(model)
+        image_attention = {n.name for n in model.graph.node if "image_attentions" in n.name
+                           and n.op_type in ("MatMul", "Gemm")}
+        assert image_attention and int8 and not int8 & image_attention, name

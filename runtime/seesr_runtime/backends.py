@@ -33,12 +33,17 @@ class OnnxRuntimeBackend:
     ``providers``: e.g. ``["cuda", "cpu"]`` (needs onnxruntime-gpu); CPU by default.
     ``precision``: which graphs to load: ``"fp32"`` (CPU), ``"fp16"`` (GPU providers) or ``"int8"``
     (Q/DQ UNet and ControlNet, fp32 for the other networks).
+    ``cpu_arena``: ``"none"`` (default): CPU buffers are freed after each call; ``"shared"``: one
+    CPU arena for all sessions; ``"per-session"``: onnxruntime's default. Measured at SD2 size on
+    2 cores, peak RSS at 512 px: 10.9 / 12.9 / 16.3 GB, UNet call 11.1 / 9.8 / 9.1 s (without an arena
+    every call maps fresh pages); at 1024 px only "none" fits in 24 GB (17.1 GB: the unfused attention
+    of a 96-latent tile needs ~7 GB, which an arena then keeps).
     """
 
     name = "onnxruntime"
 
     def __init__(self, manifest: Manifest, precision: str = "fp32", providers: list[str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, cpu_arena: str = "none"):
         import onnxruntime as ort
 
         self.manifest, self.precision = manifest, precision
@@ -59,6 +64,13 @@ class OnnxRuntimeBackend:
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             self.options.intra_op_num_threads = threads
+        if cpu_arena not in ("shared", "per-session", "none"):
+            raise BundleError(f"cpu_arena must be 'shared', 'per-session' or 'none', got {cpu_arena!r}")
+        if cpu_arena == "shared":
+            _register_shared_cpu_arena(ort)
+            self.options.add_session_config_entry("session.use_env_allocators", "1")
+        elif cpu_arena == "none":
+            self.options.enable_cpu_mem_arena = False
         self._sessions = {}
         self._outputs = {n: manifest.spec(n).output_names for n in manifest.data["networks"]}
 
@@ -75,6 +87,23 @@ class OnnxRuntimeBackend:
 
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session(network).run(self._outputs[network], feeds)
+
+    def load_all(self) -> None:
+        """Open every session now rather than at first use (servers, benchmarks)."""
+        for network in self.manifest.data["networks"]:
+            self.session(network)
+
+
+_SHARED_ARENA = []
+
+
+def _register_shared_cpu_arena(ort) -> None:
+    """One CPU arena for every session of the process. Per-session arenas each keep their own peak
+    activations, and the six networks run in turn; one shared arena holds only the largest."""
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _SHARED_ARENA.append(info)
 
 
 def create_backend(kind: str, manifest: Manifest, **options) -> Backend:
