@@ -24,6 +24,7 @@ from seesr_runtime.manifest import FORMAT, MANIFEST, SCHEMA_VERSION, BundleError
 from seesr_runtime.networks import NETWORK_NAMES, ModelDims, network_specs
 
 from . import __version__
+from .atomic import swap_into_place
 from .errors import SeeSRExportError
 from .export import GRAPHS, graph_module
 from .flops import network_flops
@@ -286,7 +287,7 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
             _add_engines(work, manifest, options, progress)
             (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         Manifest.load(work).verify_files()
-        _swap_into_place(work, out)
+        swap_into_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -313,16 +314,6 @@ def _previous_bundle(out: Path) -> Manifest | None:
 def _remove_stale_partials(out: Path) -> None:
     for stale in out.parent.glob(f".{out.name}.partial-*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _swap_into_place(work: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(work, out)
 
 
 def _reuse(previous: Manifest | None, name: str, key: str, work: Path) -> dict | None:

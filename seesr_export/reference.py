@@ -123,7 +123,7 @@ def encode_prompt(tokenizer, text_encoder, text: str) -> torch.Tensor:
     """CLIP last hidden state of ``text``: 77 tokens, truncated, padded with id 0, no attention mask."""
     ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+    return text_encoder(ids.to(text_encoder.device))[0]
 
 
 @dataclass
@@ -213,10 +213,7 @@ class SeeSRReference:
 
     def encode_text(self, text: str) -> torch.Tensor:
         with self._stage("text_encoder"):
-            ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-            with torch.no_grad():
-                return self.text_encoder(ids.to(self.device))[0]
+            return encode_prompt(self.tokenizer, self.text_encoder, text)
 
     @torch.no_grad()
     def predict_noise(self, latents, t, text_embeds, image_embeds, control_image, conditioning_scale):

@@ -24,6 +24,7 @@ from seesr_runtime.manifest import BundleError, Manifest
 from seesr_runtime.pipeline import OPTIONS
 from seesr_runtime.triton import MODEL_FILE
 
+from .atomic import swap_into_place
 from .errors import SeeSRExportError
 
 MARKER = ".seesr-triton-repository"
@@ -70,7 +71,7 @@ def write_repository(bundle: Path, out: Path, options: TritonOptions) -> Path:
         (model_dir / "config.pbtxt").write_text(model_config(options, bundle_param))
         (work / MARKER).write_text(json.dumps({"bundle": str(manifest.root.resolve()), "model": options.model_name,
                                                "seesr_runtime": runtime_version}, indent=1) + "\n")
-        _swap_into_place(work, out)
+        swap_into_place(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out / options.model_name
@@ -187,12 +188,3 @@ def _link_or_copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, copy_function=link_or_copy,
                     ignore=shutil.ignore_patterns(".*.partial-*", ".*.old-*"))
 
-
-def _swap_into_place(work: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(work, out)

@@ -99,11 +99,7 @@ def cmd_upscale(args) -> int:
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 2
-    backend_options = {"precision": args.precision, "providers": args.providers, "threads": args.threads}
-    if args.cuda_graph:
-        backend_options["cuda_graph"] = True
-    if args.backend == "onnxruntime":
-        backend_options["cpu_arena"] = args.cpu_arena
+    backend_options = backend_options_from(args)
     pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, **backend_options)
     options = {k: getattr(args, k) for k in ("prompt", "added_prompt", "negative_prompt", "steps", "guidance",
                                               "conditioning_scale", "process_size", "upscale", "latent_tile_size",
@@ -151,11 +147,7 @@ def cmd_bench(args) -> int:
             return 2
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     profiler = StageProfiler()
-    backend_options = {"precision": args.precision, "providers": args.providers, "threads": args.threads}
-    if args.cuda_graph:
-        backend_options["cuda_graph"] = True
-    if args.backend == "onnxruntime":
-        backend_options["cpu_arena"] = args.cpu_arena
+    backend_options = backend_options_from(args)
     start = time.perf_counter()
     pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, profiler=profiler, **backend_options)
     if hasattr(pipe.backend, "load_all"):
@@ -193,17 +185,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seesr", description="Run SeeSR from an exported bundle, without PyTorch.")
-    parser.add_argument("--version", action="version", version=f"seesr-runtime {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("upscale", help="x4 super-resolution of images with a bundle",
-                       description="Upscale images (files or directories) with a SeeSR bundle. Options left out "
-                                   "take the bundle's defaults (those of the official test_seesr.py).")
-    p.add_argument("inputs", nargs="+", type=Path, help="LR images, or directories of images")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output directory (PNG, same stem as the input)")
-    p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    """Backend choice and options, shared by upscale and bench."""
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="inference backend (tensorrt: a bundle built with --backend tensorrt, an NVIDIA GPU)")
     p.add_argument("--providers", nargs="+", default=None,
@@ -218,6 +201,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime CPU memory: none frees buffers after each call (least memory); shared "
                         "keeps one arena for all networks (~10%% faster, more memory); per-session is "
                         "onnxruntime's default (most memory) (default none)")
+
+
+def backend_options_from(args) -> dict:
+    options = {"precision": args.precision, "providers": args.providers, "threads": args.threads}
+    if args.cuda_graph:
+        options["cuda_graph"] = True
+    if args.backend == "onnxruntime":
+        options["cpu_arena"] = args.cpu_arena
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seesr", description="Run SeeSR from an exported bundle, without PyTorch.")
+    parser.add_argument("--version", action="version", version=f"seesr-runtime {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("upscale", help="x4 super-resolution of images with a bundle",
+                       description="Upscale images (files or directories) with a SeeSR bundle. Options left out "
+                                   "take the bundle's defaults (those of the official test_seesr.py).")
+    p.add_argument("inputs", nargs="+", type=Path, help="LR images, or directories of images")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory (PNG, same stem as the input)")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
+    add_backend_args(p)
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--prompt", default=None, help="user prompt inserted after the tags (default empty)")
     p.add_argument("--added-prompt", default=None, help='appended prompt (default "clean, high-resolution, 8k")')
@@ -246,16 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "image), end to end, images/s and peak memory. No PyTorch needed; "
                                    "benchmarks/bench.py runs the PyTorch reference beside it.")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"], help="inference backend")
-    p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers in order, e.g. cuda cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="graphs/engines to run")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="tensorrt backend: capture each engine launch as a CUDA graph and replay it")
-    p.add_argument("--cpu-arena", choices=["none", "shared", "per-session"], default="none",
-                   help="onnxruntime CPU memory: none frees buffers after each call (least memory); shared "
-                        "keeps one arena for all networks (~10%% faster, more memory); per-session is "
-                        "onnxruntime's default (most memory) (default none)")
+    add_backend_args(p)
     p.add_argument("--size", type=int, nargs="+", default=[512],
                    help="output side(s) in pixels: 512 (one 64x64 latent), 1024 (4 latent tiles), 2048; several "
                         "sizes share one session load (default 512)")

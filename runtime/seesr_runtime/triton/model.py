@@ -78,10 +78,9 @@ class TritonPythonModel:
 
     def _load_all_networks(self):
         """Create every session now, not on the first request (TensorRT loads its engines eagerly)."""
-        session = getattr(self.pipe.backend, "session", None)
-        if session is not None:
-            for network in self.pipe.manifest.data["networks"]:
-                session(network)
+        load_all = getattr(self.pipe.backend, "load_all", None)
+        if load_all is not None:
+            load_all()
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
