@@ -1,0 +1,156 @@
+"""SeeSR's tiled VAE: padded tiles with GroupNorm statistics shared across tiles, no blending.
+
+Large images go through the VAE in tiles, as the official pipeline does (its ``vaehook``):
+
+1. ``split_tiles``: the input is cut into a grid of tiles whose size is derived from the requested
+   one; each tile is read with ``pad`` pixels of context on every side that is not an image border.
+2. The network runs on every tile as a chain of **segments** (graphs in the bundle), cut before
+   each GroupNorm. Between two segments all tiles wait: each tile's per-group mean and (biased)
+   variance are averaged over the tiles, weighted by the tiles' pixel counts
+   (``shared_group_stats``), and the next segment normalises every tile with those (eps 1e-6).
+   Residuals that span a cut travel with their tile.
+3. ``assemble_tiles``: only each tile's core (its share of the grid, out to the image border where
+   it touches one) is copied into the output.
+
+The result is close to, not equal to, the untiled VAE (the mid-block attention and every
+convolution see one padded tile); it is what the official pipeline produces. Peak memory: the
+networks' activations grow with the tile, while the tiles' hidden states waiting at a GroupNorm
+(one float32 tensor per tile, plus a residual) grow with the image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+GROUP_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class TiledVaeLayout:
+    """The official tiler's fixed geometry of one VAE half."""
+
+    pad: int  # context read around each tile, in input pixels
+    decoder: bool  # decoder: output = 8x input; encoder: output = input // 8
+
+    @classmethod
+    def for_half(cls, half: str) -> "TiledVaeLayout":
+        if half not in LAYOUTS:
+            raise ValueError(f"half must be one of {sorted(LAYOUTS)}, got {half!r}")
+        return LAYOUTS[half]
+
+    def scale(self, value: int) -> int:
+        return value * 8 if self.decoder else value // 8
+
+    def needs_tiling(self, height: int, width: int, tile: int) -> bool:
+        """The official rule: tile only when the longer side exceeds tile + 2 * pad."""
+        return max(height, width) > tile + 2 * self.pad
+
+
+LAYOUTS = {"encoder": TiledVaeLayout(pad=32, decoder=False), "decoder": TiledVaeLayout(pad=11, decoder=True)}
+
+
+def best_tile_size(lower: int, upper: int) -> int:
+    """Round ``lower`` up to a multiple of 32, 16, 8, 4 or 2 (the largest that stays <= ``upper``)."""
+    divider = 32
+    while divider >= 2:
+        remainder = lower % divider
+        if remainder == 0:
+            return lower
+        if lower - remainder + divider <= upper:
+            return lower - remainder + divider
+        divider //= 2
+    return lower
+
+
+def split_tiles(height: int, width: int, tile: int, layout: TiledVaeLayout):
+    """Input boxes (with context) and output boxes of every tile, row by row, as [x0, x1, y0, y1].
+
+    The grid has ceil((extent - 2 pad) / tile) tiles per axis (at least one), of equal size
+    rounded up by ``best_tile_size``; a tile's output box reaches the image border when its core
+    comes within ``pad`` of it. Integer arithmetic as the official tiler (Python floor semantics).
+    """
+    pad = layout.pad
+    rows = max(math.ceil((height - 2 * pad) / tile), 1)
+    cols = max(math.ceil((width - 2 * pad) / tile), 1)
+    tile_h = best_tile_size(math.ceil((height - 2 * pad) / rows), tile)
+    tile_w = best_tile_size(math.ceil((width - 2 * pad) / cols), tile)
+    inputs, outputs = [], []
+    for i in range(rows):
+        for j in range(cols):
+            x0, x1 = pad + j * tile_w, min(pad + (j + 1) * tile_w, width)
+            y0, y1 = pad + i * tile_h, min(pad + (i + 1) * tile_h, height)
+            core = [x0 if x0 > pad else 0, x1 if x1 < width - pad else width,
+                    y0 if y0 > pad else 0, y1 if y1 < height - pad else height]
+            outputs.append([layout.scale(v) for v in core])
+            inputs.append([max(0, x0 - pad), min(width, x1 + pad), max(0, y0 - pad), min(height, y1 + pad)])
+    return inputs, outputs
+
+
+def tile_stats(x: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample, per-group mean and biased variance of one tile, float64 [B, groups] each.
+
+    Accumulated in float64 without a float64 copy of the tile (it can hold gigabytes)."""
+    flat = x.reshape(x.shape[0], groups, -1)
+    mean = flat.mean(axis=2, dtype=np.float64)
+    var = np.empty_like(mean)
+    for b in range(flat.shape[0]):
+        for g in range(groups):
+            deviation = flat[b, g] - np.float32(mean[b, g])
+            var[b, g] = np.add.reduce(deviation * deviation, dtype=np.float64) / flat.shape[2]
+    return mean, var
+
+
+def shared_group_stats(per_tile: list[tuple[np.ndarray, np.ndarray]], pixels: list[int]):
+    """Mean and variance averaged over the tiles, weighted by pixel count (float32 [B, groups])."""
+    weights = np.asarray(pixels, dtype=np.float64) / float(sum(pixels))
+    mean = sum(w * m for w, (m, _) in zip(weights, per_tile))
+    var = sum(w * v for w, (_, v) in zip(weights, per_tile))
+    return mean.astype(np.float32), var.astype(np.float32)
+
+
+def assemble_tiles(tiles: list[np.ndarray], inputs, outputs, layout: TiledVaeLayout) -> np.ndarray:
+    """Copy each tile's core (its output box) into one array; nothing is blended."""
+    first = tiles[0]
+    height = max(box[3] for box in outputs)
+    width = max(box[1] for box in outputs)
+    result = np.zeros((first.shape[0], first.shape[1], height, width), dtype=first.dtype)
+    for tile, (ix0, _, iy0, _), (ox0, ox1, oy0, oy1) in zip(tiles, inputs, outputs):
+        top, left = oy0 - layout.scale(iy0), ox0 - layout.scale(ix0)
+        result[:, :, oy0:oy1, ox0:ox1] = tile[:, :, top:top + oy1 - oy0, left:left + ox1 - ox0]
+    return result
+
+
+RunFn = Callable[[str, dict], list]
+
+
+def run_tiled_vae(run: RunFn, network: str, tiled: dict, x: np.ndarray, tile: int) -> list[np.ndarray]:
+    """The tiled VAE half ``network`` (``"vae_encoder"``/``"vae_decoder"``) on ``x`` through ``run``
+    (``backend.run``); ``tiled`` is the network's ``tiled`` manifest entry. Returns the network's
+    outputs: ``[mean, logvar]`` or ``[image]``."""
+    layout = TiledVaeLayout(pad=tiled["pad"], decoder=network == "vae_decoder")
+    groups, segments = tiled["groups"], tiled["segments"]
+    inputs, outputs = split_tiles(x.shape[2], x.shape[3], tile, layout)
+    states = [np.ascontiguousarray(x[:, :, y0:y1, x0:x1]) for x0, x1, y0, y1 in inputs]
+    residuals: list = [None] * len(states)
+    results = []
+    for k, segment in enumerate(segments):
+        feeds = {}
+        if k > 0:
+            feeds["group_mean"], feeds["group_var"] = shared_group_stats(
+                [tile_stats(s, groups) for s in states], [s.shape[2] * s.shape[3] for s in states])
+        last = k == len(segments) - 1
+        for i in range(len(states)):
+            tile_feeds = {"hidden": states[i], **feeds}
+            if segment["takes_residual"]:
+                tile_feeds["residual"] = residuals[i]
+            out = run(f"{network}#{k}", tile_feeds)
+            if last:
+                results.append(out)
+                states[i] = None  # free as we go: the outputs replace the states
+            else:
+                states[i] = out[0]
+                residuals[i] = out[1] if segment["hands_residual"] else None
+    return [assemble_tiles([r[j] for r in results], inputs, outputs, layout) for j in range(len(results[0]))]
