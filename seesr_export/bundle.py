@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seesr_runtime.manifest import FORMAT, MANIFEST, SCHEMA_VERSION, BundleError, Manifest, sha256_file
+from seesr_runtime.manifest import FORMAT, MANIFEST, SCHEMA_VERSION, BundleError, Manifest, entry_files, sha256_file
 from seesr_runtime.networks import NETWORK_NAMES, ModelDims, network_specs
 
 from . import __version__
@@ -36,7 +36,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnx", "tensorrt")
 TRACE_ENV = {"B": 2, "h": 16, "w": 24}  # small and non-square: axis mix-ups fail loudly
 VERIFY_ENV = {"B": 1, "h": 8, "w": 16}  # another shape than the trace's, checked at build time
-EXPORT_CODE_VERSION = 1  # bump when a change to the exporter changes its graphs
+TILED_VAE_HALVES = {"vae_encoder": "encoder", "vae_decoder": "decoder"}  # networks with tiled-VAE segments
+EXPORT_CODE_VERSION = 2  # bump when a change to the exporter changes its graphs
 
 # Which source files each network is traced from (the cache key hashes them).
 NETWORK_SOURCES = {
@@ -325,7 +326,7 @@ def _reuse(previous: Manifest | None, name: str, key: str, work: Path) -> dict |
     entry = previous.data["networks"].get(name)
     if not entry or entry.get("cache_key") != key:
         return None
-    pinned = {rel: sha for files in entry["files"].values() for rel, sha in files["sha256"].items()}
+    pinned = entry_files(entry)
     if not all((previous.root / rel).is_file() and sha256_file(previous.root / rel) == sha
                for rel, sha in pinned.items()):
         return None
@@ -354,6 +355,9 @@ def _export_network(name, spec, models, work: Path, options: BuildOptions, progr
     fp32_dir = work / "onnx" / "fp32"
     fp32_dir.mkdir(parents=True, exist_ok=True)
 
+    if name in TILED_VAE_HALVES:  # before the trace below releases the VAE
+        entry["tiled"] = _export_vae_segments(name, models, work, options, progress)
+
     def release():
         nonlocal module
         module = None
@@ -378,6 +382,45 @@ def _export_network(name, spec, models, work: Path, options: BuildOptions, progr
         progress.stage(f"{name}: checking ONNX against torch")
         entry["parity"] = {p: compare_graph(work / entry["files"][p]["onnx"], spec, feeds, expected) for p in written}
     return entry
+
+
+def _export_vae_segments(name: str, models, work: Path, options: BuildOptions, progress) -> dict:
+    """The segment graphs of the official tiled VAE (``seesr_export.tiled_vae``), fp32, each
+    checked against torch at a tile other than the traced one."""
+    from seesr_runtime.tiled_vae import GROUP_NORM_EPS, TiledVaeLayout
+
+    from .export import ExportOptions, export_onnx, run_torch
+    from .tiled_vae import segment_graphs, segment_groups, split_segments, vae_tasks
+
+    half = TILED_VAE_HALVES[name]
+    export_options = ExportOptions(opset=options.opset, external_data_threshold=options.external_data_threshold)
+    checks = {k: feeds for k, (_, _, _, feeds) in enumerate(segment_graphs(models.vae, half, size=12, seed=1))}
+    graphs = segment_graphs(models.vae, half)
+    progress.stage(f"{name}: {len(graphs)} tiled-VAE segment graphs (fp32)")
+    folder = work / "onnx" / "fp32" / f"{name}_tiled"
+    folder.mkdir(parents=True, exist_ok=True)
+    segments, errors = [], []
+    for k, (segment_name, spec, module, _) in enumerate(graphs):
+        files = export_onnx(module, spec, {"B": 1, "h": 16, "w": 16}, folder / f"segment_{k:02d}.onnx", export_options)
+        rels = [str(f.relative_to(work)) for f in files]
+        names = [t.name for t in spec.inputs]
+        segments.append({
+            "spec": spec.to_json(),
+            "files": {"fp32": {"onnx": rels[0], "external_data": rels[1] if len(rels) > 1 else None,
+                               "sha256": {rel: sha256_file(work / rel) for rel in rels}, "precision": "fp32"}},
+            "takes_residual": "residual" in names,
+            "hands_residual": "residual_out" in spec.output_names,
+        })
+        if options.verify:
+            feeds = checks[k]
+            expected = run_torch(module, spec, feeds)
+            errors.append(compare_graph(work / rels[0], spec, feeds, expected)["max_rel_l2"])
+    groups = segment_groups(split_segments(vae_tasks(models.vae, half)))
+    tiled = {"pad": TiledVaeLayout.for_half(half).pad, "groups": groups,
+             "eps": GROUP_NORM_EPS, "segments": segments}
+    if errors:
+        tiled["parity"] = {"max_rel_l2": max(errors), "tile": 12}
+    return tiled
 
 
 def _export_parallel(names, specs, paths: SeeSRPaths, work: Path, options: BuildOptions, progress) -> dict:
@@ -571,7 +614,8 @@ def _manifest(name, dims, networks, paths, sources, versions, text) -> dict:
             "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
             "defaults": {"steps": 50, "guidance": 5.5, "conditioning_scale": 1.0, "process_size": 512,
                          "upscale": 4, "latent_tile_size": 96, "latent_tile_overlap": 4, "color_fix": "adain",
-                         "start_point": "lr", "vae_encoder_tile_size": 1024, "vae_decoder_tile_size": 224},
+                         "start_point": "lr", "vae_encoder_tile_size": 1024, "vae_decoder_tile_size": 224,
+                         "tiled_vae": True},
         },
         "tagger": {
             "input_size": DAPE_SIZE, "resize": "bilinear, half-pixel centres, no antialias",

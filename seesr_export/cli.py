@@ -101,12 +101,20 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upscale", type=int, default=4)
     parser.add_argument("--latent-tile-size", type=int, default=96)
     parser.add_argument("--latent-tile-overlap", type=int, default=4)
+    parser.add_argument("--vae-encoder-tile-size", type=int, default=1024,
+                        help="tiled VAE encoder tile in image px (tiles above tile + 64)")
+    parser.add_argument("--vae-decoder-tile-size", type=int, default=224,
+                        help="tiled VAE decoder tile in latent px (tiles above tile + 22)")
+    parser.add_argument("--no-tiled-vae", dest="tiled_vae", action="store_false",
+                        help="run the VAE untiled at any size (a deviation from the official output)")
 
 
 def sampling_options(args) -> dict:
     return dict(steps=args.steps, guidance=args.guidance, seed=args.seed, prompt=args.prompt,
                 color_fix=args.color_fix, process_size=args.process_size, upscale=args.upscale,
-                latent_tile_size=args.latent_tile_size, latent_tile_overlap=args.latent_tile_overlap)
+                latent_tile_size=args.latent_tile_size, latent_tile_overlap=args.latent_tile_overlap,
+                vae_encoder_tile_size=args.vae_encoder_tile_size, vae_decoder_tile_size=args.vae_decoder_tile_size,
+                tiled_vae=args.tiled_vae)
 
 
 def cmd_reference(args) -> int:

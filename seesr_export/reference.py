@@ -2,13 +2,13 @@
 
 This is the oracle every exported graph and the torch-free runtime are
 compared against, so it follows ``test_seesr.py`` and
-``pipelines/pipeline_seesr.py`` step by step (see ../shared/SEESR_NOTES.md),
+``pipelines/pipeline_seesr.py`` step by step,
 with one addition: every random draw goes through ``noise_fn`` so a test can
 inject the same noise into the runtime.
 
-Known deviation: the official pipeline switches to a tiled VAE (GroupNorm
-statistics aggregated over tiles) above 1088 px on the encoder side and 246
-latent px on the decoder side; the reference always runs the VAE untiled.
+Large images go through the official tiled VAE (GroupNorm statistics shared
+across padded tiles, ``tiled_vae.py``) above 1088 px on the encoder side and
+246 latent px on the decoder side, as the official pipeline does.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from seesr_runtime.imaging import gaussian_tile_weights, tile_origins, working_image
+from seesr_runtime.tiled_vae import TiledVaeLayout
 
 from .layout import SeeSRPaths
 
@@ -247,7 +248,8 @@ class SeeSRReference:
                  negative_prompt: str = DEFAULT_NEGATIVE_PROMPT, steps: int = 50, guidance: float = 5.5,
                  conditioning_scale: float = 1.0, process_size: int = 512, upscale: int = 4,
                  latent_tile_size: int = 96, latent_tile_overlap: int = 4, color_fix: str = "adain",
-                 start_point: str = "lr", noise_fn: NoiseFn | None = None, seed: int = 0,
+                 start_point: str = "lr", vae_encoder_tile_size: int = 1024, vae_decoder_tile_size: int = 224,
+                 tiled_vae: bool = True, noise_fn: NoiseFn | None = None, seed: int = 0,
                  callback: Callable[[int, int], None] | None = None) -> ReferenceResult:
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
@@ -274,7 +276,8 @@ class SeeSRReference:
         latent_shape = (1, 4, work.size[1] // 8, work.size[0] // 8)
         latents = noise("initial", latent_shape) * self.scheduler.init_noise_sigma
         if start_point == "lr":
-            latents = self._lr_latent(self._put(to_tensor(work)), latents, noise)
+            latents = self._lr_latent(self._put(to_tensor(work)), latents, noise,
+                                      vae_encoder_tile_size if tiled_vae else None)
 
         _, _, h, w = latents.shape
         tiled = h * w > latent_tile_size * latent_tile_size
@@ -296,7 +299,7 @@ class SeeSRReference:
             if callback is not None:
                 callback(i, t)
 
-        image = self._decode(latents)
+        image = self._decode(latents, vae_decoder_tile_size if tiled_vae else None)
         with self._stage("postprocess"):
             if color_fix == "adain":
                 image = adain_color_fix(image, work)
@@ -307,18 +310,29 @@ class SeeSRReference:
             self._resolve_stages()
         return ReferenceResult(image=image, tags=tags, prompt=full_prompt, latents=history)
 
-    def _lr_latent(self, work: torch.Tensor, initial_noise: torch.Tensor, noise) -> torch.Tensor:
+    def _vae(self, half: str, x: torch.Tensor, tile: int | None) -> list[torch.Tensor]:
+        """A VAE half as the official pipeline runs it: quant convolution included, tiled above the
+        threshold (``tile`` None: never). Encoder -> [mean, clamped logvar], decoder -> [image]."""
+        from .tiled_vae import tiled_forward
+
+        if tile is not None and TiledVaeLayout.for_half(half).needs_tiling(x.shape[2], x.shape[3], tile):
+            return tiled_forward(self.vae, half, x, tile)
+        if half == "decoder":
+            return [self.vae.decode(x).sample]
+        moments = self.vae.encode(x).latent_dist
+        return [moments.mean, torch.clamp(moments.logvar, -30.0, 20.0)]
+
+    def _lr_latent(self, work: torch.Tensor, initial_noise: torch.Tensor, noise, tile: int | None) -> torch.Tensor:
         """LR embedding: sample the VAE posterior of the image, then noise it to t=999."""
         with self._stage("vae_encoder"):
-            moments = self.vae.encode(work * 2 - 1).latent_dist
-        mean, logvar = moments.mean, torch.clamp(moments.logvar, -30.0, 20.0)
+            mean, logvar = self._vae("encoder", work * 2 - 1, tile)
         sample = mean + torch.exp(0.5 * logvar) * noise("posterior", tuple(mean.shape))
         timestep = torch.tensor([START_STEP], dtype=torch.int64, device=self.device)
         return self.scheduler.add_noise(sample * self.scaling_factor, initial_noise, timestep)
 
-    def _decode(self, latents: torch.Tensor) -> Image.Image:
+    def _decode(self, latents: torch.Tensor, tile: int | None) -> Image.Image:
         with self._stage("vae_decoder"):
-            image = self.vae.decode(latents / self.scaling_factor).sample
+            (image,) = self._vae("decoder", latents / self.scaling_factor, tile)
         with self._stage("postprocess"):
             image = (image.float().cpu() / 2 + 0.5).clamp(0, 1)
             array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -119,8 +119,8 @@ def _residual_flow(segments: list[list[Task]]) -> list[tuple[bool, bool]]:
 
 def group_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-group mean and (biased) variance: two [B, groups] tensors."""
-    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1), dim=2, unbiased=False)
-    return mean, var
+    var, mean = torch.var_mean(x.float().reshape(x.shape[0], groups, -1), dim=2, unbiased=False)
+    return mean.to(x.dtype), var.to(x.dtype)
 
 
 def group_norm_with(x: torch.Tensor, norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -178,11 +178,11 @@ def combined_group_stats(states: list[torch.Tensor], groups: int) -> tuple[torch
     """Per-tile statistics averaged with weights proportional to the tiles' pixel counts (float32,
     in tile order, as the official tiler)."""
     per_tile = [group_stats(s, groups) for s in states]
-    pixels = torch.tensor([s.shape[2] * s.shape[3] for s in states], dtype=torch.float32)
+    pixels = torch.tensor([s.shape[2] * s.shape[3] for s in states], dtype=torch.float32, device=states[0].device)
     weights = (pixels / pixels.max()) / (pixels / pixels.max()).sum()
-    mean = sum(w * m for w, (m, _) in zip(weights, per_tile))
-    var = sum(w * v for w, (_, v) in zip(weights, per_tile))
-    return mean, var
+    mean = sum(w * m.float() for w, (m, _) in zip(weights, per_tile))
+    var = sum(w * v.float() for w, (_, v) in zip(weights, per_tile))
+    return mean.to(states[0].dtype), var.to(states[0].dtype)
 
 
 @torch.no_grad()
@@ -199,7 +199,7 @@ def tiled_forward(vae, half: str, x: torch.Tensor, tile: int) -> list[torch.Tens
         for i, state in enumerate(states):
             states[i], residuals[i] = run_segment(segment, state, stats, residuals[i])
     height, width = max(b[3] for b in out_boxes), max(b[1] for b in out_boxes)
-    out = torch.zeros((x.shape[0], states[0].shape[1], height, width), dtype=x.dtype)
+    out = torch.zeros((x.shape[0], states[0].shape[1], height, width), dtype=x.dtype, device=x.device)
     for state, (ix0, _, iy0, _), (ox0, ox1, oy0, oy1) in zip(states, in_boxes, out_boxes):
         top, left = oy0 - layout.scale(iy0), ox0 - layout.scale(ix0)
         out[:, :, oy0:oy1, ox0:ox1] = state[:, :, top:top + oy1 - oy0, left:left + ox1 - ox0]

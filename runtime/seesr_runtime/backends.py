@@ -71,18 +71,18 @@ class OnnxRuntimeBackend:
             self.options.add_session_config_entry("session.use_env_allocators", "1")
         elif cpu_arena == "none":
             self.options.enable_cpu_mem_arena = False
-        self._sessions = {}
-        self._outputs = {n: manifest.spec(n).output_names for n in manifest.data["networks"]}
+        self._sessions, self._outputs = {}, {}
 
     def session(self, network: str):
         if network not in self._sessions:
             import onnxruntime as ort
 
             precision = self.precision
-            if precision == "int8" and "int8" not in self.manifest.data["networks"][network]["files"]:
+            if precision == "int8" and "int8" not in self.manifest.entry(network)["files"]:
                 precision = "fp32"  # int8 bundles quantize only the UNet and ControlNet
             path = self.manifest.graph_path(network, precision)
             self._sessions[network] = ort.InferenceSession(str(path), self.options, providers=self.providers)
+            self._outputs[network] = self.manifest.spec(network).output_names
         return self._sessions[network]
 
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -103,7 +103,8 @@ def cmd_upscale(args) -> int:
     pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, **backend_options)
     options = {k: getattr(args, k) for k in ("prompt", "added_prompt", "negative_prompt", "steps", "guidance",
                                               "conditioning_scale", "process_size", "upscale", "latent_tile_size",
-                                              "latent_tile_overlap", "color_fix", "start_point")}
+                                              "latent_tile_overlap", "color_fix", "start_point",
+                                              "vae_encoder_tile_size", "vae_decoder_tile_size", "tiled_vae")}
     done, skipped, failed = 0, 0, []
     say = (lambda msg: None) if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
     for path in tqdm(files, desc="images", unit="img", disable=args.quiet, file=sys.stderr):
@@ -236,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale", type=int, default=None, help="scale factor (default 4)")
     p.add_argument("--latent-tile-size", type=int, default=None, help="latent tile, in latent pixels (default 96)")
     p.add_argument("--latent-tile-overlap", type=int, default=None, help="latent tile overlap (default 4)")
+    p.add_argument("--vae-encoder-tile-size", type=int, default=None,
+                   help="tiled VAE encoder tile, in image pixels; tiles above tile + 64 px (default 1024)")
+    p.add_argument("--vae-decoder-tile-size", type=int, default=None,
+                   help="tiled VAE decoder tile, in latent pixels; tiles above tile + 22 (default 224)")
+    p.add_argument("--no-tiled-vae", dest="tiled_vae", action="store_const", const=False, default=None,
+                   help="run the VAE untiled at any size: differs from the official output above the "
+                        "thresholds, and its memory grows with the image")
     p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None, help="default adain")
     p.add_argument("--start-point", choices=["lr", "noise"], default=None,
                    help="lr: start from the noised LR latent (default); noise: pure noise")

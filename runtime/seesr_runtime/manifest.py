@@ -62,6 +62,15 @@ def validate(data: dict, source: str = MANIFEST) -> None:
         raise BundleError(f"{source}: invalid manifest:\n  " + "\n  ".join(problems))
 
 
+def entry_files(entry: dict) -> dict[str, str]:
+    """Every file one network entry pins (its graphs and its tiled-VAE segments), path -> sha256."""
+    pinned = {}
+    for owner in (entry, *entry.get("tiled", {}).get("segments", [])):
+        for files in owner.get("files", {}).values():
+            pinned.update(files["sha256"])
+    return pinned
+
+
 @dataclass
 class Manifest:
     root: Path
@@ -84,12 +93,29 @@ class Manifest:
     def dims(self) -> ModelDims:
         return ModelDims.from_json(self.data["dims"])
 
+    def entry(self, network: str) -> dict:
+        """The manifest entry of a network, or of one tiled-VAE segment (``"vae_decoder#3"``)."""
+        parent, _, segment = network.partition("#")
+        try:
+            entry = self.data["networks"][parent]
+            return entry["tiled"]["segments"][int(segment)] if segment else entry
+        except (KeyError, IndexError, ValueError):
+            raise BundleError(f"{self.root}: the bundle has no network {network!r}") from None
+
+    def tiled_vae(self, network: str) -> dict | None:
+        """The ``tiled`` entry of ``vae_encoder``/``vae_decoder`` (segment graphs for the official tiled
+        VAE), or None for bundles built without them."""
+        return self.data["networks"].get(network, {}).get("tiled")
+
     def spec(self, network: str) -> NetworkSpec:
-        return NetworkSpec.from_json(self.data["networks"][network]["spec"])
+        return NetworkSpec.from_json(self.entry(network)["spec"])
 
     def graph_path(self, network: str, precision: str = "fp32") -> Path:
+        entry = self.entry(network)
+        if "#" in network and precision not in entry["files"]:
+            precision = "fp32"  # segments are fp32 only: they run once per image, at full precision
         try:
-            files = self.data["networks"][network]["files"][precision]
+            files = entry["files"][precision]
         except KeyError:
             have = {n: sorted(e.get("files", {})) for n, e in self.data["networks"].items()}
             raise BundleError(f"{self.root}: no {precision} graph for {network!r} (bundle has {have})") from None
@@ -99,8 +125,7 @@ class Manifest:
         """Every file the manifest pins, relative path -> sha256."""
         pinned = {}
         for entry in self.data["networks"].values():
-            for files in entry.get("files", {}).values():
-                pinned.update(files["sha256"])
+            pinned.update(entry_files(entry))
         pinned.update(self.data.get("files", {}))
         return pinned
 

@@ -5,11 +5,11 @@
     prompt = "{tags}, {user prompt}," + added prompt ──CLIP──> text embeddings
     latent = VAE posterior sample of the working image, noised to t=999
     50 DDPM steps: ControlNet residuals + UNet noise, guided 5.5 over [uncond, cond]
-    VAE decode ──> colour fix (adain) ──> resize to 4x the input
+    VAE decode (tiled above 246 latent px) ──> colour fix (adain) ──> resize to 4x the input
 
-Faithful to the official ``test_seesr.py`` / ``pipeline_seesr.py`` (see
-../shared/SEESR_NOTES.md). Every random draw goes through ``noise(kind, shape)``
-in the official order (initial latent noise, VAE posterior noise, one per
+Faithful to the official ``test_seesr.py`` / ``pipeline_seesr.py``, including its tiled VAE for
+large images (``tiled_vae.py``). Every random draw goes through ``noise(kind, shape)`` in the
+official order (initial latent noise, VAE posterior noise, one per
 step), so a caller can replay another implementation's stream via ``noise_fn``.
 """
 from __future__ import annotations
@@ -23,19 +23,18 @@ import numpy as np
 from PIL import Image
 
 from .backends import Backend, create_backend
-from .imaging import (COLOR_FIXES, dape_input, gaussian_tile_weights, run_tiled, select_tags, tile_origins, to_chw,
+from .imaging import (COLOR_FIXES, dape_input, gaussian_tile_weights, select_tags, tile_origins, to_chw,
                       to_uint8_rounded, working_image)
-from .manifest import Manifest
+from .manifest import BundleError, Manifest
 from .profiling import ProfiledBackend, StageProfiler
 from .scheduler import DDPMScheduler
 from .text import PromptEncoder
+from .tiled_vae import TiledVaeLayout, run_tiled_vae
 
 NoiseFn = Callable[[str, tuple], np.ndarray]
 OPTIONS = ("prompt", "added_prompt", "negative_prompt", "steps", "guidance", "conditioning_scale", "process_size",
            "upscale", "latent_tile_size", "latent_tile_overlap", "color_fix", "start_point", "vae_encoder_tile_size",
-           "vae_decoder_tile_size")
-# The official tiled VAE starts above tile + 2*pad: 1024 + 64 image px (encoder), 224 + 22 latent px (decoder).
-VAE_ENCODER_PAD, VAE_DECODER_PAD = 32, 11
+           "vae_decoder_tile_size", "tiled_vae")
 
 
 @dataclass
@@ -52,7 +51,7 @@ class SeeSRPipeline:
         self.manifest, self.profiler = manifest, profiler
         self.backend = ProfiledBackend(backend, profiler) if profiler is not None else backend
         pipeline, tagger = manifest.data["pipeline"], manifest.data["tagger"]
-        self.defaults = {**pipeline["defaults"], "prompt": "", "added_prompt": pipeline["added_prompt"],
+        self.defaults = {"tiled_vae": True, **pipeline["defaults"], "prompt": "", "added_prompt": pipeline["added_prompt"],
                          "negative_prompt": pipeline["negative_prompt"]}
         self.scheduler_config = {k: v for k, v in pipeline["scheduler"].items() if k != "type"}
         self.scaling_factor = np.float32(pipeline["vae_scaling_factor"])
@@ -110,27 +109,31 @@ class SeeSRPipeline:
             contributors[window] += weights
         return total / contributors
 
-    def encode(self, image: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
-        """VAE posterior moments; above the official threshold (tile + 64 px) in overlapping tiles."""
-        run = lambda x: self.backend.run("vae_encoder", {"image": x})  # noqa: E731
-        if max(image.shape[2:]) <= tile + 2 * VAE_ENCODER_PAD:
-            return tuple(run(image))
-        return tuple(run_tiled(run, image, tile, min(2 * VAE_ENCODER_PAD, tile // 4), 1 / 8))
+    def run_vae(self, network: str, x: np.ndarray, tile: int, tiled: bool = True) -> list[np.ndarray]:
+        """A VAE half on the whole input, or, above the official threshold (the longer side over
+        tile + 2 * pad), the official tiled VAE: padded tiles, GroupNorm statistics shared across
+        tiles (``tiled_vae.py``). ``tiled=False`` always runs untiled (a deviation; memory grows
+        with the image)."""
+        layout = TiledVaeLayout.for_half(network.removeprefix("vae_"))
+        if not tiled or not layout.needs_tiling(x.shape[2], x.shape[3], tile):
+            return self.backend.run(network, {self.manifest.spec(network).input_names[0]: x})
+        segments = self.manifest.tiled_vae(network)
+        if segments is None:
+            raise BundleError(f"{self.manifest.root}: this bundle has no tiled-VAE graphs for {network}, which a "
+                              f"{x.shape[3]}x{x.shape[2]} input needs; rebuild it with this version of "
+                              "`seesr-export build`, or pass tiled_vae=False (--no-tiled-vae) to run the VAE untiled")
+        return run_tiled_vae(self.backend.run, network, segments, x, tile)
 
-    def lr_latent(self, work: np.ndarray, initial_noise: np.ndarray, noise, scheduler, vae_tile: int) -> np.ndarray:
+    def lr_latent(self, work: np.ndarray, initial_noise: np.ndarray, noise, scheduler, vae_tile: int,
+                  tiled: bool = True) -> np.ndarray:
         """Sample the VAE posterior of the working image, scale it, and noise it to t=999."""
-        mean, logvar = self.encode(work * np.float32(2.0) - np.float32(1.0), vae_tile)
+        mean, logvar = self.run_vae("vae_encoder", work * np.float32(2.0) - np.float32(1.0), vae_tile, tiled)
         sample = mean + np.exp(np.float32(0.5) * logvar) * noise("posterior", mean.shape)
         return scheduler.add_noise(sample * self.scaling_factor, initial_noise, self.start_step)
 
-    def decode(self, latents: np.ndarray, tile: int = 224) -> Image.Image:
-        """VAE decode; above the official threshold (tile + 22 latent px) in overlapping tiles."""
-        run = lambda z: self.backend.run("vae_decoder", {"latent": z})  # noqa: E731
-        latents = latents / self.scaling_factor
-        if max(latents.shape[2:]) <= tile + 2 * VAE_DECODER_PAD:
-            image = run(latents)[0]
-        else:
-            image = run_tiled(run, latents, tile, min(2 * VAE_DECODER_PAD, tile // 4), 8)[0]
+    def decode(self, latents: np.ndarray, tile: int = 224, tiled: bool = True) -> Image.Image:
+        """VAE decode to a uint8 image."""
+        image = self.run_vae("vae_decoder", latents / self.scaling_factor, tile, tiled)[0]
         return Image.fromarray(to_uint8_rounded(image))
 
     # ------------------------------------------------------------ the whole pipeline
@@ -159,7 +162,8 @@ class SeeSRPipeline:
         shape = (1, 4, work.size[1] // 8, work.size[0] // 8)
         latents = noise("initial", shape) * np.float32(scheduler.init_noise_sigma)
         if o["start_point"] == "lr":
-            latents = self.lr_latent(to_chw(work), latents, noise, scheduler, o["vae_encoder_tile_size"])
+            latents = self.lr_latent(to_chw(work), latents, noise, scheduler, o["vae_encoder_tile_size"],
+                                     o["tiled_vae"])
 
         tiled = shape[2] * shape[3] > o["latent_tile_size"] ** 2
         history = []
@@ -182,7 +186,7 @@ class SeeSRPipeline:
             if callback is not None:
                 callback(i, t)
 
-        decoded = self.decode(latents, o["vae_decoder_tile_size"])
+        decoded = self.decode(latents, o["vae_decoder_tile_size"], o["tiled_vae"])
         with self._stage("postprocess"):
             result = COLOR_FIXES[o["color_fix"]](decoded, work)
             result = result.resize((lr.size[0] * o["upscale"], lr.size[1] * o["upscale"]), Image.BICUBIC)

@@ -65,7 +65,7 @@ class ProfiledBackend:
         device_ms = getattr(self.inner, "device_ms", None)
         if device_ms is not None and device_ms() is not None:
             seconds = device_ms() / 1e3  # GPU events: the device's own time for the call
-        self.profiler.add(network, seconds, shapes)
+        self.profiler.add(network.partition("#")[0], seconds, shapes)  # tiled-VAE segments count as their VAE half
         return outputs
 
     def __getattr__(self, attribute):
