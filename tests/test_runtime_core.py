@@ -87,17 +87,18 @@ def test_manifest_errors_are_clear(runtime_bundle, tmp_path):
         Manifest.load(copy).graph_path("unet", "int8")
 
 
-def test_tiled_vae_is_close_to_untiled(runtime_pipeline):
-    # Tiles see their own GroupNorm statistics and attention context, so the result deviates;
-    # on the tiny random-weight VAE: decoder rel L2 1.4e-2 at 34-latent tiles, encoder ~1e-1.
+def test_tiled_vae_runs_its_segments(runtime_pipeline):
+    # Above tile + 2 * pad the VAE runs as the official tiled VAE (exact parity with the torch tiler is in
+    # test_tiled_vae.py): shapes follow the untiled VAE, the output is deterministic and close to it.
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((1, 4, 60, 44)).astype(np.float32)
     full = np.asarray(runtime_pipeline.decode(latents, tile=224), dtype=np.float64)
-    tiled = np.asarray(runtime_pipeline.decode(latents, tile=34), dtype=np.float64)
+    tiled = np.asarray(runtime_pipeline.decode(latents, tile=16), dtype=np.float64)
     assert full.shape == tiled.shape == (480, 352, 3)
-    assert np.linalg.norm(tiled - full) / np.linalg.norm(full) < 0.05
+    assert np.array_equal(tiled, np.asarray(runtime_pipeline.decode(latents, tile=16)))
+    assert 0 < np.linalg.norm(tiled - full) / np.linalg.norm(full) < 0.1
     image = rng.random((1, 3, 480, 352), dtype=np.float32) * 2 - 1
-    mean, logvar = runtime_pipeline.encode(image, tile=1024)
-    tiled_mean, tiled_logvar = runtime_pipeline.encode(image, tile=192)
+    mean, logvar = runtime_pipeline.run_vae("vae_encoder", image, tile=1024)
+    tiled_mean, tiled_logvar = runtime_pipeline.run_vae("vae_encoder", image, tile=128)
     assert tiled_mean.shape == mean.shape == (1, 4, 60, 44) and np.isfinite(tiled_logvar).all()
-    assert np.linalg.norm(tiled_mean - mean) / np.linalg.norm(mean) < 0.25
+    assert 0 < np.linalg.norm(tiled_mean - mean) / np.linalg.norm(mean) < 0.5
