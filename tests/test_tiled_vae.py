@@ -13,7 +13,7 @@ from seesr_runtime import SeeSRPipeline
 from seesr_runtime.backends import OnnxRuntimeBackend
 from seesr_runtime.manifest import BundleError, Manifest
 from seesr_runtime.profiling import StageProfiler
-from seesr_runtime.tiled_vae import TiledVaeLayout, run_tiled_vae, split_tiles, tile_stats
+from seesr_runtime.tiled_vae import TiledVaeLayout, TileStates, run_tiled_vae, split_tiles, tile_stats
 
 # (height, width, tile, half) -> (input boxes, output boxes) as [x0, x1, y0, y1], read off the official
 # tiler (utils/vaehook.py, VAEHook.split_tiles) for these arguments: shrunk and rounded tile sizes, cores
@@ -171,3 +171,24 @@ def test_segments_are_profiled_as_their_vae_half(tiny_bundle):
     pipe.decode(np.zeros((1, 4, 40, 40), np.float32), tile=16)
     assert set(profiler.calls()) == {"vae_decoder"}
     assert len(profiler.calls()["vae_decoder"]) == 4 * len(Manifest.load(tiny_bundle).tiled_vae("vae_decoder")["segments"])
+
+
+def test_spilled_tile_states_give_the_same_image(runtime_pipeline, tiny_bundle, tmp_path):
+    latent = np.random.default_rng(3).standard_normal((1, 4, 40, 52)).astype(np.float32)
+    spilled = SeeSRPipeline.from_bundle(tiny_bundle, tiled_vae_spill_dir=tmp_path)
+    assert np.array_equal(np.asarray(spilled.decode(latent, tile=16)), np.asarray(runtime_pipeline.decode(latent, tile=16)))
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_tile_states_spill_to_files_and_clean_up(tmp_path):
+    states = TileStates(tmp_path)
+    first = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4)
+    states.put(("hidden", 0), first)
+    states.put(("residual", 0), None)
+    (folder,) = tmp_path.iterdir()
+    assert len(list(folder.glob("*.npy"))) == 1
+    assert np.array_equal(states.get(("hidden", 0)), first) and states.get(("residual", 0)) is None
+    states.put(("hidden", 0), first * 2)  # replaced: the old file goes
+    assert len(list(folder.glob("*.npy"))) == 1 and np.array_equal(states.get(("hidden", 0)), first * 2)
+    states.close()
+    assert not folder.exists()

@@ -100,7 +100,8 @@ def cmd_upscale(args) -> int:
         print("error: no input images found", file=sys.stderr)
         return 2
     backend_options = backend_options_from(args)
-    pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, **backend_options)
+    pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, tiled_vae_spill_dir=args.tiled_vae_spill_dir,
+                                     **backend_options)
     options = {k: getattr(args, k) for k in ("prompt", "added_prompt", "negative_prompt", "steps", "guidance",
                                               "conditioning_scale", "process_size", "upscale", "latent_tile_size",
                                               "latent_tile_overlap", "color_fix", "start_point",
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tiled-vae", dest="tiled_vae", action="store_const", const=False, default=None,
                    help="run the VAE untiled at any size: differs from the official output above the "
                         "thresholds, and its memory grows with the image")
+    p.add_argument("--tiled-vae-spill-dir", type=Path, default=None, metavar="DIR",
+                   help="keep the tiled VAE's waiting tiles in files under DIR (very large outputs in little "
+                        "memory; same result)")
     p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None, help="default adain")
     p.add_argument("--start-point", choices=["lr", "noise"], default=None,
                    help="lr: start from the noised LR latent (default); noise: pure noise")

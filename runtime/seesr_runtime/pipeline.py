@@ -46,9 +46,13 @@ class UpscaleResult:
 
 
 class SeeSRPipeline:
-    def __init__(self, manifest: Manifest, backend: Backend, profiler: StageProfiler | None = None):
-        """``profiler``: record every stage and network call (``seesr bench``); None costs nothing."""
+    def __init__(self, manifest: Manifest, backend: Backend, profiler: StageProfiler | None = None,
+                 tiled_vae_spill_dir: str | Path | None = None):
+        """``profiler``: record every stage and network call (``seesr bench``); None costs nothing.
+        ``tiled_vae_spill_dir``: keep the tiled VAE's waiting tile states in files there (resident
+        memory then stays near one tile's worth for any image size; see ``tiled_vae.TileStates``)."""
         self.manifest, self.profiler = manifest, profiler
+        self.tiled_vae_spill_dir = tiled_vae_spill_dir
         self.backend = ProfiledBackend(backend, profiler) if profiler is not None else backend
         pipeline, tagger = manifest.data["pipeline"], manifest.data["tagger"]
         self.defaults = {"tiled_vae": True, **pipeline["defaults"], "prompt": "", "added_prompt": pipeline["added_prompt"],
@@ -64,11 +68,12 @@ class SeeSRPipeline:
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, backend: str = "onnxruntime", verify: bool = False,
-                    profiler: StageProfiler | None = None, **backend_options) -> "SeeSRPipeline":
+                    profiler: StageProfiler | None = None, tiled_vae_spill_dir: str | Path | None = None,
+                    **backend_options) -> "SeeSRPipeline":
         manifest = Manifest.load(bundle)
         if verify:
             manifest.verify_files()
-        return cls(manifest, create_backend(backend, manifest, **backend_options), profiler)
+        return cls(manifest, create_backend(backend, manifest, **backend_options), profiler, tiled_vae_spill_dir)
 
     def _stage(self, name: str):
         return self.profiler.stage(name) if self.profiler is not None else nullcontext()
@@ -122,7 +127,7 @@ class SeeSRPipeline:
             raise BundleError(f"{self.manifest.root}: this bundle has no tiled-VAE graphs for {network}, which a "
                               f"{x.shape[3]}x{x.shape[2]} input needs; rebuild it with this version of "
                               "`seesr-export build`, or pass tiled_vae=False (--no-tiled-vae) to run the VAE untiled")
-        return run_tiled_vae(self.backend.run, network, segments, x, tile)
+        return run_tiled_vae(self.backend.run, network, segments, x, tile, self.tiled_vae_spill_dir)
 
     def lr_latent(self, work: np.ndarray, initial_noise: np.ndarray, noise, scheduler, vae_tile: int,
                   tiled: bool = True) -> np.ndarray:

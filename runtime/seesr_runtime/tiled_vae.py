@@ -15,12 +15,17 @@ Large images go through the VAE in tiles, as the official pipeline does (its ``v
 The result is close to, not equal to, the untiled VAE (the mid-block attention and every
 convolution see one padded tile); it is what the official pipeline produces. Peak memory: the
 networks' activations grow with the tile, while the tiles' hidden states waiting at a GroupNorm
-(one float32 tensor per tile, plus a residual) grow with the image.
+(one float32 tensor per tile, plus a residual) grow with the image, unless they are spilled to
+files (``spill_dir``), which keeps the resident memory to about one tile's worth.
 """
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -126,31 +131,82 @@ def assemble_tiles(tiles: list[np.ndarray], inputs, outputs, layout: TiledVaeLay
 RunFn = Callable[[str, dict], list]
 
 
-def run_tiled_vae(run: RunFn, network: str, tiled: dict, x: np.ndarray, tile: int) -> list[np.ndarray]:
+class TileStates:
+    """The tensors each tile carries from one segment to the next (its hidden state, a residual).
+
+    In memory by default; with ``spill_dir``, each is written to a .npy file there and memory-mapped
+    back when its tile runs, so the operating system can page them out: resident memory then stays
+    near one tile's activations whatever the image size, at the cost of disk traffic."""
+
+    def __init__(self, spill_dir: str | Path | None = None):
+        self._dir = tempfile.mkdtemp(prefix="seesr-tiles-", dir=spill_dir) if spill_dir is not None else None
+        self._items: dict = {}
+        self._writes = 0
+
+    def put(self, key, array: np.ndarray | None) -> None:
+        previous = self._items.pop(key, None)
+        if isinstance(previous, str):
+            os.unlink(previous)  # a live memory map of it stays valid until released
+        if self._dir is None or array is None:
+            self._items[key] = array
+            return
+        self._writes += 1
+        path = os.path.join(self._dir, f"{self._writes}.npy")
+        np.save(path, array)
+        self._items[key] = path
+
+    def get(self, key) -> np.ndarray | None:
+        item = self._items.get(key)
+        return np.load(item, mmap_mode="r") if isinstance(item, str) else item
+
+    def close(self) -> None:
+        self._items.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def run_tiled_vae(run: RunFn, network: str, tiled: dict, x: np.ndarray, tile: int,
+                  spill_dir: str | Path | None = None) -> list[np.ndarray]:
     """The tiled VAE half ``network`` (``"vae_encoder"``/``"vae_decoder"``) on ``x`` through ``run``
-    (``backend.run``); ``tiled`` is the network's ``tiled`` manifest entry. Returns the network's
-    outputs: ``[mean, logvar]`` or ``[image]``."""
+    (``backend.run``); ``tiled`` is the network's ``tiled`` manifest entry; ``spill_dir``: see
+    ``TileStates``. Returns the network's outputs: ``[mean, logvar]`` or ``[image]``."""
     layout = TiledVaeLayout(pad=tiled["pad"], decoder=network == "vae_decoder")
     groups, segments = tiled["groups"], tiled["segments"]
     inputs, outputs = split_tiles(x.shape[2], x.shape[3], tile, layout)
-    states = [np.ascontiguousarray(x[:, :, y0:y1, x0:x1]) for x0, x1, y0, y1 in inputs]
-    residuals: list = [None] * len(states)
-    results = []
-    for k, segment in enumerate(segments):
-        feeds = {}
-        if k > 0:
-            feeds["group_mean"], feeds["group_var"] = shared_group_stats(
-                [tile_stats(s, groups) for s in states], [s.shape[2] * s.shape[3] for s in states])
-        last = k == len(segments) - 1
-        for i in range(len(states)):
-            tile_feeds = {"hidden": states[i], **feeds}
-            if segment["takes_residual"]:
-                tile_feeds["residual"] = residuals[i]
-            out = run(f"{network}#{k}", tile_feeds)
-            if last:
-                results.append(out)
-                states[i] = None  # free as we go: the outputs replace the states
-            else:
-                states[i] = out[0]
-                residuals[i] = out[1] if segment["hands_residual"] else None
+    states = TileStates(spill_dir)
+    try:
+        for i, (x0, x1, y0, y1) in enumerate(inputs):
+            states.put(("hidden", i), np.ascontiguousarray(x[:, :, y0:y1, x0:x1]))
+        for k, segment in enumerate(segments[:-1]):
+            _run_segment(run, f"{network}#{k}", segment, states, len(inputs), groups if k > 0 else None)
+        results = _run_segment(run, f"{network}#{len(segments) - 1}", segments[-1], states, len(inputs), groups,
+                               last=True)
+    finally:
+        states.close()
     return [assemble_tiles([r[j] for r in results], inputs, outputs, layout) for j in range(len(results[0]))]
+
+
+def _run_segment(run: RunFn, name: str, segment: dict, states: TileStates, count: int, groups: int | None,
+                 last: bool = False) -> list | None:
+    """One segment over every tile (the first segment has no GroupNorm: ``groups`` None). The last
+    returns every tile's outputs; the others leave their outputs in ``states``."""
+    feeds = {}
+    if groups is not None:  # every tile waits here for the shared statistics
+        hidden = [states.get(("hidden", i)) for i in range(count)]
+        feeds["group_mean"], feeds["group_var"] = shared_group_stats(
+            [tile_stats(h, groups) for h in hidden], [h.shape[2] * h.shape[3] for h in hidden])
+        del hidden
+    results = []
+    for i in range(count):
+        tile_feeds = {"hidden": states.get(("hidden", i)), **feeds}
+        if segment["takes_residual"]:
+            tile_feeds["residual"] = states.get(("residual", i))
+        out = run(name, tile_feeds)
+        del tile_feeds
+        if last:
+            results.append(out)
+            states.put(("hidden", i), None)
+        else:
+            states.put(("hidden", i), out[0])
+            states.put(("residual", i), out[1] if segment["hands_residual"] else None)
+    return results if last else None
