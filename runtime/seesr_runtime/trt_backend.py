@@ -80,6 +80,17 @@ class TensorRTBackend:
         self._events = (_check(self.cudart.cudaEventCreate()), _check(self.cudart.cudaEventCreate()))
         self._last_ms = None
 
+    def _segment_backend(self):
+        """onnxruntime (CUDA where onnxruntime-gpu is installed) for the tiled VAE's fp32 segment graphs."""
+        if not hasattr(self, "_segments"):
+            import onnxruntime as ort
+
+            from .backends import OnnxRuntimeBackend
+
+            cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+            self._segments = OnnxRuntimeBackend(self.manifest, providers=["cuda", "cpu"] if cuda else ["cpu"])
+        return self._segments
+
     def _buffer(self, network: str, tensor: str, nbytes: int) -> int:
         key = (network, tensor)
         if key not in self.buffers:
@@ -87,6 +98,8 @@ class TensorRTBackend:
         return self.buffers[key].ensure(nbytes)
 
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if "#" in network:  # a tiled-VAE segment (large images): no engine is built for those
+            return self._segment_backend().run(network, feeds)
         cudart, context, engine = self.cudart, self.contexts[network], self.engines[network]
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         context.device_memory = self.activations.ptr
