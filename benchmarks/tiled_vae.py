@@ -60,13 +60,15 @@ def main() -> int:
                         help="largest output decoded untiled (its attention alone needs (size/8)^4 * 4 bytes)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
+    parser.add_argument("--append", action="store_true", help="add rows to an existing --out/tiled_vae.json")
     parser.add_argument("--child", nargs=3, metavar=("SIZE", "MODE", "TILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         size, mode, tile = int(args.child[0]), args.child[1], int(args.child[2])
         print(json.dumps(child(args.bundle, size, mode, tile, args.threads)))
         return 0
-    rows = []
+    previous = args.out / "tiled_vae.json"
+    rows = json.loads(previous.read_text())["rows"] if args.append and previous.exists() else []
     for size in args.sizes:
         for mode in args.modes:
             if mode == "untiled" and size > args.max_untiled:
@@ -80,7 +82,7 @@ def main() -> int:
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-                rows.append({"size": size, "mode": mode, "error": tail[0]})
+                rows.append({"size": size, "mode": mode, "tile": args.tile, "error": tail[0]})
             else:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"[tiled_vae]   {rows[-1]}", file=sys.stderr, flush=True)
@@ -90,15 +92,16 @@ def main() -> int:
 
 def write(out: Path, args, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"benchmark": "tiled_vae", "bundle": str(args.bundle), "tile": args.tile, "cores": os.cpu_count(),
+    meta = {"benchmark": "tiled_vae", "bundle": str(args.bundle), "cores": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
     (out / "tiled_vae.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    lines = ["| output | mode | tiles | decode | peak RSS | RSS before the decode |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| output | mode | tile (latent px) | tiles | decode | peak RSS | RSS before the decode |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} px | {r['mode']} | | failed: {r['error']} | | |")
+            lines.append(f"| {r['size']} px | {r['mode']} | | | failed: {r['error']} | | |")
         else:
-            lines.append(f"| {r['size']} px | {r['mode']} | {r['tiles'] or 'untiled'} | {r['seconds']} s | "
+            lines.append(f"| {r['size']} px | {r['mode']} | {r['tile']} | {r['tiles'] or 'untiled'} | {r['seconds']} s | "
                          f"{r['peak_rss_gb']} GB | {r['rss_before_decode_gb']} GB |")
     (out / "tiled_vae.md").write_text("\n".join(lines) + "\n")
 
