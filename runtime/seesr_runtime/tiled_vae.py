@@ -192,10 +192,13 @@ def _run_segment(run: RunFn, name: str, segment: dict, states: TileStates, count
     returns every tile's outputs; the others leave their outputs in ``states``."""
     feeds = {}
     if groups is not None:  # every tile waits here for the shared statistics
-        hidden = [states.get(("hidden", i)) for i in range(count)]
-        feeds["group_mean"], feeds["group_var"] = shared_group_stats(
-            [tile_stats(h, groups) for h in hidden], [h.shape[2] * h.shape[3] for h in hidden])
-        del hidden
+        per_tile, pixels = [], []
+        for i in range(count):  # one tile mapped at a time: spilled states stay out of memory
+            hidden = states.get(("hidden", i))
+            per_tile.append(tile_stats(hidden, groups))
+            pixels.append(hidden.shape[2] * hidden.shape[3])
+            del hidden
+        feeds["group_mean"], feeds["group_var"] = shared_group_stats(per_tile, pixels)
     results = []
     for i in range(count):
         tile_feeds = {"hidden": states.get(("hidden", i)), **feeds}
