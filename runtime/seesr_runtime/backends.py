@@ -161,11 +161,13 @@ class OnnxRuntimeBackend:
             return self.bound_call(network, feeds).run(feeds)
         session = self.session(network)
         binding = session.io_binding()
+        host = []  # contiguous copies of sliced feeds (latent tiles): alive until the run is done
         for name, value in feeds.items():
             if isinstance(value, DeviceTensor):
                 binding.bind_ortvalue_input(name, value.value)
             else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+                host.append(np.ascontiguousarray(value))
+                binding.bind_cpu_input(name, host[-1])
         for name in self._outputs[network]:
             binding.bind_output(name, self.device, 0)
         session.run_with_iobinding(binding)
