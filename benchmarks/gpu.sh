@@ -29,9 +29,10 @@ log() { echo "[gpu.sh +$((SECONDS - started))s] $*" >&2; }
 if (( DRY )); then
     # The GPU run's steps at CPU cost: the fp16 graphs (on the CPU provider) and both sizes, one step each.
     size=tiny torch_config=cpu:fp32 sizes="512 1024" steps="1 1" runs=1 warmup=0 jobs=2 peak=""
-    # The GPU configurations' code paths on the CPU provider (the GPU graphs themselves need CUDA).
-    runtime_configs=("onnxruntime:fp16:cpu" "onnxruntime:fp16:cpu::iobinding,static")
-    name=dry_run dry=--dry-run psnr_steps=1 psnr_size=128 memory_sides="16 24 20"
+    # The GPU configurations' code paths (IOBinding, static-shape sessions) on the CPU provider; the GPU
+    # graphs themselves need CUDA. Small shapes for the checks: the dry run checks the script, not figures.
+    runtime_configs=("onnxruntime:fp16:cpu::iobinding,static")
+    name=dry_run dry=--dry-run psnr_steps=1 psnr_size=128 memory_sides="16 24 20" check_latent=16
 else
     command -v nvidia-smi >/dev/null || { echo "gpu.sh: no nvidia-smi: not a GPU machine (try --dry-run)" >&2; exit 2; }
     gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -44,7 +45,7 @@ else
     esac
     size=sd2 torch_config=${SEESR_GPU_TORCH:-cuda:fp16} sizes="512 1024" steps="50 5" runs=${SEESR_GPU_RUNS:-2} warmup=1
     jobs=6 runtime_configs=() dry="" psnr_steps=${SEESR_GPU_PSNR_STEPS:-20} ort_cuda=0
-    psnr_size=512 memory_sides="64 96 80"
+    psnr_size=512 memory_sides="64 96 80" check_latent=""
     if "$PY" -c "import onnxruntime as o, sys; o.preload_dlls() if hasattr(o, 'preload_dlls') else None; \
 sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
         # Today's baseline (plain fp16 graphs, host feeds), then one change at a time.
@@ -104,10 +105,11 @@ if [[ "${SEESR_GPU_CHECKS:-1}" == 0 ]] || (( ! DRY && ! ort_cuda )); then
 else
     log "accuracy of the fp16 graphs against fp32 (per network, end-to-end PSNR over $psnr_steps steps)"
     "$PY" "$ROOT/benchmarks/gpu_validate.py" --onnxruntime --bundle "$bundle" --out "$OUT" \
-        --psnr-steps "$psnr_steps" --psnr-size "$psnr_size" $dry || validate_status=$?
+        --psnr-steps "$psnr_steps" --psnr-size "$psnr_size" ${check_latent:+--latent "$check_latent"} $dry \
+        || validate_status=$?
     log "memory with 1, 2, 3 static shapes captured"
     # shellcheck disable=SC2086
-    "$PY" "$ROOT/benchmarks/ort_shapes_memory.py" --bundle "$bundle" --sides $memory_sides \
+    "$PY" "$ROOT/benchmarks/ort_shapes_memory.py" --bundle "$bundle" --sides $memory_sides ${dry:+--calls 1} \
         --json "$OUT/ort_shapes_memory${dry:+_dry_run}.json" $dry || memory_status=$?
 fi
 

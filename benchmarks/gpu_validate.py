@@ -103,8 +103,9 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
-def ort_accuracy_rows(manifest: Manifest, providers: list[str]) -> list[dict]:
-    """Per network and fp16 graph: relative L2 against the fp32 graph on the CPU, same inputs."""
+def ort_accuracy_rows(manifest: Manifest, providers: list[str], latent: int | None = None) -> list[dict]:
+    """Per network and fp16 graph: relative L2 against the fp32 graph on the CPU, same inputs (the 512px
+    profile's opt shape, or a ``latent`` x ``latent`` latent)."""
     import onnxruntime as ort
 
     from seesr_runtime.manifest import GPU_GRAPH
@@ -117,7 +118,9 @@ def ort_accuracy_rows(manifest: Manifest, providers: list[str]) -> list[dict]:
         if not graphs:
             continue
         spec = manifest.spec(name)
-        env = ({p.name: p for p in spec.profiles}.get("512px") or spec.profiles[0]).opt
+        env = dict(({p.name: p for p in spec.profiles}.get("512px") or spec.profiles[0]).opt)
+        if latent is not None:
+            env.update({k: latent for k in ("h", "w") if k in env})
         feeds = feeds_for(spec, env)
         reference = ort.InferenceSession(str(manifest.graph_path(name, "fp32")),
                                          providers=["CPUExecutionProvider"]).run(spec.output_names, feeds)
@@ -162,7 +165,7 @@ def validate_onnxruntime(args) -> int:
     providers = ["CPUExecutionProvider"] if args.dry_run else ["CUDAExecutionProvider", "CPUExecutionProvider"]
     manifest = Manifest.load(args.bundle)
     results = {"bundle": str(args.bundle), "onnxruntime": ort.__version__, "providers": providers,
-               "networks": ort_accuracy_rows(manifest, providers),
+               "networks": ort_accuracy_rows(manifest, providers, args.latent),
                "end_to_end": end_to_end_psnr(args.bundle, providers, args.psnr_steps, args.psnr_size)}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "gpu_validate_onnxruntime" + ("_dry_run" if args.dry_run else "")
@@ -185,6 +188,8 @@ def main() -> int:
                         help="check the fp16 graphs on onnxruntime-CUDA (accuracy and PSNR) instead of TensorRT")
     parser.add_argument("--psnr-steps", type=int, default=50, help="--onnxruntime: sampler steps of the PSNR run")
     parser.add_argument("--psnr-size", type=int, default=512, help="--onnxruntime: output size of the PSNR run")
+    parser.add_argument("--latent", type=int, default=None,
+                        help="--onnxruntime: check the networks at this latent side (default: the 512px profile)")
     args = parser.parse_args()
     if args.onnxruntime:
         return validate_onnxruntime(args)

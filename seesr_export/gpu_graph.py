@@ -87,26 +87,28 @@ def fuse(src: Path, model_type: str, cuda_only_fusions: bool = True):
     from onnxruntime.transformers import optimizer
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    with numpy2_safe_optimizer(), _environment(TQDM_DISABLE="1"):  # the optimizer's progress bar
+    with numpy2_safe_optimizer(), _quiet_progress_bar():
         return optimizer.optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
                                         optimization_options=fusion_options(model_type, cuda_only_fusions),
                                         use_gpu=True, only_onnxruntime=False)
 
 
 @contextlib.contextmanager
-def _environment(**values):
-    import os
+def _quiet_progress_bar():
+    """The optimizer draws a tqdm bar on stderr whenever tqdm is installed; silence it while it runs."""
+    try:
+        import tqdm
+    except ImportError:
+        yield
+        return
+    import functools
 
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    saved = tqdm.tqdm
+    tqdm.tqdm = functools.partial(saved, disable=True)
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        tqdm.tqdm = saved
 
 
 def timestep_embedding_nodes(model) -> list[str]:

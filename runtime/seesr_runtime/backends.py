@@ -121,7 +121,7 @@ class OnnxRuntimeBackend:
 
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if not self.io_binding:
-            return self.session(network).run(self._outputs_of(network), feeds)
+            return self.session(network).run(self._outputs[network], feeds)
         return [np.array(v.numpy()) for v in self._run_bound(network, feeds)]  # a copy: buffers are reused
 
     def run_on_device(self, network: str, feeds: dict) -> list:
@@ -149,9 +149,6 @@ class OnnxRuntimeBackend:
                 self.session(network)
 
     # ---------------------------------------------------------------- IOBinding
-
-    def _outputs_of(self, network: str) -> list[str]:
-        return self._outputs.get(network) or self.manifest.spec(network).output_names
 
     def _static(self, network: str) -> bool:
         return self.static_shapes and network in PER_STEP_NETWORKS

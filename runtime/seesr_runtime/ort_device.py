@@ -91,13 +91,19 @@ def fix_dimensions(options, spec: NetworkSpec, env: dict[str, int]) -> None:
         options.add_free_dimension_override_by_name(name, value)
 
 
+SHARED_TYPES = (1, 10, 16)  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16: the weights
+MIN_SHARED_ELEMENTS = 1024
+
+
 class SharedWeights:
     """One copy of a graph's initializers in device memory, handed to every static-shape session of it.
 
     onnxruntime takes a user-supplied initializer only if its OrtValue does not own the buffer, and
     then uses that buffer as is: an owning device OrtValue is turned into a non-owning view by a DLPack
-    round trip (the capsule keeps the owner alive). Reading the initializers needs the ``onnx``
-    package; without it (``available`` False) each session loads its own copy.
+    round trip (the capsule keeps the owner alive). Only floating-point tensors of at least
+    ``MIN_SHARED_ELEMENTS`` are shared: integer and small tensors (shape constants, which CPU-side kernels
+    read from host memory) stay in each session. Reading the initializers needs the ``onnx`` package;
+    without it (``available`` False) each session loads its own copy.
     """
 
     def __init__(self, path: Path, device: str):
@@ -114,9 +120,9 @@ class SharedWeights:
         self.available = True
         model = onnx.load(str(path), load_external_data=False)
         for init in model.graph.initializer:
+            if init.data_type not in SHARED_TYPES or int(np.prod(init.dims)) < MIN_SHARED_ELEMENTS:
+                continue  # shape constants and small tensors: some kernels read them on the host
             array = _initializer_array(init, Path(path).parent, numpy_helper, onnx)
-            if array.size == 0:
-                continue
             owner = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, device, 0)
             owner.update_inplace(array)
             self._owners.append(owner)
