@@ -81,7 +81,7 @@ class BuildOptions:
     def graph_precisions(self) -> tuple[str, ...]:
         # fp32 graphs are always written: onnxruntime on CPU wants them, and they are
         # the baseline the lower precisions are measured against.
-        # fp16 builds add the GPU graphs (UNet, ControlNet; see gpu_graph.py); int8 builds keep fp16 graphs
+        # fp16 builds add the GPU graphs (UNet, ControlNet, VAE; see gpu_graph.py); int8 builds keep fp16 graphs
         # for the networks they do not quantize.
         return {"fp32": ("fp32",), "fp16": ("fp32", "fp16", GPU_GRAPH)}.get(self.precision, ("fp32", "fp16"))
 

@@ -108,8 +108,8 @@ PARITY_TOLERANCES = {
     "text_encoder": {"fp32": _FP32, "fp16": _FP16},
     "controlnet": {"fp32": _FP32, "fp16": _FP16, "fused_fp32": _FP32, "fp16_gpu": _FP16},
     "unet": {"fp32": _FP32, "fp16": _FP16, "fused_fp32": _FP32, "fp16_gpu": _FP16},
-    "vae_encoder": {"fp32": _FP32, "fp16": _FP16},
-    "vae_decoder": {"fp32": _FP32, "fp16": _FP16},
+    "vae_encoder": {"fp32": _FP32, "fp16": _FP16, "fused_fp32": _FP32, "fp16_gpu": _FP16},
+    "vae_decoder": {"fp32": _FP32, "fp16": _FP16, "fused_fp32": _FP32, "fp16_gpu": _FP16},
 }
 
 

@@ -8,8 +8,9 @@ without the CUDA-only ones give a CPU-runnable fp32 graph, which is how the fusi
 against torch where no GPU is.
 
 Precision choices (why they differ from the bundle's plain fp16 graph):
-- no fp32 attention islands: SD2-base (and so SeeSR) has ``upcast_attention: false``, and the fused
-  attention kernels accumulate in fp32 anyway;
+- no fp32 attention islands where attention fuses: SD2-base (and so SeeSR) has ``upcast_attention:
+  false``, and the fused attention kernels accumulate in fp32 anyway; attention left unfused (the VAE's)
+  keeps its scores and softmax in fp32, as in the plain fp16 graphs;
 - the timestep embedding (Sin/Cos and everything feeding them) stays fp32: t reaches 999 where fp16
   spacing is 0.5, and diffusers computes it in fp32 too;
 - inputs and outputs stay fp32, as the numpy side expects.
@@ -24,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 # The onnxruntime model type whose fusions fit each network; networks not listed get no GPU graph.
-# The VAE and text encoder (model types "vae" and "clip") gain little (they run once per image)
-# and are left on the plain fp16 graph.
-OPTIMIZER_MODEL_TYPES = {"unet": "unet", "controlnet": "unet"}
+# The VAE gets GroupNorm and NhwcConv (its attention does not fuse and stays fp32 as in the plain fp16
+# graph). The text encoder is left out: the "clip" fusions do not fuse its attention on our trace.
+OPTIMIZER_MODEL_TYPES = {"unet": "unet", "controlnet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 # Fusion switches of onnxruntime's FusionOptions whose fused ops have CUDA kernels only.
 CUDA_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
                      "enable_packed_qkv", "enable_packed_kv", "enable_bias_add")
@@ -131,14 +132,16 @@ def fused_op_counts(model) -> dict[str, int]:
 
 def write_gpu_graph(src: Path, dst: Path, model_type: str, external_data_threshold: int) -> tuple[list[Path], dict]:
     """The GPU graph of the fp32 graph ``src`` at ``dst``; returns its files and its manifest facts."""
-    from .export import _name_unnamed_nodes, _remove_dead_nodes, save_onnx, toposort
+    from .export import (_drop_fp16_round_trips, _name_unnamed_nodes, _remove_dead_nodes, attention_fp32_nodes,
+                         save_onnx, toposort)
 
     optimized = fuse(src, model_type, cuda_only_fusions=True)
     _name_unnamed_nodes(optimized.model)
-    fp32_nodes = timestep_embedding_nodes(optimized.model)
+    fp32_nodes = sorted(set(timestep_embedding_nodes(optimized.model)) | set(attention_fp32_nodes(optimized.model)))
     optimized.convert_float_to_float16(keep_io_types=True, node_block_list=fp32_nodes)
     model = optimized.model
     _import_fused_domain(model)
+    _drop_fp16_round_trips(model)
     toposort(model)
     _remove_dead_nodes(model)
     files = save_onnx(model, dst, external_data_threshold)

@@ -144,7 +144,8 @@ def test_gpu_script_dry_run(tmp_path, tiny_bundle):
         assert (out / "bench_dry_run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     built = Manifest.load(tmp_path / "work" / "engines" / "tiny").data["networks"]
     serial = Manifest.load(tiny_bundle).data["networks"]
-    assert {n for n, e in built.items() if "fp16_gpu" in e["files"]} == {"unet", "controlnet"}
+    assert {n for n, e in built.items() if "fp16_gpu" in e["files"]} == {"unet", "controlnet", "vae_encoder",
+                                                                          "vae_decoder"}
     for name in serial:
         for precision in ("fp32", "fp16"):
             assert built[name]["files"][precision]["sha256"] == serial[name]["files"][precision]["sha256"], name

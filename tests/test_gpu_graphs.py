@@ -16,6 +16,7 @@ import pytest
 from seesr_runtime.manifest import GPU_GRAPH, Manifest
 
 DENOISERS = ("unet", "controlnet")
+WITH_GPU_GRAPHS = (*DENOISERS, "vae_encoder", "vae_decoder")
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 CPU = ["CPUExecutionProvider"]
 
@@ -108,6 +109,24 @@ def test_gpu_graph_is_fp16_with_fp32_timestep_embedding_and_io(tiny_bundle, netw
     assert set(manifest.entry(network)["files"][GPU_GRAPH]["fp32_nodes"]) == {n.name for n in embedding}
 
 
+@pytest.mark.parametrize("network", ("vae_encoder", "vae_decoder"))
+def test_vae_gpu_graph_fuses_group_norm_and_keeps_its_attention_fp32(tiny_bundle, network):
+    """The VAE's GPU graph: GroupNorm and NHWC convolutions fused; its attention does not fuse, so its
+    scores and softmax stay fp32 as in the plain fp16 graph."""
+    from onnx import TensorProto
+
+    manifest = Manifest.load(tiny_bundle)
+    entry = manifest.entry(network)["files"][GPU_GRAPH]
+    gpu = _load(manifest.graph_path(network, GPU_GRAPH))
+    assert entry["fused_ops"]["GroupNorm"] > 0 and entry["fused_ops"]["NhwcConv"] > 0
+    softmax = [n for n in gpu.graph.node if n.op_type == "Softmax"]
+    assert softmax and {n.name for n in softmax} <= set(entry["fp32_nodes"])
+    producers = _producers(gpu)
+    for node in softmax:
+        source = producers[node.input[0]]
+        assert not (source.op_type == "Cast" and source.attribute[0].i == TensorProto.FLOAT16), node.name
+
+
 def test_gpu_graph_needs_cuda_kernels(tiny_bundle):
     """Why the GPU graph is checked on a GPU: the CPU provider has no kernel for its fused ops (if a
     future onnxruntime adds them, this test says so and the build can check the graph itself)."""
@@ -129,7 +148,7 @@ def test_every_graph_passed_its_parity_gate(tiny_bundle):
         assert set(entry["parity"]) == expected, name
         for graph, result in entry["parity"].items():
             assert result["max_rel_l2"] <= result["tolerance"] == PARITY_TOLERANCES[name][graph], (name, graph)
-    assert {n for n, e in manifest.data["networks"].items() if GPU_GRAPH in e["files"]} == set(DENOISERS)
+    assert {n for n, e in manifest.data["networks"].items() if GPU_GRAPH in e["files"]} == set(WITH_GPU_GRAPHS)
 
 
 def test_optimizer_workaround_for_numpy_2_4_is_scoped():
