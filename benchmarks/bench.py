@@ -11,7 +11,9 @@ ratio against the PyTorch reference measured in the same run.
 
 Configurations: ``--torch DEVICE:DTYPE`` (``cpu:fp32``, ``cuda:fp16``; ``none`` to skip) runs
 ``seesr_export.reference`` (SDPA attention, as the official code on diffusers); ``--runtime
-BACKEND:PRECISION[:PROVIDER,...[:CPU_ARENA]]`` runs ``seesr bench``.
+BACKEND:PRECISION[:PROVIDER,...[:CPU_ARENA[:MODE,...]]]`` runs ``seesr bench``; modes (onnxruntime):
+``iobinding``, ``no-iobinding``, ``static`` (static-shape denoiser sessions), ``cudagraph``, ``plain`` (the
+plain fp16 graphs instead of the GPU graphs), e.g. ``onnxruntime:fp16:cuda::static,cudagraph``.
 """
 from __future__ import annotations
 
@@ -90,12 +92,21 @@ def _steps_per_size(args) -> list[int]:
     return args.steps * len(args.sizes) if len(args.steps) == 1 else args.steps
 
 
+# The onnxruntime modes a --runtime configuration may name (its fifth field), as `seesr bench` options.
+RUNTIME_MODES = {"iobinding": ["--io-binding", "on"], "no-iobinding": ["--io-binding", "off"],
+                 "static": ["--static-shapes"], "cudagraph": ["--cuda-graph"], "plain": ["--no-gpu-graph"]}
+
+
 def runtime_command(spec: str, args, json_path: Path) -> tuple[str, list[str]]:
     backend, precision, *rest = spec.split(":")
-    providers = rest[0].split(",") if rest else []
-    arena = rest[1] if len(rest) > 1 else None
+    providers = rest[0].split(",") if rest and rest[0] else []
+    arena = rest[1] if len(rest) > 1 and rest[1] else None
+    modes = rest[2].split(",") if len(rest) > 2 and rest[2] else []
+    unknown = [m for m in modes if m not in RUNTIME_MODES]
+    if unknown:
+        raise SystemExit(f"--runtime {spec}: unknown mode(s) {unknown}; known: {sorted(RUNTIME_MODES)}")
     label = f"{backend} {precision}" + (f" ({','.join(providers)})" if providers else "") + \
-        (f" arena={arena}" if arena else "")
+        (f" arena={arena}" if arena else "") + (f" [{'+'.join(modes)}]" if modes else "")
     command = [sys.executable, "-m", "seesr_runtime.cli", "bench", "--bundle", str(args.bundle), "--backend", backend,
                "--precision", precision, "--size", *map(str, args.sizes), "--steps", *map(str, args.steps),
                "--runs", str(args.runs), "--warmup", str(args.warmup), "--label", label, "--json", str(json_path)]
@@ -103,6 +114,8 @@ def runtime_command(spec: str, args, json_path: Path) -> tuple[str, list[str]]:
         command += ["--providers", *providers]
     if arena:
         command += ["--cpu-arena", arena]
+    for mode in modes:
+        command += RUNTIME_MODES[mode]
     if args.peak_tflops:
         command += ["--peak-tflops", str(args.peak_tflops)]
     return label, command
@@ -209,6 +222,10 @@ def markdown(summary: dict) -> str:
             _fmt(res.get("speedup_vs_torch", {}).get("end_to_end"), ".2f", "x") for _, res in rows) + " |")
         lines.append("| peak host memory (MB) | " + " | ".join(
             f"{res['memory']['peak_host_mb']:.0f}" for _, res in rows) + " |")
+        for key, title in (("step_ms", "per step (ms)"), ("controlnet_ms", "per step: ControlNet (ms)"),
+                           ("unet_ms", "per step: UNet (ms)"), ("host_glue_ms", "per step: host glue (ms)")):
+            lines.append(f"| {title} | " + " | ".join(
+                _fmt((res.get("per_step") or {}).get(key), ".1f") for _, res in rows) + " |")
         if any(res["memory"].get("peak_gpu_mb") for _, res in rows):
             lines.append("| peak GPU memory (MB) | " + " | ".join(
                 _fmt(res["memory"].get("peak_gpu_mb"), ".0f") for _, res in rows) + " |")

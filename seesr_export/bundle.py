@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seesr_runtime.manifest import FORMAT, MANIFEST, SCHEMA_VERSION, BundleError, Manifest, entry_files, sha256_file
+from seesr_runtime.manifest import FORMAT, GPU_GRAPH, MANIFEST, SCHEMA_VERSION, BundleError, Manifest, entry_files, sha256_file
 from seesr_runtime.networks import NETWORK_NAMES, ModelDims, network_specs
 
 from . import __version__
@@ -28,6 +28,7 @@ from .atomic import swap_into_place
 from .errors import SeeSRExportError
 from .export import GRAPHS, graph_module
 from .flops import network_flops
+from .gpu_graph import OPTIMIZER_MODEL_TYPES, write_cpu_fused_graph, write_gpu_graph
 from .layout import SeeSRPaths
 from .reference import (DAPE_SIZE, DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT, IMAGENET_MEAN, IMAGENET_STD,
                         START_STEP)
@@ -37,7 +38,7 @@ BACKENDS = ("onnx", "tensorrt")
 TRACE_ENV = {"B": 2, "h": 16, "w": 24}  # small and non-square: axis mix-ups fail loudly
 VERIFY_ENV = {"B": 1, "h": 8, "w": 16}  # another shape than the trace's, checked at build time
 TILED_VAE_HALVES = {"vae_encoder": "encoder", "vae_decoder": "decoder"}  # networks with tiled-VAE segments
-EXPORT_CODE_VERSION = 2  # bump when a change to the exporter changes its graphs
+EXPORT_CODE_VERSION = 3  # bump when a change to the exporter changes its graphs
 
 # Which source files each network is traced from (the cache key hashes them).
 NETWORK_SOURCES = {
@@ -75,11 +76,19 @@ class BuildOptions:
     int8_image_attention_fp32: bool = False  # int8: keep the image cross-attention projections in fp32
     int8_conv_percentile: float = 99.99  # int8 (ModelOpt): conv input range at this percentile; 100 = max
     jobs: int = 1  # networks exported at once, each in its own process (each needs up to ~12 GB at SD2 size)
+    parity_tolerances: dict = field(default_factory=dict)  # {network: {graph: max rel L2}} over PARITY_TOLERANCES
 
     def graph_precisions(self) -> tuple[str, ...]:
         # fp32 graphs are always written: onnxruntime on CPU wants them, and they are
         # the baseline the lower precisions are measured against.
-        return ("fp32",) if self.precision == "fp32" else ("fp32", "fp16")
+        # fp16 builds add the GPU graphs (UNet, ControlNet, VAE; see gpu_graph.py); int8 builds keep fp16 graphs
+        # for the networks they do not quantize.
+        return {"fp32": ("fp32",), "fp16": ("fp32", "fp16", GPU_GRAPH)}.get(self.precision, ("fp32", "fp16"))
+
+    def tolerance(self, network: str, graph: str) -> float:
+        from .export import PARITY_TOLERANCES
+
+        return self.parity_tolerances.get(network, {}).get(graph, PARITY_TOLERANCES[network][graph])
 
 
 @dataclass
@@ -370,6 +379,13 @@ def _export_network(name, spec, models, work: Path, options: BuildOptions, progr
         fp16_dir.mkdir(parents=True, exist_ok=True)
         written["fp16"] = convert_fp16(written["fp32"][0], fp16_dir / f"{name}.onnx",
                                        options.external_data_threshold)
+    gpu_facts = {}
+    if GPU_GRAPH in options.graph_precisions() and name in OPTIMIZER_MODEL_TYPES:
+        progress.stage(f"{name}: GPU graph (onnxruntime fusions on fp32, then fp16)")
+        (work / "onnx" / GPU_GRAPH).mkdir(parents=True, exist_ok=True)
+        written[GPU_GRAPH], gpu_facts = write_gpu_graph(written["fp32"][0], work / "onnx" / GPU_GRAPH / f"{name}.onnx",
+                                                        OPTIMIZER_MODEL_TYPES[name], options.external_data_threshold)
+        gpu_facts["parity_tolerance"] = options.tolerance(name, GPU_GRAPH)
     for precision, files in written.items():
         rels = [str(f.relative_to(work)) for f in files]
         entry["files"][precision] = {
@@ -377,11 +393,34 @@ def _export_network(name, spec, models, work: Path, options: BuildOptions, progr
             "external_data": rels[1] if len(rels) > 1 else None,
             "sha256": {rel: sha256_file(work / rel) for rel in rels},
             "precision": precision,
+            **(gpu_facts if precision == GPU_GRAPH else {}),
         }
     if options.verify:
         progress.stage(f"{name}: checking ONNX against torch")
-        entry["parity"] = {p: compare_graph(work / entry["files"][p]["onnx"], spec, feeds, expected) for p in written}
+        entry["parity"] = {p: compare_graph(work / entry["files"][p]["onnx"], spec, feeds, expected)
+                           for p in written if p != GPU_GRAPH}  # the GPU graph has CUDA-only kernels
+        if GPU_GRAPH in written:
+            entry["parity"]["fused_fp32"] = _fused_parity(name, written["fp32"][0], spec, feeds, expected)
+        check_parity(name, entry["parity"], options)
     return entry
+
+
+def _fused_parity(name, fp32_graph: Path, spec, feeds, expected) -> dict:
+    """The GPU graph's fusions, minus the CUDA-only ones, in fp32 on the CPU, against torch."""
+    with tempfile.TemporaryDirectory(prefix="seesr-fused-", dir=fp32_graph.parent) as scratch:
+        fused = write_cpu_fused_graph(fp32_graph, Path(scratch) / f"{name}.onnx", OPTIMIZER_MODEL_TYPES[name])
+        return compare_graph(fused, spec, feeds, expected)
+
+
+def check_parity(name: str, parity: dict, options: BuildOptions) -> None:
+    """The parity gate: refuse the build when a graph is further from torch than its tolerance."""
+    for graph, result in parity.items():
+        tolerance = options.tolerance(name, graph)
+        result["tolerance"] = tolerance
+        if not result["max_rel_l2"] <= tolerance:  # NaN fails too
+            raise BuildError(f"{name}: the {graph} graph differs from the torch fp32 reference by "
+                             f"{result['max_rel_l2']:.3e} relative L2, over its tolerance {tolerance:.1e} "
+                             f"(seesr_export.export.PARITY_TOLERANCES); the bundle was not written")
 
 
 def _export_vae_segments(name: str, models, work: Path, options: BuildOptions, progress) -> dict:

@@ -97,6 +97,22 @@ GRAPHS = {
 }
 
 
+# The parity gate: the largest relative L2 error against the torch fp32 reference that each graph of a
+# network may show on the build's sample inputs; `seesr-export build` refuses a graph outside it.
+# "fused_fp32": the GPU graph's fusions without the CUDA-only kernels, in fp32 (the CPU-runnable check of
+# the fusions); "fp16_gpu": the GPU graph itself, measured on a GPU by benchmarks/gpu_validate.py.
+# Measured at SD2 size (benchmarks/results/cpu/export_sd2_fp16.md): fp32 <= 2e-6, fp16 <= 4.2e-3.
+_FP32, _FP16 = 1e-4, 1e-2
+PARITY_TOLERANCES = {
+    "dape": {"fp32": _FP32, "fp16": _FP16},
+    "text_encoder": {"fp32": _FP32, "fp16": _FP16},
+    "controlnet": {"fp32": _FP32, "fp16": _FP16, "fused_fp32": _FP32, "fp16_gpu": _FP16},
+    "unet": {"fp32": _FP32, "fp16": _FP16, "fused_fp32": _FP32, "fp16_gpu": _FP16},
+    "vae_encoder": {"fp32": _FP32, "fp16": _FP16, "fused_fp32": _FP32, "fp16_gpu": _FP16},
+    "vae_decoder": {"fp32": _FP32, "fp16": _FP16, "fused_fp32": _FP32, "fp16_gpu": _FP16},
+}
+
+
 def graph_module(name: str, models) -> nn.Module:
     """The exportable graph of network ``name``; ``models`` has the torch models as attributes."""
     attribute, wrapper = GRAPHS[name]

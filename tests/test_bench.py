@@ -106,8 +106,9 @@ def test_manifest_flops_match_the_counter(tiny_bundle, tiny_checkout):
 
 
 def test_gpu_script_dry_run(tmp_path, tiny_bundle):
-    """benchmarks/gpu.sh end to end on the CPU (tiny fixture, PyTorch + onnxruntime fp16 graphs), so the
-    GPU lease never starts with a typo. Its parallel export (--jobs 2) writes the same bytes as a serial one."""
+    """benchmarks/gpu.sh end to end on the CPU (tiny fixture, PyTorch + onnxruntime fp16 graphs with IOBinding
+    and static shapes; the accuracy and shape-memory checks), so the GPU lease never starts with a typo.
+    Its parallel export (--jobs 2) writes the same bytes as a serial one."""
     env = {**os.environ, "PYTHON": sys.executable, "SEESR_GPU_WORK": str(tmp_path / "work")}
     out = tmp_path / "results"
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", str(out)], env=env,
@@ -115,12 +116,26 @@ def test_gpu_script_dry_run(tmp_path, tiny_bundle):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "bench_dry_run.json").read_text())
     labels = [c["label"] for c in summary["configurations"]]
-    assert labels[0].startswith("PyTorch") and len(labels) >= 2
+    assert labels[0].startswith("PyTorch") and len(labels) == 2
     for configuration in summary["configurations"]:
         assert [r["config"]["size"] for r in configuration["results"]] == [512, 1024], configuration["label"]
         for result in configuration["results"]:
             assert _positive(result["end_to_end"]["median_ms"])
             assert _positive(result["speedup_vs_torch"]["end_to_end"])
+    assert labels[1].endswith("[iobinding+static]"), labels
+    for configuration in summary["configurations"]:
+        for result in configuration["results"]:
+            split = result["per_step"]
+            assert split["step_ms"] >= split["controlnet_ms"] > 0 and split["unet_ms"] > 0, configuration["label"]
+            assert split["host_glue_ms"] >= 0
+    assert (out / "bench_dry_run.md").read_text().count("| per step: host glue (ms) |") == 2
+    accuracy = json.loads((out / "gpu_validate_onnxruntime_dry_run.json").read_text())
+    assert {r["network"] for r in accuracy["networks"]} == set(Manifest.load(tiny_bundle).data["networks"])
+    assert all(r["graph"] == "fp16" and r["within_tolerance"] for r in accuracy["networks"])
+    assert accuracy["end_to_end"]["psnr_vs_fp32_db"]["fp16 (plain graphs)"] > 20
+    memory = json.loads((out / "ort_shapes_memory_dry_run.json").read_text())
+    assert [row["shapes"] for row in memory["after_shapes"]] == [1, 2, 3]
+    assert [row["sessions"] for row in memory["after_shapes"]] == [2, 4, 6]  # ControlNet + UNet per shape
     tiled = summary["configurations"][1]["results"][1]["stages"]
     assert tiled["unet"]["calls_per_image"] == 4  # 1024 px: 128x128 latent in four 96-latent tiles, one step
     assert (out / "bench_dry_run.md").read_text().count("| **end to end (s)** |") == 2
@@ -129,6 +144,8 @@ def test_gpu_script_dry_run(tmp_path, tiny_bundle):
         assert (out / "bench_dry_run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     built = Manifest.load(tmp_path / "work" / "engines" / "tiny").data["networks"]
     serial = Manifest.load(tiny_bundle).data["networks"]
+    assert {n for n, e in built.items() if "fp16_gpu" in e["files"]} == {"unet", "controlnet", "vae_encoder",
+                                                                          "vae_decoder"}
     for name in serial:
         for precision in ("fp32", "fp16"):
             assert built[name]["files"][precision]["sha256"] == serial[name]["files"][precision]["sha256"], name

@@ -81,15 +81,15 @@ def test_gpu_validate_dry_run(tiny_bundle):
     assert "dry run: 6 engines would be built and checked" in done.stdout
 
 
-def test_cuda_graph_option_belongs_to_tensorrt(runtime_bundle, capsys):
-    """--cuda-graph is a TensorRT backend option: onnxruntime refuses it by name, and the CLI's
+def test_cuda_graph_option_needs_a_gpu(runtime_bundle, capsys):
+    """--cuda-graph needs a GPU: onnxruntime refuses it without the CUDA provider, and the CLI's
     tensorrt backend refuses clearly where TensorRT is missing (exit 2, no traceback)."""
     from seesr_runtime.backends import create_backend
     from seesr_runtime.cli import main
     from seesr_runtime.manifest import BundleError
 
     manifest = Manifest.load(runtime_bundle)
-    with pytest.raises(BundleError, match="tensorrt backend"):
+    with pytest.raises(BundleError, match="cuda_graph needs the CUDA provider"):
         create_backend("onnxruntime", manifest, cuda_graph=True)
     try:
         import tensorrt  # noqa: F401

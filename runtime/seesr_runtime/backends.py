@@ -11,6 +11,8 @@ from typing import Protocol
 import numpy as np
 
 from .manifest import BundleError, Manifest
+from .ort_device import (GPU_PROVIDERS, PER_STEP_NETWORKS, BoundCall, DeviceTensor, SharedWeights, fix_dimensions,
+                         graph_precision, solve_dims)
 
 
 class Backend(Protocol):
@@ -18,6 +20,18 @@ class Backend(Protocol):
 
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs of ``network`` in manifest order."""
+
+
+def to_device(backend, array: np.ndarray):
+    """A per-image constant where ``backend`` computes (a backend without ``to_device``: the array)."""
+    method = getattr(backend, "to_device", None)
+    return method(array) if method is not None else array
+
+
+def run_on_device(backend, network: str, feeds: dict) -> list:
+    """``backend.run``, except that outputs may stay on the device when they only feed another network."""
+    method = getattr(backend, "run_on_device", None)
+    return method(network, feeds) if method is not None else backend.run(network, feeds)
 
 
 PROVIDER_ALIASES = {
@@ -43,10 +57,15 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, manifest: Manifest, precision: str = "fp32", providers: list[str] | None = None,
-                 threads: int | None = None, cpu_arena: str = "none"):
+                 threads: int | None = None, cpu_arena: str = "none", io_binding: bool | None = None,
+                 static_shapes: bool = False, cuda_graph: bool = False, gpu_graph: bool = True):
+        """``io_binding``: keep per-image constants and ControlNet residuals on the device (default: on
+        with a GPU provider); ``static_shapes``: one session per denoiser input shape, weights shared;
+        ``cuda_graph``: capture each of those (CUDA provider); ``gpu_graph``: False runs the plain fp16
+        graphs even where the bundle has GPU graphs (comparisons). See ``ort_device``."""
         import onnxruntime as ort
 
-        self.manifest, self.precision = manifest, precision
+        self.manifest, self.precision, self.gpu_graph = manifest, precision, gpu_graph
         self.providers = [PROVIDER_ALIASES.get(p, p) for p in (providers or ["cpu"])]
         if set(self.providers) - {"CPUExecutionProvider"} and hasattr(ort, "preload_dlls"):
             # onnxruntime-gpu >= 1.21 finds CUDA/cuDNN in the nvidia-* wheels (those torch also uses)
@@ -60,38 +79,116 @@ class OnnxRuntimeBackend:
             raise BundleError(f"onnxruntime providers {missing} are not available here "
                               f"(available: {ort.get_available_providers()}); "
                               "install onnxruntime-gpu for CUDA/TensorRT")
-        self.options = ort.SessionOptions()
-        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            self.options.intra_op_num_threads = threads
         if cpu_arena not in ("shared", "per-session", "none"):
             raise BundleError(f"cpu_arena must be 'shared', 'per-session' or 'none', got {cpu_arena!r}")
         if cpu_arena == "shared":
             _register_shared_cpu_arena(ort)
-            self.options.add_session_config_entry("session.use_env_allocators", "1")
-        elif cpu_arena == "none":
-            self.options.enable_cpu_mem_arena = False
-        self._sessions, self._outputs = {}, {}
+        self.threads, self.cpu_arena = threads, cpu_arena
+        self.options = self.new_options()
+        on_gpu = any(p in GPU_PROVIDERS for p in self.providers)
+        if cuda_graph and "CUDAExecutionProvider" not in self.providers:
+            raise BundleError(f"cuda_graph needs the CUDA provider (providers: {self.providers})")
+        self.device = "cuda" if on_gpu else "cpu"
+        self.static_shapes = static_shapes or cuda_graph  # a CUDA graph needs fixed shapes and buffers
+        self.io_binding = (on_gpu if io_binding is None else io_binding) or self.static_shapes
+        self.cuda_graph = cuda_graph
+        self._sessions, self._outputs, self._calls, self._weights = {}, {}, {}, {}
+
+    def new_options(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if self.cpu_arena == "shared":
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        elif self.cpu_arena == "none":
+            options.enable_cpu_mem_arena = False
+        return options
+
+    def graph_precision(self, network: str) -> str:
+        return graph_precision(self.manifest, network, self.precision, self.providers, self.gpu_graph)
 
     def session(self, network: str):
         if network not in self._sessions:
             import onnxruntime as ort
 
-            precision = self.precision
-            if precision == "int8" and "int8" not in self.manifest.entry(network)["files"]:
-                precision = "fp32"  # int8 bundles quantize only the UNet and ControlNet
-            path = self.manifest.graph_path(network, precision)
+            path = self.manifest.graph_path(network, self.graph_precision(network))
             self._sessions[network] = ort.InferenceSession(str(path), self.options, providers=self.providers)
             self._outputs[network] = self.manifest.spec(network).output_names
         return self._sessions[network]
 
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session(network).run(self._outputs[network], feeds)
+        if not self.io_binding:
+            return self.session(network).run(self._outputs[network], feeds)
+        return [np.array(v.numpy()) for v in self._run_bound(network, feeds)]  # a copy: buffers are reused
+
+    def run_on_device(self, network: str, feeds: dict) -> list:
+        """Outputs that only feed another network: left on the device (``DeviceTensor``) with IOBinding."""
+        if not self.io_binding:
+            return self.run(network, feeds)
+        fixed = self._static(network)
+        return [DeviceTensor(v, fixed=fixed) for v in self._run_bound(network, feeds)]
+
+    def to_device(self, array: np.ndarray):
+        """A per-image constant, copied to the device once (with IOBinding; else the array itself)."""
+        if not self.io_binding:
+            return array
+        import onnxruntime as ort
+
+        array = np.ascontiguousarray(array)
+        return DeviceTensor(ort.OrtValue.ortvalue_from_numpy(array, self.device, 0), host=array,
+                            upload=self.to_device)
 
     def load_all(self) -> None:
-        """Open every session now rather than at first use (servers, benchmarks)."""
+        """Open every session now rather than at first use (servers, benchmarks); static-shape sessions
+        open at the first call of each shape."""
         for network in self.manifest.data["networks"]:
-            self.session(network)
+            if not self._static(network):
+                self.session(network)
+
+    # ---------------------------------------------------------------- IOBinding
+
+    def _static(self, network: str) -> bool:
+        return self.static_shapes and network in PER_STEP_NETWORKS
+
+    def _run_bound(self, network: str, feeds: dict) -> list:
+        if self._static(network):
+            return self.bound_call(network, feeds).run(feeds)
+        session = self.session(network)
+        binding = session.io_binding()
+        host = []  # contiguous copies of sliced feeds (latent tiles): alive until the run is done
+        for name, value in feeds.items():
+            if isinstance(value, DeviceTensor):
+                binding.bind_ortvalue_input(name, value.value)
+            else:
+                host.append(np.ascontiguousarray(value))
+                binding.bind_cpu_input(name, host[-1])
+        for name in self._outputs[network]:
+            binding.bind_output(name, self.device, 0)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def bound_call(self, network: str, feeds: dict) -> BoundCall:
+        """The static-shape session of ``network`` for the shapes of ``feeds`` (made at first use)."""
+        import onnxruntime as ort
+
+        spec = self.manifest.spec(network)
+        env = solve_dims(spec, {name: np.shape(value) for name, value in feeds.items()})
+        key = (network, tuple(sorted(env.items())))
+        if key not in self._calls:
+            path = self.manifest.graph_path(network, self.graph_precision(network))
+            options = self.new_options()
+            fix_dimensions(options, spec, env)
+            if network not in self._weights:
+                self._weights[network] = SharedWeights(path, self.device)
+            self._weights[network].add_to(options)
+            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider"
+                         and self.cuda_graph else p for p in self.providers]
+            session = ort.InferenceSession(str(path), options, providers=providers)
+            self._calls[key] = BoundCall(session, spec, env, self.device)
+        return self._calls[key]
 
 
 _SHARED_ARENA = []
@@ -108,9 +205,6 @@ def _register_shared_cpu_arena(ort) -> None:
 
 def create_backend(kind: str, manifest: Manifest, **options) -> Backend:
     if kind == "onnxruntime":
-        if options.pop("cuda_graph", False):
-            raise BundleError("CUDA graph capture is an option of the tensorrt backend (onnxruntime runs here "
-                              "with host feeds, which a captured graph cannot take)")
         return OnnxRuntimeBackend(manifest, **options)
     if kind == "tensorrt":
         from .trt_backend import TensorRTBackend

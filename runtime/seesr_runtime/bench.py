@@ -90,6 +90,7 @@ def run_bench(pipe, profiler: StageProfiler, config: BenchConfig, image: Image.I
         extrapolated = (e2e["median_ms"] - steps_total + config.reference_steps * step_ms) / 1e3
     return {
         "format": FORMAT, "version": 1,
+        "per_step": per_step_breakdown(stages, config.steps),
         "input_size": list(image.size), "output_size": list(output_size),
         "config": asdict(config),
         "end_to_end": e2e,
@@ -98,6 +99,17 @@ def run_bench(pipe, profiler: StageProfiler, config: BenchConfig, image: Image.I
         "extrapolated": {"steps": config.reference_steps, "end_to_end_s": extrapolated},
         "stages": stages,
     }
+
+
+def per_step_breakdown(stages: dict, steps: int) -> dict | None:
+    """One sampler step (median), split into the ControlNet and UNet calls (all tiles) and the host glue
+    around them (guidance, scheduler step, tiling, copies): where a step's time goes."""
+    step_ms = stages[STEP_STAGE]["per_call"]["median_ms"]
+    if step_ms is None or not steps:
+        return None
+    split = {n: (stages[n]["per_image"]["median_ms"] or 0.0) / steps for n in ("controlnet", "unet")}
+    return {"step_ms": step_ms, "controlnet_ms": split["controlnet"], "unet_ms": split["unet"],
+            "host_glue_ms": max(step_ms - split["controlnet"] - split["unet"], 0.0)}
 
 
 def _stage_report(name, per_run_calls, shapes, manifest: Manifest, config: BenchConfig) -> dict:
@@ -220,6 +232,10 @@ def format_table(report: dict) -> str:
         lines.append(f"{name:<15}{s['calls_per_image'] or '':>6}{_ms(call['median_ms']):>13}"
                      f"{_ms(call['p95_ms']):>10}{_ms(image['median_ms']):>14}"
                      f"{(format(s['tflops_per_s'], '.2f') if 'tflops_per_s' in s else ''):>9}")
+    per_step = report.get("per_step")
+    if per_step:
+        lines.append(f"per step: {per_step['step_ms']:.1f} ms = ControlNet {per_step['controlnet_ms']:.1f} + "
+                     f"UNet {per_step['unet_ms']:.1f} + host glue {per_step['host_glue_ms']:.1f}")
     e2e = report["end_to_end"]
     lines.append(f"end to end: median {e2e['median_ms'] / 1e3:.3f} s, p95 {e2e['p95_ms'] / 1e3:.3f} s, "
                  f"{report['images_per_second']:.3f} images/s ({report['config']['steps']} steps)")

@@ -198,7 +198,16 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                         "--precision int8) runs the Q/DQ UNet and ControlNet")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="tensorrt backend: capture each engine launch as a CUDA graph and replay it")
+                   help="capture each engine launch (tensorrt) or each static-shape denoiser session (onnxruntime "
+                        "with the CUDA provider) as a CUDA graph and replay it")
+    p.add_argument("--io-binding", choices=["auto", "on", "off"], default="auto",
+                   help="onnxruntime: embeddings, control image and ControlNet residuals stay on the device "
+                        "(auto: on with a GPU provider)")
+    p.add_argument("--static-shapes", action="store_true",
+                   help="onnxruntime: one UNet/ControlNet session per input shape (shape arithmetic folded, "
+                        "weights shared); implied by --cuda-graph")
+    p.add_argument("--no-gpu-graph", action="store_true",
+                   help="onnxruntime fp16 on CUDA: run the plain fp16 graphs instead of the fused GPU graphs")
     p.add_argument("--cpu-arena", choices=["none", "shared", "per-session"], default="none",
                    help="onnxruntime CPU memory: none frees buffers after each call (least memory); shared "
                         "keeps one arena for all networks (~10%% faster, more memory); per-session is "
@@ -211,6 +220,9 @@ def backend_options_from(args) -> dict:
         options["cuda_graph"] = True
     if args.backend == "onnxruntime":
         options["cpu_arena"] = args.cpu_arena
+        options["io_binding"] = {"auto": None, "on": True, "off": False}[args.io_binding]
+        options["static_shapes"] = args.static_shapes
+        options["gpu_graph"] = not args.no_gpu_graph
     return options
 
 

@@ -15,7 +15,8 @@ from .networks import NETWORK_NAMES, ModelDims, NetworkSpec
 SCHEMA_VERSION = 1
 FORMAT = "seesr-bundle"
 MANIFEST = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
+GPU_GRAPH = "fp16_gpu"  # fp16 with onnxruntime's CUDA-only fused ops; "providers" in its file entry
+PRECISIONS = ("fp32", "fp16", "int8", GPU_GRAPH)
 
 
 class BundleError(Exception):

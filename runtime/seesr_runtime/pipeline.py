@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .backends import Backend, create_backend
+from .backends import Backend, create_backend, run_on_device, to_device
 from .imaging import (COLOR_FIXES, dape_input, gaussian_tile_weights, select_tags, tile_origins, to_chw,
                       to_uint8_rounded, working_image)
 from .manifest import BundleError, Manifest
@@ -92,8 +92,9 @@ class SeeSRPipeline:
         timestep = np.full((latents.shape[0],), t, dtype=np.float32)
         common = {"sample": latents, "timestep": timestep, "encoder_hidden_states": text_embeds,
                   "image_embeds": image_embeds}
-        residuals = self.backend.run("controlnet", {**common, "controlnet_cond": control,
-                                                    "conditioning_scale": np.array(conditioning_scale, dtype=np.float32)})
+        # The residuals only feed the UNet: a backend may keep them on its device.
+        residuals = run_on_device(self.backend, "controlnet", {
+            **common, "controlnet_cond": control, "conditioning_scale": np.array(conditioning_scale, dtype=np.float32)})
         names = self.manifest.spec("controlnet").output_names
         return self.backend.run("unet", {**common, **dict(zip(names, residuals))})[0]
 
@@ -161,6 +162,8 @@ class SeeSRPipeline:
             text_embeds = np.concatenate([self.text.encode_negative(o["negative_prompt"]), text_embeds])
             image_embeds = np.concatenate([image_embeds, image_embeds])
             control = np.concatenate([control, control])
+        # Constant for the whole sampling loop: a backend may copy them to its device once here.
+        text_embeds, image_embeds, control = (to_device(self.backend, x) for x in (text_embeds, image_embeds, control))
 
         scheduler = DDPMScheduler(self.scheduler_config)
         scheduler.set_timesteps(o["steps"])

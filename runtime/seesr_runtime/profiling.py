@@ -58,9 +58,17 @@ class ProfiledBackend:
         self.name = backend.name
 
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._timed(self.inner.run, network, feeds)
+
+    def run_on_device(self, network: str, feeds: dict) -> list:
+        from .backends import run_on_device
+
+        return self._timed(lambda n, f: run_on_device(self.inner, n, f), network, feeds)
+
+    def _timed(self, call, network: str, feeds: dict) -> list:
         shapes = tuple((k, tuple(np.shape(v))) for k, v in feeds.items())
         start = time.perf_counter()
-        outputs = self.inner.run(network, feeds)
+        outputs = call(network, feeds)
         seconds = time.perf_counter() - start
         device_ms = getattr(self.inner, "device_ms", None)
         if device_ms is not None and device_ms() is not None:

@@ -1,0 +1,167 @@
+"""GPU graphs: the fp32 export, fused by onnxruntime's transformer optimizer, then converted to fp16.
+
+onnxruntime's own Stable Diffusion recipe (``models/stable_diffusion/optimize_pipeline.py``): the fusions
+(MultiHeadAttention with packed QKV/KV, GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd, NhwcConv,
+SkipLayerNormalization) match fp32 patterns, so they run on the fp32 graph first; fp16 comes after.
+Several fused ops exist only as CUDA kernels, so the result is a GPU-only graph. The same fusions
+without the CUDA-only ones give a CPU-runnable fp32 graph, which is how the fusions are checked
+against torch where no GPU is.
+
+Precision choices (why they differ from the bundle's plain fp16 graph):
+- no fp32 attention islands where attention fuses: SD2-base (and so SeeSR) has ``upcast_attention:
+  false``, and the fused attention kernels accumulate in fp32 anyway; attention left unfused (the VAE's)
+  keeps its scores and softmax in fp32, as in the plain fp16 graphs;
+- the timestep embedding (Sin/Cos and everything feeding them) stays fp32: t reaches 999 where fp16
+  spacing is 0.5, and diffusers computes it in fp32 too;
+- inputs and outputs stay fp32, as the numpy side expects.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+# The onnxruntime model type whose fusions fit each network; networks not listed get no GPU graph.
+# The VAE gets GroupNorm and NhwcConv (its attention does not fuse and stays fp32 as in the plain fp16
+# graph). The text encoder is left out: the "clip" fusions do not fuse its attention on our trace.
+OPTIMIZER_MODEL_TYPES = {"unet": "unet", "controlnet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+# Fusion switches of onnxruntime's FusionOptions whose fused ops have CUDA kernels only.
+CUDA_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
+                     "enable_packed_qkv", "enable_packed_kv", "enable_bias_add")
+GPU_PROVIDERS = ["CUDAExecutionProvider"]
+FUSED_DOMAIN = "com.microsoft"
+
+
+def fusion_options(model_type: str, cuda_only_fusions: bool):
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions(model_type)
+    for switch in CUDA_ONLY_FUSIONS:
+        if hasattr(options, switch):
+            setattr(options, switch, cuda_only_fusions and getattr(options, switch))
+    return options
+
+
+def _num_heads_of(fusion, reshape_q, is_torch2: bool = False) -> int:
+    """onnxruntime's ``FusionAttentionUnet.get_num_heads`` without ``int()`` of a 1-element array,
+    which numpy >= 2.4 refuses (TypeError: only 0-dimensional arrays can be converted)."""
+    if is_torch2:
+        parent = fusion.model.get_parent(reshape_q, 1)
+        if parent is None or parent.op_type != "Concat" or len(parent.input) != 4:
+            return 0
+        value = fusion.model.get_constant_value(parent.input[2])
+    else:
+        shape = fusion.model.get_constant_value(reshape_q.input[1])
+        value = shape[2] if isinstance(shape, np.ndarray) and shape.shape == (4,) else None
+    if value is None or np.size(value) != 1:
+        return 0
+    heads = int(np.asarray(value).reshape(-1)[0])
+    return heads if heads > 0 else 0
+
+
+@contextlib.contextmanager
+def numpy2_safe_optimizer():
+    """Swap in ``_num_heads_of`` for the optimizer's own while it runs. onnxruntime imports its
+    transformer modules both as ``onnxruntime.transformers.X`` and as top-level ``X`` (it puts its
+    folder on sys.path), so both copies of the class are patched."""
+    import onnxruntime.transformers.optimizer  # noqa: F401  (puts the transformers folder on sys.path)
+
+    classes = {importlib.import_module(m).FusionAttentionUnet
+               for m in ("onnxruntime.transformers.fusion_attention_unet", "fusion_attention_unet")}
+    saved = {cls: cls.__dict__["get_num_heads"] for cls in classes}
+    try:
+        for cls in classes:
+            cls.get_num_heads = _num_heads_of
+        yield
+    finally:
+        for cls, method in saved.items():
+            cls.get_num_heads = method
+
+
+def fuse(src: Path, model_type: str, cuda_only_fusions: bool = True):
+    """onnxruntime's fusions on the fp32 graph ``src``; returns the optimizer's OnnxModel."""
+    import logging
+
+    from onnxruntime.transformers import optimizer
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    with numpy2_safe_optimizer(), _quiet_progress_bar():
+        return optimizer.optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                                        optimization_options=fusion_options(model_type, cuda_only_fusions),
+                                        use_gpu=True, only_onnxruntime=False)
+
+
+@contextlib.contextmanager
+def _quiet_progress_bar():
+    """The optimizer draws a tqdm bar on stderr whenever tqdm is installed; silence it while it runs."""
+    try:
+        import tqdm
+    except ImportError:
+        yield
+        return
+    import functools
+
+    saved = tqdm.tqdm
+    tqdm.tqdm = functools.partial(saved, disable=True)
+    try:
+        yield
+    finally:
+        tqdm.tqdm = saved
+
+
+def timestep_embedding_nodes(model) -> list[str]:
+    """Names of the Sin/Cos nodes and of every node feeding them (the sinusoidal timestep embedding)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    keep, pending = set(), [n for n in model.graph.node if n.op_type in ("Sin", "Cos")]
+    while pending:
+        node = pending.pop()
+        if node.name in keep:
+            continue
+        keep.add(node.name)
+        pending.extend(producers[i] for i in node.input if i in producers)
+    return sorted(keep)
+
+
+def fused_op_counts(model) -> dict[str, int]:
+    """How many nodes of each onnxruntime contrib op type (``com.microsoft``) a graph has."""
+    return dict(sorted(Counter(n.op_type for n in model.graph.node if n.domain == FUSED_DOMAIN).items()))
+
+
+def write_gpu_graph(src: Path, dst: Path, model_type: str, external_data_threshold: int) -> tuple[list[Path], dict]:
+    """The GPU graph of the fp32 graph ``src`` at ``dst``; returns its files and its manifest facts."""
+    from .export import (_drop_fp16_round_trips, _name_unnamed_nodes, _remove_dead_nodes, attention_fp32_nodes,
+                         save_onnx, toposort)
+
+    optimized = fuse(src, model_type, cuda_only_fusions=True)
+    _name_unnamed_nodes(optimized.model)
+    fp32_nodes = sorted(set(timestep_embedding_nodes(optimized.model)) | set(attention_fp32_nodes(optimized.model)))
+    optimized.convert_float_to_float16(keep_io_types=True, node_block_list=fp32_nodes)
+    model = optimized.model
+    _import_fused_domain(model)
+    _drop_fp16_round_trips(model)
+    toposort(model)
+    _remove_dead_nodes(model)
+    files = save_onnx(model, dst, external_data_threshold)
+    facts = {"fused_ops": fused_op_counts(model), "providers": GPU_PROVIDERS, "fp32_nodes": fp32_nodes,
+             "recipe": f"onnxruntime transformers optimizer (model type {model_type}) on fp32, then fp16"}
+    return files, facts
+
+
+def write_cpu_fused_graph(src: Path, dst: Path, model_type: str) -> Path:
+    """The same fusions minus the CUDA-only ones, in fp32: a graph the CPU runs, for parity checks."""
+    from .export import save_onnx
+
+    optimized = fuse(src, model_type, cuda_only_fusions=False)
+    _import_fused_domain(optimized.model)
+    return save_onnx(optimized.model, dst)[0]
+
+
+def _import_fused_domain(model) -> None:
+    """Declare the contrib-op domain (the optimizer does it only in its own save method)."""
+    if not any(o.domain == FUSED_DOMAIN for o in model.opset_import):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid(FUSED_DOMAIN, 1))
