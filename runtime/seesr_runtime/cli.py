@@ -175,7 +175,10 @@ def cmd_bench(args) -> int:
             print(format_table(report), flush=True)
     summary = {
         "format": FORMAT, "version": 1, "label": label,
-        "backend": {"name": args.backend, "precision": args.precision, "providers": args.providers or ["cpu"]},
+        "backend": {"name": args.backend, "precision": args.precision,
+                    "providers": [args.device or "CPU"] if args.backend == "openvino" else args.providers or ["cpu"],
+                    # what actually ran where a backend can fall back (openvino: bf16 without bf16 units)
+                    "inference_precision": getattr(pipe.backend, "inference_precision", None)},
         "load_s": load_s, "machine": machine_info(), "versions": versions(), "commit": git_commit(),
         "bundle": bundle_info(pipe.manifest), "results": results,
     }
@@ -187,14 +190,23 @@ def cmd_bench(args) -> int:
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
     """Backend choice and options, shared by upscale and bench."""
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
-                   help="inference backend (tensorrt: a bundle built with --backend tensorrt, an NVIDIA GPU)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "openvino"],
+                   help="inference backend (tensorrt: a bundle built with --backend tensorrt, an NVIDIA GPU; "
+                        "openvino: needs the 'openvino' extra; bf16/int8 on CPUs with those units, Intel GPUs)")
     p.add_argument("--providers", nargs="+", default=None,
                    help="onnxruntime execution providers in order, e.g. cuda cpu (default: cpu)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
-                   help="which graphs of the bundle to run: fp16 is for GPU providers; int8 (bundles built with "
-                        "--precision int8) runs the Q/DQ UNet and ControlNet")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int8-bf16"],
+                   help="which graphs of the bundle to run and how: fp16 is for GPU providers (openvino: f16 "
+                        "inference precision, Intel GPUs); int8 (bundles built with --precision int8) runs the "
+                        "Q/DQ UNet and ControlNet; bf16 and int8-bf16 (openvino) compute in bfloat16 on CPUs "
+                        "with bf16 units (f32 with a warning elsewhere)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default: the backend's choice, all cores)")
+    p.add_argument("--device", default=None,
+                   help="openvino device: CPU (default), GPU (Intel graphics), AUTO, or any OpenVINO device name")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="openvino: keep prepared models and OpenVINO's compiled-model cache here, so later "
+                        "starts skip compilation (GBs at SD2 size)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="tensorrt backend: capture each engine launch as a CUDA graph and replay it")
     p.add_argument("--cpu-arena", choices=["none", "shared", "per-session"], default="none",
@@ -203,7 +215,21 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                         "onnxruntime's default (most memory) (default none)")
 
 
+OPENVINO_ONLY_PRECISIONS = ("bf16", "int8-bf16")
+
+
 def backend_options_from(args) -> dict:
+    from .manifest import BundleError
+
+    if args.backend != "openvino":
+        if args.precision in OPENVINO_ONLY_PRECISIONS:
+            raise BundleError(f"--precision {args.precision} needs --backend openvino "
+                              f"({args.backend} runs fp32, fp16 or int8 graphs)")
+        if args.device is not None or args.cache_dir is not None:
+            raise BundleError("--device and --cache-dir are options of --backend openvino")
+    if args.backend == "openvino":
+        return {"precision": args.precision, "threads": args.threads, "device": args.device or "CPU",
+                "cache_dir": args.cache_dir, "providers": args.providers, "cuda_graph": args.cuda_graph}
     options = {"precision": args.precision, "providers": args.providers, "threads": args.threads}
     if args.cuda_graph:
         options["cuda_graph"] = True
