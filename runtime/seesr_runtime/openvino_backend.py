@@ -41,13 +41,33 @@ DEVICES_WITHOUT_CAPABILITIES = ("AUTO", "MULTI", "HETERO", "BATCH")  # virtual d
 # Precision policy under a bf16 (or f16) inference precision: which operations of each network stay in
 # f32. Groups are defined in ``_select_nodes``. Chosen from measurements at SD2 size on random weights
 # (benchmarks/openvino_precision.py, results in benchmarks/results/cpu/openvino_precision.md).
-KEEP_F32_GROUPS = ("softmax", "norm", "timestep", "attention")
+KEEP_F32_GROUPS = ("softmax", "norm", "timestep", "attention", "add", "all_but_matmul")
 DEFAULT_KEEP_F32 = {
     "unet": ("timestep",),
     "controlnet": ("timestep",),
 }
 
 _MAX_SHAPES_PER_NETWORK = 2  # compiled models kept per network (each holds its own weights)
+_IR_LAYOUT = 2  # bump when _prepare changes what it writes: older cache entries are then ignored
+TIMESTEP_PATH_PREFIX = "seesr_timestep_path_"
+
+
+class _Compiled:
+    """One network at one set of shapes: the main compiled model and, when the timestep path runs apart
+    in f32, that model too (its outputs are inputs of the main one)."""
+
+    def __init__(self, main, timestep_path=None):
+        self.main, self.request = main, main.create_infer_request()
+        self.timestep_path = timestep_path
+        self.timestep_request = timestep_path.create_infer_request() if timestep_path is not None else None
+
+    def infer(self, tensors: dict):
+        if self.timestep_request is not None:
+            self.timestep_request.infer({"timestep": tensors.pop("timestep")})
+            for output in self.timestep_path.outputs:
+                tensors[output.get_any_name()] = self.timestep_request.get_tensor(output)
+        self.request.infer(tensors)
+        return self.request
 
 
 class OpenVINOBackend:
@@ -77,6 +97,8 @@ class OpenVINOBackend:
         self.core = ov.Core()
         _check_device(device, self.core.available_devices)
         self.graphs, self.inference_precision = self._resolve_precision(precision, on_unsupported)
+        if self.graphs == "int8" and not any("int8" in e["files"] for e in manifest.data["networks"].values()):
+            raise BundleError(f"{manifest.root}: no int8 graphs in this bundle (build it with --precision int8)")
         self.keep_f32 = _check_keep_f32(DEFAULT_KEEP_F32 if keep_f32 is None else keep_f32)
         self.config = {"INFERENCE_PRECISION_HINT": self.inference_precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
@@ -118,8 +140,8 @@ class OpenVINOBackend:
 
     # ------------------------------------------------------------ compiled models
 
-    def compiled(self, network: str, shapes: dict[str, tuple]):
-        """The compiled model of ``network`` for these input shapes (compiled on first use)."""
+    def compiled(self, network: str, shapes: dict[str, tuple]) -> "_Compiled":
+        """The compiled model(s) of ``network`` for these input shapes (compiled on first use)."""
         key = tuple(sorted(shapes.items()))
         per_network = self._compiled.setdefault(network, OrderedDict())
         if key in per_network:
@@ -127,51 +149,66 @@ class OpenVINOBackend:
             return per_network[key]
         if len(per_network) >= _MAX_SHAPES_PER_NETWORK:
             per_network.popitem(last=False)
-        compiled = self._compile(network, shapes)
-        per_network[key] = (compiled, compiled.create_infer_request())
+        keep = self.kept_f32(network)
+        paths = self._prepared_ir(network, shapes, keep) if self.cache_dir is not None else None
+        if paths is not None:  # compiled from files: OpenVINO's model cache can skip the compilation
+            models = paths
+        else:
+            models = self._prepare(network, shapes, keep)
+            if _has_marks(keep):  # the f32 marks reach the CPU plugin only through IR (see _mark_f32)
+                with tempfile.TemporaryDirectory(prefix="seesr-ov-") as tmp:
+                    models = self._save(models, Path(tmp) / f"{network}.xml")
+                    per_network[key] = self._compile_pair(models)
+                return per_network[key]
+        per_network[key] = self._compile_pair(models)
         return per_network[key]
 
-    def _compile(self, network: str, shapes: dict[str, tuple]):
-        keep = self.kept_f32(network)
-        if self.cache_dir is not None:
-            xml = self._prepared_ir(network, shapes, keep)
-            return self.core.compile_model(str(xml), self.device, self.config)
-        model = self._prepare(network, shapes, keep)
-        if keep:  # the f32 marks reach the CPU plugin only through IR (see _mark_f32)
-            with tempfile.TemporaryDirectory(prefix="seesr-ov-") as tmp:
-                model = _through_ir(self._ov, model, Path(tmp) / f"{network}.xml", self.core)
-                return self.core.compile_model(model, self.device, self.config)
-        return self.core.compile_model(model, self.device, self.config)
+    def _compile_pair(self, models: tuple) -> "_Compiled":
+        main, timestep_path = (str(m) if isinstance(m, Path) else m for m in models)
+        f32 = {**self.config, "INFERENCE_PRECISION_HINT": "f32"}
+        return _Compiled(self.core.compile_model(main, self.device, self.config),
+                         None if timestep_path is None else self.core.compile_model(timestep_path, self.device, f32))
 
     @property
     def _ov(self):
         return import_openvino()
 
-    def _prepare(self, network: str, shapes: dict[str, tuple], keep: tuple):
+    def _prepare(self, network: str, shapes: dict[str, tuple], keep: tuple) -> tuple:
+        """(main model, f32 timestep-path model or None), reshaped to ``shapes`` and marked."""
         path = self.manifest.graph_path(network, self.graph_precision(network))
         model = self.core.read_model(str(path))
         model.reshape({name: list(shape) for name, shape in shapes.items()})
-        if keep:
-            _mark_f32(model, keep)
-        return model
+        timestep_path = split_timestep_path(model) if "timestep" in keep else None
+        _mark_f32(model, keep)
+        return model, timestep_path
 
-    def _prepared_ir(self, network: str, shapes: dict[str, tuple], keep: tuple) -> Path:
-        """The reshaped, marked model as IR under cache_dir/ir (written once; the name pins the graph's
-        sha256, the shapes and the kept groups, so a rebuilt bundle or another policy gets a new file)."""
+    def _save(self, models: tuple, xml: Path) -> tuple:
+        """Write the prepared models as IR (``xml`` and, for the timestep path, ``*.timestep.xml``);
+        the .xml last, each after its .bin: an existing .xml is a complete entry."""
+        paths = (xml, xml.with_name(xml.stem + ".timestep.xml") if models[1] is not None else None)
+        for model, target in zip(models, paths):
+            if model is None:
+                continue
+            tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.xml")
+            self._ov.save_model(model, str(tmp), compress_to_fp16=False)
+            os.replace(tmp.with_suffix(".bin"), target.with_suffix(".bin"))
+            os.replace(tmp, target)
+        return paths
+
+    def _prepared_ir(self, network: str, shapes: dict[str, tuple], keep: tuple) -> tuple:
+        """The prepared models as IR under cache_dir/ir, written once: the name pins the graph's sha256, the
+        shapes and the kept groups, so a rebuilt bundle or another policy gets new files."""
         precision = self.graph_precision(network)
         files = self.manifest.data["networks"][network]["files"][precision]
-        identity = json.dumps({"graph": files["sha256"], "shapes": sorted(shapes.items()), "keep_f32": keep},
-                              sort_keys=True, default=list)
+        identity = json.dumps({"graph": files["sha256"], "shapes": sorted(shapes.items()), "keep_f32": keep,
+                               "layout": _IR_LAYOUT}, sort_keys=True, default=list)
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         xml = self.cache_dir / "ir" / f"{network}.{precision}.{digest}.xml"
-        if not xml.exists():
-            xml.parent.mkdir(parents=True, exist_ok=True)
-            model = self._prepare(network, shapes, keep)
-            tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.tmp.xml")
-            self._ov.save_model(model, str(tmp), compress_to_fp16=False)
-            os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
-            os.replace(tmp, xml)  # the .xml last: it is what marks the entry complete
-        return xml
+        timestep_xml = xml.with_name(xml.stem + ".timestep.xml")
+        if xml.exists():
+            return xml, timestep_xml if timestep_xml.exists() else None
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        return self._save(self._prepare(network, shapes, keep), xml)
 
     # ------------------------------------------------------------ the Backend interface
 
@@ -179,14 +216,15 @@ class OpenVINOBackend:
         if network not in self._outputs:
             raise BundleError(f"network {network!r} is not in this bundle (has {sorted(self._outputs)})")
         shapes = {name: tuple(np.shape(value)) for name, value in feeds.items()}
-        _, request = self.compiled(network, shapes)
-        # ov.Tensor around each array: shares its memory, and keeps 0-d inputs (conditioning_scale) 0-d,
-        # which a bare numpy scalar passed to infer() is not
-        tensors = {name: self._ov.Tensor(np.require(value, requirements="C"), shared_memory=True)
-                   for name, value in feeds.items()}
-        request.infer(tensors)
+        compiled = self.compiled(network, shapes)
+        request = compiled.infer({name: self._tensor(value) for name, value in feeds.items()})
         # copies: the request reuses its output memory on the next call
         return [np.array(request.get_tensor(name).data, copy=True) for name in self._outputs[network]]
+
+    def _tensor(self, value: np.ndarray):
+        # an ov.Tensor shares the array's memory and keeps 0-d inputs (conditioning_scale) 0-d, which a
+        # bare numpy scalar passed to infer() does not
+        return self._ov.Tensor(np.require(value, requirements="C"), shared_memory=True)
 
     def load_all(self, shapes: dict[str, dict[str, tuple]] | None = None) -> None:
         """Compile now rather than at first use (servers, benchmarks): every network at its first
@@ -236,26 +274,26 @@ def _check_keep_f32(keep_f32: dict) -> dict:
     return {network: tuple(groups) for network, groups in keep_f32.items()}
 
 
+MATRIX_TYPES = {"Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData"}
 NORM_TYPES = {"MVN", "GroupNormalization", "NormalizeL2", "LayerNorm", "RMS"}
 
 
 def _select_nodes(model, groups: tuple) -> list:
     """Operations of ``model`` in the named groups:
-    softmax: Softmax; norm: MVN/GroupNormalization (what ONNX GroupNorm/LayerNorm become) and the
-    scale/shift that follows them; timestep: everything computed from the ``timestep`` input alone
-    (sinusoidal projection and time-embedding MLP); attention: MatMul of two activations (scores, and
-    probabilities times values)."""
+    softmax: Softmax; norm: MVN/GroupNormalization (what ONNX GroupNorm/LayerNorm become); attention: MatMul of two activations (scores, and
+    probabilities times values); add: every Add (the residual stream and biases); all_but_matmul: every
+    operation but Convolution and MatMul (PyTorch autocast's split: only matrix products in bf16)."""
     ops = model.get_ordered_ops()
     chosen = []
-    timestep_only = _timestep_only(model, ops) if "timestep" in groups else set()
     for op in ops:
         kind = op.get_type_name()
         if kind in ("Parameter", "Result", "Constant"):
             continue
         if ("softmax" in groups and kind.startswith("Softmax")) \
                 or ("norm" in groups and kind in NORM_TYPES) \
-                or ("timestep" in groups and op in timestep_only) \
-                or ("attention" in groups and kind == "MatMul" and not _has_constant_input(op)):
+                or ("attention" in groups and kind == "MatMul" and not _has_constant_input(op)) \
+                or ("add" in groups and kind == "Add") \
+                or ("all_but_matmul" in groups and kind not in MATRIX_TYPES):
             chosen.append(op)
     return chosen
 
@@ -305,6 +343,65 @@ def _mark_f32(model, groups: tuple) -> int:
     return len(nodes)
 
 
-def _through_ir(ov, model, xml: Path, core):
-    ov.save_model(model, str(xml), compress_to_fp16=False)
-    return core.read_model(str(xml))
+def _has_marks(groups: tuple) -> bool:
+    return any(group != "timestep" for group in groups)
+
+
+def split_timestep_path(model):
+    """Cut what ``model`` computes from its ``timestep`` input alone (sinusoidal projection, time-embedding
+    MLP, each ResNet's time projection) into a model of its own, to run in f32; its outputs become inputs
+    ``seesr_timestep_path_<i>`` of ``model`` (changed in place). Returns that model, or None when
+    ``model`` has no timestep input.
+
+    Why not marks: most of that path is MatMul + bias, which the CPU plugin turns into FullyConnected
+    nodes, and the f32 mark does not survive that rewrite (measured, 2026.4). Under bf16 this path is what
+    took the SD2 ControlNet from 1.6e-2 to 1.2e-1 relative L2 (benchmarks/results/cpu/openvino_precision.md):
+    its error is the same at every pixel of every ResNet, so it does not average out."""
+    ov = import_openvino()
+    from openvino import opset13
+    from openvino.passes import ConstantFolding, Manager
+
+    parameters = [p for p in model.get_parameters() if "timestep" in p.get_output_tensor(0).get_names()]
+    if not parameters:
+        return None
+    folding = Manager()
+    folding.register_pass(ConstantFolding())  # static shapes: ShapeOf(sample) becomes a constant
+    folding.run_passes(model)
+    path = _timestep_only(model, model.get_ordered_ops())
+    cut = [output for op in model.get_ordered_ops() if op in path for output in op.outputs()
+           if any(target.get_node() not in path for target in output.get_target_inputs())]
+    copy = model.clone()  # the path's own model is built from a copy: the original is rewired below
+    copies = {op.get_friendly_name(): op for op in copy.get_ordered_ops()}
+    copy_timestep = next(p for p in copy.get_parameters() if "timestep" in p.get_output_tensor(0).get_names())
+    inputs, outputs = [], []
+    for i, output in enumerate(cut):
+        name = f"{TIMESTEP_PATH_PREFIX}{i}"
+        parameter = opset13.parameter(output.get_partial_shape(), output.get_element_type(), name=name)
+        parameter.output(0).get_tensor().set_names({name})
+        for target in list(output.get_target_inputs()):
+            if target.get_node() not in path:
+                target.replace_source_output(parameter.output(0))
+        inputs.append(parameter)
+        copied = copies[output.get_node().get_friendly_name()].output(output.get_index())
+        copied.get_tensor().set_names({name})
+        outputs.append(copied)
+    model.add_parameters(inputs)
+    model.remove_parameter(parameters[0])
+    model.validate_nodes_and_infer_types()
+    return ov.Model(outputs, [copy_timestep], "timestep_path")
+
+
+def _mark_f32(model, groups: tuple) -> int:
+    """Mark the groups' operations to stay in f32 whatever the inference precision.
+
+    The mark is OpenVINO's "precise" runtime attribute (``ov::disable_fp16_compression``, which the
+    CPU plugin honours for bf16 too). From Python it can only be set as a string, which OpenVINO turns
+    into the real attribute when the model is serialized; so marked models go through IR before
+    compiling (measured in 2026.4: a marked MatMul compiled straight from the Python object still runs
+    in bf16, the same model through IR runs in f32)."""
+    nodes = _select_nodes(model, groups)
+    for node in nodes:
+        node.get_rt_info()["precise_0"] = ""
+    return len(nodes)
+
+
