@@ -99,23 +99,56 @@ def _snapshot(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def controlnet_feeds(manifest, side=8):
+    rng = np.random.default_rng(0)
+    spec = manifest.spec("controlnet")
+    feeds = {t.name: rng.standard_normal(t.concrete_shape({"B": 2, "h": side, "w": side})).astype(np.float32)
+             for t in spec.inputs}
+    feeds.update(timestep=np.full((2,), 499.0, np.float32), conditioning_scale=np.array(1.0, np.float32),
+                 controlnet_cond=rng.random(feeds["controlnet_cond"].shape, dtype=np.float32))
+    return feeds
+
+
 def test_second_start_loads_compiled_models_from_the_cache(tiny_bundle, tmp_path):
     manifest = Manifest.load(tiny_bundle)
-    feeds = {"input_ids": np.arange(77, dtype=np.int64)[None] % 100}
+    feeds = controlnet_feeds(manifest)
     first = OpenVINOBackend(manifest, precision="bf16", cache_dir=tmp_path / "cache")
-    expected = first.run("text_encoder", feeds)
-    compiled, _ = next(iter(first._compiled["text_encoder"].values()))
-    assert not compiled.get_property("LOADED_FROM_CACHE")
+    expected = first.run("controlnet", feeds)
+    compiled = next(iter(first._compiled["controlnet"].values()))
+    assert not compiled.main.get_property("LOADED_FROM_CACHE")
     files = _snapshot(tmp_path / "cache")
-    assert any(name.startswith("ir/text_encoder.") and name.endswith(".xml") for name in files)
+    ir = [name for name in files if name.startswith("ir/controlnet.fp32.") and name.endswith(".xml")]
+    assert len(ir) == 2 and any(name.endswith(".timestep.xml") for name in ir), files  # main + f32 timestep path
     assert any(name.startswith("blobs/") for name in files), files
 
     second = OpenVINOBackend(manifest, precision="bf16", cache_dir=tmp_path / "cache")
-    outputs = second.run("text_encoder", feeds)
-    compiled, _ = next(iter(second._compiled["text_encoder"].values()))
-    assert compiled.get_property("LOADED_FROM_CACHE")  # OpenVINO read the blob, compiled nothing
-    assert _snapshot(tmp_path / "cache") == files  # and wrote nothing new
+    outputs = second.run("controlnet", feeds)
+    compiled = next(iter(second._compiled["controlnet"].values()))
+    # OpenVINO read both compiled blobs and compiled nothing, and nothing new was written
+    assert compiled.main.get_property("LOADED_FROM_CACHE")
+    assert compiled.timestep_path.get_property("LOADED_FROM_CACHE")
+    assert _snapshot(tmp_path / "cache") == files
     assert all(np.array_equal(a, b) for a, b in zip(outputs, expected))
+
+
+def test_timestep_path_runs_apart_in_f32(tiny_bundle):
+    """The policy's "timestep" group (default for UNet and ControlNet): brings bf16 from ~1.5e-1 to ~2e-2
+    relative L2 on this fixture (and at SD2 size: benchmarks/results/cpu/openvino_precision.md)."""
+    manifest = Manifest.load(tiny_bundle)
+    if "BF16" not in openvino_backend.device_capabilities(ov.Core(), "CPU"):
+        pytest.skip("this CPU has no bf16 units: bf16 falls back to f32")
+    feeds = controlnet_feeds(manifest, side=64)  # 512 px; at 8x8 bf16 errors are 0.3 either way
+    f32 = OpenVINOBackend(manifest, precision="fp32").run("controlnet", dict(feeds))
+    errors = {}
+    for keep in ((), ("timestep",)):
+        backend = OpenVINOBackend(manifest, precision="bf16", keep_f32={"controlnet": keep})
+        outputs = backend.run("controlnet", dict(feeds))
+        errors[keep] = max(relative_l2(a, b) for a, b in zip(outputs, f32))
+        compiled = next(iter(backend._compiled["controlnet"].values()))
+        assert (compiled.timestep_path is not None) == bool(keep)
+    print(f"controlnet bf16 rel L2 vs f32: all bf16 {errors[()]:.2e}, timestep path in f32 "
+          f"{errors[('timestep',)]:.2e}")
+    assert errors[("timestep",)] < errors[()] / 2
 
 
 def test_bf16_without_bf16_units_falls_back_to_f32(tiny_bundle, monkeypatch):
@@ -140,11 +173,11 @@ def test_kept_groups_run_in_f32_under_bf16(tiny_bundle):
     def mvn_precisions(keep):
         backend = OpenVINOBackend(manifest, precision="bf16", keep_f32={"text_encoder": keep})
         backend.run("text_encoder", feeds)
-        compiled, _ = next(iter(backend._compiled["text_encoder"].values()))
-        info = [op.get_rt_info() for op in compiled.get_runtime_model().get_ops()]
+        compiled = next(iter(backend._compiled["text_encoder"].values()))
+        info = [op.get_rt_info() for op in compiled.main.get_runtime_model().get_ops()]
         return {i["runtimePrecision"].value for i in info if i["layerType"].value == "MVN"}
 
-    assert mvn_precisions(()) == {"bf16"}
+    assert "bf16" in mvn_precisions(())  # (the last one, at the graph's tail, stays f32 anyway)
     assert mvn_precisions(("norm",)) == {"f32"}
 
 
