@@ -153,7 +153,10 @@ def markdown(result: dict) -> str:
     lines = [f"# OpenVINO bf16 precision policy, SD2 size, random weights ({machine['cpu']}, "
              f"{result['threads'] or machine['cpu_count']} threads)", "",
              f"OpenVINO {result['openvino']}; CPU capabilities {result['capabilities']}; one guided call at 512 px "
-             "(batch 2, 64x64 latent); rel L2: the worst output against OpenVINO f32 on the same inputs.", ""]
+             "(batch 2, 64x64 latent); rel L2: the worst output against OpenVINO f32 on the same inputs. "
+             f"Load average before/after: {result['load_average']['before'][0]:.1f}/"
+             f"{result['load_average']['after'][0]:.1f} (above the thread count, other jobs shared the cores "
+             "and the times are inflated; the errors are not).", ""]
     torch_errors = result.get("torch_autocast") or {}
     for network in NETWORKS:
         rows = [r for r in result["rows"] if r["network"] == network]
@@ -190,10 +193,12 @@ def main(argv=None) -> int:
     import openvino as ov
 
     manifest = Manifest.load(args.bundle)
+    load_before = os.getloadavg()  # other jobs on the machine inflate the times (never the errors)
     rows, feeds = measure(manifest, args)
     result = {"benchmark": "openvino_precision", "machine": machine_info(), "openvino": ov.__version__,
               "capabilities": sorted(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
               "threads": args.threads, "env": ENV, "rows": rows, "platform": platform.platform(),
+              "load_average": {"before": load_before, "after": os.getloadavg()},
               "command": "python benchmarks/openvino_precision.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")  # before torch: keep what ran
