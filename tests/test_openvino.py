@@ -206,3 +206,22 @@ def test_cli_upscale_with_openvino(tiny_bundle, tmp_path, capsys):
     assert main(["upscale", str(source), "-o", str(out), "--bundle", str(tiny_bundle), "--precision", "bf16",
                  "-q"]) == 2
     assert "--precision bf16 needs --backend openvino" in capsys.readouterr().err
+
+
+def test_upscale_picks_the_cpu_default_and_says_so(tiny_bundle, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(source)
+    command = ["upscale", str(source), "-o", str(tmp_path / "out"), "--bundle", str(tiny_bundle), "--steps", "1",
+               "--process-size", "64"]
+    has_bf16 = "BF16" in openvino_backend.device_capabilities(ov.Core(), "CPU")
+    assert main(command) == 0
+    err = capsys.readouterr().err
+    assert ("note: running OpenVINO bf16" if has_bf16 else "note: running onnxruntime fp32") in err
+    # a CPU without bf16 units keeps onnxruntime fp32; an explicit backend is never overridden (and not announced)
+    monkeypatch.setattr(openvino_backend, "device_capabilities", lambda core, device: {"FP32", "INT8"})
+    assert main(command) == 0
+    assert "note: running onnxruntime fp32" in capsys.readouterr().err
+    assert main(command + ["--backend", "onnxruntime"]) == 0
+    assert "note: running" not in capsys.readouterr().err

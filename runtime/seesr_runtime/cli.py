@@ -99,13 +99,14 @@ def cmd_upscale(args) -> int:
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 2
+    say = (lambda msg: None) if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
+    choose_cpu_default(args, say)
     backend_options = backend_options_from(args)
     pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, **backend_options)
     options = {k: getattr(args, k) for k in ("prompt", "added_prompt", "negative_prompt", "steps", "guidance",
                                               "conditioning_scale", "process_size", "upscale", "latent_tile_size",
                                               "latent_tile_overlap", "color_fix", "start_point")}
     done, skipped, failed = 0, 0, []
-    say = (lambda msg: None) if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
     for path in tqdm(files, desc="images", unit="img", disable=args.quiet, file=sys.stderr):
         target = args.output / f"{path.stem}.png"
         if args.skip_existing and target.exists():
@@ -188,14 +189,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def add_backend_args(p: argparse.ArgumentParser) -> None:
-    """Backend choice and options, shared by upscale and bench."""
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "openvino"],
+def add_backend_args(p: argparse.ArgumentParser, cpu_default: bool = False) -> None:
+    """Backend choice and options, shared by upscale and bench. ``cpu_default``: without --backend,
+    --precision and --providers, pick ``CPU_DEFAULT`` (see choose_cpu_default) instead of onnxruntime fp32."""
+    p.add_argument("--backend", default=None if cpu_default else "onnxruntime",
+                   choices=["onnxruntime", "tensorrt", "openvino"],
                    help="inference backend (tensorrt: a bundle built with --backend tensorrt, an NVIDIA GPU; "
-                        "openvino: needs the 'openvino' extra; bf16/int8 on CPUs with those units, Intel GPUs)")
+                        "openvino: needs the 'openvino' extra; bf16/int8 on CPUs with those units, Intel GPUs)" +
+                        ("; default: openvino bf16 where OpenVINO is installed and the CPU has bf16 units (the "
+                         "fastest measured CPU configuration within 35 dB of fp32), else onnxruntime fp32"
+                         if cpu_default else ""))
     p.add_argument("--providers", nargs="+", default=None,
                    help="onnxruntime execution providers in order, e.g. cuda cpu (default: cpu)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int8-bf16"],
+    p.add_argument("--precision", default=None if cpu_default else "fp32", choices=["fp32", "fp16", "bf16", "int8", "int8-bf16"],
                    help="which graphs of the bundle to run and how: fp16 is for GPU providers (openvino: f16 "
                         "inference precision, Intel GPUs); int8 (bundles built with --precision int8) runs the "
                         "Q/DQ UNet and ControlNet; bf16 and int8-bf16 (openvino) compute in bfloat16 on CPUs "
@@ -216,6 +222,37 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
 
 
 OPENVINO_ONLY_PRECISIONS = ("bf16", "int8-bf16")
+# seesr upscale's choice when no backend option is given: the fastest CPU configuration whose final image
+# stays >= 35 dB PSNR from fp32 (same noise, SD2 size, random weights): benchmarks/results/cpu/README.md.
+CPU_DEFAULT = ("openvino", "bf16")
+
+
+def choose_cpu_default(args, say) -> None:
+    """Fill in args.backend and args.precision where the user gave neither (nor --providers), and say
+    which configuration was picked and why."""
+    if args.backend is None and args.precision is None and args.providers is None and args.device is None:
+        if _openvino_has_bf16():
+            args.backend, args.precision = CPU_DEFAULT
+            say("note: running OpenVINO bf16 (the fastest CPU configuration within 35 dB of fp32; "
+                "--backend onnxruntime --precision fp32 for the fp32 reference)")
+        else:
+            args.backend, args.precision = "onnxruntime", "fp32"
+            say("note: running onnxruntime fp32 (OpenVINO bf16, the faster CPU default, needs the 'openvino' "
+                "extra and a CPU with bf16 units)")
+        return
+    if args.backend is None:
+        args.backend = "openvino" if args.precision in OPENVINO_ONLY_PRECISIONS or args.device else "onnxruntime"
+    if args.precision is None:
+        args.precision = "fp32"
+
+
+def _openvino_has_bf16() -> bool:
+    try:
+        from .openvino_backend import device_capabilities, import_openvino
+
+        return "BF16" in device_capabilities(import_openvino().Core(), "CPU")
+    except Exception:  # noqa: BLE001 - no openvino (BundleError) or no CPU device: the fp32 default applies
+        return False
 
 
 def backend_options_from(args) -> dict:
@@ -249,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, help="LR images, or directories of images")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (PNG, same stem as the input)")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
-    add_backend_args(p)
+    add_backend_args(p, cpu_default=True)
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--prompt", default=None, help="user prompt inserted after the tags (default empty)")
     p.add_argument("--added-prompt", default=None, help='appended prompt (default "clean, high-resolution, 8k")')
