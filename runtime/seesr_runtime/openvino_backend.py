@@ -5,9 +5,9 @@ units (AVX512_BF16, AMX) and in int8 from our Q/DQ graphs, where onnxruntime's C
 fp32 (see benchmarks/results/cpu/README.md for what that buys).
 
 How it runs a network: the ONNX graph is read with ``openvino.Core().read_model`` (external data
-included), reshaped to the static shapes of the call, optionally marked so that some operations stay
-in f32 under bf16 (the precision policy, below), and compiled; one compiled model is kept per
-(network, input shapes). With ``cache_dir`` the prepared model is also written there as OpenVINO IR
+included), reshaped to the static shapes of the call, and compiled; one compiled model is kept per
+(network, input shapes). Under bf16 the precision policy (below) first moves the UNet's and
+ControlNet's timestep path into a second model compiled in f32, and may mark other operations f32. With ``cache_dir`` the prepared model is also written there as OpenVINO IR
 and compiled through OpenVINO's own model cache (``CACHE_DIR``), so a second start reads a compiled
 blob instead of the ONNX graph.
 
@@ -39,8 +39,9 @@ PRECISIONS = {
 DEVICES_WITHOUT_CAPABILITIES = ("AUTO", "MULTI", "HETERO", "BATCH")  # virtual devices: OpenVINO picks
 
 # Precision policy under a bf16 (or f16) inference precision: which operations of each network stay in
-# f32. Groups are defined in ``_select_nodes``. Chosen from measurements at SD2 size on random weights
-# (benchmarks/openvino_precision.py, results in benchmarks/results/cpu/openvino_precision.md).
+# f32. "timestep" is ``split_timestep_path``; the other groups are marks, defined in ``_select_nodes``.
+# Chosen from measurements at SD2 size on random weights (benchmarks/openvino_precision.py, results and
+# the reasoning in benchmarks/results/cpu/openvino_precision.md and README.md, "OpenVINO backend").
 KEEP_F32_GROUPS = ("softmax", "norm", "timestep", "attention", "add", "all_but_matmul")
 DEFAULT_KEEP_F32 = {
     "unet": ("timestep",),
