@@ -203,7 +203,8 @@ def test_cli_upscale_with_openvino(tiny_bundle, tmp_path, capsys):
                  "--precision", "bf16", "--cache-dir", str(tmp_path / "cache"), "--threads", "2",
                  "--steps", "1", "--process-size", "64", "-q"]) == 0
     assert Image.open(out / "in.png").size == (96, 80)
-    assert main(["upscale", str(source), "-o", str(out), "--bundle", str(tiny_bundle), "--precision", "bf16",
+    assert main(["upscale", str(source), "-o", str(out), "--bundle", str(tiny_bundle), "--backend", "onnxruntime",
+                 "--precision", "bf16",
                  "-q"]) == 2
     assert "--precision bf16 needs --backend openvino" in capsys.readouterr().err
 
