@@ -201,7 +201,8 @@ def add_backend_args(p: argparse.ArgumentParser, cpu_default: bool = False) -> N
                          if cpu_default else ""))
     p.add_argument("--providers", nargs="+", default=None,
                    help="onnxruntime execution providers in order, e.g. cuda cpu (default: cpu)")
-    p.add_argument("--precision", default=None if cpu_default else "fp32", choices=["fp32", "fp16", "bf16", "int8", "int8-bf16"],
+    p.add_argument("--precision", default=None if cpu_default else "fp32",
+                   choices=["fp32", "fp16", "bf16", "int8", "int8-bf16"],
                    help="which graphs of the bundle to run and how: fp16 is for GPU providers (openvino: f16 "
                         "inference precision, Intel GPUs); int8 (bundles built with --precision int8) runs the "
                         "Q/DQ UNet and ControlNet; bf16 and int8-bf16 (openvino) compute in bfloat16 on CPUs "

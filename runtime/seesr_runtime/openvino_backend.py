@@ -7,9 +7,10 @@ fp32 (see benchmarks/results/cpu/README.md for what that buys).
 How it runs a network: the ONNX graph is read with ``openvino.Core().read_model`` (external data
 included), reshaped to the static shapes of the call, and compiled; one compiled model is kept per
 (network, input shapes). Under bf16 the precision policy (below) first moves the UNet's and
-ControlNet's timestep path into a second model compiled in f32, and may mark other operations f32. With ``cache_dir`` the prepared model is also written there as OpenVINO IR
-and compiled through OpenVINO's own model cache (``CACHE_DIR``), so a second start reads a compiled
-blob instead of the ONNX graph.
+ControlNet's timestep path into a second model compiled in f32, and may mark other operations f32.
+With ``cache_dir`` the prepared models are also written there as OpenVINO IR and compiled through
+OpenVINO's own model cache (``CACHE_DIR``), so a second start reads compiled blobs instead of the ONNX
+graphs (and maps the weights from the IR files rather than holding a copy in memory).
 
 ``openvino`` is imported when a backend is created, never at module import: the rest of the runtime
 does not need it (``pip install 'seesr-export[openvino]'``).
@@ -281,8 +282,8 @@ NORM_TYPES = {"MVN", "GroupNormalization", "NormalizeL2", "LayerNorm", "RMS"}
 
 def _select_nodes(model, groups: tuple) -> list:
     """Operations of ``model`` in the named groups:
-    softmax: Softmax; norm: MVN/GroupNormalization (what ONNX GroupNorm/LayerNorm become); attention: MatMul of two activations (scores, and
-    probabilities times values); add: every Add (the residual stream and biases); all_but_matmul: every
+    softmax: Softmax; norm: MVN/GroupNormalization (what ONNX GroupNorm/LayerNorm become); attention:
+    MatMul of two activations (scores, and probabilities times values); add: every Add (the residual stream and biases); all_but_matmul: every
     operation but Convolution and MatMul (PyTorch autocast's split: only matrix products in bf16)."""
     ops = model.get_ordered_ops()
     chosen = []
