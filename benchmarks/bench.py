@@ -10,10 +10,12 @@ ratio against the PyTorch reference measured in the same run.
         --runtime onnxruntime:fp32:cpu onnxruntime:int8:cpu --sizes 512 1024 --steps 2 1 --out benchmarks/results/cpu
 
 Configurations: ``--torch DEVICE:DTYPE`` (``cpu:fp32``, ``cuda:fp16``; ``none`` to skip) runs
-``seesr_export.reference`` (SDPA attention, as the official code on diffusers); ``--runtime
+``seesr_export.reference`` (SDPA attention, as the official code on diffusers; several may be given,
+e.g. ``cpu:fp32 cpu:bf16-autocast``, ratios are against the first); ``--runtime
 BACKEND:PRECISION[:PROVIDER,...[:CPU_ARENA[:MODE,...]]]`` runs ``seesr bench``; modes (onnxruntime):
 ``iobinding``, ``no-iobinding``, ``static`` (static-shape denoiser sessions), ``cudagraph``, ``plain`` (the
-plain fp16 graphs instead of the GPU graphs), e.g. ``onnxruntime:fp16:cuda::static,cudagraph``.
+plain fp16 graphs instead of the GPU graphs), e.g. ``onnxruntime:fp16:cuda::static,cudagraph``;
+``openvino:PRECISION[:DEVICE]`` for the OpenVINO backend, e.g. ``openvino:bf16:CPU``.
 """
 from __future__ import annotations
 
@@ -57,8 +59,13 @@ def torch_worker(args) -> int:
     from seesr_runtime.manifest import Manifest
     from seesr_runtime.profiling import StageProfiler
 
-    device, dtype_name = args.torch.split(":")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    (spec,) = args.torch
+    device, dtype_name = spec.split(":")
+    # bf16-autocast: fp32 weights, matrix products in bf16 under torch.autocast (softmax and normalisation
+    # stay fp32): PyTorch's own mixed precision, the yardstick for the runtime's bf16
+    autocast = dtype_name == "bf16-autocast"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+             "bf16-autocast": torch.float32}[dtype_name]
     start = time.perf_counter()
     reference = SeeSRReference.from_paths(SeeSRPaths.from_root(args.seesr_root)).to(device, dtype)
     reference.profiler = profiler = StageProfiler()
@@ -67,10 +74,11 @@ def torch_worker(args) -> int:
     results = []
     for size, steps in zip(args.sizes, _steps_per_size(args)):
         config = BenchConfig(size=size, steps=steps, runs=args.runs, warmup=args.warmup)
-        print(f"bench torch {args.torch}: {size} px, {steps} steps", file=sys.stderr, flush=True)
+        print(f"bench torch {spec}: {size} px, {steps} steps", file=sys.stderr, flush=True)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        report = run_bench(pipe, profiler, config)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            report = run_bench(pipe, profiler, config)
         # peak_gpu_mb is the driver's view (context + caching allocator), as for the runtime's backends;
         # torch's own count of live tensors is kept beside it.
         report["memory"] = {"peak_host_mb": peak_host_mb(),
@@ -107,11 +115,16 @@ def runtime_command(spec: str, args, json_path: Path) -> tuple[str, list[str]]:
         raise SystemExit(f"--runtime {spec}: unknown mode(s) {unknown}; known: {sorted(RUNTIME_MODES)}")
     label = f"{backend} {precision}" + (f" ({','.join(providers)})" if providers else "") + \
         (f" arena={arena}" if arena else "") + (f" [{'+'.join(modes)}]" if modes else "")
+    if backend == "openvino":  # BACKEND:PRECISION[:DEVICE]
+        device = rest[0] if rest else "CPU"
+        label, providers, arena = f"openvino {precision} ({device})", [], None
     command = [sys.executable, "-m", "seesr_runtime.cli", "bench", "--bundle", str(args.bundle), "--backend", backend,
                "--precision", precision, "--size", *map(str, args.sizes), "--steps", *map(str, args.steps),
                "--runs", str(args.runs), "--warmup", str(args.warmup), "--label", label, "--json", str(json_path)]
     if providers:
         command += ["--providers", *providers]
+    if backend == "openvino":
+        command += ["--device", device]
     if arena:
         command += ["--cpu-arena", arena]
     for mode in modes:
@@ -121,12 +134,12 @@ def runtime_command(spec: str, args, json_path: Path) -> tuple[str, list[str]]:
     return label, command
 
 
-def torch_command(args, json_path: Path) -> tuple[str, list[str]]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--torch-worker", "--torch", args.torch,
+def torch_command(spec: str, args, json_path: Path) -> tuple[str, list[str]]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--torch-worker", "--torch", spec,
                "--bundle", str(args.bundle), "--seesr-root", str(args.seesr_root), "--sizes", *map(str, args.sizes),
                "--steps", *map(str, args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
                "--json", str(json_path)]
-    return f"PyTorch {args.torch}", command
+    return f"PyTorch {spec}", command
 
 
 def run_configuration(label: str, command: list[str], json_path: Path, timeout: float) -> dict:
@@ -295,7 +308,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--seesr-root", type=Path, help="the checkout the bundle was built from (PyTorch side)")
-    parser.add_argument("--torch", default="cpu:fp32", help="DEVICE:DTYPE of the PyTorch reference, or none")
+    parser.add_argument("--torch", nargs="+", default=["cpu:fp32"],
+                        help="DEVICE:DTYPE of the PyTorch reference (fp32, fp16, bf16, bf16-autocast), one or more "
+                             "(ratios are against the first), or none")
     parser.add_argument("--runtime", nargs="*", default=["onnxruntime:fp32:cpu"],
                         help="BACKEND:PRECISION[:PROVIDERS] configurations of the runtime")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512])
@@ -314,7 +329,7 @@ def main(argv=None) -> int:
         parser.error("--steps takes one value or one per size")
     if args.torch_worker:
         return torch_worker(args)
-    if args.torch != "none" and args.seesr_root is None:
+    if args.torch != ["none"] and args.seesr_root is None:
         parser.error("--seesr-root is needed for the PyTorch reference (or --torch none)")
 
     from seesr_runtime.manifest import Manifest
@@ -328,7 +343,8 @@ def main(argv=None) -> int:
                "peak_tflops": args.peak_tflops}
     command = "python benchmarks/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="seesr-bench-") as scratch:
-        jobs = [torch_command(args, Path(scratch) / "torch.json")] if args.torch != "none" else []
+        jobs = [torch_command(spec, args, Path(scratch) / f"torch{i}.json")
+                for i, spec in enumerate(args.torch) if spec != "none"]
         jobs += [runtime_command(spec, args, Path(scratch) / f"runtime{i}.json") for i, spec in enumerate(args.runtime)]
         for label, job in jobs:
             json_path = Path(job[job.index("--json") + 1])

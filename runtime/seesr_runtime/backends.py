@@ -215,4 +215,16 @@ def create_backend(kind: str, manifest: Manifest, **options) -> Backend:
         except ImportError as exc:
             raise BundleError(f"the tensorrt backend needs the 'tensorrt' and 'cuda-python' packages and an NVIDIA "
                               f"GPU ({exc}); use backend='onnxruntime'") from None
-    raise BundleError(f"unknown backend {kind!r} (available: 'onnxruntime', 'tensorrt')")
+    if kind == "openvino":
+        from .openvino_backend import OpenVINOBackend
+
+        if options.pop("cuda_graph", False):
+            raise BundleError("CUDA graph capture is an option of the tensorrt backend, not of openvino")
+        if options.pop("providers", None):
+            raise BundleError("--providers selects onnxruntime execution providers; the openvino backend "
+                              "takes --device (CPU, GPU, AUTO) instead")
+        return OpenVINOBackend(manifest, **{k: v for k, v in options.items() if v is not None})
+    raise BundleError(f"unknown backend {kind!r} (available: {', '.join(map(repr, BACKENDS))})")
+
+
+BACKENDS = ("onnxruntime", "tensorrt", "openvino")

@@ -196,7 +196,7 @@ def gpu_memory_mb() -> float | None:
 
 def versions() -> dict:
     out = {"seesr_runtime": __version__, "numpy": np.__version__}
-    for module in ("onnxruntime", "tensorrt"):
+    for module in ("onnxruntime", "tensorrt", "openvino"):
         if module in sys.modules:
             out[module] = getattr(sys.modules[module], "__version__", "?")
     return out

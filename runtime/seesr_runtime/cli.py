@@ -99,6 +99,8 @@ def cmd_upscale(args) -> int:
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 2
+    say = (lambda msg: None) if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
+    choose_cpu_default(args, say)
     backend_options = backend_options_from(args)
     pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, tiled_vae_spill_dir=args.tiled_vae_spill_dir,
                                      **backend_options)
@@ -107,7 +109,6 @@ def cmd_upscale(args) -> int:
                                               "latent_tile_overlap", "color_fix", "start_point",
                                               "vae_encoder_tile_size", "vae_decoder_tile_size", "tiled_vae")}
     done, skipped, failed = 0, 0, []
-    say = (lambda msg: None) if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
     for path in tqdm(files, desc="images", unit="img", disable=args.quiet, file=sys.stderr):
         target = args.output / f"{path.stem}.png"
         if args.skip_existing and target.exists():
@@ -177,7 +178,10 @@ def cmd_bench(args) -> int:
             print(format_table(report), flush=True)
     summary = {
         "format": FORMAT, "version": 1, "label": label,
-        "backend": {"name": args.backend, "precision": args.precision, "providers": args.providers or ["cpu"]},
+        "backend": {"name": args.backend, "precision": args.precision,
+                    "providers": [args.device or "CPU"] if args.backend == "openvino" else args.providers or ["cpu"],
+                    # what actually ran where a backend can fall back (openvino: bf16 without bf16 units)
+                    "inference_precision": getattr(pipe.backend, "inference_precision", None)},
         "load_s": load_s, "machine": machine_info(), "versions": versions(), "commit": git_commit(),
         "bundle": bundle_info(pipe.manifest), "results": results,
     }
@@ -187,16 +191,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def add_backend_args(p: argparse.ArgumentParser) -> None:
-    """Backend choice and options, shared by upscale and bench."""
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
-                   help="inference backend (tensorrt: a bundle built with --backend tensorrt, an NVIDIA GPU)")
+def add_backend_args(p: argparse.ArgumentParser, cpu_default: bool = False) -> None:
+    """Backend choice and options, shared by upscale and bench. ``cpu_default``: without --backend,
+    --precision and --providers, pick ``CPU_DEFAULT`` (see choose_cpu_default) instead of onnxruntime fp32."""
+    p.add_argument("--backend", default=None if cpu_default else "onnxruntime",
+                   choices=["onnxruntime", "tensorrt", "openvino"],
+                   help="inference backend (tensorrt: a bundle built with --backend tensorrt, an NVIDIA GPU; "
+                        "openvino: needs the 'openvino' extra; bf16/int8 on CPUs with those units, Intel GPUs)" +
+                        ("; default: openvino bf16 where OpenVINO is installed and the CPU has bf16 units (the "
+                         "fastest measured CPU configuration within 35 dB of fp32), else onnxruntime fp32"
+                         if cpu_default else ""))
     p.add_argument("--providers", nargs="+", default=None,
                    help="onnxruntime execution providers in order, e.g. cuda cpu (default: cpu)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
-                   help="which graphs of the bundle to run: fp16 is for GPU providers; int8 (bundles built with "
-                        "--precision int8) runs the Q/DQ UNet and ControlNet")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--precision", default=None if cpu_default else "fp32",
+                   choices=["fp32", "fp16", "bf16", "int8", "int8-bf16"],
+                   help="which graphs of the bundle to run and how: fp16 is for GPU providers (openvino: f16 "
+                        "inference precision, Intel GPUs); int8 (bundles built with --precision int8) runs the "
+                        "Q/DQ UNet and ControlNet; bf16 and int8-bf16 (openvino) compute in bfloat16 on CPUs "
+                        "with bf16 units (f32 with a warning elsewhere)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default: the backend's choice, all cores)")
+    p.add_argument("--device", default=None,
+                   help="openvino device: CPU (default), GPU (Intel graphics), AUTO, or any OpenVINO device name")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="openvino: keep prepared models and OpenVINO's compiled-model cache here, so later "
+                        "starts skip compilation (GBs at SD2 size)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each engine launch (tensorrt) or each static-shape denoiser session (onnxruntime "
                         "with the CUDA provider) as a CUDA graph and replay it")
@@ -214,7 +233,52 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                         "onnxruntime's default (most memory) (default none)")
 
 
+OPENVINO_ONLY_PRECISIONS = ("bf16", "int8-bf16")
+# seesr upscale's choice when no backend option is given: the fastest CPU configuration whose final image
+# stays >= 35 dB PSNR from fp32 (same noise, SD2 size, random weights): benchmarks/results/cpu/README.md.
+CPU_DEFAULT = ("openvino", "bf16")
+
+
+def choose_cpu_default(args, say) -> None:
+    """Fill in args.backend and args.precision where the user gave neither (nor --providers), and say
+    which configuration was picked and why."""
+    if args.backend is None and args.precision is None and args.providers is None and args.device is None:
+        if _openvino_has_bf16():
+            args.backend, args.precision = CPU_DEFAULT
+            say("note: running OpenVINO bf16 (the fastest CPU configuration within 35 dB of fp32; "
+                "--backend onnxruntime --precision fp32 for the fp32 reference)")
+        else:
+            args.backend, args.precision = "onnxruntime", "fp32"
+            say("note: running onnxruntime fp32 (OpenVINO bf16, the faster CPU default, needs the 'openvino' "
+                "extra and a CPU with bf16 units)")
+        return
+    if args.backend is None:
+        args.backend = "openvino" if args.precision in OPENVINO_ONLY_PRECISIONS or args.device else "onnxruntime"
+    if args.precision is None:
+        args.precision = "fp32"
+
+
+def _openvino_has_bf16() -> bool:
+    try:
+        from .openvino_backend import device_capabilities, import_openvino
+
+        return "BF16" in device_capabilities(import_openvino().Core(), "CPU")
+    except Exception:  # noqa: BLE001 - no openvino (BundleError) or no CPU device: the fp32 default applies
+        return False
+
+
 def backend_options_from(args) -> dict:
+    from .manifest import BundleError
+
+    if args.backend != "openvino":
+        if args.precision in OPENVINO_ONLY_PRECISIONS:
+            raise BundleError(f"--precision {args.precision} needs --backend openvino "
+                              f"({args.backend} runs fp32, fp16 or int8 graphs)")
+        if args.device is not None or args.cache_dir is not None:
+            raise BundleError("--device and --cache-dir are options of --backend openvino")
+    if args.backend == "openvino":
+        return {"precision": args.precision, "threads": args.threads, "device": args.device or "CPU",
+                "cache_dir": args.cache_dir, "providers": args.providers, "cuda_graph": args.cuda_graph}
     options = {"precision": args.precision, "providers": args.providers, "threads": args.threads}
     if args.cuda_graph:
         options["cuda_graph"] = True
@@ -237,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, help="LR images, or directories of images")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (PNG, same stem as the input)")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
-    add_backend_args(p)
+    add_backend_args(p, cpu_default=True)
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--prompt", default=None, help="user prompt inserted after the tags (default empty)")
     p.add_argument("--added-prompt", default=None, help='appended prompt (default "clean, high-resolution, 8k")')

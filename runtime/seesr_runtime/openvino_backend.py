@@ -1,0 +1,409 @@
+"""OpenVINO backend: the bundle's ONNX graphs through Intel's OpenVINO runtime (CPU, Intel GPU, AUTO).
+
+Why a second CPU backend: OpenVINO runs the matrix work of a graph in bf16 on CPUs that have bf16
+units (AVX512_BF16, AMX) and in int8 from our Q/DQ graphs, where onnxruntime's CPU provider stays in
+fp32 (see benchmarks/results/cpu/README.md for what that buys).
+
+How it runs a network: the ONNX graph is read with ``openvino.Core().read_model`` (external data
+included), reshaped to the static shapes of the call, and compiled; one compiled model is kept per
+(network, input shapes). Under bf16 the precision policy (below) first moves the UNet's and
+ControlNet's timestep path into a second model compiled in f32, and may mark other operations f32.
+With ``cache_dir`` the prepared models are also written there as OpenVINO IR and compiled through
+OpenVINO's own model cache (``CACHE_DIR``), so a second start reads compiled blobs instead of the ONNX
+graphs (and maps the weights from the IR files rather than holding a copy in memory).
+
+``openvino`` is imported when a backend is created, never at module import: the rest of the runtime
+does not need it (``pip install 'seesr-export[openvino]'``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import BundleError, Manifest
+
+# precision -> (which graphs of the bundle, OpenVINO's INFERENCE_PRECISION_HINT, capability it needs)
+PRECISIONS = {
+    "fp32": ("fp32", "f32", None),
+    "bf16": ("fp32", "bf16", "BF16"),
+    "fp16": ("fp32", "f16", "FP16"),  # Intel GPUs (their default); CPUs only with AMX-FP16
+    "int8": ("int8", "f32", "INT8"),  # Q/DQ UNet and ControlNet; fp32 graphs for the other networks
+    "int8-bf16": ("int8", "bf16", "BF16"),  # the same, with bf16 for what the Q/DQ graphs leave in float
+}
+DEVICES_WITHOUT_CAPABILITIES = ("AUTO", "MULTI", "HETERO", "BATCH")  # virtual devices: OpenVINO picks
+
+# Precision policy under a bf16 (or f16) inference precision: which operations of each network stay in
+# f32. "timestep" is ``split_timestep_path``; the other groups are marks, defined in ``_select_nodes``.
+# Chosen from measurements at SD2 size on random weights (benchmarks/openvino_precision.py, results and
+# the reasoning in benchmarks/results/cpu/openvino_precision.md and README.md, "OpenVINO backend").
+KEEP_F32_GROUPS = ("softmax", "norm", "timestep", "attention", "add", "all_but_matmul")
+DEFAULT_KEEP_F32 = {
+    "unet": ("timestep",),
+    "controlnet": ("timestep",),
+}
+
+_MAX_SHAPES_PER_NETWORK = 2  # compiled models kept per network (each holds its own weights)
+_IR_LAYOUT = 2  # bump when _prepare changes what it writes: older cache entries are then ignored
+TIMESTEP_PATH_PREFIX = "seesr_timestep_path_"
+
+
+class _Compiled:
+    """One network at one set of shapes: the main compiled model and, when the timestep path runs apart
+    in f32, that model too (its outputs are inputs of the main one)."""
+
+    def __init__(self, main, timestep_path=None):
+        self.main, self.request = main, main.create_infer_request()
+        self.timestep_path = timestep_path
+        self.timestep_request = timestep_path.create_infer_request() if timestep_path is not None else None
+
+    def infer(self, tensors: dict):
+        if self.timestep_request is not None:
+            self.timestep_request.infer({"timestep": tensors.pop("timestep")})
+            for output in self.timestep_path.outputs:
+                tensors[output.get_any_name()] = self.timestep_request.get_tensor(output)
+        self.request.infer(tensors)
+        return self.request
+
+
+class OpenVINOBackend:
+    """OpenVINO compiled models over the bundle's ONNX graphs (``backend.run(network, feeds)``).
+
+    ``precision``: one of ``PRECISIONS``. ``device``: ``"CPU"``, ``"GPU"`` (Intel graphics), ``"AUTO"``
+    or any OpenVINO device name. ``threads``: ``INFERENCE_NUM_THREADS`` (default: OpenVINO's choice).
+    ``cache_dir``: prepared IR and OpenVINO's compiled-model cache (second start is fast).
+    ``keep_f32``: network -> groups of ``KEEP_F32_GROUPS`` kept in f32 under bf16/f16; default
+    ``DEFAULT_KEEP_F32``; ``{}`` keeps nothing.
+    ``on_unsupported``: a precision the device cannot run (e.g. bf16 without BF16 in its
+    OPTIMIZATION_CAPABILITIES): ``"fallback"`` (default) runs f32 and warns, ``"error"`` raises.
+    """
+
+    name = "openvino"
+
+    def __init__(self, manifest: Manifest, precision: str = "fp32", device: str = "CPU", threads: int | None = None,
+                 cache_dir: str | Path | None = None, keep_f32: dict | None = None, on_unsupported: str = "fallback"):
+        ov = import_openvino()
+        if precision not in PRECISIONS:
+            raise BundleError(f"openvino precision {precision!r} is not one of {sorted(PRECISIONS)}")
+        if on_unsupported not in ("fallback", "error"):
+            raise BundleError(f"on_unsupported must be 'fallback' or 'error', got {on_unsupported!r}")
+        if threads is not None and threads < 1:
+            raise BundleError(f"threads must be a positive number of threads, got {threads}")
+        self.manifest, self.device, self.requested_precision = manifest, device, precision
+        self.core = ov.Core()
+        _check_device(device, self.core.available_devices)
+        self.graphs, self.inference_precision = self._resolve_precision(precision, on_unsupported)
+        if self.graphs == "int8" and not any("int8" in e["files"] for e in manifest.data["networks"].values()):
+            raise BundleError(f"{manifest.root}: no int8 graphs in this bundle (build it with --precision int8)")
+        self.keep_f32 = _check_keep_f32(DEFAULT_KEEP_F32 if keep_f32 is None else keep_f32)
+        self.config = {"INFERENCE_PRECISION_HINT": self.inference_precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None:
+            (self.cache_dir / "blobs").mkdir(parents=True, exist_ok=True)
+            self.core.set_property({"CACHE_DIR": str(self.cache_dir / "blobs")})
+        self._compiled: dict[str, OrderedDict] = {}
+        self._outputs = {n: manifest.spec(n).output_names for n in manifest.data["networks"]}
+
+    # ------------------------------------------------------------ precision
+
+    def _resolve_precision(self, precision: str, on_unsupported: str) -> tuple[str, str]:
+        graphs, hint, needs = PRECISIONS[precision]
+        if needs is None or self.device.split(":")[0] in DEVICES_WITHOUT_CAPABILITIES:
+            return graphs, hint
+        have = device_capabilities(self.core, self.device)
+        if needs in have:
+            return graphs, hint
+        message = (f"OpenVINO device {self.device} cannot run precision {precision!r}: its "
+                   f"OPTIMIZATION_CAPABILITIES {sorted(have)} lack {needs!r}")
+        if on_unsupported == "error":
+            raise BundleError(message)
+        if needs == "INT8":  # int8 graphs run anyway (OpenVINO decomposes Q/DQ in f32), just slowly
+            warnings.warn(f"{message}; the int8 graphs will run in f32 arithmetic", RuntimeWarning, stacklevel=3)
+            return graphs, "f32"
+        warnings.warn(f"{message}; running f32 instead", RuntimeWarning, stacklevel=3)
+        return graphs, "f32"
+
+    def graph_precision(self, network: str) -> str:
+        """Which of the bundle's graphs this network runs: int8 bundles quantize only UNet and ControlNet."""
+        if self.graphs == "int8" and "int8" not in self.manifest.entry(network)["files"]:
+            return "fp32"
+        return self.graphs
+
+    def kept_f32(self, network: str) -> tuple:
+        return tuple(self.keep_f32.get(network, ())) if self.inference_precision in ("bf16", "f16") else ()
+
+    # ------------------------------------------------------------ compiled models
+
+    def compiled(self, network: str, shapes: dict[str, tuple]) -> "_Compiled":
+        """The compiled model(s) of ``network`` for these input shapes (compiled on first use)."""
+        key = tuple(sorted(shapes.items()))
+        per_network = self._compiled.setdefault(network, OrderedDict())
+        if key in per_network:
+            per_network.move_to_end(key)
+            return per_network[key]
+        if len(per_network) >= _MAX_SHAPES_PER_NETWORK:
+            per_network.popitem(last=False)
+        keep = self.kept_f32(network)
+        paths = self._prepared_ir(network, shapes, keep) if self.cache_dir is not None else None
+        if paths is not None:  # compiled from files: OpenVINO's model cache can skip the compilation
+            models = paths
+        else:
+            models = self._prepare(network, shapes, keep)
+            if _has_marks(keep):  # the f32 marks reach the CPU plugin only through IR (see _mark_f32)
+                with tempfile.TemporaryDirectory(prefix="seesr-ov-") as tmp:
+                    models = self._save(models, Path(tmp) / f"{network}.xml")
+                    per_network[key] = self._compile_pair(models)
+                return per_network[key]
+        per_network[key] = self._compile_pair(models)
+        return per_network[key]
+
+    def _compile_pair(self, models: tuple) -> "_Compiled":
+        main, timestep_path = (str(m) if isinstance(m, Path) else m for m in models)
+        f32 = {**self.config, "INFERENCE_PRECISION_HINT": "f32"}
+        return _Compiled(self.core.compile_model(main, self.device, self.config),
+                         None if timestep_path is None else self.core.compile_model(timestep_path, self.device, f32))
+
+    @property
+    def _ov(self):
+        return import_openvino()
+
+    def _prepare(self, network: str, shapes: dict[str, tuple], keep: tuple) -> tuple:
+        """(main model, f32 timestep-path model or None), reshaped to ``shapes`` and marked."""
+        path = self.manifest.graph_path(network, self.graph_precision(network))
+        model = self.core.read_model(str(path))
+        model.reshape({name: list(shape) for name, shape in shapes.items()})
+        timestep_path = split_timestep_path(model) if "timestep" in keep else None
+        _mark_f32(model, keep)
+        return model, timestep_path
+
+    def _save(self, models: tuple, xml: Path) -> tuple:
+        """Write the prepared models as IR (``xml`` and, for the timestep path, ``*.timestep.xml``);
+        the .xml last, each after its .bin: an existing .xml is a complete entry."""
+        paths = (xml, xml.with_name(xml.stem + ".timestep.xml") if models[1] is not None else None)
+        for model, target in zip(models, paths):
+            if model is None:
+                continue
+            tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.xml")
+            self._ov.save_model(model, str(tmp), compress_to_fp16=False)
+            os.replace(tmp.with_suffix(".bin"), target.with_suffix(".bin"))
+            os.replace(tmp, target)
+        return paths
+
+    def _prepared_ir(self, network: str, shapes: dict[str, tuple], keep: tuple) -> tuple:
+        """The prepared models as IR under cache_dir/ir, written once: the name pins the graph's sha256, the
+        shapes and the kept groups, so a rebuilt bundle or another policy gets new files."""
+        precision = self.graph_precision(network)
+        files = self.manifest.entry(network)["files"].get(precision) or self.manifest.entry(network)["files"]["fp32"]
+        identity = json.dumps({"graph": files["sha256"], "shapes": sorted(shapes.items()), "keep_f32": keep,
+                               "layout": _IR_LAYOUT}, sort_keys=True, default=list)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        xml = self.cache_dir / "ir" / f"{network}.{precision}.{digest}.xml"
+        timestep_xml = xml.with_name(xml.stem + ".timestep.xml")
+        if xml.exists():
+            return xml, timestep_xml if timestep_xml.exists() else None
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        return self._save(self._prepare(network, shapes, keep), xml)
+
+    # ------------------------------------------------------------ the Backend interface
+
+    def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if network not in self._outputs:  # tiled-VAE segments ("vae_decoder#3") are looked up on first use
+            self._outputs[network] = self.manifest.spec(network).output_names  # BundleError if unknown
+        shapes = {name: tuple(np.shape(value)) for name, value in feeds.items()}
+        compiled = self.compiled(network, shapes)
+        request = compiled.infer({name: self._tensor(value) for name, value in feeds.items()})
+        # copies: the request reuses its output memory on the next call
+        return [np.array(request.get_tensor(name).data, copy=True) for name in self._outputs[network]]
+
+    def _tensor(self, value: np.ndarray):
+        # an ov.Tensor shares the array's memory and keeps 0-d inputs (conditioning_scale) 0-d, which a
+        # bare numpy scalar passed to infer() does not
+        return self._ov.Tensor(np.require(value, requirements="C"), shared_memory=True)
+
+    def load_all(self, shapes: dict[str, dict[str, tuple]] | None = None) -> None:
+        """Compile now rather than at first use (servers, benchmarks): every network at its first
+        profile's opt shape (the 512 px workload), or at the given ``{network: {input: shape}}``."""
+        for network in self.manifest.data["networks"]:
+            given = (shapes or {}).get(network)
+            self.compiled(network, given or opt_shapes(self.manifest, network))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise BundleError(f"the openvino backend needs the 'openvino' package ({exc}); "
+                          "install it with: pip install 'seesr-export[openvino]'") from None
+    return openvino
+
+
+def device_capabilities(core, device: str) -> set[str]:
+    """The device's OPTIMIZATION_CAPABILITIES (e.g. {'FP32', 'BF16', 'INT8'}). Tests replace this function
+    to play a CPU without bf16 units."""
+    return set(core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
+
+
+def _check_device(device: str, available: list[str]) -> None:
+    kind = device.split(":")[0].split(".")[0]  # "AUTO:GPU,CPU", "GPU.1"
+    if kind in DEVICES_WITHOUT_CAPABILITIES or device in available or any(a.split(".")[0] == kind for a in available):
+        return
+    raise BundleError(f"OpenVINO device {device!r} is not available here (available: {available}, or AUTO)")
+
+
+def opt_shapes(manifest: Manifest, network: str) -> dict[str, tuple]:
+    spec = manifest.spec(network)
+    env = spec.profiles[0].opt if spec.profiles else {"B": 1}
+    return {t.name: t.concrete_shape(env) for t in spec.inputs}
+
+
+def _check_keep_f32(keep_f32: dict) -> dict:
+    for network, groups in keep_f32.items():
+        unknown = set(groups) - set(KEEP_F32_GROUPS)
+        if unknown:
+            raise BundleError(f"keep_f32[{network!r}]: unknown groups {sorted(unknown)} "
+                              f"(known: {list(KEEP_F32_GROUPS)})")
+    return {network: tuple(groups) for network, groups in keep_f32.items()}
+
+
+MATRIX_TYPES = {"Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData"}
+NORM_TYPES = {"MVN", "GroupNormalization", "NormalizeL2", "LayerNorm", "RMS"}
+
+
+def _select_nodes(model, groups: tuple) -> list:
+    """Operations of ``model`` in the named groups:
+    softmax: Softmax; norm: MVN/GroupNormalization (what ONNX GroupNorm/LayerNorm become); attention:
+    MatMul of two activations (scores, and probabilities times values); add: every Add (the residual stream and biases); all_but_matmul: every
+    operation but Convolution and MatMul (PyTorch autocast's split: only matrix products in bf16)."""
+    ops = model.get_ordered_ops()
+    chosen = []
+    for op in ops:
+        kind = op.get_type_name()
+        if kind in ("Parameter", "Result", "Constant"):
+            continue
+        if ("softmax" in groups and kind.startswith("Softmax")) \
+                or ("norm" in groups and kind in NORM_TYPES) \
+                or ("attention" in groups and kind == "MatMul" and not _has_constant_input(op)) \
+                or ("add" in groups and kind == "Add") \
+                or ("all_but_matmul" in groups and kind not in MATRIX_TYPES):
+            chosen.append(op)
+    return chosen
+
+
+def _has_constant_input(op) -> bool:
+    for value in op.input_values():
+        node = value.get_node()
+        while node.get_type_name() in ("Convert", "Transpose", "Reshape") and node.get_input_size():
+            node = node.input_value(0).get_node()
+        if node.get_type_name() == "Constant":
+            return True
+    return False
+
+
+def _timestep_only(model, ops) -> set:
+    """Ops computed from the ``timestep`` input and constants alone. Shapes are static by now, so
+    ShapeOf and what follows from shapes and constants only counts as constant (the batch expansion of
+    the timestep reads the sample's shape)."""
+    timestep = [p for p in model.get_parameters() if "timestep" in p.get_output_tensor(0).get_names()]
+    if not timestep:
+        return set()
+    static, derived = set(), {timestep[0]}
+    for op in ops:  # topological order
+        kind = op.get_type_name()
+        if kind in ("Parameter", "Result"):
+            continue
+        inputs = [v.get_node() for v in op.input_values()]
+        if kind in ("Constant", "ShapeOf") or all(n in static for n in inputs):
+            static.add(op)
+        elif all(n in static or n in derived for n in inputs):
+            derived.add(op)
+    derived.discard(timestep[0])
+    return derived
+
+
+def _mark_f32(model, groups: tuple) -> int:
+    """Mark the groups' operations to stay in f32 whatever the inference precision.
+
+    The mark is OpenVINO's "precise" runtime attribute (``ov::disable_fp16_compression``, which the
+    CPU plugin honours for bf16 too). From Python it can only be set as a string, which OpenVINO turns
+    into the real attribute when the model is serialized; so marked models go through IR before
+    compiling (measured in 2026.4: a marked MatMul compiled straight from the Python object still runs
+    in bf16, the same model through IR runs in f32)."""
+    nodes = _select_nodes(model, groups)
+    for node in nodes:
+        node.get_rt_info()["precise_0"] = ""
+    return len(nodes)
+
+
+def _has_marks(groups: tuple) -> bool:
+    return any(group != "timestep" for group in groups)
+
+
+def split_timestep_path(model):
+    """Cut what ``model`` computes from its ``timestep`` input alone (sinusoidal projection, time-embedding
+    MLP, each ResNet's time projection) into a model of its own, to run in f32; its outputs become inputs
+    ``seesr_timestep_path_<i>`` of ``model`` (changed in place). Returns that model, or None when
+    ``model`` has no timestep input.
+
+    Why not marks: most of that path is MatMul + bias, which the CPU plugin turns into FullyConnected
+    nodes, and the f32 mark does not survive that rewrite (measured, 2026.4). Under bf16 this path is what
+    took the SD2 ControlNet from 1.6e-2 to 1.2e-1 relative L2 (benchmarks/results/cpu/openvino_precision.md):
+    its error is the same at every pixel of every ResNet, so it does not average out."""
+    ov = import_openvino()
+    from openvino import opset13
+    from openvino.passes import ConstantFolding, Manager
+
+    parameters = [p for p in model.get_parameters() if "timestep" in p.get_output_tensor(0).get_names()]
+    if not parameters:
+        return None
+    folding = Manager()
+    folding.register_pass(ConstantFolding())  # static shapes: ShapeOf(sample) becomes a constant
+    folding.run_passes(model)
+    path = _timestep_only(model, model.get_ordered_ops())
+    cut = [output for op in model.get_ordered_ops() if op in path for output in op.outputs()
+           if any(target.get_node() not in path for target in output.get_target_inputs())]
+    copy = model.clone()  # the path's own model is built from a copy: the original is rewired below
+    copies = {op.get_friendly_name(): op for op in copy.get_ordered_ops()}
+    copy_timestep = next(p for p in copy.get_parameters() if "timestep" in p.get_output_tensor(0).get_names())
+    inputs, outputs = [], []
+    for i, output in enumerate(cut):
+        name = f"{TIMESTEP_PATH_PREFIX}{i}"
+        parameter = opset13.parameter(output.get_partial_shape(), output.get_element_type(), name=name)
+        parameter.output(0).get_tensor().set_names({name})
+        for target in list(output.get_target_inputs()):
+            if target.get_node() not in path:
+                target.replace_source_output(parameter.output(0))
+        inputs.append(parameter)
+        copied = copies[output.get_node().get_friendly_name()].output(output.get_index())
+        copied.get_tensor().set_names({name})
+        outputs.append(copied)
+    model.add_parameters(inputs)
+    model.remove_parameter(parameters[0])
+    model.validate_nodes_and_infer_types()
+    return ov.Model(outputs, [copy_timestep], "timestep_path")
+
+
+def _mark_f32(model, groups: tuple) -> int:
+    """Mark the groups' operations to stay in f32 whatever the inference precision.
+
+    The mark is OpenVINO's "precise" runtime attribute (``ov::disable_fp16_compression``, which the
+    CPU plugin honours for bf16 too). From Python it can only be set as a string, which OpenVINO turns
+    into the real attribute when the model is serialized; so marked models go through IR before
+    compiling (measured in 2026.4: a marked MatMul compiled straight from the Python object still runs
+    in bf16, the same model through IR runs in f32)."""
+    nodes = _select_nodes(model, groups)
+    for node in nodes:
+        node.get_rt_info()["precise_0"] = ""
+    return len(nodes)
+
+

@@ -1,0 +1,229 @@
+"""The OpenVINO backend, on real OpenVINO and the tiny bundle: parity with the torch reference in f32,
+bf16 and int8 against f32, the compiled-model cache across starts, the bf16 capability fallback."""
+import warnings
+
+import numpy as np
+import pytest
+
+ov = pytest.importorskip("openvino", reason="the openvino package is not installed "
+                                             "(pip install 'seesr-export[openvino]'; make test installs it)")
+
+from seesr_runtime import SeeSRPipeline  # noqa: E402
+from seesr_runtime import openvino_backend  # noqa: E402
+from seesr_runtime.cli import main  # noqa: E402
+from seesr_runtime.manifest import BundleError, Manifest  # noqa: E402
+from seesr_runtime.openvino_backend import OpenVINOBackend  # noqa: E402
+from test_runtime_parity import compare, replayable_noise  # noqa: E402
+
+FAST = dict(steps=2, process_size=128, color_fix="none")
+
+
+def relative_l2(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def psnr(a, b):
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+@pytest.fixture(scope="module")
+def ov_f32(tiny_bundle):
+    return SeeSRPipeline.from_bundle(tiny_bundle, backend="openvino", precision="fp32")
+
+
+# Same cases and tolerances as test_runtime_parity (latents <= 1e-4 relative L2, uint8 image within 1-2 levels).
+@pytest.mark.parametrize("options, image_tolerance", [
+    (dict(steps=3, process_size=128, color_fix="none"), 1),
+    (dict(steps=2, color_fix="adain"), 1),
+    (dict(steps=2, process_size=128, latent_tile_size=16, latent_tile_overlap=4, color_fix="none"), 1),
+    (dict(steps=2, process_size=128, guidance=1.0, color_fix="none"), 1),
+])
+def test_openvino_f32_matches_reference(ov_f32, reference, lr_image, options, image_tolerance):
+    latent_error, image_error = compare(ov_f32, reference, lr_image, **options)
+    assert latent_error <= 1e-4
+    assert image_error <= image_tolerance
+
+
+def _against_f32(pipe, ov_f32, lr_image, label):
+    ours = pipe(lr_image, noise_fn=replayable_noise(), **FAST)
+    f32 = ov_f32(lr_image, noise_fn=replayable_noise(), **FAST)
+    latent = relative_l2(ours.latents[-1], f32.latents[-1])
+    quality = psnr(ours.image, f32.image)
+    print(f"{label}: final latent rel L2 vs OpenVINO f32 {latent:.2e}, image PSNR {quality:.1f} dB")
+    assert np.isfinite(ours.latents[-1]).all() and ours.image.size == f32.image.size
+    return latent, quality
+
+
+def test_bf16_runs_and_reports_its_error(tiny_bundle, ov_f32, lr_image):
+    pipe = SeeSRPipeline.from_bundle(tiny_bundle, backend="openvino", precision="bf16")
+    expected = "bf16" if "BF16" in openvino_backend.device_capabilities(ov.Core(), "CPU") else "f32"
+    assert pipe.backend.inference_precision == expected
+    latent, quality = _against_f32(pipe, ov_f32, lr_image, "bf16")
+    # Measured on the tiny random-weight fixture (AVX512_BF16 CPU): ~1e-1 / ~25 dB; random tiny networks
+    # amplify rounding far more than SD2 size does (benchmarks/results/cpu/openvino_precision.md).
+    assert latent < 0.5 and quality > 15
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tiny_checkout, tmp_path_factory):
+    """ModelOpt's int8 (the primary recipe) where installed: onnxruntime's quantizer peaks near 20 GB here."""
+    from PIL import Image
+
+    from seesr_export.bundle import BuildOptions, build_bundle
+
+    folder = tmp_path_factory.mktemp("calib")
+    rng = np.random.default_rng(5)
+    images = []
+    for i in range(2):
+        y, x = np.mgrid[0:36, 0:44]
+        base = np.stack([x * (3 + i), y * (4 + i), (x + y) * 2], -1) % 256
+        images.append(folder / f"calib{i}.png")
+        Image.fromarray((base + rng.normal(0, 10, base.shape)).clip(0, 255).astype(np.uint8)).save(images[-1])
+    out = tmp_path_factory.mktemp("engines") / "int8"
+    build_bundle(tiny_checkout, out, BuildOptions(precision="int8", calib_images=tuple(images), calib_size=2,
+                                                  calib_steps=2, verify=False, quant_method="auto"))
+    return out
+
+
+def test_int8_runs_and_reports_its_error(int8_bundle, lr_image):
+    f32 = SeeSRPipeline.from_bundle(int8_bundle, backend="openvino", precision="fp32")
+    pipe = SeeSRPipeline.from_bundle(int8_bundle, backend="openvino", precision="int8")
+    assert pipe.backend.graph_precision("unet") == "int8" and pipe.backend.graph_precision("dape") == "fp32"
+    latent, quality = _against_f32(pipe, f32, lr_image, "int8")
+    # onnxruntime runs the same Q/DQ graphs at ~6e-2 per call on this fixture (tests/test_int8.py)
+    assert latent < 0.5 and quality > 15
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def controlnet_feeds(manifest, side=8):
+    rng = np.random.default_rng(0)
+    spec = manifest.spec("controlnet")
+    feeds = {t.name: rng.standard_normal(t.concrete_shape({"B": 2, "h": side, "w": side})).astype(np.float32)
+             for t in spec.inputs}
+    feeds.update(timestep=np.full((2,), 499.0, np.float32), conditioning_scale=np.array(1.0, np.float32),
+                 controlnet_cond=rng.random(feeds["controlnet_cond"].shape, dtype=np.float32))
+    return feeds
+
+
+def test_second_start_loads_compiled_models_from_the_cache(tiny_bundle, tmp_path):
+    manifest = Manifest.load(tiny_bundle)
+    feeds = controlnet_feeds(manifest)
+    first = OpenVINOBackend(manifest, precision="bf16", cache_dir=tmp_path / "cache")
+    expected = first.run("controlnet", feeds)
+    compiled = next(iter(first._compiled["controlnet"].values()))
+    assert not compiled.main.get_property("LOADED_FROM_CACHE")
+    files = _snapshot(tmp_path / "cache")
+    ir = [name for name in files if name.startswith("ir/controlnet.fp32.") and name.endswith(".xml")]
+    assert len(ir) == 2 and any(name.endswith(".timestep.xml") for name in ir), files  # main + f32 timestep path
+    assert any(name.startswith("blobs/") for name in files), files
+
+    second = OpenVINOBackend(manifest, precision="bf16", cache_dir=tmp_path / "cache")
+    outputs = second.run("controlnet", feeds)
+    compiled = next(iter(second._compiled["controlnet"].values()))
+    # OpenVINO read both compiled blobs and compiled nothing, and nothing new was written
+    assert compiled.main.get_property("LOADED_FROM_CACHE")
+    assert compiled.timestep_path.get_property("LOADED_FROM_CACHE")
+    assert _snapshot(tmp_path / "cache") == files
+    assert all(np.array_equal(a, b) for a, b in zip(outputs, expected))
+
+
+def test_timestep_path_runs_apart_in_f32(tiny_bundle):
+    """The policy's "timestep" group (default for UNet and ControlNet): brings bf16 from ~1.5e-1 to ~2e-2
+    relative L2 on this fixture (and at SD2 size: benchmarks/results/cpu/openvino_precision.md)."""
+    manifest = Manifest.load(tiny_bundle)
+    if "BF16" not in openvino_backend.device_capabilities(ov.Core(), "CPU"):
+        pytest.skip("this CPU has no bf16 units: bf16 falls back to f32")
+    feeds = controlnet_feeds(manifest, side=64)  # 512 px; at 8x8 bf16 errors are 0.3 either way
+    f32 = OpenVINOBackend(manifest, precision="fp32").run("controlnet", dict(feeds))
+    errors = {}
+    for keep in ((), ("timestep",)):
+        backend = OpenVINOBackend(manifest, precision="bf16", keep_f32={"controlnet": keep})
+        outputs = backend.run("controlnet", dict(feeds))
+        errors[keep] = max(relative_l2(a, b) for a, b in zip(outputs, f32))
+        compiled = next(iter(backend._compiled["controlnet"].values()))
+        assert (compiled.timestep_path is not None) == bool(keep)
+    print(f"controlnet bf16 rel L2 vs f32: all bf16 {errors[()]:.2e}, timestep path in f32 "
+          f"{errors[('timestep',)]:.2e}")
+    assert errors[("timestep",)] < errors[()] / 2
+
+
+def test_bf16_without_bf16_units_falls_back_to_f32(tiny_bundle, monkeypatch):
+    manifest = Manifest.load(tiny_bundle)
+    monkeypatch.setattr(openvino_backend, "device_capabilities", lambda core, device: {"FP32", "INT8", "BIN"})
+    with pytest.warns(RuntimeWarning, match=r"CPU cannot run precision 'bf16'.*lack 'BF16'.*running f32"):
+        backend = OpenVINOBackend(manifest, precision="bf16")
+    assert backend.inference_precision == "f32" and backend.config["INFERENCE_PRECISION_HINT"] == "f32"
+    feeds = {"input_ids": np.arange(77, dtype=np.int64)[None] % 100}
+    f32 = OpenVINOBackend(manifest, precision="fp32").run("text_encoder", feeds)
+    assert np.array_equal(backend.run("text_encoder", feeds)[0], f32[0])
+    with pytest.raises(BundleError, match="lack 'BF16'"):
+        OpenVINOBackend(manifest, precision="bf16", on_unsupported="error")
+
+
+def test_kept_groups_run_in_f32_under_bf16(tiny_bundle):
+    manifest = Manifest.load(tiny_bundle)
+    if "BF16" not in openvino_backend.device_capabilities(ov.Core(), "CPU"):
+        pytest.skip("this CPU has no bf16 units: every operation runs in f32 anyway")
+    feeds = {"input_ids": np.arange(77, dtype=np.int64)[None] % 100}
+
+    def mvn_precisions(keep):
+        backend = OpenVINOBackend(manifest, precision="bf16", keep_f32={"text_encoder": keep})
+        backend.run("text_encoder", feeds)
+        compiled = next(iter(backend._compiled["text_encoder"].values()))
+        info = [op.get_rt_info() for op in compiled.main.get_runtime_model().get_ops()]
+        return {i["runtimePrecision"].value for i in info if i["layerType"].value == "MVN"}
+
+    assert "bf16" in mvn_precisions(())  # (the last one, at the graph's tail, stays f32 anyway)
+    assert mvn_precisions(("norm",)) == {"f32"}
+
+
+def test_bad_options_are_named(tiny_bundle):
+    manifest = Manifest.load(tiny_bundle)
+    with pytest.raises(BundleError, match=r"precision 'fp8' is not one of"):
+        OpenVINOBackend(manifest, precision="fp8")
+    with pytest.raises(BundleError, match=r"device 'NPU9' is not available"):
+        OpenVINOBackend(manifest, device="NPU9")
+    with pytest.raises(BundleError, match=r"keep_f32\['unet'\]: unknown groups \['softmaxx'\]"):
+        OpenVINOBackend(manifest, precision="bf16", keep_f32={"unet": ("softmaxx",)})
+    with pytest.raises(BundleError, match="no int8 graphs in this bundle"):
+        OpenVINOBackend(manifest, precision="int8")
+
+
+def test_cli_upscale_with_openvino(tiny_bundle, tmp_path, capsys):
+    from PIL import Image
+
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(source)
+    out = tmp_path / "out"
+    assert main(["upscale", str(source), "-o", str(out), "--bundle", str(tiny_bundle), "--backend", "openvino",
+                 "--precision", "bf16", "--cache-dir", str(tmp_path / "cache"), "--threads", "2",
+                 "--steps", "1", "--process-size", "64", "-q"]) == 0
+    assert Image.open(out / "in.png").size == (96, 80)
+    assert main(["upscale", str(source), "-o", str(out), "--bundle", str(tiny_bundle), "--backend", "onnxruntime",
+                 "--precision", "bf16",
+                 "-q"]) == 2
+    assert "--precision bf16 needs --backend openvino" in capsys.readouterr().err
+
+
+def test_upscale_picks_the_cpu_default_and_says_so(tiny_bundle, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(source)
+    command = ["upscale", str(source), "-o", str(tmp_path / "out"), "--bundle", str(tiny_bundle), "--steps", "1",
+               "--process-size", "64"]
+    has_bf16 = "BF16" in openvino_backend.device_capabilities(ov.Core(), "CPU")
+    assert main(command) == 0
+    err = capsys.readouterr().err
+    assert ("note: running OpenVINO bf16" if has_bf16 else "note: running onnxruntime fp32") in err
+    # a CPU without bf16 units keeps onnxruntime fp32; an explicit backend is never overridden (and not announced)
+    monkeypatch.setattr(openvino_backend, "device_capabilities", lambda core, device: {"FP32", "INT8"})
+    assert main(command) == 0
+    assert "note: running onnxruntime fp32" in capsys.readouterr().err
+    assert main(command + ["--backend", "onnxruntime"]) == 0
+    assert "note: running" not in capsys.readouterr().err
