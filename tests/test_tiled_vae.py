@@ -192,3 +192,11 @@ def test_tile_states_spill_to_files_and_clean_up(tmp_path):
     assert len(list(folder.glob("*.npy"))) == 1 and np.array_equal(states.get(("hidden", 0)), first * 2)
     states.close()
     assert not folder.exists()
+
+
+def test_openvino_runs_the_same_tiled_vae(runtime_pipeline, tiny_bundle):
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino extra")
+    latent = np.random.default_rng(4).standard_normal((1, 4, 40, 52)).astype(np.float32)
+    openvino = SeeSRPipeline.from_bundle(tiny_bundle, backend="openvino", precision="fp32")
+    ours = openvino.run_vae("vae_decoder", latent, 16)[0]
+    assert relative_l2(ours, runtime_pipeline.run_vae("vae_decoder", latent, 16)[0]) < 1e-5
