@@ -56,3 +56,15 @@ def runtime_pipeline(runtime_bundle):
     from seesr_runtime import SeeSRPipeline
 
     return SeeSRPipeline.from_bundle(runtime_bundle)
+
+
+def write_calibration_images(folder, count: int) -> tuple:
+    """``count`` small structured LR images (int8 calibration inputs); returns their paths."""
+    rng = np.random.default_rng(5)
+    paths = []
+    for i in range(count):
+        y, x = np.mgrid[0:36, 0:44]
+        base = np.stack([x * (3 + i), y * (4 + i), (x + y) * 2], -1) % 256
+        paths.append(folder / f"calib{i}.png")
+        Image.fromarray((base + rng.normal(0, 10, base.shape)).clip(0, 255).astype(np.uint8)).save(paths[-1])
+    return tuple(paths)

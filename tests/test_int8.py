@@ -2,12 +2,13 @@
 import numpy as np
 import onnx
 import pytest
-from PIL import Image
 
 from seesr_export.bundle import BuildOptions, build_bundle
 from seesr_export.quantize import DEFAULT_EXCLUDE
 from seesr_runtime import SeeSRPipeline
 from seesr_runtime.manifest import Manifest
+
+from conftest import write_calibration_images
 
 
 @pytest.fixture(scope="module", params=["modelopt", "onnxruntime"])
@@ -16,15 +17,7 @@ def int8_bundle(request, tiny_checkout, tmp_path_factory):
 
     if request.param == "modelopt" and not modelopt_available():
         pytest.skip("nvidia-modelopt is not installed (pip install 'seesr-export[quant]')")
-    folder = tmp_path_factory.mktemp("calib")
-    rng = np.random.default_rng(5)
-    images = []
-    for i in range(3):
-        y, x = np.mgrid[0:36, 0:44]
-        base = np.stack([x * (3 + i), y * (4 + i), (x + y) * 2], -1) % 256
-        path = folder / f"calib{i}.png"
-        Image.fromarray((base + rng.normal(0, 10, base.shape)).clip(0, 255).astype(np.uint8)).save(path)
-        images.append(path)
+    images = write_calibration_images(tmp_path_factory.mktemp("calib"), 3)
     out = tmp_path_factory.mktemp("engines") / "int8"
     report = build_bundle(tiny_checkout, out, BuildOptions(precision="int8", calib_images=tuple(images),
                                                            calib_size=3, calib_steps=2, verify=False,

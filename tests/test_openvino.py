@@ -68,18 +68,10 @@ def test_bf16_runs_and_reports_its_error(tiny_bundle, ov_f32, lr_image):
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_checkout, tmp_path_factory):
     """ModelOpt's int8 (the primary recipe) where installed: onnxruntime's quantizer peaks near 20 GB here."""
-    from PIL import Image
-
+    from conftest import write_calibration_images
     from seesr_export.bundle import BuildOptions, build_bundle
 
-    folder = tmp_path_factory.mktemp("calib")
-    rng = np.random.default_rng(5)
-    images = []
-    for i in range(2):
-        y, x = np.mgrid[0:36, 0:44]
-        base = np.stack([x * (3 + i), y * (4 + i), (x + y) * 2], -1) % 256
-        images.append(folder / f"calib{i}.png")
-        Image.fromarray((base + rng.normal(0, 10, base.shape)).clip(0, 255).astype(np.uint8)).save(images[-1])
+    images = write_calibration_images(tmp_path_factory.mktemp("calib"), 2)
     out = tmp_path_factory.mktemp("engines") / "int8"
     build_bundle(tiny_checkout, out, BuildOptions(precision="int8", calib_images=tuple(images), calib_size=2,
                                                   calib_steps=2, verify=False, quant_method="auto"))

@@ -393,17 +393,3 @@ def split_timestep_path(model):
     return ov.Model(outputs, [copy_timestep], "timestep_path")
 
 
-def _mark_f32(model, groups: tuple) -> int:
-    """Mark the groups' operations to stay in f32 whatever the inference precision.
-
-    The mark is OpenVINO's "precise" runtime attribute (``ov::disable_fp16_compression``, which the
-    CPU plugin honours for bf16 too). From Python it can only be set as a string, which OpenVINO turns
-    into the real attribute when the model is serialized; so marked models go through IR before
-    compiling (measured in 2026.4: a marked MatMul compiled straight from the Python object still runs
-    in bf16, the same model through IR runs in f32)."""
-    nodes = _select_nodes(model, groups)
-    for node in nodes:
-        node.get_rt_info()["precise_0"] = ""
-    return len(nodes)
-
-
