@@ -1,8 +1,9 @@
 """Errors raised by the build side. Each names the file or value at fault."""
+from seesr_runtime.errors import SeeSRError
 
 
-class SeeSRExportError(Exception):
-    """Base class for every error the toolkit raises on purpose."""
+class SeeSRExportError(SeeSRError):
+    """Base class of every error the build side raises on purpose."""
 
 
 class CheckpointError(SeeSRExportError):

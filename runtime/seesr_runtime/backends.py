@@ -10,7 +10,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .manifest import BundleError, Manifest
+from .errors import BundleError
+from .manifest import Manifest
 from .ort_device import (GPU_PROVIDERS, PER_STEP_NETWORKS, BoundCall, DeviceTensor, SharedWeights, fix_dimensions,
                          graph_precision, solve_dims)
 

@@ -10,14 +10,11 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .errors import ImageRejected
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MAX_PIXELS = 4096 * 4096  # input pixels; the output is 16x that
 MIN_SIDE = 8
-
-
-class ImageRejected(Exception):
-    """This input cannot be upscaled; the message says why."""
 
 
 def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -268,7 +265,7 @@ def _openvino_has_bf16() -> bool:
 
 
 def backend_options_from(args) -> dict:
-    from .manifest import BundleError
+    from .errors import BundleError
 
     if args.backend != "openvino":
         if args.precision in OPENVINO_ONLY_PRECISIONS:
@@ -362,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .manifest import BundleError
+    from .errors import BundleError
 
     args = build_parser().parse_args(argv)
     try:

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import BundleError
 from .networks import NETWORK_NAMES, ModelDims, NetworkSpec
 
 SCHEMA_VERSION = 1
@@ -17,10 +18,6 @@ FORMAT = "seesr-bundle"
 MANIFEST = "manifest.json"
 GPU_GRAPH = "fp16_gpu"  # fp16 with onnxruntime's CUDA-only fused ops; "providers" in its file entry
 PRECISIONS = ("fp32", "fp16", "int8", GPU_GRAPH)
-
-
-class BundleError(Exception):
-    """A bundle is missing, malformed, or its files do not match the manifest."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

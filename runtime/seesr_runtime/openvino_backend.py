@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import BundleError, Manifest
+from .errors import BundleError
+from .manifest import Manifest
 
 # precision -> (which graphs of the bundle, OpenVINO's INFERENCE_PRECISION_HINT, capability it needs)
 PRECISIONS = {

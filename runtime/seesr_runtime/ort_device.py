@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import GPU_GRAPH, BundleError, Manifest
+from .errors import BundleError
+from .manifest import GPU_GRAPH, Manifest
 from .networks import NetworkSpec, eval_dim
 
 PER_STEP_NETWORKS = ("controlnet", "unet")  # called every step at one shape: static-shape sessions pay off

@@ -25,7 +25,8 @@ from PIL import Image
 from .backends import Backend, create_backend, run_on_device, to_device
 from .imaging import (COLOR_FIXES, dape_input, gaussian_tile_weights, select_tags, tile_origins, to_chw,
                       to_uint8_rounded, working_image)
-from .manifest import BundleError, Manifest
+from .errors import BundleError
+from .manifest import Manifest
 from .profiling import ProfiledBackend, StageProfiler
 from .scheduler import DDPMScheduler
 from .text import PromptEncoder

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .manifest import BundleError, Manifest
+from .errors import BundleError
+from .manifest import Manifest
 
 
 def _cudart():
