@@ -17,6 +17,7 @@ does not need it (``pip install 'seesr-export[openvino]'``).
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -50,7 +51,12 @@ DEFAULT_KEEP_F32 = {
     "controlnet": ("timestep",),
 }
 
-_MAX_SHAPES_PER_NETWORK = 2  # compiled models kept per network (each holds its own weights)
+# Compiled models kept per network, one per input shape; each holds its own copy of the weights. The
+# denoisers keep one: every latent tile of an image has the same shape, and a second SD2 UNet shape costs
+# 4.5 GB (at 1024 px after 512 px it ran a 24 GB machine out of memory). The tiled VAE's segments alternate
+# between two tile shapes, and their weights are small.
+SHAPES_KEPT = {"unet": 1, "controlnet": 1}
+SHAPES_KEPT_OTHERS = 2
 _IR_LAYOUT = 3  # bump when _prepare changes what it writes: older cache entries are then ignored
 TIMESTEP_PATH_PREFIX = "seesr_timestep_path_"
 
@@ -156,8 +162,9 @@ class OpenVINOBackend:
         if key in per_network:
             per_network.move_to_end(key)
             return per_network[key]
-        if len(per_network) >= _MAX_SHAPES_PER_NETWORK:
+        if len(per_network) >= SHAPES_KEPT.get(network, SHAPES_KEPT_OTHERS):
             per_network.popitem(last=False)
+            gc.collect()  # free the evicted model's weights before the next one is compiled
         keep = self.kept_f32(network)
         paths = self._prepared_ir(network, shapes, keep) if self.cache_dir is not None else None
         if paths is not None:  # compiled from files: OpenVINO's model cache can skip the compilation
