@@ -7,7 +7,9 @@ fp32 (see benchmarks/results/cpu/README.md for what that buys).
 How it runs a network: the ONNX graph is read with ``openvino.Core().read_model`` (external data
 included), reshaped to the static shapes of the call, and compiled; one compiled model is kept per
 (network, input shapes). Under bf16 the precision policy (below) first moves the UNet's and
-ControlNet's timestep path into a second model compiled in f32, and may mark other operations f32.
+ControlNet's timestep path into a second model compiled in f32, and may mark other operations f32; the
+weights are then stored as f16 (``compress_weights_to_f16``), since the CPU plugin keeps them beside its
+own repacked copy.
 With ``cache_dir`` the prepared models are also written there as OpenVINO IR and compiled through
 OpenVINO's own model cache (``CACHE_DIR``), so a second start reads compiled blobs instead of the ONNX
 graphs (and maps the weights from the IR files rather than holding a copy in memory).
