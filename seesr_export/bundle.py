@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from seesr_runtime.manifest import FORMAT, GPU_GRAPH, MANIFEST, SCHEMA_VERSION, BundleError, Manifest, entry_files, sha256_file
 from seesr_runtime.filemodes import give_tree_umask_modes
+from seesr_runtime.manifest import FORMAT, GPU_GRAPH, MANIFEST, SCHEMA_VERSION, BundleError, Manifest, entry_files, sha256_file
 from seesr_runtime.networks import NETWORK_NAMES, ModelDims, network_specs
 
 from . import __version__

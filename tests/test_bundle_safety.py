@@ -1,7 +1,7 @@
 """Bundles stay inside themselves, their files are verified on load by default, and what we write gets
 the user's umask permissions.
 
-Every test works on its own copy of a bundle (``copy_of``); the session's ``tiny_bundle`` is never changed.
+Every test works on its own copy of a bundle (``copy_of``); the session's bundle (``runtime_bundle``) is never changed.
 """
 import json
 import os
@@ -64,33 +64,33 @@ def graph_rel(bundle: Path, network: str = "vae_decoder") -> str:
 # ---------------------------------------------------------------- paths stay inside the bundle
 
 
-def test_absolute_graph_path_is_refused(tiny_bundle, tmp_path):
-    copy = copy_of(tiny_bundle, tmp_path)
+def test_absolute_graph_path_is_refused(runtime_bundle, tmp_path):
+    copy = copy_of(runtime_bundle, tmp_path)
     edit_manifest(copy, lambda d: d["networks"]["vae_decoder"]["files"]["fp32"].update(onnx="/etc/passwd"))
     message = refused(lambda: Manifest.load(copy, verify="never"), copy, "'/etc/passwd'", "absolute path",
                       "vae_decoder fp32 graph")
     assert "protobuf" not in message
 
 
-def test_climbing_path_is_refused(tiny_bundle, tmp_path):
-    copy = copy_of(tiny_bundle, tmp_path)
+def test_climbing_path_is_refused(runtime_bundle, tmp_path):
+    copy = copy_of(runtime_bundle, tmp_path)
     escape = "../../../../../../etc/passwd"
     edit_manifest(copy, lambda d: d["text"].update(tokenizer=escape))
     refused(lambda: Manifest.load(copy), copy, repr(escape), "climbs out of the bundle", "text tokenizer")
 
 
-def test_climbing_sha256_entry_is_refused_before_hashing(tiny_bundle, tmp_path):
+def test_climbing_sha256_entry_is_refused_before_hashing(runtime_bundle, tmp_path):
     """verify would otherwise hash (read) a file outside the bundle."""
-    copy = copy_of(tiny_bundle, tmp_path)
+    copy = copy_of(runtime_bundle, tmp_path)
     (tmp_path / "secret").write_text("not the bundle's")
     edit_manifest(copy, lambda d: d["files"].update({"../secret": "0" * 64}))
     refused(lambda: Manifest.load(copy), copy, "'../secret'", "climbs out of the bundle")
 
 
 @pytest.mark.parametrize("linked", ["tokenizer.json", "onnx/fp32"])
-def test_symlink_out_of_the_bundle_is_refused(tiny_bundle, tmp_path, linked):
+def test_symlink_out_of_the_bundle_is_refused(runtime_bundle, tmp_path, linked):
     """Same contents (the sha256 would match): only the link's target is wrong."""
-    copy = copy_of(tiny_bundle, tmp_path)
+    copy = copy_of(runtime_bundle, tmp_path)
     outside = tmp_path / "outside"
     outside.mkdir()
     moved = outside / Path(linked).name
@@ -100,8 +100,8 @@ def test_symlink_out_of_the_bundle_is_refused(tiny_bundle, tmp_path, linked):
             moved.resolve())
 
 
-def test_symlink_inside_the_bundle_is_followed(tiny_bundle, tmp_path):
-    copy = copy_of(tiny_bundle, tmp_path)
+def test_symlink_inside_the_bundle_is_followed(runtime_bundle, tmp_path):
+    copy = copy_of(runtime_bundle, tmp_path)
     (copy / "shared").mkdir()
     shutil.move(copy / "tokenizer.json", copy / "shared" / "tokenizer.json")
     (copy / "tokenizer.json").symlink_to(Path("shared") / "tokenizer.json")
@@ -198,17 +198,17 @@ def test_external_data_moved_and_pinned_runs(external_data_bundle, tmp_path):
 # ---------------------------------------------------------------- sha256 by default, through the stamp
 
 
-def test_flipped_byte_is_refused_on_load_by_default(tiny_bundle, tmp_path):
+def test_flipped_byte_is_refused_on_load_by_default(runtime_bundle, tmp_path):
     from seesr_runtime import SeeSRPipeline
 
-    copy = copy_of(tiny_bundle, tmp_path)
+    copy = copy_of(runtime_bundle, tmp_path)
     rel = graph_rel(copy, "unet")
     flip_byte(copy / rel)
     refused(lambda: SeeSRPipeline.from_bundle(copy), copy, rel, "sha256", "do not match the manifest")
 
 
-def test_stamped_load_hashes_only_what_changed(tiny_bundle, tmp_path):
-    copy = copy_of(tiny_bundle, tmp_path)
+def test_stamped_load_hashes_only_what_changed(runtime_bundle, tmp_path):
+    copy = copy_of(runtime_bundle, tmp_path)
     pinned = sorted(Manifest.load(copy, verify="never").all_files())
     wait_past_racy_window()
     first = Manifest.load(copy).verification
@@ -221,10 +221,10 @@ def test_stamped_load_hashes_only_what_changed(tiny_bundle, tmp_path):
     assert third.hashed == [touched] and len(third.trusted) == len(pinned) - 1
 
 
-def test_rewritten_file_with_restored_size_and_mtime_is_still_hashed(tiny_bundle, tmp_path):
+def test_rewritten_file_with_restored_size_and_mtime_is_still_hashed(runtime_bundle, tmp_path):
     """The stamp's contract: a file is trusted only while size, mtime, ctime and inode are those it had
     when it was hashed. ctime cannot be set back, so restoring the mtime does not hide a change."""
-    copy = copy_of(tiny_bundle, tmp_path)
+    copy = copy_of(runtime_bundle, tmp_path)
     wait_past_racy_window()
     Manifest.load(copy)
     rel = graph_rel(copy, "controlnet")
@@ -232,18 +232,18 @@ def test_rewritten_file_with_restored_size_and_mtime_is_still_hashed(tiny_bundle
     refused(lambda: Manifest.load(copy), copy, rel, "sha256")
 
 
-def test_changed_sha256_in_the_manifest_is_checked_again(tiny_bundle, tmp_path):
-    copy = copy_of(tiny_bundle, tmp_path)
+def test_changed_sha256_in_the_manifest_is_checked_again(runtime_bundle, tmp_path):
+    copy = copy_of(runtime_bundle, tmp_path)
     wait_past_racy_window()
     Manifest.load(copy)
     edit_manifest(copy, lambda d: d["files"].update({"tokenizer.json": "0" * 64}))
     refused(lambda: Manifest.load(copy), copy, "tokenizer.json", "0" * 64)
 
 
-def test_verify_always_rehashes_and_never_skips(tiny_bundle, tmp_path):
+def test_verify_always_rehashes_and_never_skips(runtime_bundle, tmp_path):
     from seesr_runtime import SeeSRPipeline
 
-    copy = copy_of(tiny_bundle, tmp_path)
+    copy = copy_of(runtime_bundle, tmp_path)
     pinned = sorted(Manifest.load(copy, verify="never").all_files())
     wait_past_racy_window()
     Manifest.load(copy)
@@ -257,9 +257,9 @@ def test_verify_always_rehashes_and_never_skips(tiny_bundle, tmp_path):
     refused(lambda: SeeSRPipeline.from_bundle(copy, verify=True), rel)
 
 
-def test_unknown_verify_value_is_an_option_error(tiny_bundle):
+def test_unknown_verify_value_is_an_option_error(runtime_bundle):
     with pytest.raises(OptionError, match=r"verify='sometimes': expected 'auto'"):
-        Manifest.load(tiny_bundle, verify="sometimes")
+        Manifest.load(runtime_bundle, verify="sometimes")
 
 
 def _load_without_write_access(bundle: Path) -> dict:
@@ -292,13 +292,13 @@ def _load_without_write_access(bundle: Path) -> dict:
     return result
 
 
-def test_read_only_bundle_is_stamped_in_the_user_cache(tiny_bundle, monkeypatch):
+def test_read_only_bundle_is_stamped_in_the_user_cache(runtime_bundle, monkeypatch):
     # A world-traversable folder: as root the load runs as 'nobody' (pytest's tmp_path is private).
     folder = Path(tempfile.mkdtemp(prefix="seesr-readonly-"))
     try:
         folder.chmod(0o755)
-        copy = copy_of(tiny_bundle, folder)
-        (copy / STAMP).unlink()  # the build's stamp, copied along: shows no stamp is written here
+        copy = copy_of(runtime_bundle, folder)
+        (copy / STAMP).unlink(missing_ok=True)  # the build's stamp, copied along: shows no stamp is written here
         cache = folder / "cache"
         cache.mkdir()
         cache.chmod(0o777)
@@ -368,11 +368,11 @@ def test_built_bundle_is_readable_by_others_under_umask_022(external_data_bundle
 # ---------------------------------------------------------------- the CLI
 
 
-def test_upscale_refuses_a_damaged_bundle_and_no_verify_skips_the_check(tiny_bundle, tmp_path, lr_image, capsys,
+def test_upscale_refuses_a_damaged_bundle_and_no_verify_skips_the_check(runtime_bundle, tmp_path, lr_image, capsys,
                                                                        umask):
     from seesr_runtime.cli import main
 
-    copy = copy_of(tiny_bundle, tmp_path)
+    copy = copy_of(runtime_bundle, tmp_path)
     flip_byte(copy / "negative_prompt_embeds.npy")
     lr_image.save(tmp_path / "lr.png")
     args = ["upscale", str(tmp_path / "lr.png"), "-o", str(tmp_path / "out"), "--bundle", str(copy),

@@ -81,10 +81,10 @@ def verify_bundle(manifest, mode: str = "auto", stamps: list[Path] | None = None
         try:
             info = os.stat(path)
         except FileNotFoundError:
-            problems.append(f"{rel}: missing")
+            problems.append(f"missing {rel}")
             continue
         if not stat.S_ISREG(info.st_mode):
-            problems.append(f"{rel}: not a regular file")
+            problems.append(f"not a regular file: {rel}")
             continue
         record = {"sha256": expected, **_file_version(info)}
         if known.get(rel) == record:
@@ -94,7 +94,7 @@ def verify_bundle(manifest, mode: str = "auto", stamps: list[Path] | None = None
         actual = sha256_file(path)
         report.hashed.append(rel)
         if actual != expected:
-            problems.append(f"{rel}: sha256 is {actual}, the manifest expects {expected}")
+            problems.append(f"sha256 mismatch for {rel} (the file's is {actual}, the manifest's {expected})")
         elif max(info.st_mtime_ns, info.st_ctime_ns) < checked_at - RACY_NS:
             verified[rel] = record
     if report.hashed:
