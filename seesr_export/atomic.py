@@ -5,9 +5,13 @@ import os
 import shutil
 from pathlib import Path
 
+from seesr_runtime.filemodes import give_umask_mode
+
 
 def swap_into_place(work: Path, out: Path) -> None:
-    """Rename the finished ``work`` directory onto ``out``, replacing what was there."""
+    """Rename the finished ``work`` directory onto ``out``, replacing what was there. ``work`` (made by
+    ``tempfile.mkdtemp``, so 0700) first gets the mode the umask gives a new directory."""
+    give_umask_mode(work)
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seesr_runtime import __version__ as runtime_version
+from seesr_runtime.filemodes import give_tree_umask_modes
 from seesr_runtime.manifest import BundleError, Manifest
 from seesr_runtime.pipeline import OPTIONS
 from seesr_runtime.triton import MODEL_FILE
+from seesr_runtime.verification import STAMP
 
 from .atomic import swap_into_place
 from .errors import SeeSRExportError
@@ -67,6 +69,7 @@ def write_repository(bundle: Path, out: Path, options: TritonOptions) -> Path:
             bundle_param = str(manifest.root.resolve())
         else:
             _link_or_copy_tree(manifest.root, version_dir / "bundle")
+            give_tree_umask_modes(version_dir / "bundle", files=False)  # copytree copies the folders' modes
             bundle_param = "bundle"
         (model_dir / "config.pbtxt").write_text(model_config(options, bundle_param))
         (work / MARKER).write_text(json.dumps({"bundle": str(manifest.root.resolve()), "model": options.model_name,
@@ -186,5 +189,5 @@ def _link_or_copy_tree(source: Path, target: Path) -> None:
             shutil.copy2(src, dst)
 
     shutil.copytree(source, target, copy_function=link_or_copy,
-                    ignore=shutil.ignore_patterns(".*.partial-*", ".*.old-*"))
+                    ignore=shutil.ignore_patterns(".*.partial-*", ".*.old-*", STAMP))  # stamp: the source's files
 

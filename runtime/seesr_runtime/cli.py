@@ -75,12 +75,16 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 
 
 def write_atomically(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    """``write(tmp_path)`` then rename onto ``path``: readers never see a partial file, and the file gets
+    the mode the umask gives a new file (not the temporary file's 0600)."""
+    from .filemodes import give_umask_mode
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        give_umask_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -100,7 +104,7 @@ def cmd_upscale(args) -> int:
     choose_cpu_default(args, say)
     backend_options = backend_options_from(args)
     pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, tiled_vae_spill_dir=args.tiled_vae_spill_dir,
-                                     **backend_options)
+                                     verify="never" if args.no_verify else "auto", **backend_options)
     options = {k: getattr(args, k) for k in ("prompt", "added_prompt", "negative_prompt", "steps", "guidance",
                                               "conditioning_scale", "process_size", "upscale", "latent_tile_size",
                                               "latent_tile_overlap", "color_fix", "start_point",
@@ -149,7 +153,8 @@ def cmd_bench(args) -> int:
     profiler = StageProfiler()
     backend_options = backend_options_from(args)
     start = time.perf_counter()
-    pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, profiler=profiler, **backend_options)
+    pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, profiler=profiler,
+                                     verify="never" if args.no_verify else "auto", **backend_options)
     if hasattr(pipe.backend, "load_all"):
         pipe.backend.load_all()  # sessions open before timing, so a run without warm-up is not a cold start
     load_s = time.perf_counter() - start
@@ -298,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, help="LR images, or directories of images")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (PNG, same stem as the input)")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the bundle's files (by default files new or changed since "
+                        "their last check are hashed; use when you verify the bundle otherwise)")
     add_backend_args(p, cpu_default=True)
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--prompt", default=None, help="user prompt inserted after the tags (default empty)")
@@ -337,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "image), end to end, images/s and peak memory. No PyTorch needed; "
                                    "benchmarks/bench.py runs the PyTorch reference beside it.")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the bundle's files (by default files new or changed since "
+                        "their last check are hashed; use when you verify the bundle otherwise)")
     add_backend_args(p)
     p.add_argument("--size", type=int, nargs="+", default=[512],
                    help="output side(s) in pixels: 512 (one 64x64 latent), 1024 (4 latent tiles), 2048; several "

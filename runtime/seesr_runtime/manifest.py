@@ -1,14 +1,17 @@
 """A bundle's ``manifest.json``: the one contract between exporter, runtime, TensorRT, Triton and C++.
 
 Reading it needs only the standard library; ``validate`` checks the structure
-(without the jsonschema package) and ``verify_files`` the sha256 of every file.
+(without the jsonschema package), ``bundle_path`` keeps every path the manifest names inside the
+bundle, and ``Manifest.load`` checks the sha256 of every file (``verification.py``: cheaply, through a
+stamp, unless told otherwise).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from pathlib import Path
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .errors import BundleError
 from .networks import NETWORK_NAMES, ModelDims, NetworkSpec
@@ -60,6 +63,47 @@ def validate(data: dict, source: str = MANIFEST) -> None:
         raise BundleError(f"{source}: invalid manifest:\n  " + "\n  ".join(problems))
 
 
+def bundle_path(root: Path | str, rel, what: str) -> Path:
+    """The file that the manifest path ``rel`` names inside the bundle ``root`` (resolved; it need not exist).
+
+    A bundle may only name its own files: absolute paths, ``..`` climbing out of the bundle and symbolic
+    links (anywhere along the path) that lead outside it are refused with a BundleError naming the
+    bundle, ``what`` the path is for, the path and where it leads.
+    """
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise BundleError(f"{root}: {what} {rel!r} is not a path (expected a path relative to the bundle)")
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).drive or PureWindowsPath(rel).root:
+        raise BundleError(f"{root}: {what} {rel!r} is an absolute path; a bundle names its files relative "
+                          "to its own directory")
+    base = Path(root).resolve()
+    target = (base / rel).resolve()
+    if target == base:
+        raise BundleError(f"{root}: {what} {rel!r} names the bundle directory itself, not a file in it")
+    if base not in target.parents:
+        climbs = os.path.normpath(rel).split(os.sep)[0] == ".."
+        how = "climbs out of the bundle" if climbs else "leads outside the bundle through a symbolic link"
+        raise BundleError(f"{root}: {what} {rel!r} {how} (to {target}); bundle paths must stay inside the bundle")
+    return target
+
+
+def named_paths(data: dict) -> list[tuple[str, str]]:
+    """(what it is, path) for every path a (validated) manifest names."""
+    named = [(f"text {key}", data["text"].get(key)) for key in ("tokenizer", "negative_prompt_embeds")]
+    named += [("file", rel) for rel in data.get("files", {})]
+    for name, entry in data["networks"].items():
+        segments = entry.get("tiled", {}).get("segments", [])
+        for owner, files_by_precision in [(name, entry.get("files", {}))] + [
+                (f"{name}#{k}", s.get("files", {})) for k, s in enumerate(segments)]:
+            for precision, files in files_by_precision.items():
+                named.append((f"{owner} {precision} graph", files.get("onnx")))
+                if files.get("external_data") is not None:
+                    named.append((f"{owner} {precision} external data", files["external_data"]))
+                named += [(f"{owner} {precision} file", rel) for rel in files.get("sha256", {})]
+        named += [(f"{name} {precision} TensorRT engine", engine.get("file"))
+                  for precision, engine in entry.get("engines", {}).items()]
+    return named
+
+
 def entry_files(entry: dict) -> dict[str, str]:
     """Every file one network entry pins (its graphs and its tiled-VAE segments), path -> sha256."""
     pinned = {}
@@ -73,9 +117,21 @@ def entry_files(entry: dict) -> dict[str, str]:
 class Manifest:
     root: Path
     data: dict
+    verification: object = field(default=None, compare=False, repr=False)  # the load's ``Verification``
+    _checked_graphs: set = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
-    def load(cls, bundle: Path | str) -> "Manifest":
+    def load(cls, bundle: Path | str, verify: str | bool = "auto") -> "Manifest":
+        """Read and check a bundle's manifest: its structure, that every path it names stays inside the
+        bundle, and (``verify``) the sha256 of every file it pins:
+
+        ``"auto"`` (default): files new or changed since they were last verified are hashed, the others
+        are vouched for by the verification stamp (``verification.py``); ``"always"`` or True: hash
+        every file; ``"never"`` or False: no hashing (for callers that verify the files otherwise).
+        """
+        from .verification import verify_bundle, verify_mode
+
+        mode = verify_mode(verify)
         root = Path(bundle)
         path = root / MANIFEST
         if not path.is_file():
@@ -85,7 +141,20 @@ class Manifest:
         except ValueError as exc:
             raise BundleError(f"{path}: not valid JSON: {exc}") from exc
         validate(data, str(path))
-        return cls(root, data)
+        manifest = cls(root, data)
+        manifest.check_paths()
+        if mode != "never":
+            manifest.verification = verify_bundle(manifest, mode)
+        return manifest
+
+    def file(self, rel: str, what: str = "file") -> Path:
+        """The bundle file the manifest path ``rel`` names (see ``bundle_path``)."""
+        return bundle_path(self.root, rel, what)
+
+    def check_paths(self) -> None:
+        """Refuse a manifest naming any path outside the bundle (BundleError naming the first)."""
+        for what, rel in named_paths(self.data):
+            self.file(rel, what)
 
     @property
     def dims(self) -> ModelDims:
@@ -117,7 +186,36 @@ class Manifest:
         except KeyError:
             have = {n: sorted(e.get("files", {})) for n, e in self.data["networks"].items()}
             raise BundleError(f"{self.root}: no {precision} graph for {network!r} (bundle has {have})") from None
-        return self.root / files["onnx"]
+        graph = self.file(files["onnx"], f"{network} {precision} graph")
+        if graph not in self._checked_graphs:
+            self._check_external_data(graph, files, f"{network} {precision} graph")
+            self._checked_graphs.add(graph)
+        return graph
+
+    def _check_external_data(self, graph: Path, files: dict, what: str) -> None:
+        """Every external-data file the graph names must lie inside the bundle and be pinned by the
+        graph's own manifest entry (so its sha256 is checked with the graph's). Checked here, before
+        any engine opens the graph, from the graph's bytes (``onnx_refs``): the manifest alone cannot
+        say what the file will make the engine read."""
+        from .onnx_refs import NotProtobuf, external_data_locations
+
+        if not graph.is_file():
+            raise BundleError(f"{self.root}: {what} {files['onnx']!r} is missing")
+        try:
+            locations = external_data_locations(graph)
+        except NotProtobuf as exc:
+            raise BundleError(f"{self.root}: {what} {files['onnx']!r} is not a readable ONNX file ({exc})") from None
+        pinned = {self.file(rel) for rel in files["sha256"]}
+        folder = Path(os.path.relpath(graph.parent, self.root.resolve()))  # engines resolve from the graph's folder
+        for location in sorted(locations):
+            label = f"external data {location!r} of graph {files['onnx']!r}"
+            if PurePosixPath(location).is_absolute() or PureWindowsPath(location).drive:
+                raise BundleError(f"{self.root}: {label} is an absolute path; external data must be named "
+                                  "relative to the graph")
+            target = self.file((folder / location).as_posix(), f"{label}, as bundle path")
+            if target not in pinned:
+                raise BundleError(f"{self.root}: {label} is not one of the graph's files in the manifest "
+                                  f"({sorted(files['sha256'])}), so nothing vouches for its contents")
 
     def all_files(self) -> dict[str, str]:
         """Every file the manifest pins, relative path -> sha256."""
@@ -127,14 +225,10 @@ class Manifest:
         pinned.update(self.data.get("files", {}))
         return pinned
 
-    def verify_files(self) -> None:
-        """Raise BundleError naming every missing or altered file."""
-        problems = []
-        for rel, expected in self.all_files().items():
-            path = self.root / rel
-            if not path.is_file():
-                problems.append(f"missing {rel}")
-            elif sha256_file(path) != expected:
-                problems.append(f"sha256 mismatch for {rel}")
-        if problems:
-            raise BundleError(f"{self.root}: bundle files do not match the manifest:\n  " + "\n  ".join(problems))
+    def verify_files(self):
+        """Hash every file the manifest pins (no stamp trusted); BundleError names every missing or
+        altered one. Returns the ``Verification``."""
+        from .verification import verify_bundle
+
+        self.verification = verify_bundle(self, "always")
+        return self.verification

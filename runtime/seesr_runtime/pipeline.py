@@ -68,12 +68,12 @@ class SeeSRPipeline:
         self.text = PromptEncoder(manifest, self.backend)
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path, backend: str = "onnxruntime", verify: bool = False,
+    def from_bundle(cls, bundle: str | Path, backend: str = "onnxruntime", verify: str | bool = "auto",
                     profiler: StageProfiler | None = None, tiled_vae_spill_dir: str | Path | None = None,
                     **backend_options) -> "SeeSRPipeline":
-        manifest = Manifest.load(bundle)
-        if verify:
-            manifest.verify_files()
+        """``verify``: the sha256 check of the bundle's files, see ``Manifest.load`` ("auto": files new or
+        changed since their last check; "always"/True; "never"/False for callers that verify otherwise)."""
+        manifest = Manifest.load(bundle, verify=verify)
         return cls(manifest, create_backend(backend, manifest, **backend_options), profiler, tiled_vae_spill_dir)
 
     def _stage(self, name: str):

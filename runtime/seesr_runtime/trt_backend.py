@@ -67,7 +67,8 @@ class TensorRTBackend:
             if engine_entry is None:
                 raise BundleError(f"{manifest.root}: no {precision} TensorRT engine for {network!r}; "
                                   "build with seesr-export build --backend tensorrt")
-            engine = self.runtime.deserialize_cuda_engine((manifest.root / engine_entry["file"]).read_bytes())
+            engine_file = manifest.file(engine_entry["file"], f"{network} {precision} TensorRT engine")
+            engine = self.runtime.deserialize_cuda_engine(engine_file.read_bytes())
             if engine is None:
                 raise BundleError(f"{engine_entry['file']}: TensorRT could not deserialize it (built for "
                                   f"TensorRT {engine_entry['tensorrt']}, sm{''.join(map(str, engine_entry['compute_capability']))})")

@@ -1,0 +1,48 @@
+"""The permissions a file or directory we create gets: the user's umask, as for any new file.
+
+Atomic writes go through ``tempfile``, which creates files 0600 and directories 0700 (private while
+unfinished). Renamed into place as they are, a result would stay unreadable to a web server or another
+user; ``give_umask_mode`` gives the finished file the mode ``open``/``mkdir`` would have given it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it; elsewhere set back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool) -> int:
+    """0666 (files) or 0777 (directories) less the umask: what a plain ``open``/``mkdir`` creates."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def give_umask_mode(path: str | os.PathLike) -> None:
+    """chmod ``path`` (a file, or a directory itself, not its contents) to the umask's mode."""
+    os.chmod(path, umask_mode(os.path.isdir(path)))
+
+
+def give_tree_umask_modes(root: str | os.PathLike, files: bool = True) -> None:
+    """``give_umask_mode`` for ``root`` and everything under it (``files`` False: directories only;
+    symbolic links left alone). Only modes that differ are changed: a chmod moves the file's ctime,
+    which verification stamps record."""
+    file_mode, directories = umask_mode(False), umask_mode(True)
+    for folder, subfolders, names in os.walk(root):
+        entries = [(n, directories) for n in subfolders] + ([(n, file_mode) for n in names] if files else [])
+        for name, mode in entries:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path) and (os.stat(path).st_mode & 0o7777) != mode:
+                os.chmod(path, mode)
+    if (os.stat(root).st_mode & 0o7777) != directories:
+        os.chmod(root, directories)
