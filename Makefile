@@ -14,7 +14,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
 
 # The inner loop: unit and parity tests on the tiny fixture, without the tests marked slow or gpu
-# (pyproject.toml) — under 3 minutes on a quiet 2-core machine.
+# (pyproject.toml). Target: under 3 minutes on a quiet 2-core machine; the 10 slowest are listed.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=10
 
