@@ -4,13 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-triton venv clean
+.PHONY: demo test test-fast test-triton venv clean
 
 demo: $(STAMP)
 	$(BIN)/seesr-export demo --out out/demo
 
+# Everything (what CI runs); the 15 slowest tests are listed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# The inner loop: unit and parity tests on the tiny fixture, without the tests marked slow or gpu
+# (pyproject.toml). Target: under 3 minutes on a quiet 2-core machine; the 10 slowest are listed.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=10
 
 venv: $(STAMP)
 
@@ -20,7 +26,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,quant]'
-	# Only its CLIP BPE vocabulary file is used (to build tokenizer fixtures offline).
+	# Only its CLIP BPE vocabulary file is used, by the test of CLIP's own vocabulary (skipped without it;
+	# the fixtures make their own merges). --no-deps: its torchvision requirement would fetch another torch.
 	$(BIN)/pip install -q --no-deps open_clip_torch==3.3.0
 	touch $(STAMP)
 

@@ -100,27 +100,61 @@ class _FeedsReader:
         pass
 
 
+def calibration_ranges(fp32_path: Path, calibration: list[dict], work: Path, large: bool):
+    """Activation ranges exactly as ``quantize_static`` computes them (its min/max calibrator, moving
+    average), in a session that runs in priority-based order.
+
+    The calibrator adds a ReduceMin/ReduceMax pair per calibrated tensor, as graph outputs; in onnxruntime's
+    default order those reductions run after the whole network, so every calibrated tensor (attention's
+    N x N scores included) stays alive to the end: 20 GB at 512 px on the tiny fixture. Priority-based
+    order runs each reduction right after its tensor, so memory stays that of the plain graph.
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    calibrator = create_calibrator(Path(fp32_path), list(QUANTIZABLE_OPS), str(work / "augmented.onnx"),
+                                   CalibrationMethod.MinMax, use_external_data_format=large,
+                                   extra_options={"moving_average": True})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator's own
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, options,
+                                                    providers=["CPUExecutionProvider"])
+    calibrator.collect_data(_FeedsReader(calibration))
+    return calibrator.compute_data()
+
+
 def quantize_graph(fp32_path: Path, out_path: Path, calibration: list[dict], options: QuantOptions) -> list[str]:
     """Write a QDQ int8 copy of ``fp32_path``; returns the names of the excluded nodes."""
+    import inspect
+    import tempfile
+
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     excluded = excluded_nodes(onnx.load(str(fp32_path), load_external_data=False), options)
     large = Path(str(fp32_path) + ".data").exists()
-    quantize_static(
-        str(fp32_path), str(out_path), _FeedsReader(calibration),
+    settings = dict(
         quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZABLE_OPS),
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
         nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
         # onnxruntime's percentile calibrator keeps every activation of every call in memory (20 GB
         # for the tiny fixture); min/max keeps two scalars per tensor, and its moving average damps outliers.
         # Dedicated pairs: an excluded layer reads the fp32 tensor even where a neighbour quantizes it.
-        # Memory: this path peaks near 20 GB on the tiny fixture at 512 px (measured; not the number of
-        # calls); onnxruntime 1.32's CalibMaxIntermediateOutputs would bound it but drops the data.
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibMovingAverage": True,
                        "DedicatedQDQPair": True},
         use_external_data_format=large,
     )
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        # onnxruntime before calibration caches: its own calibration session (peak memory as noted above)
+        quantize_static(str(fp32_path), str(out_path), _FeedsReader(calibration), **settings)
+        return excluded
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    with tempfile.TemporaryDirectory(prefix=".calibration-", dir=Path(out_path).parent) as work:
+        cache = Path(work) / "ranges.json"
+        save_tensors_data(calibration_ranges(fp32_path, calibration, Path(work), large), cache)
+        quantize_static(str(fp32_path), str(out_path), None, calibration_cache_path=str(cache), **settings)
     return excluded
 
 

@@ -2,6 +2,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Tokenizer parity cases (for parametrize): SeeSR's prompt suffix, odd spacing and non-ASCII, truncation past
+# 77 tokens, the negative prompt.
+TOKENIZER_TEXTS = [
+    pytest.param("", id="empty"),
+    pytest.param("a cat, dog, ,clean, high-resolution, 8k", id="prompt-suffix"),
+    pytest.param("Hello,   World!  café naïve 日本", id="spacing-unicode"),
+    pytest.param(", ".join(f"tag{i}" for i in range(200)), id="truncated"),
+    pytest.param("dotted, noise, blur, lowres, smooth", id="negative-prompt"),
+]
+
 
 @pytest.fixture(scope="session")
 def tiny_checkout(tmp_path_factory):

@@ -66,6 +66,7 @@ def test_bench_rejects_mismatched_steps(runtime_bundle, capsys):
     assert "one per --size" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_profiling_does_not_change_the_result(runtime_bundle, lr_image):
     from seesr_runtime import SeeSRPipeline
     from seesr_runtime.profiling import StageProfiler
@@ -105,6 +106,7 @@ def test_manifest_flops_match_the_counter(tiny_bundle, tiny_checkout):
     assert stored[tuple(sorted(env.items()))] == counter.get_total_flops()
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run(tmp_path, tiny_bundle):
     """benchmarks/gpu.sh end to end on the CPU (tiny fixture, PyTorch + onnxruntime fp16 graphs with IOBinding
     and static shapes; the accuracy and shape-memory checks), so the GPU lease never starts with a typo.

@@ -10,6 +10,8 @@ from seesr_export.layout import SeeSRPaths
 from seesr_export.models import sd2
 from seesr_export.models.denoiser import load_seesr_controlnet, load_seesr_unet
 
+from conftest import TOKENIZER_TEXTS
+
 
 def _copy_checkout(paths: SeeSRPaths, tmp_path) -> SeeSRPaths:
     root = paths.sd2.parent.parent.parent
@@ -17,16 +19,18 @@ def _copy_checkout(paths: SeeSRPaths, tmp_path) -> SeeSRPaths:
     return SeeSRPaths.from_root(tmp_path / "copy")
 
 
-def test_denoisers_round_trip_every_key(tiny_checkout):
-    for loader, folder, weights in [(load_seesr_unet, tiny_checkout.unet, "diffusion_pytorch_model.bin"),
-                                    (load_seesr_controlnet, tiny_checkout.controlnet,
-                                     "diffusion_pytorch_model.safetensors")]:
-        model = loader(folder)
-        on_disk = load_state_dict(folder / weights)
-        assert set(model.state_dict()) == set(on_disk)
-        for key, value in on_disk.items():
-            assert torch.equal(model.state_dict()[key], value), key
-        assert any(".image_attentions." in k for k in on_disk)
+@pytest.mark.parametrize("network, loader, weights", [
+    ("unet", load_seesr_unet, "diffusion_pytorch_model.bin"),
+    ("controlnet", load_seesr_controlnet, "diffusion_pytorch_model.safetensors"),
+], ids=["unet", "controlnet"])
+def test_denoisers_round_trip_every_key(tiny_checkout, network, loader, weights):
+    folder = getattr(tiny_checkout, network)
+    model = loader(folder)
+    on_disk = load_state_dict(folder / weights)
+    assert set(model.state_dict()) == set(on_disk)
+    for key, value in on_disk.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert any(".image_attentions." in k for k in on_disk)
 
 
 def test_unet_takes_one_residual_per_controlnet_output(tiny_checkout):
@@ -50,8 +54,41 @@ def test_sd2_parts_load(tiny_checkout):
 def test_tokenizer_pads_with_zero(tiny_checkout):
     tokenizer = sd2.load_tokenizer(tiny_checkout.sd2)
     ids = tokenizer("a cat, dog", padding="max_length", max_length=77, truncation=True).input_ids
-    assert ids[:5] == [49406, 320, 2368, 267, 1929]  # BOS, "a", "cat", ",", "dog" in CLIP's vocabulary
-    assert ids[5] == 49407 and set(ids[6:]) == {0} and len(ids) == 77
+    # The fixture's own merges (fixture_bpe_merges) split "cat" as "c" + "at</w>"; ids as in CLIP's layout.
+    assert tokenizer.convert_ids_to_tokens(ids[:6]) == ["<|startoftext|>", "a</w>", "c", "at</w>", ",</w>", "dog</w>"]
+    assert ids[0] == 49406 and ids[6] == 49407 and set(ids[7:]) == {0} and len(ids) == 77
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizers(tmp_path_factory):
+    """CLIP's own merges (as SD2 ships them) through the fixture's tokenizer writer: CLIPTokenizer and the
+    bundle's tokenizer.json of that folder."""
+    from tokenizers import Tokenizer
+
+    from seesr_export.bundle import write_tokenizer_json
+    from seesr_export.testing.fixtures import clip_bpe_merges, write_clip_tokenizer
+
+    try:
+        merges = clip_bpe_merges()
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
+    folder = tmp_path_factory.mktemp("clip")
+    write_clip_tokenizer(folder / "sd2" / "tokenizer", merges)
+    write_tokenizer_json(folder / "sd2", folder / "tokenizer.json")
+    return sd2.load_tokenizer(folder / "sd2"), Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def test_clip_vocabulary_gives_clip_ids(clip_tokenizers):
+    tokenizer, _ = clip_tokenizers
+    ids = tokenizer("a cat, dog", padding="max_length", max_length=77, truncation=True).input_ids
+    assert ids[:6] == [49406, 320, 2368, 267, 1929, 49407]  # BOS, "a", "cat", ",", "dog", EOS in CLIP's vocabulary
+
+
+@pytest.mark.parametrize("text", TOKENIZER_TEXTS)
+def test_clip_vocabulary_tokenizer_json_matches(clip_tokenizers, text):
+    tokenizer, runtime = clip_tokenizers
+    expected = tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+    assert runtime.encode(text).ids == expected
 
 
 def test_broken_unet_names_each_bad_key(tiny_checkout, tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from seesr_runtime.manifest import GPU_GRAPH, Manifest
+from seesr_runtime.networks import NETWORK_NAMES
 
 DENOISERS = ("unet", "controlnet")
 WITH_GPU_GRAPHS = (*DENOISERS, "vae_encoder", "vae_decoder")
@@ -137,18 +138,23 @@ def test_gpu_graph_needs_cuda_kernels(tiny_bundle):
         ort.InferenceSession(str(manifest.graph_path("unet", GPU_GRAPH)), providers=CPU)
 
 
-def test_every_graph_passed_its_parity_gate(tiny_bundle):
+@pytest.mark.parametrize("name", NETWORK_NAMES)
+def test_every_graph_passed_its_parity_gate(tiny_bundle, name):
     """The build measured each CPU-runnable graph (and the fused fp32 variant of each GPU graph) against
     torch and recorded the tolerance it passed."""
     from seesr_export.export import PARITY_TOLERANCES
 
-    manifest = Manifest.load(tiny_bundle)
-    for name, entry in manifest.data["networks"].items():
-        expected = {"fp32", "fp16"} | ({"fused_fp32"} if GPU_GRAPH in entry["files"] else set())
-        assert set(entry["parity"]) == expected, name
-        for graph, result in entry["parity"].items():
-            assert result["max_rel_l2"] <= result["tolerance"] == PARITY_TOLERANCES[name][graph], (name, graph)
-    assert {n for n, e in manifest.data["networks"].items() if GPU_GRAPH in e["files"]} == set(WITH_GPU_GRAPHS)
+    entry = Manifest.load(tiny_bundle).data["networks"][name]
+    expected = {"fp32", "fp16"} | ({"fused_fp32"} if GPU_GRAPH in entry["files"] else set())
+    assert set(entry["parity"]) == expected
+    for graph, result in entry["parity"].items():
+        assert result["max_rel_l2"] <= result["tolerance"] == PARITY_TOLERANCES[name][graph], graph
+
+
+def test_gpu_graphs_exist_for_the_denoisers_and_the_vae(tiny_bundle):
+    networks = Manifest.load(tiny_bundle).data["networks"]
+    assert set(networks) == set(NETWORK_NAMES)
+    assert {n for n, e in networks.items() if GPU_GRAPH in e["files"]} == set(WITH_GPU_GRAPHS)
 
 
 def test_optimizer_workaround_for_numpy_2_4_is_scoped():
@@ -197,6 +203,7 @@ def test_graph_choice_follows_providers_and_precision(tiny_bundle):
     assert graph_precision(manifest, "dape", "int8", CPU) == "fp32"
 
 
+@pytest.mark.slow
 def test_bundle_without_gpu_graphs_still_loads_and_runs(tiny_bundle, tmp_path, lr_image):
     """A bundle built before GPU graphs existed (no fp16_gpu entries) loads, and fp16 on any provider
     runs its plain fp16 graphs."""
@@ -245,7 +252,7 @@ class _FeedRecorder:
         return self.inner.to_device(array)
 
 
-@pytest.mark.parametrize("tile", [96, 16], ids=["one-window", "latent-tiles"])
+@pytest.mark.parametrize("tile", [96, pytest.param(16, marks=pytest.mark.slow)], ids=["one-window", "latent-tiles"])
 def test_io_binding_gives_identical_results(runtime_bundle, lr_image, tile):
     """IOBinding on the CPU provider: the same bytes as plain session.run, and per step only the latent
     (and timestep) come from the host: embeddings and control image are device handles made once per
@@ -331,7 +338,8 @@ def test_static_shape_sessions_match_and_share_weights(runtime_bundle):
     assert len(unet_calls) == 2
 
 
-def test_static_shapes_fold_the_shape_arithmetic(runtime_bundle, tmp_path):
+@pytest.mark.parametrize("network", DENOISERS)
+def test_static_shapes_fold_the_shape_arithmetic(runtime_bundle, tmp_path, network):
     """With the symbolic dimensions fixed, onnxruntime's optimizer folds every Shape node of the
     traced denoisers (on a GPU these ran on the CPU between kernels and blocked CUDA graph capture)."""
     import onnxruntime as ort
@@ -339,19 +347,19 @@ def test_static_shapes_fold_the_shape_arithmetic(runtime_bundle, tmp_path):
     from seesr_runtime.ort_device import fix_dimensions
 
     manifest = Manifest.load(runtime_bundle)
-    for network in DENOISERS:
-        counts = {}
-        for static in (False, True):
-            options = ort.SessionOptions()
-            options.optimized_model_filepath = str(tmp_path / f"{network}-{static}.onnx")
-            if static:
-                fix_dimensions(options, manifest.spec(network), {"B": 2, "h": 8, "w": 8})
-            ort.InferenceSession(str(manifest.graph_path(network, "fp32")), options, providers=CPU)
-            counts[static] = Counter(n.op_type for n in _load(options.optimized_model_filepath).graph.node)
-        assert counts[False]["Shape"] > 0 and counts[True]["Shape"] == 0, network
-        assert sum(counts[True].values()) < sum(counts[False].values())
+    counts = {}
+    for static in (False, True):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{network}-{static}.onnx")
+        if static:
+            fix_dimensions(options, manifest.spec(network), {"B": 2, "h": 8, "w": 8})
+        ort.InferenceSession(str(manifest.graph_path(network, "fp32")), options, providers=CPU)
+        counts[static] = Counter(n.op_type for n in _load(options.optimized_model_filepath).graph.node)
+    assert counts[False]["Shape"] > 0 and counts[True]["Shape"] == 0
+    assert sum(counts[True].values()) < sum(counts[False].values())
 
 
+@pytest.mark.slow
 def test_static_shape_pipeline_matches_plain(runtime_bundle, lr_image):
     from seesr_runtime import SeeSRPipeline
 

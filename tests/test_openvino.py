@@ -34,10 +34,11 @@ def ov_f32(tiny_bundle):
 
 # Same cases and tolerances as test_runtime_parity (latents <= 1e-4 relative L2, uint8 image within 1-2 levels).
 @pytest.mark.parametrize("options, image_tolerance", [
-    (dict(steps=3, process_size=128, color_fix="none"), 1),
-    (dict(steps=2, color_fix="adain"), 1),
-    (dict(steps=2, process_size=128, latent_tile_size=16, latent_tile_overlap=4, color_fix="none"), 1),
-    (dict(steps=2, process_size=128, guidance=1.0, color_fix="none"), 1),
+    (dict(steps=3, process_size=128, color_fix="none"), 1),  # the fast set's OpenVINO parity case
+    pytest.param(dict(steps=2, color_fix="adain"), 1, marks=pytest.mark.slow),
+    pytest.param(dict(steps=2, process_size=128, latent_tile_size=16, latent_tile_overlap=4, color_fix="none"), 1,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(steps=2, process_size=128, guidance=1.0, color_fix="none"), 1, marks=pytest.mark.slow),
 ])
 def test_openvino_f32_matches_reference(ov_f32, reference, lr_image, options, image_tolerance):
     latent_error, image_error = compare(ov_f32, reference, lr_image, **options)
@@ -55,6 +56,7 @@ def _against_f32(pipe, ov_f32, lr_image, label):
     return latent, quality
 
 
+@pytest.mark.slow
 def test_bf16_runs_and_reports_its_error(tiny_bundle, ov_f32, lr_image):
     pipe = SeeSRPipeline.from_bundle(tiny_bundle, backend="openvino", precision="bf16")
     expected = "bf16" if "BF16" in openvino_backend.device_capabilities(ov.Core(), "CPU") else "f32"
@@ -67,7 +69,7 @@ def test_bf16_runs_and_reports_its_error(tiny_bundle, ov_f32, lr_image):
 
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_checkout, tmp_path_factory):
-    """ModelOpt's int8 (the primary recipe) where installed: onnxruntime's quantizer peaks near 20 GB here."""
+    """ModelOpt's int8 (the primary recipe) where installed, else onnxruntime's quantizer."""
     from conftest import write_calibration_images
     from seesr_export.bundle import BuildOptions, build_bundle
 
@@ -78,6 +80,7 @@ def int8_bundle(tiny_checkout, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_int8_runs_and_reports_its_error(int8_bundle, lr_image):
     f32 = SeeSRPipeline.from_bundle(int8_bundle, backend="openvino", precision="fp32")
     pipe = SeeSRPipeline.from_bundle(int8_bundle, backend="openvino", precision="int8")
@@ -102,6 +105,7 @@ def controlnet_feeds(manifest, side=8):
     return feeds
 
 
+@pytest.mark.slow
 def test_second_start_loads_compiled_models_from_the_cache(tiny_bundle, tmp_path):
     manifest = Manifest.load(tiny_bundle)
     feeds = controlnet_feeds(manifest)
@@ -124,6 +128,7 @@ def test_second_start_loads_compiled_models_from_the_cache(tiny_bundle, tmp_path
     assert all(np.array_equal(a, b) for a, b in zip(outputs, expected))
 
 
+@pytest.mark.slow
 def test_timestep_path_runs_apart_in_f32(tiny_bundle):
     """The policy's "timestep" group (default for UNet and ControlNet): brings bf16 from ~1.5e-1 to ~2e-2
     relative L2 on this fixture (and at SD2 size: benchmarks/results/cpu/openvino_precision.md)."""
@@ -186,6 +191,7 @@ def test_bad_options_are_named(tiny_bundle):
         OpenVINOBackend(manifest, precision="int8")
 
 
+@pytest.mark.slow
 def test_cli_upscale_with_openvino(tiny_bundle, tmp_path, capsys):
     from PIL import Image
 
@@ -202,6 +208,7 @@ def test_cli_upscale_with_openvino(tiny_bundle, tmp_path, capsys):
     assert "--precision bf16 needs --backend openvino" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_upscale_picks_the_cpu_default_and_says_so(tiny_bundle, tmp_path, capsys, monkeypatch):
     from PIL import Image
 

@@ -41,7 +41,8 @@ def test_gaussian_weights_are_asymmetric_like_the_official_code():
     assert np.argmax(w[:, 0]) == 4
 
 
-def test_ddpm_step_matches_diffusers():
+@pytest.mark.parametrize("t", [981, 501, 21, 1])
+def test_ddpm_step_matches_diffusers(t):
     from diffusers import DDPMScheduler
 
     from seesr_export.testing.fixtures import SD2_SCHEDULER
@@ -50,11 +51,10 @@ def test_ddpm_step_matches_diffusers():
     scheduler.set_timesteps(50)
     assert scheduler.timesteps[0] == 981 and scheduler.timesteps[-1] == 1
     sample, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
-    for t in (981, 501, 21, 1):
-        generator = torch.Generator().manual_seed(t)
-        expected = scheduler.step(eps, t, sample, generator=generator).prev_sample
-        noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(t))
-        assert torch.allclose(ref.ddpm_step(scheduler, eps, t, sample, noise), expected, atol=1e-6), t
+    generator = torch.Generator().manual_seed(t)
+    expected = scheduler.step(eps, t, sample, generator=generator).prev_sample
+    noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(t))
+    assert torch.allclose(ref.ddpm_step(scheduler, eps, t, sample, noise), expected, atol=1e-6)
 
 
 def test_adain_truncates_and_matches_statistics():

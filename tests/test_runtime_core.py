@@ -60,14 +60,18 @@ def test_bad_arguments_are_named(runtime_pipeline, lr_image):
         runtime_pipeline(lr_image, steps=1, process_size=128, noise_fn=lambda k, s: np.zeros((1,), np.float32))
 
 
-def test_tiles_cover_the_latent():
-    for h, w, tile, overlap in [(20, 28, 16, 4), (100, 130, 48, 4), (96, 96, 96, 4), (150, 200, 96, 4)]:
-        tile = min(tile, h, w)
-        covered = np.zeros((h, w), bool)
-        for y, x in tile_origins(h, w, tile, overlap):
-            assert 0 <= y <= h - tile and 0 <= x <= w - tile
-            covered[y:y + tile, x:x + tile] = True
-        assert covered.all()
+@pytest.mark.parametrize("h, w, tile, overlap", [(20, 28, 16, 4), (100, 130, 48, 4), (96, 96, 96, 4),
+                                                 (150, 200, 96, 4)])
+def test_tiles_cover_the_latent(h, w, tile, overlap):
+    tile = min(tile, h, w)
+    covered = np.zeros((h, w), bool)
+    for y, x in tile_origins(h, w, tile, overlap):
+        assert 0 <= y <= h - tile and 0 <= x <= w - tile
+        covered[y:y + tile, x:x + tile] = True
+    assert covered.all()
+
+
+def test_tile_weights_are_positive():
     weights = gaussian_tile_weights(16)
     assert weights.shape == (16, 16) and (weights > 0).all()
 

@@ -33,15 +33,17 @@ def compare(runtime_pipeline, reference, lr, runtime_only=None, **options):
 @pytest.mark.parametrize("options, image_tolerance", [
     (dict(steps=3, process_size=128, color_fix="none"), 1),
     (dict(steps=3, process_size=128, color_fix="wavelet"), 1),
-    (dict(steps=2, color_fix="adain"), 1),  # the defaults: process size 512, adain
+    pytest.param(dict(steps=2, color_fix="adain"), 1, marks=pytest.mark.slow),  # defaults: process size 512, adain
     (dict(steps=2, process_size=128, color_fix="adain"), 2),
     (dict(steps=2, process_size=128, latent_tile_size=16, latent_tile_overlap=4, color_fix="none"), 1),
     (dict(steps=2, process_size=128, guidance=1.0, color_fix="none"), 1),
     (dict(steps=2, process_size=128, start_point="noise", color_fix="none"), 1),
     # The official tiled VAE forced by small tiles on the 712x512 working image (89x64 latent): uneven
     # encoder tiles (128 px) and decoder tiles (16 latent px), non-square.
-    (dict(steps=2, vae_encoder_tile_size=128, vae_decoder_tile_size=16, color_fix="none"), 1),
-    (dict(steps=2, vae_encoder_tile_size=128, vae_decoder_tile_size=16, color_fix="adain"), 1),
+    pytest.param(dict(steps=2, vae_encoder_tile_size=128, vae_decoder_tile_size=16, color_fix="none"), 1,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(steps=2, vae_encoder_tile_size=128, vae_decoder_tile_size=16, color_fix="adain"), 1,
+                 marks=pytest.mark.slow),
 ])
 def test_runtime_matches_reference(runtime_pipeline, reference, lr_image, options, image_tolerance):
     latent_error, image_error = compare(runtime_pipeline, reference, lr_image, **options)
@@ -49,6 +51,7 @@ def test_runtime_matches_reference(runtime_pipeline, reference, lr_image, option
     assert image_error <= image_tolerance
 
 
+@pytest.mark.slow
 def test_input_larger_than_dape_size(runtime_pipeline, reference):
     # 400x300 > 384: DAPE's resize shrinks it (bilinear without antialias, as torchvision 0.15 on tensors);
     # the 1600x1200 working image is also latent-tiled (200x150 > 96x96), and over 1088 px it takes the
@@ -59,40 +62,53 @@ def test_input_larger_than_dape_size(runtime_pipeline, reference):
     assert latent_error <= 1e-4 and image_error <= 1
 
 
-def test_bilinear_resize_matches_torch():
+@pytest.mark.parametrize("size", [(384, 384), (20, 30), (57, 91)], ids=str)
+def test_bilinear_resize_matches_torch(size):
     x = np.random.default_rng(0).random((1, 3, 57, 91), dtype=np.float32)
-    for size in [(384, 384), (20, 30), (57, 91)]:
-        expected = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bilinear",
-                                                   align_corners=False, antialias=False).numpy()
-        assert np.abs(resize_bilinear(x, size) - expected).max() < 1e-5
+    expected = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bilinear",
+                                               align_corners=False, antialias=False).numpy()
+    assert np.abs(resize_bilinear(x, size) - expected).max() < 1e-5
 
 
-def test_scheduler_matches_diffusers():
+def _schedulers():
     from diffusers import DDPMScheduler as Diffusers
 
     from seesr_export.testing.fixtures import SD2_SCHEDULER
 
     config = {k: v for k, v in SD2_SCHEDULER.items() if not k.startswith("_")}
-    theirs, ours = Diffusers.from_config(config), DDPMScheduler(config)
-    assert np.allclose(theirs.alphas_cumprod.numpy(), ours.alphas_cumprod, rtol=1e-6)
+    return Diffusers.from_config(config), DDPMScheduler(config)
+
+
+def _sample_eps_noise():
     rng = np.random.default_rng(0)
-    sample, eps, noise = (rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(3))
-    for steps in (50, 4, 2):
-        theirs.set_timesteps(steps)
-        assert list(ours.set_timesteps(steps)) == theirs.timesteps.tolist()
-        for t in ours.timesteps.tolist():
-            expected = ref.ddpm_step(theirs, torch.from_numpy(eps), t, torch.from_numpy(sample),
-                                     torch.from_numpy(noise)).numpy()
-            assert relative_l2(ours.step(eps, t, sample, noise), expected) < 1e-6
-    x0 = torch.from_numpy(sample)
-    expected = theirs.add_noise(x0, torch.from_numpy(noise), torch.tensor([999])).numpy()
+    return [rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(3)]
+
+
+@pytest.mark.parametrize("steps", [50, 4, 2])
+def test_scheduler_matches_diffusers(steps):
+    theirs, ours = _schedulers()
+    assert np.allclose(theirs.alphas_cumprod.numpy(), ours.alphas_cumprod, rtol=1e-6)
+    sample, eps, noise = _sample_eps_noise()
+    theirs.set_timesteps(steps)
+    assert list(ours.set_timesteps(steps)) == theirs.timesteps.tolist()
+    for t in ours.timesteps.tolist():
+        expected = ref.ddpm_step(theirs, torch.from_numpy(eps), t, torch.from_numpy(sample),
+                                 torch.from_numpy(noise)).numpy()
+        assert relative_l2(ours.step(eps, t, sample, noise), expected) < 1e-6, t
+
+
+def test_scheduler_add_noise_matches_diffusers():
+    theirs, ours = _schedulers()
+    sample, _, noise = _sample_eps_noise()
+    expected = theirs.add_noise(torch.from_numpy(sample), torch.from_numpy(noise), torch.tensor([999])).numpy()
     assert relative_l2(ours.add_noise(sample, noise, 999), expected) < 1e-6
 
 
-def test_colour_fixes_match_torch():
+@pytest.mark.parametrize("ours, theirs", [(adain_color_fix, ref.adain_color_fix),
+                                          (wavelet_color_fix, ref.wavelet_color_fix)], ids=["adain", "wavelet"])
+def test_colour_fixes_match_torch(ours, theirs):
     rng = np.random.default_rng(0)
     target = Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8))
     source = Image.fromarray(rng.integers(40, 200, (48, 40, 3), dtype=np.uint8))
-    for ours, theirs in [(adain_color_fix, ref.adain_color_fix), (wavelet_color_fix, ref.wavelet_color_fix)]:
-        diff = np.abs(np.asarray(ours(target, source), dtype=int) - np.asarray(theirs(target, source), dtype=int))
-        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    diff = np.abs(np.asarray(ours(target, source), dtype=int) - np.asarray(theirs(target, source), dtype=int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01

@@ -1,4 +1,6 @@
-"""TensorRT support that needs no GPU: profiles from the manifest, engine names, manifest entries."""
+"""TensorRT support: profiles from the manifest, engine names, manifest entries (no GPU needed), and the
+backend's refusals, each checked where it can happen: a missing TensorRT where it is missing, a bundle
+without engines where TensorRT and a GPU are present (these skip elsewhere, saying why)."""
 import pytest
 
 from seesr_export.trt_engines import EngineOptions, engine_entry, engine_filename, optimization_profiles
@@ -6,20 +8,49 @@ from seesr_runtime.manifest import Manifest
 from seesr_runtime.networks import NETWORK_NAMES
 
 
-def test_profiles_cover_the_declared_shapes(runtime_bundle):
-    manifest = Manifest.load(runtime_bundle)
-    for name in NETWORK_NAMES:
-        spec = manifest.spec(name)
-        profiles = optimization_profiles(spec)
-        assert [p for p, _ in profiles] == [p.name for p in spec.profiles]
-        for (_, shapes), profile in zip(profiles, spec.profiles):
-            assert set(shapes) == {t.name for t in spec.inputs if t.shape}
-            for tensor in spec.inputs:
-                if not tensor.shape:
-                    continue
-                low, opt, high = shapes[tensor.name]
-                assert all(a <= b <= c for a, b, c in zip(low, opt, high)), (name, tensor.name)
-                assert opt == tensor.concrete_shape(profile.opt)
+def tensorrt_stack_missing() -> str | None:
+    """Why the tensorrt backend cannot load here (a package it imports is missing), or None."""
+    try:
+        import tensorrt  # noqa: F401
+
+        from seesr_runtime.trt_backend import _cudart
+
+        _cudart()
+    except ImportError as exc:
+        return f"the tensorrt backend's packages are not installed ({exc})"
+    return None
+
+
+def cuda_device_missing() -> str | None:
+    """Why no CUDA device can be used through cuda-python here, or None."""
+    missing = tensorrt_stack_missing()
+    if missing:
+        return missing
+    from seesr_runtime.trt_backend import _cudart
+
+    error, count = _cudart().cudaGetDeviceCount()
+    return None if int(error) == 0 and count > 0 else f"no CUDA device is visible (cudaGetDeviceCount: {error})"
+
+
+needs_tensorrt_missing = pytest.mark.skipif(
+    tensorrt_stack_missing() is None,
+    reason="tensorrt and cuda-python are installed here, so the backend never refuses for a missing package")
+needs_tensorrt_and_gpu = pytest.mark.skipif(cuda_device_missing() is not None, reason=str(cuda_device_missing()))
+
+
+@pytest.mark.parametrize("name", NETWORK_NAMES)
+def test_profiles_cover_the_declared_shapes(runtime_bundle, name):
+    spec = Manifest.load(runtime_bundle).spec(name)
+    profiles = optimization_profiles(spec)
+    assert [p for p, _ in profiles] == [p.name for p in spec.profiles]
+    for (_, shapes), profile in zip(profiles, spec.profiles):
+        assert set(shapes) == {t.name for t in spec.inputs if t.shape}
+        for tensor in spec.inputs:
+            if not tensor.shape:
+                continue
+            low, opt, high = shapes[tensor.name]
+            assert all(a <= b <= c for a, b, c in zip(low, opt, high)), tensor.name
+            assert opt == tensor.concrete_shape(profile.opt)
 
 
 def test_denoiser_profiles_include_512px_and_the_96_tile():
@@ -47,15 +78,30 @@ def test_engine_names_and_manifest_entry(runtime_bundle):
     assert entry["compute_capability"] == [9, 0]
 
 
-def test_tensorrt_backend_imports_without_torch_and_refuses_clearly(runtime_bundle):
+def _run_without_torch(body: str):
     import subprocess
     import sys
     import textwrap
 
     from no_torch import PRELUDE
 
-    script = PRELUDE + textwrap.dedent(f"""
-        import seesr_runtime.trt_backend  # the module itself imports neither torch nor tensorrt
+    done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_tensorrt_backend_module_imports_without_torch_or_tensorrt():
+    out = _run_without_torch("""
+        import seesr_runtime.trt_backend  # TensorRT is imported only when a backend is made
+        print(sorted(m for m in ("tensorrt", "torch") if m in sys.modules))
+    """)
+    assert out.strip() == "[]"
+
+
+@needs_tensorrt_missing
+def test_missing_tensorrt_is_refused_clearly(runtime_bundle):
+    out = _run_without_torch(f"""
         from seesr_runtime import SeeSRPipeline
         from seesr_runtime.manifest import BundleError
         try:
@@ -63,9 +109,18 @@ def test_tensorrt_backend_imports_without_torch_and_refuses_clearly(runtime_bund
         except BundleError as exc:
             print("REFUSED", exc)
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("REFUSED") and "backend='onnxruntime'" in done.stdout
+    assert out.startswith("REFUSED") and "backend='onnxruntime'" in out
+
+
+@pytest.mark.gpu
+@needs_tensorrt_and_gpu
+def test_bundle_without_engines_is_refused_clearly(runtime_bundle):
+    from seesr_runtime import SeeSRPipeline
+    from seesr_runtime.manifest import BundleError
+
+    with pytest.raises(BundleError, match=r"no fp16 TensorRT engine for '\w+'; build with seesr-export build "
+                                          r"--backend tensorrt"):
+        SeeSRPipeline.from_bundle(runtime_bundle, backend="tensorrt")
 
 
 def test_gpu_validate_dry_run(tiny_bundle):
@@ -81,19 +136,34 @@ def test_gpu_validate_dry_run(tiny_bundle):
     assert "dry run: 6 engines would be built and checked" in done.stdout
 
 
-def test_cuda_graph_option_needs_a_gpu(runtime_bundle, capsys):
-    """--cuda-graph needs a GPU: onnxruntime refuses it without the CUDA provider, and the CLI's
-    tensorrt backend refuses clearly where TensorRT is missing (exit 2, no traceback)."""
+def test_cuda_graph_option_needs_the_cuda_provider(runtime_bundle):
+    """--cuda-graph on onnxruntime needs the CUDA provider: refused on the CPU provider, GPU or not."""
     from seesr_runtime.backends import create_backend
-    from seesr_runtime.cli import main
     from seesr_runtime.manifest import BundleError
 
-    manifest = Manifest.load(runtime_bundle)
     with pytest.raises(BundleError, match="cuda_graph needs the CUDA provider"):
-        create_backend("onnxruntime", manifest, cuda_graph=True)
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        assert main(["bench", "--bundle", str(runtime_bundle), "--backend", "tensorrt", "--cuda-graph",
-                     "--precision", "fp16", "--steps", "1", "--runs", "1", "--warmup", "0", "-q"]) == 2
-        assert "tensorrt" in capsys.readouterr().err
+        create_backend("onnxruntime", Manifest.load(runtime_bundle), cuda_graph=True)
+
+
+BENCH_TENSORRT = ["--backend", "tensorrt", "--cuda-graph", "--precision", "fp16", "--steps", "1", "--runs", "1",
+                  "--warmup", "0", "-q"]
+
+
+@needs_tensorrt_missing
+def test_cli_refuses_tensorrt_where_it_is_missing(runtime_bundle, capsys):
+    """The CLI's tensorrt backend where TensorRT is missing: exit 2, one line naming it, no traceback."""
+    from seesr_runtime.cli import main
+
+    assert main(["bench", "--bundle", str(runtime_bundle), *BENCH_TENSORRT]) == 2
+    err = capsys.readouterr().err
+    assert "tensorrt" in err and "Traceback" not in err
+
+
+@pytest.mark.gpu
+@needs_tensorrt_and_gpu
+def test_cli_refuses_a_bundle_without_engines(runtime_bundle, capsys):
+    from seesr_runtime.cli import main
+
+    assert main(["bench", "--bundle", str(runtime_bundle), *BENCH_TENSORRT]) == 2
+    err = capsys.readouterr().err
+    assert "no fp16 TensorRT engine" in err and "Traceback" not in err

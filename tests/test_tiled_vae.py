@@ -91,13 +91,13 @@ def test_small_tiles_change_the_output(vae):
     assert relative_l2(mean.numpy(), vae.encode(image).latent_dist.mean.numpy()) > 1e-2
 
 
-def test_segments_cut_before_every_group_norm(vae):
-    for half in ("encoder", "decoder"):
-        tasks = vae_tasks(vae, half)
-        segments = split_segments(tasks)
-        assert sum(len(s) for s in segments) == len(tasks)
-        assert len(segments) == 1 + sum(t.kind == "norm" for t in tasks)
-        assert all(any(t.kind == "norm" for t in s[:2]) for s in segments[1:])
+@pytest.mark.parametrize("half", ["encoder", "decoder"])
+def test_segments_cut_before_every_group_norm(vae, half):
+    tasks = vae_tasks(vae, half)
+    segments = split_segments(tasks)
+    assert sum(len(s) for s in segments) == len(tasks)
+    assert len(segments) == 1 + sum(t.kind == "norm" for t in tasks)
+    assert all(any(t.kind == "norm" for t in s[:2]) for s in segments[1:])
 
 
 def test_tile_statistics_match_torch():
@@ -122,16 +122,17 @@ def test_runtime_segments_match_the_torch_tiler(tiny_bundle, vae, half, tile):
         assert relative_l2(a, b.numpy()) < 1e-5
 
 
-def test_build_checked_every_segment(tiny_bundle):
+@pytest.mark.parametrize("network", ["vae_encoder", "vae_decoder"])
+def test_build_checked_every_segment(tiny_bundle, network):
     manifest = Manifest.load(tiny_bundle)
-    for network in ("vae_encoder", "vae_decoder"):
-        tiled = manifest.tiled_vae(network)
-        assert tiled["pad"] == TiledVaeLayout.for_half(network[4:]).pad and tiled["eps"] == 1e-6
-        assert tiled["parity"]["max_rel_l2"] < 1e-5
-        for k, segment in enumerate(tiled["segments"]):
-            assert manifest.graph_path(f"{network}#{k}", "fp16").is_file()  # segments are fp32 only
+    tiled = manifest.tiled_vae(network)
+    assert tiled["pad"] == TiledVaeLayout.for_half(network[4:]).pad and tiled["eps"] == 1e-6
+    assert tiled["parity"]["max_rel_l2"] < 1e-5
+    for k, segment in enumerate(tiled["segments"]):
+        assert manifest.graph_path(f"{network}#{k}", "fp16").is_file()  # segments are fp32 only
 
 
+@pytest.mark.slow
 def test_decoded_image_within_one_level_of_the_reference(runtime_pipeline, reference, tiny_bundle):
     latent = np.random.default_rng(2).standard_normal((1, 4, 44, 70)).astype(np.float32)
     ours = np.asarray(runtime_pipeline.decode(latent, tile=16), dtype=int)
@@ -194,6 +195,7 @@ def test_tile_states_spill_to_files_and_clean_up(tmp_path):
     assert not folder.exists()
 
 
+@pytest.mark.slow
 def test_openvino_runs_the_same_tiled_vae(runtime_pipeline, tiny_bundle):
     pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino extra")
     latent = np.random.default_rng(4).standard_normal((1, 4, 40, 52)).astype(np.float32)

@@ -63,7 +63,7 @@ def test_repository_layout_and_config(runtime_bundle, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial directory left
 
 
-def test_repository_rewrite_and_refusals(runtime_bundle, tmp_path, capsys):
+def test_repository_rewrite_keeps_foreign_folders(runtime_bundle, tmp_path, capsys):
     repo = tmp_path / "repo"
     assert write_repo(runtime_bundle, repo) == 0
     assert write_repo(runtime_bundle, repo, "--reference-bundle", "--kind", "gpu") == 0  # replaces its own output
@@ -80,14 +80,21 @@ def test_repository_rewrite_and_refusals(runtime_bundle, tmp_path, capsys):
     assert "is not a repository written by seesr-export triton" in capsys.readouterr().err
     assert (precious / "notes.txt").read_text() == "keep me"
 
-    cases = [(["--backend", "tensorrt"], "--backend tensorrt runs TensorRT engines on GPUs: use --kind gpu"),
-             (["--backend", "tensorrt", "--kind", "gpu"], "no fp16 TensorRT engines (seesr-export build --backend "
-                                                          "tensorrt) for ['dape'"),
-             (["--instances", "0"], "--instances must be at least 1, got 0"),
-             (["--option", "procces_size=64"], "--option ['procces_size']: unknown pipeline option(s)")]
-    for extra, message in cases:
-        assert write_repo(runtime_bundle, tmp_path / "other", *extra) == 2
-        assert message in capsys.readouterr().err
+
+@pytest.mark.parametrize("extra, message", [
+    (["--backend", "tensorrt"], "--backend tensorrt runs TensorRT engines on GPUs: use --kind gpu"),
+    (["--backend", "tensorrt", "--kind", "gpu"], "no fp16 TensorRT engines (seesr-export build --backend "
+                                                 "tensorrt) for ['dape'"),
+    (["--instances", "0"], "--instances must be at least 1, got 0"),
+    (["--option", "procces_size=64"], "--option ['procces_size']: unknown pipeline option(s)"),
+], ids=["tensorrt-on-cpu", "tensorrt-without-engines", "no-instances", "unknown-option"])
+def test_repository_refusals(runtime_bundle, tmp_path, capsys, extra, message):
+    assert write_repo(runtime_bundle, tmp_path / "other", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_repository_of_a_missing_bundle_is_refused(tmp_path, capsys):
     assert write_repo(tmp_path / "nowhere", tmp_path / "other") == 2
     assert "--bundle: " in capsys.readouterr().err
     assert not (tmp_path / "other").exists()

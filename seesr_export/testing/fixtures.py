@@ -195,24 +195,53 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
+# CLIP's merge count: 256 bytes + 256 word-final bytes + 48894 merges + 2 specials = 49408 tokens.
+CLIP_MERGE_COUNT = 49152 - 256 - 2
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def fixture_bpe_merges() -> list[str]:
+    """A CLIP-format BPE merge list of CLIP's length, made here (no download, no extra package).
+
+    Every merge joins two tokens that exist by then: all two-letter pieces, then all three-letter pieces,
+    each inside a word and at a word's end ("</w>"), then four-letter word ends until the list is full.
+    Random-weight networks do not care which merges these are; what the tests need is a real CLIP
+    tokenizer (same files, sizes and special-token ids) that CLIPTokenizer and the bundle's
+    tokenizer.json must agree on. CLIP's own merges are checked too where open_clip_torch is installed
+    (``clip_bpe_merges``).
+    """
+    merges = []
+    pairs = [a + b for a in _LETTERS for b in _LETTERS]
+    for a in _LETTERS:
+        for b in _LETTERS:
+            merges += [f"{a} {b}", f"{a} {b}</w>"]
+    for pair in pairs:
+        for c in _LETTERS:
+            merges += [f"{pair} {c}", f"{pair} {c}</w>"]
+    triples = (pair + c for pair in pairs for c in _LETTERS)
+    while len(merges) < CLIP_MERGE_COUNT:
+        triple = next(triples)
+        merges += [f"{triple} {d}</w>" for d in _LETTERS][:CLIP_MERGE_COUNT - len(merges)]
+    return merges
+
+
 def clip_bpe_merges() -> list[str]:
-    """The CLIP BPE merge list, from the vocabulary file open_clip_torch ships."""
+    """CLIP's own BPE merge list, from the vocabulary file open_clip_torch ships (tests only)."""
     # Locate the file without importing open_clip (its import needs torchvision).
     spec = importlib.util.find_spec("open_clip")
     folders = list(spec.submodule_search_locations or []) if spec else []
-    candidates = [Path(f) / "bpe_simple_vocab_16e6.txt.gz" for f in folders]
-    found = [c for c in candidates if c.is_file()]
+    found = [c for c in (Path(f) / "bpe_simple_vocab_16e6.txt.gz" for f in folders) if c.is_file()]
     if not found:
-        raise RuntimeError("the CLIP BPE vocabulary comes from the open_clip_torch package, which is not "
-                           "installed: pip install --no-deps open_clip_torch")
-    data = found[0].read_bytes()
-    lines = gzip.decompress(data).decode("utf-8").split("\n")
-    return lines[1:49152 - 256 - 2 + 1]  # CLIP keeps the first 48894 merges
+        raise FileNotFoundError("CLIP's BPE vocabulary file comes from the open_clip_torch package, which is "
+                                "not installed: pip install --no-deps open_clip_torch==3.3.0")
+    lines = gzip.decompress(found[0].read_bytes()).decode("utf-8").split("\n")
+    return lines[1:CLIP_MERGE_COUNT + 1]
 
 
-def write_clip_tokenizer(folder: Path) -> None:
-    """An SD2 ``tokenizer/`` folder (CLIPTokenizer files; pad token "!" = id 0)."""
-    merges = clip_bpe_merges()
+def write_clip_tokenizer(folder: Path, merges: list[str] | None = None) -> None:
+    """An SD2 ``tokenizer/`` folder (CLIPTokenizer files; pad token "!" = id 0); ``merges`` defaults to
+    the fixture's own (``fixture_bpe_merges``)."""
+    merges = fixture_bpe_merges() if merges is None else merges
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
