@@ -15,7 +15,7 @@ median call, the process's peak RSS and the fused graph's error against the plai
         --runs 3 --out benchmarks/results/cpu
 
 The ControlNet stands in for the UNet: it has the same attention blocks at the 96-tile's full resolution
-(its down blocks and mid block); the optimizer needs about 6x a graph's size in memory, 12.6 GB for the
+(its down blocks and mid block); the optimizer needs about 5x a graph's size in memory, 10.7 GB for the
 ControlNet, so the 4.5 GB UNet cannot be fused on a 24 GB machine.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ def peak_rss_gb() -> float:
 
 
 def fuse_worker(plain: str, fused: str) -> None:
-    """Its own process, so the optimizer's memory (about 6x the graph) is gone before the timing."""
+    """Its own process, so the optimizer's memory (about 5x the graph) is gone before the timing."""
     import onnx
 
     from seesr_export.gpu_graph import fused_op_counts, write_cpu_fused_graph
