@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import options as option_table
 from .errors import BundleError
 from .networks import NETWORK_NAMES, ModelDims, NetworkSpec
 
@@ -56,6 +57,8 @@ def validate(data: dict, source: str = MANIFEST) -> None:
         tagger = data["tagger"]
         if len(tagger.get("tags", [])) != len(tagger.get("thresholds", [None])):
             problems.append("tagger: tags and thresholds differ in length")
+        if "options" in data["pipeline"]:  # absent in bundles built before it was recorded
+            problems += option_table.description_problems(data["pipeline"]["options"])
     if problems:
         raise BundleError(f"{source}: invalid manifest:\n  " + "\n  ".join(problems))
 
@@ -104,6 +107,12 @@ class Manifest:
         """The ``tiled`` entry of ``vae_encoder``/``vae_decoder`` (segment graphs for the official tiled
         VAE), or None for bundles built without them."""
         return self.data["networks"].get(network, {}).get("tiled")
+
+    def options(self) -> list[dict]:
+        """The upscale options as this bundle describes them (``pipeline.options``); for bundles built
+        before that was recorded, the runtime's table with the bundle's defaults."""
+        pipeline = self.data["pipeline"]
+        return pipeline.get("options") or option_table.describe(option_table.defaults_from_manifest(pipeline))
 
     def spec(self, network: str) -> NetworkSpec:
         return NetworkSpec.from_json(self.entry(network)["spec"])

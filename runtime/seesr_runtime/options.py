@@ -9,7 +9,7 @@ config generator check values with ``check``; the bundle writer records ``bundle
 Defaults marked ``in_bundle`` come from the bundle's manifest where it has them (the values here
 are the official ``test_seesr.py`` ones, which ``seesr-export build`` writes). A value outside its
 range raises ``OptionError`` naming the option, the value and what is accepted; an unusable image
-raises ``ImageRejected``.
+raises ``ImageRejected``. Standard library only, like the manifest reader that uses it.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import numbers
 from dataclasses import dataclass
 
 from .errors import ImageRejected, OptionError
-from .imaging import COLOR_FIXES
 
 MIN_SIDE = 8  # smaller inputs break DAPE's resize and leave no latent pixel
 
@@ -64,7 +63,9 @@ class Option:
         return value
 
     def _typed(self, value):
-        is_bool = isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy's bool is no Python bool
+        # numpy's bool is no Python bool (and this module imports no numpy)
+        is_bool = isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool",
+                                                                                                        "bool_")
         if self.kind is bool and is_bool:
             return bool(value)
         if self.kind is int and isinstance(value, numbers.Integral) and not is_bool:
@@ -118,7 +119,7 @@ OPTIONS: tuple[Option, ...] = (
            maximum=4096, in_bundle="defaults.latent_tile_size"),
     Option("latent_tile_overlap", int, 4, "latent tile overlap, in latent pixels; less than the tile size",
            minimum=0, in_bundle="defaults.latent_tile_overlap"),
-    Option("color_fix", str, "adain", "colour correction against the working image", choices=tuple(COLOR_FIXES),
+    Option("color_fix", str, "adain", "colour correction against the working image", choices=("adain", "wavelet", "none"),
            in_bundle="defaults.color_fix"),
     Option("start_point", str, "lr", "lr: start from the noised LR latent; noise: from pure noise",
            choices=("lr", "noise"), in_bundle="defaults.start_point"),
@@ -226,7 +227,7 @@ OPTIONS: tuple[Option, ...] = (
            maximum=4096, in_bundle="defaults.latent_tile_size"),
     Option("latent_tile_overlap", int, 4, "latent tile overlap, in latent pixels; less than the tile size",
            minimum=0, in_bundle="defaults.latent_tile_overlap"),
-    Option("color_fix", str, "adain", "colour correction against the working image", choices=tuple(COLOR_FIXES),
+    Option("color_fix", str, "adain", "colour correction against the working image", choices=("adain", "wavelet", "none"),
            in_bundle="defaults.color_fix"),
     Option("start_point", str, "lr", "lr: start from the noised LR latent; noise: from pure noise",
            choices=("lr", "noise"), in_bundle="defaults.start_point"),

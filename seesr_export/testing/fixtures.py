@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import SeeSRExportError
 from ..layout import SeeSRPaths
 
 SIZES = ("tiny", "sd2")
@@ -195,17 +196,22 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def clip_bpe_merges() -> list[str]:
-    """The CLIP BPE merge list, from the vocabulary file open_clip_torch ships."""
+def clip_vocabulary() -> Path:
+    """The CLIP BPE vocabulary file open_clip_torch ships (SeeSRExportError when it is not installed)."""
     # Locate the file without importing open_clip (its import needs torchvision).
     spec = importlib.util.find_spec("open_clip")
     folders = list(spec.submodule_search_locations or []) if spec else []
-    candidates = [Path(f) / "bpe_simple_vocab_16e6.txt.gz" for f in folders]
-    found = [c for c in candidates if c.is_file()]
+    found = [Path(f) / "bpe_simple_vocab_16e6.txt.gz" for f in folders]
+    found = [c for c in found if c.is_file()]
     if not found:
-        raise RuntimeError("the CLIP BPE vocabulary comes from the open_clip_torch package, which is not "
-                           "installed: pip install --no-deps open_clip_torch")
-    data = found[0].read_bytes()
+        raise SeeSRExportError("the CLIP BPE vocabulary comes from the open_clip_torch package, which is not "
+                               "installed: pip install --no-deps open_clip_torch")
+    return found[0]
+
+
+def clip_bpe_merges() -> list[str]:
+    """The CLIP BPE merge list, from the vocabulary file open_clip_torch ships."""
+    data = clip_vocabulary().read_bytes()
     lines = gzip.decompress(data).decode("utf-8").split("\n")
     return lines[1:49152 - 256 - 2 + 1]  # CLIP keeps the first 48894 merges
 
@@ -281,7 +287,8 @@ def write_fixture(root: Path | str, size: str = "tiny", seed: int = 0) -> SeeSRP
     from .dape_fixture import calibrate_tag_bias, write_dape_lora, write_ram_checkpoint, write_tag_files
 
     if size not in SIZES:
-        raise ValueError(f"fixture size must be one of {SIZES}, got {size!r}")
+        raise SeeSRExportError(f"fixture size must be one of {SIZES}, got {size!r}")
+    clip_vocabulary()  # fail before writing anything
     paths = SeeSRPaths.from_root(root)
     generator = torch.Generator().manual_seed(seed)
     write_sd2(paths.sd2, size, generator)
