@@ -26,7 +26,7 @@ from .backends import Backend, create_backend, run_on_device, to_device
 from .imaging import (COLOR_FIXES, dape_input, gaussian_tile_weights, select_tags, tile_origins, to_chw,
                       to_uint8_rounded, working_image)
 from . import options as option_table
-from .errors import BundleError, ImageRejected
+from .errors import BundleError, ImageRejected, InputError
 from .manifest import Manifest
 from .profiling import ProfiledBackend, StageProfiler
 from .scheduler import DDPMScheduler
@@ -228,7 +228,7 @@ def _noise_source(noise_fn: NoiseFn | None, seed: int):
     def draw(kind: str, shape: tuple) -> np.ndarray:
         value = np.asarray(noise_fn(kind, tuple(shape)), dtype=np.float32)
         if value.shape != tuple(shape):
-            raise ValueError(f"noise_fn returned shape {value.shape} for {kind!r}, expected {tuple(shape)}")
+            raise InputError(f"noise_fn returned shape {value.shape} for {kind!r}, expected {tuple(shape)}")
         return value
 
     return draw
