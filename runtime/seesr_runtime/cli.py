@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fewer steps are also extrapolated to 50")
     p.add_argument("--runs", type=int, default=3, help="timed images (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed images first (default 1)")
-    p.add_argument("--guidance", type=float, default=None, help=f"guidance (default: the bundle's, {option_table.default('guidance')})")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"guidance (default: the bundle's, {option_table.default('guidance')})")
     p.add_argument("--seed", type=int, default=0, help="noise and synthetic-image seed")
     p.add_argument("--image", type=Path, default=None, help="an LR image to use instead of the synthetic one")
     p.add_argument("--peak-tflops", type=float, default=None,

@@ -119,8 +119,8 @@ OPTIONS: tuple[Option, ...] = (
            maximum=4096, in_bundle="defaults.latent_tile_size"),
     Option("latent_tile_overlap", int, 4, "latent tile overlap, in latent pixels; less than the tile size",
            minimum=0, in_bundle="defaults.latent_tile_overlap"),
-    Option("color_fix", str, "adain", "colour correction against the working image", choices=("adain", "wavelet", "none"),
-           in_bundle="defaults.color_fix"),
+    Option("color_fix", str, "adain", "colour correction against the working image",
+           choices=("adain", "wavelet", "none"), in_bundle="defaults.color_fix"),
     Option("start_point", str, "lr", "lr: start from the noised LR latent; noise: from pure noise",
            choices=("lr", "noise"), in_bundle="defaults.start_point"),
     Option("vae_encoder_tile_size", int, 1024, "tiled VAE encoder tile, in image pixels; tiles above tile + 64",
@@ -176,6 +176,9 @@ def resolve(given: dict, defaults: dict | None = None) -> dict:
 def bundle_defaults() -> dict:
     """The ``pipeline.defaults`` section a bundle records (the official values)."""
     return {o.name: o.default for o in OPTIONS if o.in_bundle and o.in_bundle.startswith("defaults.")}
+
+
+_ABSENT = object()
 
 
 def defaults_from_manifest(pipeline: dict) -> dict:
@@ -189,112 +192,6 @@ def defaults_from_manifest(pipeline: dict) -> dict:
             section = section.get(key, _ABSENT) if isinstance(section, dict) else _ABSENT
         if option.in_bundle and section is not _ABSENT:
             found[option.name] = section
-    return found
-
-
-_ABSENT = object()
-
-
-def describe(self, default=None) -> dict:
-        """JSON-able description (the manifest's ``pipeline.options`` entries)."""
-        entry = {"name": self.name, "type": self.kind.__name__,
-                 "default": self.default if default is None else default, "help": self.help}
-        for key in ("minimum", "maximum"):
-            if getattr(self, key) is not None:
-                entry[key] = getattr(self, key)
-        if self.choices is not None:
-            entry["choices"] = list(self.choices)
-        if self.in_bundle is not None:
-            entry["in_bundle"] = self.in_bundle
-        return entry
-
-
-OPTIONS: tuple[Option, ...] = (
-    Option("prompt", str, "", "user prompt inserted after the tags"),
-    Option("added_prompt", str, "clean, high-resolution, 8k", "prompt appended after the user prompt",
-           in_bundle="added_prompt"),
-    Option("negative_prompt", str, "dotted, noise, blur, lowres, smooth",
-           "negative prompt (guidance above 1 only)", in_bundle="negative_prompt"),
-    Option("steps", int, 50, "DDPM steps", minimum=1, maximum=1000, in_bundle="defaults.steps"),
-    Option("guidance", float, 5.5, "classifier-free guidance scale; 1.0 or less disables it", minimum=0.0,
-           in_bundle="defaults.guidance"),
-    Option("conditioning_scale", float, 1.0, "ControlNet conditioning scale", minimum=0.0,
-           in_bundle="defaults.conditioning_scale"),
-    Option("process_size", int, 512, "minimum working size in pixels (smaller inputs are enlarged to it)",
-           minimum=8, maximum=8192, in_bundle="defaults.process_size"),
-    Option("upscale", int, 4, "scale factor", minimum=1, maximum=8, in_bundle="defaults.upscale"),
-    Option("latent_tile_size", int, 96, "latent tile, in latent pixels (8 image pixels each)", minimum=8,
-           maximum=4096, in_bundle="defaults.latent_tile_size"),
-    Option("latent_tile_overlap", int, 4, "latent tile overlap, in latent pixels; less than the tile size",
-           minimum=0, in_bundle="defaults.latent_tile_overlap"),
-    Option("color_fix", str, "adain", "colour correction against the working image", choices=("adain", "wavelet", "none"),
-           in_bundle="defaults.color_fix"),
-    Option("start_point", str, "lr", "lr: start from the noised LR latent; noise: from pure noise",
-           choices=("lr", "noise"), in_bundle="defaults.start_point"),
-    Option("vae_encoder_tile_size", int, 1024, "tiled VAE encoder tile, in image pixels; tiles above tile + 64",
-           minimum=64, maximum=16384, in_bundle="defaults.vae_encoder_tile_size"),
-    Option("vae_decoder_tile_size", int, 224, "tiled VAE decoder tile, in latent pixels; tiles above tile + 22",
-           minimum=8, maximum=2048, in_bundle="defaults.vae_decoder_tile_size"),
-    Option("tiled_vae", bool, True, "run the VAE tiled above the thresholds of the tile sizes, as the official "
-           "code; false: untiled at any size", in_bundle="defaults.tiled_vae", flag="--no-tiled-vae",
-           flag_help="run the VAE untiled at any size: differs from the official output above the thresholds, "
-                     "and its memory grows with the image"),
-    Option("seed", int, 0, "noise seed", minimum=0),
-    Option("max_pixels", int, 4096 * 4096, "refuse input images with more pixels (the output has 16 times as "
-           "many at x4; a decompression-bomb guard)", minimum=MIN_SIDE * MIN_SIDE),
-)
-OPTION = {option.name: option for option in OPTIONS}
-NAMES = tuple(OPTION)
-
-
-def _shown(value) -> str:
-    return repr(value) if isinstance(value, (str, bytes)) else str(value)
-
-
-def default(name: str):
-    return OPTION[name].default
-
-
-def check(name: str, value):
-    """One option's value, checked (OptionError also for an unknown name)."""
-    if name not in OPTION:
-        raise OptionError(f"unknown option {name!r}; known: {list(NAMES)}", name)
-    return OPTION[name].check(value)
-
-
-def check_given(given: dict) -> dict:
-    """The options a caller set (None: not set), checked one by one; defaults are not filled in."""
-    unknown = sorted(set(given) - set(OPTION))
-    if unknown:
-        raise OptionError(f"unknown option(s) {unknown}; known: {list(NAMES)}", unknown[0])
-    return {name: OPTION[name].check(value) for name, value in given.items() if value is not None}
-
-
-def resolve(given: dict, defaults: dict | None = None) -> dict:
-    """Every option: ``given`` (None: not set) over ``defaults`` (a bundle's) over the table's, checked,
-    including the rules between options."""
-    defaults = {**{o.name: o.default for o in OPTIONS}, **(defaults or {})}
-    values = {name: OPTION[name].check(value) for name, value in {**defaults, **check_given(given)}.items()}
-    if values["latent_tile_overlap"] >= values["latent_tile_size"]:
-        raise OptionError(f"latent_tile_overlap must be smaller than latent_tile_size ({values['latent_tile_size']}), "
-                          f"got {values['latent_tile_overlap']}", "latent_tile_overlap")
-    return values
-
-
-def bundle_defaults() -> dict:
-    """The ``pipeline.defaults`` section a bundle records (the official values)."""
-    return {o.name: o.default for o in OPTIONS if o.in_bundle and o.in_bundle.startswith("defaults.")}
-
-
-def defaults_from_manifest(pipeline: dict) -> dict:
-    """Each in-bundle option's default from a manifest's ``pipeline`` section; the table's where it has none
-    (bundles built before an option existed)."""
-    found = {}
-    for option in OPTIONS:
-        section = pipeline
-        for key in (option.in_bundle or "").split(".") if option.in_bundle else ():
-            section = section.get(key, {}) if isinstance(section, dict) else {}
-        found[option.name] = section if option.in_bundle and not isinstance(section, dict) else option.default
     return found
 
 

@@ -136,7 +136,8 @@ class SeeSRPipeline:
         sample = mean + np.exp(np.float32(0.5) * logvar) * noise("posterior", mean.shape)
         return scheduler.add_noise(sample * self.scaling_factor, initial_noise, self.start_step)
 
-    def decode(self, latents: np.ndarray, tile: int = 224, tiled: bool = True) -> Image.Image:
+    def decode(self, latents: np.ndarray, tile: int = option_table.default("vae_decoder_tile_size"),
+               tiled: bool = True) -> Image.Image:
         """VAE decode to a uint8 image."""
         image = self.run_vae("vae_decoder", latents / self.scaling_factor, tile, tiled)[0]
         return Image.fromarray(to_uint8_rounded(image))
