@@ -34,7 +34,7 @@ def upscale(bundle, inputs, out, *extra) -> list[str]:
             "--process-size", "128", "-q", *extra]
 
 
-def start_and_wait_for_first_output(command, out, timeout=240.0) -> subprocess.Popen:
+def start_and_wait_for_first_output(command, out, timeout=600.0) -> subprocess.Popen:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while not list(out.glob("*.png")):
