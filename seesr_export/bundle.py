@@ -23,6 +23,7 @@ import numpy as np
 from seesr_runtime.filemodes import give_tree_umask_modes
 from seesr_runtime.manifest import FORMAT, GPU_GRAPH, MANIFEST, SCHEMA_VERSION, BundleError, Manifest, entry_files, sha256_file
 from seesr_runtime.networks import NETWORK_NAMES, ModelDims, network_specs
+from seesr_runtime.options import bundle_defaults, describe
 
 from . import __version__
 from .atomic import swap_into_place
@@ -654,10 +655,8 @@ def _manifest(name, dims, networks, paths, sources, versions, text) -> dict:
             "prompt_template": "{tags}, {prompt},{added_prompt}",
             "added_prompt": DEFAULT_ADDED_PROMPT,
             "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
-            "defaults": {"steps": 50, "guidance": 5.5, "conditioning_scale": 1.0, "process_size": 512,
-                         "upscale": 4, "latent_tile_size": 96, "latent_tile_overlap": 4, "color_fix": "adain",
-                         "start_point": "lr", "vae_encoder_tile_size": 1024, "vae_decoder_tile_size": 224,
-                         "tiled_vae": True},
+            "defaults": bundle_defaults(),
+            "options": describe(),  # every option's type, default, range and help, for runtimes in other languages
         },
         "tagger": {
             "input_size": DAPE_SIZE, "resize": "bilinear, half-pixel centres, no antialias",

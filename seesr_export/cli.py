@@ -8,6 +8,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from seesr_runtime import options as option_table
+from seesr_runtime.cli import run_command
+from seesr_runtime.errors import ImageRejected
+
 from .errors import SeeSRExportError
 
 SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
@@ -71,6 +75,7 @@ def run_reference(paths, inputs: list[Path], out_dir: Path, options: dict, progr
 
     from .reference import SeeSRReference
 
+    options = option_table.resolve(options)  # bad values fail before the networks load
     progress.stage("loading SeeSR networks (torch reference, fp32 CPU)")
     pipe = SeeSRReference.from_paths(paths)
     failures = 0
@@ -79,6 +84,11 @@ def run_reference(paths, inputs: list[Path], out_dir: Path, options: dict, progr
         try:
             with Image.open(path) as opened:
                 lr = opened.convert("RGB")
+            option_table.check_image_size(*lr.size, options["max_pixels"], raise_with="--max-pixels")
+        except ImageRejected as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
         except (OSError, ValueError) as exc:
             print(f"error: {path}: not a readable image ({exc})", file=sys.stderr)
             failures += 1
@@ -92,29 +102,12 @@ def run_reference(paths, inputs: list[Path], out_dir: Path, options: dict, progr
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=50, help="DDPM steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=5.5, help="classifier-free guidance scale (default 5.5)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    parser.add_argument("--prompt", default="", help="user prompt added after the tags")
-    parser.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain")
-    parser.add_argument("--process-size", type=int, default=512)
-    parser.add_argument("--upscale", type=int, default=4)
-    parser.add_argument("--latent-tile-size", type=int, default=96)
-    parser.add_argument("--latent-tile-overlap", type=int, default=4)
-    parser.add_argument("--vae-encoder-tile-size", type=int, default=1024,
-                        help="tiled VAE encoder tile in image px (tiles above tile + 64)")
-    parser.add_argument("--vae-decoder-tile-size", type=int, default=224,
-                        help="tiled VAE decoder tile in latent px (tiles above tile + 22)")
-    parser.add_argument("--no-tiled-vae", dest="tiled_vae", action="store_false",
-                        help="run the VAE untiled at any size (a deviation from the official output)")
+    option_table.add_arguments(parser)
 
 
 def sampling_options(args) -> dict:
-    return dict(steps=args.steps, guidance=args.guidance, seed=args.seed, prompt=args.prompt,
-                color_fix=args.color_fix, process_size=args.process_size, upscale=args.upscale,
-                latent_tile_size=args.latent_tile_size, latent_tile_overlap=args.latent_tile_overlap,
-                vae_encoder_tile_size=args.vae_encoder_tile_size, vae_decoder_tile_size=args.vae_decoder_tile_size,
-                tiled_vae=args.tiled_vae)
+    """The options given on the command line, checked; the rest take the official defaults."""
+    return option_table.given_in(args)
 
 
 def cmd_reference(args) -> int:
@@ -143,10 +136,9 @@ def cmd_demo(args) -> int:
         progress.stage(f"{name}: onnxruntime vs torch rel L2 {parity['fp32']['max_rel_l2']:.1e}")
     progress.stage(f"upscaling {SAMPLE_IMAGE.name} with the torch-free runtime (onnxruntime, CPU)")
     pipe = SeeSRPipeline.from_bundle(args.bundle)
-    options = sampling_options(args)
-    seed = options.pop("seed")
+    options = pipe.resolve_options(sampling_options(args))
     with progress.bar(options["steps"], "denoising") as bar:
-        result = pipe(Image.open(SAMPLE_IMAGE), seed=seed, callback=lambda i, t: bar.update(1), **options)
+        result = pipe(Image.open(SAMPLE_IMAGE), callback=lambda i, t: bar.update(1), **options)
     target = args.out / f"{SAMPLE_IMAGE.stem}.png"
     save_png_atomically(result.image, target)
     progress.stage(f"wrote {target} ({result.image.size[0]}x{result.image.size[1]}); tags: {result.tags!r}")
@@ -244,6 +236,8 @@ backend:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .triton_repo import DEFAULT_MAX_PIXELS
+
     parser = argparse.ArgumentParser(prog="seesr-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -321,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="graphs to run (default fp32 on CPU, fp16 on GPU when the bundle has them)")
     p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers (default cpu; gpu: cuda cpu)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per instance (default cores/instances)")
-    p.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest input image, in pixels, a request "
-                                                                        "may send (default 2048*2048)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"largest input image, in pixels, a request may send (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--option", type=pipeline_option, action="append", metavar="KEY=VALUE",
                    help="pipeline default for every request, e.g. --option process_size=512 (repeatable)")
     p.add_argument("--reference-bundle", action="store_true",
@@ -341,11 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: seesr-export needs the build extras: pip install 'seesr-export[export]'", file=sys.stderr)
         return 2
-    try:
-        return args.func(args)
-    except SeeSRExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)  # every SeeSRError (build side included): one line, exit 2
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from seesr_runtime import options as option_table
 from seesr_runtime.imaging import gaussian_tile_weights, tile_origins, working_image
 from seesr_runtime.tiled_vae import TiledVaeLayout
 
@@ -28,13 +29,12 @@ from .layout import SeeSRPaths
 
 NoiseFn = Callable[[str, tuple], "np.ndarray | torch.Tensor"]
 
-DEFAULT_ADDED_PROMPT = "clean, high-resolution, 8k"
-DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
+DEFAULT_ADDED_PROMPT = option_table.default("added_prompt")
+DEFAULT_NEGATIVE_PROMPT = option_table.default("negative_prompt")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DAPE_SIZE = 384
 START_STEP = 999  # the LR latent is noised to t=999 whatever the first sampled timestep is
-COLOR_FIXES = ("adain", "wavelet", "none")
 
 
 # ---------------------------------------------------------------- geometry
@@ -244,17 +244,17 @@ class SeeSRReference:
     # -- the whole pipeline
 
     @torch.no_grad()
-    def __call__(self, lr: Image.Image, *, prompt: str = "", added_prompt: str = DEFAULT_ADDED_PROMPT,
-                 negative_prompt: str = DEFAULT_NEGATIVE_PROMPT, steps: int = 50, guidance: float = 5.5,
-                 conditioning_scale: float = 1.0, process_size: int = 512, upscale: int = 4,
-                 latent_tile_size: int = 96, latent_tile_overlap: int = 4, color_fix: str = "adain",
-                 start_point: str = "lr", vae_encoder_tile_size: int = 1024, vae_decoder_tile_size: int = 224,
-                 tiled_vae: bool = True, noise_fn: NoiseFn | None = None, seed: int = 0,
-                 callback: Callable[[int, int], None] | None = None) -> ReferenceResult:
-        if color_fix not in COLOR_FIXES:
-            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
-        if start_point not in ("lr", "noise"):
-            raise ValueError(f"start_point must be 'lr' or 'noise', got {start_point!r}")
+    def __call__(self, lr: Image.Image, *, noise_fn: NoiseFn | None = None, seed: int | None = None,
+                 callback: Callable[[int, int], None] | None = None, **options) -> ReferenceResult:
+        """``options``: those of ``seesr_runtime.options`` (left out: the official defaults), checked as the
+        runtime checks them (OptionError; an image too small or too large: ImageRejected)."""
+        o = option_table.resolve({**options, "seed": seed})
+        option_table.check_image_size(*lr.size, o["max_pixels"])
+        return self._run(lr, noise_fn, callback, **{k: o[k] for k in o if k != "max_pixels"})
+
+    def _run(self, lr, noise_fn, callback, *, prompt, added_prompt, negative_prompt, steps, guidance,
+             conditioning_scale, process_size, upscale, latent_tile_size, latent_tile_overlap, color_fix,
+             start_point, vae_encoder_tile_size, vae_decoder_tile_size, tiled_vae, seed) -> ReferenceResult:
         cpu_noise = _noise_source(noise_fn, seed)
         noise = lambda kind, shape: self._put(cpu_noise(kind, shape))  # noqa: E731 (drawn on the CPU: same stream)
         with self._stage("preprocess"):

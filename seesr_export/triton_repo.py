@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seesr_runtime import __version__ as runtime_version
+from seesr_runtime import options as option_table
+from seesr_runtime.errors import OptionError
 from seesr_runtime.filemodes import give_tree_umask_modes
 from seesr_runtime.manifest import BundleError, Manifest
-from seesr_runtime.pipeline import OPTIONS
-from seesr_runtime.triton import MODEL_FILE
+from seesr_runtime.triton import MODEL_FILE, REQUEST_OPTIONS
 from seesr_runtime.verification import STAMP
 
 from .atomic import swap_into_place
@@ -32,7 +33,9 @@ from .errors import SeeSRExportError
 MARKER = ".seesr-triton-repository"
 KINDS = ("cpu", "gpu")
 BACKENDS = ("onnxruntime", "tensorrt")
-DEFAULT_MAX_PIXELS = 2048 * 2048  # input pixels per request; the output has 16x as many
+# Input pixels per request: a quarter of the library's limit (the output has 16x as many), since a server
+# holds several requests' images at once.
+DEFAULT_MAX_PIXELS = option_table.default("max_pixels") // 4
 
 
 class TritonRepoError(SeeSRExportError):
@@ -95,15 +98,11 @@ def resolve_options(manifest: Manifest, options: TritonOptions) -> TritonOptions
         raise TritonRepoError(f"--backend must be one of {BACKENDS}, got {options.backend!r}")
     if options.instances < 1:
         raise TritonRepoError(f"--instances must be at least 1, got {options.instances}")
-    if options.max_pixels < 64:
-        raise TritonRepoError(f"--max-pixels must be at least 64, got {options.max_pixels}")
     if options.threads is not None and options.threads < 1:
         raise TritonRepoError(f"--threads must be at least 1, got {options.threads}")
     if not options.model_name.replace("_", "").replace("-", "").isalnum():
         raise TritonRepoError(f"--model-name {options.model_name!r}: use letters, digits, '-' and '_'")
-    unknown = sorted(set(options.pipeline_options) - set(OPTIONS))
-    if unknown:
-        raise TritonRepoError(f"--option {unknown}: unknown pipeline option(s); known: {list(OPTIONS)}")
+    _check_pipeline_options(manifest, options)
     gpu = options.kind == "gpu"
     if options.backend == "tensorrt" and not gpu:
         raise TritonRepoError("--backend tensorrt runs TensorRT engines on GPUs: use --kind gpu")
@@ -111,6 +110,23 @@ def resolve_options(manifest: Manifest, options: TritonOptions) -> TritonOptions
     providers = tuple(options.providers or (("cuda", "cpu") if gpu else ("cpu",)))
     _check_bundle_has(manifest, options.backend, precision)
     return TritonOptions(**{**options.__dict__, "precision": precision, "providers": providers})
+
+
+def _check_pipeline_options(manifest: Manifest, options: TritonOptions) -> None:
+    """--max-pixels and every --option value against the options table (with the bundle's defaults)."""
+    unknown = sorted(set(options.pipeline_options) - set(option_table.NAMES))
+    if unknown:
+        raise TritonRepoError(f"--option {unknown}: unknown pipeline option(s); known: {list(option_table.NAMES)}")
+    if "max_pixels" in options.pipeline_options:
+        raise TritonRepoError("--option max_pixels: the model's pixel limit is --max-pixels")
+    try:
+        option_table.check("max_pixels", options.max_pixels)
+    except OptionError as exc:
+        raise TritonRepoError(f"--max-pixels: {exc}") from None
+    try:
+        option_table.resolve(options.pipeline_options, option_table.defaults_from_manifest(manifest.data["pipeline"]))
+    except OptionError as exc:
+        raise TritonRepoError(f"--option: {exc}") from None
 
 
 def _default_precision(manifest: Manifest, backend: str, gpu: bool) -> str:
@@ -152,11 +168,9 @@ def model_config(options: TritonOptions, bundle_param: str) -> str:
         'backend: "python"',
         "max_batch_size: 0",
         "input [",
-        '  { name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] },',
-        '  { name: "prompt" data_type: TYPE_STRING dims: [ 1 ] optional: true },',
-        '  { name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true },',
-        '  { name: "steps" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
-        '  { name: "guidance" data_type: TYPE_FP32 dims: [ 1 ] optional: true }',
+        ",\n".join(['  { name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }'] +
+                   [f'  {{ name: "{name}" data_type: {data_type} dims: [ 1 ] optional: true }}'
+                    for name, data_type in REQUEST_OPTIONS.items()]),
         "]",
         "output [",
         '  { name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] },',

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from no_torch import PRELUDE
+from seesr_runtime.errors import OptionError
 from seesr_runtime.imaging import gaussian_tile_weights, tile_origins
 from seesr_runtime.manifest import BundleError, Manifest
 
@@ -54,7 +55,7 @@ def test_bad_arguments_are_named(runtime_pipeline, lr_image):
         runtime_pipeline(np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match="color_fix"):
         runtime_pipeline(lr_image, color_fix="sepia")
-    with pytest.raises(TypeError, match="unknown option"):
+    with pytest.raises(OptionError, match="unknown option"):
         runtime_pipeline(lr_image, stepz=3)
     with pytest.raises(ValueError, match="noise_fn returned shape"):
         runtime_pipeline(lr_image, steps=1, process_size=128, noise_fn=lambda k, s: np.zeros((1,), np.float32))

@@ -161,9 +161,10 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(server, lr_
                               "got [40,56]"),
            (np.concatenate([good, good[..., :1]], axis=2), {}, "unexpected shape for input 'image' for model "
                                                                "'seesr'. Expected [-1,-1,3], got [40,56,4]"),
-           (np.zeros((80, 80, 3), np.uint8), {}, "input 'image' is 80x80 = 6400 pixels, over this model's limit "
-                                                 f"of {MAX_PIXELS}"),
-           (np.zeros((4, 300, 3), np.uint8), {}, "input 'image' is 300x4; each side must be at least 8 pixels"),
+           (np.zeros((80, 80, 3), np.uint8), {}, "input 'image': 80x80 is 6400 pixels, over the limit of "
+                                                 f"{MAX_PIXELS} (raise it with config.pbtxt parameter max_pixels)"),
+           (np.zeros((4, 300, 3), np.uint8), {}, "input 'image': 300x4 is too small (at least 8x8 pixels)"),
+           (good, {"guidance": float("nan")}, "guidance must be a finite number >= 0.0, got nan"),
            (good, {"steps": 0}, "steps must be in [1, 1000], got 0"),
            (good, {"seed": -1}, "seed must be >= 0, got -1")]
     for image, options, message in bad:
@@ -218,7 +219,7 @@ def test_client_upscale_writes_outputs(server, lr_image, tmp_path, capsys):
     assert Image.open(out / "a.png").size == (224, 160)
     assert (out / "a.txt").read_text().rstrip().endswith("clean, high-resolution, 8k")
     assert "b_corrupt.png: not a readable image" in err
-    assert f"c_big.png: input 'image' is 80x80 = 6400 pixels, over this model's limit of {MAX_PIXELS}" in err
+    assert f"c_big.png: input 'image': 80x80 is 6400 pixels, over the limit of {MAX_PIXELS}" in err
     assert "1 upscaled, 2 failed" in err
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "a.txt"]
 

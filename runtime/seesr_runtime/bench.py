@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
+from . import options as option_table
 from .manifest import Manifest
 from .networks import NetworkSpec
 from .profiling import StageProfiler, summarize
@@ -38,12 +39,12 @@ NETWORK_STAGES = ("dape", "text_encoder", "vae_encoder", "controlnet", "unet", "
 @dataclass
 class BenchConfig:
     size: int = 512  # output side in pixels; the LR input is size/4
-    steps: int = 50
+    steps: int = option_table.default("steps")
     runs: int = 3
     warmup: int = 1
     seed: int = 0
-    guidance: float | None = None  # the bundle's default (5.5) when None
-    reference_steps: int = 50  # e2e is also extrapolated to this many steps
+    guidance: float | None = None  # the bundle's default when None
+    reference_steps: int = option_table.default("steps")  # e2e is also extrapolated to this many steps
     peak_tflops: float | None = None  # the device's stated peak, for the "fraction of peak" column
 
 

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import ImageRejected
+from . import options as option_table
+from .errors import ImageRejected, SeeSRError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-DEFAULT_MAX_PIXELS = 4096 * 4096  # input pixels; the output is 16x that
-MIN_SIDE = 8
+DEFAULT_MAX_PIXELS = option_table.default("max_pixels")  # input pixels; the output is 16x that
 
 
 def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -32,10 +34,8 @@ def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
-                w, h = opened.size
-                if w * h > max_pixels:
-                    raise ImageRejected(f"{w}x{h} is {w * h} pixels, over the limit of {max_pixels} "
-                                        "(raise it with --max-pixels)")
+                if opened.size[0] * opened.size[1] > max_pixels:  # refused before decoding
+                    option_table.check_image_size(*opened.size, max_pixels, raise_with="--max-pixels")
                 opened.load()
                 image = opened.copy()
     except ImageRejected:
@@ -46,8 +46,7 @@ def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
         raise ImageRejected("not a readable image (corrupt or unknown format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(f"cannot decode the image ({exc}); truncated or corrupt?") from None
-    if min(image.size) < MIN_SIDE:
-        raise ImageRejected(f"{image.size[0]}x{image.size[1]} is too small (at least {MIN_SIDE}x{MIN_SIDE} pixels)")
+    option_table.check_image_size(*image.size, max_pixels, raise_with="--max-pixels")
     note = None
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
@@ -76,11 +75,13 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 
 def write_atomically(path: Path, write) -> None:
     """``write(tmp_path)`` then rename onto ``path``: readers never see a partial file, and the file gets
-    the mode the umask gives a new file (not the temporary file's 0600)."""
+    the mode the umask gives a new file (not the temporary file's 0600). The hidden temporary file
+    carries our process id, so that ``remove_stale_temporaries`` can tell a killed writer's leftovers
+    from a live one's."""
     from .filemodes import give_umask_mode
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -91,11 +92,56 @@ def write_atomically(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def remove_stale_temporaries(folder: Path, suffix: str) -> None:
+    """Remove the temporary files ``write_atomically`` left for ``*{suffix}`` outputs in ``folder`` when
+    its process was killed (SIGKILL, power loss); those of live processes stay."""
+    for tmp in folder.glob(f".*{suffix}.*.tmp") if folder.is_dir() else ():
+        pid = tmp.name.rsplit(".", 3)[1] if tmp.name.count(".") >= 4 else ""
+        if pid.isdigit() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+class StopRequests:
+    """SIGINT or SIGTERM during a batch: finish the current image, then stop (``signal`` says which);
+    a second one stops at once (KeyboardInterrupt). Outputs are written atomically either way."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, say):
+        self.say, self.signal, self._previous = say, None, {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        self.say(f"{signal.Signals(signum).name}: stopping after the current image (again to stop now)")
+
+
 def cmd_upscale(args) -> int:
     from tqdm import tqdm
 
     from .pipeline import SeeSRPipeline
 
+    given = option_table.given_in(args)  # bad values fail here, before the bundle loads
     files = expand_inputs(args.inputs)
     if not files:
         print("error: no input images found", file=sys.stderr)
@@ -105,35 +151,48 @@ def cmd_upscale(args) -> int:
     backend_options = backend_options_from(args)
     pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, tiled_vae_spill_dir=args.tiled_vae_spill_dir,
                                      verify="never" if args.no_verify else "auto", **backend_options)
-    options = {k: getattr(args, k) for k in ("prompt", "added_prompt", "negative_prompt", "steps", "guidance",
-                                              "conditioning_scale", "process_size", "upscale", "latent_tile_size",
-                                              "latent_tile_overlap", "color_fix", "start_point",
-                                              "vae_encoder_tile_size", "vae_decoder_tile_size", "tiled_vae")}
+    options = pipe.resolve_options(given)  # with the bundle's defaults: the rules between options
+    remove_stale_temporaries(args.output, ".png")
+    remove_stale_temporaries(args.output / "txt", ".txt")
     done, skipped, failed = 0, 0, []
-    for path in tqdm(files, desc="images", unit="img", disable=args.quiet, file=sys.stderr):
-        target = args.output / f"{path.stem}.png"
-        if args.skip_existing and target.exists():
-            skipped += 1
-            continue
-        try:
-            lr, note = load_lr_image(path, args.max_pixels)
-        except (ImageRejected, OSError) as exc:
-            print(f"error: {path}: {exc}", file=sys.stderr)
-            failed.append(path)
-            continue
-        if note:
-            say(f"note: {path}: {note}")
-        steps = options["steps"] or pipe.defaults["steps"]
-        with tqdm(total=steps, desc=path.name, unit="step", leave=False, disable=args.quiet, file=sys.stderr) as bar:
-            result = pipe(lr, seed=args.seed, callback=lambda i, t: bar.update(1), **options)
-        write_atomically(target, lambda tmp: result.image.save(tmp, format="PNG"))
-        if args.save_prompts:
-            write_atomically(args.output / "txt" / f"{path.stem}.txt", lambda tmp: Path(tmp).write_text(result.prompt))
-        say(f"{path} -> {target} ({result.image.size[0]}x{result.image.size[1]})")
-        done += 1
-    print(f"{done} upscaled, {skipped} skipped, {len(failed)} failed" +
-          (": " + ", ".join(str(p) for p in failed) if failed else ""), file=sys.stderr)
-    return 1 if failed else 0
+    with StopRequests(say) as stop:
+        for path in tqdm(files, desc="images", unit="img", disable=args.quiet, file=sys.stderr):
+            if stop.signal is not None:
+                break
+            target = args.output / f"{path.stem}.png"
+            if args.skip_existing and target.exists():
+                skipped += 1
+                continue
+            try:
+                lr, note = load_lr_image(path, options["max_pixels"])
+            except (ImageRejected, OSError) as exc:
+                print(f"error: {path}: {exc}", file=sys.stderr)
+                failed.append(path)
+                continue
+            if note:
+                say(f"note: {path}: {note}")
+            result = _upscale_one(pipe, lr, path.name, options, args.quiet)
+            write_atomically(target, lambda tmp: result.image.save(tmp, format="PNG"))
+            if args.save_prompts:
+                write_atomically(args.output / "txt" / f"{path.stem}.txt",
+                                 lambda tmp: Path(tmp).write_text(result.prompt))
+            say(f"{path} -> {target} ({result.image.size[0]}x{result.image.size[1]})")
+            done += 1
+    summary = f"{done} upscaled, {skipped} skipped, {len(failed)} failed" + \
+        (": " + ", ".join(str(p) for p in failed) if failed else "")
+    if stop.signal is not None:
+        left = len(files) - done - skipped - len(failed)
+        summary += (f"; stopped by {signal.Signals(stop.signal).name} with {left} not started "
+                    "(rerun with --skip-existing to finish)")
+    print(summary, file=sys.stderr)
+    return 128 + stop.signal if stop.signal is not None else 1 if failed else 0
+
+
+def _upscale_one(pipe, lr, name: str, options: dict, quiet: bool):
+    from tqdm import tqdm
+
+    with tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=quiet, file=sys.stderr) as bar:
+        return pipe(lr, callback=lambda i, t: bar.update(1), **options)
 
 
 def cmd_bench(args) -> int:
@@ -307,35 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the sha256 check of the bundle's files (by default files new or changed since "
                         "their last check are hashed; use when you verify the bundle otherwise)")
     add_backend_args(p, cpu_default=True)
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--prompt", default=None, help="user prompt inserted after the tags (default empty)")
-    p.add_argument("--added-prompt", default=None, help='appended prompt (default "clean, high-resolution, 8k")')
-    p.add_argument("--negative-prompt", default=None,
-                   help='negative prompt (default "dotted, noise, blur, lowres, smooth")')
-    p.add_argument("--steps", type=int, default=None, help="DDPM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance; 1.0 disables (default 5.5)")
-    p.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet scale (default 1.0)")
-    p.add_argument("--process-size", type=int, default=None, help="minimum working size in pixels (default 512)")
-    p.add_argument("--upscale", type=int, default=None, help="scale factor (default 4)")
-    p.add_argument("--latent-tile-size", type=int, default=None, help="latent tile, in latent pixels (default 96)")
-    p.add_argument("--latent-tile-overlap", type=int, default=None, help="latent tile overlap (default 4)")
-    p.add_argument("--vae-encoder-tile-size", type=int, default=None,
-                   help="tiled VAE encoder tile, in image pixels; tiles above tile + 64 px (default 1024)")
-    p.add_argument("--vae-decoder-tile-size", type=int, default=None,
-                   help="tiled VAE decoder tile, in latent pixels; tiles above tile + 22 (default 224)")
-    p.add_argument("--no-tiled-vae", dest="tiled_vae", action="store_const", const=False, default=None,
-                   help="run the VAE untiled at any size: differs from the official output above the "
-                        "thresholds, and its memory grows with the image")
+    option_table.add_arguments(p)
     p.add_argument("--tiled-vae-spill-dir", type=Path, default=None, metavar="DIR",
                    help="keep the tiled VAE's waiting tiles in files under DIR (very large outputs in little "
                         "memory; same result)")
-    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None, help="default adain")
-    p.add_argument("--start-point", choices=["lr", "noise"], default=None,
-                   help="lr: start from the noised LR latent (default); noise: pure noise")
     p.add_argument("--save-prompts", action="store_true", help="also write each prompt to OUTPUT/txt/NAME.txt")
     p.add_argument("--skip-existing", action="store_true", help="leave inputs whose output PNG exists")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse inputs with more pixels (decompression-bomb guard; default {DEFAULT_MAX_PIXELS})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes; errors and summary only")
     p.set_defaults(func=cmd_upscale)
 
@@ -352,12 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs="+", default=[512],
                    help="output side(s) in pixels: 512 (one 64x64 latent), 1024 (4 latent tiles), 2048; several "
                         "sizes share one session load (default 512)")
-    p.add_argument("--steps", type=int, nargs="+", default=[50],
-                   help="DDPM steps per image, one value or one per --size (default 50); fewer steps are also "
-                        "extrapolated to 50")
+    p.add_argument("--steps", type=int, nargs="+", default=[option_table.default("steps")],
+                   help=f"DDPM steps per image, one value or one per --size (default {option_table.default('steps')}); "
+                        "fewer steps are also extrapolated to 50")
     p.add_argument("--runs", type=int, default=3, help="timed images (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed images first (default 1)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance (default: the bundle's, 5.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"guidance (default: the bundle's, {option_table.default('guidance')})")
     p.add_argument("--seed", type=int, default=0, help="noise and synthetic-image seed")
     p.add_argument("--image", type=Path, default=None, help="an LR image to use instead of the synthetic one")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -370,14 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import BundleError
-
     args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
+
+
+def run_command(func, args) -> int:
+    """``func(args)``, with every error a user can cause or fix (SeeSRError; OSError: a file, a folder, the
+    disk) as one line on stderr and exit status 2, never a traceback; Ctrl-C: 130."""
     try:
-        return args.func(args)
-    except BundleError as exc:
+        return func(args)
+    except (SeeSRError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

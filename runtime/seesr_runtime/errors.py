@@ -29,4 +29,9 @@ class ImageRejected(InputError):
 
 
 class OptionError(InputError):
-    """An upscale option has the wrong type or lies outside its accepted range."""
+    """An upscale option has the wrong type or lies outside its accepted range (``seesr_runtime.options``);
+    ``option`` names it."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from . import options as option_table
 from .errors import BundleError
 from .networks import NETWORK_NAMES, ModelDims, NetworkSpec
 
@@ -59,6 +60,8 @@ def validate(data: dict, source: str = MANIFEST) -> None:
         tagger = data["tagger"]
         if len(tagger.get("tags", [])) != len(tagger.get("thresholds", [None])):
             problems.append("tagger: tags and thresholds differ in length")
+        if "options" in data["pipeline"]:  # absent in bundles built before it was recorded
+            problems += option_table.description_problems(data["pipeline"]["options"])
     if problems:
         raise BundleError(f"{source}: invalid manifest:\n  " + "\n  ".join(problems))
 
@@ -173,6 +176,12 @@ class Manifest:
         """The ``tiled`` entry of ``vae_encoder``/``vae_decoder`` (segment graphs for the official tiled
         VAE), or None for bundles built without them."""
         return self.data["networks"].get(network, {}).get("tiled")
+
+    def options(self) -> list[dict]:
+        """The upscale options as this bundle describes them (``pipeline.options``); for bundles built
+        before that was recorded, the runtime's table with the bundle's defaults."""
+        pipeline = self.data["pipeline"]
+        return pipeline.get("options") or option_table.describe(option_table.defaults_from_manifest(pipeline))
 
     def spec(self, network: str) -> NetworkSpec:
         return NetworkSpec.from_json(self.entry(network)["spec"])

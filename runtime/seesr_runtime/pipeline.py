@@ -25,7 +25,8 @@ from PIL import Image
 from .backends import Backend, create_backend, run_on_device, to_device
 from .imaging import (COLOR_FIXES, dape_input, gaussian_tile_weights, select_tags, tile_origins, to_chw,
                       to_uint8_rounded, working_image)
-from .errors import BundleError
+from . import options as option_table
+from .errors import BundleError, ImageRejected, InputError
 from .manifest import Manifest
 from .profiling import ProfiledBackend, StageProfiler
 from .scheduler import DDPMScheduler
@@ -33,9 +34,7 @@ from .text import PromptEncoder
 from .tiled_vae import TiledVaeLayout, run_tiled_vae
 
 NoiseFn = Callable[[str, tuple], np.ndarray]
-OPTIONS = ("prompt", "added_prompt", "negative_prompt", "steps", "guidance", "conditioning_scale", "process_size",
-           "upscale", "latent_tile_size", "latent_tile_overlap", "color_fix", "start_point", "vae_encoder_tile_size",
-           "vae_decoder_tile_size", "tiled_vae")
+OPTIONS = option_table.NAMES  # described in options.py
 
 
 @dataclass
@@ -56,8 +55,7 @@ class SeeSRPipeline:
         self.tiled_vae_spill_dir = tiled_vae_spill_dir
         self.backend = ProfiledBackend(backend, profiler) if profiler is not None else backend
         pipeline, tagger = manifest.data["pipeline"], manifest.data["tagger"]
-        self.defaults = {"tiled_vae": True, **pipeline["defaults"], "prompt": "", "added_prompt": pipeline["added_prompt"],
-                         "negative_prompt": pipeline["negative_prompt"]}
+        self.defaults = option_table.defaults_from_manifest(pipeline)
         self.scheduler_config = {k: v for k, v in pipeline["scheduler"].items() if k != "type"}
         self.scaling_factor = np.float32(pipeline["vae_scaling_factor"])
         self.start_step = pipeline["start_step"]
@@ -138,19 +136,23 @@ class SeeSRPipeline:
         sample = mean + np.exp(np.float32(0.5) * logvar) * noise("posterior", mean.shape)
         return scheduler.add_noise(sample * self.scaling_factor, initial_noise, self.start_step)
 
-    def decode(self, latents: np.ndarray, tile: int = 224, tiled: bool = True) -> Image.Image:
+    def decode(self, latents: np.ndarray, tile: int = option_table.default("vae_decoder_tile_size"),
+               tiled: bool = True) -> Image.Image:
         """VAE decode to a uint8 image."""
         image = self.run_vae("vae_decoder", latents / self.scaling_factor, tile, tiled)[0]
         return Image.fromarray(to_uint8_rounded(image))
 
     # ------------------------------------------------------------ the whole pipeline
 
-    def __call__(self, image, *, seed: int = 0, noise_fn: NoiseFn | None = None,
+    def __call__(self, image, *, seed: int | None = None, noise_fn: NoiseFn | None = None,
                  callback: Callable[[int, int], None] | None = None, **options) -> UpscaleResult:
-        o = self._options(options)
-        noise = _noise_source(noise_fn, seed)
+        """Upscale ``image`` (a PIL image or an HxWx3 uint8 array). ``options``: any of ``options.OPTIONS``
+        (None or left out: the bundle's default); a bad value raises OptionError, an unusable image
+        ImageRejected, before any network runs."""
+        o = self.resolve_options({**options, "seed": seed})
+        noise = _noise_source(noise_fn, o["seed"])
         with self._stage("preprocess"):
-            lr = as_rgb(image)
+            lr = as_rgb(image, o["max_pixels"])
         tags, image_embeds = self.tag(lr)
         prompt = self.prompt_template.format(tags=tags, prompt=o["prompt"], added_prompt=o["added_prompt"])
 
@@ -201,27 +203,21 @@ class SeeSRPipeline:
             result = result.resize((lr.size[0] * o["upscale"], lr.size[1] * o["upscale"]), Image.BICUBIC)
         return UpscaleResult(image=result, tags=tags, prompt=prompt, latents=history)
 
-    def _options(self, options: dict) -> dict:
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise TypeError(f"unknown option(s) {unknown}; known: {list(OPTIONS)}")
-        o = {**{k: self.defaults[k] for k in OPTIONS}, **{k: v for k, v in options.items() if v is not None}}
-        if o["color_fix"] not in COLOR_FIXES:
-            raise ValueError(f"color_fix must be one of {sorted(COLOR_FIXES)}, got {o['color_fix']!r}")
-        if o["start_point"] not in ("lr", "noise"):
-            raise ValueError(f"start_point must be 'lr' or 'noise', got {o['start_point']!r}")
-        if o["latent_tile_overlap"] >= o["latent_tile_size"]:
-            raise ValueError("latent_tile_overlap must be smaller than latent_tile_size")
-        return o
+    def resolve_options(self, options: dict) -> dict:
+        """Every option of a call: ``options`` (None: not set) over the bundle's defaults, checked."""
+        return option_table.resolve(options, self.defaults)
 
 
-def as_rgb(image) -> Image.Image:
-    """A PIL image or an HxWx3 uint8 array, as an RGB PIL image."""
+def as_rgb(image, max_pixels: int = option_table.default("max_pixels")) -> Image.Image:
+    """A PIL image or an HxWx3 uint8 array, as an RGB PIL image; ImageRejected for anything else, an
+    image with a side under ``options.MIN_SIDE`` or one of more than ``max_pixels`` pixels."""
     if isinstance(image, Image.Image):
+        option_table.check_image_size(*image.size, max_pixels)
         return image.convert("RGB")
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"expected a PIL image or an HxWx3 uint8 array, got {array.dtype} {array.shape}")
+        raise ImageRejected(f"expected a PIL image or an HxWx3 uint8 array, got {array.dtype} {array.shape}")
+    option_table.check_image_size(array.shape[1], array.shape[0], max_pixels)
     return Image.fromarray(array)
 
 
@@ -233,7 +229,7 @@ def _noise_source(noise_fn: NoiseFn | None, seed: int):
     def draw(kind: str, shape: tuple) -> np.ndarray:
         value = np.asarray(noise_fn(kind, tuple(shape)), dtype=np.float32)
         if value.shape != tuple(shape):
-            raise ValueError(f"noise_fn returned shape {value.shape} for {kind!r}, expected {tuple(shape)}")
+            raise InputError(f"noise_fn returned shape {value.shape} for {kind!r}, expected {tuple(shape)}")
         return value
 
     return draw

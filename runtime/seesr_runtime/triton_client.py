@@ -20,21 +20,23 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from . import options as option_table
+from .cli import run_command
+from .errors import BackendError, InputError
+from .triton import NUMPY_TYPES, REQUEST_OPTIONS, wire_type
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 OUTPUTS = ("image", "tags", "prompt")
-# Triton wire type and numpy dtype of each optional scalar input (config.pbtxt written by seesr-export triton).
-SCALARS = {"seed": ("INT64", np.int64), "steps": ("INT32", np.int32), "guidance": ("FP32", np.float32)}
 
 
-class ClientError(Exception):
+class ClientError(BackendError):
     """The server refused a request or could not be reached; the message is the server's."""
 
 
 def _module(protocol: str):
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     try:
         if protocol == "http":
             import tritonclient.http as module
@@ -74,12 +76,12 @@ def build_inputs(protocol: str, image: np.ndarray, *, prompt: str | None = None,
     module = _module(protocol)
     image = np.ascontiguousarray(image)
     tensors = [_tensor(module, "image", image, np_to_triton_dtype(image.dtype))]
-    if prompt is not None:
-        tensors.append(_tensor(module, "prompt", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"))
-    for name, value in (("seed", seed), ("steps", steps), ("guidance", guidance)):
+    given = {"prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance}
+    for name, data_type in REQUEST_OPTIONS.items():
+        value = given[name]
         if value is not None:
-            wire, dtype = SCALARS[name]
-            tensors.append(_tensor(module, name, np.array([value], dtype=dtype), wire))
+            value = value.encode("utf-8") if isinstance(value, str) else value
+            tensors.append(_tensor(module, name, np.array([value], dtype=NUMPY_TYPES[data_type]), wire_type(data_type)))
     return tensors
 
 
@@ -145,7 +147,7 @@ def run_load(protocol: str, url: str | None, image: np.ndarray, *, concurrency: 
              model: str = "seesr", timeout: float = 600.0, **options) -> LoadReport:
     """``requests`` requests, ``concurrency`` in flight at a time (one connection per worker thread)."""
     if concurrency < 1 or requests < 1:
-        raise ValueError(f"concurrency and requests must be at least 1, got {concurrency} and {requests}")
+        raise InputError(f"concurrency and requests must be at least 1, got {concurrency} and {requests}")
     local, clients, lock = threading.local(), [], threading.Lock()
 
     def one(_index: int):
@@ -186,7 +188,9 @@ def _report(protocol, concurrency, requests, seconds, outcomes) -> LoadReport:
 # ------------------------------------------------------------------ command line
 
 def _sampling(args) -> dict:
-    return {"prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance": args.guidance}
+    """The request options given on the command line, checked here (the server checks them again)."""
+    given = option_table.given_in(args, REQUEST_OPTIONS)
+    return {name: given.get(name) for name in REQUEST_OPTIONS}
 
 
 def _load_image(path: Path, max_pixels: int) -> np.ndarray:
@@ -201,6 +205,7 @@ def cmd_upscale(args) -> int:
 
     from .cli import ImageRejected, expand_inputs, write_atomically
 
+    sampling = _sampling(args)
     files = expand_inputs(args.inputs)
     if not files:
         print("error: no input images found", file=sys.stderr)
@@ -211,7 +216,7 @@ def cmd_upscale(args) -> int:
         for path in files:
             try:
                 result = infer(client, args.protocol, build_inputs(args.protocol, _load_image(path, args.max_pixels),
-                                                                   **_sampling(args)), args.model, args.timeout)
+                                                                   **sampling), args.model, args.timeout)
             except (ImageRejected, ClientError, OSError) as exc:
                 print(f"error: {path}: {exc}", file=sys.stderr)
                 failed.append(path)
@@ -231,6 +236,7 @@ def cmd_upscale(args) -> int:
 def cmd_load(args) -> int:
     from .cli import ImageRejected
 
+    sampling = _sampling(args)
     try:
         image = _load_image(args.image, args.max_pixels)
     except ImageRejected as exc:
@@ -242,7 +248,7 @@ def cmd_load(args) -> int:
     finally:
         client.close()
     report = run_load(args.protocol, args.url, image, concurrency=args.concurrency, requests=args.requests,
-                      model=args.model, timeout=args.timeout, **_sampling(args))
+                      model=args.model, timeout=args.timeout, **sampling)
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
     return 1 if report.errors else 0
 
@@ -252,11 +258,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8000 for http, :8001 for grpc)")
     parser.add_argument("--model", default="seesr", help="model name in the repository (default seesr)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
-    parser.add_argument("--seed", type=int, default=None, help="noise seed (server default 0)")
-    parser.add_argument("--steps", type=int, default=None, help="DDPM steps (server default: the bundle's, 50)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 5.5)")
-    parser.add_argument("--prompt", default=None, help="user prompt added after the tags")
-    parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="refuse larger local inputs")
+    option_table.add_arguments(parser, REQUEST_OPTIONS, server_side=True)
+    parser.add_argument("--max-pixels", type=int, default=option_table.default("max_pixels"),
+                        help=f"refuse larger local inputs (default {option_table.default('max_pixels')}; the "
+                             "server has its own limit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,11 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ClientError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)  # ClientError is a SeeSRError: one line, exit 2
 
 
 if __name__ == "__main__":

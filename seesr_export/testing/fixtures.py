@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import SeeSRExportError
 from ..layout import SeeSRPaths
 
 SIZES = ("tiny", "sd2")
@@ -310,7 +311,7 @@ def write_fixture(root: Path | str, size: str = "tiny", seed: int = 0) -> SeeSRP
     from .dape_fixture import calibrate_tag_bias, write_dape_lora, write_ram_checkpoint, write_tag_files
 
     if size not in SIZES:
-        raise ValueError(f"fixture size must be one of {SIZES}, got {size!r}")
+        raise SeeSRExportError(f"fixture size must be one of {SIZES}, got {size!r}")
     paths = SeeSRPaths.from_root(root)
     generator = torch.Generator().manual_seed(seed)
     write_sd2(paths.sd2, size, generator)

@@ -7,12 +7,11 @@ is its own stub process: ``initialize`` loads the bundle's sessions (or TensorRT
 pipeline_options). The server's Python environment must have the runtime installed
 (``pip install seesr-export``; no torch).
 
-A bad request (wrong dtype, rank, channel count, too large or too small, bad option value) gets a
-Triton error naming the value and what was expected; an unexpected failure also becomes an error
-response, never a dead instance.
+A bad request (wrong dtype, rank, channel count, too large or too small, an option outside the
+runtime's options table) gets a Triton error naming the value and what was expected; an unexpected
+failure also becomes an error response, never a dead instance.
 """
 import json
-import math
 import os
 import traceback
 from pathlib import Path
@@ -20,8 +19,14 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-MIN_SIDE = 8  # as the runtime CLI: smaller inputs break the tagger's resize
-MAX_STEPS = 1000  # the DDPM schedule has 1000 training steps
+try:
+    from seesr_runtime import SeeSRPipeline
+    from seesr_runtime.errors import InputError
+    from seesr_runtime.options import check_image_size
+    from seesr_runtime.triton import NUMPY_TYPES, REQUEST_OPTIONS
+    RUNTIME_MISSING = None
+except ImportError as exc:  # reported by initialize, where Triton shows it
+    RUNTIME_MISSING = exc
 
 
 class RequestError(ValueError):
@@ -60,11 +65,9 @@ class TritonPythonModel:
         if args["model_instance_kind"] == "GPU":
             # One stub process per instance: pin it to its GPU before any CUDA library starts.
             os.environ["CUDA_VISIBLE_DEVICES"] = str(args["model_instance_device_id"])
-        try:
-            from seesr_runtime import SeeSRPipeline
-        except ImportError as exc:
-            raise RuntimeError(f"the SeeSR runtime is not installed in the server's Python ({exc}); "
-                               "pip install seesr-export (no extras) in the Triton image") from None
+        if RUNTIME_MISSING is not None:
+            raise RuntimeError(f"the SeeSR runtime is not installed in the server's Python ({RUNTIME_MISSING}); "
+                               "pip install seesr-export (no extras) in the Triton image")
         backend = params["backend"]
         options = {"precision": params["precision"]}
         if backend == "onnxruntime":
@@ -72,6 +75,7 @@ class TritonPythonModel:
             options["threads"] = _threads(params.get("threads", "auto"), config)
         bundle = _bundle_path(params["bundle"], args)
         self.pipe = SeeSRPipeline.from_bundle(bundle, backend=backend, **options)
+        self.pipe.resolve_options(self.pipeline_options)  # a bad config.pbtxt fails here, not per request
         self._load_all_networks()
         pb_utils.Logger.log_info(f"seesr: instance {args['model_instance_name']} ready: bundle {bundle}, "
                                  f"backend {backend}, {options}")
@@ -87,9 +91,9 @@ class TritonPythonModel:
 
     def _respond(self, request):
         try:
-            image, seed, options = self._read(request)
-            result = self.pipe(image, seed=seed, **{**self.pipeline_options, **options})
-        except RequestError as exc:
+            image, options = self._read(request)
+            result = self.pipe(image, max_pixels=self.max_pixels, **{**self.pipeline_options, **options})
+        except (RequestError, InputError) as exc:  # InputError: an option outside the runtime's options table
             return _error(str(exc), invalid=True)
         except Exception as exc:  # noqa: BLE001 - one failed request must not take the instance down
             pb_utils.Logger.log_error(f"seesr: request failed:\n{traceback.format_exc()}")
@@ -105,17 +109,10 @@ class TritonPythonModel:
         if image is None:
             raise RequestError("input 'image' is required (UINT8 [H, W, 3])")
         check_image(image, self.max_pixels)
-        seed = _scalar(request, "seed", np.int64)
-        if seed is not None and seed < 0:
-            raise RequestError(f"seed must be >= 0, got {seed}")
-        steps = _scalar(request, "steps", np.int32)
-        if steps is not None and not 1 <= steps <= MAX_STEPS:
-            raise RequestError(f"steps must be in [1, {MAX_STEPS}], got {steps}")
-        guidance = _scalar(request, "guidance", np.float32)
-        if guidance is not None and not math.isfinite(guidance):
-            raise RequestError(f"guidance must be a finite number, got {guidance}")
-        options = {"steps": steps, "guidance": guidance, "prompt": _text(request, "prompt")}
-        return image, (0 if seed is None else seed), {k: v for k, v in options.items() if v is not None}
+        options = {name: _text(request, name) if data_type == "TYPE_STRING" else
+                   _scalar(request, name, np.dtype(NUMPY_TYPES[data_type]))
+                   for name, data_type in REQUEST_OPTIONS.items()}
+        return image, {name: value for name, value in options.items() if value is not None}
 
 
 def check_image(image: np.ndarray, max_pixels: int) -> None:
@@ -124,12 +121,10 @@ def check_image(image: np.ndarray, max_pixels: int) -> None:
         raise RequestError(f"input 'image' must be UINT8, got {image.dtype}")
     if image.ndim != 3 or image.shape[2] != 3:
         raise RequestError(f"input 'image' must be [H, W, 3] (RGB), got shape {list(image.shape)}")
-    height, width = image.shape[:2]
-    if height * width > max_pixels:
-        raise RequestError(f"input 'image' is {width}x{height} = {height * width} pixels, over this model's "
-                           f"limit of {max_pixels} (config.pbtxt parameter max_pixels)")
-    if min(height, width) < MIN_SIDE:
-        raise RequestError(f"input 'image' is {width}x{height}; each side must be at least {MIN_SIDE} pixels")
+    try:
+        check_image_size(image.shape[1], image.shape[0], max_pixels, raise_with="config.pbtxt parameter max_pixels")
+    except InputError as exc:
+        raise RequestError(f"input 'image': {exc}") from None
 
 
 def _input(request, name: str):
