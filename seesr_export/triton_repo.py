@@ -21,6 +21,7 @@ from pathlib import Path
 
 from seesr_runtime import __version__ as runtime_version
 from seesr_runtime.manifest import BundleError, Manifest
+from seesr_runtime.networks import graph_for_precision
 from seesr_runtime.pipeline import OPTIONS
 from seesr_runtime.triton import MODEL_FILE
 
@@ -123,9 +124,8 @@ def _check_bundle_has(manifest: Manifest, backend: str, precision: str) -> None:
         missing = [n for n, entry in networks.items() if precision not in entry.get("engines", {})]
         what = f"{precision} TensorRT engines (seesr-export build --backend tensorrt)"
     else:
-        fallback = "fp32" if precision == "int8" else precision  # int8 bundles quantize two networks only
-        missing = [n for n, entry in networks.items() if precision not in entry["files"]
-                   and fallback not in entry["files"]]
+        missing = [n for n, entry in networks.items() if graph_for_precision(entry["files"], precision)
+                   not in entry["files"]]
         what = f"{precision} ONNX graphs"
     if missing:
         raise TritonRepoError(f"--bundle {manifest.root}: no {what} for {missing}")
