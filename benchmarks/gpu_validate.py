@@ -31,24 +31,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
+from seesr_export.parity import relative_l2  # noqa: E402
 from seesr_runtime.manifest import Manifest  # noqa: E402
-from seesr_runtime.networks import NETWORK_NAMES  # noqa: E402
+from seesr_runtime.networks import NETWORK_NAMES, dummy_feeds  # noqa: E402
 
 
 def feeds_for(spec, env: dict, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for tensor in spec.inputs:
-        shape = tensor.concrete_shape(env)
-        if tensor.dtype == "int64":
-            feeds[tensor.name] = rng.integers(0, 49408, shape, dtype=np.int64)
-        elif tensor.name == "timestep":
-            feeds[tensor.name] = np.full(shape, 501, np.float32)
-        elif tensor.name == "conditioning_scale":
-            feeds[tensor.name] = np.array(1.0, np.float32)
-        else:
-            feeds[tensor.name] = (0.5 * rng.standard_normal(shape)).astype(np.float32)
-    return feeds
+    return dummy_feeds(spec, env, seed)
 
 
 def plan(manifest: Manifest) -> list[tuple[str, str, dict]]:
@@ -91,11 +80,6 @@ def time_backend(backend, network: str, feeds: dict, runs: int, warmup: int) -> 
 # ---------------------------------------------------------------- onnxruntime-CUDA accuracy
 
 ACCURACY_TARGET = 3e-3  # issue 11: fp16 UNet and ControlNet within this of fp32 (PyTorch fp16: 1.7e-3)
-
-
-def relative_l2(got, expected) -> float:
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
 def psnr(a, b) -> float:
@@ -205,7 +189,6 @@ def main() -> int:
     import onnxruntime as ort
     import tensorrt as trt
 
-    from seesr_export.bundle import relative_l2
     from seesr_export.trt_engines import EngineOptions, build_engine
     from seesr_runtime.trt_backend import TensorRTBackend
 

@@ -32,7 +32,7 @@ VARIANTS = {
 
 def main() -> int:
     from seesr_export.bundle import BuildOptions, build_bundle
-    from seesr_export.cli import Progress
+    from seesr_export.progress import Progress
     from seesr_export.layout import SeeSRPaths
     from seesr_export.testing.fixtures import write_fixture
     from seesr_runtime.bench import git_commit, machine_info

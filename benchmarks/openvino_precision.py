@@ -98,13 +98,13 @@ def measure(manifest: Manifest, args) -> tuple[list[dict], dict]:
 def torch_worker(seesr_root: Path, feeds_path: Path, out: Path) -> None:
     import torch
 
-    from seesr_export.bundle import _Models
+    from seesr_export.export_networks import TorchModels
     from seesr_export.export import graph_module
     from seesr_export.layout import SeeSRPaths
 
     torch.set_num_threads(int(os.environ.get("SEESR_THREADS", "0")) or torch.get_num_threads())
     saved = np.load(feeds_path)
-    models, result = _Models(SeeSRPaths.from_root(seesr_root)), {}
+    models, result = TorchModels(SeeSRPaths.from_root(seesr_root)), {}
     for network in NETWORKS:
         module = graph_module(network, models)
         names = [n for n in saved.files if n.startswith(network + "/")]

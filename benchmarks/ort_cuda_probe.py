@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "runtime")]
 
 from seesr_runtime.manifest import Manifest  # noqa: E402
-
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+from seesr_runtime.networks import dummy_feeds  # noqa: E402
 
 
 def with_random_weights(path: Path, scratch: Path) -> Path:
@@ -81,19 +80,7 @@ def with_static_shapes(path: Path, feeds: dict, scratch: Path) -> Path:
 
 
 def feeds_for(spec, env: dict) -> dict:
-    rng = np.random.default_rng(1)
-    feeds = {}
-    for tensor in spec.inputs:
-        shape = tensor.concrete_shape(env)
-        if tensor.dtype == "int64":
-            feeds[tensor.name] = rng.integers(0, 1000, shape, dtype=np.int64)
-        elif tensor.name == "timestep":
-            feeds[tensor.name] = np.full(shape, 500.0, dtype=np.float32)
-        elif tensor.name == "conditioning_scale":
-            feeds[tensor.name] = np.array(1.0, dtype=np.float32)
-        else:
-            feeds[tensor.name] = rng.standard_normal(shape).astype(NUMPY_DTYPES[tensor.dtype])
-    return feeds
+    return dummy_feeds(spec, env, seed=1)
 
 
 def timed(fn, runs: int) -> dict:

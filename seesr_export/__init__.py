@@ -1,1 +1,3 @@
-__version__ = "0.1.0"
+from seesr_runtime._version import __version__  # one version for both packages
+
+__all__ = ["__version__"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from PIL import Image
@@ -13,25 +12,10 @@ from seesr_runtime.cli import run_command
 from seesr_runtime.errors import ImageRejected
 
 from .errors import SeeSRExportError
+from .graph_format import EXTERNAL_DATA_THRESHOLD, OPSET
+from .progress import Progress
 
 SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
-
-
-class Progress:
-    """Stage names and a step bar on stderr; silent when quiet."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self._start = time.perf_counter()
-
-    def stage(self, message: str) -> None:
-        if not self.quiet:
-            print(f"[{time.perf_counter() - self._start:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-    def bar(self, total: int, desc: str):
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, disable=self.quiet, leave=False, file=sys.stderr)
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -256,9 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
     p.add_argument("--networks", nargs="+", metavar="NAME",
                    help="export only these (dape text_encoder controlnet unet vae_encoder vae_decoder)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=OPSET)
     p.add_argument("--external-data-threshold-mb", type=float, default=None,
-                   help="graphs above this size keep weights in one .onnx.data file (default 2048)")
+                   help="graphs above this size keep weights in one .onnx.data file "
+                        f"(default {EXTERNAL_DATA_THRESHOLD // 1024 ** 2})")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check of each graph")
     p.add_argument("--jobs", type=int, default=1,
                    help="export this many networks at once, one process each (big machines; each can need "

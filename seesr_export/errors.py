@@ -8,3 +8,7 @@ class SeeSRExportError(SeeSRError):
 
 class CheckpointError(SeeSRExportError):
     """A checkpoint file is missing, unreadable, or does not match the model."""
+
+
+class BuildError(SeeSRExportError):
+    """A bundle build refused or failed: a bad request, a graph outside its parity tolerance."""

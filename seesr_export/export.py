@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from seesr_runtime.networks import ModelDims, NetworkSpec
+from seesr_runtime.networks import NETWORK_NAMES, NETWORK_TABLE, ModelDims, NetworkSpec, dummy_feeds
 
-OPSET = 17
-TWO_GB = 2 * 1024 ** 3
+from .graph_format import EXTERNAL_DATA_THRESHOLD, OPSET, PROTOBUF_LIMIT
 
 # ---------------------------------------------------------------- wrappers
 
@@ -86,41 +85,24 @@ class VaeDecoderGraph(nn.Module):
         return self.vae.decoder(self.vae.post_quant_conv(latent))
 
 
-# Which loaded torch model each network graph wraps.
-GRAPHS = {
-    "dape": ("dape", DapeGraph),
-    "text_encoder": ("text_encoder", TextEncoderGraph),
-    "controlnet": ("controlnet", ControlNetGraph),
-    "unet": ("unet", UNetGraph),
-    "vae_encoder": ("vae", VaeEncoderGraph),
-    "vae_decoder": ("vae", VaeDecoderGraph),
-}
-
-
-# The parity gate: the largest relative L2 error against the torch fp32 reference that each graph of a
-# network may show on the build's sample inputs; `seesr-export build` refuses a graph outside it.
-# "fused_fp32": the GPU graph's fusions without the CUDA-only kernels, in fp32 (the CPU-runnable check of
-# the fusions); "fp16_gpu": the GPU graph itself, measured on a GPU by benchmarks/gpu_validate.py.
-# Measured at SD2 size (benchmarks/results/cpu/export_sd2_fp16.md): fp32 <= 2e-6, fp16 <= 4.2e-3.
-_FP32, _FP16 = 1e-4, 1e-2
-PARITY_TOLERANCES = {
-    "dape": {"fp32": _FP32, "fp16": _FP16},
-    "text_encoder": {"fp32": _FP32, "fp16": _FP16},
-    "controlnet": {"fp32": _FP32, "fp16": _FP16, "fused_fp32": _FP32, "fp16_gpu": _FP16},
-    "unet": {"fp32": _FP32, "fp16": _FP16, "fused_fp32": _FP32, "fp16_gpu": _FP16},
-    "vae_encoder": {"fp32": _FP32, "fp16": _FP16, "fused_fp32": _FP32, "fp16_gpu": _FP16},
-    "vae_decoder": {"fp32": _FP32, "fp16": _FP16, "fused_fp32": _FP32, "fp16_gpu": _FP16},
+# The wrapper of each network graph (the torch model it wraps: NETWORK_TABLE[name].model).
+GRAPH_WRAPPERS = {
+    "dape": DapeGraph,
+    "text_encoder": TextEncoderGraph,
+    "controlnet": ControlNetGraph,
+    "unet": UNetGraph,
+    "vae_encoder": VaeEncoderGraph,
+    "vae_decoder": VaeDecoderGraph,
 }
 
 
 def graph_module(name: str, models) -> nn.Module:
     """The exportable graph of network ``name``; ``models`` has the torch models as attributes."""
-    attribute, wrapper = GRAPHS[name]
-    return wrapper(getattr(models, attribute)).eval()
+    return GRAPH_WRAPPERS[name](getattr(models, NETWORK_TABLE[name].model)).eval()
 
 
 def graph_modules(models) -> dict[str, nn.Module]:
-    return {name: graph_module(name, models) for name in GRAPHS}
+    return {name: graph_module(name, models) for name in NETWORK_NAMES}
 
 
 def residual_layout(controlnet) -> tuple[list[int], list[int]]:
@@ -155,26 +137,11 @@ def model_dims(dape, text_encoder, controlnet, latent_channels: int) -> ModelDim
 # ---------------------------------------------------------------- inputs
 
 
-def sample_feeds(spec: NetworkSpec, env: dict[str, int], seed: int = 0, vocab: int = 49408) -> dict[str, np.ndarray]:
-    """Random inputs of the right shapes and ranges for ``spec`` (tracing and parity tests)."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for tensor in spec.inputs:
-        shape = tensor.concrete_shape(env)
-        if tensor.dtype == "int64":
-            value = rng.integers(0, vocab, shape, dtype=np.int64)
-        elif tensor.name == "timestep":
-            value = rng.integers(1, 1000, shape).astype(np.float32)
-        elif tensor.name == "conditioning_scale":
-            value = np.array(0.8, dtype=np.float32)
-        elif tensor.name == "controlnet_cond":
-            value = rng.random(shape, dtype=np.float32)
-        elif tensor.name.endswith("_res"):
-            value = (0.1 * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            value = rng.standard_normal(shape).astype(np.float32)
-        feeds[tensor.name] = value
-    return feeds
+def sample_feeds(spec: NetworkSpec, env: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """The build's sample inputs for ``spec`` (tracing, parity checks, FLOP counts): the runtime's
+    ``dummy_feeds`` at a conditioning scale of 0.8, not the neutral 1.0, so that a ControlNet graph
+    that lost the scale fails its parity check."""
+    return dummy_feeds(spec, env, seed, conditioning_scale=0.8)
 
 
 def run_torch(module: nn.Module, spec: NetworkSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -190,8 +157,7 @@ def run_torch(module: nn.Module, spec: NetworkSpec, feeds: dict[str, np.ndarray]
 @dataclass(frozen=True)
 class ExportOptions:
     opset: int = OPSET
-    # Graphs above this size keep their weights in one external-data file beside the .onnx.
-    external_data_threshold: int = TWO_GB
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
 
 
 def export_onnx(module: nn.Module, spec: NetworkSpec, env: dict[str, int], path: Path,
@@ -224,7 +190,8 @@ def trace(module: nn.Module, spec: NetworkSpec, env: dict[str, int], path: Path,
     return path
 
 
-def finalize(traced: Path, path: Path, external_data_threshold: int = TWO_GB, fold: bool = True) -> list[Path]:
+def finalize(traced: Path, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+             fold: bool = True) -> list[Path]:
     """Clean up a traced graph and save it: one .onnx, plus one .onnx.data when large.
 
     ``fold=False`` for Q/DQ graphs: folding would evaluate Quantize/DequantizeLinear on the
@@ -233,7 +200,7 @@ def finalize(traced: Path, path: Path, external_data_threshold: int = TWO_GB, fo
     import onnx
 
     model = onnx.load(str(traced), load_external_data=True)
-    if fold and _weights_bytes(model) < TWO_GB:
+    if fold and _weights_bytes(model) < PROTOBUF_LIMIT:
         model = simplify(model)
     # Above 2 GB, graphsurgeon would hold two more copies of the weights; torch's exporter has
     # already folded the constants, so only the node order is checked.
@@ -271,7 +238,7 @@ def toposort(model) -> None:
     model.graph.node.extend(ordered)
 
 
-def save_onnx(model, path: Path, external_data_threshold: int = TWO_GB) -> list[Path]:
+def save_onnx(model, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
     import onnx
 
     path = Path(path)
@@ -322,7 +289,7 @@ def attention_fp32_nodes(model) -> list[str]:
     return keep
 
 
-def convert_fp16(src: Path, dst: Path, external_data_threshold: int = TWO_GB) -> list[Path]:
+def convert_fp16(src: Path, dst: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
     """An fp16 copy of ``src`` with fp32 inputs/outputs and attention scores kept in fp32."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -331,7 +298,7 @@ def convert_fp16(src: Path, dst: Path, external_data_threshold: int = TWO_GB) ->
     _name_unnamed_nodes(model)
     keep = attention_fp32_nodes(model)
     model = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
-                                     disable_shape_infer=_weights_bytes(model) >= TWO_GB)
+                                     disable_shape_infer=_weights_bytes(model) >= PROTOBUF_LIMIT)
     _drop_fp16_round_trips(model)
     toposort(model)  # the converter appends its input casts last
     _remove_dead_nodes(model)

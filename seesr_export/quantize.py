@@ -24,9 +24,9 @@ import numpy as np
 
 from seesr_runtime.backends import OnnxRuntimeBackend
 from seesr_runtime.manifest import Manifest
+from seesr_runtime.networks import INT8_NETWORKS
 from seesr_runtime.pipeline import SeeSRPipeline
 
-QUANTIZED_NETWORKS = ("controlnet", "unet")
 # Time embedding, first/last convolutions, skip projections and the transformers' output projections:
 # small, sensitive layers NVIDIA's diffusion recipes leave unquantized.
 DEFAULT_EXCLUDE = ("time_embedding", "conv_in", "conv_out", "conv_shortcut", "norm_out", "proj_out")
@@ -48,7 +48,7 @@ class QuantOptions:
 class RecordingBackend:
     """Wraps a backend and keeps a copy of every feed given to the chosen networks."""
 
-    def __init__(self, inner, networks=QUANTIZED_NETWORKS):
+    def __init__(self, inner, networks=INT8_NETWORKS):
         self.inner, self.name = inner, f"recording({inner.name})"
         self.recorded = {n: [] for n in networks}
 
@@ -219,7 +219,7 @@ def heldout_error(manifest: Manifest, network: str, int8_path: Path, feeds: list
     """Worst relative L2 of the int8 graph against fp32 over held-out recorded calls."""
     import onnxruntime as ort
 
-    from .bundle import relative_l2
+    from .parity import relative_l2
 
     fp32 = ort.InferenceSession(str(manifest.graph_path(network, "fp32")), providers=["CPUExecutionProvider"])
     int8 = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])

@@ -24,6 +24,7 @@ from seesr_runtime import options as option_table
 from seesr_runtime.errors import OptionError
 from seesr_runtime.filemodes import give_tree_umask_modes
 from seesr_runtime.manifest import BundleError, Manifest
+from seesr_runtime.networks import graph_for_precision
 from seesr_runtime.triton import MODEL_FILE, REQUEST_OPTIONS
 from seesr_runtime.verification import STAMP
 
@@ -142,9 +143,8 @@ def _check_bundle_has(manifest: Manifest, backend: str, precision: str) -> None:
         missing = [n for n, entry in networks.items() if precision not in entry.get("engines", {})]
         what = f"{precision} TensorRT engines (seesr-export build --backend tensorrt)"
     else:
-        fallback = "fp32" if precision == "int8" else precision  # int8 bundles quantize two networks only
-        missing = [n for n, entry in networks.items() if precision not in entry["files"]
-                   and fallback not in entry["files"]]
+        missing = [n for n, entry in networks.items() if graph_for_precision(entry["files"], precision)
+                   not in entry["files"]]
         what = f"{precision} ONNX graphs"
     if missing:
         raise TritonRepoError(f"--bundle {manifest.root}: no {what} for {missing}")

@@ -108,3 +108,33 @@ def build_engine(onnx_path: Path, spec: NetworkSpec, engine_path: Path, options:
     if cache is not None:
         options.timing_cache.write_bytes(bytes(cache.serialize()))
     return engine_path
+
+
+def add_engines(work: Path, manifest: dict, precision: str, progress) -> None:
+    """One TensorRT engine per network of the bundle being built in ``work``, recorded in ``manifest``:
+    the ``precision`` graph, or the int8 policy's engine fallback for the networks int8 leaves alone."""
+    import tensorrt as trt
+
+    from seesr_runtime.manifest import sha256_file
+    from seesr_runtime.networks import INT8_ENGINE_FALLBACK, graph_for_precision
+    from seesr_runtime.trt_backend import _cudart
+
+    from .manifest_writer import as_loaded
+
+    cudart = _cudart()
+    _, device = cudart.cudaGetDevice()
+    _, major = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device)
+    _, minor = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device)
+    bundle = as_loaded(work, manifest)
+    cache = work.parent / ".seesr-timing.cache"  # beside the bundles: survives rebuilds
+    for name in manifest["networks"]:
+        files = manifest["networks"][name]["files"]
+        graph = graph_for_precision(files, precision, INT8_ENGINE_FALLBACK)
+        engine_options = EngineOptions(precision=graph, timing_cache=cache)
+        rel = f"trt/{engine_filename(name, graph, trt.__version__, (major, minor))}"
+        progress.stage(f"{name}: TensorRT {graph} engine")
+        build_engine(bundle.graph_path(name, graph), bundle.spec(name), work / rel, engine_options)
+        entry = engine_entry(name, bundle.spec(name), rel, sha256_file(work / rel), engine_options, trt.__version__,
+                             (major, minor))
+        manifest["networks"][name].setdefault("engines", {})[precision] = entry
+        manifest.setdefault("files", {})[rel] = entry["sha256"]

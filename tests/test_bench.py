@@ -84,7 +84,7 @@ def test_manifest_flops_match_the_counter(tiny_bundle, tiny_checkout):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from seesr_export.bundle import _Models
+    from seesr_export.export_networks import TorchModels
     from seesr_export.export import graph_module, sample_feeds
 
     manifest = Manifest.load(tiny_bundle)
@@ -97,7 +97,7 @@ def test_manifest_flops_match_the_counter(tiny_bundle, tiny_checkout):
     assert unet[(("B", 2), ("h", 64), ("w", 64))] == 2 * unet[(("B", 1), ("h", 64), ("w", 64))]
 
     spec = manifest.spec("controlnet")
-    module = graph_module("controlnet", _Models(tiny_checkout))
+    module = graph_module("controlnet", TorchModels(tiny_checkout))
     env = {"B": 2, "h": 64, "w": 64}
     feeds = sample_feeds(spec, env)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):

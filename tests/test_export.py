@@ -12,7 +12,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from seesr_export.bundle import BuildOptions, _tensorrt_missing, build_bundle, relative_l2
+from seesr_export.bundle import BuildOptions, build_bundle
+from seesr_export.build_request import _tensorrt_missing
+from seesr_export.parity import relative_l2
 from seesr_export.cli import main as cli_main
 from seesr_export.export import ExportOptions, export_onnx, graph_modules, run_torch, sample_feeds
 from seesr_runtime.manifest import Manifest

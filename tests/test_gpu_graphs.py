@@ -142,7 +142,7 @@ def test_gpu_graph_needs_cuda_kernels(tiny_bundle):
 def test_every_graph_passed_its_parity_gate(tiny_bundle, name):
     """The build measured each CPU-runnable graph (and the fused fp32 variant of each GPU graph) against
     torch and recorded the tolerance it passed."""
-    from seesr_export.export import PARITY_TOLERANCES
+    from seesr_export.parity import PARITY_TOLERANCES
 
     entry = Manifest.load(tiny_bundle).data["networks"][name]
     expected = {"fp32", "fp16"} | ({"fused_fp32"} if GPU_GRAPH in entry["files"] else set())

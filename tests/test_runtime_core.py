@@ -1,4 +1,5 @@
 """The torch-free runtime on its own (these tests also run in a venv without torch: see .ci/run)."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -109,3 +110,37 @@ def test_tiled_vae_runs_its_segments(runtime_pipeline):
     tiled_mean, tiled_logvar = runtime_pipeline.run_vae("vae_encoder", image, tile=128)
     assert tiled_mean.shape == mean.shape == (1, 4, 60, 44) and np.isfinite(tiled_logvar).all()
     assert 0 < np.linalg.norm(tiled_mean - mean) / np.linalg.norm(mean) < 0.5
+
+
+def test_pipeline_refuses_a_bundle_whose_inputs_it_does_not_feed(runtime_bundle):
+    from seesr_runtime.backends import create_backend
+    from seesr_runtime.pipeline import SeeSRPipeline
+
+    manifest = Manifest.load(runtime_bundle)
+    SeeSRPipeline(manifest, create_backend("onnxruntime", manifest))  # the bundle as built: accepted
+    renamed = json.loads(json.dumps(manifest.data))
+    renamed["networks"]["controlnet"]["spec"]["inputs"][-1]["name"] = "scale"
+    other = Manifest(manifest.root, renamed)
+    with pytest.raises(BundleError, match=r"controlnet graph takes inputs \[.*'scale'\], but this runtime feeds it "
+                                          r"\[.*'conditioning_scale'\]"):
+        SeeSRPipeline(other, create_backend("onnxruntime", other))
+
+
+def test_dummy_feeds_follow_the_spec(runtime_bundle):
+    from seesr_runtime.networks import NETWORK_NAMES, NETWORK_TABLE, dummy_feeds, network_specs
+
+    manifest = Manifest.load(runtime_bundle)
+    specs = network_specs(manifest.dims)
+    assert tuple(specs) == NETWORK_NAMES == tuple(NETWORK_TABLE) == tuple(manifest.data["networks"])
+    env = {"B": 2, "h": 8, "w": 12}
+    feeds = dummy_feeds(specs["controlnet"], env, seed=3)
+    assert list(feeds) == specs["controlnet"].input_names
+    assert all(feeds[t.name].shape == t.concrete_shape(env) for t in specs["controlnet"].inputs)
+    assert feeds["conditioning_scale"].shape == () and feeds["conditioning_scale"] == 1.0
+    timestep = feeds["timestep"]
+    assert timestep.dtype == np.float32 and ((timestep >= 1) & (timestep <= 999) & (timestep == np.round(timestep))).all()
+    assert 0.0 <= feeds["controlnet_cond"].min() and feeds["controlnet_cond"].max() <= 1.0
+    ids = dummy_feeds(specs["text_encoder"], {"B": 1}, seed=0, vocab=100)["input_ids"]
+    assert ids.dtype == np.int64 and 0 <= ids.min() and ids.max() < 100
+    again = dummy_feeds(specs["controlnet"], env, seed=3)
+    assert all(np.array_equal(feeds[n], again[n]) for n in feeds)

@@ -7,7 +7,7 @@ from PIL import Image
 from seesr_runtime.imaging import adain_color_fix, resize_bilinear, wavelet_color_fix
 from seesr_runtime.scheduler import DDPMScheduler
 from seesr_export import reference as ref
-from seesr_export.bundle import relative_l2
+from seesr_export.parity import relative_l2
 
 
 def replayable_noise(seed=0):

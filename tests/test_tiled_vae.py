@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from seesr_export.bundle import relative_l2
+from seesr_export.parity import relative_l2
 from seesr_export.tiled_vae import group_stats, split_segments, tiled_forward, vae_tasks
 from seesr_runtime import SeeSRPipeline
 from seesr_runtime.backends import OnnxRuntimeBackend

@@ -2,7 +2,7 @@
 
 This package must never import torch: it is what users deploy.
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .pipeline import SeeSRPipeline, UpscaleResult  # noqa: E402
 

@@ -25,7 +25,7 @@ from PIL import Image
 from . import __version__
 from . import options as option_table
 from .manifest import Manifest
-from .networks import NetworkSpec
+from .networks import NETWORK_CALL_ORDER, NetworkSpec
 from .profiling import StageProfiler, summarize
 
 FORMAT = "seesr-bench"
@@ -33,7 +33,7 @@ FORMAT = "seesr-bench"
 STAGES = ("preprocess", "dape", "text_encoder", "vae_encoder", "controlnet", "unet", "scheduler_step",
           "vae_decoder", "postprocess")
 STEP_STAGE = "denoise_step"
-NETWORK_STAGES = ("dape", "text_encoder", "vae_encoder", "controlnet", "unet", "vae_decoder")
+NETWORK_STAGES = NETWORK_CALL_ORDER
 
 
 @dataclass

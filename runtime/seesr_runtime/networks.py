@@ -40,13 +40,6 @@ def eval_dim(expr: int | str, env: dict[str, int]) -> int:
     return math.ceil(env[name] / int(m["div"]))
 
 
-def dim_names(expr: int | str) -> list[str]:
-    """The named dimensions an expression depends on."""
-    if isinstance(expr, int):
-        return []
-    return re.findall(r"[A-Za-z_]\w*", expr.replace("ceil(", "("))
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -92,12 +85,6 @@ class NetworkSpec:
     inputs: tuple
     outputs: tuple
     profiles: tuple = field(default=())
-
-    def input(self, name: str) -> TensorSpec:
-        for spec in self.inputs:
-            if spec.name == name:
-                return spec
-        raise KeyError(f"network {self.name} has no input {name!r}")
 
     @property
     def input_names(self) -> list[str]:
@@ -210,4 +197,85 @@ def network_specs(dims: ModelDims) -> dict[str, NetworkSpec]:
     return {s.name: s for s in specs}
 
 
-NETWORK_NAMES = ("dape", "text_encoder", "controlnet", "unet", "vae_encoder", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class NetworkRole:
+    """Where a network comes from and where it runs: the one table the exporter's model loading, cache
+    keys and export order, and the runtime's stage order read."""
+
+    name: str
+    model: str  # the torch model it is traced from; networks sharing one (the VAE halves) load it once
+    sources: tuple  # the checkout's file roles that shape its graphs (the build's cache key hashes them)
+    call_order: int  # position in one upscale: tagger, prompt, VAE encode, per step ControlNet then UNet, decode
+    export_order: int  # parallel builds start the largest first, so the UNet does not start last
+
+
+NETWORK_TABLE = {role.name: role for role in (
+    NetworkRole("dape", model="dape", sources=("ram", "dape"), call_order=0, export_order=3),
+    NetworkRole("text_encoder", model="text_encoder", sources=("text_encoder",), call_order=1, export_order=2),
+    NetworkRole("controlnet", model="controlnet", sources=("controlnet",), call_order=3, export_order=1),
+    NetworkRole("unet", model="unet", sources=("unet",), call_order=4, export_order=0),
+    NetworkRole("vae_encoder", model="vae", sources=("vae",), call_order=2, export_order=4),
+    NetworkRole("vae_decoder", model="vae", sources=("vae",), call_order=5, export_order=4),
+)}
+NETWORK_NAMES = tuple(NETWORK_TABLE)  # the manifest's order
+NETWORK_CALL_ORDER = tuple(sorted(NETWORK_NAMES, key=lambda n: NETWORK_TABLE[n].call_order))
+
+
+def networks_of_model() -> dict[str, tuple[str, ...]]:
+    """torch model -> the networks traced from it."""
+    models = {}
+    for role in NETWORK_TABLE.values():
+        models.setdefault(role.model, ())
+        models[role.model] += (role.name,)
+    return models
+
+
+def networks_by_size(names) -> list[str]:
+    """``names``, largest network first."""
+    return sorted(names, key=lambda n: NETWORK_TABLE[n].export_order)
+
+
+# The int8 policy: int8 bundles quantize the two networks called every step, where int8 pays; the others
+# run a fallback graph: fp32 on onnxruntime and OpenVINO, fp16 engines on TensorRT.
+INT8_NETWORKS = ("controlnet", "unet")
+INT8_FALLBACK = "fp32"
+INT8_ENGINE_FALLBACK = "fp16"
+
+
+def graph_for_precision(files: dict, precision: str, int8_fallback: str = INT8_FALLBACK) -> str:
+    """Which of a network's graphs (its manifest ``files``) runs at ``precision``: its own, except that a
+    network int8 left alone runs ``int8_fallback``."""
+    if precision == "int8" and "int8" not in files:
+        return int8_fallback
+    return precision
+
+
+def dummy_feeds(spec: NetworkSpec, env: dict[str, int], seed: int = 0, vocab: int = 49408,
+                conditioning_scale: float = 1.0) -> dict:
+    """Random inputs of ``spec`` at the named dimensions ``env``, in ranges the networks see in use:
+    token ids below ``vocab``, whole timesteps in [1, 999] as float, the ControlNet's image in [0, 1] and
+    its residuals at their small scale, a 0-d ``conditioning_scale``, standard normal for the rest
+    (latents, embeddings, normalized images). Tracing, the build's parity check and the benchmarks use
+    these; the parity errors a bundle records depend on the exact values."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for tensor in spec.inputs:
+        shape = tensor.concrete_shape(env)
+        if tensor.dtype == "int64":
+            value = rng.integers(0, vocab, shape, dtype=np.int64)
+        elif tensor.name == "timestep":
+            value = rng.integers(1, 1000, shape).astype(np.float32)
+        elif tensor.name == "conditioning_scale":
+            value = np.array(conditioning_scale, dtype=np.float32)
+        elif tensor.name == "controlnet_cond":
+            value = rng.random(shape, dtype=np.float32)
+        elif tensor.name.endswith("_res"):
+            value = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            value = rng.standard_normal(shape).astype(np.float32)
+        feeds[tensor.name] = value.astype(tensor.dtype) if tensor.dtype == "float16" else value
+    return feeds

@@ -32,6 +32,7 @@ import numpy as np
 
 from .errors import BundleError
 from .manifest import Manifest
+from .networks import graph_for_precision
 
 # precision -> (which graphs of the bundle, OpenVINO's INFERENCE_PRECISION_HINT, capability it needs)
 PRECISIONS = {
@@ -148,9 +149,7 @@ class OpenVINOBackend:
 
     def graph_precision(self, network: str) -> str:
         """Which of the bundle's graphs this network runs: int8 bundles quantize only UNet and ControlNet."""
-        if self.graphs == "int8" and "int8" not in self.manifest.entry(network)["files"]:
-            return "fp32"
-        return self.graphs
+        return graph_for_precision(self.manifest.entry(network)["files"], self.graphs)
 
     def kept_f32(self, network: str) -> tuple:
         return tuple(self.keep_f32.get(network, ())) if self.inference_precision in ("bf16", "f16") else ()

@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import BundleError
 from .manifest import GPU_GRAPH, Manifest
-from .networks import NetworkSpec, eval_dim
+from .networks import NetworkSpec, eval_dim, graph_for_precision
 
 PER_STEP_NETWORKS = ("controlnet", "unet")  # called every step at one shape: static-shape sessions pay off
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -33,8 +33,7 @@ def graph_precision(manifest: Manifest, network: str, precision: str, providers:
     graph when the bundle has one (bundles built before it existed keep their plain fp16 graph);
     int8 bundles quantize only the UNet and ControlNet, the rest run fp32."""
     files = manifest.entry(network)["files"]
-    if precision == "int8" and "int8" not in files:
-        return "fp32"
+    precision = graph_for_precision(files, precision)
     gpu = files.get(GPU_GRAPH)
     if precision == "fp16" and gpu_graph and gpu is not None and set(gpu.get("providers", ())) <= set(providers):
         return GPU_GRAPH

@@ -64,6 +64,7 @@ class SeeSRPipeline:
         self.thresholds = np.asarray(tagger["thresholds"], dtype=np.float32)
         self.tagger = tagger
         self.text = PromptEncoder(manifest, self.backend)
+        check_feeds(manifest)
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, backend: str = "onnxruntime", verify: str | bool = "auto",
@@ -233,3 +234,27 @@ def _noise_source(noise_fn: NoiseFn | None, seed: int):
         return value
 
     return draw
+
+
+# The inputs this pipeline (and PromptEncoder) feeds each network, by name. The UNet also takes the
+# ControlNet's outputs, and each VAE half its one input, whatever the bundle names them.
+DENOISER_FEEDS = ("sample", "timestep", "encoder_hidden_states", "image_embeds")
+PIPELINE_FEEDS = {"dape": ("image",), "text_encoder": ("input_ids",),
+                  "controlnet": (*DENOISER_FEEDS, "controlnet_cond", "conditioning_scale")}
+
+
+def check_feeds(manifest: Manifest) -> None:
+    """Refuse a bundle whose networks take other inputs than this pipeline feeds (once per pipeline;
+    networks the bundle lacks fail when first called, as before)."""
+    networks = manifest.data["networks"]
+    expected = dict(PIPELINE_FEEDS)
+    if "controlnet" in networks:
+        expected["unet"] = (*DENOISER_FEEDS, *manifest.spec("controlnet").output_names)
+    for network in ("vae_encoder", "vae_decoder"):
+        if network in networks:  # any one name: the pipeline feeds the VAE by position
+            expected[network] = manifest.spec(network).input_names[:1]
+    for network, names in expected.items():
+        declared = manifest.spec(network).input_names if network in networks else list(names)
+        if list(names) != declared:
+            raise BundleError(f"{manifest.root}: the {network} graph takes inputs {declared}, but this runtime "
+                              f"feeds it {list(names)}; the bundle was built for another version of the runtime")

@@ -85,7 +85,3 @@ def load_scheduler_config(sd2_folder: Path) -> dict:
     except ValueError as exc:
         raise CheckpointError(f"SD2 scheduler: cannot parse {path}: {exc}") from exc
     return {k: raw[k] for k in DDPM_KEYS if k in raw}
-
-
-def vae_scaling_factor(vae: nn.Module) -> float:
-    return float(vae.config.scaling_factor)
