@@ -4,7 +4,8 @@ import onnx
 import pytest
 
 from seesr_export.bundle import BuildOptions, build_bundle
-from seesr_export.quantize import DEFAULT_EXCLUDE, QUANTIZED_NETWORKS
+from seesr_export.quantize import DEFAULT_EXCLUDE
+from seesr_runtime.networks import INT8_NETWORKS
 from seesr_runtime import SeeSRPipeline
 from seesr_runtime.manifest import Manifest
 
@@ -28,7 +29,7 @@ def int8_bundle(request, tiny_checkout, tmp_path_factory):
     return out, report
 
 
-@pytest.mark.parametrize("name", QUANTIZED_NETWORKS)
+@pytest.mark.parametrize("name", INT8_NETWORKS)
 def test_int8_graph_error_is_bounded(int8_bundle, name):
     out, report = int8_bundle
     manifest = Manifest.load(out)
@@ -79,7 +80,7 @@ def test_int8_settings_are_recorded(int8_bundle):
     assert settings["conv_input_percentile"] == (99.99 if report.quality["method"] == "modelopt" else None)
 
 
-@pytest.mark.parametrize("name", QUANTIZED_NETWORKS)
+@pytest.mark.parametrize("name", INT8_NETWORKS)
 def test_exclusions_are_honoured(int8_bundle, name):
     out, _ = int8_bundle
     model = onnx.load(str(Manifest.load(out).graph_path(name, "int8")))
@@ -109,7 +110,7 @@ def test_image_attention_fp32_is_recorded(image_attention_fp32_bundle):
     assert image_attention_fp32_bundle.data["quality"]["int8"]["settings"]["image_attention_fp32"] is True
 
 
-@pytest.mark.parametrize("name", QUANTIZED_NETWORKS)
+@pytest.mark.parametrize("name", INT8_NETWORKS)
 def test_image_attention_can_stay_fp32(image_attention_fp32_bundle, name):
     model = onnx.load(str(image_attention_fp32_bundle.graph_path(name, "int8")))
     int8 = quantized_nodes(model)
