@@ -65,7 +65,7 @@ def clip_tokenizers(tmp_path_factory):
     bundle's tokenizer.json of that folder."""
     from tokenizers import Tokenizer
 
-    from seesr_export.bundle import write_tokenizer_json
+    from seesr_export.manifest_writer import write_tokenizer_json
     from seesr_export.testing.fixtures import clip_bpe_merges, write_clip_tokenizer
 
     try:
