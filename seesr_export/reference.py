@@ -9,6 +9,10 @@ inject the same noise into the runtime.
 Large images go through the official tiled VAE (GroupNorm statistics shared
 across padded tiles, ``tiled_vae.py``) above 1088 px on the encoder side and
 246 latent px on the decoder side, as the official pipeline does.
+
+Twins in the runtime (numpy): ``SeeSRReference`` ↔ ``seesr_runtime.pipeline.SeeSRPipeline``, the colour
+fixes ↔ ``seesr_runtime.imaging``, ``ddpm_step`` (diffusers) ↔ ``seesr_runtime.scheduler``; the tests
+that hold each pair equal are named in the runtime modules' docstrings.
 """
 from __future__ import annotations
 

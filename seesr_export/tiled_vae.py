@@ -10,7 +10,9 @@ core, up/downsampling, storing and adding residuals, GroupNorms). Cut before eve
 gives the **segments** the bundle exports: segment 0 maps an input tile to the first GroupNorm's
 input; segment k applies GroupNorm k with given statistics and runs to the next GroupNorm. The
 runtime (``seesr_runtime.tiled_vae``) runs those graphs tile by tile and combines the statistics in
-numpy; ``tiled_forward`` below does the same in torch for the reference pipeline.
+numpy; ``tiled_forward`` below does the same in torch for the reference pipeline. The twins are held
+equal by ``tests/test_tiled_vae.py`` (``test_tile_statistics_match_torch``,
+``test_runtime_segments_match_the_torch_tiler``).
 
 The pointwise ``quant_conv`` (encoder, with the posterior's logvar clamp) and ``post_quant_conv``
 (decoder) run outside the official tiler; being 1x1 convolutions they give the same values per

@@ -2,6 +2,11 @@
 
 Each function reproduces one step of the official ``test_seesr.py`` /
 ``pipeline_seesr.py`` (see the notes in each docstring for the exact rule).
+
+Twins in ``seesr_export.reference`` (torch): ``adain_color_fix``, ``wavelet_color_fix`` (held equal by
+``tests/test_runtime_parity.py::test_colour_fixes_match_torch``) and ``resize_bilinear`` against torch's
+bilinear interpolation (``test_bilinear_resize_matches_torch``). The geometry (``working_image``,
+``tile_origins``, ``gaussian_tile_weights``) has no twin: the reference imports it from here.
 """
 from __future__ import annotations
 

@@ -11,6 +11,11 @@ Faithful to the official ``test_seesr.py`` / ``pipeline_seesr.py``, including it
 large images (``tiled_vae.py``). Every random draw goes through ``noise(kind, shape)`` in the
 official order (initial latent noise, VAE posterior noise, one per
 step), so a caller can replay another implementation's stream via ``noise_fn``.
+
+Twin: ``seesr_export.reference.SeeSRReference`` runs the same loop in torch; the two are held equal,
+same noise, by ``tests/test_runtime_parity.py::test_runtime_matches_reference`` (latent tiling,
+guidance, start points and colour fixes among its cases) and, for the tiled VAE,
+``tests/test_tiled_vae.py::test_decoded_image_within_one_level_of_the_reference``.
 """
 from __future__ import annotations
 

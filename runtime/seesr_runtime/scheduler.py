@@ -4,6 +4,10 @@ Reproduces diffusers' ``DDPMScheduler`` as SeeSR uses it (epsilon prediction,
 ``fixed_small`` variance, "leading" timesteps with ``steps_offset``), computing
 in float32 as torch does. The variance noise is an argument, not drawn here, so
 a caller can replay any random stream.
+
+Twin: diffusers' ``DDPMScheduler`` (what the torch reference steps with, via
+``seesr_export.reference.ddpm_step``); held equal by ``tests/test_runtime_parity.py``
+(``test_scheduler_matches_diffusers``, ``test_scheduler_add_noise_matches_diffusers``).
 """
 from __future__ import annotations
 
