@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 PROFILES = {
     "ci": dict(max_examples=150, deadline=None),
-    "long": dict(max_examples=5000, deadline=None),
+    "long": dict(max_examples=2000, deadline=None),
 }
 
 
