@@ -147,12 +147,20 @@ def json_paths(node, prefix=()):
         yield from json_paths(child, prefix + (key,))
 
 
+def _at(node, path):
+    for key in path:
+        node = node[key]
+    return node
+
+
 @st.composite
 def mutated_manifests(draw, data: dict):
     """A deep copy of ``data`` with one to four keys deleted or values replaced by odd ones."""
     data = json.loads(json.dumps(data))
     for _ in range(draw(st.integers(1, 4))):
         paths = [p for p in json_paths(data) if p]
+        if draw(st.booleans()):  # half the time a string: most are the paths a bundle must contain
+            paths = [p for p in paths if isinstance(_at(data, p), str)] or paths
         if not paths:
             break
         path = draw(st.sampled_from(paths))

@@ -153,7 +153,8 @@ def _first_network(data):
     return next(iter(data["networks"]))
 
 
-# What the fuzzer found, pinned: each once escaped as TypeError, AttributeError or KeyError.
+# What the fuzzing found, pinned: each once escaped as another exception (TypeError, AttributeError,
+# KeyError, ValueError, UnicodeEncodeError).
 FOUND = {
     "network entry null": lambda d: _set(("networks", _first_network(d)), None)(d),
     "files a list": lambda d: _set(("networks", _first_network(d), "files"), [1])(d),
@@ -164,6 +165,7 @@ FOUND = {
     "top-level files a list": lambda d: _set(("files",), ["a"])(d),
     "spec null": lambda d: _set(("networks", _first_network(d), "spec"), None)(d),
     "spec without outputs": lambda d: d["networks"][_first_network(d)]["spec"].pop("outputs"),
+    "graph path a lone surrogate": lambda d: _set(("networks", _first_network(d), "files", "fp32", "onnx"), "\ud800")(d),
     "tensor dtype null": lambda d: _set(("networks", _first_network(d), "spec", "inputs", 0, "dtype"), None)(d),
 }
 

@@ -101,7 +101,7 @@ def bundle_path(root: Path | str, rel, what: str) -> Path:
     links (anywhere along the path) that lead outside it are refused with a BundleError naming the
     bundle, ``what`` the path is for, the path and where it leads.
     """
-    if not isinstance(rel, str) or not rel or "\0" in rel:
+    if not isinstance(rel, str) or not rel or "\0" in rel or not _encodable(rel):
         raise BundleError(f"{root}: {what} {rel!r} is not a path (expected a path relative to the bundle)")
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).drive or PureWindowsPath(rel).root:
         raise BundleError(f"{root}: {what} {rel!r} is an absolute path; a bundle names its files relative "
@@ -115,6 +115,15 @@ def bundle_path(root: Path | str, rel, what: str) -> Path:
         how = "climbs out of the bundle" if climbs else "leads outside the bundle through a symbolic link"
         raise BundleError(f"{root}: {what} {rel!r} {how} (to {target}); bundle paths must stay inside the bundle")
     return target
+
+
+def _encodable(rel: str) -> bool:
+    """Whether the file system can hold the name (JSON can spell lone surrogates, which no path holds)."""
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def named_paths(data: dict) -> list[tuple[str, str]]:
