@@ -11,18 +11,22 @@ import json
 import os
 import struct
 import zlib
+from datetime import timedelta
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+# deadline: one example taking longer fails (a slow path or a decoded bomb); generous, as the build
+# machine is shared. A true hang is left to CI's job timeout.
 PROFILES = {
-    "ci": dict(max_examples=150, deadline=None),
-    "long": dict(max_examples=2000, deadline=None),
+    "ci": dict(max_examples=150, deadline=timedelta(seconds=10)),
+    "long": dict(max_examples=2000, deadline=timedelta(seconds=10)),
 }
 
 
 def fuzz_settings(scale: float = 1.0) -> settings:
-    """The settings of one fuzz target under $SEESR_FUZZ's profile; ``scale`` trims the slower targets."""
+    """The settings of one fuzz target under $SEESR_FUZZ's profile; ``scale`` sizes the target against the
+    profile's examples (more for cheap targets, fewer for slow ones)."""
     name = os.environ.get("SEESR_FUZZ", "ci")
     if name not in PROFILES:
         raise ValueError(f"SEESR_FUZZ={name!r}: expected one of {sorted(PROFILES)}")
