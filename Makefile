@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-triton venv clean
+.PHONY: demo test test-fast fuzz test-triton venv clean
 
 demo: $(STAMP)
 	$(BIN)/seesr-export demo --out out/demo
@@ -17,6 +17,13 @@ test: $(STAMP)
 # (pyproject.toml). Target: under 3 minutes on a quiet 2-core machine; the 10 slowest are listed.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=10
+
+# The long fuzz campaign (tests/test_fuzz.py under the "long" profile; CI runs the short one with the
+# suite). Prints the examples run per target; replay a run with FUZZ_ARGS=--hypothesis-seed=N.
+FUZZ_ARGS ?=
+fuzz: $(STAMP)
+	SEESR_FUZZ=long $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py \
+		--hypothesis-show-statistics -W ignore::UserWarning $(FUZZ_ARGS)
 
 venv: $(STAMP)
 

@@ -20,7 +20,8 @@ DEFAULT_MAX_PIXELS = option_table.default("max_pixels")  # input pixels; the out
 
 
 def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Open ``path`` as an RGB PIL image, or raise ImageRejected with a clear reason.
+    """Open ``path`` as an RGB PIL image, or raise ImageRejected with a clear reason (whatever the file's
+    bytes: ``tests/test_fuzz.py`` holds it to that); OSError only when ``path`` cannot be stat'ed.
 
     Returns ``(image, note)``: note says what conversion was applied, if any
     (grayscale, alpha dropped as the official script does, 16-bit scaled to 8-bit).

@@ -40,6 +40,8 @@ _REQUIRED = {
 
 def validate(data: dict, source: str = MANIFEST) -> None:
     """Raise BundleError naming every structural problem of a manifest."""
+    if not isinstance(data, dict):
+        raise BundleError(f"{source}: invalid manifest: expected a JSON object, got {type(data).__name__}")
     problems = [f"missing or mistyped field {k!r} (expected {t.__name__})"
                 for k, t in _REQUIRED.items() if not isinstance(data.get(k), t)]
     if not problems:
@@ -47,23 +49,49 @@ def validate(data: dict, source: str = MANIFEST) -> None:
             problems.append(f"format is {data['format']!r}, expected {FORMAT!r}")
         if data["schema_version"] != SCHEMA_VERSION:
             problems.append(f"schema_version {data['schema_version']} is not {SCHEMA_VERSION}")
+        if not isinstance(data.get("files", {}), dict):
+            problems.append("'files' must map paths to sha256 hashes")
         for name, entry in data["networks"].items():
-            if name not in NETWORK_NAMES:
-                problems.append(f"unknown network {name!r}")
-            for precision, files in entry.get("files", {}).items():
-                if precision not in PRECISIONS:
-                    problems.append(f"{name}: unknown precision {precision!r}")
-                if not isinstance(files.get("onnx"), str) or not isinstance(files.get("sha256"), dict):
-                    problems.append(f"{name}/{precision}: needs 'onnx' (path) and 'sha256' (file -> hash)")
-            if "spec" not in entry:
-                problems.append(f"{name}: missing 'spec'")
+            problems += _network_problems(name, entry)
         tagger = data["tagger"]
-        if len(tagger.get("tags", [])) != len(tagger.get("thresholds", [None])):
+        tags, thresholds = tagger.get("tags", []), tagger.get("thresholds", [None])
+        if not isinstance(tags, list) or not isinstance(thresholds, list):
+            problems.append("tagger: tags and thresholds must be lists")
+        elif len(tags) != len(thresholds):
             problems.append("tagger: tags and thresholds differ in length")
         if "options" in data["pipeline"]:  # absent in bundles built before it was recorded
             problems += option_table.description_problems(data["pipeline"]["options"])
     if problems:
         raise BundleError(f"{source}: invalid manifest:\n  " + "\n  ".join(problems))
+
+
+def _network_problems(name: str, entry) -> list[str]:
+    """What is wrong with the structure of one ``networks`` entry (its graphs, segments and engines)."""
+    if name not in NETWORK_NAMES:
+        return [f"unknown network {name!r}"]
+    if not isinstance(entry, dict):
+        return [f"{name}: expected an object, got {type(entry).__name__}"]
+    problems = [] if "spec" in entry else [f"{name}: missing 'spec'"]
+    tiled = entry.get("tiled", {})
+    segments = tiled.get("segments", []) if isinstance(tiled, dict) else None
+    if not isinstance(segments, list) or not all(isinstance(s, dict) for s in segments):
+        problems.append(f"{name}: 'tiled' must be an object whose 'segments' is a list of objects")
+        segments = []
+    for owner, holder in [(name, entry)] + [(f"{name}#{k}", s) for k, s in enumerate(segments)]:
+        files_by_precision = holder.get("files", {})
+        if not isinstance(files_by_precision, dict):
+            problems.append(f"{owner}: 'files' must map precisions to graph files")
+            continue
+        for precision, files in files_by_precision.items():
+            if precision not in PRECISIONS:
+                problems.append(f"{owner}: unknown precision {precision!r}")
+            if (not isinstance(files, dict) or not isinstance(files.get("onnx"), str)
+                    or not isinstance(files.get("sha256"), dict)):
+                problems.append(f"{owner}/{precision}: needs 'onnx' (path) and 'sha256' (file -> hash)")
+    engines = entry.get("engines", {})
+    if not isinstance(engines, dict) or not all(isinstance(e, dict) for e in engines.values()):
+        problems.append(f"{name}: 'engines' must map precisions to objects naming a 'file'")
+    return problems
 
 
 def bundle_path(root: Path | str, rel, what: str) -> Path:
@@ -73,7 +101,7 @@ def bundle_path(root: Path | str, rel, what: str) -> Path:
     links (anywhere along the path) that lead outside it are refused with a BundleError naming the
     bundle, ``what`` the path is for, the path and where it leads.
     """
-    if not isinstance(rel, str) or not rel or "\0" in rel:
+    if not isinstance(rel, str) or not rel or "\0" in rel or not _encodable(rel):
         raise BundleError(f"{root}: {what} {rel!r} is not a path (expected a path relative to the bundle)")
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).drive or PureWindowsPath(rel).root:
         raise BundleError(f"{root}: {what} {rel!r} is an absolute path; a bundle names its files relative "
@@ -87,6 +115,15 @@ def bundle_path(root: Path | str, rel, what: str) -> Path:
         how = "climbs out of the bundle" if climbs else "leads outside the bundle through a symbolic link"
         raise BundleError(f"{root}: {what} {rel!r} {how} (to {target}); bundle paths must stay inside the bundle")
     return target
+
+
+def _encodable(rel: str) -> bool:
+    """Whether the file system can hold the name (JSON can spell lone surrogates, which no path holds)."""
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def named_paths(data: dict) -> list[tuple[str, str]]:
@@ -141,7 +178,7 @@ class Manifest:
             raise BundleError(f"{root}: not a SeeSR bundle (no {MANIFEST})")
         try:
             data = json.loads(path.read_text())
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
             raise BundleError(f"{path}: not valid JSON: {exc}") from exc
         validate(data, str(path))
         manifest = cls(root, data)
@@ -184,11 +221,15 @@ class Manifest:
         return pipeline.get("options") or option_table.describe(option_table.defaults_from_manifest(pipeline))
 
     def spec(self, network: str) -> NetworkSpec:
-        return NetworkSpec.from_json(self.entry(network)["spec"])
+        try:
+            return NetworkSpec.from_json(self.entry(network)["spec"])
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(f"{self.root}: the spec of {network!r} in {MANIFEST} is malformed "
+                              f"({type(exc).__name__}: {exc})") from None
 
     def graph_path(self, network: str, precision: str = "fp32") -> Path:
         entry = self.entry(network)
-        if "#" in network and precision not in entry["files"]:
+        if "#" in network and precision not in entry.get("files", {}):
             precision = "fp32"  # segments are fp32 only: they run once per image, at full precision
         try:
             files = entry["files"][precision]
