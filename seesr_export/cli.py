@@ -39,7 +39,7 @@ def paths_from_args(args):
 
 def save_png_atomically(image, path: Path) -> None:
     """Write to a temporary file beside ``path``, then rename: never a half-written PNG."""
-    from seesr_runtime.cli import write_atomically
+    from seesr_runtime.filemodes import write_atomically
 
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from seesr_runtime.filemodes import write_atomically
 from seesr_runtime.manifest import FORMAT, MANIFEST, SCHEMA_VERSION, Manifest, sha256_file, validate
 from seesr_runtime.networks import ModelDims
 from seesr_runtime.options import bundle_defaults, describe
@@ -112,9 +112,5 @@ def as_loaded(root: Path, manifest: dict) -> Manifest:
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Write ``folder``'s manifest.json whole: a temporary file beside it, then a rename."""
-    tmp = Path(folder) / f".{MANIFEST}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, Path(folder) / MANIFEST)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = json.dumps(manifest, indent=1) + "\n"
+    write_atomically(Path(folder) / MANIFEST, lambda tmp: Path(tmp).write_text(text))

@@ -337,7 +337,7 @@ def mode(path: Path) -> int:
 
 @pytest.mark.parametrize("mask, file_mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_write_atomically_gives_the_umask_mode(tmp_path, umask, mask, file_mode):
-    from seesr_runtime.cli import write_atomically
+    from seesr_runtime.filemodes import write_atomically
 
     umask(mask)
     target = tmp_path / "out" / "sample.png"

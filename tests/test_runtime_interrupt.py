@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seesr_runtime.cli import remove_stale_temporaries, write_atomically
+from seesr_runtime.filemodes import remove_stale_temporaries, write_atomically
 
 IMAGES = 8
 OUT_SIZE = (128, 96)  # 32x24 inputs, x4

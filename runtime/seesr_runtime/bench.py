@@ -256,6 +256,6 @@ def _ms(value) -> str:
 
 
 def write_json(path, report: dict) -> None:
-    from .cli import write_atomically
+    from .filemodes import write_atomically
 
     write_atomically(path, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1) + "\n"))

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -14,6 +12,7 @@ from pathlib import Path
 from . import __version__
 from . import options as option_table
 from .errors import ImageRejected, SeeSRError
+from .filemodes import remove_stale_temporaries, write_atomically
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MAX_PIXELS = option_table.default("max_pixels")  # input pixels; the output is 16x that
@@ -72,44 +71,6 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
         else:
             files.append(path)
     return files
-
-
-def write_atomically(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: readers never see a partial file, and the file gets
-    the mode the umask gives a new file (not the temporary file's 0600). The hidden temporary file
-    carries our process id, so that ``remove_stale_temporaries`` can tell a killed writer's leftovers
-    from a live one's."""
-    from .filemodes import give_umask_mode
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        give_umask_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def remove_stale_temporaries(folder: Path, suffix: str) -> None:
-    """Remove the temporary files ``write_atomically`` left for ``*{suffix}`` outputs in ``folder`` when
-    its process was killed (SIGKILL, power loss); those of live processes stay."""
-    for tmp in folder.glob(f".*{suffix}.*.tmp") if folder.is_dir() else ():
-        pid = tmp.name.rsplit(".", 3)[1] if tmp.name.count(".") >= 4 else ""
-        if pid.isdigit() and not _process_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 class StopRequests:

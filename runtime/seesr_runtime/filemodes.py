@@ -1,4 +1,4 @@
-"""The permissions a file or directory we create gets: the user's umask, as for any new file.
+"""Files we write: replaced atomically, with the permissions the user's umask gives any new file.
 
 Atomic writes go through ``tempfile``, which creates files 0600 and directories 0700 (private while
 unfinished). Renamed into place as they are, a result would stay unreadable to a web server or another
@@ -7,6 +7,7 @@ user; ``give_umask_mode`` gives the finished file the mode ``open``/``mkdir`` wo
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -46,3 +47,39 @@ def give_tree_umask_modes(root: str | os.PathLike, files: bool = True) -> None:
                 os.chmod(path, mode)
     if (os.stat(root).st_mode & 0o7777) != directories:
         os.chmod(root, directories)
+
+
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename onto ``path``: readers never see a partial file, and the file gets
+    the mode the umask gives a new file (not the temporary file's 0600). The hidden temporary file
+    carries our process id, so that ``remove_stale_temporaries`` can tell a killed writer's leftovers
+    from a live one's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        give_umask_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder: Path, suffix: str) -> None:
+    """Remove the temporary files ``write_atomically`` left for ``*{suffix}`` outputs in ``folder`` when
+    its process was killed (SIGKILL, power loss); those of live processes stay."""
+    for tmp in folder.glob(f".*{suffix}.*.tmp") if folder.is_dir() else ():
+        pid = tmp.name.rsplit(".", 3)[1] if tmp.name.count(".") >= 4 else ""
+        if pid.isdigit() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -203,7 +203,8 @@ def _load_image(path: Path, max_pixels: int) -> np.ndarray:
 def cmd_upscale(args) -> int:
     from PIL import Image
 
-    from .cli import ImageRejected, expand_inputs, write_atomically
+    from .cli import ImageRejected, expand_inputs
+    from .filemodes import write_atomically
 
     sampling = _sampling(args)
     files = expand_inputs(args.inputs)

@@ -21,14 +21,13 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BundleError, OptionError
-from .filemodes import give_umask_mode
+from .filemodes import write_atomically
 from .manifest import sha256_file
 
 STAMP = ".seesr-verified.json"
@@ -133,22 +132,10 @@ def _write_stamp(stamps: list[Path], bundle: str, verified: dict) -> Path | None
     failures = []
     for path in stamps:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError as exc:
-            failures.append(f"{path.parent}: {exc.strerror or exc}")
-            continue
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            give_umask_mode(tmp)
-            os.replace(tmp, path)
+            write_atomically(path, lambda tmp: Path(tmp).write_text(text))
             return path
         except OSError as exc:
-            failures.append(f"{path}: {exc.strerror or exc}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            failures.append(f"{exc.filename or path}: {exc.strerror or exc}")
     warnings.warn(f"{bundle}: the verification stamp could not be written ({'; '.join(failures)}); "
                   "every load will hash the bundle's files again", RuntimeWarning, stacklevel=4)
     return None
