@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast fuzz test-triton venv clean
+.PHONY: demo test test-fast lint fuzz test-triton venv clean
 
 demo: $(STAMP)
 	$(BIN)/seesr-export demo --out out/demo
@@ -17,6 +17,14 @@ test: $(STAMP)
 # (pyproject.toml). Target: under 3 minutes on a quiet 2-core machine; the 10 slowest are listed.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=10
+
+# Style, types and the dependency rules (configured in pyproject.toml): ruff lint and format, mypy (strict on
+# the runtime), import-linter (the runtime never imports torch or the build side; no import cycles).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	PYTHONPATH=runtime:. $(BIN)/lint-imports
 
 # The long fuzz campaign (tests/test_fuzz.py under the "long" profile; CI runs the short one with the
 # suite). Prints the examples run per target; replay a run with FUZZ_ARGS=--hypothesis-seed=N.

@@ -17,6 +17,7 @@ BACKEND:PRECISION[:PROVIDER,...[:CPU_ARENA[:MODE,...]]]`` runs ``seesr bench``; 
 plain fp16 graphs instead of the GPU graphs), e.g. ``onnxruntime:fp16:cuda::static,cudagraph``;
 ``openvino:PRECISION[:DEVICE]`` for the OpenVINO backend, e.g. ``openvino:bf16:CPU``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
-from seesr_runtime.bench import (NETWORK_STAGES, STAGES, BenchConfig, bundle_info, git_commit,  # noqa: E402
-                                 gpu_memory_mb, machine_info, peak_host_mb, run_bench, write_json)
+from seesr_runtime.bench import (
+    NETWORK_STAGES,
+    STAGES,
+    BenchConfig,
+    bundle_info,
+    git_commit,
+    gpu_memory_mb,
+    machine_info,
+    peak_host_mb,
+    run_bench,
+    write_json,
+)
 
 PLOT_STAGES = (*STAGES, "other")
 
@@ -64,8 +75,9 @@ def torch_worker(args) -> int:
     # bf16-autocast: fp32 weights, matrix products in bf16 under torch.autocast (softmax and normalisation
     # stay fp32): PyTorch's own mixed precision, the yardstick for the runtime's bf16
     autocast = dtype_name == "bf16-autocast"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-             "bf16-autocast": torch.float32}[dtype_name]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "bf16-autocast": torch.float32}[
+        dtype_name
+    ]
     start = time.perf_counter()
     reference = SeeSRReference.from_paths(SeeSRPaths.from_root(args.seesr_root)).to(device, dtype)
     reference.profiler = profiler = StageProfiler()
@@ -81,14 +93,21 @@ def torch_worker(args) -> int:
             report = run_bench(pipe, profiler, config)
         # peak_gpu_mb is the driver's view (context + caching allocator), as for the runtime's backends;
         # torch's own count of live tensors is kept beside it.
-        report["memory"] = {"peak_host_mb": peak_host_mb(),
-                            "peak_gpu_mb": gpu_memory_mb() if device == "cuda" else None,
-                            "torch_max_allocated_mb": torch.cuda.max_memory_allocated() / 1024 ** 2
-                            if device == "cuda" else None}
+        report["memory"] = {
+            "peak_host_mb": peak_host_mb(),
+            "peak_gpu_mb": gpu_memory_mb() if device == "cuda" else None,
+            "torch_max_allocated_mb": torch.cuda.max_memory_allocated() / 1024**2 if device == "cuda" else None,
+        }
         results.append(report)
-    summary = {"format": "seesr-bench", "version": 1, "label": f"PyTorch {dtype_name} ({device})",
-               "backend": {"name": "torch", "precision": dtype_name, "providers": [device]}, "load_s": load_s,
-               "versions": {"torch": torch.__version__}, "results": results}
+    summary = {
+        "format": "seesr-bench",
+        "version": 1,
+        "label": f"PyTorch {dtype_name} ({device})",
+        "backend": {"name": "torch", "precision": dtype_name, "providers": [device]},
+        "load_s": load_s,
+        "versions": {"torch": torch.__version__},
+        "results": results,
+    }
     write_json(Path(args.json), summary)
     return 0
 
@@ -101,8 +120,13 @@ def _steps_per_size(args) -> list[int]:
 
 
 # The onnxruntime modes a --runtime configuration may name (its fifth field), as `seesr bench` options.
-RUNTIME_MODES = {"iobinding": ["--io-binding", "on"], "no-iobinding": ["--io-binding", "off"],
-                 "static": ["--static-shapes"], "cudagraph": ["--cuda-graph"], "plain": ["--no-gpu-graph"]}
+RUNTIME_MODES = {
+    "iobinding": ["--io-binding", "on"],
+    "no-iobinding": ["--io-binding", "off"],
+    "static": ["--static-shapes"],
+    "cudagraph": ["--cuda-graph"],
+    "plain": ["--no-gpu-graph"],
+}
 
 
 def runtime_command(spec: str, args, json_path: Path) -> tuple[str, list[str]]:
@@ -113,14 +137,39 @@ def runtime_command(spec: str, args, json_path: Path) -> tuple[str, list[str]]:
     unknown = [m for m in modes if m not in RUNTIME_MODES]
     if unknown:
         raise SystemExit(f"--runtime {spec}: unknown mode(s) {unknown}; known: {sorted(RUNTIME_MODES)}")
-    label = f"{backend} {precision}" + (f" ({','.join(providers)})" if providers else "") + \
-        (f" arena={arena}" if arena else "") + (f" [{'+'.join(modes)}]" if modes else "")
+    label = (
+        f"{backend} {precision}"
+        + (f" ({','.join(providers)})" if providers else "")
+        + (f" arena={arena}" if arena else "")
+        + (f" [{'+'.join(modes)}]" if modes else "")
+    )
     if backend == "openvino":  # BACKEND:PRECISION[:DEVICE]
         device = rest[0] if rest else "CPU"
         label, providers, arena = f"openvino {precision} ({device})", [], None
-    command = [sys.executable, "-m", "seesr_runtime.cli", "bench", "--bundle", str(args.bundle), "--backend", backend,
-               "--precision", precision, "--size", *map(str, args.sizes), "--steps", *map(str, args.steps),
-               "--runs", str(args.runs), "--warmup", str(args.warmup), "--label", label, "--json", str(json_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "seesr_runtime.cli",
+        "bench",
+        "--bundle",
+        str(args.bundle),
+        "--backend",
+        backend,
+        "--precision",
+        precision,
+        "--size",
+        *map(str, args.sizes),
+        "--steps",
+        *map(str, args.steps),
+        "--runs",
+        str(args.runs),
+        "--warmup",
+        str(args.warmup),
+        "--label",
+        label,
+        "--json",
+        str(json_path),
+    ]
     if providers:
         command += ["--providers", *providers]
     if backend == "openvino":
@@ -135,17 +184,36 @@ def runtime_command(spec: str, args, json_path: Path) -> tuple[str, list[str]]:
 
 
 def torch_command(spec: str, args, json_path: Path) -> tuple[str, list[str]]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--torch-worker", "--torch", spec,
-               "--bundle", str(args.bundle), "--seesr-root", str(args.seesr_root), "--sizes", *map(str, args.sizes),
-               "--steps", *map(str, args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
-               "--json", str(json_path)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--torch-worker",
+        "--torch",
+        spec,
+        "--bundle",
+        str(args.bundle),
+        "--seesr-root",
+        str(args.seesr_root),
+        "--sizes",
+        *map(str, args.sizes),
+        "--steps",
+        *map(str, args.steps),
+        "--runs",
+        str(args.runs),
+        "--warmup",
+        str(args.warmup),
+        "--json",
+        str(json_path),
+    ]
     return f"PyTorch {spec}", command
 
 
 def run_configuration(label: str, command: list[str], json_path: Path, timeout: float) -> dict:
     print(f"== {label}", file=sys.stderr, flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "runtime"),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "runtime"), os.environ.get("PYTHONPATH", "")]),
+    }
     started = time.perf_counter()
     try:
         done = subprocess.run(command, env=env, timeout=timeout)
@@ -189,8 +257,10 @@ def add_ratios(reports: list[dict]) -> None:
             res["speedup_vs_torch"] = {
                 "end_to_end": base["end_to_end"]["median_ms"] / res["end_to_end"]["median_ms"],
                 "extrapolated": _ratio(base["extrapolated"]["end_to_end_s"], res["extrapolated"]["end_to_end_s"]),
-                "stages": {s: _ratio(base["stages"][s]["per_image"]["median_ms"],
-                                     res["stages"][s]["per_image"]["median_ms"]) for s in PLOT_STAGES},
+                "stages": {
+                    s: _ratio(base["stages"][s]["per_image"]["median_ms"], res["stages"][s]["per_image"]["median_ms"])
+                    for s in PLOT_STAGES
+                },
                 "peak_host_memory": _ratio(res["memory"]["peak_host_mb"], base["memory"]["peak_host_mb"]),
             }
 
@@ -202,21 +272,29 @@ def _ratio(a, b):
 def markdown(summary: dict) -> str:
     machine = summary["machine"]
     device = machine["gpu"] or f"{machine['cpu']} ({machine['cpu_count']} cores)"
-    lines = [f"# SeeSR latency: {summary['name']}", "",
-             f"{device}; commit {summary['commit']}; bundle {summary['bundle']['name']} "
-             f"(manifest sha256 {summary['bundle']['manifest_sha256'][:12]}); {summary['date']}.", "",
-             "Per-image milliseconds (median of the timed runs; network stages are the sum of their calls). "
-             "Ratios are PyTorch's time over the configuration's, from the same script run.", ""]
+    lines = [
+        f"# SeeSR latency: {summary['name']}",
+        "",
+        f"{device}; commit {summary['commit']}; bundle {summary['bundle']['name']} "
+        f"(manifest sha256 {summary['bundle']['manifest_sha256'][:12]}); {summary['date']}.",
+        "",
+        "Per-image milliseconds (median of the timed runs; network stages are the sum of their calls). "
+        "Ratios are PyTorch's time over the configuration's, from the same script run.",
+        "",
+    ]
     ok = [r for r in summary["configurations"] if r["results"]]
-    for i, size in enumerate(summary["options"]["sizes"]):
+    for size in summary["options"]["sizes"]:
         rows = [(r["label"], next((x for x in r["results"] if x["config"]["size"] == size), None)) for r in ok]
         rows = [(label, res) for label, res in rows if res is not None]
         if not rows:
             continue
         first = rows[0][1]
-        lines += [f"## {size} px output ({first['input_size'][0]} px input), {first['config']['steps']} steps", "",
-                  "| stage | " + " | ".join(label for label, _ in rows) + " |",
-                  "|---|" + "---:|" * len(rows)]
+        lines += [
+            f"## {size} px output ({first['input_size'][0]} px input), {first['config']['steps']} steps",
+            "",
+            "| stage | " + " | ".join(label for label, _ in rows) + " |",
+            "|---|" + "---:|" * len(rows),
+        ]
         for stage in PLOT_STAGES:
             cells = []
             for _, res in rows:
@@ -225,23 +303,45 @@ def markdown(summary: dict) -> str:
                 cells.append("" if not value else f"{value:.1f}" + (f" ({tflops:.2f} TFLOP/s)" if tflops else ""))
             if any(cells):
                 lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-        lines.append("| **end to end (s)** | " + " | ".join(
-            f"**{res['end_to_end']['median_ms'] / 1e3:.3f}** (p95 {res['end_to_end']['p95_ms'] / 1e3:.3f})"
-            for _, res in rows) + " |")
+        lines.append(
+            "| **end to end (s)** | "
+            + " | ".join(
+                f"**{res['end_to_end']['median_ms'] / 1e3:.3f}** (p95 {res['end_to_end']['p95_ms'] / 1e3:.3f})"
+                for _, res in rows
+            )
+            + " |"
+        )
         if first["config"]["steps"] != first["extrapolated"]["steps"]:
-            lines.append(f"| end to end, extrapolated to {first['extrapolated']['steps']} steps (s) | " + " | ".join(
-                _fmt(res["extrapolated"]["end_to_end_s"], ".2f") for _, res in rows) + " |")
-        lines.append("| speed-up vs PyTorch (end to end) | " + " | ".join(
-            _fmt(res.get("speedup_vs_torch", {}).get("end_to_end"), ".2f", "x") for _, res in rows) + " |")
-        lines.append("| peak host memory (MB) | " + " | ".join(
-            f"{res['memory']['peak_host_mb']:.0f}" for _, res in rows) + " |")
-        for key, title in (("step_ms", "per step (ms)"), ("controlnet_ms", "per step: ControlNet (ms)"),
-                           ("unet_ms", "per step: UNet (ms)"), ("host_glue_ms", "per step: host glue (ms)")):
-            lines.append(f"| {title} | " + " | ".join(
-                _fmt((res.get("per_step") or {}).get(key), ".1f") for _, res in rows) + " |")
+            lines.append(
+                f"| end to end, extrapolated to {first['extrapolated']['steps']} steps (s) | "
+                + " | ".join(_fmt(res["extrapolated"]["end_to_end_s"], ".2f") for _, res in rows)
+                + " |"
+            )
+        lines.append(
+            "| speed-up vs PyTorch (end to end) | "
+            + " | ".join(_fmt(res.get("speedup_vs_torch", {}).get("end_to_end"), ".2f", "x") for _, res in rows)
+            + " |"
+        )
+        lines.append(
+            "| peak host memory (MB) | " + " | ".join(f"{res['memory']['peak_host_mb']:.0f}" for _, res in rows) + " |"
+        )
+        for key, title in (
+            ("step_ms", "per step (ms)"),
+            ("controlnet_ms", "per step: ControlNet (ms)"),
+            ("unet_ms", "per step: UNet (ms)"),
+            ("host_glue_ms", "per step: host glue (ms)"),
+        ):
+            lines.append(
+                f"| {title} | "
+                + " | ".join(_fmt((res.get("per_step") or {}).get(key), ".1f") for _, res in rows)
+                + " |"
+            )
         if any(res["memory"].get("peak_gpu_mb") for _, res in rows):
-            lines.append("| peak GPU memory (MB) | " + " | ".join(
-                _fmt(res["memory"].get("peak_gpu_mb"), ".0f") for _, res in rows) + " |")
+            lines.append(
+                "| peak GPU memory (MB) | "
+                + " | ".join(_fmt(res["memory"].get("peak_gpu_mb"), ".0f") for _, res in rows)
+                + " |"
+            )
         lines.append("")
     failed = [r for r in summary["configurations"] if not r["results"]]
     lines += [f"- {r['label']}: failed ({r.get('error')})" for r in failed]
@@ -262,8 +362,9 @@ def plot(summary: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    bars = [(f"{r['label']}\n{res['config']['size']} px", res) for r in summary["configurations"]
-            for res in r["results"]]
+    bars = [
+        (f"{r['label']}\n{res['config']['size']} px", res) for r in summary["configurations"] for res in r["results"]
+    ]
     if not bars:
         return False
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars)), 5))
@@ -293,9 +394,18 @@ def machine_kind(machine: dict) -> str:
 def write_results(out: Path, name: str, manifest, machine, options, command, configurations) -> tuple[str, bool]:
     configurations = json.loads(json.dumps(configurations))
     add_ratios(configurations)
-    summary = {"format": "seesr-bench-comparison", "version": 1, "name": name, "machine": machine,
-               "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "bundle": bundle_info(manifest),
-               "options": options, "command": command, "configurations": configurations}
+    summary = {
+        "format": "seesr-bench-comparison",
+        "version": 1,
+        "name": name,
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
+        "bundle": bundle_info(manifest),
+        "options": options,
+        "command": command,
+        "configurations": configurations,
+    }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"bench_{name}.json", summary)
     text = markdown(summary)
@@ -308,11 +418,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--seesr-root", type=Path, help="the checkout the bundle was built from (PyTorch side)")
-    parser.add_argument("--torch", nargs="+", default=["cpu:fp32"],
-                        help="DEVICE:DTYPE of the PyTorch reference (fp32, fp16, bf16, bf16-autocast), one or more "
-                             "(ratios are against the first), or none")
-    parser.add_argument("--runtime", nargs="*", default=["onnxruntime:fp32:cpu"],
-                        help="BACKEND:PRECISION[:PROVIDERS] configurations of the runtime")
+    parser.add_argument(
+        "--torch",
+        nargs="+",
+        default=["cpu:fp32"],
+        help="DEVICE:DTYPE of the PyTorch reference (fp32, fp16, bf16, bf16-autocast), one or more "
+        "(ratios are against the first), or none",
+    )
+    parser.add_argument(
+        "--runtime",
+        nargs="*",
+        default=["onnxruntime:fp32:cpu"],
+        help="BACKEND:PRECISION[:PROVIDERS] configurations of the runtime",
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[512])
     parser.add_argument("--steps", type=int, nargs="+", default=[50], help="one value, or one per size")
     parser.add_argument("--runs", type=int, default=3)
@@ -320,8 +438,9 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's stated peak (dense fp16)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     parser.add_argument("--name", default=None, help="results file stem (default: from the sizes)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results directory (default benchmarks/results/<machine-kind>)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results directory (default benchmarks/results/<machine-kind>)"
+    )
     parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -339,12 +458,20 @@ def main(argv=None) -> int:
     out = args.out or ROOT / "benchmarks" / "results" / machine_kind(machine)
     name = args.name or "sd_" + "_".join(map(str, args.sizes))
     configurations = []
-    options = {"sizes": args.sizes, "steps": _steps_per_size(args), "runs": args.runs, "warmup": args.warmup,
-               "peak_tflops": args.peak_tflops}
+    options = {
+        "sizes": args.sizes,
+        "steps": _steps_per_size(args),
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "peak_tflops": args.peak_tflops,
+    }
     command = "python benchmarks/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="seesr-bench-") as scratch:
-        jobs = [torch_command(spec, args, Path(scratch) / f"torch{i}.json")
-                for i, spec in enumerate(args.torch) if spec != "none"]
+        jobs = [
+            torch_command(spec, args, Path(scratch) / f"torch{i}.json")
+            for i, spec in enumerate(args.torch)
+            if spec != "none"
+        ]
         jobs += [runtime_command(spec, args, Path(scratch) / f"runtime{i}.json") for i, spec in enumerate(args.runtime)]
         for label, job in jobs:
             json_path = Path(job[job.index("--json") + 1])

@@ -6,6 +6,7 @@ graphs reused from the cache) so its peak memory can be read on its own.
 
     python benchmarks/export_sd2.py --work /tmp/seesr-sd2 [--precision fp32|fp16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
-from seesr_runtime.manifest import Manifest  # noqa: E402
-from seesr_runtime.networks import NETWORK_NAMES  # noqa: E402
+from seesr_runtime.manifest import Manifest
+from seesr_runtime.networks import NETWORK_NAMES
 
 
 def run_child(args: list[str]) -> tuple[float, int, int]:
@@ -54,36 +55,66 @@ def main() -> int:
     shutil.rmtree(bundle, ignore_errors=True)  # every network exported for real, not from the cache
     rows = []
     for i, name in enumerate(NETWORK_NAMES):
-        seconds, peak, code = run_child([*py, "build", "--seesr-root", str(checkout), "--out", str(bundle),
-                                         "--precision", args.precision, "--networks", *NETWORK_NAMES[:i + 1]])
+        seconds, peak, code = run_child(
+            [
+                *py,
+                "build",
+                "--seesr-root",
+                str(checkout),
+                "--out",
+                str(bundle),
+                "--precision",
+                args.precision,
+                "--networks",
+                *NETWORK_NAMES[: i + 1],
+            ]
+        )
         if code:
             print(f"build of {name} failed (exit {code})", file=sys.stderr)
             return code
         entry = Manifest.load(bundle).data["networks"][name]
         sizes = {p: sum((bundle / rel).stat().st_size for rel in f["sha256"]) for p, f in entry["files"].items()}
-        rows.append({"network": name, "seconds": round(seconds, 1), "peak_rss_gb": round(peak / 1e9, 2),
-                     "size_mb": {p: round(s / 1e6, 1) for p, s in sizes.items()},
-                     "external_data": {p: f["external_data"] is not None for p, f in entry["files"].items()},
-                     "parity_rel_l2": {p: v["max_rel_l2"] for p, v in entry["parity"].items()}})
+        rows.append(
+            {
+                "network": name,
+                "seconds": round(seconds, 1),
+                "peak_rss_gb": round(peak / 1e9, 2),
+                "size_mb": {p: round(s / 1e6, 1) for p, s in sizes.items()},
+                "external_data": {p: f["external_data"] is not None for p, f in entry["files"].items()},
+                "parity_rel_l2": {p: v["max_rel_l2"] for p, v in entry["parity"].items()},
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     manifest = Manifest.load(bundle).data
-    result = {"benchmark": "export_sd2", "precision": args.precision, "machine": platform.node(),
-              "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-              "versions": manifest["provenance"]["versions"], "fixture": fixture, "networks": rows,
-              "note": "seconds and peak RSS per child process include loading that network's checkpoint; "
-                      "parity is onnxruntime CPU vs torch at full width, batch 1, 8x16 latent"}
+    result = {
+        "benchmark": "export_sd2",
+        "precision": args.precision,
+        "machine": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "versions": manifest["provenance"]["versions"],
+        "fixture": fixture,
+        "networks": rows,
+        "note": "seconds and peak RSS per child process include loading that network's checkpoint; "
+        "parity is onnxruntime CPU vs torch at full width, batch 1, 8x16 latent",
+    }
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"export_sd2_{args.precision}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# Export at full SD2 size ({args.precision}), {result['cpu']}, {result['cores']} cores", "",
-             "| network | seconds | peak RSS (GB) | size (MB) | external data | rel L2 vs torch |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Export at full SD2 size ({args.precision}), {result['cpu']}, {result['cores']} cores",
+        "",
+        "| network | seconds | peak RSS (GB) | size (MB) | external data | rel L2 vs torch |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['network']} | {r['seconds']} | {r['peak_rss_gb']} | "
-                     f"{', '.join(f'{p} {s}' for p, s in r['size_mb'].items())} | "
-                     f"{', '.join(p for p, e in r['external_data'].items() if e) or 'no'} | "
-                     f"{', '.join(f'{p} {v:.1e}' for p, v in r['parity_rel_l2'].items())} |")
+        lines.append(
+            f"| {r['network']} | {r['seconds']} | {r['peak_rss_gb']} | "
+            f"{', '.join(f'{p} {s}' for p, s in r['size_mb'].items())} | "
+            f"{', '.join(p for p, e in r['external_data'].items() if e) or 'no'} | "
+            f"{', '.join(f'{p} {v:.1e}' for p, v in r['parity_rel_l2'].items())} |"
+        )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

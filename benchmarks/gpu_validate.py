@@ -17,6 +17,7 @@ Per network and precision (fp16, and int8 where the bundle has Q/DQ graphs): eng
 relative L2 of the engine's outputs against onnxruntime fp32 on the same inputs (the manifest's
 512px profile, at its opt shape), and latency median/p95 over --runs calls, timed with CUDA events.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
-from seesr_export.parity import relative_l2  # noqa: E402
-from seesr_runtime.manifest import Manifest  # noqa: E402
-from seesr_runtime.networks import NETWORK_NAMES, dummy_feeds  # noqa: E402
+from seesr_export.parity import relative_l2
+from seesr_runtime.manifest import Manifest
+from seesr_runtime.networks import NETWORK_NAMES, dummy_feeds
 
 
 def feeds_for(spec, env: dict, seed: int = 0) -> dict:
@@ -84,7 +85,7 @@ ACCURACY_TARGET = 3e-3  # issue 11: fp16 UNet and ControlNet within this of fp32
 
 def psnr(a, b) -> float:
     mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def ort_accuracy_rows(manifest: Manifest, providers: list[str], latent: int | None = None) -> list[dict]:
@@ -106,16 +107,25 @@ def ort_accuracy_rows(manifest: Manifest, providers: list[str], latent: int | No
         if latent is not None:
             env.update({k: latent for k in ("h", "w") if k in env})
         feeds = feeds_for(spec, env)
-        reference = ort.InferenceSession(str(manifest.graph_path(name, "fp32")),
-                                         providers=["CPUExecutionProvider"]).run(spec.output_names, feeds)
+        reference = ort.InferenceSession(
+            str(manifest.graph_path(name, "fp32")), providers=["CPUExecutionProvider"]
+        ).run(spec.output_names, feeds)
         for graph in graphs:
             session = ort.InferenceSession(str(manifest.graph_path(name, graph)), providers=providers)
             got = session.run(spec.output_names, feeds)
             error = max(relative_l2(g, r) for g, r in zip(got, reference))
             tolerance = files[graph].get("parity_tolerance")
-            rows.append({"network": name, "graph": graph, "env": env, "max_rel_l2_vs_fp32": error,
-                         "tolerance": tolerance, "within_tolerance": tolerance is None or error <= tolerance,
-                         "within_target_3e-3": error <= ACCURACY_TARGET})
+            rows.append(
+                {
+                    "network": name,
+                    "graph": graph,
+                    "env": env,
+                    "max_rel_l2_vs_fp32": error,
+                    "tolerance": tolerance,
+                    "within_tolerance": tolerance is None or error <= tolerance,
+                    "within_target_3e-3": error <= ACCURACY_TARGET,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
             del session
     return rows
@@ -135,8 +145,11 @@ def end_to_end_psnr(bundle: Path, providers: list[str], steps: int, size: int = 
         pipe = SeeSRPipeline.from_bundle(bundle, providers=providers, **options)
         images[label] = np.asarray(pipe(image, seed=0, steps=steps).image)
         del pipe
-    result = {"size": size, "steps": steps,
-              "psnr_vs_fp32_db": {label: psnr(img, images["fp32"]) for label, img in images.items() if label != "fp32"}}
+    result = {
+        "size": size,
+        "steps": steps,
+        "psnr_vs_fp32_db": {label: psnr(img, images["fp32"]) for label, img in images.items() if label != "fp32"},
+    }
     print(json.dumps(result), flush=True)
     return result
 
@@ -148,14 +161,21 @@ def validate_onnxruntime(args) -> int:
         ort.preload_dlls()
     providers = ["CPUExecutionProvider"] if args.dry_run else ["CUDAExecutionProvider", "CPUExecutionProvider"]
     manifest = Manifest.load(args.bundle)
-    results = {"bundle": str(args.bundle), "onnxruntime": ort.__version__, "providers": providers,
-               "networks": ort_accuracy_rows(manifest, providers, args.latent),
-               "end_to_end": end_to_end_psnr(args.bundle, providers, args.psnr_steps, args.psnr_size)}
+    results = {
+        "bundle": str(args.bundle),
+        "onnxruntime": ort.__version__,
+        "providers": providers,
+        "networks": ort_accuracy_rows(manifest, providers, args.latent),
+        "end_to_end": end_to_end_psnr(args.bundle, providers, args.psnr_steps, args.psnr_size),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     name = "gpu_validate_onnxruntime" + ("_dry_run" if args.dry_run else "")
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
-    failed = [f"{r['network']} {r['graph']}: {r['max_rel_l2_vs_fp32']:.3e} > {r['tolerance']:.1e}"
-              for r in results["networks"] if not r["within_tolerance"]]
+    failed = [
+        f"{r['network']} {r['graph']}: {r['max_rel_l2_vs_fp32']:.3e} > {r['tolerance']:.1e}"
+        for r in results["networks"]
+        if not r["within_tolerance"]
+    ]
     for line in failed:
         print(f"FAIL: {line}", file=sys.stderr)
     return 1 if failed else 0
@@ -168,12 +188,19 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dry-run", action="store_true", help="check the plan without a GPU or TensorRT")
-    parser.add_argument("--onnxruntime", action="store_true",
-                        help="check the fp16 graphs on onnxruntime-CUDA (accuracy and PSNR) instead of TensorRT")
+    parser.add_argument(
+        "--onnxruntime",
+        action="store_true",
+        help="check the fp16 graphs on onnxruntime-CUDA (accuracy and PSNR) instead of TensorRT",
+    )
     parser.add_argument("--psnr-steps", type=int, default=50, help="--onnxruntime: sampler steps of the PSNR run")
     parser.add_argument("--psnr-size", type=int, default=512, help="--onnxruntime: output size of the PSNR run")
-    parser.add_argument("--latent", type=int, default=None,
-                        help="--onnxruntime: check the networks at this latent side (default: the 512px profile)")
+    parser.add_argument(
+        "--latent",
+        type=int,
+        default=None,
+        help="--onnxruntime: check the networks at this latent side (default: the 512px profile)",
+    )
     args = parser.parse_args()
     if args.onnxruntime:
         return validate_onnxruntime(args)
@@ -203,16 +230,24 @@ def main() -> int:
             # A one-network manifest view pointing at the fresh engine drives the real backend code.
             data = json.loads(json.dumps(manifest.data))
             data["networks"] = {name: data["networks"][name]}
-            data["networks"][name]["engines"] = {precision: {"file": str(engine_path), "tensorrt": trt.__version__,
-                                                             "compute_capability": []}}
+            data["networks"][name]["engines"] = {
+                precision: {"file": str(engine_path), "tensorrt": trt.__version__, "compute_capability": []}
+            }
             backend = TensorRTBackend(Manifest(manifest.root, data), precision=precision)
             feeds = feeds_for(spec, env)
-            reference = ort.InferenceSession(str(manifest.graph_path(name, "fp32")),
-                                             providers=["CPUExecutionProvider"]).run(spec.output_names, feeds)
+            reference = ort.InferenceSession(
+                str(manifest.graph_path(name, "fp32")), providers=["CPUExecutionProvider"]
+            ).run(spec.output_names, feeds)
             got = backend.run(name, feeds)
             errors = [relative_l2(g, r) for g, r in zip(got, reference)]
-            row = {"network": name, "precision": precision, "env": env, "build_s": round(build_seconds, 1),
-                   "max_rel_l2_vs_fp32": max(errors), **time_backend(backend, name, feeds, args.runs, args.warmup)}
+            row = {
+                "network": name,
+                "precision": precision,
+                "env": env,
+                "build_s": round(build_seconds, 1),
+                "max_rel_l2_vs_fp32": max(errors),
+                **time_backend(backend, name, feeds, args.runs, args.warmup),
+            }
             backend.close()
             print(json.dumps(row), flush=True)
             results["networks"].append(row)

@@ -6,6 +6,7 @@ int8 UNet and ControlNet.
 
     python benchmarks/int8_sd2.py --work /tmp/seesr-sd2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
-from seesr_runtime.manifest import Manifest  # noqa: E402
+from seesr_runtime.manifest import Manifest
 
 SAMPLE = ROOT / "seesr_export" / "assets" / "sample.png"
 
@@ -60,10 +61,28 @@ def main() -> int:
     bundle = args.bundle or args.work / "engines-fp16" / "sd2"
     calib = calibration_images(args.work / "calib")
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "seesr_export.cli", "build", "--seesr-root", str(args.work / "checkout"),
-                    "--out", str(bundle), "--precision", "int8", "--calib-images", str(calib),
-                    "--calib-size", str(args.calib_size), "--calib-steps", str(args.calib_steps)],
-                   check=True, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'runtime'}"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "seesr_export.cli",
+            "build",
+            "--seesr-root",
+            str(args.work / "checkout"),
+            "--out",
+            str(bundle),
+            "--precision",
+            "int8",
+            "--calib-images",
+            str(calib),
+            "--calib-size",
+            str(args.calib_size),
+            "--calib-steps",
+            str(args.calib_steps),
+        ],
+        check=True,
+        env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'runtime'}"),
+    )
     build_seconds = time.perf_counter() - started
 
     import onnxruntime as ort
@@ -78,28 +97,45 @@ def main() -> int:
         feeds = sample_feeds(spec, env, seed=0)
         row = {"network": name}
         for precision in ("fp32", "int8"):
-            session = ort.InferenceSession(str(manifest.graph_path(name, precision)), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                str(manifest.graph_path(name, precision)), providers=["CPUExecutionProvider"]
+            )
             row[precision] = time_call(session, feeds, args.runs)
             del session
         row["speedup"] = round(row["fp32"]["median_s"] / row["int8"]["median_s"], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     quality = manifest.data["quality"]["int8"]
-    result = {"benchmark": "int8_sd2_cpu", "cpu": platform.processor() or platform.machine(),
-              "cores": os.cpu_count(), "onnxruntime": ort.__version__, "env": env,
-              "calibration": {"images": args.calib_size, "steps": args.calib_steps},
-              "build_seconds": round(build_seconds, 1), "per_call": rows, "quality": quality,
-              "note": "random-weight sd2 fixture: latency is meaningful, the error figures only roughly so"}
+    result = {
+        "benchmark": "int8_sd2_cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "onnxruntime": ort.__version__,
+        "env": env,
+        "calibration": {"images": args.calib_size, "steps": args.calib_steps},
+        "build_seconds": round(build_seconds, 1),
+        "per_call": rows,
+        "quality": quality,
+        "note": "random-weight sd2 fixture: latency is meaningful, the error figures only roughly so",
+    }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "int8_sd2.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# onnxruntime CPU, int8 Q/DQ vs fp32, full SD2 size ({result['cores']} cores)", "",
-             "| network (B=2, 64x64 latent) | fp32 median (s) | int8 median (s) | speed-up | int8 rel L2 vs fp32 |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# onnxruntime CPU, int8 Q/DQ vs fp32, full SD2 size ({result['cores']} cores)",
+        "",
+        "| network (B=2, 64x64 latent) | fp32 median (s) | int8 median (s) | speed-up | int8 rel L2 vs fp32 |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['network']} | {r['fp32']['median_s']} | {r['int8']['median_s']} | {r['speedup']}x | "
-                     f"{quality['network_rel_l2_vs_fp32'][r['network']]:.2e} |")
-    lines += ["", f"End-to-end PSNR of the int8 pipeline against fp32 (same noise, {args.calib_steps} steps): "
-                  f"{quality['end_to_end_psnr_vs_fp32_db']:.1f} dB"]
+        lines.append(
+            f"| {r['network']} | {r['fp32']['median_s']} | {r['int8']['median_s']} | {r['speedup']}x | "
+            f"{quality['network_rel_l2_vs_fp32'][r['network']]:.2e} |"
+        )
+    lines += [
+        "",
+        f"End-to-end PSNR of the int8 pipeline against fp32 (same noise, {args.calib_steps} steps): "
+        f"{quality['end_to_end_psnr_vs_fp32_db']:.1f} dB",
+    ]
     (args.results / "int8_sd2.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

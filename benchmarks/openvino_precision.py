@@ -11,6 +11,7 @@ yardstick), in a separate process.
     python benchmarks/openvino_precision.py --bundle /work/engines/sd2-fp32 --seesr-root /work/fixtures/sd2 \\
         --threads 2 --runs 2 --name openvino_precision
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,14 +29,21 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
-from seesr_runtime.bench import machine_info  # noqa: E402
-from seesr_runtime.manifest import Manifest  # noqa: E402
-from seesr_runtime.openvino_backend import OpenVINOBackend  # noqa: E402
+from seesr_runtime.bench import machine_info
+from seesr_runtime.manifest import Manifest
+from seesr_runtime.openvino_backend import OpenVINOBackend
 
 ENV = {"B": 2, "h": 64, "w": 64}  # one guided step at 512 px
 NETWORKS = ("controlnet", "unet")
-POLICIES = ("none", "timestep", "softmax,norm,timestep", "softmax,norm,timestep,attention", "add,timestep",
-            "add,softmax,norm,timestep", "all_but_matmul")
+POLICIES = (
+    "none",
+    "timestep",
+    "softmax,norm,timestep",
+    "softmax,norm,timestep,attention",
+    "add,timestep",
+    "add,softmax,norm,timestep",
+    "all_but_matmul",
+)
 
 
 def relative_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -47,12 +55,17 @@ def feeds_for(manifest: Manifest, seed: int = 0) -> dict[str, dict[str, np.ndarr
     rng = np.random.default_rng(seed)
     dims = manifest.dims
     b, h, w = ENV["B"], ENV["h"], ENV["w"]
-    shared = {"sample": rng.standard_normal((b, dims.latent_channels, h, w)).astype(np.float32),
-              "timestep": np.full((b,), 499.0, np.float32),
-              "encoder_hidden_states": rng.standard_normal((b, dims.text_tokens, dims.text_dim)).astype(np.float32),
-              "image_embeds": rng.standard_normal((b, dims.image_tokens, dims.image_embed_dim)).astype(np.float32)}
-    control = {**shared, "controlnet_cond": rng.random((b, 3, 8 * h, 8 * w), dtype=np.float32),
-               "conditioning_scale": np.array(1.0, np.float32)}
+    shared = {
+        "sample": rng.standard_normal((b, dims.latent_channels, h, w)).astype(np.float32),
+        "timestep": np.full((b,), 499.0, np.float32),
+        "encoder_hidden_states": rng.standard_normal((b, dims.text_tokens, dims.text_dim)).astype(np.float32),
+        "image_embeds": rng.standard_normal((b, dims.image_tokens, dims.image_embed_dim)).astype(np.float32),
+    }
+    control = {
+        **shared,
+        "controlnet_cond": rng.random((b, 3, 8 * h, 8 * w), dtype=np.float32),
+        "conditioning_scale": np.array(1.0, np.float32),
+    }
     return {"controlnet": control, "unet": dict(shared)}
 
 
@@ -98,8 +111,8 @@ def measure(manifest: Manifest, args) -> tuple[list[dict], dict]:
 def torch_worker(seesr_root: Path, feeds_path: Path, out: Path) -> None:
     import torch
 
-    from seesr_export.export_networks import TorchModels
     from seesr_export.export import graph_module
+    from seesr_export.export_networks import TorchModels
     from seesr_export.layout import SeeSRPaths
 
     torch.set_num_threads(int(os.environ.get("SEESR_THREADS", "0")) or torch.get_num_threads())
@@ -116,8 +129,10 @@ def torch_worker(seesr_root: Path, feeds_path: Path, out: Path) -> None:
                 started = time.perf_counter()
                 mixed = _as_list(module(*(inputs[n] for n in order)))
                 seconds = time.perf_counter() - started
-        result[network] = {"rel_l2": max(relative_l2(m.float().numpy(), f.numpy()) for m, f in zip(mixed, fp32)),
-                           "autocast_call_s": round(seconds, 3)}
+        result[network] = {
+            "rel_l2": max(relative_l2(m.float().numpy(), f.numpy()) for m, f in zip(mixed, fp32)),
+            "autocast_call_s": round(seconds, 3),
+        }
         del module
         models.drop(network)
     out.write_text(json.dumps(result))
@@ -138,10 +153,17 @@ def torch_autocast_errors(args, feeds: dict) -> dict | None:
     with tempfile.TemporaryDirectory(prefix="seesr-ovp-") as tmp:
         feeds_path, out = Path(tmp) / "feeds.npz", Path(tmp) / "torch.json"
         np.savez(feeds_path, **{f"{n}/{k}": v for n, f in feeds.items() for k, v in f.items()})
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'runtime'}", "SEESR_BUNDLE": str(args.bundle),
-               "SEESR_THREADS": str(args.threads or 0)}
-        subprocess.run([sys.executable, __file__, "--torch-worker", str(args.seesr_root), str(feeds_path), str(out)],
-                       check=True, env=env)
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'runtime'}",
+            "SEESR_BUNDLE": str(args.bundle),
+            "SEESR_THREADS": str(args.threads or 0),
+        }
+        subprocess.run(
+            [sys.executable, __file__, "--torch-worker", str(args.seesr_root), str(feeds_path), str(out)],
+            check=True,
+            env=env,
+        )
         return json.loads(out.read_text())
 
 
@@ -150,26 +172,38 @@ def torch_autocast_errors(args, feeds: dict) -> dict | None:
 
 def markdown(result: dict) -> str:
     machine = result["machine"]
-    lines = [f"# OpenVINO bf16 precision policy, SD2 size, random weights ({machine['cpu']}, "
-             f"{result['threads'] or machine['cpu_count']} threads)", "",
-             f"OpenVINO {result['openvino']}; CPU capabilities {result['capabilities']}; one guided call at 512 px "
-             "(batch 2, 64x64 latent); rel L2: the worst output against OpenVINO f32 on the same inputs. "
-             f"Load average before/after: {result['load_average']['before'][0]:.1f}/"
-             f"{result['load_average']['after'][0]:.1f} (above the thread count, other jobs shared the cores "
-             "and the times are inflated; the errors are not).", ""]
+    lines = [
+        f"# OpenVINO bf16 precision policy, SD2 size, random weights ({machine['cpu']}, "
+        f"{result['threads'] or machine['cpu_count']} threads)",
+        "",
+        f"OpenVINO {result['openvino']}; CPU capabilities {result['capabilities']}; one guided call at 512 px "
+        "(batch 2, 64x64 latent); rel L2: the worst output against OpenVINO f32 on the same inputs. "
+        f"Load average before/after: {result['load_average']['before'][0]:.1f}/"
+        f"{result['load_average']['after'][0]:.1f} (above the thread count, other jobs shared the cores "
+        "and the times are inflated; the errors are not).",
+        "",
+    ]
     torch_errors = result.get("torch_autocast") or {}
     for network in NETWORKS:
         rows = [r for r in result["rows"] if r["network"] == network]
         f32 = rows[0]["median_s"]
-        lines += [f"## {network}", "", "| precision | kept in f32 | rel L2 vs f32 | call (s) | speed-up vs f32 |",
-                  "|---|---|---:|---:|---:|"]
+        lines += [
+            f"## {network}",
+            "",
+            "| precision | kept in f32 | rel L2 vs f32 | call (s) | speed-up vs f32 |",
+            "|---|---|---:|---:|---:|",
+        ]
         for r in rows:
-            lines.append(f"| {r['precision']} | {', '.join(r['keep_f32']) or '—'} | {r['rel_l2']:.2e} | "
-                         f"{r['median_s']:.2f} | {f32 / r['median_s']:.2f}x |")
+            lines.append(
+                f"| {r['precision']} | {', '.join(r['keep_f32']) or '—'} | {r['rel_l2']:.2e} | "
+                f"{r['median_s']:.2f} | {f32 / r['median_s']:.2f}x |"
+            )
         if network in torch_errors:
             t = torch_errors[network]
-            lines.append(f"| PyTorch bf16 autocast (vs PyTorch fp32) | softmax, norms (autocast's own list) | "
-                         f"{t['rel_l2']:.2e} | {t['autocast_call_s']:.2f} | |")
+            lines.append(
+                f"| PyTorch bf16 autocast (vs PyTorch fp32) | softmax, norms (autocast's own list) | "
+                f"{t['rel_l2']:.2e} | {t['autocast_call_s']:.2f} | |"
+            )
         lines.append("")
     lines += ["Reproduce: `" + result["command"] + "`", ""]
     return "\n".join(lines)
@@ -182,8 +216,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True, help="a bundle with fp32 unet and controlnet graphs")
     parser.add_argument("--seesr-root", type=Path, default=None, help="also measure PyTorch bf16 autocast")
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES),
-                        help="comma-separated groups kept in f32 per candidate; 'none' keeps nothing")
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(POLICIES),
+        help="comma-separated groups kept in f32 per candidate; 'none' keeps nothing",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--runs", type=int, default=2, help="timed calls per candidate (after one untimed)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu")
@@ -195,11 +233,18 @@ def main(argv=None) -> int:
     manifest = Manifest.load(args.bundle)
     load_before = os.getloadavg()  # other jobs on the machine inflate the times (never the errors)
     rows, feeds = measure(manifest, args)
-    result = {"benchmark": "openvino_precision", "machine": machine_info(), "openvino": ov.__version__,
-              "capabilities": sorted(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
-              "threads": args.threads, "env": ENV, "rows": rows, "platform": platform.platform(),
-              "load_average": {"before": load_before, "after": os.getloadavg()},
-              "command": "python benchmarks/openvino_precision.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    result = {
+        "benchmark": "openvino_precision",
+        "machine": machine_info(),
+        "openvino": ov.__version__,
+        "capabilities": sorted(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+        "threads": args.threads,
+        "env": ENV,
+        "rows": rows,
+        "platform": platform.platform(),
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "command": "python benchmarks/openvino_precision.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")  # before torch: keep what ran
     result["torch_autocast"] = torch_autocast_errors(args, feeds)

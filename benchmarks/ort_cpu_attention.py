@@ -18,6 +18,7 @@ The ControlNet stands in for the UNet: it has the same attention blocks at the 9
 (its down blocks and mid block); the optimizer needs about 5x a graph's size in memory, 10.7 GB for the
 ControlNet, so the 4.5 GB UNet cannot be fused on a 24 GB machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
-from seesr_runtime.bench import machine_info  # noqa: E402
-from seesr_runtime.manifest import Manifest  # noqa: E402
+from seesr_runtime.bench import machine_info
+from seesr_runtime.manifest import Manifest
 
 
 def call_feeds(manifest: Manifest, network: str, side: int) -> dict[str, np.ndarray]:
@@ -74,7 +75,7 @@ def peak_rss_gb() -> float:
     """This process's peak RSS (VmHWM: unlike ru_maxrss it does not start from the parent's at fork)."""
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2 ** 20
+            return int(line.split()[1]) / 2**20
     return float("nan")
 
 
@@ -86,18 +87,37 @@ def fuse_worker(plain: str, fused: str) -> None:
 
     started = time.perf_counter()
     write_cpu_fused_graph(Path(plain), Path(fused), "unet")
-    report = {"fuse_s": time.perf_counter() - started, "peak_rss_gb": peak_rss_gb(),
-              "fused_ops": fused_op_counts(onnx.load(fused, load_external_data=False))}
+    report = {
+        "fuse_s": time.perf_counter() - started,
+        "peak_rss_gb": peak_rss_gb(),
+        "fused_ops": fused_op_counts(onnx.load(fused, load_external_data=False)),
+    }
     Path(fused + ".json").write_text(json.dumps(report))
 
 
 def measure(args, graph: Path, side: int, tag: str, work: Path) -> dict:
     out = str(work / f"{tag}_{side}")
-    subprocess.run([sys.executable, __file__, "--worker", str(args.bundle), args.network, str(graph), str(side),
-                    str(args.runs), str(args.threads), out], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            str(args.bundle),
+            args.network,
+            str(graph),
+            str(side),
+            str(args.runs),
+            str(args.threads),
+            out,
+        ],
+        check=True,
+    )
     report = json.loads(Path(out + ".json").read_text())
-    return {"median_s": statistics.median(report["times_s"]), "times_s": report["times_s"],
-            "peak_rss_gb": report["peak_rss_gb"]}
+    return {
+        "median_s": statistics.median(report["times_s"]),
+        "times_s": report["times_s"],
+        "peak_rss_gb": report["peak_rss_gb"],
+    }
 
 
 def relative_l2_worst(plain: Path, fused: Path) -> float:
@@ -134,21 +154,41 @@ def main() -> int:
             a = measure(args, plain, side, "plain", work)
             b = measure(args, fused, side, "fused", work)
             error = relative_l2_worst(work / f"plain_{side}.npz", work / f"fused_{side}.npz")
-            rows.append({"side": side, "plain": a, "fused": b, "speedup": a["median_s"] / b["median_s"],
-                         "rel_l2_worst_output": error})
+            rows.append(
+                {
+                    "side": side,
+                    "plain": a,
+                    "fused": b,
+                    "speedup": a["median_s"] / b["median_s"],
+                    "rel_l2_worst_output": error,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    report = {"network": args.network, "machine": machine_info(), "threads": args.threads, "fusing": fusing, "rows": rows, "command": " ".join(["python", *sys.argv])}
+    report = {
+        "network": args.network,
+        "machine": machine_info(),
+        "threads": args.threads,
+        "fusing": fusing,
+        "rows": rows,
+        "command": " ".join(["python", *sys.argv]),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ort_cpu_attention.json").write_text(json.dumps(report, indent=1))
-    lines = [f"# onnxruntime CPU: fused attention vs the plain fp32 graph ({args.network}, SD2 size, random weights)",
-             "", f"{report['machine'].get('cpu')}, {args.threads} threads, no CPU arena; fused ops {fusing['fused_ops']} "
-             f"(the optimizer took {fusing['fuse_s']:.0f} s and {fusing['peak_rss_gb']:.1f} GB); "
-             f"one warm-up, then {args.runs} calls (median).", "",
-             "| latent side | plain call (s) | fused call (s) | fused vs plain | peak RSS plain / fused (GB) | rel L2 |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# onnxruntime CPU: fused attention vs the plain fp32 graph ({args.network}, SD2 size, random weights)",
+        "",
+        f"{report['machine'].get('cpu')}, {args.threads} threads, no CPU arena; fused ops {fusing['fused_ops']} "
+        f"(the optimizer took {fusing['fuse_s']:.0f} s and {fusing['peak_rss_gb']:.1f} GB); "
+        f"one warm-up, then {args.runs} calls (median).",
+        "",
+        "| latent side | plain call (s) | fused call (s) | fused vs plain | peak RSS plain / fused (GB) | rel L2 |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['side']} | {r['plain']['median_s']:.2f} | {r['fused']['median_s']:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['plain']['peak_rss_gb']:.2f} / {r['fused']['peak_rss_gb']:.2f} | {r['rel_l2_worst_output']:.1e} |")
+        lines.append(
+            f"| {r['side']} | {r['plain']['median_s']:.2f} | {r['fused']['median_s']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['plain']['peak_rss_gb']:.2f} / {r['fused']['peak_rss_gb']:.2f} | {r['rel_l2_worst_output']:.1e} |"
+        )
     lines += ["", f"Reproduce: `{report['command']}`", ""]
     (args.out / "ort_cpu_attention.md").write_text("\n".join(lines))
     print("\n".join(lines))

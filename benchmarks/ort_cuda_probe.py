@@ -11,6 +11,7 @@ For each network, at one shape (default: the guided 512 px call, B=2, 64x64 late
 ``--fill-missing-weights`` stands in random weights for a graph whose external data file is absent
 (a graph structure carried to a remote machine without its gigabytes; latency does not depend on values).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "runtime")]
 
-from seesr_runtime.manifest import Manifest  # noqa: E402
-from seesr_runtime.networks import dummy_feeds  # noqa: E402
+from seesr_runtime.manifest import Manifest
+from seesr_runtime.networks import dummy_feeds
 
 
 def with_random_weights(path: Path, scratch: Path) -> Path:
@@ -45,8 +46,14 @@ def with_random_weights(path: Path, scratch: Path) -> Path:
         init.data_location = onnx.TensorProto.DEFAULT
         init.raw_data = values.tobytes()
     out = scratch / path.name
-    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=out.name + ".data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(out),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=out.name + ".data",
+        size_threshold=1024,
+    )
     return out
 
 
@@ -107,7 +114,9 @@ def session(path: Path, *, cuda_graph: bool = False, profile_prefix: str | None 
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     cuda = {"enable_cuda_graph": "1"} if cuda_graph else {}
-    providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"] if DEVICE == "cuda" else ["CPUExecutionProvider"]
+    providers = (
+        [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"] if DEVICE == "cuda" else ["CPUExecutionProvider"]
+    )
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
@@ -132,7 +141,7 @@ def bound_runner(sess, feeds: dict, output_names: list[str]):
         sess.run_with_iobinding(binding)
         binding.synchronize_outputs()
 
-    run.keep = (keep, outputs)  # noqa: attribute keeps the device buffers alive
+    run.keep = (keep, outputs)  # type: ignore[attr-defined]  # the attribute keeps the device buffers alive
     return run
 
 
@@ -144,8 +153,11 @@ def placement(sess) -> dict:
     copies = [e["args"].get("op_name") for e in nodes if "Memcpy" in e["args"].get("op_name", "")]
     on_cpu = Counter(e["args"].get("op_name") for e in nodes if e["args"].get("provider") == "CPUExecutionProvider")
     Path(path).unlink(missing_ok=True)
-    return {"node_runs_per_provider": dict(providers), "memcpy_node_runs": len(copies),
-            "cpu_op_types": dict(on_cpu.most_common(12))}
+    return {
+        "node_runs_per_provider": dict(providers),
+        "memcpy_node_runs": len(copies),
+        "cpu_op_types": dict(on_cpu.most_common(12)),
+    }
 
 
 def main() -> int:
@@ -187,7 +199,7 @@ def main() -> int:
             started = time.perf_counter()
             plain = session(path)
             result["session_s"] = time.perf_counter() - started
-            result["numpy"] = timed(lambda: plain.run(spec.output_names, feeds), args.runs)
+            result["numpy"] = timed(lambda s=plain, n=spec.output_names, f=feeds: s.run(n, f), args.runs)
             result["iobinding"] = timed(bound_runner(plain, feeds, spec.output_names), args.runs)
             del plain
             try:

@@ -11,6 +11,7 @@ driver's per-process GPU memory after each shape is captured, beside the weights
 Shapes (latent side): 64 (a 512 px image), 96 (the tile every tiled image uses), 80 (another size).
 ``--dry-run`` reports the peak host memory instead (the same code on the CPU provider).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "runtime")]
 
-from seesr_runtime.backends import OnnxRuntimeBackend  # noqa: E402
-from seesr_runtime.bench import gpu_memory_mb, peak_host_mb  # noqa: E402
-from seesr_runtime.manifest import Manifest  # noqa: E402
+from seesr_runtime.backends import OnnxRuntimeBackend
+from seesr_runtime.bench import gpu_memory_mb, peak_host_mb
+from seesr_runtime.manifest import Manifest
 
 
 def denoiser_feeds(manifest: Manifest, side: int, batch: int = 2) -> dict:
@@ -65,16 +66,26 @@ def main() -> int:
     else:
         backend = OnnxRuntimeBackend(manifest, precision="fp16", providers=["cuda", "cpu"], cuda_graph=True)
         memory = gpu_memory_mb
-    report = {"device": backend.device, "cuda_graph": backend.cuda_graph, "unit": "MB",
-              "measure": "peak host RSS" if args.dry_run else "driver's per-process GPU memory",
-              "graphs": {n: backend.graph_precision(n) for n in ("controlnet", "unet")}, "after_shapes": []}
+    report = {
+        "device": backend.device,
+        "cuda_graph": backend.cuda_graph,
+        "unit": "MB",
+        "measure": "peak host RSS" if args.dry_run else "driver's per-process GPU memory",
+        "graphs": {n: backend.graph_precision(n) for n in ("controlnet", "unet")},
+        "after_shapes": [],
+    }
     for count, side in enumerate(args.sides, start=1):
         feeds = denoiser_feeds(manifest, side)
         for _ in range(args.calls):
             one_step(backend, manifest, feeds)
-        weights = {n: w.nbytes / 1024 ** 2 for n, w in backend._weights.items()}
-        row = {"shapes": count, "latent_sides": args.sides[:count], "memory_mb": memory(),
-               "shared_weights_mb": weights, "sessions": len(backend._calls)}
+        weights = {n: w.nbytes / 1024**2 for n, w in backend._weights.items()}
+        row = {
+            "shapes": count,
+            "latent_sides": args.sides[:count],
+            "memory_mb": memory(),
+            "shared_weights_mb": weights,
+            "sessions": len(backend._calls),
+        }
         report["after_shapes"].append(row)
         print(json.dumps(row), flush=True)
     if args.json:

@@ -9,6 +9,7 @@ then a random latent of size/8 is decoded and the process's peak RSS is read. Mo
 ``untiled`` decodes in one piece (``--no-tiled-vae``), ``spilled`` is tiled with the tiles' waiting
 states kept in files (``tiled_vae_spill_dir``). Writes tiled_vae.{json,md} into --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ def child(bundle: str, size: int, mode: str, tile: int, threads: int | None) -> 
     pipe = SeeSRPipeline.from_bundle(bundle, tiled_vae_spill_dir=spill, **options)
     latent = np.random.default_rng(0).standard_normal((1, 4, size // 8, size // 8)).astype(np.float32)
     pipe.decode(np.zeros((1, 4, 8, 8), np.float32), tile)  # opens the untiled session
-    base_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    base_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     start = time.perf_counter()
     image = pipe.decode(latent, tile, tiled=mode != "untiled")
     seconds = time.perf_counter() - start
@@ -45,9 +46,15 @@ def child(bundle: str, size: int, mode: str, tile: int, threads: int | None) -> 
         from seesr_runtime.tiled_vae import TiledVaeLayout, split_tiles
 
         tiles = len(split_tiles(size // 8, size // 8, tile, TiledVaeLayout.for_half("decoder"))[0])
-    return {"size": size, "mode": mode, "tile": tile, "tiles": tiles, "seconds": round(seconds, 1),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 2),
-            "rss_before_decode_gb": round(base_gb, 2)}
+    return {
+        "size": size,
+        "mode": mode,
+        "tile": tile,
+        "tiles": tiles,
+        "seconds": round(seconds, 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        "rss_before_decode_gb": round(base_gb, 2),
+    }
 
 
 def main() -> int:
@@ -56,8 +63,12 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--tile", type=int, default=224, help="decoder tile in latent px (official default 224)")
-    parser.add_argument("--max-untiled", type=int, default=2048,
-                        help="largest output decoded untiled (its attention alone needs (size/8)^4 * 4 bytes)")
+    parser.add_argument(
+        "--max-untiled",
+        type=int,
+        default=2048,
+        help="largest output decoded untiled (its attention alone needs (size/8)^4 * 4 bytes)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--append", action="store_true", help="add rows to an existing --out/tiled_vae.json")
@@ -92,17 +103,26 @@ def main() -> int:
 
 def write(out: Path, args, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"benchmark": "tiled_vae", "bundle": str(args.bundle), "cores": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    meta = {
+        "benchmark": "tiled_vae",
+        "bundle": str(args.bundle),
+        "cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
     (out / "tiled_vae.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    lines = ["| output | mode | tile (latent px) | tiles | decode | peak RSS | RSS before the decode |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| output | mode | tile (latent px) | tiles | decode | peak RSS | RSS before the decode |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['size']} px | {r['mode']} | | | failed: {r['error']} | | |")
         else:
-            lines.append(f"| {r['size']} px | {r['mode']} | {r['tile']} | {r['tiles'] or 'untiled'} | {r['seconds']} s | "
-                         f"{r['peak_rss_gb']} GB | {r['rss_before_decode_gb']} GB |")
+            lines.append(
+                f"| {r['size']} px | {r['mode']} | {r['tile']} | {r['tiles'] or 'untiled'} | {r['seconds']} s | "
+                f"{r['peak_rss_gb']} GB | {r['rss_before_decode_gb']} GB |"
+            )
     (out / "tiled_vae.md").write_text("\n".join(lines) + "\n")
 
 

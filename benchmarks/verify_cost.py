@@ -6,6 +6,7 @@ The stamp is written to a temporary directory, never into the bundle, so a share
 is left as it is. The first figure includes reading the files (cold or warm page cache, as it happens);
 ``verify=always`` right after it shows the hashing alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,13 @@ def main() -> None:
     _, scan_s = timed(lambda: [manifest.graph_path(n, "fp32") for n in networks])
     print(f"{args.bundle}: {len(pinned)} files, {megabytes:.0f} MB; manifest and path checks {load_s * 1e3:.0f} ms")
     print(f"first load:       hashed {len(first.hashed):3d} files in {first_s:7.2f} s ({megabytes / first_s:.0f} MB/s)")
-    print(f"stamped load:     hashed {len(stamped.hashed):3d} files in {stamped_s * 1e3:7.1f} ms "
-          f"({len(stamped.trusted)} vouched for by the stamp)")
-    print(f"verify='always':  hashed {len(always.hashed):3d} files in {always_s:7.2f} s ({megabytes / always_s:.0f} MB/s)")
+    print(
+        f"stamped load:     hashed {len(stamped.hashed):3d} files in {stamped_s * 1e3:7.1f} ms "
+        f"({len(stamped.trusted)} vouched for by the stamp)"
+    )
+    print(
+        f"verify='always':  hashed {len(always.hashed):3d} files in {always_s:7.2f} s ({megabytes / always_s:.0f} MB/s)"
+    )
     print(f"external-data scan of the {len(networks)} fp32 network graphs: {scan_s * 1e3:.1f} ms")
 
 

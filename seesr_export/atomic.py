@@ -1,4 +1,5 @@
 """Replacing a directory as a whole (bundles, model repositories): readers see the old one or the new one."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """What a bundle build is asked for (``BuildOptions``) and the up-front refusal of what it cannot produce."""
+
 from __future__ import annotations
 
 import os
@@ -66,16 +67,21 @@ def check_request(options: BuildOptions) -> None:
     if options.backend == "tensorrt":
         missing = _tensorrt_missing()
         if missing:
-            raise BuildError(f"--backend tensorrt is not available here: {missing}. "
-                             "Use --backend onnx (the bundle's ONNX graphs build engines later on a GPU machine).")
+            raise BuildError(
+                f"--backend tensorrt is not available here: {missing}. "
+                "Use --backend onnx (the bundle's ONNX graphs build engines later on a GPU machine)."
+            )
     if options.precision == "int8":
         if not options.calib_images:
-            raise BuildError("--precision int8 needs --calib-images DIR: real LR images that the SeeSR sampler "
-                             "runs on to record calibration inputs (random tensors calibrate badly)")
+            raise BuildError(
+                "--precision int8 needs --calib-images DIR: real LR images that the SeeSR sampler "
+                "runs on to record calibration inputs (random tensors calibrate badly)"
+            )
         missing = [n for n in INT8_NETWORKS if n not in options.networks]
         if missing or not set(NETWORK_NAMES) <= set(options.networks):
-            raise BuildError("--precision int8 calibrates through the whole sampler: build all networks "
-                             "(leave out --networks)")
+            raise BuildError(
+                "--precision int8 calibrates through the whole sampler: build all networks (leave out --networks)"
+            )
 
 
 def _tensorrt_missing() -> str | None:

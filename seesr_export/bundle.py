@@ -7,6 +7,7 @@ this module: the request (``build_request``), what a rebuild may reuse
 gate (``parity``), int8 (``int8_build``), TensorRT engines (``trt_engines``), and
 the text files and manifest (``manifest_writer``).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,9 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
     try:
         dims, text = write_text_files(paths, work, models, sources, previous, progress)
         models.drop_unused(options.networks)  # loaded for the text files but not exported now
-        networks = _networks(paths, work, options, progress, models, network_specs(dims), versions, sources,
-                             previous, report)
+        networks = _networks(
+            paths, work, options, progress, models, network_specs(dims), versions, sources, previous, report
+        )
         manifest = assemble_manifest(options.name or out.name, dims, networks, paths, sources, versions, text, work)
         if options.precision == "int8":
             from .int8_build import add_int8

@@ -3,6 +3,7 @@
 Each network's graphs are keyed on the hashes of its source files and the export options; a
 rebuild hard-links the graphs of the previous bundle whose key is unchanged.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,15 +24,21 @@ EXPORT_CODE_VERSION = 3  # bump when a change to the exporter changes its graphs
 
 def source_files(paths: SeeSRPaths) -> dict[str, list[Path]]:
     """The files behind each role, for hashing (configs included: they shape the graphs)."""
+
     def folder(p: Path) -> list[Path]:
         return sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else []
 
     return {
-        "ram": [paths.ram], "dape": [paths.dape],
-        "tag_list": [paths.tag_list], "tag_thresholds": [paths.tag_thresholds],
-        "text_encoder": folder(paths.sd2 / "text_encoder"), "tokenizer": folder(paths.sd2 / "tokenizer"),
-        "vae": folder(paths.sd2 / "vae"), "scheduler": folder(paths.sd2 / "scheduler"),
-        "unet": folder(paths.unet), "controlnet": folder(paths.controlnet),
+        "ram": [paths.ram],
+        "dape": [paths.dape],
+        "tag_list": [paths.tag_list],
+        "tag_thresholds": [paths.tag_thresholds],
+        "text_encoder": folder(paths.sd2 / "text_encoder"),
+        "tokenizer": folder(paths.sd2 / "tokenizer"),
+        "vae": folder(paths.sd2 / "vae"),
+        "scheduler": folder(paths.sd2 / "scheduler"),
+        "unet": folder(paths.unet),
+        "controlnet": folder(paths.controlnet),
     }
 
 
@@ -46,9 +53,18 @@ def cache_key(*parts) -> str:
 
 def network_keys(options, versions: dict, sources: dict) -> dict[str, str]:
     """The cache key of each network the build exports: its source files' hashes and the export options."""
-    return {name: cache_key(name, options.graph_precisions(), options.opset, options.external_data_threshold,
-                            EXPORT_CODE_VERSION, versions, [sources[r] for r in NETWORK_TABLE[name].sources])
-            for name in options.networks}
+    return {
+        name: cache_key(
+            name,
+            options.graph_precisions(),
+            options.opset,
+            options.external_data_threshold,
+            EXPORT_CODE_VERSION,
+            versions,
+            [sources[r] for r in NETWORK_TABLE[name].sources],
+        )
+        for name in options.networks
+    }
 
 
 def tool_versions() -> dict[str, str]:
@@ -56,8 +72,13 @@ def tool_versions() -> dict[str, str]:
     import onnxruntime
     import torch
 
-    versions = {"seesr_export": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    versions = {
+        "seesr_export": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
     for name in ("diffusers", "transformers"):
         try:
             versions[name] = __import__(name).__version__
@@ -74,8 +95,9 @@ def previous_bundle(out: Path) -> Manifest | None:
         raise BuildError(f"--out {out} exists and is not a directory")
     if not (out / MANIFEST).exists():
         if any(out.iterdir()):
-            raise BuildError(f"--out {out} exists and is not a SeeSR bundle (no {MANIFEST}); "
-                             "choose another directory or remove it")
+            raise BuildError(
+                f"--out {out} exists and is not a SeeSR bundle (no {MANIFEST}); choose another directory or remove it"
+            )
         return None
     try:
         return Manifest.load(out, verify="never")  # reuse hashes the files it reuses
@@ -98,8 +120,7 @@ def reuse(previous: Manifest | None, name: str, key: str, work: Path) -> dict | 
     if not entry or entry.get("cache_key") != key:
         return None
     pinned = entry_files(entry)
-    if not all(previous.file(rel).is_file() and sha256_file(previous.file(rel)) == sha
-               for rel, sha in pinned.items()):
+    if not all(previous.file(rel).is_file() and sha256_file(previous.file(rel)) == sha for rel, sha in pinned.items()):
         return None
     for rel in pinned:
         copy_files([previous.file(rel)], (work / rel).parent)

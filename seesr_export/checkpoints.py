@@ -3,10 +3,11 @@
 Only ``torch.load(weights_only=True)`` and safetensors are used: a checkpoint
 is data, never code.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -39,9 +40,7 @@ def find_weights(folder: Path, stem: str, what: str) -> Path:
     for name in (f"{stem}.safetensors", f"{stem}.bin"):
         if (Path(folder) / name).is_file():
             return Path(folder) / name
-    raise CheckpointError(
-        f"{what}: no weights in {folder} (expected {stem}.safetensors or {stem}.bin)"
-    )
+    raise CheckpointError(f"{what}: no weights in {folder} (expected {stem}.safetensors or {stem}.bin)")
 
 
 def load_strict(
@@ -59,11 +58,7 @@ def load_strict(
     ignore_prefixes = tuple(ignore_prefixes)
     ignore_keys = set(ignore_keys)
     wanted = module.state_dict()
-    given = {
-        k: v
-        for k, v in state_dict.items()
-        if k not in ignore_keys and not k.startswith(ignore_prefixes)
-    }
+    given = {k: v for k, v in state_dict.items() if k not in ignore_keys and not k.startswith(ignore_prefixes)}
     problems = []
     for key in sorted(set(wanted) - set(given)):
         problems.append(f"missing key {key!r} (expected shape {tuple(wanted[key].shape)})")
@@ -71,9 +66,7 @@ def load_strict(
         problems.append(f"unexpected key {key!r} (shape {tuple(given[key].shape)})")
     for key in sorted(set(given) & set(wanted)):
         if tuple(given[key].shape) != tuple(wanted[key].shape):
-            problems.append(
-                f"key {key!r} has shape {tuple(given[key].shape)}, expected {tuple(wanted[key].shape)}"
-            )
+            problems.append(f"key {key!r} has shape {tuple(given[key].shape)}, expected {tuple(wanted[key].shape)}")
     if problems:
         raise CheckpointError(f"{source}: checkpoint does not match the model:\n  " + "\n  ".join(problems))
     module.load_state_dict({k: v for k, v in given.items()}, strict=True)

@@ -1,4 +1,5 @@
 """``seesr-export``: the build-side command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,21 +21,37 @@ SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("checkpoints (a SeeSR checkout, or each file on its own)")
-    group.add_argument("--seesr-root", type=Path, default=Path("."),
-                       help="SeeSR checkout holding preset/models and ram/data (default: current directory)")
-    for name, what in [("sd2", "stable-diffusion-2-base folder"), ("unet", "SeeSR unet folder"),
-                       ("controlnet", "SeeSR controlnet folder"), ("ram", "ram_swin_large_14m.pth"),
-                       ("dape", "DAPE.pth"), ("tag-list", "ram_tag_list.txt"),
-                       ("tag-thresholds", "ram_tag_list_threshold.txt")]:
+    group.add_argument(
+        "--seesr-root",
+        type=Path,
+        default=Path("."),
+        help="SeeSR checkout holding preset/models and ram/data (default: current directory)",
+    )
+    for name, what in [
+        ("sd2", "stable-diffusion-2-base folder"),
+        ("unet", "SeeSR unet folder"),
+        ("controlnet", "SeeSR controlnet folder"),
+        ("ram", "ram_swin_large_14m.pth"),
+        ("dape", "DAPE.pth"),
+        ("tag-list", "ram_tag_list.txt"),
+        ("tag-thresholds", "ram_tag_list_threshold.txt"),
+    ]:
         group.add_argument(f"--{name}", type=Path, default=None, help=f"path of the {what}")
 
 
 def paths_from_args(args):
     from .layout import SeeSRPaths
 
-    return SeeSRPaths.from_root(args.seesr_root, sd2=args.sd2, unet=args.unet, controlnet=args.controlnet,
-                                ram=args.ram, dape=args.dape, tag_list=args.tag_list,
-                                tag_thresholds=args.tag_thresholds)
+    return SeeSRPaths.from_root(
+        args.seesr_root,
+        sd2=args.sd2,
+        unet=args.unet,
+        controlnet=args.controlnet,
+        ram=args.ram,
+        dape=args.dape,
+        tag_list=args.tag_list,
+        tag_thresholds=args.tag_thresholds,
+    )
 
 
 def save_png_atomically(image, path: Path) -> None:
@@ -95,8 +112,7 @@ def sampling_options(args) -> dict:
 
 
 def cmd_reference(args) -> int:
-    return run_reference(paths_from_args(args), args.inputs, args.output, sampling_options(args),
-                         Progress(args.quiet))
+    return run_reference(paths_from_args(args), args.inputs, args.output, sampling_options(args), Progress(args.quiet))
 
 
 def cmd_demo(args) -> int:
@@ -142,15 +158,22 @@ def cmd_build(args) -> int:
     from .bundle import BuildOptions, build_bundle
 
     calib = tuple(expand_images(args.calib_images)) if args.calib_images else ()
-    options = BuildOptions(precision=args.precision, backend=args.backend,
-                           networks=tuple(args.networks) if args.networks else BuildOptions.networks,
-                           opset=args.opset, verify=not args.no_verify, calib_images=calib,
-                           calib_size=args.calib_size, calib_steps=args.calib_steps,
-                           quant_method=args.quant_method, jobs=args.jobs,
-                           int8_image_attention_fp32=args.int8_image_attention_fp32,
-                           int8_conv_percentile=args.int8_conv_percentile)
+    options = BuildOptions(
+        precision=args.precision,
+        backend=args.backend,
+        networks=tuple(args.networks) if args.networks else BuildOptions.networks,
+        opset=args.opset,
+        verify=not args.no_verify,
+        calib_images=calib,
+        calib_size=args.calib_size,
+        calib_steps=args.calib_steps,
+        quant_method=args.quant_method,
+        jobs=args.jobs,
+        int8_image_attention_fp32=args.int8_image_attention_fp32,
+        int8_conv_percentile=args.int8_conv_percentile,
+    )
     if args.external_data_threshold_mb is not None:
-        options.external_data_threshold = int(args.external_data_threshold_mb * 1024 ** 2)
+        options.external_data_threshold = int(args.external_data_threshold_mb * 1024**2)
     report = build_bundle(paths_from_args(args), args.out, options, Progress(args.quiet))
     for name, parity in report.parity.items():
         errors = ", ".join(f"{p} rel L2 {v['max_rel_l2']:.2e}" for p, v in parity.items())
@@ -158,8 +181,10 @@ def cmd_build(args) -> int:
     if report.quality:
         for name, error in report.quality["network_rel_l2_vs_fp32"].items():
             print(f"{name}: int8 vs fp32 on held-out calibration calls: rel L2 {error:.2e}", file=sys.stderr)
-        print(f"int8 end to end: PSNR {report.quality['end_to_end_psnr_vs_fp32_db']:.1f} dB against fp32 "
-              "(same noise)", file=sys.stderr)
+        print(
+            f"int8 end to end: PSNR {report.quality['end_to_end_psnr_vs_fp32_db']:.1f} dB against fp32 (same noise)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -175,14 +200,25 @@ def expand_images(folder: Path) -> list[Path]:
 def cmd_triton(args) -> int:
     from .triton_repo import TritonOptions, write_repository
 
-    options = TritonOptions(instances=args.instances, kind=args.kind, backend=args.backend, precision=args.precision,
-                            providers=tuple(args.providers) if args.providers else None, threads=args.threads,
-                            max_pixels=args.max_pixels, pipeline_options=dict(args.option or []),
-                            reference_bundle=args.reference_bundle, model_name=args.model_name)
+    options = TritonOptions(
+        instances=args.instances,
+        kind=args.kind,
+        backend=args.backend,
+        precision=args.precision,
+        providers=tuple(args.providers) if args.providers else None,
+        threads=args.threads,
+        max_pixels=args.max_pixels,
+        pipeline_options=dict(args.option or []),
+        reference_bundle=args.reference_bundle,
+        model_name=args.model_name,
+    )
     model_dir = write_repository(args.bundle, args.out, options)
     if not args.quiet:
-        print(f"wrote {model_dir} ({options.instances} x {options.kind} instance(s), {options.backend}); serve with:\n"
-              f"  tritonserver --model-repository {args.out.resolve()}", file=sys.stderr)
+        print(
+            f"wrote {model_dir} ({options.instances} x {options.kind} instance(s), {options.backend}); serve with:\n"
+            f"  tritonserver --model-repository {args.out.resolve()}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -227,46 +263,80 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fixture", help="write random-weight SeeSR checkpoints in the official layout")
     p.add_argument("--out", type=Path, required=True, help="checkout root to create")
-    p.add_argument("--size", choices=["tiny", "sd2"], default="tiny",
-                   help="tiny: seconds, for tests; sd2: real SD2-base + Swin-L shapes, for benchmarks")
+    p.add_argument(
+        "--size",
+        choices=["tiny", "sd2"],
+        default="tiny",
+        help="tiny: seconds, for tests; sd2: real SD2-base + Swin-L shapes, for benchmarks",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_fixture)
 
-    p = sub.add_parser("build", help="export every SeeSR network and write a bundle under engines/",
-                       epilog=BUILD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "build",
+        help="export every SeeSR network and write a bundle under engines/",
+        epilog=BUILD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write (e.g. engines/seesr)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     p.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
-    p.add_argument("--networks", nargs="+", metavar="NAME",
-                   help="export only these (dape text_encoder controlnet unet vae_encoder vae_decoder)")
+    p.add_argument(
+        "--networks",
+        nargs="+",
+        metavar="NAME",
+        help="export only these (dape text_encoder controlnet unet vae_encoder vae_decoder)",
+    )
     p.add_argument("--opset", type=int, default=OPSET)
-    p.add_argument("--external-data-threshold-mb", type=float, default=None,
-                   help="graphs above this size keep weights in one .onnx.data file "
-                        f"(default {EXTERNAL_DATA_THRESHOLD // 1024 ** 2})")
+    p.add_argument(
+        "--external-data-threshold-mb",
+        type=float,
+        default=None,
+        help="graphs above this size keep weights in one .onnx.data file "
+        f"(default {EXTERNAL_DATA_THRESHOLD // 1024**2})",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check of each graph")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="export this many networks at once, one process each (big machines; each can need "
-                        "~12 GB at SD2 size; default 1)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="export this many networks at once, one process each (big machines; each can need "
+        "~12 GB at SD2 size; default 1)",
+    )
     p.add_argument("--calib-images", type=Path, default=None, help="int8: folder of real LR calibration images")
     p.add_argument("--calib-size", type=int, default=4, help="int8: how many calibration images (default 4)")
     p.add_argument("--calib-steps", type=int, default=4, help="int8: sampler steps per image (default 4)")
-    p.add_argument("--quant-method", choices=["auto", "modelopt", "onnxruntime"], default="auto",
-                   help="int8 quantizer: NVIDIA ModelOpt SmoothQuant (needs the 'quant' extra), onnxruntime's "
-                        "static quantizer, or auto (ModelOpt when installed)")
-    p.add_argument("--int8-conv-percentile", type=float, default=99.99,
-                   help="int8, ModelOpt: calibrate convolution inputs to this histogram percentile (NVIDIA's "
-                        "diffusion recipe); 100 = plain max (default 99.99)")
-    p.add_argument("--int8-image-attention-fp32", action="store_true",
-                   help="int8: also keep SeeSR's image cross-attention projections unquantized (see "
-                        "benchmarks/results/cpu/int8_image_attention.md for the measured effect)")
+    p.add_argument(
+        "--quant-method",
+        choices=["auto", "modelopt", "onnxruntime"],
+        default="auto",
+        help="int8 quantizer: NVIDIA ModelOpt SmoothQuant (needs the 'quant' extra), onnxruntime's "
+        "static quantizer, or auto (ModelOpt when installed)",
+    )
+    p.add_argument(
+        "--int8-conv-percentile",
+        type=float,
+        default=99.99,
+        help="int8, ModelOpt: calibrate convolution inputs to this histogram percentile (NVIDIA's "
+        "diffusion recipe); 100 = plain max (default 99.99)",
+    )
+    p.add_argument(
+        "--int8-image-attention-fp32",
+        action="store_true",
+        help="int8: also keep SeeSR's image cross-attention projections unquantized (see "
+        "benchmarks/results/cpu/int8_image_attention.md for the measured effect)",
+    )
     add_checkpoint_args(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("flops", help="count each network's FLOPs into an existing bundle's manifest",
-                       description="Bundles built by this version record FLOPs already; this adds them to older "
-                                   "bundles (seesr bench reports TFLOP/s from them).")
+    p = sub.add_parser(
+        "flops",
+        help="count each network's FLOPs into an existing bundle's manifest",
+        description="Bundles built by this version record FLOPs already; this adds them to older "
+        "bundles (seesr bench reports TFLOP/s from them).",
+    )
     p.add_argument("--bundle", type=Path, required=True)
     add_checkpoint_args(p)
     p.add_argument("-q", "--quiet", action="store_true")
@@ -287,25 +357,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("triton", help="write a Triton Inference Server model repository for a bundle (no torch needed)",
-                       description="Write a Triton model repository: a Python-backend model running the torch-free "
-                                   "runtime on the bundle (copied in, hard-linked where possible).")
+    p = sub.add_parser(
+        "triton",
+        help="write a Triton Inference Server model repository for a bundle (no torch needed)",
+        description="Write a Triton model repository: a Python-backend model running the torch-free "
+        "runtime on the bundle (copied in, hard-linked where possible).",
+    )
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
     p.add_argument("--out", type=Path, required=True, help="model repository to write (e.g. model_repository/)")
     p.add_argument("--instances", type=int, default=1, help="model instances (per GPU with --kind gpu; default 1)")
     p.add_argument("--kind", choices=["cpu", "gpu"], default="cpu", help="instance kind (default cpu)")
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
-                   help="runtime backend inside each instance (tensorrt needs the bundle's engines and --kind gpu)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
-                   help="graphs to run (default fp32 on CPU, fp16 on GPU when the bundle has them)")
+    p.add_argument(
+        "--backend",
+        choices=["onnxruntime", "tensorrt"],
+        default="onnxruntime",
+        help="runtime backend inside each instance (tensorrt needs the bundle's engines and --kind gpu)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "int8"],
+        default=None,
+        help="graphs to run (default fp32 on CPU, fp16 on GPU when the bundle has them)",
+    )
     p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers (default cpu; gpu: cuda cpu)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per instance (default cores/instances)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"largest input image, in pixels, a request may send (default {DEFAULT_MAX_PIXELS})")
-    p.add_argument("--option", type=pipeline_option, action="append", metavar="KEY=VALUE",
-                   help="pipeline default for every request, e.g. --option process_size=512 (repeatable)")
-    p.add_argument("--reference-bundle", action="store_true",
-                   help="store the bundle's absolute path instead of copying it (the server must see that path)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"largest input image, in pixels, a request may send (default {DEFAULT_MAX_PIXELS})",
+    )
+    p.add_argument(
+        "--option",
+        type=pipeline_option,
+        action="append",
+        metavar="KEY=VALUE",
+        help="pipeline default for every request, e.g. --option process_size=512 (repeatable)",
+    )
+    p.add_argument(
+        "--reference-bundle",
+        action="store_true",
+        help="store the bundle's absolute path instead of copying it (the server must see that path)",
+    )
     p.add_argument("--model-name", default="seesr", help="Triton model name (default seesr)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_triton, needs_torch=False)

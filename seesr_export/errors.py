@@ -1,4 +1,5 @@
 """Errors raised by the build side. Each names the file or value at fault."""
+
 from seesr_runtime.errors import SeeSRError
 
 

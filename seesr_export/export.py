@@ -5,6 +5,7 @@ the tensors of its ``NetworkSpec``, in order; the spec also names the dynamic
 axes. Then: the full ONNX checker (external-data aware), shape inference and
 constant folding, and optionally an fp16 copy with attention kept in fp32.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,9 @@ class ControlNetGraph(nn.Module):
         self.controlnet = controlnet
 
     def forward(self, sample, timestep, encoder_hidden_states, image_embeds, controlnet_cond, conditioning_scale):
-        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, image_embeds, controlnet_cond,
-                                    conditioning_scale)
+        down, mid = self.controlnet(
+            sample, timestep, encoder_hidden_states, image_embeds, controlnet_cond, conditioning_scale
+        )
         return (*down, mid)
 
 
@@ -160,8 +162,14 @@ class ExportOptions:
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
 
 
-def export_onnx(module: nn.Module, spec: NetworkSpec, env: dict[str, int], path: Path,
-                options: ExportOptions = ExportOptions(), release=None) -> list[Path]:
+def export_onnx(
+    module: nn.Module,
+    spec: NetworkSpec,
+    env: dict[str, int],
+    path: Path,
+    options: ExportOptions = ExportOptions(),
+    release=None,
+) -> list[Path]:
     """Trace ``module`` to ``path`` (+ ``path.data`` when large); returns the files written.
 
     ``release()``, if given, is called once the trace is done and before the graph is
@@ -184,14 +192,23 @@ def trace(module: nn.Module, spec: NetworkSpec, env: dict[str, int], path: Path,
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python-side shape check it folds; they are expected here.
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=opset,
-                          input_names=spec.input_names, output_names=spec.output_names,
-                          dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+        torch.onnx.export(
+            module.eval(),
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(),
+            do_constant_folding=True,
+        )
     return path
 
 
-def finalize(traced: Path, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-             fold: bool = True) -> list[Path]:
+def finalize(
+    traced: Path, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, fold: bool = True
+) -> list[Path]:
     """Clean up a traced graph and save it: one .onnx, plus one .onnx.data when large.
 
     ``fold=False`` for Q/DQ graphs: folding would evaluate Quantize/DequantizeLinear on the
@@ -248,8 +265,14 @@ def save_onnx(model, path: Path, external_data_threshold: int = EXTERNAL_DATA_TH
         if stale.exists():
             stale.unlink()
     if large:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
@@ -297,8 +320,9 @@ def convert_fp16(src: Path, dst: Path, external_data_threshold: int = EXTERNAL_D
     model = onnx.load(str(src), load_external_data=True)
     _name_unnamed_nodes(model)
     keep = attention_fp32_nodes(model)
-    model = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
-                                     disable_shape_infer=_weights_bytes(model) >= PROTOBUF_LIMIT)
+    model = convert_float_to_float16(
+        model, keep_io_types=True, node_block_list=keep, disable_shape_infer=_weights_bytes(model) >= PROTOBUF_LIMIT
+    )
     _drop_fp16_round_trips(model)
     toposort(model)  # the converter appends its input casts last
     _remove_dead_nodes(model)

@@ -1,5 +1,6 @@
 """Exporting the networks of one build: the torch models (loaded lazily, dropped early), each network's
 graphs (fp32, fp16, GPU graph, tiled-VAE segments) with their parity check, serially or in processes."""
+
 from __future__ import annotations
 
 import os
@@ -91,16 +92,15 @@ class TorchModels:
             self.drop(model)
 
 
-def export_networks(names, specs, models: TorchModels, paths: SeeSRPaths, work: Path, options,
-                    progress) -> dict:
+def export_networks(names, specs, models: TorchModels, paths: SeeSRPaths, work: Path, options, progress) -> dict:
     """The manifest entries of ``names``, exported one after the other or in ``options.jobs`` processes."""
     if options.jobs > 1 and len(names) > 1:
         models.drop(*networks_of_model())
         return _export_parallel(names, specs, paths, work, options, progress)
     entries = {}
     for i, name in enumerate(names):
-        entries[name] = export_network(name, specs[name], models, work, options, progress, names[i + 1:])
-        models.release_if_unused(name, names[i + 1:])
+        entries[name] = export_network(name, specs[name], models, work, options, progress, names[i + 1 :])
+        models.release_if_unused(name, names[i + 1 :])
     return entries
 
 
@@ -132,22 +132,28 @@ def export_network(name, spec, models: TorchModels, work: Path, options, progres
         progress.stage(f"{name}: fp16 copy (attention scores and softmax kept in fp32)")
         fp16_dir = work / "onnx" / "fp16"
         fp16_dir.mkdir(parents=True, exist_ok=True)
-        written["fp16"] = convert_fp16(written["fp32"][0], fp16_dir / f"{name}.onnx",
-                                       options.external_data_threshold)
+        written["fp16"] = convert_fp16(written["fp32"][0], fp16_dir / f"{name}.onnx", options.external_data_threshold)
     gpu_facts = {}
     if GPU_GRAPH in options.graph_precisions() and name in OPTIMIZER_MODEL_TYPES:
         progress.stage(f"{name}: GPU graph (onnxruntime fusions on fp32, then fp16)")
         (work / "onnx" / GPU_GRAPH).mkdir(parents=True, exist_ok=True)
-        written[GPU_GRAPH], gpu_facts = write_gpu_graph(written["fp32"][0], work / "onnx" / GPU_GRAPH / f"{name}.onnx",
-                                                        OPTIMIZER_MODEL_TYPES[name], options.external_data_threshold)
+        written[GPU_GRAPH], gpu_facts = write_gpu_graph(
+            written["fp32"][0],
+            work / "onnx" / GPU_GRAPH / f"{name}.onnx",
+            OPTIMIZER_MODEL_TYPES[name],
+            options.external_data_threshold,
+        )
         gpu_facts["parity_tolerance"] = options.tolerance(name, GPU_GRAPH)
     for precision, files in written.items():
-        entry["files"][precision] = {**graph_files_entry(work, files, precision),
-                                     **(gpu_facts if precision == GPU_GRAPH else {})}
+        entry["files"][precision] = {
+            **graph_files_entry(work, files, precision),
+            **(gpu_facts if precision == GPU_GRAPH else {}),
+        }
     if options.verify:
         progress.stage(f"{name}: checking ONNX against torch")
-        entry["parity"] = {p: compare_graph(work / entry["files"][p]["onnx"], spec, feeds, expected)
-                           for p in written if p != GPU_GRAPH}  # the GPU graph has CUDA-only kernels
+        entry["parity"] = {
+            p: compare_graph(work / entry["files"][p]["onnx"], spec, feeds, expected) for p in written if p != GPU_GRAPH
+        }  # the GPU graph has CUDA-only kernels
         if GPU_GRAPH in written:
             entry["parity"]["fused_fp32"] = _fused_parity(name, written["fp32"][0], spec, feeds, expected)
         check_parity(name, entry["parity"], options.tolerance)
@@ -157,8 +163,12 @@ def export_network(name, spec, models: TorchModels, work: Path, options, progres
 def graph_files_entry(work: Path, files: list[Path], precision: str) -> dict:
     """The manifest's record of one graph: its .onnx, its external data (if any) and their hashes."""
     rels = [str(f.relative_to(work)) for f in files]
-    return {"onnx": rels[0], "external_data": rels[1] if len(rels) > 1 else None,
-            "sha256": {rel: sha256_file(work / rel) for rel in rels}, "precision": precision}
+    return {
+        "onnx": rels[0],
+        "external_data": rels[1] if len(rels) > 1 else None,
+        "sha256": {rel: sha256_file(work / rel) for rel in rels},
+        "precision": precision,
+    }
 
 
 def _fused_parity(name, fp32_graph: Path, spec, feeds, expected) -> dict:
@@ -185,22 +195,25 @@ def _export_vae_segments(name: str, models, work: Path, options, progress) -> di
     folder = work / "onnx" / "fp32" / f"{name}_tiled"
     folder.mkdir(parents=True, exist_ok=True)
     segments, errors = [], []
-    for k, (segment_name, spec, module, _) in enumerate(graphs):
+    for k, (_, spec, module, _) in enumerate(graphs):
         files = export_onnx(module, spec, {"B": 1, "h": 16, "w": 16}, folder / f"segment_{k:02d}.onnx", export_options)
         names = [t.name for t in spec.inputs]
-        segments.append({
-            "spec": spec.to_json(),
-            "files": {"fp32": graph_files_entry(work, files, "fp32")},
-            "takes_residual": "residual" in names,
-            "hands_residual": "residual_out" in spec.output_names,
-        })
+        segments.append(
+            {
+                "spec": spec.to_json(),
+                "files": {"fp32": graph_files_entry(work, files, "fp32")},
+                "takes_residual": "residual" in names,
+                "hands_residual": "residual_out" in spec.output_names,
+            }
+        )
         if options.verify:
             feeds = checks[k]
             expected = run_torch(module, spec, feeds)
-            errors.append(compare_graph(work / segments[-1]["files"]["fp32"]["onnx"], spec, feeds, expected)["max_rel_l2"])
+            errors.append(
+                compare_graph(work / segments[-1]["files"]["fp32"]["onnx"], spec, feeds, expected)["max_rel_l2"]
+            )
     groups = segment_groups(split_segments(vae_tasks(models.vae, half)))
-    tiled = {"pad": TiledVaeLayout.for_half(half).pad, "groups": groups,
-             "eps": GROUP_NORM_EPS, "segments": segments}
+    tiled = {"pad": TiledVaeLayout.for_half(half).pad, "groups": groups, "eps": GROUP_NORM_EPS, "segments": segments}
     if errors:
         tiled["parity"] = {"max_rel_l2": max(errors), "tile": 12}
     return tiled
@@ -218,8 +231,9 @@ def _export_parallel(names, specs, paths: SeeSRPaths, work: Path, options, progr
     threads = max(1, (os.cpu_count() or 1) // jobs)
     entries = {}
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_export_worker, name, specs[name], paths, work, options, threads): name
-                   for name in order}
+        futures = {
+            pool.submit(_export_worker, name, specs[name], paths, work, options, threads): name for name in order
+        }
         for future in as_completed(futures):
             name = futures[future]
             entries[name], seconds = future.result()

@@ -9,6 +9,7 @@ onto the math path so its two matrix products are counted like any others.
 The manifest keeps one point per shape the runtime runs most: the opt shape of
 every profile, at batch 2 (guided) and batch 1 (unguided).
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,5 +48,7 @@ def count_flops(module: nn.Module, spec: NetworkSpec, env: dict[str, int]) -> in
 
 def network_flops(module: nn.Module, spec: NetworkSpec) -> dict:
     """The manifest's ``flops`` entry of one network."""
-    return {"method": METHOD,
-            "points": [{"env": env, "flops": count_flops(module, spec, env)} for env in flop_envs(spec)]}
+    return {
+        "method": METHOD,
+        "points": [{"env": env, "flops": count_flops(module, spec, env)} for env in flop_envs(spec)],
+    }

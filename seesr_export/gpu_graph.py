@@ -15,6 +15,7 @@ Precision choices (why they differ from the bundle's plain fp16 graph):
   spacing is 0.5, and diffusers computes it in fp32 too;
 - inputs and outputs stay fp32, as the numpy side expects.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,15 @@ import numpy as np
 # graph). The text encoder is left out: the "clip" fusions do not fuse its attention on our trace.
 OPTIMIZER_MODEL_TYPES = {"unet": "unet", "controlnet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 # Fusion switches of onnxruntime's FusionOptions whose fused ops have CUDA kernels only.
-CUDA_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
-                     "enable_packed_qkv", "enable_packed_kv", "enable_bias_add")
+CUDA_ONLY_FUSIONS = (
+    "enable_nhwc_conv",
+    "enable_group_norm",
+    "enable_skip_group_norm",
+    "enable_bias_splitgelu",
+    "enable_packed_qkv",
+    "enable_packed_kv",
+    "enable_bias_add",
+)
 GPU_PROVIDERS = ["CUDAExecutionProvider"]
 FUSED_DOMAIN = "com.microsoft"
 
@@ -69,8 +77,10 @@ def numpy2_safe_optimizer():
     folder on sys.path), so both copies of the class are patched."""
     import onnxruntime.transformers.optimizer  # noqa: F401  (puts the transformers folder on sys.path)
 
-    classes = {importlib.import_module(m).FusionAttentionUnet
-               for m in ("onnxruntime.transformers.fusion_attention_unet", "fusion_attention_unet")}
+    classes = {
+        importlib.import_module(m).FusionAttentionUnet
+        for m in ("onnxruntime.transformers.fusion_attention_unet", "fusion_attention_unet")
+    }
     saved = {cls: cls.__dict__["get_num_heads"] for cls in classes}
     try:
         for cls in classes:
@@ -89,9 +99,16 @@ def fuse(src: Path, model_type: str, cuda_only_fusions: bool = True):
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     with numpy2_safe_optimizer(), _quiet_progress_bar():
-        return optimizer.optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-                                        optimization_options=fusion_options(model_type, cuda_only_fusions),
-                                        use_gpu=True, only_onnxruntime=False)
+        return optimizer.optimize_model(
+            str(src),
+            model_type=model_type,
+            num_heads=0,
+            hidden_size=0,
+            opt_level=0,
+            optimization_options=fusion_options(model_type, cuda_only_fusions),
+            use_gpu=True,
+            only_onnxruntime=False,
+        )
 
 
 @contextlib.contextmanager
@@ -132,8 +149,14 @@ def fused_op_counts(model) -> dict[str, int]:
 
 def write_gpu_graph(src: Path, dst: Path, model_type: str, external_data_threshold: int) -> tuple[list[Path], dict]:
     """The GPU graph of the fp32 graph ``src`` at ``dst``; returns its files and its manifest facts."""
-    from .export import (_drop_fp16_round_trips, _name_unnamed_nodes, _remove_dead_nodes, attention_fp32_nodes,
-                         save_onnx, toposort)
+    from .export import (
+        _drop_fp16_round_trips,
+        _name_unnamed_nodes,
+        _remove_dead_nodes,
+        attention_fp32_nodes,
+        save_onnx,
+        toposort,
+    )
 
     optimized = fuse(src, model_type, cuda_only_fusions=True)
     _name_unnamed_nodes(optimized.model)
@@ -145,8 +168,12 @@ def write_gpu_graph(src: Path, dst: Path, model_type: str, external_data_thresho
     toposort(model)
     _remove_dead_nodes(model)
     files = save_onnx(model, dst, external_data_threshold)
-    facts = {"fused_ops": fused_op_counts(model), "providers": GPU_PROVIDERS, "fp32_nodes": fp32_nodes,
-             "recipe": f"onnxruntime transformers optimizer (model type {model_type}) on fp32, then fp16"}
+    facts = {
+        "fused_ops": fused_op_counts(model),
+        "providers": GPU_PROVIDERS,
+        "fp32_nodes": fp32_nodes,
+        "recipe": f"onnxruntime transformers optimizer (model type {model_type}) on fp32, then fp16",
+    }
     return files, facts
 
 

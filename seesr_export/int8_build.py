@@ -1,4 +1,5 @@
 """int8 graphs for a bundle: calibrate through the sampler, quantize the int8 networks, measure them."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,12 +18,24 @@ def add_int8(work: Path, manifest: dict, options, progress, models) -> dict:
     from PIL import Image
 
     from .export import graph_module
-    from .quantize import (QualityReport, QuantOptions, end_to_end_psnr, heldout_error, modelopt_available,
-                           quantize_graph, quantize_module_modelopt, record_calibration_feeds)
+    from .quantize import (
+        QualityReport,
+        QuantOptions,
+        end_to_end_psnr,
+        heldout_error,
+        modelopt_available,
+        quantize_graph,
+        quantize_module_modelopt,
+        record_calibration_feeds,
+    )
 
-    quant = QuantOptions(method=options.quant_method, calib_size=options.calib_size, calib_steps=options.calib_steps,
-                         exclude_image_attention=options.int8_image_attention_fp32,
-                         conv_input_percentile=None if options.int8_conv_percentile >= 100 else options.int8_conv_percentile)
+    quant = QuantOptions(
+        method=options.quant_method,
+        calib_size=options.calib_size,
+        calib_steps=options.calib_steps,
+        exclude_image_attention=options.int8_image_attention_fp32,
+        conv_input_percentile=None if options.int8_conv_percentile >= 100 else options.int8_conv_percentile,
+    )
     use_modelopt = quant.method == "modelopt" or (quant.method == "auto" and modelopt_available())
     if quant.method == "modelopt" and not modelopt_available():
         raise BuildError("--quant-method modelopt needs nvidia-modelopt: pip install 'seesr-export[quant]'")
@@ -35,13 +48,16 @@ def add_int8(work: Path, manifest: dict, options, progress, models) -> dict:
         feeds = recorded[name]
         split = max(1, int(len(feeds) * (1 - quant.holdout)))
         calibration, heldout = feeds[:split], feeds[split:] or feeds[-1:]
-        progress.stage(f"{name}: int8 Q/DQ ({'ModelOpt SmoothQuant' if use_modelopt else 'onnxruntime'}) "
-                       f"from {len(calibration)} recorded calls")
+        progress.stage(
+            f"{name}: int8 Q/DQ ({'ModelOpt SmoothQuant' if use_modelopt else 'onnxruntime'}) "
+            f"from {len(calibration)} recorded calls"
+        )
         rel = f"onnx/int8/{name}.onnx"
         if use_modelopt:
             module = graph_module(name, models)
-            quality.excluded[name] = quantize_module_modelopt(module, bundle.spec(name), calibration, work / rel,
-                                                              TRACE_ENV, quant)
+            quality.excluded[name] = quantize_module_modelopt(
+                module, bundle.spec(name), calibration, work / rel, TRACE_ENV, quant
+            )
             del module
             models.drop(NETWORK_TABLE[name].model)
         else:
@@ -51,8 +67,11 @@ def add_int8(work: Path, manifest: dict, options, progress, models) -> dict:
         manifest["networks"][name]["files"]["int8"] = graph_files_entry(work, files, "int8")
     progress.stage("int8: end-to-end PSNR against fp32 (same noise)")
     quality.psnr_vs_fp32_db = end_to_end_psnr(as_loaded(work, manifest), images[-1], quant.calib_steps, seed=1234)
-    settings = {"image_attention_fp32": quant.exclude_image_attention,
-                "conv_input_percentile": quant.conv_input_percentile if use_modelopt else None}
-    manifest["quality"] = {"int8": {**quality.to_json(), "method": "modelopt" if use_modelopt else "onnxruntime",
-                                    "settings": settings}}
+    settings = {
+        "image_attention_fp32": quant.exclude_image_attention,
+        "conv_input_percentile": quant.conv_input_percentile if use_modelopt else None,
+    }
+    manifest["quality"] = {
+        "int8": {**quality.to_json(), "method": "modelopt" if use_modelopt else "onnxruntime", "settings": settings}
+    }
     return manifest["quality"]["int8"]

@@ -1,4 +1,5 @@
 """Where a SeeSR checkout keeps its checkpoints (the defaults of ``test_seesr.py``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -29,7 +30,7 @@ class SeeSRPaths:
     tag_thresholds: Path
 
     @classmethod
-    def from_root(cls, root: Path | str, **overrides: Path | str | None) -> "SeeSRPaths":
+    def from_root(cls, root: Path | str, **overrides: Path | str | None) -> SeeSRPaths:
         root = Path(root)
         models = root / "preset" / "models"
         defaults = dict(
@@ -44,7 +45,7 @@ class SeeSRPaths:
         defaults.update({k: Path(v) for k, v in overrides.items() if v is not None})
         return cls(**defaults)
 
-    def check(self) -> "SeeSRPaths":
+    def check(self) -> SeeSRPaths:
         """Fail early, naming every missing path, before any heavy loading."""
         missing = [f"{f.name}: {getattr(self, f.name)}" for f in fields(self) if not getattr(self, f.name).exists()]
         if missing:

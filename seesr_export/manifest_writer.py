@@ -1,5 +1,6 @@
 """The bundle's text files (tokenizer.json, the negative prompt's embedding) and its manifest: assembled
 in one place, written once."""
+
 from __future__ import annotations
 
 import datetime
@@ -14,8 +15,7 @@ from seesr_runtime.networks import ModelDims
 from seesr_runtime.options import bundle_defaults, describe
 
 from .cache_keys import EXPORT_CODE_VERSION, cache_key
-from .reference import (DAPE_SIZE, DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT, IMAGENET_MEAN, IMAGENET_STD,
-                        START_STEP)
+from .reference import DAPE_SIZE, DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT, IMAGENET_MEAN, IMAGENET_STD, START_STEP
 
 TEXT_FILES = ("tokenizer.json", "negative_prompt_embeds.npy")
 
@@ -42,10 +42,22 @@ def write_tokenizer_json(sd2_folder: Path, path: Path, max_length: int = 77, pad
 def write_text_files(paths, work: Path, models, sources, previous, progress) -> tuple[ModelDims, dict]:
     """tokenizer.json and the negative prompt's embedding (reused when their inputs are unchanged);
     returns the model dimensions and the manifest's ``text`` cache key."""
-    key = cache_key("text", EXPORT_CODE_VERSION, sources["text_encoder"], sources["tokenizer"],
-                    DEFAULT_NEGATIVE_PROMPT, sources["ram"], sources["dape"], sources["unet"], sources["controlnet"])
-    if previous is not None and previous.data["text"].get("cache_key") == key and \
-            all(previous.file(n).is_file() for n in TEXT_FILES):
+    key = cache_key(
+        "text",
+        EXPORT_CODE_VERSION,
+        sources["text_encoder"],
+        sources["tokenizer"],
+        DEFAULT_NEGATIVE_PROMPT,
+        sources["ram"],
+        sources["dape"],
+        sources["unet"],
+        sources["controlnet"],
+    )
+    if (
+        previous is not None
+        and previous.data["text"].get("cache_key") == key
+        and all(previous.file(n).is_file() for n in TEXT_FILES)
+    ):
         from .export import copy_files
 
         copy_files([previous.file(n) for n in TEXT_FILES], work)
@@ -83,13 +95,21 @@ def assemble_manifest(name, dims, networks, paths, sources, versions, text, work
             "options": describe(),  # every option's type, default, range and help, for runtimes in other languages
         },
         "tagger": {
-            "input_size": DAPE_SIZE, "resize": "bilinear, half-pixel centres, no antialias",
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "tags": tags, "thresholds": [float(t) for t in thresholds],
+            "input_size": DAPE_SIZE,
+            "resize": "bilinear, half-pixel centres, no antialias",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "tags": tags,
+            "thresholds": [float(t) for t in thresholds],
             "rule": "sigmoid(tag_logits) > threshold, joined with ', ' in class order",
         },
-        "text": {"tokenizer": "tokenizer.json", "max_length": dims.text_tokens, "pad_id": 0,
-                 "negative_prompt_embeds": "negative_prompt_embeds.npy", **text},
+        "text": {
+            "tokenizer": "tokenizer.json",
+            "max_length": dims.text_tokens,
+            "pad_id": 0,
+            "negative_prompt_embeds": "negative_prompt_embeds.npy",
+            **text,
+        },
         "provenance": {
             "sources": sources,
             "versions": versions,

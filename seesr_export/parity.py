@@ -1,4 +1,5 @@
 """The parity gate: each ONNX graph against the torch fp32 reference, on the build's sample inputs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,6 +49,8 @@ def check_parity(name: str, parity: dict, tolerance) -> None:
         limit = tolerance(name, graph)
         result["tolerance"] = limit
         if not result["max_rel_l2"] <= limit:  # NaN fails too
-            raise BuildError(f"{name}: the {graph} graph differs from the torch fp32 reference by "
-                             f"{result['max_rel_l2']:.3e} relative L2, over its tolerance {limit:.1e} "
-                             f"(seesr_export.parity.PARITY_TOLERANCES); the bundle was not written")
+            raise BuildError(
+                f"{name}: the {graph} graph differs from the torch fp32 reference by "
+                f"{result['max_rel_l2']:.3e} relative L2, over its tolerance {limit:.1e} "
+                f"(seesr_export.parity.PARITY_TOLERANCES); the bundle was not written"
+            )

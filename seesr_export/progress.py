@@ -1,4 +1,5 @@
 """Progress reporting for long build-side commands: stage names and a step bar on stderr."""
+
 from __future__ import annotations
 
 import sys

@@ -14,6 +14,7 @@ same int8 graph. Two quantizers:
 Layers that diffusion PTQ recipes keep in higher precision are excluded by name
 (``DEFAULT_EXCLUDE``), and attention's activation-by-activation products stay fp32.
 """
+
 from __future__ import annotations
 
 import re
@@ -62,10 +63,12 @@ def record_calibration_feeds(manifest: Manifest, images: list, options: QuantOpt
     """Run the fp32 pipeline on ``images`` and return every ControlNet/UNet feed it made."""
     backend = RecordingBackend(OnnxRuntimeBackend(manifest, precision="fp32"))
     pipe = SeeSRPipeline(manifest, backend)
-    for i, image in enumerate(images[:options.calib_size]):
+    for i, image in enumerate(images[: options.calib_size]):
         if progress is not None:
-            progress.stage(f"calibration: image {i + 1}/{min(len(images), options.calib_size)} "
-                           f"through {options.calib_steps} sampler steps")
+            progress.stage(
+                f"calibration: image {i + 1}/{min(len(images), options.calib_size)} "
+                f"through {options.calib_steps} sampler steps"
+            )
         pipe(image, steps=options.calib_steps, seed=options.seed + i)
     return backend.recorded
 
@@ -112,14 +115,20 @@ def calibration_ranges(fp32_path: Path, calibration: list[dict], work: Path, lar
     import onnxruntime as ort
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-    calibrator = create_calibrator(Path(fp32_path), list(QUANTIZABLE_OPS), str(work / "augmented.onnx"),
-                                   CalibrationMethod.MinMax, use_external_data_format=large,
-                                   extra_options={"moving_average": True})
+    calibrator = create_calibrator(
+        Path(fp32_path),
+        list(QUANTIZABLE_OPS),
+        str(work / "augmented.onnx"),
+        CalibrationMethod.MinMax,
+        use_external_data_format=large,
+        extra_options={"moving_average": True},
+    )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator's own
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, options,
-                                                    providers=["CPUExecutionProvider"])
+    calibrator.infer_session = ort.InferenceSession(
+        calibrator.augmented_model_path, options, providers=["CPUExecutionProvider"]
+    )
     calibrator.collect_data(_FeedsReader(calibration))
     return calibrator.compute_data()
 
@@ -135,14 +144,22 @@ def quantize_graph(fp32_path: Path, out_path: Path, calibration: list[dict], opt
     excluded = excluded_nodes(onnx.load(str(fp32_path), load_external_data=False), options)
     large = Path(str(fp32_path) + ".data").exists()
     settings = dict(
-        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZABLE_OPS),
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-        nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(QUANTIZABLE_OPS),
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        nodes_to_exclude=excluded,
+        calibrate_method=CalibrationMethod.MinMax,
         # onnxruntime's percentile calibrator keeps every activation of every call in memory (20 GB
         # for the tiny fixture); min/max keeps two scalars per tensor, and its moving average damps outliers.
         # Dedicated pairs: an excluded layer reads the fp32 tensor even where a neighbour quantizes it.
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibMovingAverage": True,
-                       "DedicatedQDQPair": True},
+        extra_options={
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            "CalibMovingAverage": True,
+            "DedicatedQDQPair": True,
+        },
         use_external_data_format=large,
     )
     if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
@@ -166,8 +183,9 @@ def modelopt_available() -> bool:
     return True
 
 
-def quantize_module_modelopt(module, spec, calibration: list[dict], out_path: Path, trace_env: dict,
-                             options: QuantOptions) -> list[str]:
+def quantize_module_modelopt(
+    module, spec, calibration: list[dict], out_path: Path, trace_env: dict, options: QuantOptions
+) -> list[str]:
     """ModelOpt INT8 SmoothQuant on the torch graph module, then traced to a Q/DQ ONNX graph.
 
     Returns the quantizer-name patterns that were disabled (the exclusions)."""
@@ -183,8 +201,11 @@ def quantize_module_modelopt(module, spec, calibration: list[dict], out_path: Pa
     config["algorithm"] = {"method": "smoothquant", "alpha": 0.8}
     patterns = list(options.exclude) + (["image_attentions"] if options.exclude_image_attention else [])
     disabled = [f"*{p}*" for p in patterns]
-    config["quant_cfg"] = list(config["quant_cfg"]) + _conv_percentile_cfg(options.conv_input_percentile) + \
-        [{"quantizer_name": d, "enable": False} for d in disabled]
+    config["quant_cfg"] = (
+        list(config["quant_cfg"])
+        + _conv_percentile_cfg(options.conv_input_percentile)
+        + [{"quantizer_name": d, "enable": False} for d in disabled]
+    )
 
     def forward_loop(model):
         with torch.no_grad():
@@ -211,8 +232,13 @@ def _conv_percentile_cfg(percentile: float | None) -> list[dict]:
             return super().compute_amax(method, **{"percentile": percentile, **kwargs})
 
     calibrator = (PercentileCalibrator, (), {"num_bits": 8, "axis": None})
-    return [{"quantizer_name": "*input_quantizer", "parent_class": "nn.Conv2d",
-             "cfg": {"num_bits": 8, "axis": None, "calibrator": calibrator}}]
+    return [
+        {
+            "quantizer_name": "*input_quantizer",
+            "parent_class": "nn.Conv2d",
+            "cfg": {"num_bits": 8, "axis": None, "calibrator": calibrator},
+        }
+    ]
 
 
 def heldout_error(manifest: Manifest, network: str, int8_path: Path, feeds: list[dict]) -> float:
@@ -233,8 +259,8 @@ def heldout_error(manifest: Manifest, network: str, int8_path: Path, feeds: list
 
 def psnr(a, b) -> float:
     diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    mse = float(np.mean(diff ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    mse = float(np.mean(diff**2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @dataclass
@@ -244,8 +270,11 @@ class QualityReport:
     excluded: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"network_rel_l2_vs_fp32": self.network_rel_l2, "end_to_end_psnr_vs_fp32_db": self.psnr_vs_fp32_db,
-                "excluded": {n: len(v) for n, v in self.excluded.items()}}
+        return {
+            "network_rel_l2_vs_fp32": self.network_rel_l2,
+            "end_to_end_psnr_vs_fp32_db": self.psnr_vs_fp32_db,
+            "excluded": {n: len(v) for n, v in self.excluded.items()},
+        }
 
 
 def end_to_end_psnr(manifest: Manifest, image, steps: int, seed: int) -> float:

@@ -14,11 +14,12 @@ Twins in the runtime (numpy): ``SeeSRReference`` ↔ ``seesr_runtime.pipeline.Se
 fixes ↔ ``seesr_runtime.imaging``, ``ddpm_step`` (diffusers) ↔ ``seesr_runtime.scheduler``; the tests
 that hold each pair equal are named in the runtime modules' docstrings.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,14 +56,14 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def dape_input(lr: Image.Image) -> torch.Tensor:
     """DAPE's input: the original LR as a tensor, bilinear-resized to 384 without antialias
     (torchvision 0.15 did not antialias tensors), ImageNet-normalised."""
-    x = F.interpolate(to_tensor(lr), size=(DAPE_SIZE, DAPE_SIZE), mode="bilinear", align_corners=False,
-                      antialias=False)
+    x = F.interpolate(to_tensor(lr), size=(DAPE_SIZE, DAPE_SIZE), mode="bilinear", align_corners=False, antialias=False)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 # ---------------------------------------------------------------- colour fix
+
 
 def _to_uint8_truncating(x: torch.Tensor) -> Image.Image:
     # torchvision's ToPILImage: x*255 then byte(), i.e. truncation, not rounding.
@@ -92,7 +93,7 @@ def _wavelet_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
 def _wavelet_split(x: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     high = torch.zeros_like(x)
     for i in range(levels):
-        low = _wavelet_blur(x, 2 ** i)
+        low = _wavelet_blur(x, 2**i)
         high += x - low
         x = low
     return high, x
@@ -106,28 +107,30 @@ def wavelet_color_fix(target: Image.Image, source: Image.Image) -> Image.Image:
 
 # ---------------------------------------------------------------- sampler
 
+
 def ddpm_step(scheduler, eps: torch.Tensor, t: int, sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """One DDPM step (epsilon prediction, fixed_small variance) with the variance noise given."""
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     a_t = scheduler.alphas_cumprod[t]
     a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.one
     beta_t = 1 - a_t / a_prev
-    x0 = (sample - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    x0 = (sample - (1 - a_t) ** 0.5 * eps) / a_t**0.5
     if scheduler.config.clip_sample:
         r = scheduler.config.clip_sample_range
         x0 = x0.clamp(-r, r)
-    mean = (a_prev ** 0.5 * beta_t / (1 - a_t)) * x0 + ((a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t)) * sample
+    mean = (a_prev**0.5 * beta_t / (1 - a_t)) * x0 + ((a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t)) * sample
     if t <= 0:
         return mean
     variance = torch.clamp((1 - a_prev) / (1 - a_t) * beta_t, min=1e-20)
-    return mean + variance ** 0.5 * noise
+    return mean + variance**0.5 * noise
 
 
 @torch.no_grad()
 def encode_prompt(tokenizer, text_encoder, text: str) -> torch.Tensor:
     """CLIP last hidden state of ``text``: 77 tokens, truncated, padded with id 0, no attention mask."""
-    ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
@@ -148,8 +151,9 @@ class SeeSRReference:
     on CUDA they are timed with events.
     """
 
-    def __init__(self, dape, tag_list, tag_thresholds, tokenizer, text_encoder, vae, unet, controlnet,
-                 scheduler_config: dict):
+    def __init__(
+        self, dape, tag_list, tag_thresholds, tokenizer, text_encoder, vae, unet, controlnet, scheduler_config: dict
+    ):
         from diffusers import DDPMScheduler
 
         self.dape, self.tag_list, self.tag_thresholds = dape, tag_list, tag_thresholds
@@ -160,7 +164,7 @@ class SeeSRReference:
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.profiler, self._pending = None, []
 
-    def to(self, device, dtype: torch.dtype = torch.float32) -> "SeeSRReference":
+    def to(self, device, dtype: torch.dtype = torch.float32) -> SeeSRReference:
         self.device, self.dtype = torch.device(device), dtype
         for model in (self.dape, self.text_encoder, self.vae, self.unet, self.controlnet):
             model.to(self.device, dtype)
@@ -191,7 +195,7 @@ class SeeSRReference:
             self._pending = []
 
     @classmethod
-    def from_paths(cls, paths: SeeSRPaths) -> "SeeSRReference":
+    def from_paths(cls, paths: SeeSRPaths) -> SeeSRReference:
         from .models import dape as dape_mod
         from .models import sd2
         from .models.denoiser import load_seesr_controlnet, load_seesr_unet
@@ -199,9 +203,17 @@ class SeeSRReference:
         paths.check()
         dape = dape_mod.load_dape(paths.ram, paths.dape)
         tags, thresholds = dape_mod.load_tag_list(paths.tag_list, paths.tag_thresholds, dape.config.num_classes)
-        return cls(dape, tags, thresholds, sd2.load_tokenizer(paths.sd2), sd2.load_text_encoder(paths.sd2),
-                   sd2.load_vae(paths.sd2), load_seesr_unet(paths.unet), load_seesr_controlnet(paths.controlnet),
-                   sd2.load_scheduler_config(paths.sd2))
+        return cls(
+            dape,
+            tags,
+            thresholds,
+            sd2.load_tokenizer(paths.sd2),
+            sd2.load_text_encoder(paths.sd2),
+            sd2.load_vae(paths.sd2),
+            load_seesr_unet(paths.unet),
+            load_seesr_controlnet(paths.controlnet),
+            sd2.load_scheduler_config(paths.sd2),
+        )
 
     # -- stages
 
@@ -224,13 +236,13 @@ class SeeSRReference:
     def predict_noise(self, latents, t, text_embeds, image_embeds, control_image, conditioning_scale):
         timestep = torch.tensor([t], dtype=torch.int64, device=self.device)
         with self._stage("controlnet"):
-            down, mid = self.controlnet(latents, timestep, text_embeds, image_embeds, control_image,
-                                        conditioning_scale)
+            down, mid = self.controlnet(latents, timestep, text_embeds, image_embeds, control_image, conditioning_scale)
         with self._stage("unet"):
             return self.unet(latents, timestep, text_embeds, image_embeds, down, mid)
 
-    def predict_noise_tiled(self, latents, t, text_embeds, image_embeds, control_image, conditioning_scale,
-                            tile: int, overlap: int):
+    def predict_noise_tiled(
+        self, latents, t, text_embeds, image_embeds, control_image, conditioning_scale, tile: int, overlap: int
+    ):
         _, _, h, w = latents.shape
         tile = min(tile, h, w)
         weights = torch.from_numpy(gaussian_tile_weights(tile)).to(self.device)  # float64, as the official code
@@ -239,8 +251,9 @@ class SeeSRReference:
         for y, x in tile_origins(h, w, tile, overlap):
             window = (slice(None), slice(None), slice(y, y + tile), slice(x, x + tile))
             pixels = (slice(None), slice(None), slice(8 * y, 8 * (y + tile)), slice(8 * x, 8 * (x + tile)))
-            pred = self.predict_noise(latents[window], t, text_embeds, image_embeds, control_image[pixels],
-                                      conditioning_scale)
+            pred = self.predict_noise(
+                latents[window], t, text_embeds, image_embeds, control_image[pixels], conditioning_scale
+            )
             total[window] += pred * weights
             contributors[window] += weights
         return total / contributors
@@ -248,17 +261,44 @@ class SeeSRReference:
     # -- the whole pipeline
 
     @torch.no_grad()
-    def __call__(self, lr: Image.Image, *, noise_fn: NoiseFn | None = None, seed: int | None = None,
-                 callback: Callable[[int, int], None] | None = None, **options) -> ReferenceResult:
+    def __call__(
+        self,
+        lr: Image.Image,
+        *,
+        noise_fn: NoiseFn | None = None,
+        seed: int | None = None,
+        callback: Callable[[int, int], None] | None = None,
+        **options,
+    ) -> ReferenceResult:
         """``options``: those of ``seesr_runtime.options`` (left out: the official defaults), checked as the
         runtime checks them (OptionError; an image too small or too large: ImageRejected)."""
         o = option_table.resolve({**options, "seed": seed})
         option_table.check_image_size(*lr.size, o["max_pixels"])
         return self._run(lr, noise_fn, callback, **{k: o[k] for k in o if k != "max_pixels"})
 
-    def _run(self, lr, noise_fn, callback, *, prompt, added_prompt, negative_prompt, steps, guidance,
-             conditioning_scale, process_size, upscale, latent_tile_size, latent_tile_overlap, color_fix,
-             start_point, vae_encoder_tile_size, vae_decoder_tile_size, tiled_vae, seed) -> ReferenceResult:
+    def _run(
+        self,
+        lr,
+        noise_fn,
+        callback,
+        *,
+        prompt,
+        added_prompt,
+        negative_prompt,
+        steps,
+        guidance,
+        conditioning_scale,
+        process_size,
+        upscale,
+        latent_tile_size,
+        latent_tile_overlap,
+        color_fix,
+        start_point,
+        vae_encoder_tile_size,
+        vae_decoder_tile_size,
+        tiled_vae,
+        seed,
+    ) -> ReferenceResult:
         cpu_noise = _noise_source(noise_fn, seed)
         noise = lambda kind, shape: self._put(cpu_noise(kind, shape))  # noqa: E731 (drawn on the CPU: same stream)
         with self._stage("preprocess"):
@@ -280,8 +320,9 @@ class SeeSRReference:
         latent_shape = (1, 4, work.size[1] // 8, work.size[0] // 8)
         latents = noise("initial", latent_shape) * self.scheduler.init_noise_sigma
         if start_point == "lr":
-            latents = self._lr_latent(self._put(to_tensor(work)), latents, noise,
-                                      vae_encoder_tile_size if tiled_vae else None)
+            latents = self._lr_latent(
+                self._put(to_tensor(work)), latents, noise, vae_encoder_tile_size if tiled_vae else None
+            )
 
         _, _, h, w = latents.shape
         tiled = h * w > latent_tile_size * latent_tile_size
@@ -290,8 +331,16 @@ class SeeSRReference:
             with self._stage("denoise_step"):
                 model_input = torch.cat([latents, latents]) if cfg else latents
                 if tiled:
-                    eps = self.predict_noise_tiled(model_input, t, text_embeds, image_embeds, control,
-                                                   conditioning_scale, latent_tile_size, latent_tile_overlap)
+                    eps = self.predict_noise_tiled(
+                        model_input,
+                        t,
+                        text_embeds,
+                        image_embeds,
+                        control,
+                        conditioning_scale,
+                        latent_tile_size,
+                        latent_tile_overlap,
+                    )
                 else:
                     eps = self.predict_noise(model_input, t, text_embeds, image_embeds, control, conditioning_scale)
                 with self._stage("scheduler_step"):

@@ -18,6 +18,7 @@ The pointwise ``quant_conv`` (encoder, with the posterior's logvar clamp) and ``
 (decoder) run outside the official tiler; being 1x1 convolutions they give the same values per
 tile, so they close the last encoder segment and open the first decoder segment.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,18 +40,30 @@ class Task:
 
 def _resnet_tasks(block) -> list[Task]:
     if block.time_emb_proj is not None or block.upsample or block.downsample or block.output_scale_factor != 1:
-        raise ValueError("tiled VAE: only plain VAE resnet blocks (no time embedding, no resampling, "
-                         "output scale 1) are supported")
-    return [Task("store_residual", block.conv_shortcut), Task("norm", block.norm1), Task("silu"),
-            Task("conv", block.conv1), Task("norm", block.norm2), Task("silu"), Task("conv", block.conv2),
-            Task("add_residual")]
+        raise ValueError(
+            "tiled VAE: only plain VAE resnet blocks (no time embedding, no resampling, output scale 1) are supported"
+        )
+    return [
+        Task("store_residual", block.conv_shortcut),
+        Task("norm", block.norm1),
+        Task("silu"),
+        Task("conv", block.conv1),
+        Task("norm", block.norm2),
+        Task("silu"),
+        Task("conv", block.conv2),
+        Task("add_residual"),
+    ]
 
 
 def _attention_tasks(attention) -> list[Task]:
     if not attention.residual_connection or attention.rescale_output_factor != 1 or attention.group_norm is None:
         raise ValueError("tiled VAE: the mid-block attention must be a residual, group-normed, unscaled Attention")
-    return [Task("store_residual"), Task("norm", attention.group_norm), Task("attention", attention),
-            Task("add_residual")]
+    return [
+        Task("store_residual"),
+        Task("norm", attention.group_norm),
+        Task("attention", attention),
+        Task("add_residual"),
+    ]
 
 
 def _mid_tasks(mid_block) -> list[Task]:
@@ -204,7 +217,7 @@ def tiled_forward(vae, half: str, x: torch.Tensor, tile: int) -> list[torch.Tens
     out = torch.zeros((x.shape[0], states[0].shape[1], height, width), dtype=x.dtype, device=x.device)
     for state, (ix0, _, iy0, _), (ox0, ox1, oy0, oy1) in zip(states, in_boxes, out_boxes):
         top, left = oy0 - layout.scale(iy0), ox0 - layout.scale(ix0)
-        out[:, :, oy0:oy1, ox0:ox1] = state[:, :, top:top + oy1 - oy0, left:left + ox1 - ox0]
+        out[:, :, oy0:oy1, ox0:ox1] = state[:, :, top : top + oy1 - oy0, left : left + ox1 - ox0]
     if half == "encoder":
         mean, logvar = torch.chunk(out, 2, dim=1)
         return [mean, torch.clamp(logvar, -30.0, 20.0)]
@@ -244,8 +257,7 @@ def segment_graphs(vae, half: str, size: int = 16, seed: int = 0):
     groups = segment_groups(segments)
     flow = _residual_flow(segments)
     channels = 4 if half == "decoder" else 3
-    hidden = torch.from_numpy(np.random.default_rng(seed).standard_normal((1, channels, size, size))
-                              .astype(np.float32))
+    hidden = torch.from_numpy(np.random.default_rng(seed).standard_normal((1, channels, size, size)).astype(np.float32))
     residual, result = None, []
     for k, (segment, (takes, hands)) in enumerate(zip(segments, flow)):
         last = k == len(segments) - 1
@@ -260,8 +272,11 @@ def segment_graphs(vae, half: str, size: int = 16, seed: int = 0):
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         names = ["mean", "logvar"] if last and half == "encoder" else ["hidden_out"]
         names += ["residual_out"] if hands else []
-        spec = NetworkSpec(f"{network}#{k}", tuple(_tensor_spec(n, t, "h", "w") for n, t in feeds.items()),
-                           tuple(_tensor_spec(n, t, "out_h", "out_w") for n, t in zip(names, outputs)))
+        spec = NetworkSpec(
+            f"{network}#{k}",
+            tuple(_tensor_spec(n, t, "h", "w") for n, t in feeds.items()),
+            tuple(_tensor_spec(n, t, "out_h", "out_w") for n, t in zip(names, outputs)),
+        )
         result.append((spec.name, spec, module, {n: t.numpy() for n, t in feeds.items()}))
         hidden, residual = outputs[0], outputs[1] if hands else None
     return result

@@ -10,6 +10,7 @@
 The repository is written into a hidden sibling and renamed into place, and it only ever
 replaces an empty directory or a repository this command wrote.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,13 @@ def write_repository(bundle: Path, out: Path, options: TritonOptions) -> Path:
             give_tree_umask_modes(version_dir / "bundle", files=False)  # copytree copies the folders' modes
             bundle_param = "bundle"
         (model_dir / "config.pbtxt").write_text(model_config(options, bundle_param))
-        (work / MARKER).write_text(json.dumps({"bundle": str(manifest.root.resolve()), "model": options.model_name,
-                                               "seesr_runtime": runtime_version}, indent=1) + "\n")
+        (work / MARKER).write_text(
+            json.dumps(
+                {"bundle": str(manifest.root.resolve()), "model": options.model_name, "seesr_runtime": runtime_version},
+                indent=1,
+            )
+            + "\n"
+        )
         swap_into_place(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -143,8 +149,9 @@ def _check_bundle_has(manifest: Manifest, backend: str, precision: str) -> None:
         missing = [n for n, entry in networks.items() if precision not in entry.get("engines", {})]
         what = f"{precision} TensorRT engines (seesr-export build --backend tensorrt)"
     else:
-        missing = [n for n, entry in networks.items() if graph_for_precision(entry["files"], precision)
-                   not in entry["files"]]
+        missing = [
+            n for n, entry in networks.items() if graph_for_precision(entry["files"], precision) not in entry["files"]
+        ]
         what = f"{precision} ONNX graphs"
     if missing:
         raise TritonRepoError(f"--bundle {manifest.root}: no {what} for {missing}")
@@ -168,9 +175,13 @@ def model_config(options: TritonOptions, bundle_param: str) -> str:
         'backend: "python"',
         "max_batch_size: 0",
         "input [",
-        ",\n".join(['  { name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }'] +
-                   [f'  {{ name: "{name}" data_type: {data_type} dims: [ 1 ] optional: true }}'
-                    for name, data_type in REQUEST_OPTIONS.items()]),
+        ",\n".join(
+            ['  { name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }']
+            + [
+                f'  {{ name: "{name}" data_type: {data_type} dims: [ 1 ] optional: true }}'
+                for name, data_type in REQUEST_OPTIONS.items()
+            ]
+        ),
         "]",
         "output [",
         '  { name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] },',
@@ -179,8 +190,10 @@ def model_config(options: TritonOptions, bundle_param: str) -> str:
         "]",
         f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]",
     ]
-    lines += [f'parameters: {{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}'
-              for key, value in parameters.items()]
+    lines += [
+        f'parameters: {{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}'
+        for key, value in parameters.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -190,18 +203,21 @@ def _check_target(out: Path) -> None:
     if not out.is_dir():
         raise TritonRepoError(f"--out {out} exists and is not a directory")
     if any(out.iterdir()) and not (out / MARKER).exists():
-        raise TritonRepoError(f"--out {out} exists and is not a repository written by seesr-export triton "
-                              f"(no {MARKER}); choose another directory or remove it")
+        raise TritonRepoError(
+            f"--out {out} exists and is not a repository written by seesr-export triton "
+            f"(no {MARKER}); choose another directory or remove it"
+        )
 
 
 def _link_or_copy_tree(source: Path, target: Path) -> None:
     """Hard links where source and target share a filesystem (bundles hold gigabytes), else copies."""
+
     def link_or_copy(src, dst):
         try:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(source, target, copy_function=link_or_copy,
-                    ignore=shutil.ignore_patterns(".*.partial-*", ".*.old-*", STAMP))  # stamp: the source's files
-
+    shutil.copytree(
+        source, target, copy_function=link_or_copy, ignore=shutil.ignore_patterns(".*.partial-*", ".*.old-*", STAMP)
+    )  # stamp: the source's files

@@ -8,6 +8,7 @@ flag TensorRT would be free to pick fp16 for those layers.
 
 Everything here except ``build_engine`` is plain Python and is tested without a GPU.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,15 @@ def engine_filename(network: str, precision: str, trt_version: str, compute_capa
     return f"{network}.{precision}.trt{trt_version}.sm{major}{minor}.plan"
 
 
-def engine_entry(network: str, spec: NetworkSpec, rel_path: str, sha256: str, options: EngineOptions,
-                 trt_version: str, compute_capability: tuple[int, int]) -> dict:
+def engine_entry(
+    network: str,
+    spec: NetworkSpec,
+    rel_path: str,
+    sha256: str,
+    options: EngineOptions,
+    trt_version: str,
+    compute_capability: tuple[int, int],
+) -> dict:
     """What the manifest records about one engine (under networks.<name>.engines)."""
     return {
         "file": rel_path,
@@ -134,7 +142,8 @@ def add_engines(work: Path, manifest: dict, precision: str, progress) -> None:
         rel = f"trt/{engine_filename(name, graph, trt.__version__, (major, minor))}"
         progress.stage(f"{name}: TensorRT {graph} engine")
         build_engine(bundle.graph_path(name, graph), bundle.spec(name), work / rel, engine_options)
-        entry = engine_entry(name, bundle.spec(name), rel, sha256_file(work / rel), engine_options, trt.__version__,
-                             (major, minor))
+        entry = engine_entry(
+            name, bundle.spec(name), rel, sha256_file(work / rel), engine_options, trt.__version__, (major, minor)
+        )
         manifest["networks"][name].setdefault("engines", {})[precision] = entry
         manifest.setdefault("files", {})[rel] = entry["sha256"]

@@ -18,7 +18,7 @@ def tiny_checkout(tmp_path_factory):
     """A complete random-weight SeeSR checkout (tiny sizes), written once per test session."""
     from seesr_export.testing.fixtures import write_fixture
 
-    return write_fixture(tmp_path_factory.mktemp("seesr") , size="tiny", seed=0)
+    return write_fixture(tmp_path_factory.mktemp("seesr"), size="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")

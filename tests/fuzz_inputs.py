@@ -4,6 +4,7 @@ Two profiles, chosen by $SEESR_FUZZ: ``ci`` (default; the whole campaign well un
 2-core machine) and ``long`` (``make fuzz``). No example database: a run is reproduced with
 ``--hypothesis-seed`` (or the ``@reproduce_failure`` line Hypothesis prints on a failure).
 """
+
 from __future__ import annotations
 
 import io
@@ -31,23 +32,40 @@ def fuzz_settings(scale: float = 1.0) -> settings:
     if name not in PROFILES:
         raise ValueError(f"SEESR_FUZZ={name!r}: expected one of {sorted(PROFILES)}")
     profile = PROFILES[name]
-    return settings(max_examples=max(1, int(profile["max_examples"] * scale)), deadline=profile["deadline"],
-                    database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.function_scoped_fixture])
+    return settings(
+        max_examples=max(1, int(profile["max_examples"] * scale)),
+        deadline=profile["deadline"],
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    )
 
 
 # ---------------------------------------------------------------- images
 
 # (format, mode, suffix): every mode each format's PIL writer accepts that a user might hand us.
 IMAGE_KINDS = [
-    ("PNG", "RGB", ".png"), ("PNG", "L", ".png"), ("PNG", "LA", ".png"), ("PNG", "P", ".png"),
-    ("PNG", "RGBA", ".png"), ("PNG", "I;16", ".png"), ("PNG", "1", ".png"),
-    ("JPEG", "RGB", ".jpg"), ("JPEG", "L", ".jpg"), ("JPEG", "CMYK", ".jpg"),
-    ("WEBP", "RGB", ".webp"), ("WEBP", "RGBA", ".webp"),
-    ("TIFF", "RGB", ".tif"), ("TIFF", "CMYK", ".tif"), ("TIFF", "I;16", ".tif"), ("TIFF", "LA", ".tif"),
-    ("BMP", "RGB", ".bmp"), ("BMP", "P", ".bmp"), ("BMP", "L", ".bmp"),
-    ("GIF", "P", ".gif"), ("GIF", "L", ".gif"),
+    ("PNG", "RGB", ".png"),
+    ("PNG", "L", ".png"),
+    ("PNG", "LA", ".png"),
+    ("PNG", "P", ".png"),
+    ("PNG", "RGBA", ".png"),
+    ("PNG", "I;16", ".png"),
+    ("PNG", "1", ".png"),
+    ("JPEG", "RGB", ".jpg"),
+    ("JPEG", "L", ".jpg"),
+    ("JPEG", "CMYK", ".jpg"),
+    ("WEBP", "RGB", ".webp"),
+    ("WEBP", "RGBA", ".webp"),
+    ("TIFF", "RGB", ".tif"),
+    ("TIFF", "CMYK", ".tif"),
+    ("TIFF", "I;16", ".tif"),
+    ("TIFF", "LA", ".tif"),
+    ("BMP", "RGB", ".bmp"),
+    ("BMP", "P", ".bmp"),
+    ("BMP", "L", ".bmp"),
+    ("GIF", "P", ".gif"),
+    ("GIF", "L", ".gif"),
 ]
 SUFFIXES = sorted({kind[2] for kind in IMAGE_KINDS})
 
@@ -77,6 +95,7 @@ def encode_image(fmt: str, mode: str, width: int, height: int, seed: int, frames
 def png_header(width: int, height: int, bit_depth: int = 8, color_type: int = 2, body: bytes = b"") -> bytes:
     """A PNG that declares ``width`` x ``height`` in its header but holds only ``body`` as image data:
     the shape of a decompression bomb (or of a lying file)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -104,7 +123,7 @@ def mutated(draw, blob: bytes) -> bytes:
             del data[at:]
         elif edit == "overwrite":
             patch = draw(st.binary(min_size=1, max_size=8))
-            data[at:at + len(patch)] = patch
+            data[at : at + len(patch)] = patch
         else:
             data[at:at] = draw(st.binary(min_size=1, max_size=16))
     return bytes(data)
@@ -133,12 +152,35 @@ def image_files(draw):
 # ---------------------------------------------------------------- manifests
 
 ODD_VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.sampled_from([10**400, -(10**30), 2**63, float("nan"),
-                                                             float("inf"), -0.0, 1e308]),
-    st.floats(), st.text(max_size=20),
-    st.sampled_from(["", "..", "../manifest.json", "../../etc/passwd", "/etc/passwd", "C:\\x", "\\\\host\\share",
-                     "a\0b", "\ud800", "é/ü.onnx", "x" * 5000, "./", ".", "~", "fp32", "unet", "unet#0"]),
-    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from([10**400, -(10**30), 2**63, float("nan"), float("inf"), -0.0, 1e308]),
+    st.floats(),
+    st.text(max_size=20),
+    st.sampled_from(
+        [
+            "",
+            "..",
+            "../manifest.json",
+            "../../etc/passwd",
+            "/etc/passwd",
+            "C:\\x",
+            "\\\\host\\share",
+            "a\0b",
+            "\ud800",
+            "é/ü.onnx",
+            "x" * 5000,
+            "./",
+            ".",
+            "~",
+            "fp32",
+            "unet",
+            "unet#0",
+        ]
+    ),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
     st.integers(1, 200).map(lambda depth: json.loads("[" * depth + "]" * depth)),
 )
 

@@ -2,6 +2,7 @@
 
 No timing thresholds: speed lives in benchmarks/results, not in asserts.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,29 @@ def test_seesr_bench_smoke(runtime_bundle, tmp_path):
 
     out = tmp_path / "bench.json"
     steps = 2
-    assert main(["bench", "--bundle", str(runtime_bundle), "--size", "128", "--steps", str(steps), "--runs", "2",
-                 "--warmup", "1", "--peak-tflops", "1.0", "--json", str(out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--bundle",
+                str(runtime_bundle),
+                "--size",
+                "128",
+                "--steps",
+                str(steps),
+                "--runs",
+                "2",
+                "--warmup",
+                "1",
+                "--peak-tflops",
+                "1.0",
+                "--json",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(out.read_text())
     assert summary["format"] == "seesr-bench" and summary["backend"]["name"] == "onnxruntime"
     assert summary["machine"]["cpu_count"] >= 1 and summary["machine"]["cpu"]
@@ -46,8 +68,14 @@ def test_seesr_bench_smoke(runtime_bundle, tmp_path):
     assert report["extrapolated"]["end_to_end_s"] > report["end_to_end"]["median_ms"] / 1e3  # 2 -> 50 steps
     assert _positive(report["memory"]["peak_host_mb"]) and report["memory"]["peak_gpu_mb"] is None
     stages = report["stages"]
-    expected_calls = {**NETWORK_CALLS, "controlnet": steps, "unet": steps, "scheduler_step": steps,
-                      "denoise_step": steps, "postprocess": 1}
+    expected_calls = {
+        **NETWORK_CALLS,
+        "controlnet": steps,
+        "unet": steps,
+        "scheduler_step": steps,
+        "denoise_step": steps,
+        "postprocess": 1,
+    }
     for stage, calls in expected_calls.items():
         assert stages[stage]["calls_per_image"] == calls, stage
         assert _positive(stages[stage]["per_call"]["median_ms"]) and _positive(stages[stage]["per_image"]["p95_ms"])
@@ -84,8 +112,8 @@ def test_manifest_flops_match_the_counter(tiny_bundle, tiny_checkout):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from seesr_export.export_networks import TorchModels
     from seesr_export.export import graph_module, sample_feeds
+    from seesr_export.export_networks import TorchModels
 
     manifest = Manifest.load(tiny_bundle)
     for name, entry in manifest.data["networks"].items():
@@ -102,7 +130,9 @@ def test_manifest_flops_match_the_counter(tiny_bundle, tiny_checkout):
     feeds = sample_feeds(spec, env)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
-    stored = {tuple(sorted(p["env"].items())): p["flops"] for p in manifest.data["networks"]["controlnet"]["flops"]["points"]}
+    stored = {
+        tuple(sorted(p["env"].items())): p["flops"] for p in manifest.data["networks"]["controlnet"]["flops"]["points"]
+    }
     assert stored[tuple(sorted(env.items()))] == counter.get_total_flops()
 
 
@@ -113,8 +143,13 @@ def test_gpu_script_dry_run(tmp_path, tiny_bundle):
     Its parallel export (--jobs 2) writes the same bytes as a serial one."""
     env = {**os.environ, "PYTHON": sys.executable, "SEESR_GPU_WORK": str(tmp_path / "work")}
     out = tmp_path / "results"
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "bench_dry_run.json").read_text())
     labels = [c["label"] for c in summary["configurations"]]
@@ -146,8 +181,12 @@ def test_gpu_script_dry_run(tmp_path, tiny_bundle):
         assert (out / "bench_dry_run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     built = Manifest.load(tmp_path / "work" / "engines" / "tiny").data["networks"]
     serial = Manifest.load(tiny_bundle).data["networks"]
-    assert {n for n, e in built.items() if "fp16_gpu" in e["files"]} == {"unet", "controlnet", "vae_encoder",
-                                                                          "vae_decoder"}
+    assert {n for n, e in built.items() if "fp16_gpu" in e["files"]} == {
+        "unet",
+        "controlnet",
+        "vae_encoder",
+        "vae_decoder",
+    }
     for name in serial:
         for precision in ("fp32", "fp16"):
             assert built[name]["files"][precision]["sha256"] == serial[name]["files"][precision]["sha256"], name

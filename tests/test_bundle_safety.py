@@ -3,6 +3,7 @@ the user's umask permissions.
 
 Every test works on its own copy of a bundle (``copy_of``); the session's bundle (``runtime_bundle``) is never changed.
 """
+
 import json
 import os
 import shutil
@@ -67,8 +68,9 @@ def graph_rel(bundle: Path, network: str = "vae_decoder") -> str:
 def test_absolute_graph_path_is_refused(runtime_bundle, tmp_path):
     copy = copy_of(runtime_bundle, tmp_path)
     edit_manifest(copy, lambda d: d["networks"]["vae_decoder"]["files"]["fp32"].update(onnx="/etc/passwd"))
-    message = refused(lambda: Manifest.load(copy, verify="never"), copy, "'/etc/passwd'", "absolute path",
-                      "vae_decoder fp32 graph")
+    message = refused(
+        lambda: Manifest.load(copy, verify="never"), copy, "'/etc/passwd'", "absolute path", "vae_decoder fp32 graph"
+    )
     assert "protobuf" not in message
 
 
@@ -96,8 +98,9 @@ def test_symlink_out_of_the_bundle_is_refused(runtime_bundle, tmp_path, linked):
     moved = outside / Path(linked).name
     shutil.move(copy / linked, moved)
     (copy / linked).symlink_to(moved, target_is_directory=moved.is_dir())
-    refused(lambda: Manifest.load(copy), copy, linked, "leads outside the bundle through a symbolic link",
-            moved.resolve())
+    refused(
+        lambda: Manifest.load(copy), copy, linked, "leads outside the bundle through a symbolic link", moved.resolve()
+    )
 
 
 def test_symlink_inside_the_bundle_is_followed(runtime_bundle, tmp_path):
@@ -120,8 +123,9 @@ def external_data_bundle(tiny_checkout, tmp_path_factory):
     out = tmp_path_factory.mktemp("external") / "bundle"
     previous = os.umask(0o022)
     try:
-        build_bundle(tiny_checkout, out, BuildOptions(networks=("vae_decoder",), verify=False,
-                                                      external_data_threshold=0))
+        build_bundle(
+            tiny_checkout, out, BuildOptions(networks=("vae_decoder",), verify=False, external_data_threshold=0)
+        )
     finally:
         os.umask(previous)
     return out
@@ -154,6 +158,7 @@ def relocate_external_data(bundle: Path, location: str, data_target: Path, pin: 
             pinned = data_target.relative_to(bundle).as_posix()
             files["sha256"][pinned] = sha256_file(data_target)
             files["external_data"] = pinned
+
     edit_manifest(bundle, repin)
     return graph
 
@@ -177,15 +182,23 @@ def test_external_data_outside_the_bundle_is_refused(external_data_bundle, tmp_p
     copy = copy_of(external_data_bundle, tmp_path)
     escape = "../../../outside.data"  # from onnx/fp32/: the bundle's parent folder
     relocate_external_data(copy, escape, tmp_path / "outside.data", pin=False)
-    refused(lambda: decode_zeros(copy), copy, f"external data {escape!r} of graph {graph_rel(copy)!r}",
-            "climbs out of the bundle")
+    refused(
+        lambda: decode_zeros(copy),
+        copy,
+        f"external data {escape!r} of graph {graph_rel(copy)!r}",
+        "climbs out of the bundle",
+    )
 
 
 def test_external_data_not_pinned_by_the_manifest_is_refused(external_data_bundle, tmp_path):
     copy = copy_of(external_data_bundle, tmp_path)
     relocate_external_data(copy, "other.data", copy / "onnx" / "fp32" / "other.data", pin=False)
-    refused(lambda: decode_zeros(copy), copy, "external data 'other.data' of graph",
-            "not one of the graph's files in the manifest")
+    refused(
+        lambda: decode_zeros(copy),
+        copy,
+        "external data 'other.data' of graph",
+        "not one of the graph's files in the manifest",
+    )
 
 
 def test_external_data_moved_and_pinned_runs(external_data_bundle, tmp_path):
@@ -216,7 +229,7 @@ def test_stamped_load_hashes_only_what_changed(runtime_bundle, tmp_path):
     second = Manifest.load(copy).verification
     assert second.hashed == [] and second.trusted == pinned and second.stamp is None
     touched = graph_rel(copy, "dape")
-    os.utime(copy / touched, ns=(time.time_ns(), time.time_ns() - 5 * 10 ** 9))
+    os.utime(copy / touched, ns=(time.time_ns(), time.time_ns() - 5 * 10**9))
     third = Manifest.load(copy).verification
     assert third.hashed == [touched] and len(third.trusted) == len(pinned) - 1
 
@@ -265,10 +278,14 @@ def test_unknown_verify_value_is_an_option_error(runtime_bundle):
 def _load_without_write_access(bundle: Path) -> dict:
     """Manifest.load(bundle) by a user who may read the bundle but not write into it. As root (who writes
     anywhere), in a child process that has dropped to the 'nobody' user."""
+
     def load() -> dict:
         verification = Manifest.load(bundle).verification
-        return {"stamp": str(verification.stamp), "hashed": len(verification.hashed),
-                "trusted": len(verification.trusted)}
+        return {
+            "stamp": str(verification.stamp),
+            "hashed": len(verification.hashed),
+            "trusted": len(verification.trusted),
+        }
 
     if os.geteuid() != 0:
         return load()
@@ -368,15 +385,29 @@ def test_built_bundle_is_readable_by_others_under_umask_022(external_data_bundle
 # ---------------------------------------------------------------- the CLI
 
 
-def test_upscale_refuses_a_damaged_bundle_and_no_verify_skips_the_check(runtime_bundle, tmp_path, lr_image, capsys,
-                                                                       umask):
+def test_upscale_refuses_a_damaged_bundle_and_no_verify_skips_the_check(
+    runtime_bundle, tmp_path, lr_image, capsys, umask
+):
     from seesr_runtime.cli import main
 
     copy = copy_of(runtime_bundle, tmp_path)
     flip_byte(copy / "negative_prompt_embeds.npy")
     lr_image.save(tmp_path / "lr.png")
-    args = ["upscale", str(tmp_path / "lr.png"), "-o", str(tmp_path / "out"), "--bundle", str(copy),
-            "--backend", "onnxruntime", "--precision", "fp32", "--steps", "2", "-q"]
+    args = [
+        "upscale",
+        str(tmp_path / "lr.png"),
+        "-o",
+        str(tmp_path / "out"),
+        "--bundle",
+        str(copy),
+        "--backend",
+        "onnxruntime",
+        "--precision",
+        "fp32",
+        "--steps",
+        "2",
+        "-q",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert str(copy) in err and "negative_prompt_embeds.npy" in err and "sha256" in err

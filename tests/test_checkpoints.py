@@ -1,16 +1,16 @@
 """Loading the official layout: every key accounted for, clear errors on bad files."""
+
 import shutil
 
 import pytest
 import torch
+from conftest import TOKENIZER_TEXTS
 
 from seesr_export.checkpoints import load_state_dict
 from seesr_export.errors import CheckpointError
 from seesr_export.layout import SeeSRPaths
 from seesr_export.models import sd2
 from seesr_export.models.denoiser import load_seesr_controlnet, load_seesr_unet
-
-from conftest import TOKENIZER_TEXTS
 
 
 def _copy_checkout(paths: SeeSRPaths, tmp_path) -> SeeSRPaths:
@@ -19,10 +19,14 @@ def _copy_checkout(paths: SeeSRPaths, tmp_path) -> SeeSRPaths:
     return SeeSRPaths.from_root(tmp_path / "copy")
 
 
-@pytest.mark.parametrize("network, loader, weights", [
-    ("unet", load_seesr_unet, "diffusion_pytorch_model.bin"),
-    ("controlnet", load_seesr_controlnet, "diffusion_pytorch_model.safetensors"),
-], ids=["unet", "controlnet"])
+@pytest.mark.parametrize(
+    "network, loader, weights",
+    [
+        ("unet", load_seesr_unet, "diffusion_pytorch_model.bin"),
+        ("controlnet", load_seesr_controlnet, "diffusion_pytorch_model.safetensors"),
+    ],
+    ids=["unet", "controlnet"],
+)
 def test_denoisers_round_trip_every_key(tiny_checkout, network, loader, weights):
     folder = getattr(tiny_checkout, network)
     model = loader(folder)
@@ -36,8 +40,9 @@ def test_denoisers_round_trip_every_key(tiny_checkout, network, loader, weights)
 def test_unet_takes_one_residual_per_controlnet_output(tiny_checkout):
     unet, controlnet = load_seesr_unet(tiny_checkout.unet), load_seesr_controlnet(tiny_checkout.controlnet)
     x = torch.randn(1, 4, 9, 7)
-    down, mid = controlnet(x, torch.tensor([500.0]), torch.randn(1, 77, 32), torch.randn(1, 145, 512),
-                           torch.rand(1, 3, 72, 56))
+    down, mid = controlnet(
+        x, torch.tensor([500.0]), torch.randn(1, 77, 32), torch.randn(1, 145, 512), torch.rand(1, 3, 72, 56)
+    )
     assert len(down) == unet.num_residuals == 12
     assert unet(x, torch.tensor([500.0]), torch.randn(1, 77, 32), torch.randn(1, 145, 512), down, mid).shape == x.shape
 
@@ -107,7 +112,10 @@ def test_broken_unet_names_each_bad_key(tiny_checkout, tmp_path):
     message = str(err.value)
     assert str(weights) in message
     assert f"missing key '{removed}'" in message
-    assert f"missing key '{renamed}'" in message and "unexpected key 'mid_block.attentions.0.proj_out.bias_renamed'" in message
+    assert (
+        f"missing key '{renamed}'" in message
+        and "unexpected key 'mid_block.attentions.0.proj_out.bias_renamed'" in message
+    )
     assert f"key '{misshaped}' has shape (3, 3), expected (32, 4, 3, 3)" in message
 
 
@@ -152,5 +160,7 @@ def test_old_vae_attention_names_are_converted(tiny_checkout, tmp_path):
     assert any(".query." in k for k in converted)
     save_file(converted, str(weights))
     vae = sd2.load_vae(paths.sd2)
-    assert torch.equal(vae.state_dict()["encoder.mid_block.attentions.0.to_q.weight"],
-                       state["encoder.mid_block.attentions.0.to_q.weight"])
+    assert torch.equal(
+        vae.state_dict()["encoder.mid_block.attentions.0.to_q.weight"],
+        state["encoder.mid_block.attentions.0.to_q.weight"],
+    )

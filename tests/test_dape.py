@@ -1,4 +1,5 @@
 """DAPE loading, LoRA merging and tag selection, on real files from the tiny fixture."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -61,7 +62,8 @@ def lora_state_dict(files) -> dict[str, torch.Tensor]:
 
 def test_every_checkpoint_key_is_used_except_the_ignored_parts(files, model):
     used = {
-        key for key in ram_state_dict(files)
+        key
+        for key in ram_state_dict(files)
         if not key.startswith(IGNORED_PREFIXES) and not key.endswith(RECOMPUTED_BUFFER_SUFFIXES)
     }
     assert used == set(model.state_dict())
@@ -83,7 +85,11 @@ def test_sd2_layout_gives_swin_large_and_every_key_is_a_dape_key():
     state = {key: torch.empty(entry.shape, device="meta") for key, entry in layout.items()}
     config = DAPEConfig.from_state_dict(state, "sd2 layout")
     assert (config.embed_dim, config.depths, config.swin_heads, config.window_size) == (
-        192, (2, 2, 18, 2), (6, 12, 24, 48), 12)
+        192,
+        (2, 2, 18, 2),
+        (6, 12, 24, 48),
+        12,
+    )
     assert (config.tag_hidden, config.tag_heads, config.num_classes, config.num_image_tokens) == (768, 4, 4585, 145)
     with torch.device("meta"):
         keys = set(DAPE(config).state_dict())
@@ -185,8 +191,11 @@ def test_merge_lora_consumes_every_key(files):
     merged = merge_lora(base, lora, files.dape)
     assert set(merged) == set(base)
     changed = {key for key in base if not torch.equal(merged[key], base[key])}
-    assert changed == {key[: -len(".lora_A")] + ".weight" for key in lora if key.endswith(".lora_A")
-                       and key.startswith(("visual_encoder.", "tagging_head."))}
+    assert changed == {
+        key[: -len(".lora_A")] + ".weight"
+        for key in lora
+        if key.endswith(".lora_A") and key.startswith(("visual_encoder.", "tagging_head."))
+    }
 
 
 # --- Rejections ------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """ONNX export and the bundle: parity with torch, manifest contract, caching, atomicity, bad input."""
+
 import json
 import os
 import signal
@@ -11,16 +12,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import TOKENIZER_TEXTS
 
-from seesr_export.bundle import BuildOptions, build_bundle
 from seesr_export.build_request import _tensorrt_missing
-from seesr_export.parity import relative_l2
+from seesr_export.bundle import BuildOptions, build_bundle
 from seesr_export.cli import main as cli_main
 from seesr_export.export import ExportOptions, export_onnx, graph_modules, run_torch, sample_feeds
+from seesr_export.parity import relative_l2
 from seesr_runtime.manifest import Manifest
 from seesr_runtime.networks import NETWORK_NAMES
-
-from conftest import TOKENIZER_TEXTS
 
 ENVS = [{"B": 1, "h": 8, "w": 8}, {"B": 2, "h": 12, "w": 20}]  # square and not, batch 1 and 2
 
@@ -67,14 +67,15 @@ def test_fp16_graph_runs_with_fp32_io_and_fp32_attention(network, tiny_bundle, m
 
 
 def test_external_data_path(reference, tmp_path):
-    from seesr_runtime.networks import network_specs
     from seesr_export.export import model_dims
+    from seesr_runtime.networks import network_specs
 
     dims = model_dims(reference.dape, reference.text_encoder, reference.controlnet, 4)
     spec = network_specs(dims)["vae_decoder"]
     module = graph_modules(reference)["vae_decoder"]
-    files = export_onnx(module, spec, {"B": 1, "h": 8, "w": 8}, tmp_path / "vae_decoder.onnx",
-                        ExportOptions(external_data_threshold=0))
+    files = export_onnx(
+        module, spec, {"B": 1, "h": 8, "w": 8}, tmp_path / "vae_decoder.onnx", ExportOptions(external_data_threshold=0)
+    )
     assert [f.name for f in files] == ["vae_decoder.onnx", "vae_decoder.onnx.data"]
     assert files[1].stat().st_size > files[0].stat().st_size  # the weights live in the data file
     onnx.checker.check_model(str(files[0]), full_check=True)
@@ -118,11 +119,14 @@ def test_rebuild_is_a_cache_hit(tiny_checkout, tiny_bundle, monkeypatch):
     import seesr_export.export
 
     def inodes():
-        return {str(p.relative_to(tiny_bundle)): p.stat().st_ino for p in (tiny_bundle / "onnx").rglob("*") if p.is_file()}
+        return {
+            str(p.relative_to(tiny_bundle)): p.stat().st_ino for p in (tiny_bundle / "onnx").rglob("*") if p.is_file()
+        }
 
     def refuse(what):
         def call(*args, **kwargs):
             raise AssertionError(f"a cache hit called {what}")
+
         return call
 
     before = inodes()
@@ -136,8 +140,9 @@ def test_rebuild_is_a_cache_hit(tiny_checkout, tiny_bundle, monkeypatch):
 
 def _build_in_subprocess(args, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "seesr_export.cli", "build", *args], env=env,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "seesr_export.cli", "build", *args], env=env, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 def _wait_for(process, marker, timeout=120):
@@ -205,11 +210,15 @@ def _truncate_tag_list(root):
     tags.write_text("\n".join(tags.read_text().splitlines()[:100]) + "\n")
 
 
-@pytest.mark.parametrize("damage, extra, expected", [
-    (_delete_dape, [], ["DAPE.pth", "missing SeeSR inputs"]),
-    (_garble_dape, ["--no-verify"], ["cannot read", "DAPE.pth"]),
-    (_truncate_tag_list, ["--networks", "vae_decoder"], ["ram_tag_list.txt", "4585"]),
-], ids=["missing-dape", "garbage-dape", "short-tag-list"])
+@pytest.mark.parametrize(
+    "damage, extra, expected",
+    [
+        (_delete_dape, [], ["DAPE.pth", "missing SeeSR inputs"]),
+        (_garble_dape, ["--no-verify"], ["cannot read", "DAPE.pth"]),
+        (_truncate_tag_list, ["--networks", "vae_decoder"], ["ram_tag_list.txt", "4585"]),
+    ],
+    ids=["missing-dape", "garbage-dape", "short-tag-list"],
+)
 def test_bad_inputs_get_one_clear_message(tiny_checkout, tmp_path, capsys, damage, extra, expected):
     root = _copy(tiny_checkout, tmp_path)
     damage(root)
@@ -228,8 +237,10 @@ def test_output_that_is_not_a_bundle_is_left_alone(tiny_checkout, tmp_path, caps
     assert (not_a_bundle / "holiday.jpg").exists()
 
 
-@pytest.mark.skipif(_tensorrt_missing() is None, reason="TensorRT and an NVIDIA GPU are here: "
-                                                         "--backend tensorrt builds engines instead of refusing")
+@pytest.mark.skipif(
+    _tensorrt_missing() is None,
+    reason="TensorRT and an NVIDIA GPU are here: --backend tensorrt builds engines instead of refusing",
+)
 def test_tensorrt_build_is_refused_where_unavailable(tiny_checkout, tmp_path, capsys):
     root = str(tiny_checkout.sd2.parents[2])
     err = _cli_error(capsys, ["--seesr-root", root, "--out", str(tmp_path / "trt"), "--backend", "tensorrt"])
@@ -247,8 +258,19 @@ def test_build_help_documents_precisions_and_backends():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "seesr_export.cli", "build", "--help"], capture_output=True,
-                          text=True)
-    expected = ["fp32", "fp16", "int8", "--calib-images", "--calib-size", "--calib-steps", "--quant-method",
-                "tensorrt", "needs an NVIDIA GPU", "--networks", "--external-data-threshold-mb", "--no-verify"]
+    done = subprocess.run([sys.executable, "-m", "seesr_export.cli", "build", "--help"], capture_output=True, text=True)
+    expected = [
+        "fp32",
+        "fp16",
+        "int8",
+        "--calib-images",
+        "--calib-size",
+        "--calib-steps",
+        "--quant-method",
+        "tensorrt",
+        "needs an NVIDIA GPU",
+        "--networks",
+        "--external-data-threshold-mb",
+        "--no-verify",
+    ]
     assert [text for text in expected if text not in done.stdout] == []

@@ -5,6 +5,7 @@ RGB image or raises ImageRejected (for a file that exists); ``Manifest.load``, `
 ``graph_path`` return or raise BundleError. Any other exception, a crash or a hang is a bug. Examples
 per target come from $SEESR_FUZZ's profile (``tests/fuzz_inputs.py``); ``make fuzz`` runs the long one.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,18 +14,18 @@ import struct
 import zlib
 
 import pytest
+from fuzz_inputs import fuzz_settings, image_files, mutated, mutated_manifests, png_header
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from fuzz_inputs import fuzz_settings, image_files, mutated, mutated_manifests, png_header
 from seesr_runtime import options as option_table
 from seesr_runtime.cli import IMAGE_SUFFIXES, load_lr_image, main
 from seesr_runtime.errors import BundleError, ImageRejected
 from seesr_runtime.manifest import MANIFEST, Manifest
 from seesr_runtime.pipeline import as_rgb
 
-
 # ---------------------------------------------------------------- images
+
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
@@ -61,7 +62,9 @@ def test_a_compressed_bomb_is_refused_without_decoding(tmp_path):
     row = b"\x00" * (1 + 6000 * 3)
     compressed = b"".join(packer.compress(row) for _ in range(6000)) + packer.flush()
     header = png_header(6000, 6000)
-    idat = struct.pack(">I", len(compressed)) + b"IDAT" + compressed + struct.pack(">I", zlib.crc32(b"IDAT" + compressed))
+    idat = (
+        struct.pack(">I", len(compressed)) + b"IDAT" + compressed + struct.pack(">I", zlib.crc32(b"IDAT" + compressed))
+    )
     bomb = header[:33] + idat + header[-12:]  # signature + IHDR, the big IDAT, IEND
     assert len(bomb) < 2_000_000
     path = tmp_path / "bomb.png"
@@ -72,6 +75,7 @@ def test_a_compressed_bomb_is_refused_without_decoding(tmp_path):
 
 # ---------------------------------------------------------------- bundles
 
+
 @pytest.fixture(scope="module")
 def bundle_copy(runtime_bundle, tmp_path_factory):
     """A private copy of the tiny bundle (its graphs may be overwritten), its original manifest and the
@@ -79,8 +83,11 @@ def bundle_copy(runtime_bundle, tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz-bundle") / "bundle"
     shutil.copytree(runtime_bundle, folder)
     data = json.loads((folder / MANIFEST).read_text())
-    graphs = [(network, precision, files["onnx"]) for network, entry in data["networks"].items()
-              for precision, files in entry.get("files", {}).items()]
+    graphs = [
+        (network, precision, files["onnx"])
+        for network, entry in data["networks"].items()
+        for precision, files in entry.get("files", {}).items()
+    ]
     network, precision, rel = min(graphs, key=lambda graph: (folder / graph[2]).stat().st_size)
     return folder, data, (network, precision, rel, (folder / rel).read_bytes())
 
@@ -119,8 +126,18 @@ def test_mutated_manifest_text_raises_only_bundle_error(bundle_copy, data):
     _load_tolerating_bundle_error(folder)
 
 
-@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a": ' * 50_000 + "1" + "}" * 50_000,
-                                  "1" * 5000, "\xff\xfe", "NaN", "null", '"manifest"'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        '{"a": ' * 50_000 + "1" + "}" * 50_000,
+        "1" * 5000,
+        "\xff\xfe",
+        "NaN",
+        "null",
+        '"manifest"',
+    ],
+)
 def test_odd_manifest_documents_raise_bundle_error(bundle_copy, text):
     folder, _, _ = bundle_copy
     (folder / MANIFEST).write_bytes(text.encode("latin-1"))
@@ -148,6 +165,7 @@ def _set(path, value):
         for key in path[:-1]:
             parent = parent[key]
         parent[path[-1]] = value
+
     return mutate
 
 
@@ -167,7 +185,9 @@ FOUND = {
     "top-level files a list": lambda d: _set(("files",), ["a"])(d),
     "spec null": lambda d: _set(("networks", _first_network(d), "spec"), None)(d),
     "spec without outputs": lambda d: d["networks"][_first_network(d)]["spec"].pop("outputs"),
-    "graph path a lone surrogate": lambda d: _set(("networks", _first_network(d), "files", "fp32", "onnx"), "\ud800")(d),
+    "graph path a lone surrogate": lambda d: _set(("networks", _first_network(d), "files", "fp32", "onnx"), "\ud800")(
+        d
+    ),
     "tensor dtype null": lambda d: _set(("networks", _first_network(d), "spec", "inputs", 0, "dtype"), None)(d),
 }
 
@@ -183,6 +203,7 @@ def test_found_manifest_mutations_raise_bundle_error(bundle_copy, mutate):
 
 
 # ---------------------------------------------------------------- the CLI
+
 
 @fuzz_settings(scale=0.1)
 @given(files=st.lists(image_files(), min_size=1, max_size=24))
@@ -203,8 +224,9 @@ def test_cli_names_every_rejected_file_and_goes_on(runtime_bundle, scratch, caps
             rejected.append(path)
     assume(rejected)
     capsys.readouterr()
-    code = main(["upscale", str(folder), "-o", str(scratch / "cli-out"), "--bundle", str(runtime_bundle),
-                 "--no-verify", "-q"])
+    code = main(
+        ["upscale", str(folder), "-o", str(scratch / "cli-out"), "--bundle", str(runtime_bundle), "--no-verify", "-q"]
+    )
     err = capsys.readouterr().err
     assert code == 1, err
     assert "Traceback" not in err

@@ -5,6 +5,7 @@ The fused ops of a GPU graph (NhwcConv, GroupNorm, BiasSplitGelu, packed-KV Mult
 CUDA kernels only, so its numbers are checked on a GPU by benchmarks/gpu_validate.py; here the same
 fusions without the CUDA-only kernels run in fp32 against torch (the manifest's "fused_fp32" parity).
 """
+
 from __future__ import annotations
 
 import json
@@ -72,13 +73,15 @@ def test_gpu_graph_fuses_every_attention(tiny_bundle, network):
     attentions = sum(n.op_type == "Softmax" for n in fp32.graph.node)
     assert attentions > 0 and ops["MultiHeadAttention"] == attentions and ops["Softmax"] == 0
     mha = [n for n in gpu.graph.node if n.op_type == "MultiHeadAttention"]
-    kv_sources = Counter(_source_input(gpu, n.input[1]) if len(n.input) > 1 and n.input[1] else "self (packed QKV)"
-                         for n in mha)
+    kv_sources = Counter(
+        _source_input(gpu, n.input[1]) if len(n.input) > 1 and n.input[1] else "self (packed QKV)" for n in mha
+    )
     assert kv_sources["encoder_hidden_states"] == kv_sources["image_embeds"] > 0, kv_sources
     assert sum(kv_sources.values()) == attentions
     assert entry["providers"] == ["CUDAExecutionProvider"]
-    assert entry["fused_ops"] == dict(sorted(Counter(n.op_type for n in gpu.graph.node
-                                                     if n.domain == "com.microsoft").items()))
+    assert entry["fused_ops"] == dict(
+        sorted(Counter(n.op_type for n in gpu.graph.node if n.domain == "com.microsoft").items())
+    )
     for op in ("GroupNorm", "BiasSplitGelu", "NhwcConv", "SkipLayerNormalization", "BiasAdd"):
         assert entry["fused_ops"].get(op, 0) > 0, op
 
@@ -165,8 +168,10 @@ def test_optimizer_workaround_for_numpy_2_4_is_scoped():
     from seesr_export.gpu_graph import _num_heads_of, numpy2_safe_optimizer
 
     with numpy2_safe_optimizer():
-        classes = [sys.modules[m].FusionAttentionUnet for m in ("fusion_attention_unet",
-                                                                 "onnxruntime.transformers.fusion_attention_unet")]
+        classes = [
+            sys.modules[m].FusionAttentionUnet
+            for m in ("fusion_attention_unet", "onnxruntime.transformers.fusion_attention_unet")
+        ]
         assert all(c.get_num_heads is _num_heads_of for c in classes)
     assert all(c.get_num_heads is not _num_heads_of for c in classes)
 
@@ -178,10 +183,14 @@ def test_build_refuses_a_graph_outside_its_tolerance(tiny_checkout, tmp_path):
     from seesr_export.bundle import BuildError, BuildOptions, build_bundle
 
     out = tmp_path / "strict"
-    options = BuildOptions(precision="fp32", networks=("text_encoder",),
-                           parity_tolerances={"text_encoder": {"fp32": 1e-12}})
-    with pytest.raises(BuildError, match=r"text_encoder: the fp32 graph differs from the torch fp32 reference by "
-                                         r"\d\.\d+e-\d+ relative L2, over its tolerance 1\.0e-12"):
+    options = BuildOptions(
+        precision="fp32", networks=("text_encoder",), parity_tolerances={"text_encoder": {"fp32": 1e-12}}
+    )
+    with pytest.raises(
+        BuildError,
+        match=r"text_encoder: the fp32 graph differs from the torch fp32 reference by "
+        r"\d\.\d+e-\d+ relative L2, over its tolerance 1\.0e-12",
+    ):
         build_bundle(tiny_checkout, out, options)
     assert not out.exists() and not list(tmp_path.glob(".strict.partial-*"))
 
@@ -327,14 +336,18 @@ def test_static_shape_sessions_match_and_share_weights(runtime_bundle):
         eps = static.run("unet", {**unet_feeds, **dict(zip(names, residuals))})[0]
         eps_dynamic = dynamic.run("unet", {**unet_feeds, **dict(zip(names, expected))})[0]
         assert _rel_l2(eps, eps_dynamic) < 1e-5
-    assert sorted(static._calls) == sorted((n, (("B", 2), ("h", h), ("w", w))) for n in DENOISERS
-                                           for h, w in ((8, 8), (12, 16)))
+    assert sorted(static._calls) == sorted(
+        (n, (("B", 2), ("h", h), ("w", w))) for n in DENOISERS for h, w in ((8, 8), (12, 16))
+    )
     weights = static._weights["unet"]
     assert weights.available and len(weights.values) > 10
     unet_calls = [c for (n, _), c in static._calls.items() if n == "unet"]
     residual = names[0]
-    assert all(c.inputs[residual].data_ptr() == static._calls[("controlnet", k)].outputs[0].data_ptr()
-               for (n, k), c in static._calls.items() if n == "unet")
+    assert all(
+        c.inputs[residual].data_ptr() == static._calls[("controlnet", k)].outputs[0].data_ptr()
+        for (n, k), c in static._calls.items()
+        if n == "unet"
+    )
     assert len(unet_calls) == 2
 
 

@@ -1,15 +1,15 @@
 """int8: Q/DQ UNet and ControlNet calibrated through the real sampler, run on onnxruntime CPU."""
+
 import numpy as np
 import onnx
 import pytest
+from conftest import write_calibration_images
 
 from seesr_export.bundle import BuildOptions, build_bundle
 from seesr_export.quantize import DEFAULT_EXCLUDE
-from seesr_runtime.networks import INT8_NETWORKS
 from seesr_runtime import SeeSRPipeline
 from seesr_runtime.manifest import Manifest
-
-from conftest import write_calibration_images
+from seesr_runtime.networks import INT8_NETWORKS
 
 pytestmark = pytest.mark.slow  # every test here calibrates through the sampler and quantizes two networks
 
@@ -22,9 +22,18 @@ def int8_bundle(request, tiny_checkout, tmp_path_factory):
         pytest.skip("nvidia-modelopt is not installed (pip install 'seesr-export[quant]')")
     images = write_calibration_images(tmp_path_factory.mktemp("calib"), 3)
     out = tmp_path_factory.mktemp("engines") / "int8"
-    report = build_bundle(tiny_checkout, out, BuildOptions(precision="int8", calib_images=tuple(images),
-                                                           calib_size=3, calib_steps=2, verify=False,
-                                                           quant_method=request.param))
+    report = build_bundle(
+        tiny_checkout,
+        out,
+        BuildOptions(
+            precision="int8",
+            calib_images=tuple(images),
+            calib_size=3,
+            calib_steps=2,
+            verify=False,
+            quant_method=request.param,
+        ),
+    )
     assert report.quality["method"] == request.param
     return out, report
 
@@ -65,8 +74,9 @@ def quantized_nodes(model) -> set:
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
             source = producers.get(dq.input[0])  # ModelOpt: fp32 weight -> Q -> DQ
-            if dq.input[0] in weights or (source is not None and source.op_type == "QuantizeLinear"
-                                          and source.input[0] in weights):
+            if dq.input[0] in weights or (
+                source is not None and source.op_type == "QuantizeLinear" and source.input[0] in weights
+            ):
                 return True
         return False
 
@@ -100,9 +110,19 @@ def image_attention_fp32_bundle(tiny_checkout, tmp_path_factory):
     method = "modelopt" if modelopt_available() else "onnxruntime"
     (calib,) = write_calibration_images(tmp_path_factory.mktemp("calib"), 1)
     out = tmp_path_factory.mktemp("engines") / "int8"
-    build_bundle(tiny_checkout, out, BuildOptions(precision="int8", calib_images=(calib,), calib_size=1,
-                                                  calib_steps=1, verify=False, quant_method=method,
-                                                  int8_image_attention_fp32=True))
+    build_bundle(
+        tiny_checkout,
+        out,
+        BuildOptions(
+            precision="int8",
+            calib_images=(calib,),
+            calib_size=1,
+            calib_steps=1,
+            verify=False,
+            quant_method=method,
+            int8_image_attention_fp32=True,
+        ),
+    )
     return Manifest.load(out)
 
 
@@ -114,6 +134,7 @@ def test_image_attention_fp32_is_recorded(image_attention_fp32_bundle):
 def test_image_attention_can_stay_fp32(image_attention_fp32_bundle, name):
     model = onnx.load(str(image_attention_fp32_bundle.graph_path(name, "int8")))
     int8 = quantized_nodes(model)
-    image_attention = {n.name for n in model.graph.node if "image_attentions" in n.name
-                       and n.op_type in ("MatMul", "Gemm")}
+    image_attention = {
+        n.name for n in model.graph.node if "image_attentions" in n.name and n.op_type in ("MatMul", "Gemm")
+    }
     assert image_attention and int8 and not int8 & image_attention

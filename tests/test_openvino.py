@@ -1,19 +1,23 @@
 """The OpenVINO backend, on real OpenVINO and the tiny bundle: parity with the torch reference in f32,
 bf16 and int8 against f32, the compiled-model cache across starts, the bf16 capability fallback."""
-import warnings
 
 import numpy as np
 import pytest
 
-ov = pytest.importorskip("openvino", reason="the openvino package is not installed "
-                                             "(pip install 'seesr-export[openvino]'; make test installs it)")
+ov = pytest.importorskip(
+    "openvino",
+    reason="the openvino package is not installed (pip install 'seesr-export[openvino]'; make test installs it)",
+)
 
-from seesr_runtime import SeeSRPipeline  # noqa: E402
-from seesr_runtime import openvino_backend  # noqa: E402
-from seesr_runtime.cli import main  # noqa: E402
-from seesr_runtime.manifest import BundleError, Manifest  # noqa: E402
-from seesr_runtime.openvino_backend import OpenVINOBackend  # noqa: E402
-from test_runtime_parity import compare, replayable_noise  # noqa: E402
+from test_runtime_parity import compare, replayable_noise
+
+from seesr_runtime import (
+    SeeSRPipeline,
+    openvino_backend,
+)
+from seesr_runtime.cli import main
+from seesr_runtime.manifest import BundleError, Manifest
+from seesr_runtime.openvino_backend import OpenVINOBackend
 
 FAST = dict(steps=2, process_size=128, color_fix="none")
 
@@ -24,7 +28,7 @@ def relative_l2(a, b):
 
 def psnr(a, b):
     mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +37,19 @@ def ov_f32(tiny_bundle):
 
 
 # Same cases and tolerances as test_runtime_parity (latents <= 1e-4 relative L2, uint8 image within 1-2 levels).
-@pytest.mark.parametrize("options, image_tolerance", [
-    (dict(steps=3, process_size=128, color_fix="none"), 1),  # the fast set's OpenVINO parity case
-    pytest.param(dict(steps=2, color_fix="adain"), 1, marks=pytest.mark.slow),
-    pytest.param(dict(steps=2, process_size=128, latent_tile_size=16, latent_tile_overlap=4, color_fix="none"), 1,
-                 marks=pytest.mark.slow),
-    pytest.param(dict(steps=2, process_size=128, guidance=1.0, color_fix="none"), 1, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "options, image_tolerance",
+    [
+        (dict(steps=3, process_size=128, color_fix="none"), 1),  # the fast set's OpenVINO parity case
+        pytest.param(dict(steps=2, color_fix="adain"), 1, marks=pytest.mark.slow),
+        pytest.param(
+            dict(steps=2, process_size=128, latent_tile_size=16, latent_tile_overlap=4, color_fix="none"),
+            1,
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(dict(steps=2, process_size=128, guidance=1.0, color_fix="none"), 1, marks=pytest.mark.slow),
+    ],
+)
 def test_openvino_f32_matches_reference(ov_f32, reference, lr_image, options, image_tolerance):
     latent_error, image_error = compare(ov_f32, reference, lr_image, **options)
     assert latent_error <= 1e-4
@@ -71,12 +81,18 @@ def test_bf16_runs_and_reports_its_error(tiny_bundle, ov_f32, lr_image):
 def int8_bundle(tiny_checkout, tmp_path_factory):
     """ModelOpt's int8 (the primary recipe) where installed, else onnxruntime's quantizer."""
     from conftest import write_calibration_images
+
     from seesr_export.bundle import BuildOptions, build_bundle
 
     images = write_calibration_images(tmp_path_factory.mktemp("calib"), 2)
     out = tmp_path_factory.mktemp("engines") / "int8"
-    build_bundle(tiny_checkout, out, BuildOptions(precision="int8", calib_images=tuple(images), calib_size=2,
-                                                  calib_steps=2, verify=False, quant_method="auto"))
+    build_bundle(
+        tiny_checkout,
+        out,
+        BuildOptions(
+            precision="int8", calib_images=tuple(images), calib_size=2, calib_steps=2, verify=False, quant_method="auto"
+        ),
+    )
     return out
 
 
@@ -91,17 +107,25 @@ def test_int8_runs_and_reports_its_error(int8_bundle, lr_image):
 
 
 def _snapshot(folder):
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def controlnet_feeds(manifest, side=8):
     rng = np.random.default_rng(0)
     spec = manifest.spec("controlnet")
-    feeds = {t.name: rng.standard_normal(t.concrete_shape({"B": 2, "h": side, "w": side})).astype(np.float32)
-             for t in spec.inputs}
-    feeds.update(timestep=np.full((2,), 499.0, np.float32), conditioning_scale=np.array(1.0, np.float32),
-                 controlnet_cond=rng.random(feeds["controlnet_cond"].shape, dtype=np.float32))
+    feeds = {
+        t.name: rng.standard_normal(t.concrete_shape({"B": 2, "h": side, "w": side})).astype(np.float32)
+        for t in spec.inputs
+    }
+    feeds.update(
+        timestep=np.full((2,), 499.0, np.float32),
+        conditioning_scale=np.array(1.0, np.float32),
+        controlnet_cond=rng.random(feeds["controlnet_cond"].shape, dtype=np.float32),
+    )
     return feeds
 
 
@@ -144,8 +168,7 @@ def test_timestep_path_runs_apart_in_f32(tiny_bundle):
         errors[keep] = max(relative_l2(a, b) for a, b in zip(outputs, f32))
         compiled = next(iter(backend._compiled["controlnet"].values()))
         assert (compiled.timestep_path is not None) == bool(keep)
-    print(f"controlnet bf16 rel L2 vs f32: all bf16 {errors[()]:.2e}, timestep path in f32 "
-          f"{errors[('timestep',)]:.2e}")
+    print(f"controlnet bf16 rel L2 vs f32: all bf16 {errors[()]:.2e}, timestep path in f32 {errors[('timestep',)]:.2e}")
     assert errors[("timestep",)] < errors[()] / 2
 
 
@@ -198,13 +221,51 @@ def test_cli_upscale_with_openvino(tiny_bundle, tmp_path, capsys):
     source = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(source)
     out = tmp_path / "out"
-    assert main(["upscale", str(source), "-o", str(out), "--bundle", str(tiny_bundle), "--backend", "openvino",
-                 "--precision", "bf16", "--cache-dir", str(tmp_path / "cache"), "--threads", "2",
-                 "--steps", "1", "--process-size", "64", "-q"]) == 0
+    assert (
+        main(
+            [
+                "upscale",
+                str(source),
+                "-o",
+                str(out),
+                "--bundle",
+                str(tiny_bundle),
+                "--backend",
+                "openvino",
+                "--precision",
+                "bf16",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--threads",
+                "2",
+                "--steps",
+                "1",
+                "--process-size",
+                "64",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert Image.open(out / "in.png").size == (96, 80)
-    assert main(["upscale", str(source), "-o", str(out), "--bundle", str(tiny_bundle), "--backend", "onnxruntime",
-                 "--precision", "bf16",
-                 "-q"]) == 2
+    assert (
+        main(
+            [
+                "upscale",
+                str(source),
+                "-o",
+                str(out),
+                "--bundle",
+                str(tiny_bundle),
+                "--backend",
+                "onnxruntime",
+                "--precision",
+                "bf16",
+                "-q",
+            ]
+        )
+        == 2
+    )
     assert "--precision bf16 needs --backend openvino" in capsys.readouterr().err
 
 
@@ -214,8 +275,18 @@ def test_upscale_picks_the_cpu_default_and_says_so(tiny_bundle, tmp_path, capsys
 
     source = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(source)
-    command = ["upscale", str(source), "-o", str(tmp_path / "out"), "--bundle", str(tiny_bundle), "--steps", "1",
-               "--process-size", "64"]
+    command = [
+        "upscale",
+        str(source),
+        "-o",
+        str(tmp_path / "out"),
+        "--bundle",
+        str(tiny_bundle),
+        "--steps",
+        "1",
+        "--process-size",
+        "64",
+    ]
     has_bf16 = "BF16" in openvino_backend.device_capabilities(ov.Core(), "CPU")
     assert main(command) == 0
     err = capsys.readouterr().err

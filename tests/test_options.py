@@ -1,6 +1,7 @@
 """The options table (seesr_runtime.options) and the error hierarchy at every entry point: the library
 refuses bad options and images with the documented exception naming the value; every CLI prints one
 line and exits 2, never a traceback."""
+
 import json
 import math
 import subprocess
@@ -22,16 +23,28 @@ FAST = {"steps": 1, "process_size": 64}
 # (image, options, exception, what the message says)
 LIBRARY_CASES = {
     "0x0 array": (np.zeros((0, 0, 3), np.uint8), {}, ImageRejected, "0x0 is too small (at least 8x8 pixels)"),
-    "2-D array": (np.zeros((16, 16), np.uint8), {}, ImageRejected,
-                  "expected a PIL image or an HxWx3 uint8 array, got uint8 (16, 16)"),
+    "2-D array": (
+        np.zeros((16, 16), np.uint8),
+        {},
+        ImageRejected,
+        "expected a PIL image or an HxWx3 uint8 array, got uint8 (16, 16)",
+    ),
     "4-channel array": (np.zeros((16, 16, 4), np.uint8), {}, ImageRejected, "got uint8 (16, 16, 4)"),
     "float array": (np.zeros((16, 16, 3), np.float32), {}, ImageRejected, "got float32 (16, 16, 3)"),
     "1x1 image": (Image.new("RGB", (1, 1)), {}, ImageRejected, "1x1 is too small (at least 8x8 pixels)"),
     "7 px side": (np.zeros((7, 300, 3), np.uint8), {}, ImageRejected, "300x7 is too small"),
-    "over the default pixel limit": (np.broadcast_to(RGB[:1, :1], (4097, 4096, 3)), {}, ImageRejected,
-                                     "4096x4097 is 16781312 pixels, over the limit of 16777216"),
-    "over a lowered pixel limit": (RGB, {"max_pixels": 700}, ImageRejected,
-                                   "32x24 is 768 pixels, over the limit of 700 (raise it with the max_pixels option)"),
+    "over the default pixel limit": (
+        np.broadcast_to(RGB[:1, :1], (4097, 4096, 3)),
+        {},
+        ImageRejected,
+        "4096x4097 is 16781312 pixels, over the limit of 16777216",
+    ),
+    "over a lowered pixel limit": (
+        RGB,
+        {"max_pixels": 700},
+        ImageRejected,
+        "32x24 is 768 pixels, over the limit of 700 (raise it with the max_pixels option)",
+    ),
     "upscale 0": (RGB, {"upscale": 0}, OptionError, "upscale must be in [1, 8], got 0"),
     "process_size -8": (RGB, {"process_size": -8}, OptionError, "process_size must be in [8, 8192], got -8"),
     "guidance nan": (RGB, {"guidance": math.nan}, OptionError, "guidance must be a finite number >= 0.0, got nan"),
@@ -39,13 +52,25 @@ LIBRARY_CASES = {
     "steps 0": (RGB, {"steps": 0}, OptionError, "steps must be in [1, 1000], got 0"),
     "steps 2.5": (RGB, {"steps": 2.5}, OptionError, "steps must be an integer in [1, 1000], got 2.5 (float)"),
     "steps as text": (RGB, {"steps": "10"}, OptionError, "steps must be an integer in [1, 1000], got '10' (str)"),
-    "unknown colour fix": (RGB, {"color_fix": "sepia"}, OptionError,
-                           "color_fix must be one of ('adain', 'wavelet', 'none'), got 'sepia'"),
+    "unknown colour fix": (
+        RGB,
+        {"color_fix": "sepia"},
+        OptionError,
+        "color_fix must be one of ('adain', 'wavelet', 'none'), got 'sepia'",
+    ),
     "unknown start point": (RGB, {"start_point": "lr2"}, OptionError, "start_point must be one of ('lr', 'noise')"),
-    "tile overlap = tile size": (RGB, {"latent_tile_size": 16, "latent_tile_overlap": 16}, OptionError,
-                                 "latent_tile_overlap must be smaller than latent_tile_size (16), got 16"),
-    "tile overlap > bundle's tile size": (RGB, {"latent_tile_overlap": 200}, OptionError,
-                                          "latent_tile_overlap must be smaller than latent_tile_size (96), got 200"),
+    "tile overlap = tile size": (
+        RGB,
+        {"latent_tile_size": 16, "latent_tile_overlap": 16},
+        OptionError,
+        "latent_tile_overlap must be smaller than latent_tile_size (16), got 16",
+    ),
+    "tile overlap > bundle's tile size": (
+        RGB,
+        {"latent_tile_overlap": 200},
+        OptionError,
+        "latent_tile_overlap must be smaller than latent_tile_size (96), got 200",
+    ),
     "negative seed": (RGB, {"seed": -1}, OptionError, "seed must be >= 0, got -1"),
     "tiled_vae as 0": (RGB, {"tiled_vae": 0}, OptionError, "tiled_vae must be true or false, got 0 (int)"),
     "unknown option": (RGB, {"stepz": 3}, OptionError, "unknown option(s) ['stepz']"),
@@ -78,8 +103,9 @@ def test_pixel_limit_can_be_raised(runtime_pipeline):
 def test_equal_values_of_other_types_give_the_same_image(runtime_pipeline):
     image = np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)
     plain = runtime_pipeline(image, guidance=5.0, process_size=64, steps=2, seed=3)
-    numpy = runtime_pipeline(image, guidance=np.int64(5), process_size=np.int32(64), steps=np.int64(2),
-                             seed=np.uint8(3))
+    numpy = runtime_pipeline(
+        image, guidance=np.int64(5), process_size=np.int32(64), steps=np.int64(2), seed=np.uint8(3)
+    )
     assert np.array_equal(np.asarray(plain.image), np.asarray(numpy.image))
 
 
@@ -101,8 +127,15 @@ def test_bundle_records_the_options_description(runtime_bundle):
     assert pipeline["options"] == json.loads(json.dumps(option_table.describe()))
     assert pipeline["defaults"] == option_table.bundle_defaults()
     steps = next(entry for entry in pipeline["options"] if entry["name"] == "steps")
-    assert steps == {"name": "steps", "type": "int", "default": 50, "minimum": 1, "maximum": 1000,
-                     "in_bundle": "defaults.steps", "help": "DDPM steps"}
+    assert steps == {
+        "name": "steps",
+        "type": "int",
+        "default": 50,
+        "minimum": 1,
+        "maximum": 1000,
+        "in_bundle": "defaults.steps",
+        "help": "DDPM steps",
+    }
 
 
 def _rewritten(bundle, tmp_path, change):
@@ -171,8 +204,10 @@ RUNTIME_CLI_CASES = {
     "guidance nan": (["--guidance", "nan"], "guidance must be a finite number >= 0.0, got nan"),
     "process size -8": (["--process-size", "-8"], "process_size must be in [8, 8192], got -8"),
     "upscale 0": (["--upscale", "0"], "upscale must be in [1, 8], got 0"),
-    "tile overlap >= the bundle's tile size": (["--latent-tile-overlap", "96"],
-                                               "latent_tile_overlap must be smaller than latent_tile_size (96)"),
+    "tile overlap >= the bundle's tile size": (
+        ["--latent-tile-overlap", "96"],
+        "latent_tile_overlap must be smaller than latent_tile_size (96)",
+    ),
     "max pixels 0": (["--max-pixels", "0"], "max_pixels must be >= 64, got 0"),
     "missing bundle": (["--bundle", "/nonexistent/bundle"], "not a SeeSR bundle"),
 }
@@ -181,8 +216,19 @@ RUNTIME_CLI_CASES = {
 @pytest.mark.parametrize("case", RUNTIME_CLI_CASES)
 def test_seesr_upscale_refuses_in_one_line(runtime_bundle, lr_file, tmp_path, case):
     extra, message = RUNTIME_CLI_CASES[case]
-    done = run_cli("seesr_runtime.cli", "upscale", str(lr_file), "-o", str(tmp_path / "out"), "--bundle",
-                   str(runtime_bundle), "--backend", "onnxruntime", "-q", *extra)
+    done = run_cli(
+        "seesr_runtime.cli",
+        "upscale",
+        str(lr_file),
+        "-o",
+        str(tmp_path / "out"),
+        "--bundle",
+        str(runtime_bundle),
+        "--backend",
+        "onnxruntime",
+        "-q",
+        *extra,
+    )
     assert_one_line_error(done, message)
     assert not (tmp_path / "out").exists()
 
@@ -190,19 +236,39 @@ def test_seesr_upscale_refuses_in_one_line(runtime_bundle, lr_file, tmp_path, ca
 def test_unwritable_output_is_one_line(runtime_bundle, lr_file, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the output folder should go")
-    done = run_cli("seesr_runtime.cli", "upscale", str(lr_file), "-o", str(blocker / "out"), "--bundle",
-                   str(runtime_bundle), "--backend", "onnxruntime", "--steps", "1", "--process-size", "64", "-q")
+    done = run_cli(
+        "seesr_runtime.cli",
+        "upscale",
+        str(lr_file),
+        "-o",
+        str(blocker / "out"),
+        "--bundle",
+        str(runtime_bundle),
+        "--backend",
+        "onnxruntime",
+        "--steps",
+        "1",
+        "--process-size",
+        "64",
+        "-q",
+    )
     assert_one_line_error(done, str(blocker / "out"))
 
 
 EXPORT_CLI_CASES = {
     "flops, missing bundle": (["flops", "--bundle", "/nonexistent/bundle"], "/nonexistent/bundle: not a SeeSR bundle"),
-    "triton, steps 0": (["triton", "--bundle", "{bundle}", "--out", "{tmp}/repo", "--option", "steps=0"],
-                        "--option: steps must be in [1, 1000], got 0"),
-    "triton, max pixels 10": (["triton", "--bundle", "{bundle}", "--out", "{tmp}/repo", "--max-pixels", "10"],
-                              "--max-pixels: max_pixels must be >= 64, got 10"),
-    "reference, guidance nan": (["reference", "{lr}", "-o", "{tmp}/out", "--seesr-root", "{tmp}", "--guidance", "nan"],
-                                "guidance must be a finite number >= 0.0, got nan"),
+    "triton, steps 0": (
+        ["triton", "--bundle", "{bundle}", "--out", "{tmp}/repo", "--option", "steps=0"],
+        "--option: steps must be in [1, 1000], got 0",
+    ),
+    "triton, max pixels 10": (
+        ["triton", "--bundle", "{bundle}", "--out", "{tmp}/repo", "--max-pixels", "10"],
+        "--max-pixels: max_pixels must be >= 64, got 10",
+    ),
+    "reference, guidance nan": (
+        ["reference", "{lr}", "-o", "{tmp}/out", "--seesr-root", "{tmp}", "--guidance", "nan"],
+        "guidance must be a finite number >= 0.0, got nan",
+    ),
 }
 
 
@@ -223,21 +289,37 @@ def test_fixture_errors_are_one_line_even_quiet(tmp_path):
 
 def test_fixture_needs_no_open_clip(tmp_path):
     # open_clip_torch is installed here: a None entry in sys.modules makes it unimportable, as when it is not.
-    done = run_cli("seesr_export.cli", "fixture", "--out", str(tmp_path / "tiny"), "-q",
-                   prelude="import sys\nsys.modules['open_clip'] = None\n")
+    done = run_cli(
+        "seesr_export.cli",
+        "fixture",
+        "--out",
+        str(tmp_path / "tiny"),
+        "-q",
+        prelude="import sys\nsys.modules['open_clip'] = None\n",
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "tiny" / "preset").is_dir()
 
 
 def test_triton_client_checks_options_before_connecting(lr_file, tmp_path):
     # Nothing listens on port 9 (discard): an option error must come first, without tritonclient even installed.
-    done = run_cli("seesr_runtime.triton_client", "upscale", str(lr_file), "-o", str(tmp_path / "out"), "--url",
-                   "127.0.0.1:9", "--steps", "0")
+    done = run_cli(
+        "seesr_runtime.triton_client",
+        "upscale",
+        str(lr_file),
+        "-o",
+        str(tmp_path / "out"),
+        "--url",
+        "127.0.0.1:9",
+        "--steps",
+        "0",
+    )
     assert_one_line_error(done, "steps must be in [1, 1000], got 0")
 
 
-@pytest.mark.parametrize("command", [("seesr_runtime.cli", "upscale"), ("seesr_export.cli", "reference"),
-                                     ("seesr_export.cli", "demo")])
+@pytest.mark.parametrize(
+    "command", [("seesr_runtime.cli", "upscale"), ("seesr_export.cli", "reference"), ("seesr_export.cli", "demo")]
+)
 def test_option_flags_come_from_the_table(command):
     done = subprocess.run([sys.executable, "-m", command[0], command[1], "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

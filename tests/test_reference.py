@@ -1,4 +1,5 @@
 """The torch reference pipeline: official geometry, sampler, tiling and colour fix."""
+
 import numpy as np
 import pytest
 import torch
@@ -90,8 +91,9 @@ def test_reference_is_deterministic_and_draws_noise_in_official_order(reference,
 
 def test_reference_runs_tiled_and_untiled(reference, lr_image):
     untiled = reference(lr_image, steps=2, noise_fn=recorded_noise()[0], process_size=128, latent_tile_size=96)
-    tiled = reference(lr_image, steps=2, noise_fn=recorded_noise()[0], process_size=128, latent_tile_size=16,
-                      latent_tile_overlap=4)
+    tiled = reference(
+        lr_image, steps=2, noise_fn=recorded_noise()[0], process_size=128, latent_tile_size=16, latent_tile_overlap=4
+    )
     assert tiled.image.size == untiled.image.size
     # Tiling changes the receptive field, so results differ, but stay finite and close in scale.
     assert not torch.equal(tiled.latents[-1], untiled.latents[-1])
@@ -112,8 +114,7 @@ def test_noise_start_point_skips_posterior(reference, lr_image):
 
 def test_bad_noise_shape_is_named(reference, lr_image):
     with pytest.raises(ValueError, match="noise_fn returned shape"):
-        reference(lr_image, steps=1, noise_fn=lambda kind, shape: np.zeros((1, 4, 2, 2), np.float32),
-                  process_size=128)
+        reference(lr_image, steps=1, noise_fn=lambda kind, shape: np.zeros((1, 4, 2, 2), np.float32), process_size=128)
 
 
 def test_reference_cli_writes_pngs_and_reports_bad_files(tiny_checkout, lr_image, tmp_path, capsys):
@@ -123,8 +124,22 @@ def test_reference_cli_writes_pngs_and_reports_bad_files(tiny_checkout, lr_image
     lr_image.save(good)
     bad.write_bytes(b"not an image")
     root = tiny_checkout.sd2.parents[2]
-    code = main(["reference", str(good), str(bad), "-o", str(tmp_path / "out"), "--seesr-root", str(root),
-                 "--steps", "1", "--process-size", "64", "-q"])
+    code = main(
+        [
+            "reference",
+            str(good),
+            str(bad),
+            "-o",
+            str(tmp_path / "out"),
+            "--seesr-root",
+            str(root),
+            "--steps",
+            "1",
+            "--process-size",
+            "64",
+            "-q",
+        ]
+    )
     assert code == 1
     assert "bad.png: not a readable image" in capsys.readouterr().err
     assert Image.open(tmp_path / "out" / "good.png").size == (224, 160)

@@ -1,4 +1,5 @@
 """``seesr upscale``: batches, bad inputs, atomic outputs (torch-free)."""
+
 import subprocess
 import sys
 
@@ -39,8 +40,20 @@ def inputs(tmp_path):
 def test_batch_goes_on_past_bad_files(runtime_bundle, inputs, tmp_path, capsys):
     folder, files = inputs
     out = tmp_path / "out"
-    code = main(["upscale", str(folder), "-o", str(out), "--bundle", str(runtime_bundle), "--max-pixels", "50000",
-                 "--save-prompts", *FAST])
+    code = main(
+        [
+            "upscale",
+            str(folder),
+            "-o",
+            str(out),
+            "--bundle",
+            str(runtime_bundle),
+            "--max-pixels",
+            "50000",
+            "--save-prompts",
+            *FAST,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     written = sorted(p.name for p in out.glob("*.png"))
@@ -59,8 +72,22 @@ def test_batch_goes_on_past_bad_files(runtime_bundle, inputs, tmp_path, capsys):
 
 def test_conversions_are_reported(runtime_bundle, inputs, tmp_path, capsys):
     _, files = inputs
-    code = main(["upscale", str(files["gray"]), str(files["rgba"]), str(files["deep"]), "-o", str(tmp_path / "o"),
-                 "--bundle", str(runtime_bundle), "--steps", "1", "--process-size", "64"])
+    code = main(
+        [
+            "upscale",
+            str(files["gray"]),
+            str(files["rgba"]),
+            str(files["deep"]),
+            "-o",
+            str(tmp_path / "o"),
+            "--bundle",
+            str(runtime_bundle),
+            "--steps",
+            "1",
+            "--process-size",
+            "64",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0
     assert "b_gray.png: grayscale converted to RGB" in err
@@ -73,8 +100,9 @@ def test_skip_existing(runtime_bundle, inputs, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "a_good.png").write_bytes(b"keep me")
-    code = main(["upscale", str(files["good"]), "-o", str(out), "--bundle", str(runtime_bundle), "--skip-existing",
-                 *FAST])
+    code = main(
+        ["upscale", str(files["good"]), "-o", str(out), "--bundle", str(runtime_bundle), "--skip-existing", *FAST]
+    )
     assert code == 0 and (out / "a_good.png").read_bytes() == b"keep me"
     assert "0 upscaled, 1 skipped, 0 failed" in capsys.readouterr().err
 
@@ -86,10 +114,31 @@ def test_missing_bundle_is_one_clear_error(inputs, tmp_path, capsys):
 
 
 def test_help_documents_every_option():
-    done = subprocess.run([sys.executable, "-m", "seesr_runtime.cli", "upscale", "--help"], capture_output=True,
-                          text=True)
-    options = ["--bundle", "--backend", "--providers", "--precision", "--threads", "--seed", "--prompt",
-               "--added-prompt", "--negative-prompt", "--steps", "--guidance", "--conditioning-scale",
-               "--process-size", "--upscale", "--latent-tile-size", "--latent-tile-overlap", "--color-fix",
-               "--start-point", "--save-prompts", "--skip-existing", "--max-pixels", "--quiet"]
+    done = subprocess.run(
+        [sys.executable, "-m", "seesr_runtime.cli", "upscale", "--help"], capture_output=True, text=True
+    )
+    options = [
+        "--bundle",
+        "--backend",
+        "--providers",
+        "--precision",
+        "--threads",
+        "--seed",
+        "--prompt",
+        "--added-prompt",
+        "--negative-prompt",
+        "--steps",
+        "--guidance",
+        "--conditioning-scale",
+        "--process-size",
+        "--upscale",
+        "--latent-tile-size",
+        "--latent-tile-overlap",
+        "--color-fix",
+        "--start-point",
+        "--save-prompts",
+        "--skip-existing",
+        "--max-pixels",
+        "--quiet",
+    ]
     assert [option for option in options if option not in done.stdout] == []

@@ -1,4 +1,5 @@
 """The torch-free runtime on its own (these tests also run in a venv without torch: see .ci/run)."""
+
 import json
 import subprocess
 import sys
@@ -6,9 +7,8 @@ import textwrap
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from no_torch import PRELUDE
+
 from seesr_runtime.errors import OptionError
 from seesr_runtime.imaging import gaussian_tile_weights, tile_origins
 from seesr_runtime.manifest import BundleError, Manifest
@@ -62,14 +62,15 @@ def test_bad_arguments_are_named(runtime_pipeline, lr_image):
         runtime_pipeline(lr_image, steps=1, process_size=128, noise_fn=lambda k, s: np.zeros((1,), np.float32))
 
 
-@pytest.mark.parametrize("h, w, tile, overlap", [(20, 28, 16, 4), (100, 130, 48, 4), (96, 96, 96, 4),
-                                                 (150, 200, 96, 4)])
+@pytest.mark.parametrize(
+    "h, w, tile, overlap", [(20, 28, 16, 4), (100, 130, 48, 4), (96, 96, 96, 4), (150, 200, 96, 4)]
+)
 def test_tiles_cover_the_latent(h, w, tile, overlap):
     tile = min(tile, h, w)
     covered = np.zeros((h, w), bool)
     for y, x in tile_origins(h, w, tile, overlap):
         assert 0 <= y <= h - tile and 0 <= x <= w - tile
-        covered[y:y + tile, x:x + tile] = True
+        covered[y : y + tile, x : x + tile] = True
     assert covered.all()
 
 
@@ -121,8 +122,11 @@ def test_pipeline_refuses_a_bundle_whose_inputs_it_does_not_feed(runtime_bundle)
     renamed = json.loads(json.dumps(manifest.data))
     renamed["networks"]["controlnet"]["spec"]["inputs"][-1]["name"] = "scale"
     other = Manifest(manifest.root, renamed)
-    with pytest.raises(BundleError, match=r"controlnet graph takes inputs \[.*'scale'\], but this runtime feeds it "
-                                          r"\[.*'conditioning_scale'\]"):
+    with pytest.raises(
+        BundleError,
+        match=r"controlnet graph takes inputs \[.*'scale'\], but this runtime feeds it "
+        r"\[.*'conditioning_scale'\]",
+    ):
         SeeSRPipeline(other, create_backend("onnxruntime", other))
 
 
@@ -138,7 +142,9 @@ def test_dummy_feeds_follow_the_spec(runtime_bundle):
     assert all(feeds[t.name].shape == t.concrete_shape(env) for t in specs["controlnet"].inputs)
     assert feeds["conditioning_scale"].shape == () and feeds["conditioning_scale"] == 1.0
     timestep = feeds["timestep"]
-    assert timestep.dtype == np.float32 and ((timestep >= 1) & (timestep <= 999) & (timestep == np.round(timestep))).all()
+    assert (
+        timestep.dtype == np.float32 and ((timestep >= 1) & (timestep <= 999) & (timestep == np.round(timestep))).all()
+    )
     assert 0.0 <= feeds["controlnet_cond"].min() and feeds["controlnet_cond"].max() <= 1.0
     ids = dummy_feeds(specs["text_encoder"], {"B": 1}, seed=0, vocab=100)["input_ids"]
     assert ids.dtype == np.int64 and 0 <= ids.min() and ids.max() < 100

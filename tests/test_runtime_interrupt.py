@@ -1,6 +1,7 @@
 """``seesr upscale`` over a folder, interrupted: SIGKILL leaves only complete PNGs, SIGINT/SIGTERM stop
 after the current image with the summary and a non-zero exit, and ``--skip-existing`` finishes the rest.
 Real processes on the tiny bundle (torch-free)."""
+
 import os
 import signal
 import subprocess
@@ -29,9 +30,29 @@ def folder(tmp_path):
 
 def upscale(bundle, inputs, out, *extra) -> list[str]:
     # Enough steps that one image takes a noticeable moment, so a signal lands mid-batch.
-    return [sys.executable, "-m", "seesr_runtime.cli", "upscale", str(inputs), "-o", str(out), "--bundle",
-            str(bundle), "--backend", "onnxruntime", "--precision", "fp32", "--threads", "1", "--steps", "4",
-            "--process-size", "128", "-q", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "seesr_runtime.cli",
+        "upscale",
+        str(inputs),
+        "-o",
+        str(out),
+        "--bundle",
+        str(bundle),
+        "--backend",
+        "onnxruntime",
+        "--precision",
+        "fp32",
+        "--threads",
+        "1",
+        "--steps",
+        "4",
+        "--process-size",
+        "128",
+        "-q",
+        *extra,
+    ]
 
 
 def start_and_wait_for_first_output(command, out, timeout=600.0) -> subprocess.Popen:
@@ -55,8 +76,7 @@ def assert_only_complete_pngs(out) -> int:
 
 
 def finish_with_skip_existing(bundle, inputs, out, already: int) -> None:
-    done = subprocess.run(upscale(bundle, inputs, out, "--skip-existing"), capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(upscale(bundle, inputs, out, "--skip-existing"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{IMAGES - already} upscaled, {already} skipped, 0 failed" in done.stderr
     assert assert_only_complete_pngs(out) == IMAGES
@@ -86,8 +106,10 @@ def test_signal_stops_after_the_current_image(runtime_bundle, folder, tmp_path, 
     written = assert_only_complete_pngs(out)
     assert 1 <= written < IMAGES
     name = signal.Signals(signum).name
-    assert (f"{written} upscaled, 0 skipped, 0 failed; stopped by {name} with {IMAGES - written} not started "
-            "(rerun with --skip-existing to finish)") in err
+    assert (
+        f"{written} upscaled, 0 skipped, 0 failed; stopped by {name} with {IMAGES - written} not started "
+        "(rerun with --skip-existing to finish)"
+    ) in err
     finish_with_skip_existing(runtime_bundle, folder, out, written)
 
 

@@ -1,13 +1,14 @@
 """The torch-free runtime against the torch reference, with the same injected noise."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from seesr_runtime.imaging import adain_color_fix, resize_bilinear, wavelet_color_fix
-from seesr_runtime.scheduler import DDPMScheduler
 from seesr_export import reference as ref
 from seesr_export.parity import relative_l2
+from seesr_runtime.imaging import adain_color_fix, resize_bilinear, wavelet_color_fix
+from seesr_runtime.scheduler import DDPMScheduler
 
 
 def replayable_noise(seed=0):
@@ -30,21 +31,30 @@ def compare(runtime_pipeline, reference, lr, runtime_only=None, **options):
 # 1 level. (A rare 1-level rounding flip of the decoded image is multiplied by adain's colour gain,
 # source std / target std; with the official geometry the final bicubic resize averages it back to
 # <= 1 level, but at process_size 128, where that resize is the identity, adain can show 2.)
-@pytest.mark.parametrize("options, image_tolerance", [
-    (dict(steps=3, process_size=128, color_fix="none"), 1),
-    (dict(steps=3, process_size=128, color_fix="wavelet"), 1),
-    pytest.param(dict(steps=2, color_fix="adain"), 1, marks=pytest.mark.slow),  # defaults: process size 512, adain
-    (dict(steps=2, process_size=128, color_fix="adain"), 2),
-    (dict(steps=2, process_size=128, latent_tile_size=16, latent_tile_overlap=4, color_fix="none"), 1),
-    (dict(steps=2, process_size=128, guidance=1.0, color_fix="none"), 1),
-    (dict(steps=2, process_size=128, start_point="noise", color_fix="none"), 1),
-    # The official tiled VAE forced by small tiles on the 712x512 working image (89x64 latent): uneven
-    # encoder tiles (128 px) and decoder tiles (16 latent px), non-square.
-    pytest.param(dict(steps=2, vae_encoder_tile_size=128, vae_decoder_tile_size=16, color_fix="none"), 1,
-                 marks=pytest.mark.slow),
-    pytest.param(dict(steps=2, vae_encoder_tile_size=128, vae_decoder_tile_size=16, color_fix="adain"), 1,
-                 marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "options, image_tolerance",
+    [
+        (dict(steps=3, process_size=128, color_fix="none"), 1),
+        (dict(steps=3, process_size=128, color_fix="wavelet"), 1),
+        pytest.param(dict(steps=2, color_fix="adain"), 1, marks=pytest.mark.slow),  # defaults: process size 512, adain
+        (dict(steps=2, process_size=128, color_fix="adain"), 2),
+        (dict(steps=2, process_size=128, latent_tile_size=16, latent_tile_overlap=4, color_fix="none"), 1),
+        (dict(steps=2, process_size=128, guidance=1.0, color_fix="none"), 1),
+        (dict(steps=2, process_size=128, start_point="noise", color_fix="none"), 1),
+        # The official tiled VAE forced by small tiles on the 712x512 working image (89x64 latent): uneven
+        # encoder tiles (128 px) and decoder tiles (16 latent px), non-square.
+        pytest.param(
+            dict(steps=2, vae_encoder_tile_size=128, vae_decoder_tile_size=16, color_fix="none"),
+            1,
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            dict(steps=2, vae_encoder_tile_size=128, vae_decoder_tile_size=16, color_fix="adain"),
+            1,
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_runtime_matches_reference(runtime_pipeline, reference, lr_image, options, image_tolerance):
     latent_error, image_error = compare(runtime_pipeline, reference, lr_image, **options)
     assert latent_error <= 1e-4
@@ -65,8 +75,9 @@ def test_input_larger_than_dape_size(runtime_pipeline, reference):
 @pytest.mark.parametrize("size", [(384, 384), (20, 30), (57, 91)], ids=str)
 def test_bilinear_resize_matches_torch(size):
     x = np.random.default_rng(0).random((1, 3, 57, 91), dtype=np.float32)
-    expected = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bilinear",
-                                               align_corners=False, antialias=False).numpy()
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(x), size=size, mode="bilinear", align_corners=False, antialias=False
+    ).numpy()
     assert np.abs(resize_bilinear(x, size) - expected).max() < 1e-5
 
 
@@ -92,8 +103,9 @@ def test_scheduler_matches_diffusers(steps):
     theirs.set_timesteps(steps)
     assert list(ours.set_timesteps(steps)) == theirs.timesteps.tolist()
     for t in ours.timesteps.tolist():
-        expected = ref.ddpm_step(theirs, torch.from_numpy(eps), t, torch.from_numpy(sample),
-                                 torch.from_numpy(noise)).numpy()
+        expected = ref.ddpm_step(
+            theirs, torch.from_numpy(eps), t, torch.from_numpy(sample), torch.from_numpy(noise)
+        ).numpy()
         assert relative_l2(ours.step(eps, t, sample, noise), expected) < 1e-6, t
 
 
@@ -104,8 +116,11 @@ def test_scheduler_add_noise_matches_diffusers():
     assert relative_l2(ours.add_noise(sample, noise, 999), expected) < 1e-6
 
 
-@pytest.mark.parametrize("ours, theirs", [(adain_color_fix, ref.adain_color_fix),
-                                          (wavelet_color_fix, ref.wavelet_color_fix)], ids=["adain", "wavelet"])
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [(adain_color_fix, ref.adain_color_fix), (wavelet_color_fix, ref.wavelet_color_fix)],
+    ids=["adain", "wavelet"],
+)
 def test_colour_fixes_match_torch(ours, theirs):
     rng = np.random.default_rng(0)
     target = Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8))

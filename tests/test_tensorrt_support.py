@@ -1,6 +1,7 @@
 """TensorRT support: profiles from the manifest, engine names, manifest entries (no GPU needed), and the
 backend's refusals, each checked where it can happen: a missing TensorRT where it is missing, a bundle
 without engines where TensorRT and a GPU are present (these skip elsewhere, saying why)."""
+
 import pytest
 
 from seesr_export.trt_engines import EngineOptions, engine_entry, engine_filename, optimization_profiles
@@ -34,7 +35,8 @@ def cuda_device_missing() -> str | None:
 
 needs_tensorrt_missing = pytest.mark.skipif(
     tensorrt_stack_missing() is None,
-    reason="tensorrt and cuda-python are installed here, so the backend never refuses for a missing package")
+    reason="tensorrt and cuda-python are installed here, so the backend never refuses for a missing package",
+)
 needs_tensorrt_and_gpu = pytest.mark.skipif(cuda_device_missing() is not None, reason=str(cuda_device_missing()))
 
 
@@ -56,8 +58,13 @@ def test_profiles_cover_the_declared_shapes(runtime_bundle, name):
 def test_denoiser_profiles_include_512px_and_the_96_tile():
     from seesr_runtime.networks import ModelDims, network_specs
 
-    dims = ModelDims(text_dim=1024, num_tags=4585, residual_channels=(320,) * 4 + (640,) * 3 + (1280,) * 5,
-                     residual_strides=(1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8), mid_channels=1280)
+    dims = ModelDims(
+        text_dim=1024,
+        num_tags=4585,
+        residual_channels=(320,) * 4 + (640,) * 3 + (1280,) * 5,
+        residual_strides=(1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8),
+        mid_channels=1280,
+    )
     unet = network_specs(dims)["unet"]
     shapes = dict(optimization_profiles(unet))
     assert shapes["512px"]["sample"] == ((1, 4, 64, 64), (2, 4, 64, 64), (2, 4, 64, 64))
@@ -72,8 +79,15 @@ def test_denoiser_profiles_include_512px_and_the_96_tile():
 def test_engine_names_and_manifest_entry(runtime_bundle):
     assert engine_filename("unet", "fp16", "10.8.0", (9, 0)) == "unet.fp16.trt10.8.0.sm90.plan"
     spec = Manifest.load(runtime_bundle).spec("unet")
-    entry = engine_entry("unet", spec, "engines/unet.fp16.trt10.8.0.sm90.plan", "0" * 64,
-                         EngineOptions(profiles=("512px", "tile96")), "10.8.0", (9, 0))
+    entry = engine_entry(
+        "unet",
+        spec,
+        "engines/unet.fp16.trt10.8.0.sm90.plan",
+        "0" * 64,
+        EngineOptions(profiles=("512px", "tile96")),
+        "10.8.0",
+        (9, 0),
+    )
     assert entry["strongly_typed"] and entry["profiles"] == ["512px", "tile96"]
     assert entry["compute_capability"] == [9, 0]
 
@@ -85,8 +99,9 @@ def _run_without_torch(body: str):
 
     from no_torch import PRELUDE
 
-    done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(body)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -118,8 +133,11 @@ def test_bundle_without_engines_is_refused_clearly(runtime_bundle):
     from seesr_runtime import SeeSRPipeline
     from seesr_runtime.manifest import BundleError
 
-    with pytest.raises(BundleError, match=r"no fp16 TensorRT engine for '\w+'; build with seesr-export build "
-                                          r"--backend tensorrt"):
+    with pytest.raises(
+        BundleError,
+        match=r"no fp16 TensorRT engine for '\w+'; build with seesr-export build "
+        r"--backend tensorrt",
+    ):
         SeeSRPipeline.from_bundle(runtime_bundle, backend="tensorrt")
 
 
@@ -129,8 +147,12 @@ def test_gpu_validate_dry_run(tiny_bundle):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_validate.py"
-    done = subprocess.run([sys.executable, str(script), "--bundle", str(tiny_bundle), "--dry-run"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(script), "--bundle", str(tiny_bundle), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "plan: unet fp16 at {'B': 2, 'h': 64, 'w': 64}" in done.stdout
     assert "dry run: 6 engines would be built and checked" in done.stdout
@@ -145,8 +167,20 @@ def test_cuda_graph_option_needs_the_cuda_provider(runtime_bundle):
         create_backend("onnxruntime", Manifest.load(runtime_bundle), cuda_graph=True)
 
 
-BENCH_TENSORRT = ["--backend", "tensorrt", "--cuda-graph", "--precision", "fp16", "--steps", "1", "--runs", "1",
-                  "--warmup", "0", "-q"]
+BENCH_TENSORRT = [
+    "--backend",
+    "tensorrt",
+    "--cuda-graph",
+    "--precision",
+    "fp16",
+    "--steps",
+    "1",
+    "--runs",
+    "1",
+    "--warmup",
+    "0",
+    "-q",
+]
 
 
 @needs_tensorrt_missing

@@ -1,4 +1,5 @@
 """The official tiled VAE: tile geometry, the torch task list, the exported segments and the runtime."""
+
 import json
 import os
 import shutil
@@ -21,23 +22,46 @@ from seesr_runtime.tiled_vae import TiledVaeLayout, TileStates, run_tiled_vae, s
 OFFICIAL_SPLITS = {
     (40, 52, 16, "decoder"): (
         [[0, 38, 0, 38], [16, 52, 0, 38], [0, 38, 16, 40], [16, 52, 16, 40]],
-        [[0, 216, 0, 216], [216, 416, 0, 216], [0, 216, 216, 320], [216, 416, 216, 320]]),
+        [[0, 216, 0, 216], [216, 416, 0, 216], [0, 216, 216, 320], [216, 416, 216, 320]],
+    ),
     (23, 61, 10, "decoder"): (
         [[0, 32, 0, 23], [10, 42, 0, 23], [20, 52, 0, 23], [30, 61, 0, 23]],
-        [[0, 168, 0, 184], [168, 248, 0, 184], [248, 328, 0, 184], [328, 488, 0, 184]]),
+        [[0, 168, 0, 184], [168, 248, 0, 184], [248, 328, 0, 184], [328, 488, 0, 184]],
+    ),
     (30, 17, 7, "decoder"): ([[0, 17, 0, 26], [0, 17, 4, 30]], [[0, 136, 0, 120], [0, 136, 120, 240]]),
     (1200, 1600, 1024, "encoder"): (
         [[0, 832, 0, 640], [768, 1600, 0, 640], [0, 832, 576, 1200], [768, 1600, 576, 1200]],
-        [[0, 100, 0, 76], [100, 200, 0, 76], [0, 100, 76, 150], [100, 200, 76, 150]]),
+        [[0, 100, 0, 76], [100, 200, 0, 76], [0, 100, 76, 150], [100, 200, 76, 150]],
+    ),
     (1088, 1096, 1024, "encoder"): ([[0, 608, 0, 1088], [544, 1096, 0, 1088]], [[0, 72, 0, 136], [72, 137, 0, 136]]),
     (250, 250, 224, "decoder"): (
         [[0, 150, 0, 150], [128, 250, 0, 150], [0, 150, 128, 250], [128, 250, 128, 250]],
-        [[0, 1112, 0, 1112], [1112, 2000, 0, 1112], [0, 1112, 1112, 2000], [1112, 2000, 1112, 2000]]),
+        [[0, 1112, 0, 1112], [1112, 2000, 0, 1112], [0, 1112, 1112, 2000], [1112, 2000, 1112, 2000]],
+    ),
     (64, 2000, 224, "decoder"): (
-        [[0, 246, 0, 64], [224, 470, 0, 64], [448, 694, 0, 64], [672, 918, 0, 64], [896, 1142, 0, 64],
-         [1120, 1366, 0, 64], [1344, 1590, 0, 64], [1568, 1814, 0, 64], [1792, 2000, 0, 64]],
-        [[0, 1880, 0, 512], [1880, 3672, 0, 512], [3672, 5464, 0, 512], [5464, 7256, 0, 512], [7256, 9048, 0, 512],
-         [9048, 10840, 0, 512], [10840, 12632, 0, 512], [12632, 14424, 0, 512], [14424, 16000, 0, 512]]),
+        [
+            [0, 246, 0, 64],
+            [224, 470, 0, 64],
+            [448, 694, 0, 64],
+            [672, 918, 0, 64],
+            [896, 1142, 0, 64],
+            [1120, 1366, 0, 64],
+            [1344, 1590, 0, 64],
+            [1568, 1814, 0, 64],
+            [1792, 2000, 0, 64],
+        ],
+        [
+            [0, 1880, 0, 512],
+            [1880, 3672, 0, 512],
+            [3672, 5464, 0, 512],
+            [5464, 7256, 0, 512],
+            [7256, 9048, 0, 512],
+            [9048, 10840, 0, 512],
+            [10840, 12632, 0, 512],
+            [12632, 14424, 0, 512],
+            [14424, 16000, 0, 512],
+        ],
+    ),
 }
 
 
@@ -48,10 +72,15 @@ def test_split_tiles_matches_the_official_layout(case):
     assert (inputs, outputs) == OFFICIAL_SPLITS[case]
 
 
-@pytest.mark.parametrize("half, size, tile, tiles", [("encoder", (1088, 1088), 1024, False),
-                                                     ("encoder", (1088, 1096), 1024, True),
-                                                     ("decoder", (246, 200), 224, False),
-                                                     ("decoder", (100, 247), 224, True)])
+@pytest.mark.parametrize(
+    "half, size, tile, tiles",
+    [
+        ("encoder", (1088, 1088), 1024, False),
+        ("encoder", (1088, 1096), 1024, True),
+        ("decoder", (246, 200), 224, False),
+        ("decoder", (100, 247), 224, True),
+    ],
+)
 def test_threshold_is_tile_plus_twice_the_pad(half, size, tile, tiles):
     assert TiledVaeLayout.for_half(half).needs_tiling(*size, tile) is tiles
 
@@ -128,7 +157,7 @@ def test_build_checked_every_segment(tiny_bundle, network):
     tiled = manifest.tiled_vae(network)
     assert tiled["pad"] == TiledVaeLayout.for_half(network[4:]).pad and tiled["eps"] == 1e-6
     assert tiled["parity"]["max_rel_l2"] < 1e-5
-    for k, segment in enumerate(tiled["segments"]):
+    for k in range(len(tiled["segments"])):
         assert manifest.graph_path(f"{network}#{k}", "fp16").is_file()  # segments are fp32 only
 
 
@@ -171,13 +200,17 @@ def test_segments_are_profiled_as_their_vae_half(tiny_bundle):
     pipe = SeeSRPipeline.from_bundle(tiny_bundle, profiler=profiler)
     pipe.decode(np.zeros((1, 4, 40, 40), np.float32), tile=16)
     assert set(profiler.calls()) == {"vae_decoder"}
-    assert len(profiler.calls()["vae_decoder"]) == 4 * len(Manifest.load(tiny_bundle).tiled_vae("vae_decoder")["segments"])
+    assert len(profiler.calls()["vae_decoder"]) == 4 * len(
+        Manifest.load(tiny_bundle).tiled_vae("vae_decoder")["segments"]
+    )
 
 
 def test_spilled_tile_states_give_the_same_image(runtime_pipeline, tiny_bundle, tmp_path):
     latent = np.random.default_rng(3).standard_normal((1, 4, 40, 52)).astype(np.float32)
     spilled = SeeSRPipeline.from_bundle(tiny_bundle, tiled_vae_spill_dir=tmp_path)
-    assert np.array_equal(np.asarray(spilled.decode(latent, tile=16)), np.asarray(runtime_pipeline.decode(latent, tile=16)))
+    assert np.array_equal(
+        np.asarray(spilled.decode(latent, tile=16)), np.asarray(runtime_pipeline.decode(latent, tile=16))
+    )
     assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 

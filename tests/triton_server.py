@@ -5,6 +5,7 @@ The wheel keeps one Python-backend stub per Python version; the backend director
 server gets the stub matching the interpreter running the tests, whose environment (seesr_runtime,
 numpy<2) the stub then uses. The stub links libpython dynamically, hence LIBDIR on LD_LIBRARY_PATH.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         try:
             self.start()
         except BaseException:
@@ -65,17 +66,27 @@ class TritonServer:
         dist = pytriton_dist()
         if dist is None:
             raise RuntimeError("nvidia-pytriton (with its tritonserver binary) is not installed in this interpreter")
-        command = [str(dist / "bin" / "tritonserver"), f"--model-repository={self.repository}",
-                   f"--backend-directory={self._backends(dist)}",
-                   f"--http-address={LOOPBACK}", f"--http-port={self.http_port}",
-                   f"--grpc-address={LOOPBACK}", f"--grpc-port={self.grpc_port}",
-                   "--allow-metrics=false", "--allow-sagemaker=false", "--allow-vertex-ai=false",
-                   "--exit-on-error=true", "--strict-readiness=true", "--exit-timeout-secs=10"]
+        command = [
+            str(dist / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={self._backends(dist)}",
+            f"--http-address={LOOPBACK}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={LOOPBACK}",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=false",
+            "--allow-sagemaker=false",
+            "--allow-vertex-ai=false",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=10",
+        ]
         began = time.monotonic()
         with open(self.log_path, "wb") as log:
             # Own session: stop() can signal the server and its stub processes as one group.
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env(dist),
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=self._env(dist), start_new_session=True
+            )
         self._wait_ready(began)
         self.startup_seconds = time.monotonic() - began
 

@@ -2,8 +2,8 @@
 
 This package must never import torch: it is what users deploy.
 """
-from ._version import __version__
 
-from .pipeline import SeeSRPipeline, UpscaleResult  # noqa: E402
+from ._version import __version__
+from .pipeline import SeeSRPipeline, UpscaleResult
 
 __all__ = ["SeeSRPipeline", "UpscaleResult", "__version__"]

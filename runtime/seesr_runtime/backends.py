@@ -4,6 +4,7 @@ A backend is created once per pipeline and keeps one session per network,
 created on first use and reused across steps and images. Feeds and outputs are
 float32/int64 numpy arrays named as in the bundle manifest.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -12,8 +13,16 @@ import numpy as np
 
 from .errors import BundleError
 from .manifest import Manifest
-from .ort_device import (GPU_PROVIDERS, PER_STEP_NETWORKS, BoundCall, DeviceTensor, SharedWeights, fix_dimensions,
-                         graph_precision, solve_dims)
+from .ort_device import (
+    GPU_PROVIDERS,
+    PER_STEP_NETWORKS,
+    BoundCall,
+    DeviceTensor,
+    SharedWeights,
+    fix_dimensions,
+    graph_precision,
+    solve_dims,
+)
 
 
 class Backend(Protocol):
@@ -57,9 +66,18 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, precision: str = "fp32", providers: list[str] | None = None,
-                 threads: int | None = None, cpu_arena: str = "none", io_binding: bool | None = None,
-                 static_shapes: bool = False, cuda_graph: bool = False, gpu_graph: bool = True):
+    def __init__(
+        self,
+        manifest: Manifest,
+        precision: str = "fp32",
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        cpu_arena: str = "none",
+        io_binding: bool | None = None,
+        static_shapes: bool = False,
+        cuda_graph: bool = False,
+        gpu_graph: bool = True,
+    ):
         """``io_binding``: keep per-image constants and ControlNet residuals on the device (default: on
         with a GPU provider); ``static_shapes``: one session per denoiser input shape, weights shared;
         ``cuda_graph``: capture each of those (CUDA provider); ``gpu_graph``: False runs the plain fp16
@@ -77,9 +95,11 @@ class OnnxRuntimeBackend:
                 pass
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
         if missing:
-            raise BundleError(f"onnxruntime providers {missing} are not available here "
-                              f"(available: {ort.get_available_providers()}); "
-                              "install onnxruntime-gpu for CUDA/TensorRT")
+            raise BundleError(
+                f"onnxruntime providers {missing} are not available here "
+                f"(available: {ort.get_available_providers()}); "
+                "install onnxruntime-gpu for CUDA/TensorRT"
+            )
         if cpu_arena not in ("shared", "per-session", "none"):
             raise BundleError(f"cpu_arena must be 'shared', 'per-session' or 'none', got {cpu_arena!r}")
         if cpu_arena == "shared":
@@ -139,8 +159,7 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         array = np.ascontiguousarray(array)
-        return DeviceTensor(ort.OrtValue.ortvalue_from_numpy(array, self.device, 0), host=array,
-                            upload=self.to_device)
+        return DeviceTensor(ort.OrtValue.ortvalue_from_numpy(array, self.device, 0), host=array, upload=self.to_device)
 
     def load_all(self) -> None:
         """Open every session now rather than at first use (servers, benchmarks); static-shape sessions
@@ -185,8 +204,12 @@ class OnnxRuntimeBackend:
             if network not in self._weights:
                 self._weights[network] = SharedWeights(path, self.device)
             self._weights[network].add_to(options)
-            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider"
-                         and self.cuda_graph else p for p in self.providers]
+            providers = [
+                ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
+                if p == "CUDAExecutionProvider" and self.cuda_graph
+                else p
+                for p in self.providers
+            ]
             session = ort.InferenceSession(str(path), options, providers=providers)
             self._calls[key] = BoundCall(session, spec, env, self.device)
         return self._calls[key]
@@ -211,19 +234,24 @@ def create_backend(kind: str, manifest: Manifest, **options) -> Backend:
         from .trt_backend import TensorRTBackend
 
         try:
-            return TensorRTBackend(manifest, **{k: v for k, v in options.items()
-                                                if k in ("precision", "cuda_graph") and v})
+            return TensorRTBackend(
+                manifest, **{k: v for k, v in options.items() if k in ("precision", "cuda_graph") and v}
+            )
         except ImportError as exc:
-            raise BundleError(f"the tensorrt backend needs the 'tensorrt' and 'cuda-python' packages and an NVIDIA "
-                              f"GPU ({exc}); use backend='onnxruntime'") from None
+            raise BundleError(
+                f"the tensorrt backend needs the 'tensorrt' and 'cuda-python' packages and an NVIDIA "
+                f"GPU ({exc}); use backend='onnxruntime'"
+            ) from None
     if kind == "openvino":
         from .openvino_backend import OpenVINOBackend
 
         if options.pop("cuda_graph", False):
             raise BundleError("CUDA graph capture is an option of the tensorrt backend, not of openvino")
         if options.pop("providers", None):
-            raise BundleError("--providers selects onnxruntime execution providers; the openvino backend "
-                              "takes --device (CPU, GPU, AUTO) instead")
+            raise BundleError(
+                "--providers selects onnxruntime execution providers; the openvino backend "
+                "takes --device (CPU, GPU, AUTO) instead"
+            )
         return OpenVINOBackend(manifest, **{k: v for k, v in options.items() if v is not None})
     raise BundleError(f"unknown backend {kind!r} (available: {', '.join(map(repr, BACKENDS))})")
 

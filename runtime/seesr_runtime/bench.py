@@ -6,6 +6,7 @@ One workload: a synthetic LR image of ``size / 4`` pixels upscaled x4 (so
 call is recorded (see ``profiling``); the result is a JSON-able dict whose
 fields are documented in ``benchmarks/README.md``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,17 @@ from .profiling import StageProfiler, summarize
 
 FORMAT = "seesr-bench"
 # Report order. "denoise_step" spans one whole sampler step and so overlaps the others.
-STAGES = ("preprocess", "dape", "text_encoder", "vae_encoder", "controlnet", "unet", "scheduler_step",
-          "vae_decoder", "postprocess")
+STAGES = (
+    "preprocess",
+    "dape",
+    "text_encoder",
+    "vae_encoder",
+    "controlnet",
+    "unet",
+    "scheduler_step",
+    "vae_decoder",
+    "postprocess",
+)
 STEP_STAGE = "denoise_step"
 NETWORK_STAGES = NETWORK_CALL_ORDER
 
@@ -58,8 +68,9 @@ def synthetic_lr(size: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
-def run_bench(pipe, profiler: StageProfiler, config: BenchConfig, image: Image.Image | None = None,
-              progress=None) -> dict:
+def run_bench(
+    pipe, profiler: StageProfiler, config: BenchConfig, image: Image.Image | None = None, progress=None
+) -> dict:
     """Time ``config.warmup + config.runs`` upscales; returns the report (see module doc)."""
     image = image if image is not None else synthetic_lr(config.size, config.seed)
     options = {"steps": config.steps, "guidance": config.guidance}
@@ -78,21 +89,28 @@ def run_bench(pipe, profiler: StageProfiler, config: BenchConfig, image: Image.I
         if progress is not None:
             progress(i, seconds)
     shapes = profiler.shapes()
-    stages = {name: _stage_report(name, per_run_calls, shapes.get(name, set()), pipe.manifest, config)
-              for name in (*STAGES, STEP_STAGE)}
+    stages = {
+        name: _stage_report(name, per_run_calls, shapes.get(name, set()), pipe.manifest, config)
+        for name in (*STAGES, STEP_STAGE)
+    }
     e2e = summarize(end_to_end)
     stage_sum = sum(stages[n]["per_image"]["median_ms"] or 0.0 for n in STAGES)
-    stages["other"] = {"calls_per_image": None, "per_call": summarize([]),
-                       "per_image": {**summarize([]), "median_ms": max(e2e["median_ms"] - stage_sum, 0.0)}}
+    stages["other"] = {
+        "calls_per_image": None,
+        "per_call": summarize([]),
+        "per_image": {**summarize([]), "median_ms": max(e2e["median_ms"] - stage_sum, 0.0)},
+    }
     step_ms = stages[STEP_STAGE]["per_call"]["median_ms"]
     steps_total = stages[STEP_STAGE]["per_image"]["median_ms"] or 0.0
     extrapolated = None
     if step_ms is not None:
         extrapolated = (e2e["median_ms"] - steps_total + config.reference_steps * step_ms) / 1e3
     return {
-        "format": FORMAT, "version": 1,
+        "format": FORMAT,
+        "version": 1,
         "per_step": per_step_breakdown(stages, config.steps),
-        "input_size": list(image.size), "output_size": list(output_size),
+        "input_size": list(image.size),
+        "output_size": list(output_size),
         "config": asdict(config),
         "end_to_end": e2e,
         "warmup_s": warmup,  # the first includes opening the sessions/engines
@@ -109,15 +127,22 @@ def per_step_breakdown(stages: dict, steps: int) -> dict | None:
     if step_ms is None or not steps:
         return None
     split = {n: (stages[n]["per_image"]["median_ms"] or 0.0) / steps for n in ("controlnet", "unet")}
-    return {"step_ms": step_ms, "controlnet_ms": split["controlnet"], "unet_ms": split["unet"],
-            "host_glue_ms": max(step_ms - split["controlnet"] - split["unet"], 0.0)}
+    return {
+        "step_ms": step_ms,
+        "controlnet_ms": split["controlnet"],
+        "unet_ms": split["unet"],
+        "host_glue_ms": max(step_ms - split["controlnet"] - split["unet"], 0.0),
+    }
 
 
 def _stage_report(name, per_run_calls, shapes, manifest: Manifest, config: BenchConfig) -> dict:
     calls = [c for run in per_run_calls for c in run.get(name, [])]
     per_image = [sum(run.get(name, [])) for run in per_run_calls]
-    report = {"calls_per_image": len(per_run_calls[0].get(name, [])) if per_run_calls else 0,
-              "per_call": summarize(calls), "per_image": summarize(per_image) if calls else summarize([])}
+    report = {
+        "calls_per_image": len(per_run_calls[0].get(name, [])) if per_run_calls else 0,
+        "per_call": summarize(calls),
+        "per_image": summarize(per_image) if calls else summarize([]),
+    }
     if name in NETWORK_STAGES and calls:
         flops = [call_flops(manifest, name, dict(s)) for s in shapes]
         if len(flops) == 1 and flops[0] is not None:  # one shape per stage in these workloads
@@ -144,10 +169,16 @@ def call_flops(manifest: Manifest, network: str, shapes: dict) -> float | None:
 
 
 def machine_info() -> dict:
-    info = {"system": platform.system(), "machine": platform.machine(), "python": platform.python_version(),
-            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "gpu": gpu_name()}
+    info = {
+        "system": platform.system(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu_name(),
+    }
     try:
-        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3, 1)
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
     except (ValueError, OSError):
         pass
     return info
@@ -167,8 +198,9 @@ def _nvidia_smi(*query: str) -> list[str]:
     if shutil.which("nvidia-smi") is None:
         return []
     try:
-        out = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True,
-                             text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
@@ -182,7 +214,7 @@ def gpu_name() -> str | None:
 def peak_host_mb() -> float:
     """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 ** 2 if sys.platform == "darwin" else peak / 1024
+    return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
 
 
 def gpu_memory_mb() -> float | None:
@@ -207,8 +239,13 @@ def git_commit() -> str | None:
     if os.environ.get("SEESR_COMMIT"):  # a copied tree with no .git (e.g. a remote benchmark machine)
         return os.environ["SEESR_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -230,24 +267,32 @@ def format_table(report: dict) -> str:
         call, image = s["per_call"], s["per_image"]
         if not image["median_ms"] and not s["calls_per_image"]:
             continue
-        lines.append(f"{name:<15}{s['calls_per_image'] or '':>6}{_ms(call['median_ms']):>13}"
-                     f"{_ms(call['p95_ms']):>10}{_ms(image['median_ms']):>14}"
-                     f"{(format(s['tflops_per_s'], '.2f') if 'tflops_per_s' in s else ''):>9}")
+        lines.append(
+            f"{name:<15}{s['calls_per_image'] or '':>6}{_ms(call['median_ms']):>13}"
+            f"{_ms(call['p95_ms']):>10}{_ms(image['median_ms']):>14}"
+            f"{(format(s['tflops_per_s'], '.2f') if 'tflops_per_s' in s else ''):>9}"
+        )
     per_step = report.get("per_step")
     if per_step:
-        lines.append(f"per step: {per_step['step_ms']:.1f} ms = ControlNet {per_step['controlnet_ms']:.1f} + "
-                     f"UNet {per_step['unet_ms']:.1f} + host glue {per_step['host_glue_ms']:.1f}")
+        lines.append(
+            f"per step: {per_step['step_ms']:.1f} ms = ControlNet {per_step['controlnet_ms']:.1f} + "
+            f"UNet {per_step['unet_ms']:.1f} + host glue {per_step['host_glue_ms']:.1f}"
+        )
     e2e = report["end_to_end"]
-    lines.append(f"end to end: median {e2e['median_ms'] / 1e3:.3f} s, p95 {e2e['p95_ms'] / 1e3:.3f} s, "
-                 f"{report['images_per_second']:.3f} images/s ({report['config']['steps']} steps)")
+    lines.append(
+        f"end to end: median {e2e['median_ms'] / 1e3:.3f} s, p95 {e2e['p95_ms'] / 1e3:.3f} s, "
+        f"{report['images_per_second']:.3f} images/s ({report['config']['steps']} steps)"
+    )
     extrapolated = report["extrapolated"]
     if extrapolated["end_to_end_s"] is not None and extrapolated["steps"] != report["config"]["steps"]:
         lines.append(f"extrapolated to {extrapolated['steps']} steps: {extrapolated['end_to_end_s']:.3f} s")
     memory = report.get("memory") or {}
     if memory:
         gpu = memory.get("peak_gpu_mb")
-        lines.append(f"peak host memory {memory['peak_host_mb']:.0f} MB" +
-                     (f", GPU memory {gpu:.0f} MB" if gpu is not None else ""))
+        lines.append(
+            f"peak host memory {memory['peak_host_mb']:.0f} MB"
+            + (f", GPU memory {gpu:.0f} MB" if gpu is not None else "")
+        )
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 """``seesr``: the runtime command line (torch-free)."""
+
 from __future__ import annotations
 
 import argparse
@@ -82,7 +83,7 @@ class StopRequests:
     def __init__(self, say):
         self.say, self.signal, self._previous = say, None, {}
 
-    def __enter__(self) -> "StopRequests":
+    def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
@@ -111,8 +112,13 @@ def cmd_upscale(args) -> int:
     say = (lambda msg: None) if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
     choose_cpu_default(args, say)
     backend_options = backend_options_from(args)
-    pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, tiled_vae_spill_dir=args.tiled_vae_spill_dir,
-                                     verify="never" if args.no_verify else "auto", **backend_options)
+    pipe = SeeSRPipeline.from_bundle(
+        args.bundle,
+        backend=args.backend,
+        tiled_vae_spill_dir=args.tiled_vae_spill_dir,
+        verify="never" if args.no_verify else "auto",
+        **backend_options,
+    )
     options = pipe.resolve_options(given)  # with the bundle's defaults: the rules between options
     remove_stale_temporaries(args.output, ".png")
     remove_stale_temporaries(args.output / "txt", ".txt")
@@ -134,18 +140,23 @@ def cmd_upscale(args) -> int:
             if note:
                 say(f"note: {path}: {note}")
             result = _upscale_one(pipe, lr, path.name, options, args.quiet)
-            write_atomically(target, lambda tmp: result.image.save(tmp, format="PNG"))
+            write_atomically(target, lambda tmp, image=result.image: image.save(tmp, format="PNG"))
             if args.save_prompts:
-                write_atomically(args.output / "txt" / f"{path.stem}.txt",
-                                 lambda tmp: Path(tmp).write_text(result.prompt))
+                write_atomically(
+                    args.output / "txt" / f"{path.stem}.txt",
+                    lambda tmp, prompt=result.prompt: Path(tmp).write_text(prompt),
+                )
             say(f"{path} -> {target} ({result.image.size[0]}x{result.image.size[1]})")
             done += 1
-    summary = f"{done} upscaled, {skipped} skipped, {len(failed)} failed" + \
-        (": " + ", ".join(str(p) for p in failed) if failed else "")
+    summary = f"{done} upscaled, {skipped} skipped, {len(failed)} failed" + (
+        ": " + ", ".join(str(p) for p in failed) if failed else ""
+    )
     if stop.signal is not None:
         left = len(files) - done - skipped - len(failed)
-        summary += (f"; stopped by {signal.Signals(stop.signal).name} with {left} not started "
-                    "(rerun with --skip-existing to finish)")
+        summary += (
+            f"; stopped by {signal.Signals(stop.signal).name} with {left} not started "
+            "(rerun with --skip-existing to finish)"
+        )
     print(summary, file=sys.stderr)
     return 128 + stop.signal if stop.signal is not None else 1 if failed else 0
 
@@ -158,8 +169,19 @@ def _upscale_one(pipe, lr, name: str, options: dict, quiet: bool):
 
 
 def cmd_bench(args) -> int:
-    from .bench import (FORMAT, BenchConfig, bundle_info, format_table, git_commit, gpu_memory_mb, machine_info,
-                        peak_host_mb, run_bench, versions, write_json)
+    from .bench import (
+        FORMAT,
+        BenchConfig,
+        bundle_info,
+        format_table,
+        git_commit,
+        gpu_memory_mb,
+        machine_info,
+        peak_host_mb,
+        run_bench,
+        versions,
+        write_json,
+    )
     from .pipeline import SeeSRPipeline
     from .profiling import StageProfiler
 
@@ -174,39 +196,67 @@ def cmd_bench(args) -> int:
     profiler = StageProfiler()
     backend_options = backend_options_from(args)
     start = time.perf_counter()
-    pipe = SeeSRPipeline.from_bundle(args.bundle, backend=args.backend, profiler=profiler,
-                                     verify="never" if args.no_verify else "auto", **backend_options)
+    pipe = SeeSRPipeline.from_bundle(
+        args.bundle,
+        backend=args.backend,
+        profiler=profiler,
+        verify="never" if args.no_verify else "auto",
+        **backend_options,
+    )
     if hasattr(pipe.backend, "load_all"):
         pipe.backend.load_all()  # sessions open before timing, so a run without warm-up is not a cold start
     load_s = time.perf_counter() - start
-    on_gpu = args.backend == "tensorrt" or any(p.lower() in ("cuda", "tensorrt") or "CUDA" in p or "Tensorrt" in p
-                                               for p in (args.providers or []))
+    on_gpu = args.backend == "tensorrt" or any(
+        p.lower() in ("cuda", "tensorrt") or "CUDA" in p or "Tensorrt" in p for p in (args.providers or [])
+    )
     label = args.label or f"{args.backend} {args.precision}"
     if len(args.steps) not in (1, len(args.size)):
-        print(f"error: --steps takes one value or one per --size ({len(args.size)}), got {len(args.steps)}",
-              file=sys.stderr)
+        print(
+            f"error: --steps takes one value or one per --size ({len(args.size)}), got {len(args.steps)}",
+            file=sys.stderr,
+        )
         return 2
     results = []
     for size, steps in zip(args.size, args.steps * len(args.size) if len(args.steps) == 1 else args.steps):
-        config = BenchConfig(size=size, steps=steps, runs=args.runs, warmup=args.warmup, seed=args.seed,
-                             guidance=args.guidance, peak_tflops=args.peak_tflops)
+        config = BenchConfig(
+            size=size,
+            steps=steps,
+            runs=args.runs,
+            warmup=args.warmup,
+            seed=args.seed,
+            guidance=args.guidance,
+            peak_tflops=args.peak_tflops,
+        )
         say(f"bench {label}: {size} px, {steps} steps, {args.warmup} warm-up + {args.runs} timed")
-        report = run_bench(pipe, profiler, config, image,
-                           progress=lambda i, s: say(f"  {'warm-up' if i < args.warmup else 'run'} {i + 1}: "
-                                                     f"{s:.3f} s"))
+        report = run_bench(
+            pipe,
+            profiler,
+            config,
+            image,
+            progress=lambda i, s: say(f"  {'warm-up' if i < args.warmup else 'run'} {i + 1}: {s:.3f} s"),
+        )
         report["memory"] = {"peak_host_mb": peak_host_mb(), "peak_gpu_mb": gpu_memory_mb() if on_gpu else None}
         results.append(report)
         if not args.quiet:
             print(f"== {label}, {size} px ==")
             print(format_table(report), flush=True)
     summary = {
-        "format": FORMAT, "version": 1, "label": label,
-        "backend": {"name": args.backend, "precision": args.precision,
-                    "providers": [args.device or "CPU"] if args.backend == "openvino" else args.providers or ["cpu"],
-                    # what actually ran where a backend can fall back (openvino: bf16 without bf16 units)
-                    "inference_precision": getattr(pipe.backend, "inference_precision", None)},
-        "load_s": load_s, "machine": machine_info(), "versions": versions(), "commit": git_commit(),
-        "bundle": bundle_info(pipe.manifest), "results": results,
+        "format": FORMAT,
+        "version": 1,
+        "label": label,
+        "backend": {
+            "name": args.backend,
+            "precision": args.precision,
+            "providers": [args.device or "CPU"] if args.backend == "openvino" else args.providers or ["cpu"],
+            # what actually ran where a backend can fall back (openvino: bf16 without bf16 units)
+            "inference_precision": getattr(pipe.backend, "inference_precision", None),
+        },
+        "load_s": load_s,
+        "machine": machine_info(),
+        "versions": versions(),
+        "commit": git_commit(),
+        "bundle": bundle_info(pipe.manifest),
+        "results": results,
     }
     if args.json:
         write_json(Path(args.json), summary)
@@ -217,43 +267,81 @@ def cmd_bench(args) -> int:
 def add_backend_args(p: argparse.ArgumentParser, cpu_default: bool = False) -> None:
     """Backend choice and options, shared by upscale and bench. ``cpu_default``: without --backend,
     --precision and --providers, pick ``CPU_DEFAULT`` (see choose_cpu_default) instead of onnxruntime fp32."""
-    p.add_argument("--backend", default=None if cpu_default else "onnxruntime",
-                   choices=["onnxruntime", "tensorrt", "openvino"],
-                   help="inference backend (tensorrt: a bundle built with --backend tensorrt, an NVIDIA GPU; "
-                        "openvino: needs the 'openvino' extra; bf16/int8 on CPUs with those units, Intel GPUs)" +
-                        ("; default: openvino bf16 where OpenVINO is installed and the CPU has bf16 units (the "
-                         "fastest measured CPU configuration within 35 dB of fp32), else onnxruntime fp32"
-                         if cpu_default else ""))
-    p.add_argument("--providers", nargs="+", default=None,
-                   help="onnxruntime execution providers in order, e.g. cuda cpu (default: cpu)")
-    p.add_argument("--precision", default=None if cpu_default else "fp32",
-                   choices=["fp32", "fp16", "bf16", "int8", "int8-bf16"],
-                   help="which graphs of the bundle to run and how: fp16 is for GPU providers (openvino: f16 "
-                        "inference precision, Intel GPUs); int8 (bundles built with --precision int8) runs the "
-                        "Q/DQ UNet and ControlNet; bf16 and int8-bf16 (openvino) compute in bfloat16 on CPUs "
-                        "with bf16 units (f32 with a warning elsewhere)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads (default: the backend's choice, all cores)")
-    p.add_argument("--device", default=None,
-                   help="openvino device: CPU (default), GPU (Intel graphics), AUTO, or any OpenVINO device name")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="openvino: keep prepared models and OpenVINO's compiled-model cache here, so later "
-                        "starts skip compilation (GBs at SD2 size)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="capture each engine launch (tensorrt) or each static-shape denoiser session (onnxruntime "
-                        "with the CUDA provider) as a CUDA graph and replay it")
-    p.add_argument("--io-binding", choices=["auto", "on", "off"], default="auto",
-                   help="onnxruntime: embeddings, control image and ControlNet residuals stay on the device "
-                        "(auto: on with a GPU provider)")
-    p.add_argument("--static-shapes", action="store_true",
-                   help="onnxruntime: one UNet/ControlNet session per input shape (shape arithmetic folded, "
-                        "weights shared); implied by --cuda-graph")
-    p.add_argument("--no-gpu-graph", action="store_true",
-                   help="onnxruntime fp16 on CUDA: run the plain fp16 graphs instead of the fused GPU graphs")
-    p.add_argument("--cpu-arena", choices=["none", "shared", "per-session"], default="none",
-                   help="onnxruntime CPU memory: none frees buffers after each call (least memory); shared "
-                        "keeps one arena for all networks (~10%% faster, more memory); per-session is "
-                        "onnxruntime's default (most memory) (default none)")
+    p.add_argument(
+        "--backend",
+        default=None if cpu_default else "onnxruntime",
+        choices=["onnxruntime", "tensorrt", "openvino"],
+        help="inference backend (tensorrt: a bundle built with --backend tensorrt, an NVIDIA GPU; "
+        "openvino: needs the 'openvino' extra; bf16/int8 on CPUs with those units, Intel GPUs)"
+        + (
+            "; default: openvino bf16 where OpenVINO is installed and the CPU has bf16 units (the "
+            "fastest measured CPU configuration within 35 dB of fp32), else onnxruntime fp32"
+            if cpu_default
+            else ""
+        ),
+    )
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        help="onnxruntime execution providers in order, e.g. cuda cpu (default: cpu)",
+    )
+    p.add_argument(
+        "--precision",
+        default=None if cpu_default else "fp32",
+        choices=["fp32", "fp16", "bf16", "int8", "int8-bf16"],
+        help="which graphs of the bundle to run and how: fp16 is for GPU providers (openvino: f16 "
+        "inference precision, Intel GPUs); int8 (bundles built with --precision int8) runs the "
+        "Q/DQ UNet and ControlNet; bf16 and int8-bf16 (openvino) compute in bfloat16 on CPUs "
+        "with bf16 units (f32 with a warning elsewhere)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads (default: the backend's choice, all cores)"
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="openvino device: CPU (default), GPU (Intel graphics), AUTO, or any OpenVINO device name",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="openvino: keep prepared models and OpenVINO's compiled-model cache here, so later "
+        "starts skip compilation (GBs at SD2 size)",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture each engine launch (tensorrt) or each static-shape denoiser session (onnxruntime "
+        "with the CUDA provider) as a CUDA graph and replay it",
+    )
+    p.add_argument(
+        "--io-binding",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="onnxruntime: embeddings, control image and ControlNet residuals stay on the device "
+        "(auto: on with a GPU provider)",
+    )
+    p.add_argument(
+        "--static-shapes",
+        action="store_true",
+        help="onnxruntime: one UNet/ControlNet session per input shape (shape arithmetic folded, "
+        "weights shared); implied by --cuda-graph",
+    )
+    p.add_argument(
+        "--no-gpu-graph",
+        action="store_true",
+        help="onnxruntime fp16 on CUDA: run the plain fp16 graphs instead of the fused GPU graphs",
+    )
+    p.add_argument(
+        "--cpu-arena",
+        choices=["none", "shared", "per-session"],
+        default="none",
+        help="onnxruntime CPU memory: none frees buffers after each call (least memory); shared "
+        "keeps one arena for all networks (~10%% faster, more memory); per-session is "
+        "onnxruntime's default (most memory) (default none)",
+    )
 
 
 OPENVINO_ONLY_PRECISIONS = ("bf16", "int8-bf16")
@@ -268,12 +356,16 @@ def choose_cpu_default(args, say) -> None:
     if args.backend is None and args.precision is None and args.providers is None and args.device is None:
         if _openvino_has_bf16():
             args.backend, args.precision = CPU_DEFAULT
-            say("note: running OpenVINO bf16 (the fastest CPU configuration within 35 dB of fp32; "
-                "--backend onnxruntime --precision fp32 for the fp32 reference)")
+            say(
+                "note: running OpenVINO bf16 (the fastest CPU configuration within 35 dB of fp32; "
+                "--backend onnxruntime --precision fp32 for the fp32 reference)"
+            )
         else:
             args.backend, args.precision = "onnxruntime", "fp32"
-            say("note: running onnxruntime fp32 (OpenVINO bf16, the faster CPU default, needs the 'openvino' "
-                "extra and a CPU with bf16 units)")
+            say(
+                "note: running onnxruntime fp32 (OpenVINO bf16, the faster CPU default, needs the 'openvino' "
+                "extra and a CPU with bf16 units)"
+            )
         return
     if args.backend is None:
         args.backend = "openvino" if args.precision in OPENVINO_ONLY_PRECISIONS or args.device else "onnxruntime"
@@ -295,13 +387,20 @@ def backend_options_from(args) -> dict:
 
     if args.backend != "openvino":
         if args.precision in OPENVINO_ONLY_PRECISIONS:
-            raise BundleError(f"--precision {args.precision} needs --backend openvino "
-                              f"({args.backend} runs fp32, fp16 or int8 graphs)")
+            raise BundleError(
+                f"--precision {args.precision} needs --backend openvino ({args.backend} runs fp32, fp16 or int8 graphs)"
+            )
         if args.device is not None or args.cache_dir is not None:
             raise BundleError("--device and --cache-dir are options of --backend openvino")
     if args.backend == "openvino":
-        return {"precision": args.precision, "threads": args.threads, "device": args.device or "CPU",
-                "cache_dir": args.cache_dir, "providers": args.providers, "cuda_graph": args.cuda_graph}
+        return {
+            "precision": args.precision,
+            "threads": args.threads,
+            "device": args.device or "CPU",
+            "cache_dir": args.cache_dir,
+            "providers": args.providers,
+            "cuda_graph": args.cuda_graph,
+        }
     options = {"precision": args.precision, "providers": args.providers, "threads": args.threads}
     if args.cuda_graph:
         options["cuda_graph"] = True
@@ -318,49 +417,83 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"seesr-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("upscale", help="x4 super-resolution of images with a bundle",
-                       description="Upscale images (files or directories) with a SeeSR bundle. Options left out "
-                                   "take the bundle's defaults (those of the official test_seesr.py).")
+    p = sub.add_parser(
+        "upscale",
+        help="x4 super-resolution of images with a bundle",
+        description="Upscale images (files or directories) with a SeeSR bundle. Options left out "
+        "take the bundle's defaults (those of the official test_seesr.py).",
+    )
     p.add_argument("inputs", nargs="+", type=Path, help="LR images, or directories of images")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (PNG, same stem as the input)")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the sha256 check of the bundle's files (by default files new or changed since "
-                        "their last check are hashed; use when you verify the bundle otherwise)")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 check of the bundle's files (by default files new or changed since "
+        "their last check are hashed; use when you verify the bundle otherwise)",
+    )
     add_backend_args(p, cpu_default=True)
     option_table.add_arguments(p)
-    p.add_argument("--tiled-vae-spill-dir", type=Path, default=None, metavar="DIR",
-                   help="keep the tiled VAE's waiting tiles in files under DIR (very large outputs in little "
-                        "memory; same result)")
+    p.add_argument(
+        "--tiled-vae-spill-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep the tiled VAE's waiting tiles in files under DIR (very large outputs in little memory; same result)",
+    )
     p.add_argument("--save-prompts", action="store_true", help="also write each prompt to OUTPUT/txt/NAME.txt")
     p.add_argument("--skip-existing", action="store_true", help="leave inputs whose output PNG exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes; errors and summary only")
     p.set_defaults(func=cmd_upscale)
 
-    p = sub.add_parser("bench", help="per-stage and end-to-end latency of a bundle on this machine",
-                       description="Upscale a synthetic LR image (size/4 pixels per side) x4, WARMUP untimed times "
-                                   "then RUNS timed times, and report every stage (median, p95 per call and per "
-                                   "image), end to end, images/s and peak memory. No PyTorch needed; "
-                                   "benchmarks/bench.py runs the PyTorch reference beside it.")
+    p = sub.add_parser(
+        "bench",
+        help="per-stage and end-to-end latency of a bundle on this machine",
+        description="Upscale a synthetic LR image (size/4 pixels per side) x4, WARMUP untimed times "
+        "then RUNS timed times, and report every stage (median, p95 per call and per "
+        "image), end to end, images/s and peak memory. No PyTorch needed; "
+        "benchmarks/bench.py runs the PyTorch reference beside it.",
+    )
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the sha256 check of the bundle's files (by default files new or changed since "
-                        "their last check are hashed; use when you verify the bundle otherwise)")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 check of the bundle's files (by default files new or changed since "
+        "their last check are hashed; use when you verify the bundle otherwise)",
+    )
     add_backend_args(p)
-    p.add_argument("--size", type=int, nargs="+", default=[512],
-                   help="output side(s) in pixels: 512 (one 64x64 latent), 1024 (4 latent tiles), 2048; several "
-                        "sizes share one session load (default 512)")
-    p.add_argument("--steps", type=int, nargs="+", default=[option_table.default("steps")],
-                   help=f"DDPM steps per image, one value or one per --size (default {option_table.default('steps')}); "
-                        "fewer steps are also extrapolated to 50")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs="+",
+        default=[512],
+        help="output side(s) in pixels: 512 (one 64x64 latent), 1024 (4 latent tiles), 2048; several "
+        "sizes share one session load (default 512)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[option_table.default("steps")],
+        help=f"DDPM steps per image, one value or one per --size (default {option_table.default('steps')}); "
+        "fewer steps are also extrapolated to 50",
+    )
     p.add_argument("--runs", type=int, default=3, help="timed images (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed images first (default 1)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help=f"guidance (default: the bundle's, {option_table.default('guidance')})")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"guidance (default: the bundle's, {option_table.default('guidance')})",
+    )
     p.add_argument("--seed", type=int, default=0, help="noise and synthetic-image seed")
     p.add_argument("--image", type=Path, default=None, help="an LR image to use instead of the synthetic one")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's stated peak TFLOP/s; adds each network's fraction of it")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's stated peak TFLOP/s; adds each network's fraction of it",
+    )
     p.add_argument("--label", default=None, help="name of this configuration in the report")
     p.add_argument("--json", type=Path, default=None, help="write the full report here (JSON)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")

@@ -5,6 +5,7 @@ environment got something wrong" and let anything else surface as a bug. Each me
 value, file or option at fault and what was expected. The build side's errors
 (``seesr_export.errors``) derive from ``SeeSRError`` too.
 """
+
 from __future__ import annotations
 
 
@@ -35,3 +36,12 @@ class OptionError(InputError):
     def __init__(self, message: str, option: str | None = None):
         super().__init__(message)
         self.option = option
+
+
+class MissingDependency(SeeSRError, ImportError):
+    """An optional package (an extra such as ``openvino`` or ``tensorrt``) is needed and not installed
+    (``seesr_runtime.lazy``); ``module`` names it and the message says which extra provides it."""
+
+    def __init__(self, message: str, module: str):
+        super().__init__(message, name=module)
+        self.module = module

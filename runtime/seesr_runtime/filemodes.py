@@ -4,6 +4,7 @@ Atomic writes go through ``tempfile``, which creates files 0600 and directories 
 unfinished). Renamed into place as they are, a result would stay unreadable to a web server or another
 user; ``give_umask_mode`` gives the finished file the mode ``open``/``mkdir`` would have given it.
 """
+
 from __future__ import annotations
 
 import os

@@ -8,6 +8,7 @@ Twins in ``seesr_export.reference`` (torch): ``adain_color_fix``, ``wavelet_colo
 bilinear interpolation (``test_bilinear_resize_matches_torch``). The geometry (``working_image``,
 ``tile_origins``, ``gaussian_tile_weights``) has no twin: the reference imports it from here.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,6 +82,7 @@ def select_tags(tag_logits: np.ndarray, tags: list[str], thresholds: np.ndarray)
 def tile_origins(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """Top-left corners (y, x) of the latent tiles in the official order (x outer, y inner);
     tiles step by tile-overlap and the last row/column is pushed against the far edge."""
+
     def starts(extent: int) -> list[int]:
         count = 1
         while (count - 1) * (tile - overlap) + tile < extent:
@@ -96,7 +98,7 @@ def gaussian_tile_weights(tile: int) -> np.ndarray:
 
     def profile(midpoint: float) -> np.ndarray:
         i = np.arange(tile, dtype=np.float64)
-        return np.exp(-(i - midpoint) ** 2 / (tile * tile) / (2 * var)) / np.sqrt(2 * np.pi * var)
+        return np.exp(-((i - midpoint) ** 2) / (tile * tile) / (2 * var)) / np.sqrt(2 * np.pi * var)
 
     return np.outer(profile(tile / 2), profile((tile - 1) / 2))
 
@@ -130,14 +132,14 @@ def _wavelet_blur(x: np.ndarray, radius: int) -> np.ndarray:
     out = np.zeros_like(x)
     for dy, wy in ((0, 1.0), (1, 2.0), (2, 1.0)):
         for dx, wx in ((0, 1.0), (1, 2.0), (2, 1.0)):
-            out += np.float32(wy * wx / 16.0) * p[:, :, dy * radius:dy * radius + h, dx * radius:dx * radius + w]
+            out += np.float32(wy * wx / 16.0) * p[:, :, dy * radius : dy * radius + h, dx * radius : dx * radius + w]
     return out
 
 
 def _wavelet_split(x: np.ndarray, levels: int = 5) -> tuple[np.ndarray, np.ndarray]:
     high = np.zeros_like(x)
     for i in range(levels):
-        low = _wavelet_blur(x, 2 ** i)
+        low = _wavelet_blur(x, 2**i)
         high += x - low
         x = low
     return high, x

@@ -5,6 +5,7 @@ Reading it needs only the standard library; ``validate`` checks the structure
 bundle, and ``Manifest.load`` checks the sha256 of every file (``verification.py``: cheaply, through a
 stamp, unless told otherwise).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,15 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 _REQUIRED = {
-    "schema_version": int, "format": str, "name": str, "dims": dict, "networks": dict,
-    "pipeline": dict, "tagger": dict, "text": dict, "provenance": dict,
+    "schema_version": int,
+    "format": str,
+    "name": str,
+    "dims": dict,
+    "networks": dict,
+    "pipeline": dict,
+    "tagger": dict,
+    "text": dict,
+    "provenance": dict,
 }
 
 
@@ -42,8 +50,11 @@ def validate(data: dict, source: str = MANIFEST) -> None:
     """Raise BundleError naming every structural problem of a manifest."""
     if not isinstance(data, dict):
         raise BundleError(f"{source}: invalid manifest: expected a JSON object, got {type(data).__name__}")
-    problems = [f"missing or mistyped field {k!r} (expected {t.__name__})"
-                for k, t in _REQUIRED.items() if not isinstance(data.get(k), t)]
+    problems = [
+        f"missing or mistyped field {k!r} (expected {t.__name__})"
+        for k, t in _REQUIRED.items()
+        if not isinstance(data.get(k), t)
+    ]
     if not problems:
         if data["format"] != FORMAT:
             problems.append(f"format is {data['format']!r}, expected {FORMAT!r}")
@@ -85,8 +96,11 @@ def _network_problems(name: str, entry) -> list[str]:
         for precision, files in files_by_precision.items():
             if precision not in PRECISIONS:
                 problems.append(f"{owner}: unknown precision {precision!r}")
-            if (not isinstance(files, dict) or not isinstance(files.get("onnx"), str)
-                    or not isinstance(files.get("sha256"), dict)):
+            if (
+                not isinstance(files, dict)
+                or not isinstance(files.get("onnx"), str)
+                or not isinstance(files.get("sha256"), dict)
+            ):
                 problems.append(f"{owner}/{precision}: needs 'onnx' (path) and 'sha256' (file -> hash)")
     engines = entry.get("engines", {})
     if not isinstance(engines, dict) or not all(isinstance(e, dict) for e in engines.values()):
@@ -104,8 +118,9 @@ def bundle_path(root: Path | str, rel, what: str) -> Path:
     if not isinstance(rel, str) or not rel or "\0" in rel or not _encodable(rel):
         raise BundleError(f"{root}: {what} {rel!r} is not a path (expected a path relative to the bundle)")
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).drive or PureWindowsPath(rel).root:
-        raise BundleError(f"{root}: {what} {rel!r} is an absolute path; a bundle names its files relative "
-                          "to its own directory")
+        raise BundleError(
+            f"{root}: {what} {rel!r} is an absolute path; a bundle names its files relative to its own directory"
+        )
     base = Path(root).resolve()
     target = (base / rel).resolve()
     if target == base:
@@ -133,14 +148,17 @@ def named_paths(data: dict) -> list[tuple[str, str]]:
     for name, entry in data["networks"].items():
         segments = entry.get("tiled", {}).get("segments", [])
         for owner, files_by_precision in [(name, entry.get("files", {}))] + [
-                (f"{name}#{k}", s.get("files", {})) for k, s in enumerate(segments)]:
+            (f"{name}#{k}", s.get("files", {})) for k, s in enumerate(segments)
+        ]:
             for precision, files in files_by_precision.items():
                 named.append((f"{owner} {precision} graph", files.get("onnx")))
                 if files.get("external_data") is not None:
                     named.append((f"{owner} {precision} external data", files["external_data"]))
                 named += [(f"{owner} {precision} file", rel) for rel in files.get("sha256", {})]
-        named += [(f"{name} {precision} TensorRT engine", engine.get("file"))
-                  for precision, engine in entry.get("engines", {}).items()]
+        named += [
+            (f"{name} {precision} TensorRT engine", engine.get("file"))
+            for precision, engine in entry.get("engines", {}).items()
+        ]
     return named
 
 
@@ -161,7 +179,7 @@ class Manifest:
     _checked_graphs: set = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
-    def load(cls, bundle: Path | str, verify: str | bool = "auto") -> "Manifest":
+    def load(cls, bundle: Path | str, verify: str | bool = "auto") -> Manifest:
         """Read and check a bundle's manifest: its structure, that every path it names stays inside the
         bundle, and (``verify``) the sha256 of every file it pins:
 
@@ -224,8 +242,9 @@ class Manifest:
         try:
             return NetworkSpec.from_json(self.entry(network)["spec"])
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            raise BundleError(f"{self.root}: the spec of {network!r} in {MANIFEST} is malformed "
-                              f"({type(exc).__name__}: {exc})") from None
+            raise BundleError(
+                f"{self.root}: the spec of {network!r} in {MANIFEST} is malformed ({type(exc).__name__}: {exc})"
+            ) from None
 
     def graph_path(self, network: str, precision: str = "fp32") -> Path:
         entry = self.entry(network)
@@ -260,12 +279,15 @@ class Manifest:
         for location in sorted(locations):
             label = f"external data {location!r} of graph {files['onnx']!r}"
             if PurePosixPath(location).is_absolute() or PureWindowsPath(location).drive:
-                raise BundleError(f"{self.root}: {label} is an absolute path; external data must be named "
-                                  "relative to the graph")
+                raise BundleError(
+                    f"{self.root}: {label} is an absolute path; external data must be named relative to the graph"
+                )
             target = self.file((folder / location).as_posix(), f"{label}, as bundle path")
             if target not in pinned:
-                raise BundleError(f"{self.root}: {label} is not one of the graph's files in the manifest "
-                                  f"({sorted(files['sha256'])}), so nothing vouches for its contents")
+                raise BundleError(
+                    f"{self.root}: {label} is not one of the graph's files in the manifest "
+                    f"({sorted(files['sha256'])}), so nothing vouches for its contents"
+                )
 
     def all_files(self) -> dict[str, str]:
         """Every file the manifest pins, relative path -> sha256."""

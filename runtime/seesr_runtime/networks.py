@@ -10,6 +10,7 @@ Shapes mix integers and small expressions over named dimensions: ``"B"``
 (batch), ``"h"``/``"w"`` (latent size), ``"8*h"`` (pixels) and ``"ceil(h/4)"``
 (a UNet level; odd sizes round up as a stride-2 convolution does).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,10 @@ import re
 from dataclasses import asdict, dataclass, field
 
 DTYPES = ("float32", "float16", "int64")
-_EXPR = re.compile(r"^(?:(?P<int>\d+)|(?P<name>[A-Za-z_]\w*)|(?P<k>\d+)\*(?P<scaled>[A-Za-z_]\w*)"
-                   r"|ceil\((?P<ceil>[A-Za-z_]\w*)/(?P<div>\d+)\))$")
+_EXPR = re.compile(
+    r"^(?:(?P<int>\d+)|(?P<name>[A-Za-z_]\w*)|(?P<k>\d+)\*(?P<scaled>[A-Za-z_]\w*)"
+    r"|ceil\((?P<ceil>[A-Za-z_]\w*)/(?P<div>\d+)\))$"
+)
 
 
 def eval_dim(expr: int | str, env: dict[str, int]) -> int:
@@ -58,7 +61,7 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "TensorSpec":
+    def from_json(cls, data: dict) -> TensorSpec:
         return cls(data["name"], data["dtype"], tuple(data["shape"]))
 
 
@@ -75,7 +78,7 @@ class Profile:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Profile":
+    def from_json(cls, data: dict) -> Profile:
         return cls(data["name"], dict(data["min"]), dict(data["opt"]), dict(data["max"]))
 
 
@@ -104,15 +107,21 @@ class NetworkSpec:
         return axes
 
     def to_json(self) -> dict:
-        return {"name": self.name, "inputs": [t.to_json() for t in self.inputs],
-                "outputs": [t.to_json() for t in self.outputs],
-                "profiles": [p.to_json() for p in self.profiles]}
+        return {
+            "name": self.name,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "profiles": [p.to_json() for p in self.profiles],
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "NetworkSpec":
-        return cls(data["name"], tuple(TensorSpec.from_json(t) for t in data["inputs"]),
-                   tuple(TensorSpec.from_json(t) for t in data["outputs"]),
-                   tuple(Profile.from_json(p) for p in data.get("profiles", [])))
+    def from_json(cls, data: dict) -> NetworkSpec:
+        return cls(
+            data["name"],
+            tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+            tuple(Profile.from_json(p) for p in data.get("profiles", [])),
+        )
 
 
 @dataclass(frozen=True)
@@ -134,7 +143,7 @@ class ModelDims:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_json(cls, data: dict) -> "ModelDims":
+    def from_json(cls, data: dict) -> ModelDims:
         data = dict(data)
         data["residual_channels"] = tuple(data["residual_channels"])
         data["residual_strides"] = tuple(data["residual_strides"])
@@ -146,8 +155,10 @@ def _level(dim: str, stride: int) -> str:
 
 
 def residual_specs(dims: ModelDims, dtype: str = "float32") -> tuple[list[TensorSpec], TensorSpec]:
-    down = [TensorSpec(f"down_res_{i}", dtype, ("B", c, _level("h", s), _level("w", s)))
-            for i, (c, s) in enumerate(zip(dims.residual_channels, dims.residual_strides))]
+    down = [
+        TensorSpec(f"down_res_{i}", dtype, ("B", c, _level("h", s), _level("w", s)))
+        for i, (c, s) in enumerate(zip(dims.residual_channels, dims.residual_strides))
+    ]
     deepest = max(dims.residual_strides)
     mid = TensorSpec("mid_res", dtype, ("B", dims.mid_channels, _level("h", deepest), _level("w", deepest)))
     return down, mid
@@ -177,26 +188,51 @@ def network_specs(dims: ModelDims) -> dict[str, NetworkSpec]:
     image_embeds = TensorSpec("image_embeds", f32, ("B", dims.image_tokens, dims.image_embed_dim))
     down, mid = residual_specs(dims)
     specs = [
-        NetworkSpec("dape", (TensorSpec("image", f32, ("B", 3, dims.dape_size, dims.dape_size)),),
-                    (image_embeds, TensorSpec("tag_logits", f32, ("B", dims.num_tags))), SINGLE_PROFILES),
-        NetworkSpec("text_encoder", (TensorSpec("input_ids", "int64", ("B", dims.text_tokens)),),
-                    (TensorSpec("last_hidden_state", f32, ("B", dims.text_tokens, dims.text_dim)),),
-                    SINGLE_PROFILES),
-        NetworkSpec("controlnet", (sample, timestep, text, image_embeds,
-                                   TensorSpec("controlnet_cond", f32, ("B", 3, "8*h", "8*w")),
-                                   TensorSpec("conditioning_scale", f32, ())),
-                    (*down, mid), DENOISER_PROFILES),
-        NetworkSpec("unet", (sample, timestep, text, image_embeds, *down, mid),
-                    (TensorSpec("noise_pred", f32, ("B", c, "h", "w")),), DENOISER_PROFILES),
-        NetworkSpec("vae_encoder", (TensorSpec("image", f32, ("B", 3, "8*h", "8*w")),),
-                    (TensorSpec("mean", f32, ("B", c, "h", "w")), TensorSpec("logvar", f32, ("B", c, "h", "w"))),
-                    VAE_PROFILES),
-        NetworkSpec("vae_decoder", (TensorSpec("latent", f32, ("B", c, "h", "w")),),
-                    (TensorSpec("image", f32, ("B", 3, "8*h", "8*w")),), VAE_PROFILES),
+        NetworkSpec(
+            "dape",
+            (TensorSpec("image", f32, ("B", 3, dims.dape_size, dims.dape_size)),),
+            (image_embeds, TensorSpec("tag_logits", f32, ("B", dims.num_tags))),
+            SINGLE_PROFILES,
+        ),
+        NetworkSpec(
+            "text_encoder",
+            (TensorSpec("input_ids", "int64", ("B", dims.text_tokens)),),
+            (TensorSpec("last_hidden_state", f32, ("B", dims.text_tokens, dims.text_dim)),),
+            SINGLE_PROFILES,
+        ),
+        NetworkSpec(
+            "controlnet",
+            (
+                sample,
+                timestep,
+                text,
+                image_embeds,
+                TensorSpec("controlnet_cond", f32, ("B", 3, "8*h", "8*w")),
+                TensorSpec("conditioning_scale", f32, ()),
+            ),
+            (*down, mid),
+            DENOISER_PROFILES,
+        ),
+        NetworkSpec(
+            "unet",
+            (sample, timestep, text, image_embeds, *down, mid),
+            (TensorSpec("noise_pred", f32, ("B", c, "h", "w")),),
+            DENOISER_PROFILES,
+        ),
+        NetworkSpec(
+            "vae_encoder",
+            (TensorSpec("image", f32, ("B", 3, "8*h", "8*w")),),
+            (TensorSpec("mean", f32, ("B", c, "h", "w")), TensorSpec("logvar", f32, ("B", c, "h", "w"))),
+            VAE_PROFILES,
+        ),
+        NetworkSpec(
+            "vae_decoder",
+            (TensorSpec("latent", f32, ("B", c, "h", "w")),),
+            (TensorSpec("image", f32, ("B", 3, "8*h", "8*w")),),
+            VAE_PROFILES,
+        ),
     ]
     return {s.name: s for s in specs}
-
-
 
 
 @dataclass(frozen=True)
@@ -211,14 +247,17 @@ class NetworkRole:
     export_order: int  # parallel builds start the largest first, so the UNet does not start last
 
 
-NETWORK_TABLE = {role.name: role for role in (
-    NetworkRole("dape", model="dape", sources=("ram", "dape"), call_order=0, export_order=3),
-    NetworkRole("text_encoder", model="text_encoder", sources=("text_encoder",), call_order=1, export_order=2),
-    NetworkRole("controlnet", model="controlnet", sources=("controlnet",), call_order=3, export_order=1),
-    NetworkRole("unet", model="unet", sources=("unet",), call_order=4, export_order=0),
-    NetworkRole("vae_encoder", model="vae", sources=("vae",), call_order=2, export_order=4),
-    NetworkRole("vae_decoder", model="vae", sources=("vae",), call_order=5, export_order=4),
-)}
+NETWORK_TABLE = {
+    role.name: role
+    for role in (
+        NetworkRole("dape", model="dape", sources=("ram", "dape"), call_order=0, export_order=3),
+        NetworkRole("text_encoder", model="text_encoder", sources=("text_encoder",), call_order=1, export_order=2),
+        NetworkRole("controlnet", model="controlnet", sources=("controlnet",), call_order=3, export_order=1),
+        NetworkRole("unet", model="unet", sources=("unet",), call_order=4, export_order=0),
+        NetworkRole("vae_encoder", model="vae", sources=("vae",), call_order=2, export_order=4),
+        NetworkRole("vae_decoder", model="vae", sources=("vae",), call_order=5, export_order=4),
+    )
+}
 NETWORK_NAMES = tuple(NETWORK_TABLE)  # the manifest's order
 NETWORK_CALL_ORDER = tuple(sorted(NETWORK_NAMES, key=lambda n: NETWORK_TABLE[n].call_order))
 
@@ -252,8 +291,9 @@ def graph_for_precision(files: dict, precision: str, int8_fallback: str = INT8_F
     return precision
 
 
-def dummy_feeds(spec: NetworkSpec, env: dict[str, int], seed: int = 0, vocab: int = 49408,
-                conditioning_scale: float = 1.0) -> dict:
+def dummy_feeds(
+    spec: NetworkSpec, env: dict[str, int], seed: int = 0, vocab: int = 49408, conditioning_scale: float = 1.0
+) -> dict:
     """Random inputs of ``spec`` at the named dimensions ``env``, in ranges the networks see in use:
     token ids below ``vocab``, whole timesteps in [1, 999] as float, the ControlNet's image in [0, 1] and
     its residuals at their small scale, a 0-d ``conditioning_scale``, standard normal for the rest

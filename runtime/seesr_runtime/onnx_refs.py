@@ -10,6 +10,7 @@ skipped bytes are never read from disk).
 
 Field numbers are those of onnx.proto (stable since IR version 3; protobuf never reuses them).
 """
+
 from __future__ import annotations
 
 import mmap

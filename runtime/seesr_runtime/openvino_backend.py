@@ -17,6 +17,7 @@ graphs (and maps the weights from the IR files rather than holding a copy in mem
 ``openvino`` is imported when a backend is created, never at module import: the rest of the runtime
 does not need it (``pip install 'seesr-export[openvino]'``).
 """
+
 from __future__ import annotations
 
 import gc
@@ -96,8 +97,16 @@ class OpenVINOBackend:
 
     name = "openvino"
 
-    def __init__(self, manifest: Manifest, precision: str = "fp32", device: str = "CPU", threads: int | None = None,
-                 cache_dir: str | Path | None = None, keep_f32: dict | None = None, on_unsupported: str = "fallback"):
+    def __init__(
+        self,
+        manifest: Manifest,
+        precision: str = "fp32",
+        device: str = "CPU",
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+        keep_f32: dict | None = None,
+        on_unsupported: str = "fallback",
+    ):
         ov = import_openvino()
         if precision not in PRECISIONS:
             raise BundleError(f"openvino precision {precision!r} is not one of {sorted(PRECISIONS)}")
@@ -137,8 +146,10 @@ class OpenVINOBackend:
         have = device_capabilities(self.core, self.device)
         if needs in have:
             return graphs, hint
-        message = (f"OpenVINO device {self.device} cannot run precision {precision!r}: its "
-                   f"OPTIMIZATION_CAPABILITIES {sorted(have)} lack {needs!r}")
+        message = (
+            f"OpenVINO device {self.device} cannot run precision {precision!r}: its "
+            f"OPTIMIZATION_CAPABILITIES {sorted(have)} lack {needs!r}"
+        )
         if on_unsupported == "error":
             raise BundleError(message)
         if needs == "INT8":  # int8 graphs run anyway (OpenVINO decomposes Q/DQ in f32), just slowly
@@ -156,7 +167,7 @@ class OpenVINOBackend:
 
     # ------------------------------------------------------------ compiled models
 
-    def compiled(self, network: str, shapes: dict[str, tuple]) -> "_Compiled":
+    def compiled(self, network: str, shapes: dict[str, tuple]) -> _Compiled:
         """The compiled model(s) of ``network`` for these input shapes (compiled on first use)."""
         key = tuple(sorted(shapes.items()))
         per_network = self._compiled.setdefault(network, OrderedDict())
@@ -180,11 +191,13 @@ class OpenVINOBackend:
         per_network[key] = self._compile_pair(models)
         return per_network[key]
 
-    def _compile_pair(self, models: tuple) -> "_Compiled":
+    def _compile_pair(self, models: tuple) -> _Compiled:
         main, timestep_path = (str(m) if isinstance(m, Path) else m for m in models)
         f32 = {**self.config, "INFERENCE_PRECISION_HINT": "f32"}
-        return _Compiled(self.core.compile_model(main, self.device, self.config),
-                         None if timestep_path is None else self.core.compile_model(timestep_path, self.device, f32))
+        return _Compiled(
+            self.core.compile_model(main, self.device, self.config),
+            None if timestep_path is None else self.core.compile_model(timestep_path, self.device, f32),
+        )
 
     @property
     def _ov(self):
@@ -219,9 +232,17 @@ class OpenVINOBackend:
         shapes and the kept groups, so a rebuilt bundle or another policy gets new files."""
         precision = self.graph_precision(network)
         files = self.manifest.entry(network)["files"].get(precision) or self.manifest.entry(network)["files"]["fp32"]
-        identity = json.dumps({"graph": files["sha256"], "shapes": sorted(shapes.items()), "keep_f32": keep,
-                               "f16_weights": self.compress_weights, "layout": _IR_LAYOUT},
-                              sort_keys=True, default=list)
+        identity = json.dumps(
+            {
+                "graph": files["sha256"],
+                "shapes": sorted(shapes.items()),
+                "keep_f32": keep,
+                "f16_weights": self.compress_weights,
+                "layout": _IR_LAYOUT,
+            },
+            sort_keys=True,
+            default=list,
+        )
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         xml = self.cache_dir / "ir" / f"{network}.{precision}.{digest}.xml"
         timestep_xml = xml.with_name(xml.stem + ".timestep.xml")
@@ -261,8 +282,10 @@ def import_openvino():
     try:
         import openvino
     except ImportError as exc:
-        raise BundleError(f"the openvino backend needs the 'openvino' package ({exc}); "
-                          "install it with: pip install 'seesr-export[openvino]'") from None
+        raise BundleError(
+            f"the openvino backend needs the 'openvino' package ({exc}); "
+            "install it with: pip install 'seesr-export[openvino]'"
+        ) from None
     return openvino
 
 
@@ -289,8 +312,9 @@ def _check_keep_f32(keep_f32: dict) -> dict:
     for network, groups in keep_f32.items():
         unknown = set(groups) - set(KEEP_F32_GROUPS)
         if unknown:
-            raise BundleError(f"keep_f32[{network!r}]: unknown groups {sorted(unknown)} "
-                              f"(known: {list(KEEP_F32_GROUPS)})")
+            raise BundleError(
+                f"keep_f32[{network!r}]: unknown groups {sorted(unknown)} (known: {list(KEEP_F32_GROUPS)})"
+            )
     return {network: tuple(groups) for network, groups in keep_f32.items()}
 
 
@@ -301,7 +325,8 @@ NORM_TYPES = {"MVN", "GroupNormalization", "NormalizeL2", "LayerNorm", "RMS"}
 def _select_nodes(model, groups: tuple) -> list:
     """Operations of ``model`` in the named groups:
     softmax: Softmax; norm: MVN/GroupNormalization (what ONNX GroupNorm/LayerNorm become); attention:
-    MatMul of two activations (scores, and probabilities times values); add: every Add (the residual stream and biases); all_but_matmul: every
+    MatMul of two activations (scores, and probabilities times values); add: every Add (the residual stream
+    and biases); all_but_matmul: every
     operation but Convolution and MatMul (PyTorch autocast's split: only matrix products in bf16)."""
     ops = model.get_ordered_ops()
     chosen = []
@@ -309,11 +334,13 @@ def _select_nodes(model, groups: tuple) -> list:
         kind = op.get_type_name()
         if kind in ("Parameter", "Result", "Constant"):
             continue
-        if ("softmax" in groups and kind.startswith("Softmax")) \
-                or ("norm" in groups and kind in NORM_TYPES) \
-                or ("attention" in groups and kind == "MatMul" and not _has_constant_input(op)) \
-                or ("add" in groups and kind == "Add") \
-                or ("all_but_matmul" in groups and kind not in MATRIX_TYPES):
+        if (
+            ("softmax" in groups and kind.startswith("Softmax"))
+            or ("norm" in groups and kind in NORM_TYPES)
+            or ("attention" in groups and kind == "MatMul" and not _has_constant_input(op))
+            or ("add" in groups and kind == "Add")
+            or ("all_but_matmul" in groups and kind not in MATRIX_TYPES)
+        ):
             chosen.append(op)
     return chosen
 
@@ -375,8 +402,9 @@ def compress_weights_to_f16(model) -> None:
     try:
         from openvino._offline_transformations import compress_model_transformation
     except ImportError:  # pragma: no cover - depends on the OpenVINO release
-        warnings.warn("this OpenVINO release has no compress_model_transformation; weights stay f32",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "this OpenVINO release has no compress_model_transformation; weights stay f32", RuntimeWarning, stacklevel=3
+        )
         return
     compress_model_transformation(model)
 
@@ -402,8 +430,13 @@ def split_timestep_path(model):
     folding.register_pass(ConstantFolding())  # static shapes: ShapeOf(sample) becomes a constant
     folding.run_passes(model)
     path = _timestep_only(model, model.get_ordered_ops())
-    cut = [output for op in model.get_ordered_ops() if op in path for output in op.outputs()
-           if any(target.get_node() not in path for target in output.get_target_inputs())]
+    cut = [
+        output
+        for op in model.get_ordered_ops()
+        if op in path
+        for output in op.outputs()
+        if any(target.get_node() not in path for target in output.get_target_inputs())
+    ]
     copy = model.clone()  # the path's own model is built from a copy: the original is rewired below
     copies = {op.get_friendly_name(): op for op in copy.get_ordered_ops()}
     copy_timestep = next(p for p in copy.get_parameters() if "timestep" in p.get_output_tensor(0).get_names())
@@ -423,5 +456,3 @@ def split_timestep_path(model):
     model.remove_parameter(parameters[0])
     model.validate_nodes_and_infer_types()
     return ov.Model(outputs, [copy_timestep], "timestep_path")
-
-

@@ -11,6 +11,7 @@ are the official ``test_seesr.py`` ones, which ``seesr-export build`` writes). A
 range raises ``OptionError`` naming the option, the value and what is accepted; an unusable image
 raises ``ImageRejected``. Standard library only, like the manifest reader that uses it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,18 +55,25 @@ class Option:
     def check(self, value):
         """``value`` as this option's type, or OptionError naming the option, the value and the range."""
         value = self._typed(value)
-        out_of_range = (self.choices is not None and value not in self.choices
-                        or self.kind is float and not math.isfinite(value)
-                        or self.minimum is not None and value < self.minimum
-                        or self.maximum is not None and value > self.maximum)
+        out_of_range = (
+            self.choices is not None
+            and value not in self.choices
+            or self.kind is float
+            and not math.isfinite(value)
+            or self.minimum is not None
+            and value < self.minimum
+            or self.maximum is not None
+            and value > self.maximum
+        )
         if out_of_range:
             raise OptionError(f"{self.name} must be {self.range_text()}, got {_shown(value)}", self.name)
         return value
 
     def _typed(self, value):
         # numpy's bool is no Python bool (and this module imports no numpy)
-        is_bool = isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool",
-                                                                                                        "bool_")
+        is_bool = (
+            isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+        )
         if self.kind is bool and is_bool:
             return bool(value)
         if self.kind is int and isinstance(value, numbers.Integral) and not is_bool:
@@ -74,8 +82,9 @@ class Option:
             return float(value)
         if self.kind is str and isinstance(value, str):
             return value
-        raise OptionError(f"{self.name} must be {self.accepted()}, got {_shown(value)} ({type(value).__name__})",
-                          self.name)
+        raise OptionError(
+            f"{self.name} must be {self.accepted()}, got {_shown(value)} ({type(value).__name__})", self.name
+        )
 
     def range_text(self) -> str:
         """The accepted range of a value of the right type: "in [1, 1000]", ">= 0", "a finite number >= 0.0"."""
@@ -89,8 +98,12 @@ class Option:
 
     def describe(self, default=None) -> dict:
         """JSON-able description (the manifest's ``pipeline.options`` entries)."""
-        entry = {"name": self.name, "type": self.kind.__name__,
-                 "default": self.default if default is None else default, "help": self.help}
+        entry = {
+            "name": self.name,
+            "type": self.kind.__name__,
+            "default": self.default if default is None else default,
+            "help": self.help,
+        }
         for key in ("minimum", "maximum"):
             if getattr(self, key) is not None:
                 entry[key] = getattr(self, key)
@@ -103,37 +116,116 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("prompt", str, "", "user prompt inserted after the tags"),
-    Option("added_prompt", str, "clean, high-resolution, 8k", "prompt appended after the user prompt",
-           in_bundle="added_prompt"),
-    Option("negative_prompt", str, "dotted, noise, blur, lowres, smooth",
-           "negative prompt (guidance above 1 only)", in_bundle="negative_prompt"),
+    Option(
+        "added_prompt",
+        str,
+        "clean, high-resolution, 8k",
+        "prompt appended after the user prompt",
+        in_bundle="added_prompt",
+    ),
+    Option(
+        "negative_prompt",
+        str,
+        "dotted, noise, blur, lowres, smooth",
+        "negative prompt (guidance above 1 only)",
+        in_bundle="negative_prompt",
+    ),
     Option("steps", int, 50, "DDPM steps", minimum=1, maximum=1000, in_bundle="defaults.steps"),
-    Option("guidance", float, 5.5, "classifier-free guidance scale; 1.0 or less disables it", minimum=0.0,
-           in_bundle="defaults.guidance"),
-    Option("conditioning_scale", float, 1.0, "ControlNet conditioning scale", minimum=0.0,
-           in_bundle="defaults.conditioning_scale"),
-    Option("process_size", int, 512, "minimum working size in pixels (smaller inputs are enlarged to it)",
-           minimum=8, maximum=8192, in_bundle="defaults.process_size"),
+    Option(
+        "guidance",
+        float,
+        5.5,
+        "classifier-free guidance scale; 1.0 or less disables it",
+        minimum=0.0,
+        in_bundle="defaults.guidance",
+    ),
+    Option(
+        "conditioning_scale",
+        float,
+        1.0,
+        "ControlNet conditioning scale",
+        minimum=0.0,
+        in_bundle="defaults.conditioning_scale",
+    ),
+    Option(
+        "process_size",
+        int,
+        512,
+        "minimum working size in pixels (smaller inputs are enlarged to it)",
+        minimum=8,
+        maximum=8192,
+        in_bundle="defaults.process_size",
+    ),
     Option("upscale", int, 4, "scale factor", minimum=1, maximum=8, in_bundle="defaults.upscale"),
-    Option("latent_tile_size", int, 96, "latent tile, in latent pixels (8 image pixels each)", minimum=8,
-           maximum=4096, in_bundle="defaults.latent_tile_size"),
-    Option("latent_tile_overlap", int, 4, "latent tile overlap, in latent pixels; less than the tile size",
-           minimum=0, in_bundle="defaults.latent_tile_overlap"),
-    Option("color_fix", str, "adain", "colour correction against the working image",
-           choices=("adain", "wavelet", "none"), in_bundle="defaults.color_fix"),
-    Option("start_point", str, "lr", "lr: start from the noised LR latent; noise: from pure noise",
-           choices=("lr", "noise"), in_bundle="defaults.start_point"),
-    Option("vae_encoder_tile_size", int, 1024, "tiled VAE encoder tile, in image pixels; tiles above tile + 64",
-           minimum=64, maximum=16384, in_bundle="defaults.vae_encoder_tile_size"),
-    Option("vae_decoder_tile_size", int, 224, "tiled VAE decoder tile, in latent pixels; tiles above tile + 22",
-           minimum=8, maximum=2048, in_bundle="defaults.vae_decoder_tile_size"),
-    Option("tiled_vae", bool, True, "run the VAE tiled above the thresholds of the tile sizes, as the official "
-           "code; false: untiled at any size", in_bundle="defaults.tiled_vae", flag="--no-tiled-vae",
-           flag_help="run the VAE untiled at any size: differs from the official output above the thresholds, "
-                     "and its memory grows with the image"),
+    Option(
+        "latent_tile_size",
+        int,
+        96,
+        "latent tile, in latent pixels (8 image pixels each)",
+        minimum=8,
+        maximum=4096,
+        in_bundle="defaults.latent_tile_size",
+    ),
+    Option(
+        "latent_tile_overlap",
+        int,
+        4,
+        "latent tile overlap, in latent pixels; less than the tile size",
+        minimum=0,
+        in_bundle="defaults.latent_tile_overlap",
+    ),
+    Option(
+        "color_fix",
+        str,
+        "adain",
+        "colour correction against the working image",
+        choices=("adain", "wavelet", "none"),
+        in_bundle="defaults.color_fix",
+    ),
+    Option(
+        "start_point",
+        str,
+        "lr",
+        "lr: start from the noised LR latent; noise: from pure noise",
+        choices=("lr", "noise"),
+        in_bundle="defaults.start_point",
+    ),
+    Option(
+        "vae_encoder_tile_size",
+        int,
+        1024,
+        "tiled VAE encoder tile, in image pixels; tiles above tile + 64",
+        minimum=64,
+        maximum=16384,
+        in_bundle="defaults.vae_encoder_tile_size",
+    ),
+    Option(
+        "vae_decoder_tile_size",
+        int,
+        224,
+        "tiled VAE decoder tile, in latent pixels; tiles above tile + 22",
+        minimum=8,
+        maximum=2048,
+        in_bundle="defaults.vae_decoder_tile_size",
+    ),
+    Option(
+        "tiled_vae",
+        bool,
+        True,
+        "run the VAE tiled above the thresholds of the tile sizes, as the official code; false: untiled at any size",
+        in_bundle="defaults.tiled_vae",
+        flag="--no-tiled-vae",
+        flag_help="run the VAE untiled at any size: differs from the official output above the thresholds, "
+        "and its memory grows with the image",
+    ),
     Option("seed", int, 0, "noise seed", minimum=0),
-    Option("max_pixels", int, 4096 * 4096, "refuse input images with more pixels (the output has 16 times as "
-           "many at x4; a decompression-bomb guard)", minimum=MIN_SIDE * MIN_SIDE),
+    Option(
+        "max_pixels",
+        int,
+        4096 * 4096,
+        "refuse input images with more pixels (the output has 16 times as many at x4; a decompression-bomb guard)",
+        minimum=MIN_SIDE * MIN_SIDE,
+    ),
 )
 OPTION = {option.name: option for option in OPTIONS}
 NAMES = tuple(OPTION)
@@ -168,8 +260,11 @@ def resolve(given: dict, defaults: dict | None = None) -> dict:
     defaults = {**{o.name: o.default for o in OPTIONS}, **(defaults or {})}
     values = {name: OPTION[name].check(value) for name, value in {**defaults, **check_given(given)}.items()}
     if values["latent_tile_overlap"] >= values["latent_tile_size"]:
-        raise OptionError(f"latent_tile_overlap must be smaller than latent_tile_size ({values['latent_tile_size']}), "
-                          f"got {values['latent_tile_overlap']}", "latent_tile_overlap")
+        raise OptionError(
+            f"latent_tile_overlap must be smaller than latent_tile_size ({values['latent_tile_size']}), "
+            f"got {values['latent_tile_overlap']}",
+            "latent_tile_overlap",
+        )
     return values
 
 
@@ -210,8 +305,9 @@ def description_problems(entries) -> list[str]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             problems.append(f"pipeline.options[{i}]: needs a 'name'")
         elif entry.get("type") not in ("str", "int", "float", "bool") or "default" not in entry:
-            problems.append(f"pipeline.options[{i}] ({entry['name']}): needs 'type' (str, int, float, bool) "
-                            "and 'default'")
+            problems.append(
+                f"pipeline.options[{i}] ({entry['name']}): needs 'type' (str, int, float, bool) and 'default'"
+            )
     return problems
 
 
@@ -223,8 +319,9 @@ def check_image_size(width: int, height: int, max_pixels: int, raise_with: str =
     if min(width, height) < MIN_SIDE:
         raise ImageRejected(f"{width}x{height} is too small (at least {MIN_SIDE}x{MIN_SIDE} pixels)")
     if width * height > max_pixels:
-        raise ImageRejected(f"{width}x{height} is {width * height} pixels, over the limit of {max_pixels} "
-                            f"(raise it with {raise_with})")
+        raise ImageRejected(
+            f"{width}x{height} is {width * height} pixels, over the limit of {max_pixels} (raise it with {raise_with})"
+        )
 
 
 # ---------------------------------------------------------------- command lines
@@ -236,8 +333,14 @@ def add_arguments(parser: argparse.ArgumentParser, names=NAMES, server_side: boo
     for name in names:
         option = OPTION[name]
         if option.kind is bool:
-            parser.add_argument(option.cli_flag, dest=name, action="store_const", const=not option.default,
-                                default=None, help=(option.flag_help or option.help).replace("%", "%%"))
+            parser.add_argument(
+                option.cli_flag,
+                dest=name,
+                action="store_const",
+                const=not option.default,
+                default=None,
+                help=(option.flag_help or option.help).replace("%", "%%"),
+            )
             continue
         shown = _shown(option.default) if option.default != "" else "empty"
         if option.in_bundle:
@@ -247,8 +350,15 @@ def add_arguments(parser: argparse.ArgumentParser, names=NAMES, server_side: boo
         accepted = f"; {option.range_text()}" if option.kind in (int, float) and option.minimum is not None else ""
         text = f"{option.help}{accepted} ({note})".replace("%", "%%")
         extra = {"choices": option.choices} if option.choices else {}
-        parser.add_argument(option.cli_flag, dest=name, type=option.kind, default=None, help=text,
-                            metavar={int: "N", float: "X", str: None}[option.kind] if not extra else None, **extra)
+        parser.add_argument(
+            option.cli_flag,
+            dest=name,
+            type=option.kind,
+            default=None,
+            help=text,
+            metavar={int: "N", float: "X", str: None}[option.kind] if not extra else None,
+            **extra,
+        )
 
 
 def given_in(args: argparse.Namespace, names=NAMES) -> dict:

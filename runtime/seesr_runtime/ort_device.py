@@ -12,6 +12,7 @@ then folds the shape arithmetic the tracer left in the graphs, which otherwise r
 GPU kernels and prevents CUDA graph capture. Those sessions share one copy of the weights (user-supplied
 initializers), and each can capture its own CUDA graph (one per shape).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,9 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
-def graph_precision(manifest: Manifest, network: str, precision: str, providers: list[str],
-                    gpu_graph: bool = True) -> str:
+def graph_precision(
+    manifest: Manifest, network: str, precision: str, providers: list[str], gpu_graph: bool = True
+) -> str:
     """Which of a network's graphs to load. fp16 with the GPU graph's providers (CUDA) gets the GPU
     graph when the bundle has one (bundles built before it existed keep their plain fp16 graph);
     int8 bundles quantize only the UNet and ControlNet, the rest run fp32."""
@@ -60,7 +62,7 @@ class DeviceTensor:
     def numpy(self) -> np.ndarray:
         return self.host if self.host is not None else self.value.numpy()
 
-    def __getitem__(self, key) -> "DeviceTensor":
+    def __getitem__(self, key) -> DeviceTensor:
         """A window of a per-image constant (the control image of one latent tile), uploaded once."""
         if self.host is None or self._upload is None:
             raise TypeError("only a tensor uploaded with to_device can be sliced")
@@ -144,8 +146,13 @@ def _initializer_array(init, folder: Path, numpy_helper, onnx) -> np.ndarray:
     info = {entry.key: entry.value for entry in init.external_data}
     dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
     count = int(np.prod(init.dims)) if len(init.dims) else 1
-    mapped = np.memmap(folder / info["location"], dtype=np.uint8, mode="r", offset=int(info.get("offset", 0)),
-                       shape=(count * np.dtype(dtype).itemsize,))
+    mapped = np.memmap(
+        folder / info["location"],
+        dtype=np.uint8,
+        mode="r",
+        offset=int(info.get("offset", 0)),
+        shape=(count * np.dtype(dtype).itemsize,),
+    )
     return np.ascontiguousarray(mapped.view(dtype).reshape(tuple(init.dims)))
 
 
@@ -161,8 +168,10 @@ class BoundCall:
         self.inputs = {}  # name -> OrtValue bound now
         self.owned = set()  # inputs bound to this call's own buffers (copied into, never rebound)
         self.sources = {}  # owned input -> the DeviceTensor last copied into it
-        self.outputs = [ort.OrtValue.ortvalue_from_shape_and_type(t.concrete_shape(env), NUMPY_DTYPES[t.dtype],
-                                                                  device, 0) for t in spec.outputs]
+        self.outputs = [
+            ort.OrtValue.ortvalue_from_shape_and_type(t.concrete_shape(env), NUMPY_DTYPES[t.dtype], device, 0)
+            for t in spec.outputs
+        ]
         for tensor, value in zip(spec.outputs, self.outputs):
             self.binding.bind_ortvalue_output(tensor.name, value)
         self.ran = False
@@ -182,8 +191,10 @@ class BoundCall:
             if bound is not None and bound.data_ptr() == value.value.data_ptr():
                 return  # the producer's output buffer, bound once: nothing crosses
             if self.ran:
-                raise BundleError(f"{self.spec.name}: input {name!r} moved to another device buffer after the "
-                                  "first call of a static-shape session (a captured CUDA graph would read the old one)")
+                raise BundleError(
+                    f"{self.spec.name}: input {name!r} moved to another device buffer after the "
+                    "first call of a static-shape session (a captured CUDA graph would read the old one)"
+                )
             self.binding.bind_ortvalue_input(name, value.value)
             self.inputs[name] = value.value
             return

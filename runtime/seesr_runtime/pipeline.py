@@ -17,21 +17,30 @@ same noise, by ``tests/test_runtime_parity.py::test_runtime_matches_reference`` 
 guidance, start points and colour fixes among its cases) and, for the tiled VAE,
 ``tests/test_tiled_vae.py::test_decoded_image_within_one_level_of_the_reference``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from .backends import Backend, create_backend, run_on_device, to_device
-from .imaging import (COLOR_FIXES, dape_input, gaussian_tile_weights, select_tags, tile_origins, to_chw,
-                      to_uint8_rounded, working_image)
 from . import options as option_table
+from .backends import Backend, create_backend, run_on_device, to_device
 from .errors import BundleError, ImageRejected, InputError
+from .imaging import (
+    COLOR_FIXES,
+    dape_input,
+    gaussian_tile_weights,
+    select_tags,
+    tile_origins,
+    to_chw,
+    to_uint8_rounded,
+    working_image,
+)
 from .manifest import Manifest
 from .profiling import ProfiledBackend, StageProfiler
 from .scheduler import DDPMScheduler
@@ -51,8 +60,13 @@ class UpscaleResult:
 
 
 class SeeSRPipeline:
-    def __init__(self, manifest: Manifest, backend: Backend, profiler: StageProfiler | None = None,
-                 tiled_vae_spill_dir: str | Path | None = None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        backend: Backend,
+        profiler: StageProfiler | None = None,
+        tiled_vae_spill_dir: str | Path | None = None,
+    ):
         """``profiler``: record every stage and network call (``seesr bench``); None costs nothing.
         ``tiled_vae_spill_dir``: keep the tiled VAE's waiting tile states in files there (resident
         memory then stays near one tile's worth for any image size; see ``tiled_vae.TileStates``)."""
@@ -72,9 +86,15 @@ class SeeSRPipeline:
         check_feeds(manifest)
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path, backend: str = "onnxruntime", verify: str | bool = "auto",
-                    profiler: StageProfiler | None = None, tiled_vae_spill_dir: str | Path | None = None,
-                    **backend_options) -> "SeeSRPipeline":
+    def from_bundle(
+        cls,
+        bundle: str | Path,
+        backend: str = "onnxruntime",
+        verify: str | bool = "auto",
+        profiler: StageProfiler | None = None,
+        tiled_vae_spill_dir: str | Path | None = None,
+        **backend_options,
+    ) -> SeeSRPipeline:
         """``verify``: the sha256 check of the bundle's files, see ``Manifest.load`` ("auto": files new or
         changed since their last check; "always"/True; "never"/False for callers that verify otherwise)."""
         manifest = Manifest.load(bundle, verify=verify)
@@ -95,16 +115,28 @@ class SeeSRPipeline:
     def predict_noise(self, latents, t, text_embeds, image_embeds, control, conditioning_scale):
         """ControlNet residuals, then the UNet's noise prediction, for one (possibly tiled) window."""
         timestep = np.full((latents.shape[0],), t, dtype=np.float32)
-        common = {"sample": latents, "timestep": timestep, "encoder_hidden_states": text_embeds,
-                  "image_embeds": image_embeds}
+        common = {
+            "sample": latents,
+            "timestep": timestep,
+            "encoder_hidden_states": text_embeds,
+            "image_embeds": image_embeds,
+        }
         # The residuals only feed the UNet: a backend may keep them on its device.
-        residuals = run_on_device(self.backend, "controlnet", {
-            **common, "controlnet_cond": control, "conditioning_scale": np.array(conditioning_scale, dtype=np.float32)})
+        residuals = run_on_device(
+            self.backend,
+            "controlnet",
+            {
+                **common,
+                "controlnet_cond": control,
+                "conditioning_scale": np.array(conditioning_scale, dtype=np.float32),
+            },
+        )
         names = self.manifest.spec("controlnet").output_names
         return self.backend.run("unet", {**common, **dict(zip(names, residuals))})[0]
 
-    def predict_noise_tiled(self, latents, t, text_embeds, image_embeds, control, conditioning_scale,
-                            tile: int, overlap: int):
+    def predict_noise_tiled(
+        self, latents, t, text_embeds, image_embeds, control, conditioning_scale, tile: int, overlap: int
+    ):
         """Overlapping latent tiles blended with the official (asymmetric) Gaussian weights."""
         _, _, h, w = latents.shape
         tile = min(tile, h, w)
@@ -112,10 +144,9 @@ class SeeSRPipeline:
         total = np.zeros(latents.shape, dtype=np.float32)
         contributors = np.zeros(latents.shape, dtype=np.float32)
         for y, x in tile_origins(h, w, tile, overlap):
-            window = np.s_[:, :, y:y + tile, x:x + tile]
-            pixels = np.s_[:, :, 8 * y:8 * (y + tile), 8 * x:8 * (x + tile)]
-            eps = self.predict_noise(latents[window], t, text_embeds, image_embeds, control[pixels],
-                                     conditioning_scale)
+            window = np.s_[:, :, y : y + tile, x : x + tile]
+            pixels = np.s_[:, :, 8 * y : 8 * (y + tile), 8 * x : 8 * (x + tile)]
+            eps = self.predict_noise(latents[window], t, text_embeds, image_embeds, control[pixels], conditioning_scale)
             total[window] += eps * weights  # float64 product, accumulated in float32, as the official code
             contributors[window] += weights
         return total / contributors
@@ -130,28 +161,39 @@ class SeeSRPipeline:
             return self.backend.run(network, {self.manifest.spec(network).input_names[0]: x})
         segments = self.manifest.tiled_vae(network)
         if segments is None:
-            raise BundleError(f"{self.manifest.root}: this bundle has no tiled-VAE graphs for {network}, which a "
-                              f"{x.shape[3]}x{x.shape[2]} input needs; rebuild it with this version of "
-                              "`seesr-export build`, or pass tiled_vae=False (--no-tiled-vae) to run the VAE untiled")
+            raise BundleError(
+                f"{self.manifest.root}: this bundle has no tiled-VAE graphs for {network}, which a "
+                f"{x.shape[3]}x{x.shape[2]} input needs; rebuild it with this version of "
+                "`seesr-export build`, or pass tiled_vae=False (--no-tiled-vae) to run the VAE untiled"
+            )
         return run_tiled_vae(self.backend.run, network, segments, x, tile, self.tiled_vae_spill_dir)
 
-    def lr_latent(self, work: np.ndarray, initial_noise: np.ndarray, noise, scheduler, vae_tile: int,
-                  tiled: bool = True) -> np.ndarray:
+    def lr_latent(
+        self, work: np.ndarray, initial_noise: np.ndarray, noise, scheduler, vae_tile: int, tiled: bool = True
+    ) -> np.ndarray:
         """Sample the VAE posterior of the working image, scale it, and noise it to t=999."""
         mean, logvar = self.run_vae("vae_encoder", work * np.float32(2.0) - np.float32(1.0), vae_tile, tiled)
         sample = mean + np.exp(np.float32(0.5) * logvar) * noise("posterior", mean.shape)
         return scheduler.add_noise(sample * self.scaling_factor, initial_noise, self.start_step)
 
-    def decode(self, latents: np.ndarray, tile: int = option_table.default("vae_decoder_tile_size"),
-               tiled: bool = True) -> Image.Image:
+    def decode(
+        self, latents: np.ndarray, tile: int = option_table.default("vae_decoder_tile_size"), tiled: bool = True
+    ) -> Image.Image:
         """VAE decode to a uint8 image."""
         image = self.run_vae("vae_decoder", latents / self.scaling_factor, tile, tiled)[0]
         return Image.fromarray(to_uint8_rounded(image))
 
     # ------------------------------------------------------------ the whole pipeline
 
-    def __call__(self, image, *, seed: int | None = None, noise_fn: NoiseFn | None = None,
-                 callback: Callable[[int, int], None] | None = None, **options) -> UpscaleResult:
+    def __call__(
+        self,
+        image,
+        *,
+        seed: int | None = None,
+        noise_fn: NoiseFn | None = None,
+        callback: Callable[[int, int], None] | None = None,
+        **options,
+    ) -> UpscaleResult:
         """Upscale ``image`` (a PIL image or an HxWx3 uint8 array). ``options``: any of ``options.OPTIONS``
         (None or left out: the bundle's default); a bad value raises OptionError, an unusable image
         ImageRejected, before any network runs."""
@@ -179,8 +221,9 @@ class SeeSRPipeline:
         shape = (1, 4, work.size[1] // 8, work.size[0] // 8)
         latents = noise("initial", shape) * np.float32(scheduler.init_noise_sigma)
         if o["start_point"] == "lr":
-            latents = self.lr_latent(to_chw(work), latents, noise, scheduler, o["vae_encoder_tile_size"],
-                                     o["tiled_vae"])
+            latents = self.lr_latent(
+                to_chw(work), latents, noise, scheduler, o["vae_encoder_tile_size"], o["tiled_vae"]
+            )
 
         tiled = shape[2] * shape[3] > o["latent_tile_size"] ** 2
         history = []
@@ -188,12 +231,20 @@ class SeeSRPipeline:
             with self._stage("denoise_step"):
                 model_input = np.concatenate([latents, latents]) if guided else latents
                 if tiled:
-                    eps = self.predict_noise_tiled(model_input, t, text_embeds, image_embeds, control,
-                                                   o["conditioning_scale"], o["latent_tile_size"],
-                                                   o["latent_tile_overlap"])
+                    eps = self.predict_noise_tiled(
+                        model_input,
+                        t,
+                        text_embeds,
+                        image_embeds,
+                        control,
+                        o["conditioning_scale"],
+                        o["latent_tile_size"],
+                        o["latent_tile_overlap"],
+                    )
                 else:
-                    eps = self.predict_noise(model_input, t, text_embeds, image_embeds, control,
-                                             o["conditioning_scale"])
+                    eps = self.predict_noise(
+                        model_input, t, text_embeds, image_embeds, control, o["conditioning_scale"]
+                    )
                 with self._stage("scheduler_step"):
                     if guided:
                         eps_uncond, eps_text = eps[:1], eps[1:]
@@ -244,8 +295,11 @@ def _noise_source(noise_fn: NoiseFn | None, seed: int):
 # The inputs this pipeline (and PromptEncoder) feeds each network, by name. The UNet also takes the
 # ControlNet's outputs, and each VAE half its one input, whatever the bundle names them.
 DENOISER_FEEDS = ("sample", "timestep", "encoder_hidden_states", "image_embeds")
-PIPELINE_FEEDS = {"dape": ("image",), "text_encoder": ("input_ids",),
-                  "controlnet": (*DENOISER_FEEDS, "controlnet_cond", "conditioning_scale")}
+PIPELINE_FEEDS = {
+    "dape": ("image",),
+    "text_encoder": ("input_ids",),
+    "controlnet": (*DENOISER_FEEDS, "controlnet_cond", "conditioning_scale"),
+}
 
 
 def check_feeds(manifest: Manifest) -> None:
@@ -261,5 +315,7 @@ def check_feeds(manifest: Manifest) -> None:
     for network, names in expected.items():
         declared = manifest.spec(network).input_names if network in networks else list(names)
         if list(names) != declared:
-            raise BundleError(f"{manifest.root}: the {network} graph takes inputs {declared}, but this runtime "
-                              f"feeds it {list(names)}; the bundle was built for another version of the runtime")
+            raise BundleError(
+                f"{manifest.root}: the {network} graph takes inputs {declared}, but this runtime "
+                f"feeds it {list(names)}; the bundle was built for another version of the runtime"
+            )

@@ -7,6 +7,7 @@ appear for every backend. Backends whose ``run`` returns before the device is
 done expose ``device_ms()`` (GPU events); onnxruntime with numpy feeds returns
 only after its outputs are on the host, so its host time is its latency.
 """
+
 from __future__ import annotations
 
 import time
@@ -85,5 +86,10 @@ def summarize(values: list[float]) -> dict:
     array = np.asarray(values, dtype=np.float64) * 1e3
     if array.size == 0:
         return {"median_ms": None, "p95_ms": None, "mean_ms": None, "min_ms": None, "n": 0}
-    return {"median_ms": float(np.median(array)), "p95_ms": float(np.percentile(array, 95)),
-            "mean_ms": float(array.mean()), "min_ms": float(array.min()), "n": int(array.size)}
+    return {
+        "median_ms": float(np.median(array)),
+        "p95_ms": float(np.percentile(array, 95)),
+        "mean_ms": float(array.mean()),
+        "min_ms": float(array.min()),
+        "n": int(array.size),
+    }

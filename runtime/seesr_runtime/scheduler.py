@@ -9,6 +9,7 @@ Twin: diffusers' ``DDPMScheduler`` (what the torch reference steps with, via
 ``seesr_export.reference.ddpm_step``); held equal by ``tests/test_runtime_parity.py``
 (``test_scheduler_matches_diffusers``, ``test_scheduler_add_noise_matches_diffusers``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -31,7 +32,7 @@ class DDPMConfig:
     steps_offset: int = 0
 
     @classmethod
-    def from_dict(cls, config: dict) -> "DDPMConfig":
+    def from_dict(cls, config: dict) -> DDPMConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in known})
 
@@ -45,8 +46,10 @@ class DDPMScheduler:
         self.config = config if isinstance(config, DDPMConfig) else DDPMConfig.from_dict(config)
         c = self.config
         if c.prediction_type != "epsilon" or c.variance_type != "fixed_small":
-            raise ValueError(f"only epsilon prediction with fixed_small variance is supported "
-                             f"(got {c.prediction_type}, {c.variance_type})")
+            raise ValueError(
+                f"only epsilon prediction with fixed_small variance is supported "
+                f"(got {c.prediction_type}, {c.variance_type})"
+            )
         self.betas = _betas(c)
         self.alphas_cumprod = np.cumprod(np.float32(1.0) - self.betas, dtype=np.float32)
         self.timesteps = np.array([], dtype=np.int64)
@@ -83,14 +86,16 @@ class DDPMScheduler:
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else one
         beta_t = one - a_t / a_prev
-        x0 = (sample - (one - a_t) ** half * eps) / a_t ** half
+        x0 = (sample - (one - a_t) ** half * eps) / a_t**half
         if self.config.clip_sample:
             r = np.float32(self.config.clip_sample_range)
             x0 = np.clip(x0, -r, r)
-        mean = (a_prev ** half * beta_t / (one - a_t)) * x0 + ((a_t / a_prev) ** half * (one - a_prev) / (one - a_t)) * sample
+        mean = (a_prev**half * beta_t / (one - a_t)) * x0 + (
+            (a_t / a_prev) ** half * (one - a_prev) / (one - a_t)
+        ) * sample
         if t > 0:
             variance = max((one - a_prev) / (one - a_t) * beta_t, np.float32(1e-20))
-            mean = mean + variance ** half * noise
+            mean = mean + variance**half * noise
         return mean.astype(np.float32)
 
 
@@ -101,7 +106,7 @@ def _betas(c: DDPMConfig) -> np.ndarray:
     if c.beta_schedule == "linear":
         return _linspace32(c.beta_start, c.beta_end, n)
     if c.beta_schedule == "scaled_linear":
-        return _linspace32(c.beta_start ** 0.5, c.beta_end ** 0.5, n) ** 2
+        return _linspace32(c.beta_start**0.5, c.beta_end**0.5, n) ** 2
     raise ValueError(f"unsupported beta_schedule {c.beta_schedule!r}")
 
 

@@ -1,4 +1,5 @@
 """Prompt -> CLIP embeddings: the bundle's tokenizer.json and text_encoder graph."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,9 @@ class PromptEncoder:
         self.max_length = text["max_length"]
         self.default_negative = manifest.data["pipeline"]["negative_prompt"]
         # The default negative prompt's embedding is the same for every image: computed at build time.
-        self.negative_embeds = np.load(manifest.file(text["negative_prompt_embeds"], "text negative_prompt_embeds")).astype(np.float32)
+        self.negative_embeds = np.load(
+            manifest.file(text["negative_prompt_embeds"], "text negative_prompt_embeds")
+        ).astype(np.float32)
 
     def token_ids(self, text: str) -> np.ndarray:
         """int64 [1, 77]: BOS, tokens, EOS, truncated and padded with id 0 (built into tokenizer.json)."""

@@ -18,15 +18,16 @@ networks' activations grow with the tile, while the tiles' hidden states waiting
 (one float32 tensor per tile, plus a residual) grow with the image, unless they are spilled to
 files (``spill_dir``), which keeps the resident memory to about one tile's worth.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class TiledVaeLayout:
     decoder: bool  # decoder: output = 8x input; encoder: output = input // 8
 
     @classmethod
-    def for_half(cls, half: str) -> "TiledVaeLayout":
+    def for_half(cls, half: str) -> TiledVaeLayout:
         if half not in LAYOUTS:
             raise ValueError(f"half must be one of {sorted(LAYOUTS)}, got {half!r}")
         return LAYOUTS[half]
@@ -87,8 +88,12 @@ def split_tiles(height: int, width: int, tile: int, layout: TiledVaeLayout):
         for j in range(cols):
             x0, x1 = pad + j * tile_w, min(pad + (j + 1) * tile_w, width)
             y0, y1 = pad + i * tile_h, min(pad + (i + 1) * tile_h, height)
-            core = [x0 if x0 > pad else 0, x1 if x1 < width - pad else width,
-                    y0 if y0 > pad else 0, y1 if y1 < height - pad else height]
+            core = [
+                x0 if x0 > pad else 0,
+                x1 if x1 < width - pad else width,
+                y0 if y0 > pad else 0,
+                y1 if y1 < height - pad else height,
+            ]
             outputs.append([layout.scale(v) for v in core])
             inputs.append([max(0, x0 - pad), min(width, x1 + pad), max(0, y0 - pad), min(height, y1 + pad)])
     return inputs, outputs
@@ -124,7 +129,7 @@ def assemble_tiles(tiles: list[np.ndarray], inputs, outputs, layout: TiledVaeLay
     result = np.zeros((first.shape[0], first.shape[1], height, width), dtype=first.dtype)
     for tile, (ix0, _, iy0, _), (ox0, ox1, oy0, oy1) in zip(tiles, inputs, outputs):
         top, left = oy0 - layout.scale(iy0), ox0 - layout.scale(ix0)
-        result[:, :, oy0:oy1, ox0:ox1] = tile[:, :, top:top + oy1 - oy0, left:left + ox1 - ox0]
+        result[:, :, oy0:oy1, ox0:ox1] = tile[:, :, top : top + oy1 - oy0, left : left + ox1 - ox0]
     return result
 
 
@@ -165,8 +170,9 @@ class TileStates:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def run_tiled_vae(run: RunFn, network: str, tiled: dict, x: np.ndarray, tile: int,
-                  spill_dir: str | Path | None = None) -> list[np.ndarray]:
+def run_tiled_vae(
+    run: RunFn, network: str, tiled: dict, x: np.ndarray, tile: int, spill_dir: str | Path | None = None
+) -> list[np.ndarray]:
     """The tiled VAE half ``network`` (``"vae_encoder"``/``"vae_decoder"``) on ``x`` through ``run``
     (``backend.run``); ``tiled`` is the network's ``tiled`` manifest entry; ``spill_dir``: see
     ``TileStates``. Returns the network's outputs: ``[mean, logvar]`` or ``[image]``."""
@@ -179,15 +185,17 @@ def run_tiled_vae(run: RunFn, network: str, tiled: dict, x: np.ndarray, tile: in
             states.put(("hidden", i), np.ascontiguousarray(x[:, :, y0:y1, x0:x1]))
         for k, segment in enumerate(segments[:-1]):
             _run_segment(run, f"{network}#{k}", segment, states, len(inputs), groups if k > 0 else None)
-        results = _run_segment(run, f"{network}#{len(segments) - 1}", segments[-1], states, len(inputs), groups,
-                               last=True)
+        results = _run_segment(
+            run, f"{network}#{len(segments) - 1}", segments[-1], states, len(inputs), groups, last=True
+        )
     finally:
         states.close()
     return [assemble_tiles([r[j] for r in results], inputs, outputs, layout) for j in range(len(results[0]))]
 
 
-def _run_segment(run: RunFn, name: str, segment: dict, states: TileStates, count: int, groups: int | None,
-                 last: bool = False) -> list | None:
+def _run_segment(
+    run: RunFn, name: str, segment: dict, states: TileStates, count: int, groups: int | None, last: bool = False
+) -> list | None:
     """One segment over every tile (the first segment has no GroupNorm: ``groups`` None). The last
     returns every tile's outputs; the others leave their outputs in ``states``."""
     feeds = {}

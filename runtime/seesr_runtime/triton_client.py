@@ -6,6 +6,7 @@
 
 Needs ``pip install 'seesr-export[triton]'`` (tritonclient over HTTP and gRPC).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,15 @@ def check_ready(client, protocol: str, url: str | None, model: str, timeout: flo
         raise ClientError(f"the server at {url} has no ready model {model!r} (see its log)")
 
 
-def build_inputs(protocol: str, image: np.ndarray, *, prompt: str | None = None, seed: int | None = None,
-                 steps: int | None = None, guidance: float | None = None) -> list:
+def build_inputs(
+    protocol: str,
+    image: np.ndarray,
+    *,
+    prompt: str | None = None,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+) -> list:
     """The request's input tensors. ``image`` is sent as given (its dtype and shape), so the server decides."""
     from tritonclient.utils import np_to_triton_dtype
 
@@ -109,8 +117,9 @@ def infer(client, protocol: str, inputs: list, model: str = "seesr", timeout: fl
         result = client.infer(model, inputs, outputs=outputs, **extra)
     except InferenceServerException as exc:
         raise ClientError(exc.message() or str(exc)) from None
-    return Upscaled(image=result.as_numpy("image"), tags=_text(result.as_numpy("tags")),
-                    prompt=_text(result.as_numpy("prompt")))
+    return Upscaled(
+        image=result.as_numpy("image"), tags=_text(result.as_numpy("tags")), prompt=_text(result.as_numpy("prompt"))
+    )
 
 
 def _text(value: np.ndarray) -> str:
@@ -119,6 +128,7 @@ def _text(value: np.ndarray) -> str:
 
 
 # ------------------------------------------------------------------ load test
+
 
 @dataclass
 class LoadReport:
@@ -134,17 +144,30 @@ class LoadReport:
 
     def summary(self) -> str:
         lat = self.latency_ms
-        lines = [f"{self.requests} requests over {self.protocol}, concurrency {self.concurrency}: "
-                 f"{self.ok} ok, {self.errors} errors in {self.seconds:.2f} s ({self.throughput_rps:.2f} req/s)"]
+        lines = [
+            f"{self.requests} requests over {self.protocol}, concurrency {self.concurrency}: "
+            f"{self.ok} ok, {self.errors} errors in {self.seconds:.2f} s ({self.throughput_rps:.2f} req/s)"
+        ]
         if lat:
-            lines.append(f"latency ms: p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}  "
-                         f"mean {lat['mean']:.1f}  max {lat['max']:.1f}")
+            lines.append(
+                f"latency ms: p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}  "
+                f"mean {lat['mean']:.1f}  max {lat['max']:.1f}"
+            )
         lines += [f"error: {message}" for message in self.error_messages]
         return "\n".join(lines)
 
 
-def run_load(protocol: str, url: str | None, image: np.ndarray, *, concurrency: int, requests: int,
-             model: str = "seesr", timeout: float = 600.0, **options) -> LoadReport:
+def run_load(
+    protocol: str,
+    url: str | None,
+    image: np.ndarray,
+    *,
+    concurrency: int,
+    requests: int,
+    model: str = "seesr",
+    timeout: float = 600.0,
+    **options,
+) -> LoadReport:
     """``requests`` requests, ``concurrency`` in flight at a time (one connection per worker thread)."""
     if concurrency < 1 or requests < 1:
         raise InputError(f"concurrency and requests must be at least 1, got {concurrency} and {requests}")
@@ -178,14 +201,28 @@ def _report(protocol, concurrency, requests, seconds, outcomes) -> LoadReport:
     latency = {}
     if latencies.size:
         p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
-        latency = {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(latencies.mean()),
-                   "max": float(latencies.max())}
-    return LoadReport(protocol=protocol, concurrency=concurrency, requests=requests, ok=int(latencies.size),
-                      errors=len(messages), seconds=seconds, throughput_rps=latencies.size / seconds,
-                      latency_ms=latency, error_messages=sorted(set(messages))[:5])
+        latency = {
+            "p50": float(p50),
+            "p95": float(p95),
+            "p99": float(p99),
+            "mean": float(latencies.mean()),
+            "max": float(latencies.max()),
+        }
+    return LoadReport(
+        protocol=protocol,
+        concurrency=concurrency,
+        requests=requests,
+        ok=int(latencies.size),
+        errors=len(messages),
+        seconds=seconds,
+        throughput_rps=latencies.size / seconds,
+        latency_ms=latency,
+        error_messages=sorted(set(messages))[:5],
+    )
 
 
 # ------------------------------------------------------------------ command line
+
 
 def _sampling(args) -> dict:
     """The request options given on the command line, checked here (the server checks them again)."""
@@ -216,18 +253,27 @@ def cmd_upscale(args) -> int:
         check_ready(client, args.protocol, args.url, args.model, min(args.timeout, 30.0))
         for path in files:
             try:
-                result = infer(client, args.protocol, build_inputs(args.protocol, _load_image(path, args.max_pixels),
-                                                                   **sampling), args.model, args.timeout)
+                result = infer(
+                    client,
+                    args.protocol,
+                    build_inputs(args.protocol, _load_image(path, args.max_pixels), **sampling),
+                    args.model,
+                    args.timeout,
+                )
             except (ImageRejected, ClientError, OSError) as exc:
                 print(f"error: {path}: {exc}", file=sys.stderr)
                 failed.append(path)
                 continue
             target = args.output / f"{path.stem}.png"
-            write_atomically(target, lambda tmp: Image.fromarray(result.image).save(tmp, format="PNG"))
-            write_atomically(args.output / f"{path.stem}.txt", lambda tmp: Path(tmp).write_text(result.prompt + "\n"))
+            write_atomically(target, lambda tmp, image=result.image: Image.fromarray(image).save(tmp, format="PNG"))
+            write_atomically(
+                args.output / f"{path.stem}.txt", lambda tmp, prompt=result.prompt: Path(tmp).write_text(prompt + "\n")
+            )
             if not args.quiet:
-                print(f"{path} -> {target} ({result.image.shape[1]}x{result.image.shape[0]}); tags: {result.tags}",
-                      file=sys.stderr)
+                print(
+                    f"{path} -> {target} ({result.image.shape[1]}x{result.image.shape[0]}); tags: {result.tags}",
+                    file=sys.stderr,
+                )
     finally:
         client.close()
     print(f"{len(files) - len(failed)} upscaled, {len(failed)} failed", file=sys.stderr)
@@ -248,8 +294,16 @@ def cmd_load(args) -> int:
         check_ready(client, args.protocol, args.url, args.model, min(args.timeout, 30.0))
     finally:
         client.close()
-    report = run_load(args.protocol, args.url, image, concurrency=args.concurrency, requests=args.requests,
-                      model=args.model, timeout=args.timeout, **sampling)
+    report = run_load(
+        args.protocol,
+        args.url,
+        image,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        model=args.model,
+        timeout=args.timeout,
+        **sampling,
+    )
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
     return 1 if report.errors else 0
 
@@ -260,14 +314,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="seesr", help="model name in the repository (default seesr)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     option_table.add_arguments(parser, REQUEST_OPTIONS, server_side=True)
-    parser.add_argument("--max-pixels", type=int, default=option_table.default("max_pixels"),
-                        help=f"refuse larger local inputs (default {option_table.default('max_pixels')}; the "
-                             "server has its own limit)")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=option_table.default("max_pixels"),
+        help=f"refuse larger local inputs (default {option_table.default('max_pixels')}; the server has its own limit)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seesr-triton-client",
-                                     description="Send images to a SeeSR model served by Triton Inference Server.")
+    parser = argparse.ArgumentParser(
+        prog="seesr-triton-client", description="Send images to a SeeSR model served by Triton Inference Server."
+    )
     parser.add_argument("--version", action="version", version=f"seesr-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -8,6 +8,7 @@ only at the interface the numpy pipeline needs.
 
 Not testable on the CPU-only CI machines: see benchmarks/gpu_validate.py.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -65,13 +66,17 @@ class TensorRTBackend:
         for network, entry in manifest.data["networks"].items():
             engine_entry = entry.get("engines", {}).get(precision)
             if engine_entry is None:
-                raise BundleError(f"{manifest.root}: no {precision} TensorRT engine for {network!r}; "
-                                  "build with seesr-export build --backend tensorrt")
+                raise BundleError(
+                    f"{manifest.root}: no {precision} TensorRT engine for {network!r}; "
+                    "build with seesr-export build --backend tensorrt"
+                )
             engine_file = manifest.file(engine_entry["file"], f"{network} {precision} TensorRT engine")
             engine = self.runtime.deserialize_cuda_engine(engine_file.read_bytes())
             if engine is None:
-                raise BundleError(f"{engine_entry['file']}: TensorRT could not deserialize it (built for "
-                                  f"TensorRT {engine_entry['tensorrt']}, sm{''.join(map(str, engine_entry['compute_capability']))})")
+                raise BundleError(
+                    f"{engine_entry['file']}: TensorRT could not deserialize it (built for "
+                    f"TensorRT {engine_entry['tensorrt']}, sm{''.join(map(str, engine_entry['compute_capability']))})"
+                )
             self.engines[network] = engine
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         self.contexts = {n: e.create_execution_context(strategy) for n, e in self.engines.items()}
@@ -125,8 +130,11 @@ class TensorRTBackend:
         self._launch(network, context, tuple(addresses))
         _check(cudart.cudaEventRecord(self._events[1], self.stream))
         for name, host in zip(self._outputs[network], outputs):
-            _check(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[(network, name)].ptr, host.nbytes, d2h,
-                                          self.stream))
+            _check(
+                cudart.cudaMemcpyAsync(
+                    host.ctypes.data, self.buffers[(network, name)].ptr, host.nbytes, d2h, self.stream
+                )
+            )
         _check(cudart.cudaStreamSynchronize(self.stream))
         self._last_ms = float(_check(cudart.cudaEventElapsedTime(*self._events)))
         return [o.astype(np.float32, copy=False) if o.dtype == np.float16 else o for o in outputs]

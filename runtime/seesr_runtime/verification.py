@@ -15,6 +15,7 @@ again next time.
 The stamp lives in the bundle (``STAMP``) or, where the bundle is read-only to this user, in
 ``$XDG_CACHE_HOME/seesr/verified/`` (default ``~/.cache``), named by a hash of the bundle's path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,10 @@ def verify_mode(verify: str | bool) -> str:
         return "always" if verify else "never"
     if verify in VERIFY_MODES:
         return verify
-    raise OptionError(f"verify={verify!r}: expected 'auto' (hash files new or changed since their last check), "
-                      "'always' (hash every file), 'never' (no check), True or False")
+    raise OptionError(
+        f"verify={verify!r}: expected 'auto' (hash files new or changed since their last check), "
+        "'always' (hash every file), 'never' (no check), True or False"
+    )
 
 
 def stamp_locations(root: Path) -> list[Path]:
@@ -100,8 +103,10 @@ def verify_bundle(manifest, mode: str = "auto", stamps: list[Path] | None = None
         report.stamp = _write_stamp(stamps, bundle, verified)
     report.seconds = time.perf_counter() - start
     if problems:
-        raise BundleError(f"{manifest.root}: bundle files do not match the manifest (damaged or altered; "
-                          "rebuild or download the bundle again):\n  " + "\n  ".join(problems))
+        raise BundleError(
+            f"{manifest.root}: bundle files do not match the manifest (damaged or altered; "
+            "rebuild or download the bundle again):\n  " + "\n  ".join(problems)
+        )
     return report
 
 
@@ -119,16 +124,26 @@ def _read_stamps(stamps: list[Path]) -> dict:
         except (OSError, ValueError):
             continue
         # The bundle's path is not compared: a bundle renamed into place keeps its files' versions.
-        if isinstance(stamp, dict) and stamp.get("format") == STAMP_FORMAT and \
-                stamp.get("version") == STAMP_VERSION and isinstance(stamp.get("files"), dict):
+        if (
+            isinstance(stamp, dict)
+            and stamp.get("format") == STAMP_FORMAT
+            and stamp.get("version") == STAMP_VERSION
+            and isinstance(stamp.get("files"), dict)
+        ):
             known.update(stamp["files"])
     return known
 
 
 def _write_stamp(stamps: list[Path], bundle: str, verified: dict) -> Path | None:
     """Write the stamp atomically at the first location that takes it; None (and a warning) if none does."""
-    text = json.dumps({"format": STAMP_FORMAT, "version": STAMP_VERSION, "bundle": bundle, "files": verified},
-                      indent=1, sort_keys=True) + "\n"
+    text = (
+        json.dumps(
+            {"format": STAMP_FORMAT, "version": STAMP_VERSION, "bundle": bundle, "files": verified},
+            indent=1,
+            sort_keys=True,
+        )
+        + "\n"
+    )
     failures = []
     for path in stamps:
         try:
@@ -136,6 +151,10 @@ def _write_stamp(stamps: list[Path], bundle: str, verified: dict) -> Path | None
             return path
         except OSError as exc:
             failures.append(f"{exc.filename or path}: {exc.strerror or exc}")
-    warnings.warn(f"{bundle}: the verification stamp could not be written ({'; '.join(failures)}); "
-                  "every load will hash the bundle's files again", RuntimeWarning, stacklevel=4)
+    warnings.warn(
+        f"{bundle}: the verification stamp could not be written ({'; '.join(failures)}); "
+        "every load will hash the bundle's files again",
+        RuntimeWarning,
+        stacklevel=4,
+    )
     return None

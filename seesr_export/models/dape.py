@@ -14,13 +14,14 @@ loads unchanged; the LoRA tensors of ``DAPE.pth`` are merged into the base
 weights exactly as loralib 0.1.2 does when the official code calls
 ``model.eval()``.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ class DAPEConfig:
     @classmethod
     def from_state_dict(
         cls, state_dict: Mapping[str, torch.Tensor], source: Path | str, image_size: int = IMAGE_SIZE
-    ) -> "DAPEConfig":
+    ) -> DAPEConfig:
         shape = _shape_reader(state_dict, source)
         embed_dim, _, patch, _ = shape("visual_encoder.patch_embed.proj.weight")
         stages = _numbered_children(state_dict, "visual_encoder.layers", source)
@@ -764,9 +765,7 @@ def _check_count(path: Path, what: str, found: int, expected: int) -> None:
         raise CheckpointError(f"{path}: found {found} {what}, expected {expected} (one per class)")
 
 
-def select_tags(
-    tag_logits: torch.Tensor | np.ndarray, tag_list: Sequence[str], thresholds: np.ndarray
-) -> str:
+def select_tags(tag_logits: torch.Tensor | np.ndarray, tag_list: Sequence[str], thresholds: np.ndarray) -> str:
     """Official ``generate_tag`` after the logits: tags with sigmoid(logit) > threshold.
 
     Strictly greater, in float32 as the official code; joined with ", " in

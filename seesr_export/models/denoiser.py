@@ -6,12 +6,13 @@ image tokens (dim 512). We build the plain diffusers networks, graft those
 transformers on, and drive the blocks with our own forward so that the state
 dict keeps the official key names and the graph stays easy to export.
 """
+
 from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -130,8 +131,17 @@ class SeeSRUNet(nn.Module):
 
         self.config = dict(config)
         base = UNet2DConditionModel(**_diffusers_kwargs(UNet2DConditionModel, config, source))
-        for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block", "up_blocks",
-                     "conv_norm_out", "conv_act", "conv_out"):
+        for name in (
+            "conv_in",
+            "time_proj",
+            "time_embedding",
+            "down_blocks",
+            "mid_block",
+            "up_blocks",
+            "conv_norm_out",
+            "conv_act",
+            "conv_out",
+        ):
             setattr(self, name, getattr(base, name))
         if config.get("use_image_cross_attention", False):
             for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
@@ -143,9 +153,15 @@ class SeeSRUNet(nn.Module):
         """How many ControlNet skip residuals the UNet takes (12 for SD2)."""
         return 1 + sum(len(b.resnets) + len(b.downsamplers or []) for b in self.down_blocks)
 
-    def forward(self, sample, timestep, encoder_hidden_states, image_embeds,
-                down_residuals: Sequence[torch.Tensor] | None = None,
-                mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        image_embeds,
+        down_residuals: Sequence[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         temb = _time_embedding(self.time_proj, self.time_embedding, timestep, sample)
         hidden = self.conv_in(sample)
         skips = [hidden]
@@ -162,8 +178,7 @@ class SeeSRUNet(nn.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             # Odd latent sizes: upsample to the skip's exact size, not simply x2.
             upsample_size = skips[-1].shape[2:] if i < len(self.up_blocks) - 1 else None
-            hidden = run_up_block(block, hidden, block_skips, temb, encoder_hidden_states, image_embeds,
-                                  upsample_size)
+            hidden = run_up_block(block, hidden, block_skips, temb, encoder_hidden_states, image_embeds, upsample_size)
         hidden = self.conv_act(self.conv_norm_out(hidden))
         return self.conv_out(hidden)
 
@@ -183,16 +198,31 @@ class SeeSRControlNet(nn.Module):
             raise CheckpointError(f"{source}: unknown controlnet_conditioning_channel_order {order!r}")
         self.flip_condition = order == "bgr"
         base = ControlNetModel(**_diffusers_kwargs(ControlNetModel, config, source))
-        for name in ("conv_in", "time_proj", "time_embedding", "controlnet_cond_embedding", "down_blocks",
-                     "controlnet_down_blocks", "mid_block", "controlnet_mid_block"):
+        for name in (
+            "conv_in",
+            "time_proj",
+            "time_embedding",
+            "controlnet_cond_embedding",
+            "down_blocks",
+            "controlnet_down_blocks",
+            "mid_block",
+            "controlnet_mid_block",
+        ):
             setattr(self, name, getattr(base, name))
         if config.get("use_image_cross_attention", False):
             for block in [*self.down_blocks, self.mid_block]:
                 if _has_cross_attention(block):
                     _graft_image_attention(block)
 
-    def forward(self, sample, timestep, encoder_hidden_states, image_embeds, controlnet_cond,
-                conditioning_scale: float | torch.Tensor = 1.0):
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        image_embeds,
+        controlnet_cond,
+        conditioning_scale: float | torch.Tensor = 1.0,
+    ):
         """Returns ``(down_residuals, mid_residual)``, already multiplied by ``conditioning_scale``."""
         if self.flip_condition:
             controlnet_cond = torch.flip(controlnet_cond, dims=[1])

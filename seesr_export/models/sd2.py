@@ -1,4 +1,5 @@
 """Stable Diffusion 2-base parts SeeSR reuses unchanged: VAE, CLIP text encoder, tokenizer, scheduler."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,21 @@ from .denoiser import _diffusers_kwargs, read_config
 
 # SeeSR builds a DDPMScheduler from SD2's PNDM config: these keys carry over,
 # everything else takes DDPMScheduler's defaults.
-DDPM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-             "variance_type", "clip_sample", "clip_sample_range", "prediction_type", "thresholding",
-             "timestep_spacing", "steps_offset", "rescale_betas_zero_snr")
+DDPM_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "variance_type",
+    "clip_sample",
+    "clip_sample_range",
+    "prediction_type",
+    "thresholding",
+    "timestep_spacing",
+    "steps_offset",
+    "rescale_betas_zero_snr",
+)
 
 # Attention names of VAEs saved by diffusers < 0.14 (SD2's own release included).
 _OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -48,8 +61,11 @@ def load_text_encoder(sd2_folder: Path) -> nn.Module:
     folder = Path(sd2_folder) / "text_encoder"
     config = CLIPTextConfig.from_dict(read_config(folder, "SD2 text encoder"))
     model = CLIPTextModel(config)
-    weights = find_weights(folder, "model", "SD2 text encoder") if (folder / "model.safetensors").exists() \
+    weights = (
+        find_weights(folder, "model", "SD2 text encoder")
+        if (folder / "model.safetensors").exists()
         else find_weights(folder, "pytorch_model", "SD2 text encoder")
+    )
     state = _match_text_prefix(load_state_dict(weights, "SD2 text encoder"), model)
     # position_ids is a constant buffer older transformers saved; it is rebuilt, not loaded.
     load_strict(model, state, weights, ignore_keys=("text_model.embeddings.position_ids", "embeddings.position_ids"))

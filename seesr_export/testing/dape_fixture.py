@@ -9,6 +9,7 @@ tensor small for tests; ``size="sd2"`` has the real Swin-L / BERT-base shapes
 
 Everything is a deterministic function of ``seed``.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -22,8 +23,8 @@ import torch
 from ..checkpoints import load_state_dict
 from ..models.dape import (
     IMAGE_SIZE,
-    lora_shapes,
     is_lora_layer,
+    lora_shapes,
     lora_slots,
     relative_position_index,
     shifted_window_mask,
@@ -299,8 +300,9 @@ def synthetic_tags(count: int, seed: int) -> list[str]:
     return tags
 
 
-def write_tag_files(tag_list_path: Path | str, threshold_path: Path | str, seed: int = 0,
-                    count: int = NUM_CLASSES) -> tuple[Path, Path]:
+def write_tag_files(
+    tag_list_path: Path | str, threshold_path: Path | str, seed: int = 0, count: int = NUM_CLASSES
+) -> tuple[Path, Path]:
     """``ram_tag_list.txt`` and ``ram_tag_list_threshold.txt`` stand-ins (thresholds 0.6..0.9)."""
     thresholds = np.random.default_rng(seed + 1).uniform(0.6, 0.9, size=count)
     tag_list_path, threshold_path = Path(tag_list_path), Path(threshold_path)
@@ -319,9 +321,9 @@ def sample_image(seed: int = 0, batch: int = 1) -> torch.Tensor:
     return (image - mean) / std
 
 
-
-def calibrate_tag_bias(ram_path: Path | str, dape_path: Path | str, threshold_path: Path | str,
-                       target_tags: int = 20) -> float:
+def calibrate_tag_bias(
+    ram_path: Path | str, dape_path: Path | str, threshold_path: Path | str, target_tags: int = 20
+) -> float:
     """Shift ``fc.bias`` so that exactly ``target_tags`` tags fire on ``sample_image()``.
 
     Random weights give tag logits a large, seed-dependent common offset; without

@@ -5,13 +5,14 @@ its own checkpoints: ``tiny`` sizes run in seconds, ``sd2`` sizes are the real
 SD2-base + Swin-L shapes for benchmarks (latency does not depend on weight
 values). Output is deterministic for a given seed.
 """
+
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -62,8 +63,9 @@ class FixtureShapes:
 
 SHAPES = {
     "tiny": FixtureShapes([32, 32, 64, 64], [2, 2, 4, 4], 8, 32, 2, 4, [16, 16, 32, 32], 1, 8, [8, 16, 16, 32]),
-    "sd2": FixtureShapes([320, 640, 1280, 1280], [5, 10, 20, 20], 32, 1024, 23, 16, [128, 256, 512, 512], 2, 32,
-                         [16, 32, 96, 256]),
+    "sd2": FixtureShapes(
+        [320, 640, 1280, 1280], [5, 10, 20, 20], 32, 1024, 23, 16, [128, 256, 512, 512], 2, 32, [16, 32, 96, 256]
+    ),
 }
 
 
@@ -105,16 +107,28 @@ def _unet_config(s: FixtureShapes, text_dim: int) -> dict:
 
 
 def _controlnet_config(s: FixtureShapes, text_dim: int) -> dict:
-    config = {k: v for k, v in _unet_config(s, text_dim).items()
-              if k not in ("out_channels", "up_block_types", "mid_block_type", "sample_size", "center_input_sample",
-                           "dual_cross_attention")}
-    config.update({
-        "_class_name": "ControlNetModel",
-        "conditioning_channels": 3,
-        "conditioning_embedding_out_channels": s.cond_channels,
-        "controlnet_conditioning_channel_order": "rgb",
-        "global_pool_conditions": False,
-    })
+    config = {
+        k: v
+        for k, v in _unet_config(s, text_dim).items()
+        if k
+        not in (
+            "out_channels",
+            "up_block_types",
+            "mid_block_type",
+            "sample_size",
+            "center_input_sample",
+            "dual_cross_attention",
+        )
+    }
+    config.update(
+        {
+            "_class_name": "ControlNetModel",
+            "conditioning_channels": 3,
+            "conditioning_embedding_out_channels": s.cond_channels,
+            "controlnet_conditioning_channel_order": "rgb",
+            "global_pool_conditions": False,
+        }
+    )
     return config
 
 
@@ -222,7 +236,7 @@ def fixture_bpe_merges() -> list[str]:
     triples = (pair + c for pair in pairs for c in _LETTERS)
     while len(merges) < CLIP_MERGE_COUNT:
         triple = next(triples)
-        merges += [f"{triple} {d}</w>" for d in _LETTERS][:CLIP_MERGE_COUNT - len(merges)]
+        merges += [f"{triple} {d}</w>" for d in _LETTERS][: CLIP_MERGE_COUNT - len(merges)]
     return merges
 
 
@@ -233,10 +247,12 @@ def clip_bpe_merges() -> list[str]:
     folders = list(spec.submodule_search_locations or []) if spec else []
     found = [c for c in (Path(f) / "bpe_simple_vocab_16e6.txt.gz" for f in folders) if c.is_file()]
     if not found:
-        raise FileNotFoundError("CLIP's BPE vocabulary file comes from the open_clip_torch package, which is "
-                                "not installed: pip install --no-deps open_clip_torch==3.3.0")
+        raise FileNotFoundError(
+            "CLIP's BPE vocabulary file comes from the open_clip_torch package, which is "
+            "not installed: pip install --no-deps open_clip_torch==3.3.0"
+        )
     lines = gzip.decompress(found[0].read_bytes()).decode("utf-8").split("\n")
-    return lines[1:CLIP_MERGE_COUNT + 1]
+    return lines[1 : CLIP_MERGE_COUNT + 1]
 
 
 def write_clip_tokenizer(folder: Path, merges: list[str] | None = None) -> None:
@@ -249,12 +265,24 @@ def write_clip_tokenizer(folder: Path, merges: list[str] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _json(folder / "vocab.json", {t: i for i, t in enumerate(tokens)})
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "!",
-                "unk_token": "<|endoftext|>"}
+    specials = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "!",
+        "unk_token": "<|endoftext|>",
+    }
     _json(folder / "special_tokens_map.json", specials)
-    _json(folder / "tokenizer_config.json", {**specials, "add_prefix_space": False, "do_lower_case": True,
-                                             "errors": "replace", "model_max_length": 77,
-                                             "tokenizer_class": "CLIPTokenizer"})
+    _json(
+        folder / "tokenizer_config.json",
+        {
+            **specials,
+            "add_prefix_space": False,
+            "do_lower_case": True,
+            "errors": "replace",
+            "model_max_length": 77,
+            "tokenizer_class": "CLIPTokenizer",
+        },
+    )
 
 
 def _save_diffusers(folder: Path, config: dict, model: nn.Module, safetensors: bool) -> None:
@@ -289,10 +317,11 @@ def write_sd2(folder: Path, size: str, generator: torch.Generator) -> None:
     text = randomize_(CLIPTextModel(CLIPTextConfig.from_dict(text_config)), generator)
     _json(folder / "text_encoder" / "config.json", text_config)
     # Keys as SD2 ships them (transformers 4 naming, "text_model." prefix).
-    state = {k if k.startswith("text_model.") else f"text_model.{k}": v.contiguous() for k, v in text.state_dict().items()}
+    state = {
+        k if k.startswith("text_model.") else f"text_model.{k}": v.contiguous() for k, v in text.state_dict().items()
+    }
     state["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # saved by the transformers of 2022
-    save_file(state,
-              str(folder / "text_encoder" / "model.safetensors"), metadata=SAFETENSORS_METADATA)
+    save_file(state, str(folder / "text_encoder" / "model.safetensors"), metadata=SAFETENSORS_METADATA)
 
 
 def write_seesr_denoisers(folder: Path, size: str, generator: torch.Generator) -> None:
@@ -302,8 +331,9 @@ def write_seesr_denoisers(folder: Path, size: str, generator: torch.Generator) -
     unet_config = _unet_config(s, s.text_hidden)
     _save_diffusers(folder / "unet", unet_config, randomize_(SeeSRUNet(unet_config), generator), safetensors=False)
     control_config = _controlnet_config(s, s.text_hidden)
-    _save_diffusers(folder / "controlnet", control_config,
-                    randomize_(SeeSRControlNet(control_config), generator), safetensors=True)
+    _save_diffusers(
+        folder / "controlnet", control_config, randomize_(SeeSRControlNet(control_config), generator), safetensors=True
+    )
 
 
 def write_fixture(root: Path | str, size: str = "tiny", seed: int = 0) -> SeeSRPaths:

@@ -11,6 +11,7 @@ A bad request (wrong dtype, rank, channel count, too large or too small, an opti
 runtime's options table) gets a Triton error naming the value and what was expected; an unexpected
 failure also becomes an error response, never a dead instance.
 """
+
 import json
 import os
 import traceback
@@ -24,6 +25,7 @@ try:
     from seesr_runtime.errors import InputError
     from seesr_runtime.options import check_image_size
     from seesr_runtime.triton import NUMPY_TYPES, REQUEST_OPTIONS
+
     RUNTIME_MISSING = None
 except ImportError as exc:  # reported by initialize, where Triton shows it
     RUNTIME_MISSING = exc
@@ -66,8 +68,10 @@ class TritonPythonModel:
             # One stub process per instance: pin it to its GPU before any CUDA library starts.
             os.environ["CUDA_VISIBLE_DEVICES"] = str(args["model_instance_device_id"])
         if RUNTIME_MISSING is not None:
-            raise RuntimeError(f"the SeeSR runtime is not installed in the server's Python ({RUNTIME_MISSING}); "
-                               "pip install seesr-export (no extras) in the Triton image")
+            raise RuntimeError(
+                f"the SeeSR runtime is not installed in the server's Python ({RUNTIME_MISSING}); "
+                "pip install seesr-export (no extras) in the Triton image"
+            )
         backend = params["backend"]
         options = {"precision": params["precision"]}
         if backend == "onnxruntime":
@@ -77,8 +81,9 @@ class TritonPythonModel:
         self.pipe = SeeSRPipeline.from_bundle(bundle, backend=backend, **options)
         self.pipe.resolve_options(self.pipeline_options)  # a bad config.pbtxt fails here, not per request
         self._load_all_networks()
-        pb_utils.Logger.log_info(f"seesr: instance {args['model_instance_name']} ready: bundle {bundle}, "
-                                 f"backend {backend}, {options}")
+        pb_utils.Logger.log_info(
+            f"seesr: instance {args['model_instance_name']} ready: bundle {bundle}, backend {backend}, {options}"
+        )
 
     def _load_all_networks(self):
         """Create every session now, not on the first request (TensorRT loads its engines eagerly)."""
@@ -98,20 +103,25 @@ class TritonPythonModel:
         except Exception as exc:  # noqa: BLE001 - one failed request must not take the instance down
             pb_utils.Logger.log_error(f"seesr: request failed:\n{traceback.format_exc()}")
             return _error(f"internal error: {type(exc).__name__}: {exc}", invalid=False)
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("image", np.ascontiguousarray(np.asarray(result.image, dtype=np.uint8))),
-            pb_utils.Tensor("tags", np.array([result.tags.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("prompt", np.array([result.prompt.encode("utf-8")], dtype=np.object_)),
-        ])
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("image", np.ascontiguousarray(np.asarray(result.image, dtype=np.uint8))),
+                pb_utils.Tensor("tags", np.array([result.tags.encode("utf-8")], dtype=np.object_)),
+                pb_utils.Tensor("prompt", np.array([result.prompt.encode("utf-8")], dtype=np.object_)),
+            ]
+        )
 
     def _read(self, request):
         image = _input(request, "image")
         if image is None:
             raise RequestError("input 'image' is required (UINT8 [H, W, 3])")
         check_image(image, self.max_pixels)
-        options = {name: _text(request, name) if data_type == "TYPE_STRING" else
-                   _scalar(request, name, np.dtype(NUMPY_TYPES[data_type]))
-                   for name, data_type in REQUEST_OPTIONS.items()}
+        options = {
+            name: _text(request, name)
+            if data_type == "TYPE_STRING"
+            else _scalar(request, name, np.dtype(NUMPY_TYPES[data_type]))
+            for name, data_type in REQUEST_OPTIONS.items()
+        }
         return image, {name: value for name, value in options.items() if value is not None}
 
 
@@ -137,8 +147,9 @@ def _scalar(request, name: str, dtype):
     if value is None:
         return None
     if value.size != 1 or value.dtype != dtype:
-        raise RequestError(f"input '{name}' must hold one {np.dtype(dtype).name} value, "
-                           f"got {value.dtype} shape {list(value.shape)}")
+        raise RequestError(
+            f"input '{name}' must hold one {np.dtype(dtype).name} value, got {value.dtype} shape {list(value.shape)}"
+        )
     return value.reshape(()).item()
 
 
