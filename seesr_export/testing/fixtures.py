@@ -337,8 +337,10 @@ def write_seesr_denoisers(folder: Path, size: str, generator: torch.Generator) -
 
 
 def write_fixture(root: Path | str, size: str = "tiny", seed: int = 0) -> SeeSRPaths:
-    """Write a complete random-weight SeeSR checkout under ``root``; returns its paths."""
+    """Write a complete random-weight SeeSR checkout under ``root`` (sd-turbo included); returns its paths."""
+    from ..turbo import default_sd_turbo
     from .dape_fixture import calibrate_tag_bias, write_dape_lora, write_ram_checkpoint, write_tag_files
+    from .turbo_fixture import write_sd_turbo
 
     if size not in SIZES:
         raise SeeSRExportError(f"fixture size must be one of {SIZES}, got {size!r}")
@@ -352,4 +354,5 @@ def write_fixture(root: Path | str, size: str = "tiny", seed: int = 0) -> SeeSRP
     paths.tag_list.parent.mkdir(parents=True, exist_ok=True)
     write_tag_files(paths.tag_list, paths.tag_thresholds, seed=seed + 3)
     calibrate_tag_bias(paths.ram, paths.dape, paths.tag_thresholds)
+    write_sd_turbo(default_sd_turbo(root), size, seed=seed + 4)  # SeeSR-turbo's base; its own weights
     return paths
