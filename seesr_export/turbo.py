@@ -15,11 +15,102 @@ A turbo checkout is a ``SeeSRPaths`` whose ``sd2`` (the base model folder) is th
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from seesr_runtime.scheduler import DDPMConfig
+
+from .errors import CheckpointError
+from .layout import SeeSRPaths
+
 SD_TURBO_SUBDIR = Path("preset") / "models" / "sd-turbo"
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the only file the official composition reads
+IMAGE_ATTENTION = "image_attentions"  # the module name of SeeSR's image cross-attention transformers
+
+# The options whose official turbo value differs from test_seesr.py's.
+TURBO_DEFAULTS = {"steps": 2, "guidance": 1.0, "latent_tile_overlap": 32}
+
+SD_TURBO_HELP = """\
+expected the sd-turbo release laid out as:
+  preset/models/sd-turbo/{scheduler,tokenizer,text_encoder,vae}/
+  preset/models/sd-turbo/unet/{config.json,diffusion_pytorch_model.safetensors}"""
 
 
 def default_sd_turbo(root: Path | str) -> Path:
     """Where the official turbo script expects sd-turbo in a SeeSR checkout."""
     return Path(root) / SD_TURBO_SUBDIR
+
+
+def turbo_paths(paths: SeeSRPaths, sd_turbo: Path | str) -> SeeSRPaths:
+    """``paths`` with the sd-turbo folder as the base model; the sd-turbo folder and its UNet weights
+    are checked here, before any loading, with the path at fault named."""
+    sd_turbo = Path(sd_turbo)
+    if not sd_turbo.is_dir():
+        raise CheckpointError(f"sd-turbo folder not found: {sd_turbo}\n{SD_TURBO_HELP}")
+    for needed in ("unet/config.json", f"unet/{UNET_WEIGHTS}"):
+        if not (sd_turbo / needed).is_file():
+            raise CheckpointError(f"sd-turbo UNet: file not found: {sd_turbo / needed}\n{SD_TURBO_HELP}")
+    return dataclasses.replace(paths, sd2=sd_turbo)
+
+
+def is_image_attention(key: str) -> bool:
+    return IMAGE_ATTENTION in key.split(".")
+
+
+def turbo_unet_config(sd_turbo_unet: Path) -> dict:
+    """sd-turbo's UNet config with SeeSR's image cross-attention switched on."""
+    from .models.denoiser import read_config
+
+    return {**read_config(sd_turbo_unet, "sd-turbo UNet"), "use_image_cross_attention": True}
+
+
+def composed_state_dict(sd_turbo_unet: Path, seesr_unet: Path, wanted: dict) -> dict:
+    """sd-turbo's UNet weights plus SeeSR's image-attention weights, each key accounted for against
+    ``wanted`` (the composed model's state dict): every sd-turbo key and every SeeSR image-attention key
+    is used, and together they fill the model. One error lists every problem, naming the files."""
+    from .checkpoints import find_weights, load_state_dict, require_file
+
+    turbo_file = require_file(Path(sd_turbo_unet) / UNET_WEIGHTS, "sd-turbo UNet")
+    seesr_file = find_weights(seesr_unet, "diffusion_pytorch_model", "SeeSR UNet")
+    turbo = load_state_dict(turbo_file, "sd-turbo UNet")
+    image = {k: v for k, v in load_state_dict(seesr_file, "SeeSR UNet").items() if is_image_attention(k)}
+    problems = [
+        f"{turbo_file}: has image-attention key {k!r}; a plain sd-turbo UNet has none"
+        for k in sorted(turbo)
+        if is_image_attention(k)
+    ]
+    if not image:
+        problems.append(f"{seesr_file}: no {IMAGE_ATTENTION} keys; is this SeeSR's UNet?")
+    for source, state in ((turbo_file, turbo), (seesr_file, image)):
+        for key in sorted(set(state) - set(wanted)):
+            problems.append(f"{source}: unexpected key {key!r} (shape {tuple(state[key].shape)})")
+        for key in sorted(set(state) & set(wanted)):
+            if tuple(state[key].shape) != tuple(wanted[key].shape):
+                shapes = f"{tuple(state[key].shape)}, expected {tuple(wanted[key].shape)}"
+                problems.append(f"{source}: key {key!r} has shape {shapes}")
+    for key in sorted(set(wanted) - set(turbo) - set(image)):
+        source = seesr_file if is_image_attention(key) else turbo_file
+        problems.append(f"{source}: missing key {key!r} (expected shape {tuple(wanted[key].shape)})")
+    if problems:
+        raise CheckpointError("cannot compose the SeeSR-turbo UNet:\n  " + "\n  ".join(problems))
+    return {**turbo, **image}
+
+
+def compose_turbo_unet(sd_turbo_unet: Path | str, seesr_unet: Path | str):
+    """The SeeSR-turbo UNet: sd-turbo's config and weights, SeeSR's image attention."""
+    from .models.denoiser import SeeSRUNet
+
+    sd_turbo_unet = Path(sd_turbo_unet)
+    model = SeeSRUNet(turbo_unet_config(sd_turbo_unet), source=str(sd_turbo_unet / "config.json"))
+    state = composed_state_dict(sd_turbo_unet, Path(seesr_unet), model.state_dict())
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def turbo_scheduler_config(sd_turbo: Path | str) -> dict:
+    """sd-turbo's scheduler file read as a DDPM config, as the official script reads it, with every value
+    the DDPM sampler uses written out (the file's, else DDPMScheduler's default), so no reader of the
+    manifest depends on defaults: an Euler file may leave out keys only DDPM reads."""
+    from .models.sd2 import load_scheduler_config
+
+    return {**dataclasses.asdict(DDPMConfig()), **load_scheduler_config(Path(sd_turbo))}
