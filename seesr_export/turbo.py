@@ -114,3 +114,30 @@ def turbo_scheduler_config(sd_turbo: Path | str) -> dict:
     from .models.sd2 import load_scheduler_config
 
     return {**dataclasses.asdict(DDPMConfig()), **load_scheduler_config(Path(sd_turbo))}
+
+
+def turbo_reference(paths: SeeSRPaths, sd_turbo: Path | str):
+    """The torch reference pipeline in turbo mode: the composed UNet, sd-turbo's text encoder, tokenizer,
+    VAE and scheduler, SeeSR's ControlNet and DAPE, and the turbo defaults (2 steps, no guidance:
+    batch 1, tile overlap 32). Any option can still be given per call, guidance above 1 included."""
+    from .models import dape as dape_module
+    from .models import sd2
+    from .models.denoiser import load_seesr_controlnet
+    from .reference import SeeSRReference
+
+    paths = turbo_paths(paths, sd_turbo).check()
+    dape = dape_module.load_dape(paths.ram, paths.dape)
+    tags, thresholds = dape_module.load_tag_list(paths.tag_list, paths.tag_thresholds, dape.config.num_classes)
+    reference = SeeSRReference(
+        dape,
+        tags,
+        thresholds,
+        sd2.load_tokenizer(paths.sd2),
+        sd2.load_text_encoder(paths.sd2),
+        sd2.load_vae(paths.sd2),
+        compose_turbo_unet(paths.sd2 / "unet", paths.unet),
+        load_seesr_controlnet(paths.controlnet),
+        turbo_scheduler_config(paths.sd2),
+    )
+    reference.defaults = dict(TURBO_DEFAULTS)
+    return reference

@@ -200,3 +200,82 @@ def test_trailing_schedule_as_the_official_ddpm_reads_it(sd_turbo):
     assert [scheduler.previous_timestep(t) for t in (999, 666, 332)] == [666, 333, -1]
     scheduler.set_timesteps(2)
     assert [scheduler.previous_timestep(t) for t in (999, 499)] == [499, -1]
+
+
+# ---------------------------------------------------------------- the torch reference in turbo mode
+
+
+@pytest.fixture(scope="module")
+def turbo_reference(tiny_checkout, sd_turbo):
+    from seesr_export.turbo import turbo_reference
+
+    return turbo_reference(tiny_checkout, sd_turbo)
+
+
+class BatchRecorder:
+    """Records the batch and spatial size of every call of a network (a forward pre-hook on the real module)."""
+
+    def __init__(self, *modules):
+        self.calls = []
+        self.handles = [m.register_forward_pre_hook(self._record) for m in modules]
+
+    def _record(self, module, args):
+        self.calls.append((type(module).__name__, tuple(args[0].shape)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_turbo_reference_uses_the_turbo_parts(turbo_reference, reference, tiny_checkout, sd_turbo):
+    composed = compose_turbo_unet(sd_turbo / "unet", tiny_checkout.unet)
+    for key, value in composed.state_dict().items():
+        assert torch.equal(turbo_reference.unet.state_dict()[key], value), key
+    turbo_text = _safetensors(sd_turbo / "text_encoder" / "model.safetensors")
+    key = "text_model.final_layer_norm.weight"
+    text_state = turbo_reference.text_encoder.state_dict()
+    assert torch.equal(text_state.get(key, text_state.get(key.removeprefix("text_model."))), turbo_text[key])
+    # ControlNet and DAPE are SeeSR's, unchanged.
+    for key, value in reference.controlnet.state_dict().items():
+        assert torch.equal(turbo_reference.controlnet.state_dict()[key], value), key
+    assert turbo_reference.scheduler.config.timestep_spacing == "trailing"
+
+
+def test_turbo_reference_defaults_two_steps_at_batch_one(turbo_reference, lr_image):
+    steps = []
+    with BatchRecorder(turbo_reference.unet, turbo_reference.controlnet) as recorder:
+        result = turbo_reference(lr_image, seed=3, callback=lambda i, t: steps.append(t))
+    assert steps == [999, 499]
+    assert len(result.latents) == 2
+    assert {name for name, _ in recorder.calls} == {"SeeSRUNet", "SeeSRControlNet"}
+    assert all(shape[0] == 1 for _, shape in recorder.calls), recorder.calls
+    assert len(recorder.calls) == 4  # untiled at this size: ControlNet and UNet once per step
+
+
+def test_turbo_reference_guidance_above_one_runs_batch_two(turbo_reference, lr_image):
+    with BatchRecorder(turbo_reference.unet) as recorder:
+        turbo_reference(lr_image, seed=3, guidance=2.0, steps=1)
+    assert [shape[0] for _, shape in recorder.calls] == [2]
+
+
+def test_turbo_reference_tiles_with_overlap_32(turbo_reference, lr_image):
+    from seesr_runtime.imaging import tile_origins, working_image
+
+    work = working_image(lr_image, 512, 4)
+    h, w = work.size[1] // 8, work.size[0] // 8
+    tile = 48
+    assert h * w > tile * tile
+    with BatchRecorder(turbo_reference.unet) as recorder:
+        turbo_reference(lr_image, seed=3, steps=1, latent_tile_size=tile)
+    assert len(recorder.calls) == len(tile_origins(h, w, tile, 32)) != len(tile_origins(h, w, tile, 4))
+
+
+def test_turbo_reference_differs_from_the_standard_one(turbo_reference, reference, lr_image):
+    same = dict(seed=3, steps=2, guidance=1.0, latent_tile_overlap=32)
+    turbo = turbo_reference(lr_image, **same)
+    standard = reference(lr_image, **same)
+    assert turbo.tags == standard.tags  # DAPE is shared
+    assert not torch.allclose(turbo.latents[-1], standard.latents[-1])
