@@ -15,6 +15,7 @@ from seesr_runtime.errors import ImageRejected
 from .errors import SeeSRExportError
 from .graph_format import EXTERNAL_DATA_THRESHOLD, OPSET
 from .progress import Progress
+from .turbo import add_turbo_args, sd_turbo_from_args
 
 SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
 
@@ -171,6 +172,7 @@ def cmd_build(args) -> int:
         jobs=args.jobs,
         int8_image_attention_fp32=args.int8_image_attention_fp32,
         int8_conv_percentile=args.int8_conv_percentile,
+        sd_turbo=sd_turbo_from_args(args),
     )
     if args.external_data_threshold_mb is not None:
         options.external_data_threshold = int(args.external_data_threshold_mb * 1024**2)
@@ -328,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks/results/cpu/int8_image_attention.md for the measured effect)",
     )
     add_checkpoint_args(p)
+    add_turbo_args(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_build)
 

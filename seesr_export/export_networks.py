@@ -248,5 +248,7 @@ def _export_worker(name, spec, paths, work, options, threads):
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    entry = export_network(name, spec, TorchModels(paths), Path(work), options, Progress(quiet=True))
+    from .turbo_build import torch_models
+
+    entry = export_network(name, spec, torch_models(paths, options), Path(work), options, Progress(quiet=True))
     return entry, time.perf_counter() - start

@@ -15,12 +15,13 @@ A turbo checkout is a ``SeeSRPaths`` whose ``sd2`` (the base model folder) is th
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
 from seesr_runtime.scheduler import DDPMConfig
 
-from .errors import CheckpointError
+from .errors import BuildError, CheckpointError
 from .layout import SeeSRPaths
 
 SD_TURBO_SUBDIR = Path("preset") / "models" / "sd-turbo"
@@ -141,3 +142,36 @@ def turbo_reference(paths: SeeSRPaths, sd_turbo: Path | str):
     )
     reference.defaults = dict(TURBO_DEFAULTS)
     return reference
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_turbo_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SeeSR-turbo (2 steps on the sd-turbo base, no guidance)")
+    group.add_argument(
+        "--turbo",
+        action="store_true",
+        help="build the turbo bundle of test_seesr_turbo.py: sd-turbo's scheduler, tokenizer, text encoder "
+        "and VAE, the UNet composed of sd-turbo's and SeeSR's image attention, defaults 2 steps, guidance "
+        "1.0, latent tile overlap 32 (sd-turbo from SEESR_ROOT/preset/models/sd-turbo)",
+    )
+    group.add_argument(
+        "--sd-turbo",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the sd-turbo folder (implies --turbo)",
+    )
+
+
+def sd_turbo_from_args(args: argparse.Namespace) -> Path | None:
+    """The sd-turbo folder a command line asks for; None for a standard build."""
+    if args.sd_turbo is None and not args.turbo:
+        return None
+    if args.sd2 is not None:
+        raise BuildError(
+            f"--sd2 {args.sd2}: a turbo build reads its base model from the sd-turbo folder, not SD2; "
+            "name that folder with --sd-turbo PATH"
+        )
+    return args.sd_turbo if args.sd_turbo is not None else default_sd_turbo(args.seesr_root)

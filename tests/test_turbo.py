@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,7 +248,7 @@ def test_turbo_reference_uses_the_turbo_parts(turbo_reference, reference, tiny_c
 def test_turbo_reference_defaults_two_steps_at_batch_one(turbo_reference, lr_image):
     steps = []
     with BatchRecorder(turbo_reference.unet, turbo_reference.controlnet) as recorder:
-        result = turbo_reference(lr_image, seed=3, callback=lambda i, t: steps.append(t))
+        result = turbo_reference(lr_image, seed=3, process_size=128, callback=lambda i, t: steps.append(t))
     assert steps == [999, 499]
     assert len(result.latents) == 2
     assert {name for name, _ in recorder.calls} == {"SeeSRUNet", "SeeSRControlNet"}
@@ -257,7 +258,7 @@ def test_turbo_reference_defaults_two_steps_at_batch_one(turbo_reference, lr_ima
 
 def test_turbo_reference_guidance_above_one_runs_batch_two(turbo_reference, lr_image):
     with BatchRecorder(turbo_reference.unet) as recorder:
-        turbo_reference(lr_image, seed=3, guidance=2.0, steps=1)
+        turbo_reference(lr_image, seed=3, guidance=2.0, steps=1, process_size=128)
     assert [shape[0] for _, shape in recorder.calls] == [2]
 
 
@@ -274,8 +275,129 @@ def test_turbo_reference_tiles_with_overlap_32(turbo_reference, lr_image):
 
 
 def test_turbo_reference_differs_from_the_standard_one(turbo_reference, reference, lr_image):
-    same = dict(seed=3, steps=2, guidance=1.0, latent_tile_overlap=32)
+    same = dict(seed=3, steps=2, guidance=1.0, latent_tile_overlap=32, process_size=128)
     turbo = turbo_reference(lr_image, **same)
     standard = reference(lr_image, **same)
     assert turbo.tags == standard.tags  # DAPE is shared
     assert not torch.allclose(turbo.latents[-1], standard.latents[-1])
+
+
+# ---------------------------------------------------------------- the turbo bundle and the runtime
+
+
+@pytest.fixture(scope="module")
+def turbo_bundle(tiny_checkout, sd_turbo, tmp_path_factory):
+    from seesr_export.bundle import BuildOptions, build_bundle
+
+    out = tmp_path_factory.mktemp("turbo") / "tiny-turbo"
+    build_bundle(tiny_checkout, out, BuildOptions(precision="fp32", sd_turbo=sd_turbo))
+    return out
+
+
+@pytest.fixture(scope="module")
+def turbo_pipeline(turbo_bundle):
+    from seesr_runtime import SeeSRPipeline
+
+    return SeeSRPipeline.from_bundle(turbo_bundle)
+
+
+class RecordingBackend:
+    """The real backend, with the batch of every denoiser call written down."""
+
+    def __init__(self, backend):
+        self.backend, self.batches = backend, []
+
+    def run(self, network, feeds):
+        if network in ("controlnet", "unet"):
+            self.batches.append((network, feeds["sample"].shape[0]))
+        return self.backend.run(network, feeds)
+
+
+@pytest.mark.slow
+def test_turbo_bundle_manifest(turbo_bundle, sd_turbo):
+    from seesr_runtime.manifest import Manifest
+
+    manifest = Manifest.load(turbo_bundle)
+    pipeline = manifest.data["pipeline"]
+    assert pipeline["variant"] == "turbo"
+    assert {k: pipeline["defaults"][k] for k in ("steps", "guidance", "latent_tile_overlap")} == {
+        "steps": 2,
+        "guidance": 1.0,
+        "latent_tile_overlap": 32,
+    }
+    described = {o["name"]: o["default"] for o in pipeline["options"]}
+    assert (described["steps"], described["guidance"], described["latent_tile_overlap"]) == (2, 1.0, 32)
+    assert described["latent_tile_size"] == 96 and described["color_fix"] == "adain"  # the rest as test_seesr.py
+    scheduler = pipeline["scheduler"]
+    assert scheduler["type"] == "DDPMScheduler"
+    assert scheduler["timestep_spacing"] == "trailing" and scheduler["clip_sample"] is False
+    sources = manifest.data["provenance"]["sources"]
+    assert "sd-turbo/diffusion_pytorch_model.safetensors" in sources["unet"]
+    for network in ("controlnet", "unet"):
+        for profile in manifest.spec(network).profiles:
+            assert profile.opt["B"] == 1 and profile.max["B"] == 2, (network, profile)
+
+
+@pytest.mark.slow
+def test_turbo_runtime_defaults_run_two_steps_at_batch_one(turbo_pipeline, lr_image):
+    recorder = RecordingBackend(turbo_pipeline.backend)
+    turbo_pipeline.backend = recorder
+    try:
+        steps = []
+        turbo_pipeline(lr_image, seed=0, process_size=128, callback=lambda i, t: steps.append(t))
+        assert steps == [999, 499]
+        assert recorder.batches == [("controlnet", 1), ("unet", 1)] * 2
+        assert turbo_pipeline.resolve_options({})["latent_tile_overlap"] == 32
+        recorder.batches.clear()
+        turbo_pipeline(lr_image, seed=0, process_size=128, steps=1, guidance=2.0)
+        assert recorder.batches == [("controlnet", 2), ("unet", 2)]
+    finally:
+        turbo_pipeline.backend = recorder.backend
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(process_size=128, color_fix="none"),  # the turbo defaults: 2 steps, batch 1
+        dict(process_size=128, color_fix="adain", guidance=2.0, steps=3),  # guided, 3 trailing steps
+    ],
+    ids=["defaults", "guided-3-steps"],
+)
+def test_turbo_runtime_matches_the_turbo_reference(turbo_pipeline, turbo_reference, lr_image, options):
+    from seesr_export.parity import relative_l2
+
+    def noise():
+        rng = np.random.default_rng(0)
+        return lambda kind, shape: rng.standard_normal(shape).astype(np.float32)
+
+    ours = turbo_pipeline(lr_image, noise_fn=noise(), **options)
+    theirs = turbo_reference(lr_image, noise_fn=noise(), **options)
+    assert ours.prompt == theirs.prompt
+    assert len(ours.latents) == len(theirs.latents) == options.get("steps", 2)
+    assert max(relative_l2(a, b.numpy()) for a, b in zip(ours.latents, theirs.latents)) <= 1e-4
+    diff = np.abs(np.asarray(ours.image, dtype=int) - np.asarray(theirs.image, dtype=int))
+    assert diff.max() <= (2 if options["color_fix"] == "adain" else 1)  # the standard mode's tolerances
+
+
+def test_build_refuses_a_missing_sd_turbo_folder(tiny_checkout, tmp_path):
+    from seesr_export.bundle import BuildOptions, build_bundle
+
+    missing = tmp_path / "sd-turbo"
+    with pytest.raises(CheckpointError, match=f"sd-turbo folder not found: {missing}"):
+        build_bundle(tiny_checkout, tmp_path / "out", BuildOptions(sd_turbo=missing))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_turbo_flags(tmp_path):
+    from seesr_export.cli import build_parser
+    from seesr_export.errors import BuildError
+    from seesr_export.turbo import sd_turbo_from_args
+
+    parse = build_parser().parse_args
+    base = ["build", "--out", str(tmp_path / "b"), "--seesr-root", str(tmp_path)]
+    assert sd_turbo_from_args(parse(base)) is None
+    assert sd_turbo_from_args(parse([*base, "--turbo"])) == tmp_path / "preset" / "models" / "sd-turbo"
+    assert sd_turbo_from_args(parse([*base, "--sd-turbo", "/x/sd-turbo"])) == Path("/x/sd-turbo")
+    with pytest.raises(BuildError, match="--sd2 /x/sd2: a turbo build"):
+        sd_turbo_from_args(parse([*base, "--turbo", "--sd2", "/x/sd2"]))
