@@ -72,14 +72,18 @@ def cmd_fixture(args) -> int:
     return 0
 
 
-def run_reference(paths, inputs: list[Path], out_dir: Path, options: dict, progress: Progress) -> int:
+def run_reference(
+    paths, inputs: list[Path], out_dir: Path, options: dict, progress: Progress, sd_turbo: Path | None = None
+) -> int:
     from PIL import Image
 
     from .reference import SeeSRReference
+    from .turbo import TURBO_DEFAULTS, turbo_reference
 
-    options = option_table.resolve(options)  # bad values fail before the networks load
+    # bad values fail before the networks load
+    options = option_table.resolve(options, TURBO_DEFAULTS if sd_turbo is not None else None)
     progress.stage("loading SeeSR networks (torch reference, fp32 CPU)")
-    pipe = SeeSRReference.from_paths(paths)
+    pipe = SeeSRReference.from_paths(paths) if sd_turbo is None else turbo_reference(paths, sd_turbo)
     failures = 0
     for path in inputs:
         progress.stage(f"upscaling {path}")
@@ -113,7 +117,8 @@ def sampling_options(args) -> dict:
 
 
 def cmd_reference(args) -> int:
-    return run_reference(paths_from_args(args), args.inputs, args.output, sampling_options(args), Progress(args.quiet))
+    options, sd_turbo = sampling_options(args), sd_turbo_from_args(args)
+    return run_reference(paths_from_args(args), args.inputs, args.output, options, Progress(args.quiet), sd_turbo)
 
 
 def cmd_demo(args) -> int:
@@ -349,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, help="LR images")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory for PNGs")
     add_checkpoint_args(p)
+    add_turbo_args(p)
     add_sampling_args(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_reference)

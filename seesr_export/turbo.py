@@ -152,9 +152,9 @@ def add_turbo_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--turbo",
         action="store_true",
-        help="build the turbo bundle of test_seesr_turbo.py: sd-turbo's scheduler, tokenizer, text encoder "
-        "and VAE, the UNet composed of sd-turbo's and SeeSR's image attention, defaults 2 steps, guidance "
-        "1.0, latent tile overlap 32 (sd-turbo from SEESR_ROOT/preset/models/sd-turbo)",
+        help="the turbo mode of test_seesr_turbo.py: sd-turbo's scheduler, tokenizer, text encoder and VAE, "
+        "the UNet composed of sd-turbo's and SeeSR's image attention; defaults 2 steps, guidance 1.0, latent "
+        "tile overlap 32 (sd-turbo read from SEESR_ROOT/preset/models/sd-turbo)",
     )
     group.add_argument(
         "--sd-turbo",
@@ -171,7 +171,7 @@ def sd_turbo_from_args(args: argparse.Namespace) -> Path | None:
         return None
     if args.sd2 is not None:
         raise BuildError(
-            f"--sd2 {args.sd2}: a turbo build reads its base model from the sd-turbo folder, not SD2; "
+            f"--sd2 {args.sd2}: the turbo mode reads its base model from the sd-turbo folder, not SD2; "
             "name that folder with --sd-turbo PATH"
         )
     return args.sd_turbo if args.sd_turbo is not None else default_sd_turbo(args.seesr_root)

@@ -399,5 +399,38 @@ def test_cli_turbo_flags(tmp_path):
     assert sd_turbo_from_args(parse(base)) is None
     assert sd_turbo_from_args(parse([*base, "--turbo"])) == tmp_path / "preset" / "models" / "sd-turbo"
     assert sd_turbo_from_args(parse([*base, "--sd-turbo", "/x/sd-turbo"])) == Path("/x/sd-turbo")
-    with pytest.raises(BuildError, match="--sd2 /x/sd2: a turbo build"):
+    with pytest.raises(BuildError, match="--sd2 /x/sd2: the turbo mode reads"):
         sd_turbo_from_args(parse([*base, "--turbo", "--sd2", "/x/sd2"]))
+
+
+def test_sd2_size_sd_turbo_unet_has_the_release_architecture():
+    """The sd2-size fixture's sd-turbo UNet is SD 2.1's (865,910,724 parameters in 686 tensors), and the
+    composed UNet adds one image transformer per text transformer (416 tensors), as SeeSR's UNet has."""
+    from diffusers import UNet2DConditionModel
+
+    from seesr_export.models.denoiser import SeeSRUNet, _diffusers_kwargs
+    from seesr_export.testing.turbo_fixture import sd_turbo_unet_config
+
+    config = sd_turbo_unet_config("sd2")
+    with torch.device("meta"):  # structure only
+        plain = UNet2DConditionModel(**_diffusers_kwargs(UNet2DConditionModel, config, "sd-turbo"))
+        composed = SeeSRUNet({**config, "use_image_cross_attention": True})
+    assert sum(p.numel() for p in plain.parameters()) == 865_910_724
+    assert len(plain.state_dict()) == 686
+    image = [k for k in composed.state_dict() if is_image_attention(k)]
+    assert len(image) == 416 and set(composed.state_dict()) - set(image) == set(plain.state_dict())
+
+
+def test_reference_cli_turbo_mode(turbo_reference, sd_turbo, lr_image, tmp_path):
+    """``seesr-export reference --turbo`` is the turbo reference with the turbo defaults."""
+    from PIL import Image
+
+    from seesr_export.cli import main
+
+    lr_image.save(tmp_path / "lr.png")
+    root = sd_turbo.parent.parent.parent
+    argv = ["reference", str(tmp_path / "lr.png"), "-o", str(tmp_path / "out"), "--seesr-root", str(root)]
+    assert main([*argv, "--turbo", "--process-size", "128", "-q"]) == 0
+    expected = turbo_reference(lr_image, seed=0, process_size=128).image
+    with Image.open(tmp_path / "out" / "lr.png") as written:
+        assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
