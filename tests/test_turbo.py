@@ -434,3 +434,15 @@ def test_reference_cli_turbo_mode(turbo_reference, sd_turbo, lr_image, tmp_path)
     expected = turbo_reference(lr_image, seed=0, process_size=128).image
     with Image.open(tmp_path / "out" / "lr.png") as written:
         assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
+
+
+@pytest.mark.slow
+def test_standard_and_turbo_bundles_never_reuse_each_other(turbo_bundle, sd_turbo):
+    """They share the ControlNet's and DAPE's cache keys but not the shape profiles."""
+    from seesr_export.bundle import BuildOptions
+    from seesr_export.turbo_build import reusable
+    from seesr_runtime.manifest import Manifest
+
+    previous = Manifest.load(turbo_bundle)
+    assert reusable(previous, BuildOptions(sd_turbo=sd_turbo)) is previous
+    assert reusable(previous, BuildOptions()) is None
