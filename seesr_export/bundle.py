@@ -28,7 +28,7 @@ from .flops import network_flops
 from .layout import SeeSRPaths
 from .manifest_writer import assemble_manifest, write_manifest, write_text_files
 from .progress import Progress
-from .turbo_build import batch_one_profiles, reusable, torch_models, turbo_checkout, turbo_manifest, turbo_sources
+from .turbo_build import batch_one_profiles, reusable, turbo_checkout, turbo_manifest, turbo_sources
 
 __all__ = ["BuildError", "BuildOptions", "BuildReport", "add_flops", "build_bundle"]
 
@@ -43,7 +43,7 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
     progress.stage("hashing source checkpoints")
     sources = turbo_sources(paths) if turbo else hash_sources(paths)
     versions = tool_versions()
-    models = torch_models(paths, options)
+    models = TorchModels(paths, turbo=turbo)
     report = BuildReport(bundle=out)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,9 @@ class TorchModels:
     """Torch models loaded on first use and dropped after their last graph: a fully cached
     build loads none, and a full-size build holds one big network at a time."""
 
-    def __init__(self, paths: SeeSRPaths):
+    def __init__(self, paths: SeeSRPaths, turbo: bool = False):
         self.paths = paths
+        self.turbo = turbo  # SeeSR-turbo: ``paths.sd2`` is sd-turbo, the UNet is composed (seesr_export.turbo)
 
     @cached_property
     def dape(self):
@@ -55,7 +56,10 @@ class TorchModels:
     @cached_property
     def unet(self):
         from .models.denoiser import load_seesr_unet
+        from .turbo import compose_turbo_unet
 
+        if self.turbo:
+            return compose_turbo_unet(self.paths.sd2 / "unet", self.paths.unet)
         return load_seesr_unet(self.paths.unet)
 
     @cached_property
@@ -248,7 +252,6 @@ def _export_worker(name, spec, paths, work, options, threads):
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    from .turbo_build import torch_models
-
-    entry = export_network(name, spec, torch_models(paths, options), Path(work), options, Progress(quiet=True))
+    models = TorchModels(paths, turbo=options.sd_turbo is not None)
+    entry = export_network(name, spec, models, Path(work), options, Progress(quiet=True))
     return entry, time.perf_counter() - start

@@ -3,39 +3,25 @@ says what the turbo mode is).
 
 The bundle has the standard layout, so the runtime, ``seesr bench``, int8, TensorRT and Triton take it
 like any other. What differs: the base model folder is sd-turbo; the UNet graph is traced from the
-composed UNet; the manifest records sd-turbo's scheduler (trailing timesteps) and the turbo defaults
-(2 steps, guidance 1.0, tile overlap 32); the ControlNet and UNet shape profiles are optimised for
-batch 1 (no guidance) and still accept batch 2 (guidance above 1 when a caller asks for it).
+composed UNet (``TorchModels(paths, turbo=True)``); the manifest records sd-turbo's scheduler
+(trailing timesteps) and the turbo defaults (2 steps, guidance 1.0, tile overlap 32); the ControlNet
+and UNet shape profiles are optimised for batch 1 (no guidance) and still accept batch 2 (guidance
+above 1 when a caller asks for it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from functools import cached_property
 
 from seesr_runtime.manifest import sha256_file
 from seesr_runtime.networks import NetworkSpec, Profile
 from seesr_runtime.options import bundle_defaults, describe
 
 from .cache_keys import hash_sources
-from .export_networks import TorchModels
 from .layout import SeeSRPaths
-from .turbo import TURBO_DEFAULTS, UNET_WEIGHTS, compose_turbo_unet, turbo_paths, turbo_scheduler_config
+from .turbo import TURBO_DEFAULTS, UNET_WEIGHTS, turbo_paths, turbo_scheduler_config
 
 DENOISERS = ("controlnet", "unet")  # the networks run once per step, at batch 2 only when guided
-
-
-class TurboModels(TorchModels):
-    """The build's torch models with the composed UNet (``paths`` from ``turbo_paths``)."""
-
-    @cached_property
-    def unet(self):
-        return compose_turbo_unet(self.paths.sd2 / "unet", self.paths.unet)
-
-
-def torch_models(paths: SeeSRPaths, options) -> TorchModels:
-    """The torch models a build of ``options`` traces its graphs from."""
-    return TurboModels(paths) if options.sd_turbo is not None else TorchModels(paths)
 
 
 def turbo_sources(paths: SeeSRPaths) -> dict[str, dict[str, str]]:

@@ -409,7 +409,7 @@ def test_sd2_size_sd_turbo_unet_has_the_release_architecture():
     from diffusers import UNet2DConditionModel
 
     from seesr_export.models.denoiser import SeeSRUNet, _diffusers_kwargs
-    from seesr_export.testing.turbo_fixture import sd_turbo_unet_config
+    from seesr_export.testing.fixtures import sd_turbo_unet_config
 
     config = sd_turbo_unet_config("sd2")
     with torch.device("meta"):  # structure only
@@ -446,3 +446,17 @@ def test_standard_and_turbo_bundles_never_reuse_each_other(turbo_bundle, sd_turb
     previous = Manifest.load(turbo_bundle)
     assert reusable(previous, BuildOptions(sd_turbo=sd_turbo)) is previous
     assert reusable(previous, BuildOptions()) is None
+
+
+@pytest.mark.slow
+def test_parallel_turbo_export_traces_the_composed_unet(turbo_bundle, tiny_checkout, sd_turbo, tmp_path):
+    """Export workers (--jobs) compose the UNet too: their graph is the serial build's, byte for byte."""
+    from seesr_export.bundle import BuildOptions, build_bundle
+    from seesr_runtime.manifest import Manifest
+
+    options = BuildOptions(precision="fp32", sd_turbo=sd_turbo, jobs=2, networks=("controlnet", "unet"))
+    build_bundle(tiny_checkout, tmp_path / "parallel", options)
+    parallel, serial = Manifest.load(tmp_path / "parallel"), Manifest.load(turbo_bundle)
+    for network in ("controlnet", "unet"):
+        files = parallel.data["networks"][network]["files"]["fp32"]
+        assert files["sha256"] == serial.data["networks"][network]["files"]["fp32"]["sha256"], network
