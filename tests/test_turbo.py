@@ -460,3 +460,15 @@ def test_parallel_turbo_export_traces_the_composed_unet(turbo_bundle, tiny_check
     for network in ("controlnet", "unet"):
         files = parallel.data["networks"][network]["files"]["fp32"]
         assert files["sha256"] == serial.data["networks"][network]["files"]["fp32"]["sha256"], network
+
+
+@pytest.mark.slow
+def test_bench_runs_a_turbo_bundle_at_its_default_steps(turbo_bundle, tmp_path):
+    from seesr_runtime.cli import main
+
+    report = tmp_path / "bench.json"
+    argv = ["bench", "--bundle", str(turbo_bundle), "--size", "64", "--runs", "1", "--warmup", "0", "-q"]
+    assert main([*argv, "--json", str(report)]) == 0
+    (result,) = json.loads(report.read_text())["results"]
+    assert result["config"]["steps"] == 2 and result["config"]["guidance"] is None  # the bundle's: 2, 1.0
+    assert result["stages"]["unet"]["calls_per_image"] == 2
