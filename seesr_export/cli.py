@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from PIL import Image
 
+from seesr_runtime import SeeSRPipeline
 from seesr_runtime import options as option_table
 from seesr_runtime.cli import run_command
 from seesr_runtime.errors import ImageRejected
+from seesr_runtime.filemodes import write_atomically
+from seesr_runtime.lazy import available, lazy_import
 
 from .errors import SeeSRExportError
 from .graph_format import EXTERNAL_DATA_THRESHOLD, OPSET
+from .layout import SeeSRPaths
 from .progress import Progress
+from .triton_repo import DEFAULT_MAX_PIXELS, TritonOptions, write_repository
+
+# The modules behind the torch commands load torch, diffusers and onnx (seconds): they are lazy modules,
+# imported when a command first uses them, so --help and the torch-free `triton` command start fast.
+bundle = lazy_import("seesr_export.bundle", extra="export")
+fixtures = lazy_import("seesr_export.testing.fixtures", extra="export")
+reference = lazy_import("seesr_export.reference", extra="export")
 
 SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
 
@@ -40,8 +52,6 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 
 
 def paths_from_args(args):
-    from .layout import SeeSRPaths
-
     return SeeSRPaths.from_root(
         args.seesr_root,
         sd2=args.sd2,
@@ -56,29 +66,21 @@ def paths_from_args(args):
 
 def save_png_atomically(image, path: Path) -> None:
     """Write to a temporary file beside ``path``, then rename: never a half-written PNG."""
-    from seesr_runtime.filemodes import write_atomically
-
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def cmd_fixture(args) -> int:
-    from .testing.fixtures import write_fixture
-
     progress = Progress(args.quiet)
     progress.stage(f"writing {args.size} random-weight SeeSR checkpoints to {args.out}")
-    write_fixture(args.out, size=args.size, seed=args.seed)
+    fixtures.write_fixture(args.out, size=args.size, seed=args.seed)
     progress.stage("done")
     return 0
 
 
 def run_reference(paths, inputs: list[Path], out_dir: Path, options: dict, progress: Progress) -> int:
-    from PIL import Image
-
-    from .reference import SeeSRReference
-
     options = option_table.resolve(options)  # bad values fail before the networks load
     progress.stage("loading SeeSR networks (torch reference, fp32 CPU)")
-    pipe = SeeSRReference.from_paths(paths)
+    pipe = reference.SeeSRReference.from_paths(paths)
     failures = 0
     for path in inputs:
         progress.stage(f"upscaling {path}")
@@ -117,21 +119,17 @@ def cmd_reference(args) -> int:
 
 def cmd_demo(args) -> int:
     """Random-weight checkpoints -> fp32 ONNX bundle -> the torch-free runtime on the sample image."""
-    from seesr_runtime import SeeSRPipeline
-
-    from .bundle import BuildOptions, build_bundle
-    from .layout import SeeSRPaths
-    from .testing.fixtures import write_fixture
-
     progress = Progress(args.quiet)
     checkout = args.out / "checkpoints"
     marker = checkout / ".complete"
     if not marker.exists():
         progress.stage(f"writing tiny demo checkpoints to {checkout}")
-        write_fixture(checkout, size="tiny", seed=0)
+        fixtures.write_fixture(checkout, size="tiny", seed=0)
         marker.write_text("tiny seed 0\n")
     progress.stage(f"building the fp32 ONNX bundle {args.bundle}")
-    report = build_bundle(SeeSRPaths.from_root(checkout), args.bundle, BuildOptions(precision="fp32"), progress)
+    report = bundle.build_bundle(
+        SeeSRPaths.from_root(checkout), args.bundle, bundle.BuildOptions(precision="fp32"), progress
+    )
     for name, parity in report.parity.items():
         progress.stage(f"{name}: onnxruntime vs torch rel L2 {parity['fp32']['max_rel_l2']:.1e}")
     progress.stage(f"upscaling {SAMPLE_IMAGE.name} with the torch-free runtime (onnxruntime, CPU)")
@@ -146,22 +144,18 @@ def cmd_demo(args) -> int:
 
 
 def cmd_flops(args) -> int:
-    from .bundle import add_flops
-
     progress = Progress(args.quiet)
-    for name, entry in add_flops(args.bundle, paths_from_args(args), progress).items():
+    for name, entry in bundle.add_flops(args.bundle, paths_from_args(args), progress).items():
         progress.stage(f"{name}: " + ", ".join(f"{p['env']} {p['flops'] / 1e9:.1f} GFLOP" for p in entry["points"]))
     return 0
 
 
 def cmd_build(args) -> int:
-    from .bundle import BuildOptions, build_bundle
-
     calib = tuple(expand_images(args.calib_images)) if args.calib_images else ()
-    options = BuildOptions(
+    options = bundle.BuildOptions(
         precision=args.precision,
         backend=args.backend,
-        networks=tuple(args.networks) if args.networks else BuildOptions.networks,
+        networks=tuple(args.networks) if args.networks else bundle.BuildOptions.networks,
         opset=args.opset,
         verify=not args.no_verify,
         calib_images=calib,
@@ -174,7 +168,7 @@ def cmd_build(args) -> int:
     )
     if args.external_data_threshold_mb is not None:
         options.external_data_threshold = int(args.external_data_threshold_mb * 1024**2)
-    report = build_bundle(paths_from_args(args), args.out, options, Progress(args.quiet))
+    report = bundle.build_bundle(paths_from_args(args), args.out, options, Progress(args.quiet))
     for name, parity in report.parity.items():
         errors = ", ".join(f"{p} rel L2 {v['max_rel_l2']:.2e}" for p, v in parity.items())
         print(f"{name}: onnxruntime vs torch: {errors}", file=sys.stderr)
@@ -198,8 +192,6 @@ def expand_images(folder: Path) -> list[Path]:
 
 
 def cmd_triton(args) -> int:
-    from .triton_repo import TritonOptions, write_repository
-
     options = TritonOptions(
         instances=args.instances,
         kind=args.kind,
@@ -224,8 +216,6 @@ def cmd_triton(args) -> int:
 
 def pipeline_option(text: str) -> tuple[str, object]:
     """KEY=VALUE for --option; VALUE is read as JSON when it parses (64 -> int), else kept as text."""
-    import json
-
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. process_size=512), got {text!r}")
@@ -256,8 +246,6 @@ backend:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .triton_repo import DEFAULT_MAX_PIXELS
-
     parser = argparse.ArgumentParser(prog="seesr-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -407,10 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if getattr(args, "needs_torch", True):
-            import torch  # noqa: F401
-    except ImportError:
+    if getattr(args, "needs_torch", True) and not available("torch"):
         print("error: seesr-export needs the build extras: pip install 'seesr-export[export]'", file=sys.stderr)
         return 2
     return run_command(args.func, args)  # every SeeSRError (build side included): one line, exit 2
