@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import shutil
 from pathlib import Path
@@ -25,6 +26,8 @@ from . import __version__
 from .errors import BuildError
 from .export import copy_files
 from .layout import SeeSRPaths
+
+log = logging.getLogger(__name__)
 
 EXPORT_CODE_VERSION = 3  # bump when a change to the exporter changes its graphs
 
@@ -115,9 +118,11 @@ def reuse(previous: Manifest | None, name: str, key: str, work: Path) -> dict | 
         return None
     entry = previous.data["networks"].get(name)
     if not entry or entry.get("cache_key") != key:
+        log.debug("%s: not reusable (%s)", name, "changed inputs or options" if entry else "not in the previous bundle")
         return None
     pinned = entry_files(entry)
     if not all(previous.file(rel).is_file() and sha256_file(previous.file(rel)) == sha for rel, sha in pinned.items()):
+        log.debug("%s: not reusable (a previous graph file is missing or changed)", name)
         return None
     for rel in pinned:
         copy_files([previous.file(rel)], (work / rel).parent)

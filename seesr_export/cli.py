@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from PIL import Image
 
-from seesr_runtime import SeeSRPipeline
+from seesr_runtime import SeeSRPipeline, logs
 from seesr_runtime import options as option_table
 from seesr_runtime.cli import run_command
 from seesr_runtime.errors import ImageRejected
@@ -29,6 +30,9 @@ fixtures = lazy_import("seesr_export.testing.fixtures", extra="export")
 reference = lazy_import("seesr_export.reference", extra="export")
 
 SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
+
+# By name: run as ``python -m seesr_export.cli`` the module is "__main__", outside the configured loggers.
+log = logging.getLogger("seesr_export.cli")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -89,11 +93,11 @@ def run_reference(paths, inputs: list[Path], out_dir: Path, options: dict, progr
                 lr = opened.convert("RGB")
             option_table.check_image_size(*lr.size, options["max_pixels"], raise_with="--max-pixels")
         except ImageRejected as exc:
-            print(f"error: {path}: {exc}", file=sys.stderr)
+            log.error("%s: %s", path, exc)
             failures += 1
             continue
         except (OSError, ValueError) as exc:
-            print(f"error: {path}: not a readable image ({exc})", file=sys.stderr)
+            log.error("%s: not a readable image (%s)", path, exc)
             failures += 1
             continue
         with progress.bar(options["steps"], "denoising") as bar:
@@ -102,6 +106,12 @@ def run_reference(paths, inputs: list[Path], out_dir: Path, options: dict, progr
         save_png_atomically(result.image, target)
         progress.stage(f"wrote {target} ({result.image.size[0]}x{result.image.size[1]}); tags: {result.tags!r}")
     return 1 if failures else 0
+
+
+def add_verbosity_args(parser: argparse.ArgumentParser) -> None:
+    """-q and -v, read by ``seesr_runtime.logs.configure``: -q leaves errors, warnings and the result lines."""
+    parser.add_argument("-q", "--quiet", action="store_true", help="no stage notes or progress bars; problems only")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="also debug details")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -205,12 +215,14 @@ def cmd_triton(args) -> int:
         model_name=args.model_name,
     )
     model_dir = write_repository(args.bundle, args.out, options)
-    if not args.quiet:
-        print(
-            f"wrote {model_dir} ({options.instances} x {options.kind} instance(s), {options.backend}); serve with:\n"
-            f"  tritonserver --model-repository {args.out.resolve()}",
-            file=sys.stderr,
-        )
+    log.info(
+        "wrote %s (%d x %s instance(s), %s); serve with:\n  tritonserver --model-repository %s",
+        model_dir,
+        options.instances,
+        options.kind,
+        options.backend,
+        args.out.resolve(),
+    )
     return 0
 
 
@@ -258,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny: seconds, for tests; sd2: real SD2-base + Swin-L shapes, for benchmarks",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity_args(p)
     p.set_defaults(func=cmd_fixture)
 
     p = sub.add_parser(
@@ -316,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks/results/cpu/int8_image_attention.md for the measured effect)",
     )
     add_checkpoint_args(p)
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity_args(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser(
@@ -327,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bundle", type=Path, required=True)
     add_checkpoint_args(p)
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity_args(p)
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("reference", help="upscale images with the torch reference pipeline (fp32, CPU)")
@@ -335,14 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory for PNGs")
     add_checkpoint_args(p)
     add_sampling_args(p)
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity_args(p)
     p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("demo", help="demo checkpoints -> fp32 bundle -> sample image through the torch-free runtime")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--bundle", type=Path, default=Path("engines/demo"))
     add_sampling_args(p)
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -388,13 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="store the bundle's absolute path instead of copying it (the server must see that path)",
     )
     p.add_argument("--model-name", default="seesr", help="Triton model name (default seesr)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity_args(p)
     p.set_defaults(func=cmd_triton, needs_torch=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.configure(args.quiet, args.verbose)
     if getattr(args, "needs_torch", True) and not available("torch"):
         print("error: seesr-export needs the build extras: pip install 'seesr-export[export]'", file=sys.stderr)
         return 2
