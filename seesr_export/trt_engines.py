@@ -19,9 +19,10 @@ from seesr_runtime.manifest import sha256_file
 from seesr_runtime.networks import INT8_ENGINE_FALLBACK, NetworkSpec, Profile, graph_for_precision
 from seesr_runtime.trt_backend import _cudart
 
-from .manifest_writer import as_loaded
-
 trt = lazy_import("tensorrt", extra="tensorrt")
+# The manifest writer imports the torch side: loaded when engines are built, so that the engine helpers
+# here (and benchmarks/gpu_validate.py, which uses them) run without torch.
+manifest_writer = lazy_import("seesr_export.manifest_writer", extra="export")
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def add_engines(work: Path, manifest: dict, precision: str, progress) -> None:
     _, device = cudart.cudaGetDevice()
     _, major = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device)
     _, minor = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device)
-    bundle = as_loaded(work, manifest)
+    bundle = manifest_writer.as_loaded(work, manifest)
     cache = work.parent / ".seesr-timing.cache"  # beside the bundles: survives rebuilds
     for name in manifest["networks"]:
         files = manifest["networks"][name]["files"]
