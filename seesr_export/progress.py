@@ -6,11 +6,11 @@ import logging
 import sys
 import time
 
-from tqdm import tqdm
-
+from seesr_runtime.lazy import lazy_import
 from seesr_runtime.logs import progress_enabled
 
 log = logging.getLogger(__name__)
+tqdm = lazy_import("tqdm")  # a tenth of a second to import: loaded with the first bar, not at CLI start-up
 
 
 class Progress:
@@ -28,5 +28,6 @@ class Progress:
         if not self.quiet:
             log.info("[%6.1fs] %s", time.perf_counter() - self._start, message)
 
-    def bar(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=self.quiet or not progress_enabled(), leave=False, file=sys.stderr)
+    def bar(self, total: int, desc: str):
+        hidden = self.quiet or not progress_enabled()
+        return tqdm.tqdm(total=total, desc=desc, disable=hidden, leave=False, file=sys.stderr)
