@@ -140,6 +140,39 @@ class TritonServer:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
+    def resident_bytes(self) -> int:
+        """Resident memory of the server and its Python-backend stubs (its child processes), summed."""
+        return sum(_resident_bytes(pid) for pid in _process_tree(self.process.pid))
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and its descendants, from /proc (no psutil)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending += children.get(pid, [])
+    return tree
+
+
+def _resident_bytes(pid: int) -> int:
+    """VmRSS of one process; 0 for one that ended or is a zombie (which has no VmRSS line)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
 
 def _kill_leftovers(group: int) -> None:
     """Stub processes outlive a killed server; they are in its process group (ours alone)."""
