@@ -588,11 +588,13 @@ def test_server_stops_within_bounds(runtime_bundle, tmp_path):
     with TritonServer(repo, tmp_path, start_timeout=120) as running:
         pid = running.process.pid
         assert running.startup_seconds < 120
+        assert running.shm_regions()  # the stub's, under this server's own prefix
     began = time.monotonic()
     running.stop()  # idempotent
     assert time.monotonic() - began < 1
     assert not running.alive()
     assert _live_members(pid) == []  # the group (server and stubs) is gone
+    assert running.shm_regions() == []
 
 
 def _live_members(group: int) -> list[int]:

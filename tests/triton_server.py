@@ -48,6 +48,9 @@ class TritonServer:
         self.http_port, self.grpc_port = free_port(), free_port()
         self.http_url, self.grpc_url = f"{LOOPBACK}:{self.http_port}", f"{LOOPBACK}:{self.grpc_port}"
         self.log_path = workdir / "tritonserver.log"
+        # The Python backend's shared-memory regions (/dev/shm) get this server's own prefix: a stub that dies
+        # leaves its region behind, and stop() removes exactly this server's.
+        self.shm_prefix = f"seesr_test_triton_{os.getpid()}_{self.http_port}_"
         self.process: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
 
@@ -80,6 +83,7 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--exit-timeout-secs=10",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         began = time.monotonic()
         with open(self.log_path, "wb") as log:
@@ -122,17 +126,23 @@ class TritonServer:
         raise TimeoutError(f"tritonserver not ready within {self.start_timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        group = os.getpgid(self.process.pid)
-        os.killpg(group, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=self.stop_timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(group, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        finally:
-            _kill_leftovers(group)
+        if self.process.poll() is None:
+            group = os.getpgid(self.process.pid)
+            os.killpg(group, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(group, signal.SIGKILL)
+                self.process.wait(timeout=10)
+            finally:
+                _kill_leftovers(group)
+        for region in self.shm_regions():
+            region.unlink(missing_ok=True)
+
+    def shm_regions(self) -> list[Path]:
+        return sorted(Path("/dev/shm").glob(f"{self.shm_prefix}*"))
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
