@@ -303,7 +303,7 @@ def test_http_json_data_declaring_more_than_it_holds_is_refused(server):
     raises=AssertionError,
     reason="tritonserver 2.51 (nvidia-pytriton 0.7) checks a declared shape's byte size modulo 2^64: a shape "
     "whose size wraps to the bytes sent passes, and the Python-backend stub aborts building its array before "
-    "the model's code runs; the instance is not restarted (README, Triton limits)",
+    "the model's code runs; the instance is not restarted (README: Security and robustness, Triton requests)",
 )
 def test_a_shape_whose_byte_size_wraps_around_is_refused(runtime_bundle, tmp_path):
     """Its own server: the shared one must keep its instances. Passing means Triton fixed it: update the README."""

@@ -10,7 +10,7 @@ pipeline_options). The server's Python environment must have the runtime install
 A bad request (wrong dtype, rank, channel count, too large or too small, an option outside the
 runtime's options table) gets a Triton error naming the value and what was expected; an unexpected
 failure also becomes an error response, never a dead instance. Each input's declared shape is checked
-before its data is read, so an oversized image is refused without converting or copying it.
+before its data is converted (Triton has already refused shapes that the bytes sent do not fill).
 """
 
 import json
