@@ -363,8 +363,8 @@ SOAK_CONCURRENCY = 32
 # The server's resident memory (tritonserver and its two stubs, about 500 MiB) may grow this much from after
 # the warm-up to after the soak. Measured on the 2-core build machine, with glibc returning freed buffers of
 # 1 MiB and more (TritonServer's environment): +16 MiB over the first soak after the warm-up, +8 MiB over
-# the second (the gRPC frontend's first use included), then flat. A leak of more than 0.43 MB per valid request (150
-# of them) fails this, e.g. one float32 working image at 256x256 (786 KB).
+# the second (the gRPC frontend's first use included), then flat. A leak of more than 0.43 MB per valid
+# request (150 of them) fails this, e.g. one float32 working image at 256x256 (786 KB).
 SOAK_RSS_GROWTH_BOUND = 64 * MiB
 
 
