@@ -15,43 +15,21 @@ A turbo checkout is a ``SeeSRPaths`` whose ``sd2`` (the base model folder) is th
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
 from seesr_runtime.scheduler import DDPMConfig
 
-from .errors import BuildError, CheckpointError
+from .checkpoints import find_weights, load_state_dict, require_file
+from .errors import CheckpointError
 from .layout import SeeSRPaths
+from .models.dape import load_dape, load_tag_list
+from .models.denoiser import SeeSRUNet, load_seesr_controlnet, read_config
+from .models.sd2 import load_scheduler_config, load_text_encoder, load_tokenizer, load_vae
+from .reference import SeeSRReference
+from .turbo_options import TURBO_DEFAULTS, UNET_WEIGHTS, turbo_paths
 
-SD_TURBO_SUBDIR = Path("preset") / "models" / "sd-turbo"
-UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the only file the official composition reads
 IMAGE_ATTENTION = "image_attentions"  # the module name of SeeSR's image cross-attention transformers
-
-# The options whose official turbo value differs from test_seesr.py's.
-TURBO_DEFAULTS = {"steps": 2, "guidance": 1.0, "latent_tile_overlap": 32}
-
-SD_TURBO_HELP = """\
-expected the sd-turbo release laid out as:
-  preset/models/sd-turbo/{scheduler,tokenizer,text_encoder,vae}/
-  preset/models/sd-turbo/unet/{config.json,diffusion_pytorch_model.safetensors}"""
-
-
-def default_sd_turbo(root: Path | str) -> Path:
-    """Where the official turbo script expects sd-turbo in a SeeSR checkout."""
-    return Path(root) / SD_TURBO_SUBDIR
-
-
-def turbo_paths(paths: SeeSRPaths, sd_turbo: Path | str) -> SeeSRPaths:
-    """``paths`` with the sd-turbo folder as the base model; the sd-turbo folder and its UNet weights
-    are checked here, before any loading, with the path at fault named."""
-    sd_turbo = Path(sd_turbo)
-    if not sd_turbo.is_dir():
-        raise CheckpointError(f"sd-turbo folder not found: {sd_turbo}\n{SD_TURBO_HELP}")
-    for needed in ("unet/config.json", f"unet/{UNET_WEIGHTS}"):
-        if not (sd_turbo / needed).is_file():
-            raise CheckpointError(f"sd-turbo UNet: file not found: {sd_turbo / needed}\n{SD_TURBO_HELP}")
-    return dataclasses.replace(paths, sd2=sd_turbo)
 
 
 def is_image_attention(key: str) -> bool:
@@ -60,8 +38,6 @@ def is_image_attention(key: str) -> bool:
 
 def turbo_unet_config(sd_turbo_unet: Path) -> dict:
     """sd-turbo's UNet config with SeeSR's image cross-attention switched on."""
-    from .models.denoiser import read_config
-
     return {**read_config(sd_turbo_unet, "sd-turbo UNet"), "use_image_cross_attention": True}
 
 
@@ -69,8 +45,6 @@ def composed_state_dict(sd_turbo_unet: Path, seesr_unet: Path, wanted: dict) -> 
     """sd-turbo's UNet weights plus SeeSR's image-attention weights, each key accounted for against
     ``wanted`` (the composed model's state dict): every sd-turbo key and every SeeSR image-attention key
     is used, and together they fill the model. One error lists every problem, naming the files."""
-    from .checkpoints import find_weights, load_state_dict, require_file
-
     turbo_file = require_file(Path(sd_turbo_unet) / UNET_WEIGHTS, "sd-turbo UNet")
     seesr_file = find_weights(seesr_unet, "diffusion_pytorch_model", "SeeSR UNet")
     turbo = load_state_dict(turbo_file, "sd-turbo UNet")
@@ -99,8 +73,6 @@ def composed_state_dict(sd_turbo_unet: Path, seesr_unet: Path, wanted: dict) -> 
 
 def compose_turbo_unet(sd_turbo_unet: Path | str, seesr_unet: Path | str):
     """The SeeSR-turbo UNet: sd-turbo's config and weights, SeeSR's image attention."""
-    from .models.denoiser import SeeSRUNet
-
     sd_turbo_unet = Path(sd_turbo_unet)
     model = SeeSRUNet(turbo_unet_config(sd_turbo_unet), source=str(sd_turbo_unet / "config.json"))
     state = composed_state_dict(sd_turbo_unet, Path(seesr_unet), model.state_dict())
@@ -112,8 +84,6 @@ def turbo_scheduler_config(sd_turbo: Path | str) -> dict:
     """sd-turbo's scheduler file read as a DDPM config, as the official script reads it, with every value
     the DDPM sampler uses written out (the file's, else DDPMScheduler's default), so no reader of the
     manifest depends on defaults: an Euler file may leave out keys only DDPM reads."""
-    from .models.sd2 import load_scheduler_config
-
     return {**dataclasses.asdict(DDPMConfig()), **load_scheduler_config(Path(sd_turbo))}
 
 
@@ -121,21 +91,16 @@ def turbo_reference(paths: SeeSRPaths, sd_turbo: Path | str):
     """The torch reference pipeline in turbo mode: the composed UNet, sd-turbo's text encoder, tokenizer,
     VAE and scheduler, SeeSR's ControlNet and DAPE, and the turbo defaults (2 steps, no guidance:
     batch 1, tile overlap 32). Any option can still be given per call, guidance above 1 included."""
-    from .models import dape as dape_module
-    from .models import sd2
-    from .models.denoiser import load_seesr_controlnet
-    from .reference import SeeSRReference
-
     paths = turbo_paths(paths, sd_turbo).check()
-    dape = dape_module.load_dape(paths.ram, paths.dape)
-    tags, thresholds = dape_module.load_tag_list(paths.tag_list, paths.tag_thresholds, dape.config.num_classes)
+    dape = load_dape(paths.ram, paths.dape)
+    tags, thresholds = load_tag_list(paths.tag_list, paths.tag_thresholds, dape.config.num_classes)
     reference = SeeSRReference(
         dape,
         tags,
         thresholds,
-        sd2.load_tokenizer(paths.sd2),
-        sd2.load_text_encoder(paths.sd2),
-        sd2.load_vae(paths.sd2),
+        load_tokenizer(paths.sd2),
+        load_text_encoder(paths.sd2),
+        load_vae(paths.sd2),
         compose_turbo_unet(paths.sd2 / "unet", paths.unet),
         load_seesr_controlnet(paths.controlnet),
         turbo_scheduler_config(paths.sd2),
@@ -145,33 +110,3 @@ def turbo_reference(paths: SeeSRPaths, sd_turbo: Path | str):
 
 
 # ---------------------------------------------------------------- command line
-
-
-def add_turbo_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("SeeSR-turbo (2 steps on the sd-turbo base, no guidance)")
-    group.add_argument(
-        "--turbo",
-        action="store_true",
-        help="the turbo mode of test_seesr_turbo.py: sd-turbo's scheduler, tokenizer, text encoder and VAE, "
-        "the UNet composed of sd-turbo's and SeeSR's image attention; defaults 2 steps, guidance 1.0, latent "
-        "tile overlap 32 (sd-turbo read from SEESR_ROOT/preset/models/sd-turbo)",
-    )
-    group.add_argument(
-        "--sd-turbo",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="the sd-turbo folder (implies --turbo)",
-    )
-
-
-def sd_turbo_from_args(args: argparse.Namespace) -> Path | None:
-    """The sd-turbo folder a command line asks for; None for a standard build."""
-    if args.sd_turbo is None and not args.turbo:
-        return None
-    if args.sd2 is not None:
-        raise BuildError(
-            f"--sd2 {args.sd2}: the turbo mode reads its base model from the sd-turbo folder, not SD2; "
-            "name that folder with --sd-turbo PATH"
-        )
-    return args.sd_turbo if args.sd_turbo is not None else default_sd_turbo(args.seesr_root)

@@ -19,7 +19,8 @@ from seesr_runtime.options import bundle_defaults, describe
 
 from .cache_keys import hash_sources
 from .layout import SeeSRPaths
-from .turbo import TURBO_DEFAULTS, UNET_WEIGHTS, turbo_paths, turbo_scheduler_config
+from .turbo import turbo_scheduler_config
+from .turbo_options import TURBO_DEFAULTS, UNET_WEIGHTS, turbo_paths
 
 DENOISERS = ("controlnet", "unet")  # the networks run once per step, at batch 2 only when guided
 

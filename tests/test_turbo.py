@@ -9,15 +9,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import DDPMScheduler as DiffusersDDPM
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from seesr_export.errors import CheckpointError
-from seesr_export.turbo import (
-    compose_turbo_unet,
-    default_sd_turbo,
-    is_image_attention,
-    turbo_paths,
-    turbo_scheduler_config,
-)
+from seesr_export.bundle import BuildOptions, build_bundle
+from seesr_export.checkpoints import find_weights, load_state_dict
+from seesr_export.cli import build_parser
+from seesr_export.cli import main as export_main
+from seesr_export.errors import BuildError, CheckpointError
+from seesr_export.models.denoiser import SeeSRUNet, _diffusers_kwargs
+from seesr_export.parity import relative_l2
+from seesr_export.testing.fixtures import sd_turbo_unet_config
+from seesr_export.turbo import compose_turbo_unet, is_image_attention, turbo_scheduler_config
+from seesr_export.turbo import turbo_reference as build_turbo_reference
+from seesr_export.turbo_build import reusable
+from seesr_export.turbo_options import default_sd_turbo, sd_turbo_from_args, turbo_paths
+from seesr_runtime import SeeSRPipeline
+from seesr_runtime.cli import main as runtime_main
+from seesr_runtime.imaging import tile_origins, working_image
+from seesr_runtime.manifest import Manifest
 from seesr_runtime.scheduler import DDPMScheduler
 
 
@@ -28,8 +41,6 @@ def sd_turbo(tiny_checkout):
 
 
 def _safetensors(path):
-    from safetensors.torch import load_file
-
     return load_file(str(path))
 
 
@@ -37,9 +48,6 @@ def _safetensors(path):
 
 
 def test_fixture_writes_sd_turbo_in_the_official_layout(sd_turbo):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     scheduler_file = json.loads((sd_turbo / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler_file["_class_name"] == "EulerDiscreteScheduler"
     assert scheduler_file["timestep_spacing"] == "trailing"
@@ -52,7 +60,7 @@ def test_fixture_writes_sd_turbo_in_the_official_layout(sd_turbo):
     CLIPTextModel.from_pretrained(str(sd_turbo / "text_encoder"))
     AutoencoderKL.from_pretrained(str(sd_turbo / "vae"))
     CLIPTokenizer.from_pretrained(str(sd_turbo / "tokenizer"))
-    scheduler = DDPMScheduler.from_pretrained(str(sd_turbo), subfolder="scheduler")
+    scheduler = DiffusersDDPM.from_pretrained(str(sd_turbo), subfolder="scheduler")
     scheduler.set_timesteps(2)
     assert scheduler.timesteps.tolist() == [999, 499]
 
@@ -69,9 +77,6 @@ def test_fixture_sd_turbo_weights_differ_from_sd2(tiny_checkout, sd_turbo):
 
 def _explicit_turbo_unet(sd_turbo, seesr_unet_folder):
     """The composition spelled out: a SeeSR UNet on sd-turbo's config, every weight set by hand."""
-    from seesr_export.checkpoints import find_weights, load_state_dict
-    from seesr_export.models.denoiser import SeeSRUNet
-
     config = {**json.loads((sd_turbo / "unet" / "config.json").read_text()), "use_image_cross_attention": True}
     model = SeeSRUNet(config)
     turbo = _safetensors(sd_turbo / "unet" / "diffusion_pytorch_model.safetensors")
@@ -143,8 +148,6 @@ def test_missing_seesr_unet_weights_are_refused_naming_the_folder(turbo_copy):
 
 
 def _rewrite(path, change):
-    from safetensors.torch import save_file
-
     state = change(_safetensors(path))
     path.unlink()
     save_file(state, str(path))
@@ -170,8 +173,6 @@ def test_key_accounting_names_every_missing_and_unexpected_key(turbo_copy):
 
 
 def test_key_accounting_refuses_a_seesr_unet_without_image_attention(turbo_copy):
-    from seesr_export.checkpoints import find_weights, load_state_dict
-
     sd_turbo, seesr_unet = turbo_copy
     original = find_weights(seesr_unet, "diffusion_pytorch_model", "SeeSR UNet")
     state = {k: v for k, v in load_state_dict(original).items() if "image_attentions.1." not in k}
@@ -185,8 +186,6 @@ def test_key_accounting_refuses_a_seesr_unet_without_image_attention(turbo_copy)
 
 
 def test_trailing_schedule_as_the_official_ddpm_reads_it(sd_turbo):
-    from diffusers import DDPMScheduler as DiffusersDDPM
-
     config = turbo_scheduler_config(sd_turbo)
     assert config["timestep_spacing"] == "trailing" and config["clip_sample"] is False
     scheduler = DDPMScheduler(config)
@@ -208,9 +207,7 @@ def test_trailing_schedule_as_the_official_ddpm_reads_it(sd_turbo):
 
 @pytest.fixture(scope="module")
 def turbo_reference(tiny_checkout, sd_turbo):
-    from seesr_export.turbo import turbo_reference
-
-    return turbo_reference(tiny_checkout, sd_turbo)
+    return build_turbo_reference(tiny_checkout, sd_turbo)
 
 
 class BatchRecorder:
@@ -263,8 +260,6 @@ def test_turbo_reference_guidance_above_one_runs_batch_two(turbo_reference, lr_i
 
 
 def test_turbo_reference_tiles_with_overlap_32(turbo_reference, lr_image):
-    from seesr_runtime.imaging import tile_origins, working_image
-
     work = working_image(lr_image, 512, 4)
     h, w = work.size[1] // 8, work.size[0] // 8
     tile = 48
@@ -287,8 +282,6 @@ def test_turbo_reference_differs_from_the_standard_one(turbo_reference, referenc
 
 @pytest.fixture(scope="module")
 def turbo_bundle(tiny_checkout, sd_turbo, tmp_path_factory):
-    from seesr_export.bundle import BuildOptions, build_bundle
-
     out = tmp_path_factory.mktemp("turbo") / "tiny-turbo"
     build_bundle(tiny_checkout, out, BuildOptions(precision="fp32", sd_turbo=sd_turbo))
     return out
@@ -296,8 +289,6 @@ def turbo_bundle(tiny_checkout, sd_turbo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def turbo_pipeline(turbo_bundle):
-    from seesr_runtime import SeeSRPipeline
-
     return SeeSRPipeline.from_bundle(turbo_bundle)
 
 
@@ -315,8 +306,6 @@ class RecordingBackend:
 
 @pytest.mark.slow
 def test_turbo_bundle_manifest(turbo_bundle, sd_turbo):
-    from seesr_runtime.manifest import Manifest
-
     manifest = Manifest.load(turbo_bundle)
     pipeline = manifest.data["pipeline"]
     assert pipeline["variant"] == "turbo"
@@ -365,8 +354,6 @@ def test_turbo_runtime_defaults_run_two_steps_at_batch_one(turbo_pipeline, lr_im
     ids=["defaults", "guided-3-steps"],
 )
 def test_turbo_runtime_matches_the_turbo_reference(turbo_pipeline, turbo_reference, lr_image, options):
-    from seesr_export.parity import relative_l2
-
     def noise():
         rng = np.random.default_rng(0)
         return lambda kind, shape: rng.standard_normal(shape).astype(np.float32)
@@ -381,8 +368,6 @@ def test_turbo_runtime_matches_the_turbo_reference(turbo_pipeline, turbo_referen
 
 
 def test_build_refuses_a_missing_sd_turbo_folder(tiny_checkout, tmp_path):
-    from seesr_export.bundle import BuildOptions, build_bundle
-
     missing = tmp_path / "sd-turbo"
     with pytest.raises(CheckpointError, match=f"sd-turbo folder not found: {missing}"):
         build_bundle(tiny_checkout, tmp_path / "out", BuildOptions(sd_turbo=missing))
@@ -390,10 +375,6 @@ def test_build_refuses_a_missing_sd_turbo_folder(tiny_checkout, tmp_path):
 
 
 def test_cli_turbo_flags(tmp_path):
-    from seesr_export.cli import build_parser
-    from seesr_export.errors import BuildError
-    from seesr_export.turbo import sd_turbo_from_args
-
     parse = build_parser().parse_args
     base = ["build", "--out", str(tmp_path / "b"), "--seesr-root", str(tmp_path)]
     assert sd_turbo_from_args(parse(base)) is None
@@ -406,11 +387,6 @@ def test_cli_turbo_flags(tmp_path):
 def test_sd2_size_sd_turbo_unet_has_the_release_architecture():
     """The sd2-size fixture's sd-turbo UNet is SD 2.1's (865,910,724 parameters in 686 tensors), and the
     composed UNet adds one image transformer per text transformer (416 tensors), as SeeSR's UNet has."""
-    from diffusers import UNet2DConditionModel
-
-    from seesr_export.models.denoiser import SeeSRUNet, _diffusers_kwargs
-    from seesr_export.testing.fixtures import sd_turbo_unet_config
-
     config = sd_turbo_unet_config("sd2")
     with torch.device("meta"):  # structure only
         plain = UNet2DConditionModel(**_diffusers_kwargs(UNet2DConditionModel, config, "sd-turbo"))
@@ -423,14 +399,10 @@ def test_sd2_size_sd_turbo_unet_has_the_release_architecture():
 
 def test_reference_cli_turbo_mode(turbo_reference, sd_turbo, lr_image, tmp_path):
     """``seesr-export reference --turbo`` is the turbo reference with the turbo defaults."""
-    from PIL import Image
-
-    from seesr_export.cli import main
-
     lr_image.save(tmp_path / "lr.png")
     root = sd_turbo.parent.parent.parent
     argv = ["reference", str(tmp_path / "lr.png"), "-o", str(tmp_path / "out"), "--seesr-root", str(root)]
-    assert main([*argv, "--turbo", "--process-size", "128", "-q"]) == 0
+    assert export_main([*argv, "--turbo", "--process-size", "128", "-q"]) == 0
     expected = turbo_reference(lr_image, seed=0, process_size=128).image
     with Image.open(tmp_path / "out" / "lr.png") as written:
         assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
@@ -439,10 +411,6 @@ def test_reference_cli_turbo_mode(turbo_reference, sd_turbo, lr_image, tmp_path)
 @pytest.mark.slow
 def test_standard_and_turbo_bundles_never_reuse_each_other(turbo_bundle, sd_turbo):
     """They share the ControlNet's and DAPE's cache keys but not the shape profiles."""
-    from seesr_export.bundle import BuildOptions
-    from seesr_export.turbo_build import reusable
-    from seesr_runtime.manifest import Manifest
-
     previous = Manifest.load(turbo_bundle)
     assert reusable(previous, BuildOptions(sd_turbo=sd_turbo)) is previous
     assert reusable(previous, BuildOptions()) is None
@@ -451,9 +419,6 @@ def test_standard_and_turbo_bundles_never_reuse_each_other(turbo_bundle, sd_turb
 @pytest.mark.slow
 def test_parallel_turbo_export_traces_the_composed_unet(turbo_bundle, tiny_checkout, sd_turbo, tmp_path):
     """Export workers (--jobs) compose the UNet too: their graph is the serial build's, byte for byte."""
-    from seesr_export.bundle import BuildOptions, build_bundle
-    from seesr_runtime.manifest import Manifest
-
     options = BuildOptions(precision="fp32", sd_turbo=sd_turbo, jobs=2, networks=("controlnet", "unet"))
     build_bundle(tiny_checkout, tmp_path / "parallel", options)
     parallel, serial = Manifest.load(tmp_path / "parallel"), Manifest.load(turbo_bundle)
@@ -464,11 +429,9 @@ def test_parallel_turbo_export_traces_the_composed_unet(turbo_bundle, tiny_check
 
 @pytest.mark.slow
 def test_bench_runs_a_turbo_bundle_at_its_default_steps(turbo_bundle, tmp_path):
-    from seesr_runtime.cli import main
-
     report = tmp_path / "bench.json"
     argv = ["bench", "--bundle", str(turbo_bundle), "--size", "64", "--runs", "1", "--warmup", "0", "-q"]
-    assert main([*argv, "--json", str(report)]) == 0
+    assert runtime_main([*argv, "--json", str(report)]) == 0
     (result,) = json.loads(report.read_text())["results"]
     assert result["config"]["steps"] == 2 and result["config"]["guidance"] is None  # the bundle's: 2, 1.0
     assert result["stages"]["unet"]["calls_per_image"] == 2
