@@ -8,29 +8,23 @@ stamp, unless told otherwise).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from . import options as option_table
+from .checksums import sha256_file as sha256_file  # re-exported: the build side pins files with it
 from .errors import BundleError
 from .networks import NETWORK_NAMES, ModelDims, NetworkSpec
+from .onnx_refs import NotProtobuf, external_data_locations
+from .verification import Verification, verify_bundle, verify_mode
 
 SCHEMA_VERSION = 1
 FORMAT = "seesr-bundle"
 MANIFEST = "manifest.json"
 GPU_GRAPH = "fp16_gpu"  # fp16 with onnxruntime's CUDA-only fused ops; "providers" in its file entry
 PRECISIONS = ("fp32", "fp16", "int8", GPU_GRAPH)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _REQUIRED = {
@@ -175,7 +169,7 @@ def entry_files(entry: dict) -> dict[str, str]:
 class Manifest:
     root: Path
     data: dict
-    verification: object = field(default=None, compare=False, repr=False)  # the load's ``Verification``
+    verification: Verification | None = field(default=None, compare=False, repr=False)  # the load's ``Verification``
     _checked_graphs: set = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
@@ -187,8 +181,6 @@ class Manifest:
         are vouched for by the verification stamp (``verification.py``); ``"always"`` or True: hash
         every file; ``"never"`` or False: no hashing (for callers that verify the files otherwise).
         """
-        from .verification import verify_bundle, verify_mode
-
         mode = verify_mode(verify)
         root = Path(bundle)
         path = root / MANIFEST
@@ -266,8 +258,6 @@ class Manifest:
         graph's own manifest entry (so its sha256 is checked with the graph's). Checked here, before
         any engine opens the graph, from the graph's bytes (``onnx_refs``): the manifest alone cannot
         say what the file will make the engine read."""
-        from .onnx_refs import NotProtobuf, external_data_locations
-
         if not graph.is_file():
             raise BundleError(f"{self.root}: {what} {files['onnx']!r} is missing")
         try:
@@ -300,7 +290,5 @@ class Manifest:
     def verify_files(self):
         """Hash every file the manifest pins (no stamp trusted); BundleError names every missing or
         altered one. Returns the ``Verification``."""
-        from .verification import verify_bundle
-
         self.verification = verify_bundle(self, "always")
         return self.verification

@@ -92,7 +92,7 @@ class TensorRTBackend:
         if not hasattr(self, "_segments"):
             import onnxruntime as ort
 
-            from .backends import OnnxRuntimeBackend
+            from .ort_backend import OnnxRuntimeBackend
 
             cuda = "CUDAExecutionProvider" in ort.get_available_providers()
             self._segments = OnnxRuntimeBackend(self.manifest, providers=["cuda", "cpu"] if cuda else ["cpu"])

@@ -26,16 +26,29 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+from .checksums import sha256_file
 from .errors import BundleError, OptionError
 from .filemodes import write_atomically
-from .manifest import sha256_file
 
 STAMP = ".seesr-verified.json"
 STAMP_FORMAT = "seesr-verified"
 STAMP_VERSION = 1
 RACY_NS = 1_000_000_000  # coarser than any common file system's timestamp granularity but FAT's
 VERIFY_MODES = ("auto", "always", "never")
+
+
+class PinnedFiles(Protocol):
+    """What verification needs of a bundle (``manifest.Manifest``; a protocol, so that this module stays
+    below the manifest's)."""
+
+    @property
+    def root(self) -> Path: ...
+
+    def all_files(self) -> dict[str, str]: ...
+
+    def file(self, rel: str, what: str = ...) -> Path: ...
 
 
 @dataclass
@@ -68,7 +81,7 @@ def stamp_locations(root: Path) -> list[Path]:
     return [Path(root) / STAMP, Path(cache) / "seesr" / "verified" / f"{key}.json"]
 
 
-def verify_bundle(manifest, mode: str = "auto", stamps: list[Path] | None = None) -> Verification:
+def verify_bundle(manifest: PinnedFiles, mode: str = "auto", stamps: list[Path] | None = None) -> Verification:
     """Check every file ``manifest`` pins against its sha256 (``mode`` "auto" trusts the stamp for
     unchanged files); BundleError names the bundle and every missing or altered file.
     ``stamps``: where to read and write the stamp (default ``stamp_locations``)."""
