@@ -231,7 +231,7 @@ def _sampling(args) -> dict:
 
 
 def _load_image(path: Path, max_pixels: int) -> np.ndarray:
-    from .cli import load_lr_image
+    from .inputs import load_lr_image
 
     image, _note = load_lr_image(path, max_pixels)
     return np.asarray(image, dtype=np.uint8)
@@ -240,8 +240,9 @@ def _load_image(path: Path, max_pixels: int) -> np.ndarray:
 def cmd_upscale(args) -> int:
     from PIL import Image
 
-    from .cli import ImageRejected, expand_inputs
+    from .errors import ImageRejected
     from .filemodes import write_atomically
+    from .inputs import expand_inputs
 
     sampling = _sampling(args)
     files = expand_inputs(args.inputs)
@@ -281,7 +282,7 @@ def cmd_upscale(args) -> int:
 
 
 def cmd_load(args) -> int:
-    from .cli import ImageRejected
+    from .errors import ImageRejected
 
     sampling = _sampling(args)
     try:
