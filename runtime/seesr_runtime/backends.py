@@ -12,8 +12,10 @@ import numpy as np
 
 from .errors import BundleError
 from .manifest import Manifest
+from .openvino_backend import OpenVINOBackend
 from .ort_backend import OnnxRuntimeBackend as OnnxRuntimeBackend  # re-exported: where callers have found it
 from .tensors import Backend as Backend  # re-exported: the interface every backend implements
+from .trt_backend import TensorRTBackend
 
 
 def to_device(backend, array: np.ndarray):
@@ -32,8 +34,6 @@ def create_backend(kind: str, manifest: Manifest, **options) -> Backend:
     if kind == "onnxruntime":
         return OnnxRuntimeBackend(manifest, **options)
     if kind == "tensorrt":
-        from .trt_backend import TensorRTBackend
-
         try:
             return TensorRTBackend(
                 manifest, **{k: v for k, v in options.items() if k in ("precision", "cuda_graph") and v}
@@ -44,8 +44,6 @@ def create_backend(kind: str, manifest: Manifest, **options) -> Backend:
                 f"GPU ({exc}); use backend='onnxruntime'"
             ) from None
     if kind == "openvino":
-        from .openvino_backend import OpenVINOBackend
-
         if options.pop("cuda_graph", False):
             raise BundleError("CUDA graph capture is an option of the tensorrt backend, not of openvino")
         if options.pop("providers", None):

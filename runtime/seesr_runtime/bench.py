@@ -25,6 +25,7 @@ from PIL import Image
 
 from . import __version__
 from . import options as option_table
+from .filemodes import write_atomically
 from .manifest import Manifest
 from .networks import NETWORK_CALL_ORDER, NetworkSpec
 from .profiling import StageProfiler, summarize
@@ -301,6 +302,4 @@ def _ms(value) -> str:
 
 
 def write_json(path, report: dict) -> None:
-    from .filemodes import write_atomically
-
     write_atomically(path, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1) + "\n"))

@@ -9,11 +9,29 @@ import threading
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from . import __version__
 from . import options as option_table
-from .errors import ImageRejected, SeeSRError
+from .bench import (
+    FORMAT,
+    BenchConfig,
+    bundle_info,
+    format_table,
+    git_commit,
+    gpu_memory_mb,
+    machine_info,
+    peak_host_mb,
+    run_bench,
+    versions,
+    write_json,
+)
+from .errors import BundleError, ImageRejected, SeeSRError
 from .filemodes import remove_stale_temporaries, write_atomically
 from .inputs import expand_inputs, load_lr_image
+from .openvino_backend import device_capabilities, import_openvino
+from .pipeline import SeeSRPipeline
+from .profiling import StageProfiler
 
 
 class StopRequests:
@@ -42,10 +60,6 @@ class StopRequests:
 
 
 def cmd_upscale(args) -> int:
-    from tqdm import tqdm
-
-    from .pipeline import SeeSRPipeline
-
     given = option_table.given_in(args)  # bad values fail here, before the bundle loads
     files = expand_inputs(args.inputs)
     if not files:
@@ -104,29 +118,11 @@ def cmd_upscale(args) -> int:
 
 
 def _upscale_one(pipe, lr, name: str, options: dict, quiet: bool):
-    from tqdm import tqdm
-
     with tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=quiet, file=sys.stderr) as bar:
         return pipe(lr, callback=lambda i, t: bar.update(1), **options)
 
 
 def cmd_bench(args) -> int:
-    from .bench import (
-        FORMAT,
-        BenchConfig,
-        bundle_info,
-        format_table,
-        git_commit,
-        gpu_memory_mb,
-        machine_info,
-        peak_host_mb,
-        run_bench,
-        versions,
-        write_json,
-    )
-    from .pipeline import SeeSRPipeline
-    from .profiling import StageProfiler
-
     image = None
     if args.image is not None:
         try:
@@ -317,16 +313,12 @@ def choose_cpu_default(args, say) -> None:
 
 def _openvino_has_bf16() -> bool:
     try:
-        from .openvino_backend import device_capabilities, import_openvino
-
         return "BF16" in device_capabilities(import_openvino().Core(), "CPU")
     except Exception:  # noqa: BLE001 - no openvino (BundleError) or no CPU device: the fp32 default applies
         return False
 
 
 def backend_options_from(args) -> dict:
-    from .errors import BundleError
-
     if args.backend != "openvino":
         if args.precision in OPENVINO_ONLY_PRECISIONS:
             raise BundleError(

@@ -1,6 +1,6 @@
 """A bundle's ``manifest.json``: the one contract between exporter, runtime, TensorRT, Triton and C++.
 
-Reading it needs only the standard library; ``validate`` checks the structure
+Reading it needs only the standard library and numpy; ``validate`` checks the structure
 (without the jsonschema package), ``bundle_path`` keeps every path the manifest names inside the
 bundle, and ``Manifest.load`` checks the sha256 of every file (``verification.py``: cheaply, through a
 stamp, unless told otherwise).

@@ -17,6 +17,8 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 DTYPES = ("float32", "float16", "int64")
 _EXPR = re.compile(
     r"^(?:(?P<int>\d+)|(?P<name>[A-Za-z_]\w*)|(?P<k>\d+)\*(?P<scaled>[A-Za-z_]\w*)"
@@ -299,8 +301,6 @@ def dummy_feeds(
     its residuals at their small scale, a 0-d ``conditioning_scale``, standard normal for the rest
     (latents, embeddings, normalized images). Tracing, the build's parity check and the benchmarks use
     these; the parity errors a bundle records depend on the exact values."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     feeds = {}
     for tensor in spec.inputs:

@@ -14,8 +14,8 @@ With ``cache_dir`` the prepared models are also written there as OpenVINO IR and
 OpenVINO's own model cache (``CACHE_DIR``), so a second start reads compiled blobs instead of the ONNX
 graphs (and maps the weights from the IR files rather than holding a copy in memory).
 
-``openvino`` is imported when a backend is created, never at module import: the rest of the runtime
-does not need it (``pip install 'seesr-export[openvino]'``).
+``openvino`` is imported when a backend is created, never at module import (a lazy module): the rest
+of the runtime does not need it (``pip install 'seesr-export[openvino]'``).
 """
 
 from __future__ import annotations
@@ -28,12 +28,20 @@ import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .errors import BundleError
+from .errors import BundleError, MissingDependency
+from .lazy import lazy_import
 from .manifest import Manifest
 from .networks import graph_for_precision
+
+openvino = lazy_import("openvino", extra="openvino")
+openvino_opset = lazy_import("openvino.opset13", extra="openvino")
+openvino_passes = lazy_import("openvino.passes", extra="openvino")
+# A private module: compress_weights_to_f16 does without it where a release lacks it.
+openvino_offline = lazy_import("openvino._offline_transformations", extra="openvino")
 
 # precision -> (which graphs of the bundle, OpenVINO's INFERENCE_PRECISION_HINT, capability it needs)
 PRECISIONS = {
@@ -278,15 +286,15 @@ class OpenVINOBackend:
 # ---------------------------------------------------------------- helpers
 
 
-def import_openvino():
+def import_openvino() -> Any:
+    """The openvino module, imported now; BundleError saying how to install it where it is missing."""
     try:
-        import openvino
-    except ImportError as exc:
+        return openvino.load()
+    except MissingDependency as exc:
         raise BundleError(
-            f"the openvino backend needs the 'openvino' package ({exc}); "
+            f"the openvino backend needs the 'openvino' package ({exc.__cause__}); "
             "install it with: pip install 'seesr-export[openvino]'"
         ) from None
-    return openvino
 
 
 def device_capabilities(core, device: str) -> set[str]:
@@ -400,8 +408,8 @@ def compress_weights_to_f16(model) -> None:
     f32 and weights outside f16's range stay f32. The transformation lives in a private module; where a
     release lacks it the weights stay f32 (more memory, same results)."""
     try:
-        from openvino._offline_transformations import compress_model_transformation
-    except ImportError:  # pragma: no cover - depends on the OpenVINO release
+        compress_model_transformation = openvino_offline.compress_model_transformation
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the OpenVINO release
         warnings.warn(
             "this OpenVINO release has no compress_model_transformation; weights stay f32", RuntimeWarning, stacklevel=3
         )
@@ -420,14 +428,12 @@ def split_timestep_path(model):
     took the SD2 ControlNet from 1.6e-2 to 1.2e-1 relative L2 (benchmarks/results/cpu/openvino_precision.md):
     its error is the same at every pixel of every ResNet, so it does not average out."""
     ov = import_openvino()
-    from openvino import opset13
-    from openvino.passes import ConstantFolding, Manager
 
     parameters = [p for p in model.get_parameters() if "timestep" in p.get_output_tensor(0).get_names()]
     if not parameters:
         return None
-    folding = Manager()
-    folding.register_pass(ConstantFolding())  # static shapes: ShapeOf(sample) becomes a constant
+    folding = openvino_passes.Manager()
+    folding.register_pass(openvino_passes.ConstantFolding())  # static shapes: ShapeOf(sample) becomes a constant
     folding.run_passes(model)
     path = _timestep_only(model, model.get_ordered_ops())
     cut = [
@@ -443,7 +449,7 @@ def split_timestep_path(model):
     inputs, outputs = [], []
     for i, output in enumerate(cut):
         name = f"{TIMESTEP_PATH_PREFIX}{i}"
-        parameter = opset13.parameter(output.get_partial_shape(), output.get_element_type(), name=name)
+        parameter = openvino_opset.parameter(output.get_partial_shape(), output.get_element_type(), name=name)
         parameter.output(0).get_tensor().set_names({name})
         for target in list(output.get_target_inputs()):
             if target.get_node() not in path:

@@ -18,10 +18,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import _pybind_state as ort_capi
 
 from .errors import BundleError
+from .lazy import available, lazy_import
 from .manifest import GPU_GRAPH, Manifest
 from .networks import NetworkSpec, eval_dim, graph_for_precision
+
+# Only to share weights between static-shape sessions (``SharedWeights``); without it each loads its own.
+onnx = lazy_import("onnx", extra="export")
+onnx_numpy_helper = lazy_import("onnx.numpy_helper", extra="export")
 
 PER_STEP_NETWORKS = ("controlnet", "unet")  # called every step at one shape: static-shape sessions pay off
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -110,25 +117,18 @@ class SharedWeights:
 
     def __init__(self, path: Path, device: str):
         self.values, self._owners = {}, []
-        try:
-            import onnx
-            from onnx import numpy_helper
-        except ImportError:
-            self.available = False
+        self.available = available("onnx")
+        if not self.available:
             return
-        import onnxruntime as ort
-        from onnxruntime.capi import _pybind_state as C
-
-        self.available = True
         model = onnx.load(str(path), load_external_data=False)
         for init in model.graph.initializer:
             if init.data_type not in SHARED_TYPES or int(np.prod(init.dims)) < MIN_SHARED_ELEMENTS:
                 continue  # shape constants and small tensors: some kernels read them on the host
-            array = _initializer_array(init, Path(path).parent, numpy_helper, onnx)
+            array = _initializer_array(init, Path(path).parent)
             owner = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, device, 0)
             owner.update_inplace(array)
             self._owners.append(owner)
-            self.values[init.name] = ort.OrtValue(C.OrtValue.from_dlpack(owner._ortvalue.to_dlpack()))
+            self.values[init.name] = ort.OrtValue(ort_capi.OrtValue.from_dlpack(owner._ortvalue.to_dlpack()))
 
     @property
     def nbytes(self) -> int:
@@ -139,10 +139,10 @@ class SharedWeights:
             options.add_initializer(name, value)
 
 
-def _initializer_array(init, folder: Path, numpy_helper, onnx) -> np.ndarray:
+def _initializer_array(init, folder: Path) -> np.ndarray:
     """An initializer's values; external data is memory-mapped, not read into memory twice."""
     if init.data_location != onnx.TensorProto.EXTERNAL:
-        return np.ascontiguousarray(numpy_helper.to_array(init))
+        return np.ascontiguousarray(onnx_numpy_helper.to_array(init))
     info = {entry.key: entry.value for entry in init.external_data}
     dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
     count = int(np.prod(init.dims)) if len(init.dims) else 1
@@ -161,8 +161,6 @@ class BoundCall:
     which a CUDA graph needs (it replays the addresses it captured)."""
 
     def __init__(self, session, spec: NetworkSpec, env: dict, device: str):
-        import onnxruntime as ort
-
         self.session, self.spec, self.device = session, spec, device
         self.binding = session.io_binding()
         self.inputs = {}  # name -> OrtValue bound now
@@ -184,8 +182,6 @@ class BoundCall:
         return self.outputs
 
     def _feed(self, name: str, value) -> None:
-        import onnxruntime as ort
-
         bound = self.inputs.get(name)
         if isinstance(value, DeviceTensor) and value.fixed:
             if bound is not None and bound.data_ptr() == value.value.data_ptr():

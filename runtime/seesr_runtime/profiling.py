@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .backends import run_on_device
+
 
 class StageProfiler:
     """Collects (stage, seconds, input shapes) records; ``clear()`` between timed runs."""
@@ -62,8 +64,6 @@ class ProfiledBackend:
         return self._timed(self.inner.run, network, feeds)
 
     def run_on_device(self, network: str, feeds: dict) -> list:
-        from .backends import run_on_device
-
         return self._timed(lambda n, f: run_on_device(self.inner, n, f), network, feeds)
 
     def _timed(self, call, network: str, feeds: dict) -> list:

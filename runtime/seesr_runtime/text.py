@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from .manifest import Manifest
 
 
 class PromptEncoder:
     def __init__(self, manifest: Manifest, backend):
-        from tokenizers import Tokenizer
-
         text = manifest.data["text"]
         self.backend = backend
         self.tokenizer = Tokenizer.from_file(str(manifest.file(text["tokenizer"], "text tokenizer")))

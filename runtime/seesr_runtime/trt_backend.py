@@ -11,18 +11,28 @@ Not testable on the CPU-only CI machines: see benchmarks/gpu_validate.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import onnxruntime as ort
 
-from .errors import BundleError
+from .errors import BundleError, MissingDependency
+from .lazy import lazy_import
 from .manifest import Manifest
+from .ort_backend import OnnxRuntimeBackend
+
+trt = lazy_import("tensorrt", extra="tensorrt")
+# cuda-python moved its runtime bindings in 12.6; either place will do.
+cudart_bindings = lazy_import("cuda.bindings.runtime", extra="tensorrt")
+cudart_legacy = lazy_import("cuda.cudart", extra="tensorrt")
 
 
-def _cudart():
+def _cudart() -> Any:
+    """cuda-python's CUDA runtime module (``MissingDependency`` without cuda-python)."""
     try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        from cuda import cudart  # older cuda-python
-    return cudart
+        return cudart_bindings.load()
+    except MissingDependency:
+        return cudart_legacy.load()
 
 
 def _check(result):
@@ -55,9 +65,7 @@ class TensorRTBackend:
     def __init__(self, manifest: Manifest, precision: str = "fp16", cuda_graph: bool = False):
         """``cuda_graph``: capture each engine launch once per input shape and replay it (static shapes;
         a buffer that grows changes the addresses and so gets a new graph)."""
-        import tensorrt as trt
-
-        self.trt, self.cudart = trt, _cudart()
+        self.trt, self.cudart = trt.load(), _cudart()  # tensorrt first: its absence is the one to report
         self.manifest, self.precision, self.cuda_graph = manifest, precision, cuda_graph
         self._graphs = {}
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -90,10 +98,6 @@ class TensorRTBackend:
     def _segment_backend(self):
         """onnxruntime (CUDA where onnxruntime-gpu is installed) for the tiled VAE's fp32 segment graphs."""
         if not hasattr(self, "_segments"):
-            import onnxruntime as ort
-
-            from .ort_backend import OnnxRuntimeBackend
-
             cuda = "CUDAExecutionProvider" in ort.get_available_providers()
             self._segments = OnnxRuntimeBackend(self.manifest, providers=["cuda", "cpu"] if cuda else ["cpu"])
         return self._segments
