@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, logs
 from . import options as option_table
 from .bench import (
     FORMAT,
@@ -33,6 +34,8 @@ from .openvino_backend import device_capabilities, import_openvino
 from .pipeline import SeeSRPipeline
 from .profiling import StageProfiler
 
+log = logging.getLogger(__name__)
+
 
 class StopRequests:
     """SIGINT or SIGTERM during a batch: finish the current image, then stop (``signal`` says which);
@@ -40,8 +43,8 @@ class StopRequests:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, say):
-        self.say, self.signal, self._previous = say, None, {}
+    def __init__(self) -> None:
+        self.signal, self._previous = None, {}
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
@@ -56,7 +59,7 @@ class StopRequests:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
-        self.say(f"{signal.Signals(signum).name}: stopping after the current image (again to stop now)")
+        log.info(f"{signal.Signals(signum).name}: stopping after the current image (again to stop now)")
 
 
 def cmd_upscale(args) -> int:
@@ -65,8 +68,7 @@ def cmd_upscale(args) -> int:
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 2
-    say = (lambda msg: None) if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
-    choose_cpu_default(args, say)
+    choose_cpu_default(args)
     backend_options = backend_options_from(args)
     pipe = SeeSRPipeline.from_bundle(
         args.bundle,
@@ -79,8 +81,8 @@ def cmd_upscale(args) -> int:
     remove_stale_temporaries(args.output, ".png")
     remove_stale_temporaries(args.output / "txt", ".txt")
     done, skipped, failed = 0, 0, []
-    with StopRequests(say) as stop:
-        for path in tqdm(files, desc="images", unit="img", disable=args.quiet, file=sys.stderr):
+    with StopRequests() as stop:
+        for path in tqdm(files, desc="images", unit="img", disable=not logs.progress_enabled(), file=sys.stderr):
             if stop.signal is not None:
                 break
             target = args.output / f"{path.stem}.png"
@@ -90,19 +92,19 @@ def cmd_upscale(args) -> int:
             try:
                 lr, note = load_lr_image(path, options["max_pixels"])
             except (ImageRejected, OSError) as exc:
-                print(f"error: {path}: {exc}", file=sys.stderr)
+                log.error(f"{path}: {exc}")
                 failed.append(path)
                 continue
             if note:
-                say(f"note: {path}: {note}")
-            result = _upscale_one(pipe, lr, path.name, options, args.quiet)
+                log.info(f"note: {path}: {note}")
+            result = _upscale_one(pipe, lr, path.name, options)
             write_atomically(target, lambda tmp, image=result.image: image.save(tmp, format="PNG"))
             if args.save_prompts:
                 write_atomically(
                     args.output / "txt" / f"{path.stem}.txt",
                     lambda tmp, prompt=result.prompt: Path(tmp).write_text(prompt),
                 )
-            say(f"{path} -> {target} ({result.image.size[0]}x{result.image.size[1]})")
+            log.info(f"{path} -> {target} ({result.image.size[0]}x{result.image.size[1]})")
             done += 1
     summary = f"{done} upscaled, {skipped} skipped, {len(failed)} failed" + (
         ": " + ", ".join(str(p) for p in failed) if failed else ""
@@ -117,8 +119,9 @@ def cmd_upscale(args) -> int:
     return 128 + stop.signal if stop.signal is not None else 1 if failed else 0
 
 
-def _upscale_one(pipe, lr, name: str, options: dict, quiet: bool):
-    with tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=quiet, file=sys.stderr) as bar:
+def _upscale_one(pipe, lr, name: str, options: dict):
+    hidden = not logs.progress_enabled()
+    with tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=hidden, file=sys.stderr) as bar:
         return pipe(lr, callback=lambda i, t: bar.update(1), **options)
 
 
@@ -130,7 +133,6 @@ def cmd_bench(args) -> int:
         except (ImageRejected, OSError) as exc:
             print(f"error: {args.image}: {exc}", file=sys.stderr)
             return 2
-    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     profiler = StageProfiler()
     backend_options = backend_options_from(args)
     start = time.perf_counter()
@@ -165,13 +167,13 @@ def cmd_bench(args) -> int:
             guidance=args.guidance,
             peak_tflops=args.peak_tflops,
         )
-        say(f"bench {label}: {size} px, {steps} steps, {args.warmup} warm-up + {args.runs} timed")
+        log.info(f"bench {label}: {size} px, {steps} steps, {args.warmup} warm-up + {args.runs} timed")
         report = run_bench(
             pipe,
             profiler,
             config,
             image,
-            progress=lambda i, s: say(f"  {'warm-up' if i < args.warmup else 'run'} {i + 1}: {s:.3f} s"),
+            progress=lambda i, s: log.info(f"  {'warm-up' if i < args.warmup else 'run'} {i + 1}: {s:.3f} s"),
         )
         report["memory"] = {"peak_host_mb": peak_host_mb(), "peak_gpu_mb": gpu_memory_mb() if on_gpu else None}
         results.append(report)
@@ -198,7 +200,7 @@ def cmd_bench(args) -> int:
     }
     if args.json:
         write_json(Path(args.json), summary)
-        say(f"wrote {args.json}")
+        log.info(f"wrote {args.json}")
     return 0
 
 
@@ -288,19 +290,19 @@ OPENVINO_ONLY_PRECISIONS = ("bf16", "int8-bf16")
 CPU_DEFAULT = ("openvino", "bf16")
 
 
-def choose_cpu_default(args, say) -> None:
+def choose_cpu_default(args) -> None:
     """Fill in args.backend and args.precision where the user gave neither (nor --providers), and say
     which configuration was picked and why."""
     if args.backend is None and args.precision is None and args.providers is None and args.device is None:
         if _openvino_has_bf16():
             args.backend, args.precision = CPU_DEFAULT
-            say(
+            log.info(
                 "note: running OpenVINO bf16 (the fastest CPU configuration within 35 dB of fp32; "
                 "--backend onnxruntime --precision fp32 for the fp32 reference)"
             )
         else:
             args.backend, args.precision = "onnxruntime", "fp32"
-            say(
+            log.info(
                 "note: running onnxruntime fp32 (OpenVINO bf16, the faster CPU default, needs the 'openvino' "
                 "extra and a CPU with bf16 units)"
             )
@@ -377,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--save-prompts", action="store_true", help="also write each prompt to OUTPUT/txt/NAME.txt")
     p.add_argument("--skip-existing", action="store_true", help="leave inputs whose output PNG exists")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes; errors and summary only")
+    add_verbosity_args(p, quiet_help="no progress bars or notes; errors and summary only")
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser(
@@ -430,13 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--label", default=None, help="name of this configuration in the report")
     p.add_argument("--json", type=Path, default=None, help="write the full report here (JSON)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    add_verbosity_args(p, quiet_help="print nothing but errors")
     p.set_defaults(func=cmd_bench)
     return parser
 
 
+def add_verbosity_args(p: argparse.ArgumentParser, quiet_help: str) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="also details: sessions, shapes, per-file checks (DEBUG)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.configure(args.quiet, args.verbose)
     return run_command(args.func, args)
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from tqdm import tqdm
+
 PACKAGES = ("seesr_runtime", "seesr_export")
 
 
@@ -63,11 +65,12 @@ def progress_enabled() -> bool:
 
 
 class _StderrHandler(logging.Handler):
-    """Writes each record to whatever ``sys.stderr`` is at that moment."""
+    """Writes each record to whatever ``sys.stderr`` is at that moment, through ``tqdm.write``: a message
+    printed while a progress bar is drawn goes above the bar instead of into it."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            sys.stderr.write(self.format(record) + "\n")
+            tqdm.write(self.format(record), file=sys.stderr)
             sys.stderr.flush()
         except Exception:  # noqa: BLE001 - logging's own convention: report through handleError, never raise
             self.handleError(record)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -36,6 +37,8 @@ from .errors import BundleError, MissingDependency
 from .lazy import lazy_import
 from .manifest import Manifest
 from .networks import graph_for_precision
+
+log = logging.getLogger(__name__)
 
 openvino = lazy_import("openvino", extra="openvino")
 openvino_opset = lazy_import("openvino.opset13", extra="openvino")
@@ -186,6 +189,7 @@ class OpenVINOBackend:
             per_network.popitem(last=False)
             gc.collect()  # free the evicted model's weights before the next one is compiled
         keep = self.kept_f32(network)
+        log.debug(f"openvino: compiling {network} for {dict(shapes)} on {self.device} ({self.inference_precision})")
         paths = self._prepared_ir(network, shapes, keep) if self.cache_dir is not None else None
         if paths is not None:  # compiled from files: OpenVINO's model cache can skip the compilation
             models = paths
@@ -255,6 +259,7 @@ class OpenVINOBackend:
         xml = self.cache_dir / "ir" / f"{network}.{precision}.{digest}.xml"
         timestep_xml = xml.with_name(xml.stem + ".timestep.xml")
         if xml.exists():
+            log.debug(f"openvino: {network}: prepared model found in the cache ({xml.name})")
             return xml, timestep_xml if timestep_xml.exists() else None
         xml.parent.mkdir(parents=True, exist_ok=True)
         return self._save(self._prepare(network, shapes, keep), xml)
@@ -410,9 +415,7 @@ def compress_weights_to_f16(model) -> None:
     try:
         compress_model_transformation = openvino_offline.compress_model_transformation
     except (ImportError, AttributeError):  # pragma: no cover - depends on the OpenVINO release
-        warnings.warn(
-            "this OpenVINO release has no compress_model_transformation; weights stay f32", RuntimeWarning, stacklevel=3
-        )
+        log.warning("this OpenVINO release has no compress_model_transformation; weights stay f32")
         return
     compress_model_transformation(model)
 

@@ -6,6 +6,8 @@ tensors live on a GPU (IOBinding, static shapes, CUDA graphs) is ``ort_device``'
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnxruntime as ort
 
@@ -21,6 +23,8 @@ from .ort_device import (
     graph_precision,
     solve_dims,
 )
+
+log = logging.getLogger(__name__)
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -108,6 +112,7 @@ class OnnxRuntimeBackend:
     def session(self, network: str):
         if network not in self._sessions:
             path = self.manifest.graph_path(network, self.graph_precision(network))
+            log.debug(f"onnxruntime: {network} session on {self.providers} from {path}")
             self._sessions[network] = ort.InferenceSession(str(path), self.options, providers=self.providers)
             self._outputs[network] = self.manifest.spec(network).output_names
         return self._sessions[network]

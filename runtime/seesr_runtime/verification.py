@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +37,8 @@ STAMP_FORMAT = "seesr-verified"
 STAMP_VERSION = 1
 RACY_NS = 1_000_000_000  # coarser than any common file system's timestamp granularity but FAT's
 VERIFY_MODES = ("auto", "always", "never")
+
+log = logging.getLogger(__name__)
 
 
 class PinnedFiles(Protocol):
@@ -115,6 +117,10 @@ def verify_bundle(manifest: PinnedFiles, mode: str = "auto", stamps: list[Path] 
     if report.hashed:
         report.stamp = _write_stamp(stamps, bundle, verified)
     report.seconds = time.perf_counter() - start
+    log.debug(
+        f"{manifest.root}: {len(report.hashed)} files hashed, {len(report.trusted)} vouched for by the "
+        f"verification stamp ({report.seconds:.2f} s)"
+    )
     if problems:
         raise BundleError(
             f"{manifest.root}: bundle files do not match the manifest (damaged or altered; "
@@ -164,10 +170,8 @@ def _write_stamp(stamps: list[Path], bundle: str, verified: dict) -> Path | None
             return path
         except OSError as exc:
             failures.append(f"{exc.filename or path}: {exc.strerror or exc}")
-    warnings.warn(
+    log.warning(
         f"{bundle}: the verification stamp could not be written ({'; '.join(failures)}); "
-        "every load will hash the bundle's files again",
-        RuntimeWarning,
-        stacklevel=4,
+        "every load will hash the bundle's files again"
     )
     return None
