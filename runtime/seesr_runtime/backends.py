@@ -8,29 +8,31 @@ float32/int64 numpy arrays named as in the bundle manifest. The backends: onnxru
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
 from .errors import BundleError
 from .manifest import Manifest
 from .openvino_backend import OpenVINOBackend
 from .ort_backend import OnnxRuntimeBackend as OnnxRuntimeBackend  # re-exported: where callers have found it
 from .tensors import Backend as Backend  # re-exported: the interface every backend implements
+from .tensors import Feeds, FloatArray
 from .trt_backend import TensorRTBackend
 
 
-def to_device(backend, array: np.ndarray):
+def to_device(backend: Backend, array: FloatArray) -> Any:
     """A per-image constant where ``backend`` computes (a backend without ``to_device``: the array)."""
     method = getattr(backend, "to_device", None)
     return method(array) if method is not None else array
 
 
-def run_on_device(backend, network: str, feeds: dict) -> list:
+def run_on_device(backend: Backend, network: str, feeds: Feeds) -> list[Any]:
     """``backend.run``, except that outputs may stay on the device when they only feed another network."""
     method = getattr(backend, "run_on_device", None)
-    return method(network, feeds) if method is not None else backend.run(network, feeds)
+    outputs: list[Any] = method(network, feeds) if method is not None else backend.run(network, feeds)
+    return outputs
 
 
-def create_backend(kind: str, manifest: Manifest, **options) -> Backend:
+def create_backend(kind: str, manifest: Manifest, **options: Any) -> Backend:
     if kind == "onnxruntime":
         return OnnxRuntimeBackend(manifest, **options)
     if kind == "tensorrt":

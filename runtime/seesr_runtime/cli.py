@@ -8,8 +8,13 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
+from PIL import Image
 from tqdm import tqdm
 
 from . import __version__, logs
@@ -31,7 +36,7 @@ from .errors import BundleError, ImageRejected, SeeSRError
 from .filemodes import remove_stale_temporaries, write_atomically
 from .inputs import expand_inputs, load_lr_image
 from .openvino_backend import device_capabilities, import_openvino
-from .pipeline import SeeSRPipeline
+from .pipeline import SeeSRPipeline, UpscaleResult
 from .profiling import StageProfiler
 
 log = logging.getLogger(__name__)
@@ -44,25 +49,26 @@ class StopRequests:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.signal, self._previous = None, {}
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}  # signal -> the handler it had before
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def _handle(self, signum, _frame) -> None:
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
         log.info(f"{signal.Signals(signum).name}: stopping after the current image (again to stop now)")
 
 
-def cmd_upscale(args) -> int:
+def cmd_upscale(args: argparse.Namespace) -> int:
     given = option_table.given_in(args)  # bad values fail here, before the bundle loads
     files = expand_inputs(args.inputs)
     if not files:
@@ -98,11 +104,11 @@ def cmd_upscale(args) -> int:
             if note:
                 log.info(f"note: {path}: {note}")
             result = _upscale_one(pipe, lr, path.name, options)
-            write_atomically(target, lambda tmp, image=result.image: image.save(tmp, format="PNG"))
+            write_atomically(target, partial(result.image.save, format="PNG"))
             if args.save_prompts:
                 write_atomically(
                     args.output / "txt" / f"{path.stem}.txt",
-                    lambda tmp, prompt=result.prompt: Path(tmp).write_text(prompt),
+                    partial(_write_text, text=result.prompt),
                 )
             log.info(f"{path} -> {target} ({result.image.size[0]}x{result.image.size[1]})")
             done += 1
@@ -119,13 +125,17 @@ def cmd_upscale(args) -> int:
     return 128 + stop.signal if stop.signal is not None else 1 if failed else 0
 
 
-def _upscale_one(pipe, lr, name: str, options: dict):
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
+def _upscale_one(pipe: SeeSRPipeline, lr: Image.Image, name: str, options: dict[str, Any]) -> UpscaleResult:
     hidden = not logs.progress_enabled()
     with tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=hidden, file=sys.stderr) as bar:
         return pipe(lr, callback=lambda i, t: bar.update(1), **options)
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
     image = None
     if args.image is not None:
         try:
@@ -290,7 +300,7 @@ OPENVINO_ONLY_PRECISIONS = ("bf16", "int8-bf16")
 CPU_DEFAULT = ("openvino", "bf16")
 
 
-def choose_cpu_default(args) -> None:
+def choose_cpu_default(args: argparse.Namespace) -> None:
     """Fill in args.backend and args.precision where the user gave neither (nor --providers), and say
     which configuration was picked and why."""
     if args.backend is None and args.precision is None and args.providers is None and args.device is None:
@@ -320,7 +330,7 @@ def _openvino_has_bf16() -> bool:
         return False
 
 
-def backend_options_from(args) -> dict:
+def backend_options_from(args: argparse.Namespace) -> dict[str, Any]:
     if args.backend != "openvino":
         if args.precision in OPENVINO_ONLY_PRECISIONS:
             raise BundleError(
@@ -450,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args.func, args)
 
 
-def run_command(func, args) -> int:
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """``func(args)``, with every error a user can cause or fix (SeeSRError; OSError: a file, a folder, the
     disk) as one line on stderr and exit status 2, never a traceback; Ctrl-C: 130."""
     try:

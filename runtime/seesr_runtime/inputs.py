@@ -19,7 +19,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MAX_PIXELS = option_table.default("max_pixels")  # input pixels; the output is 16x that
 
 
-def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str | None]:
     """Open ``path`` as an RGB PIL image, or raise ImageRejected with a clear reason (whatever the file's
     bytes: ``tests/test_fuzz.py`` holds it to that); OSError only when ``path`` cannot be stat'ed.
 

@@ -7,6 +7,7 @@ tensors live on a GPU (IOBinding, static shapes, CUDA graphs) is ``ort_device``'
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -23,6 +24,7 @@ from .ort_device import (
     graph_precision,
     solve_dims,
 )
+from .tensors import Array, Feeds
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +95,13 @@ class OnnxRuntimeBackend:
         self.static_shapes = static_shapes or cuda_graph  # a CUDA graph needs fixed shapes and buffers
         self.io_binding = (on_gpu if io_binding is None else io_binding) or self.static_shapes
         self.cuda_graph = cuda_graph
-        self._sessions, self._outputs, self._calls, self._weights = {}, {}, {}, {}
+        self._sessions: dict[str, Any] = {}  # network -> onnxruntime InferenceSession
+        self._outputs: dict[str, list[str]] = {}
+        self._calls: dict[tuple[str, tuple[tuple[str, int], ...]], BoundCall] = {}
+        self._weights: dict[str, SharedWeights] = {}
 
-    def new_options(self):
+    def new_options(self) -> Any:
+        """Fresh onnxruntime SessionOptions for this backend's threads and CPU arena."""
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
@@ -109,7 +115,8 @@ class OnnxRuntimeBackend:
     def graph_precision(self, network: str) -> str:
         return graph_precision(self.manifest, network, self.precision, self.providers, self.gpu_graph)
 
-    def session(self, network: str):
+    def session(self, network: str) -> Any:
+        """The onnxruntime InferenceSession of ``network`` (opened at first use)."""
         if network not in self._sessions:
             path = self.manifest.graph_path(network, self.graph_precision(network))
             log.debug(f"onnxruntime: {network} session on {self.providers} from {path}")
@@ -117,19 +124,20 @@ class OnnxRuntimeBackend:
             self._outputs[network] = self.manifest.spec(network).output_names
         return self._sessions[network]
 
-    def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, network: str, feeds: Feeds) -> list[Array]:
         if not self.io_binding:
-            return self.session(network).run(self._outputs[network], feeds)
+            outputs: list[Array] = self.session(network).run(self._outputs[network], feeds)
+            return outputs
         return [np.array(v.numpy()) for v in self._run_bound(network, feeds)]  # a copy: buffers are reused
 
-    def run_on_device(self, network: str, feeds: dict) -> list:
+    def run_on_device(self, network: str, feeds: Feeds) -> list[Any]:
         """Outputs that only feed another network: left on the device (``DeviceTensor``) with IOBinding."""
         if not self.io_binding:
             return self.run(network, feeds)
         fixed = self._static(network)
         return [DeviceTensor(v, fixed=fixed) for v in self._run_bound(network, feeds)]
 
-    def to_device(self, array: np.ndarray):
+    def to_device(self, array: Array) -> Array | DeviceTensor:
         """A per-image constant, copied to the device once (with IOBinding; else the array itself)."""
         if not self.io_binding:
             return array
@@ -148,7 +156,7 @@ class OnnxRuntimeBackend:
     def _static(self, network: str) -> bool:
         return self.static_shapes and network in PER_STEP_NETWORKS
 
-    def _run_bound(self, network: str, feeds: dict) -> list:
+    def _run_bound(self, network: str, feeds: Feeds) -> list[Any]:
         if self._static(network):
             return self.bound_call(network, feeds).run(feeds)
         session = self.session(network)
@@ -163,9 +171,10 @@ class OnnxRuntimeBackend:
         for name in self._outputs[network]:
             binding.bind_output(name, self.device, 0)
         session.run_with_iobinding(binding)
-        return binding.get_outputs()
+        outputs: list[Any] = binding.get_outputs()  # OrtValues on the device
+        return outputs
 
-    def bound_call(self, network: str, feeds: dict) -> BoundCall:
+    def bound_call(self, network: str, feeds: Feeds) -> BoundCall:
         """The static-shape session of ``network`` for the shapes of ``feeds`` (made at first use)."""
         spec = self.manifest.spec(network)
         env = solve_dims(spec, {name: np.shape(value) for name, value in feeds.items()})
@@ -188,10 +197,10 @@ class OnnxRuntimeBackend:
         return self._calls[key]
 
 
-_SHARED_ARENA = []
+_SHARED_ARENA: list[Any] = []  # the registered arena's OrtMemoryInfo, once registered
 
 
-def _register_shared_cpu_arena(ort) -> None:
+def _register_shared_cpu_arena(ort: Any) -> None:
     """One CPU arena for every session of the process. Per-session arenas each keep their own peak
     activations, and the six networks run in turn; one shared arena holds only the largest."""
     if not _SHARED_ARENA:

@@ -26,7 +26,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from .checksums import sha256_file
 from .errors import BundleError, OptionError
@@ -129,14 +129,14 @@ def verify_bundle(manifest: PinnedFiles, mode: str = "auto", stamps: list[Path] 
     return report
 
 
-def _file_version(info: os.stat_result) -> dict:
+def _file_version(info: os.stat_result) -> dict[str, int]:
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns, "inode": info.st_ino}
 
 
-def _read_stamps(stamps: list[Path]) -> dict:
+def _read_stamps(stamps: list[Path]) -> dict[str, Any]:
     """rel -> record from every readable stamp of this bundle (earlier locations win). A stamp that
     cannot be read only means more hashing, so it is ignored rather than reported."""
-    known = {}
+    known: dict[str, Any] = {}
     for path in reversed(stamps):
         try:
             stamp = json.loads(path.read_text())
@@ -153,7 +153,7 @@ def _read_stamps(stamps: list[Path]) -> dict:
     return known
 
 
-def _write_stamp(stamps: list[Path], bundle: str, verified: dict) -> Path | None:
+def _write_stamp(stamps: list[Path], bundle: str, verified: dict[str, Any]) -> Path | None:
     """Write the stamp atomically at the first location that takes it; None (and a warning) if none does."""
     text = (
         json.dumps(
