@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from . import __version__, logs
+from . import __version__, logs, openvino_backend
 from . import options as option_table
 from .bench import (
     FORMAT,
@@ -35,7 +35,6 @@ from .bench import (
 from .errors import BundleError, ImageRejected, SeeSRError
 from .filemodes import remove_stale_temporaries, write_atomically
 from .inputs import expand_inputs, load_lr_image
-from .openvino_backend import device_capabilities, import_openvino
 from .pipeline import SeeSRPipeline, UpscaleResult
 from .profiling import StageProfiler
 
@@ -325,7 +324,8 @@ def choose_cpu_default(args: argparse.Namespace) -> None:
 
 def _openvino_has_bf16() -> bool:
     try:
-        return "BF16" in device_capabilities(import_openvino().Core(), "CPU")
+        # looked up on the module at call time: tests replace device_capabilities to play another CPU
+        return "BF16" in openvino_backend.device_capabilities(openvino_backend.import_openvino().Core(), "CPU")
     except Exception:  # noqa: BLE001 - no openvino (BundleError) or no CPU device: the fp32 default applies
         return False
 
