@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
+from seesr_export.layout import SeeSRPaths
 from seesr_runtime.bench import (
     NETWORK_STAGES,
     STAGES,
@@ -45,6 +46,15 @@ from seesr_runtime.bench import (
     run_bench,
     write_json,
 )
+from seesr_runtime.lazy import available, lazy_import
+from seesr_runtime.manifest import Manifest
+from seesr_runtime.profiling import StageProfiler
+
+# The PyTorch reference runs in its own worker process (--torch-worker): only that process loads torch.
+torch = lazy_import("torch", extra="export")
+torch_reference = lazy_import("seesr_export.reference", extra="export")
+matplotlib = lazy_import("matplotlib", extra="bench")  # the PNG chart, where installed
+plt = lazy_import("matplotlib.pyplot", extra="bench")
 
 PLOT_STAGES = (*STAGES, "other")
 
@@ -63,13 +73,6 @@ class _ReferenceAdapter:
 
 
 def torch_worker(args) -> int:
-    import torch
-
-    from seesr_export.layout import SeeSRPaths
-    from seesr_export.reference import SeeSRReference
-    from seesr_runtime.manifest import Manifest
-    from seesr_runtime.profiling import StageProfiler
-
     (spec,) = args.torch
     device, dtype_name = spec.split(":")
     # bf16-autocast: fp32 weights, matrix products in bf16 under torch.autocast (softmax and normalisation
@@ -79,7 +82,7 @@ def torch_worker(args) -> int:
         dtype_name
     ]
     start = time.perf_counter()
-    reference = SeeSRReference.from_paths(SeeSRPaths.from_root(args.seesr_root)).to(device, dtype)
+    reference = torch_reference.SeeSRReference.from_paths(SeeSRPaths.from_root(args.seesr_root)).to(device, dtype)
     reference.profiler = profiler = StageProfiler()
     load_s = time.perf_counter() - start
     pipe = _ReferenceAdapter(reference, Manifest.load(args.bundle))
@@ -355,13 +358,9 @@ def _fmt(value, spec, suffix=""):
 
 def plot(summary: dict, path: Path) -> bool:
     """Stacked per-stage bars, one per configuration and size. False if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not available("matplotlib"):
         return False
+    matplotlib.use("Agg")  # before pyplot's first use (pyplot is a lazy module)
     bars = [
         (f"{r['label']}\n{res['config']['size']} px", res) for r in summary["configurations"] for res in r["results"]
     ]
@@ -450,9 +449,6 @@ def main(argv=None) -> int:
         return torch_worker(args)
     if args.torch != ["none"] and args.seesr_root is None:
         parser.error("--seesr-root is needed for the PyTorch reference (or --torch none)")
-
-    from seesr_runtime.manifest import Manifest
-
     manifest = Manifest.load(args.bundle)
     machine = machine_info()
     out = args.out or ROOT / "benchmarks" / "results" / machine_kind(machine)

@@ -23,11 +23,14 @@ from .atomic import swap_into_place
 from .build_request import BuildOptions, BuildReport, check_request
 from .cache_keys import hash_sources, network_keys, previous_bundle, remove_stale_partials, reuse, tool_versions
 from .errors import BuildError
+from .export import graph_module
 from .export_networks import TorchModels, export_networks
 from .flops import network_flops
+from .int8_build import add_int8
 from .layout import SeeSRPaths
 from .manifest_writer import assemble_manifest, write_manifest, write_text_files
 from .progress import Progress
+from .trt_engines import add_engines
 
 __all__ = ["BuildError", "BuildOptions", "BuildReport", "add_flops", "build_bundle"]
 
@@ -55,12 +58,8 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
         )
         manifest = assemble_manifest(options.name or out.name, dims, networks, paths, sources, versions, text, work)
         if options.precision == "int8":
-            from .int8_build import add_int8
-
             report.quality = add_int8(work, manifest, options, progress, models)
         if options.backend == "tensorrt":
-            from .trt_engines import add_engines
-
             add_engines(work, manifest, options.precision, progress)
         write_manifest(work, manifest)
         give_tree_umask_modes(work)  # onnx writes external data 0600; before the stamp records ctimes
@@ -76,8 +75,6 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
 def _networks(paths, work, options, progress, models, specs, versions, sources, previous, report) -> dict:
     """Every requested network's manifest entry: the previous bundle's where its cache key is unchanged,
     freshly exported otherwise."""
-    from .export import graph_module
-
     keys = network_keys(options, versions, sources)
     networks = {}
     for name in options.networks:
@@ -101,8 +98,6 @@ def _networks(paths, work, options, progress, models, specs, versions, sources, 
 
 def add_flops(bundle: Path, paths: SeeSRPaths, progress=None) -> dict:
     """Count FLOPs for a bundle built before they were recorded; rewrites only manifest.json."""
-    from .export import graph_module
-
     progress = progress or Progress(quiet=True)
     manifest = Manifest.load(bundle)
     models = TorchModels(paths)

@@ -1,6 +1,18 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
+
+from seesr_runtime import SeeSRPipeline
+from seesr_runtime.lazy import lazy_import
+
+# The build side needs torch, which CI's run of the runtime tests in a base install lacks: its modules are
+# imported when a fixture first uses them.
+bundle = lazy_import("seesr_export.bundle", extra="export")
+fixtures = lazy_import("seesr_export.testing.fixtures", extra="export")
+reference_pipeline = lazy_import("seesr_export.reference", extra="export")
 
 # Tokenizer parity cases (for parametrize): SeeSR's prompt suffix, odd spacing and non-ASCII, truncation past
 # 77 tokens, the negative prompt.
@@ -16,16 +28,12 @@ TOKENIZER_TEXTS = [
 @pytest.fixture(scope="session")
 def tiny_checkout(tmp_path_factory):
     """A complete random-weight SeeSR checkout (tiny sizes), written once per test session."""
-    from seesr_export.testing.fixtures import write_fixture
-
-    return write_fixture(tmp_path_factory.mktemp("seesr"), size="tiny", seed=0)
+    return fixtures.write_fixture(tmp_path_factory.mktemp("seesr"), size="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def reference(tiny_checkout):
-    from seesr_export.reference import SeeSRReference
-
-    return SeeSRReference.from_paths(tiny_checkout)
+    return reference_pipeline.SeeSRReference.from_paths(tiny_checkout)
 
 
 @pytest.fixture
@@ -41,10 +49,8 @@ def lr_image():
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkout, tmp_path_factory):
     """An fp16 bundle (fp32 + fp16 graphs) of the tiny checkout, built once per session."""
-    from seesr_export.bundle import BuildOptions, build_bundle
-
     out = tmp_path_factory.mktemp("engines") / "tiny"
-    build_bundle(tiny_checkout, out, BuildOptions(precision="fp16"))
+    bundle.build_bundle(tiny_checkout, out, bundle.BuildOptions(precision="fp16"))
     return out
 
 
@@ -52,9 +58,6 @@ def tiny_bundle(tiny_checkout, tmp_path_factory):
 def runtime_bundle(request):
     """A tiny bundle for the torch-free runtime tests: $SEESR_TEST_BUNDLE when set (CI's base-install
     run, where no torch exists to build one), else the session's tiny bundle."""
-    import os
-    from pathlib import Path
-
     given = os.environ.get("SEESR_TEST_BUNDLE")
     if given:
         return Path(given)
@@ -63,8 +66,6 @@ def runtime_bundle(request):
 
 @pytest.fixture(scope="session")
 def runtime_pipeline(runtime_bundle):
-    from seesr_runtime import SeeSRPipeline
-
     return SeeSRPipeline.from_bundle(runtime_bundle)
 
 

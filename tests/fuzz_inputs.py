@@ -14,8 +14,10 @@ import struct
 import zlib
 from datetime import timedelta
 
+import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 # deadline: one example taking longer fails (a slow path or a decoded bomb); generous, as the build
 # machine is shared. A true hang is left to CI's job timeout.
@@ -72,9 +74,6 @@ SUFFIXES = sorted({kind[2] for kind in IMAGE_KINDS})
 
 def encode_image(fmt: str, mode: str, width: int, height: int, seed: int, frames: int = 1) -> bytes:
     """A small valid image file (``frames`` > 1: an animated GIF/PNG/WebP) with pseudo-random pixels."""
-    import numpy as np
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
 
     def frame():

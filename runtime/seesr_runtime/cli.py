@@ -15,7 +15,6 @@ from types import FrameType
 from typing import Any
 
 from PIL import Image
-from tqdm import tqdm
 
 from . import __version__, logs, openvino_backend
 from . import options as option_table
@@ -35,10 +34,13 @@ from .bench import (
 from .errors import BundleError, ImageRejected, SeeSRError
 from .filemodes import remove_stale_temporaries, write_atomically
 from .inputs import expand_inputs, load_lr_image
+from .lazy import lazy_import
 from .pipeline import SeeSRPipeline, UpscaleResult
 from .profiling import StageProfiler
 
 log = logging.getLogger(__name__)
+
+tqdm = lazy_import("tqdm")  # loaded with the first progress bar: seesr-export imports this module at start-up
 
 
 class StopRequests:
@@ -87,7 +89,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     remove_stale_temporaries(args.output / "txt", ".txt")
     done, skipped, failed = 0, 0, []
     with StopRequests() as stop:
-        for path in tqdm(files, desc="images", unit="img", disable=not logs.progress_enabled(), file=sys.stderr):
+        for path in tqdm.tqdm(files, desc="images", unit="img", disable=not logs.progress_enabled(), file=sys.stderr):
             if stop.signal is not None:
                 break
             target = args.output / f"{path.stem}.png"
@@ -130,7 +132,7 @@ def _write_text(path: str, text: str) -> None:
 
 def _upscale_one(pipe: SeeSRPipeline, lr: Image.Image, name: str, options: dict[str, Any]) -> UpscaleResult:
     hidden = not logs.progress_enabled()
-    with tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=hidden, file=sys.stderr) as bar:
+    with tqdm.tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=hidden, file=sys.stderr) as bar:
         return pipe(lr, callback=lambda i, t: bar.update(1), **options)
 
 

@@ -51,8 +51,9 @@ def give_tree_umask_modes(root: str | os.PathLike[str], files: bool = True) -> N
         os.chmod(root, directories)
 
 
-def write_atomically(path: Path, write: Callable[[str], object]) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: readers never see a partial file, and the file gets
+def write_atomically(path: Path, write: Callable[..., object]) -> None:
+    """``write(tmp_path)`` (a str; typed loosely, as callers bind their values as default arguments) then
+    rename onto ``path``: readers never see a partial file, and the file gets
     the mode the umask gives a new file (not the temporary file's 0600). The hidden temporary file
     carries our process id, so that ``remove_stale_temporaries`` can tell a killed writer's leftovers
     from a live one's."""

@@ -17,25 +17,32 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from . import __version__
 from . import options as option_table
 from .cli import run_command
-from .errors import BackendError, InputError
+from .errors import BackendError, ImageRejected, InputError
 from .triton import NUMPY_TYPES, REQUEST_OPTIONS, wire_type
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 OUTPUTS = ("image", "tags", "prompt")
 
+# tritonclient ships no type information: its clients and tensors are Any here.
+Client = Any
+InferInput = Any
+
 
 class ClientError(BackendError):
     """The server refused a request or could not be reached; the message is the server's."""
 
 
-def _module(protocol: str):
+def _module(protocol: str) -> ModuleType:
     if protocol not in PROTOCOLS:
         raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     try:
@@ -45,10 +52,11 @@ def _module(protocol: str):
             import tritonclient.grpc as module
     except ImportError as exc:
         raise ClientError(f"tritonclient is not installed ({exc}): pip install 'seesr-export[triton]'") from None
-    return module
+    loaded: ModuleType = module  # untyped package: mypy sees Any
+    return loaded
 
 
-def connect(protocol: str, url: str | None = None, timeout: float = 600.0):
+def connect(protocol: str, url: str | None = None, timeout: float = 600.0) -> Client:
     """A tritonclient InferenceServerClient; ``timeout`` bounds connecting and each request (seconds)."""
     module = _module(protocol)
     url = url or DEFAULT_URLS[protocol]
@@ -57,7 +65,7 @@ def connect(protocol: str, url: str | None = None, timeout: float = 600.0):
     return module.InferenceServerClient(url)
 
 
-def check_ready(client, protocol: str, url: str | None, model: str, timeout: float = 30.0) -> None:
+def check_ready(client: Client, protocol: str, url: str | None, model: str, timeout: float = 30.0) -> None:
     """One clear error up front when the server or the model is not there, instead of one per image."""
     url = url or DEFAULT_URLS[protocol]
     extra = {"client_timeout": timeout} if protocol == "grpc" else {}  # HTTP: bounded by connect()'s timeouts
@@ -71,13 +79,13 @@ def check_ready(client, protocol: str, url: str | None, model: str, timeout: flo
 
 def build_inputs(
     protocol: str,
-    image: np.ndarray,
+    image: npt.NDArray[Any],
     *,
     prompt: str | None = None,
     seed: int | None = None,
     steps: int | None = None,
     guidance: float | None = None,
-) -> list:
+) -> list[InferInput]:
     """The request's input tensors. ``image`` is sent as given (its dtype and shape), so the server decides."""
     from tritonclient.utils import np_to_triton_dtype
 
@@ -88,12 +96,14 @@ def build_inputs(
     for name, data_type in REQUEST_OPTIONS.items():
         value = given[name]
         if value is not None:
-            value = value.encode("utf-8") if isinstance(value, str) else value
-            tensors.append(_tensor(module, name, np.array([value], dtype=NUMPY_TYPES[data_type]), wire_type(data_type)))
+            element = value.encode("utf-8") if isinstance(value, str) else value
+            tensors.append(
+                _tensor(module, name, np.array([element], dtype=NUMPY_TYPES[data_type]), wire_type(data_type))
+            )
     return tensors
 
 
-def _tensor(module, name: str, array: np.ndarray, wire_type: str):
+def _tensor(module: ModuleType, name: str, array: npt.NDArray[Any], wire_type: str) -> InferInput:
     tensor = module.InferInput(name, list(array.shape), wire_type)
     tensor.set_data_from_numpy(array)
     return tensor
@@ -101,12 +111,14 @@ def _tensor(module, name: str, array: np.ndarray, wire_type: str):
 
 @dataclass
 class Upscaled:
-    image: np.ndarray  # uint8 [4H, 4W, 3]
+    image: npt.NDArray[np.uint8]  # [4H, 4W, 3]
     tags: str
     prompt: str
 
 
-def infer(client, protocol: str, inputs: list, model: str = "seesr", timeout: float = 600.0) -> Upscaled:
+def infer(
+    client: Client, protocol: str, inputs: list[InferInput], model: str = "seesr", timeout: float = 600.0
+) -> Upscaled:
     """One request; raises ClientError with the server's message when it is refused."""
     from tritonclient.utils import InferenceServerException
 
@@ -122,12 +134,15 @@ def infer(client, protocol: str, inputs: list, model: str = "seesr", timeout: fl
     )
 
 
-def _text(value: np.ndarray) -> str:
+def _text(value: npt.NDArray[Any]) -> str:
     raw = value.reshape(-1)[0]
     return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
 
 
 # ------------------------------------------------------------------ load test
+
+# One request's outcome: (seconds, None) when it succeeded, (None, message) when it failed.
+Outcome = tuple[float | None, str | None]
 
 
 @dataclass
@@ -139,8 +154,8 @@ class LoadReport:
     errors: int
     seconds: float
     throughput_rps: float
-    latency_ms: dict  # p50, p95, p99, mean, max over successful requests
-    error_messages: list  # distinct messages, at most 5
+    latency_ms: dict[str, float]  # p50, p95, p99, mean, max over successful requests
+    error_messages: list[str]  # distinct messages, at most 5
 
     def summary(self) -> str:
         lat = self.latency_ms
@@ -160,20 +175,21 @@ class LoadReport:
 def run_load(
     protocol: str,
     url: str | None,
-    image: np.ndarray,
+    image: npt.NDArray[Any],
     *,
     concurrency: int,
     requests: int,
     model: str = "seesr",
     timeout: float = 600.0,
-    **options,
+    **options: Any,
 ) -> LoadReport:
     """``requests`` requests, ``concurrency`` in flight at a time (one connection per worker thread)."""
     if concurrency < 1 or requests < 1:
         raise InputError(f"concurrency and requests must be at least 1, got {concurrency} and {requests}")
-    local, clients, lock = threading.local(), [], threading.Lock()
+    local, lock = threading.local(), threading.Lock()
+    clients: list[Client] = []
 
-    def one(_index: int):
+    def one(_index: int) -> Outcome:
         if not hasattr(local, "client"):
             local.client = connect(protocol, url, timeout)
             with lock:
@@ -195,10 +211,10 @@ def run_load(
     return _report(protocol, concurrency, requests, time.perf_counter() - began, outcomes)
 
 
-def _report(protocol, concurrency, requests, seconds, outcomes) -> LoadReport:
+def _report(protocol: str, concurrency: int, requests: int, seconds: float, outcomes: list[Outcome]) -> LoadReport:
     latencies = np.array([lat for lat, _ in outcomes if lat is not None]) * 1000.0
     messages = [message for _, message in outcomes if message is not None]
-    latency = {}
+    latency: dict[str, float] = {}
     if latencies.size:
         p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
         latency = {
@@ -224,23 +240,22 @@ def _report(protocol, concurrency, requests, seconds, outcomes) -> LoadReport:
 # ------------------------------------------------------------------ command line
 
 
-def _sampling(args) -> dict:
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     """The request options given on the command line, checked here (the server checks them again)."""
     given = option_table.given_in(args, REQUEST_OPTIONS)
     return {name: given.get(name) for name in REQUEST_OPTIONS}
 
 
-def _load_image(path: Path, max_pixels: int) -> np.ndarray:
+def _load_image(path: Path, max_pixels: int) -> npt.NDArray[np.uint8]:
     from .inputs import load_lr_image
 
     image, _note = load_lr_image(path, max_pixels)
     return np.asarray(image, dtype=np.uint8)
 
 
-def cmd_upscale(args) -> int:
+def cmd_upscale(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .errors import ImageRejected
     from .filemodes import write_atomically
     from .inputs import expand_inputs
 
@@ -281,9 +296,7 @@ def cmd_upscale(args) -> int:
     return 1 if failed else 0
 
 
-def cmd_load(args) -> int:
-    from .errors import ImageRejected
-
+def cmd_load(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     try:
         image = _load_image(args.image, args.max_pixels)

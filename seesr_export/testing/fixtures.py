@@ -16,10 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import save_file
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..errors import SeeSRExportError
 from ..layout import SeeSRPaths
+from ..models.denoiser import SeeSRControlNet, SeeSRUNet, _diffusers_kwargs
+from .dape_fixture import calibrate_tag_bias, write_dape_lora, write_ram_checkpoint, write_tag_files
 
 SIZES = ("tiny", "sd2")
 # What diffusers/transformers write; older transformers refuse safetensors files without it.
@@ -290,20 +295,12 @@ def _save_diffusers(folder: Path, config: dict, model: nn.Module, safetensors: b
     _json(folder / "config.json", config)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if safetensors:
-        from safetensors.torch import save_file
-
         save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata=SAFETENSORS_METADATA)
     else:
         torch.save(state, folder / "diffusion_pytorch_model.bin")
 
 
 def write_sd2(folder: Path, size: str, generator: torch.Generator) -> None:
-    from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ..models.denoiser import _diffusers_kwargs
-
     s = SHAPES[size]
     _json(folder / "scheduler" / "scheduler_config.json", SD2_SCHEDULER)
     _json(folder / "feature_extractor" / "preprocessor_config.json", SD2_FEATURE_EXTRACTOR)
@@ -325,8 +322,6 @@ def write_sd2(folder: Path, size: str, generator: torch.Generator) -> None:
 
 
 def write_seesr_denoisers(folder: Path, size: str, generator: torch.Generator) -> None:
-    from ..models.denoiser import SeeSRControlNet, SeeSRUNet
-
     s = SHAPES[size]
     unet_config = _unet_config(s, s.text_hidden)
     _save_diffusers(folder / "unet", unet_config, randomize_(SeeSRUNet(unet_config), generator), safetensors=False)
@@ -338,8 +333,6 @@ def write_seesr_denoisers(folder: Path, size: str, generator: torch.Generator) -
 
 def write_fixture(root: Path | str, size: str = "tiny", seed: int = 0) -> SeeSRPaths:
     """Write a complete random-weight SeeSR checkout under ``root``; returns its paths."""
-    from .dape_fixture import calibrate_tag_bias, write_dape_lora, write_ram_checkpoint, write_tag_files
-
     if size not in SIZES:
         raise SeeSRExportError(f"fixture size must be one of {SIZES}, got {size!r}")
     paths = SeeSRPaths.from_root(root)

@@ -9,16 +9,27 @@ pipeline_options). The server's Python environment must have the runtime install
 
 A bad request (wrong dtype, rank, channel count, too large or too small, an option outside the
 runtime's options table) gets a Triton error naming the value and what was expected; an unexpected
-failure also becomes an error response, never a dead instance.
+failure also becomes an error response, never a dead instance. Each input's declared shape is checked
+before its data is converted (Triton has already refused shapes that the bytes sent do not fill).
 """
 
 import json
+import math
 import os
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
+
+# The Python backend's objects (requests, tensors, responses) come from its stub and have no type information.
+Request = Any
+Tensor = Any
+Response = Any
+
+RUNTIME_MISSING: ImportError | None
 
 try:
     from seesr_runtime import SeeSRPipeline
@@ -35,11 +46,11 @@ class RequestError(ValueError):
     """This request cannot be served; the message is returned to the client."""
 
 
-def _parameters(model_config: dict) -> dict:
+def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
     return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
 
 
-def _bundle_path(value: str, args: dict) -> Path:
+def _bundle_path(value: str, args: dict[str, str]) -> Path:
     """Relative bundle paths are relative to the version directory, where the generator copies it."""
     path = Path(value)
     if not path.is_absolute():
@@ -47,11 +58,11 @@ def _bundle_path(value: str, args: dict) -> Path:
     return path
 
 
-def _instance_count(model_config: dict) -> int:
+def _instance_count(model_config: dict[str, Any]) -> int:
     return max(1, sum(int(group.get("count", 1)) for group in model_config.get("instance_group", [])))
 
 
-def _threads(value: str, model_config: dict) -> int | None:
+def _threads(value: str, model_config: dict[str, Any]) -> int | None:
     """'auto': share the machine's cores between the instances instead of oversubscribing them."""
     if value == "auto":
         return max(1, (os.cpu_count() or 1) // _instance_count(model_config))
@@ -59,7 +70,7 @@ def _threads(value: str, model_config: dict) -> int | None:
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         params = _parameters(config)
         self.max_pixels = int(params["max_pixels"])
@@ -73,7 +84,7 @@ class TritonPythonModel:
                 "pip install seesr-export (no extras) in the Triton image"
             )
         backend = params["backend"]
-        options = {"precision": params["precision"]}
+        options: dict[str, Any] = {"precision": params["precision"]}
         if backend == "onnxruntime":
             options["providers"] = params["providers"].split(",")
             options["threads"] = _threads(params.get("threads", "auto"), config)
@@ -85,16 +96,16 @@ class TritonPythonModel:
             f"seesr: instance {args['model_instance_name']} ready: bundle {bundle}, backend {backend}, {options}"
         )
 
-    def _load_all_networks(self):
+    def _load_all_networks(self) -> None:
         """Create every session now, not on the first request (TensorRT loads its engines eagerly)."""
         load_all = getattr(self.pipe.backend, "load_all", None)
         if load_all is not None:
             load_all()
 
-    def execute(self, requests):
+    def execute(self, requests: list[Request]) -> list[Response]:
         return [self._respond(request) for request in requests]
 
-    def _respond(self, request):
+    def _respond(self, request: Request) -> Response:
         try:
             image, options = self._read(request)
             result = self.pipe(image, max_pixels=self.max_pixels, **{**self.pipeline_options, **options})
@@ -111,11 +122,12 @@ class TritonPythonModel:
             ]
         )
 
-    def _read(self, request):
-        image = _input(request, "image")
-        if image is None:
+    def _read(self, request: Request) -> tuple[npt.NDArray[np.uint8], dict[str, object]]:
+        tensor = pb_utils.get_input_tensor_by_name(request, "image")
+        if tensor is None:
             raise RequestError("input 'image' is required (UINT8 [H, W, 3])")
-        check_image(image, self.max_pixels)
+        check_image_shape(_shape(tensor), self.max_pixels)  # the declared shape first: no data converted yet
+        image = check_image_dtype(tensor.as_numpy())
         options = {
             name: _text(request, name)
             if data_type == "TYPE_STRING"
@@ -125,40 +137,55 @@ class TritonPythonModel:
         return image, {name: value for name, value in options.items() if value is not None}
 
 
-def check_image(image: np.ndarray, max_pixels: int) -> None:
-    """Triton checks dtype and shape against config.pbtxt first; this repeats it for clear messages."""
-    if image.dtype != np.uint8:
-        raise RequestError(f"input 'image' must be UINT8, got {image.dtype}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise RequestError(f"input 'image' must be [H, W, 3] (RGB), got shape {list(image.shape)}")
+# Triton checks dtype and shape against config.pbtxt first; these repeat it for clear messages, and check
+# what config.pbtxt cannot express (the pixel limit) from the declared shape alone.
+
+
+def check_image_shape(shape: list[int], max_pixels: int) -> None:
+    if len(shape) != 3 or shape[2] != 3:
+        raise RequestError(f"input 'image' must be [H, W, 3] (RGB), got shape {shape}")
     try:
-        check_image_size(image.shape[1], image.shape[0], max_pixels, raise_with="config.pbtxt parameter max_pixels")
+        check_image_size(shape[1], shape[0], max_pixels, raise_with="config.pbtxt parameter max_pixels")
     except InputError as exc:
         raise RequestError(f"input 'image': {exc}") from None
 
 
-def _input(request, name: str):
+def check_image_dtype(image: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    if image.dtype != np.uint8:
+        raise RequestError(f"input 'image' must be UINT8, got {image.dtype}")
+    return image
+
+
+def _shape(tensor: Tensor) -> list[int]:
+    return [int(size) for size in tensor.shape()]
+
+
+def _one_element(request: Request, name: str, what: str) -> npt.NDArray[Any] | None:
+    """The input's data, once its declared shape says it holds exactly one element; None when absent."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+    if tensor is None:
+        return None
+    shape = _shape(tensor)
+    if math.prod(shape) != 1:  # Python integers: no overflow whatever the declared sizes
+        raise RequestError(f"input '{name}' must hold one {what}, got shape {shape}")
+    value: npt.NDArray[Any] = tensor.as_numpy()
+    return value
 
 
-def _scalar(request, name: str, dtype):
-    value = _input(request, name)
+def _scalar(request: Request, name: str, dtype: np.dtype[Any]) -> int | float | None:
+    value = _one_element(request, name, f"{dtype.name} value")
     if value is None:
         return None
-    if value.size != 1 or value.dtype != dtype:
-        raise RequestError(
-            f"input '{name}' must hold one {np.dtype(dtype).name} value, got {value.dtype} shape {list(value.shape)}"
-        )
-    return value.reshape(()).item()
+    if value.dtype != dtype:
+        raise RequestError(f"input '{name}' must hold one {dtype.name} value, got {value.dtype}")
+    number: int | float = value.reshape(()).item()
+    return number
 
 
-def _text(request, name: str):
-    value = _input(request, name)
+def _text(request: Request, name: str) -> str | None:
+    value = _one_element(request, name, "string")
     if value is None:
         return None
-    if value.size != 1:
-        raise RequestError(f"input '{name}' must hold one string, got shape {list(value.shape)}")
     raw = value.reshape(()).item()
     try:
         return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
@@ -166,7 +193,7 @@ def _text(request, name: str):
         raise RequestError(f"input '{name}' is not valid UTF-8 ({exc})") from None
 
 
-def _error(message: str, invalid: bool):
+def _error(message: str, invalid: bool) -> Response:
     codes = getattr(pb_utils.TritonError, "INVALID_ARG", None), getattr(pb_utils.TritonError, "INTERNAL", None)
     code = codes[0] if invalid else codes[1]
     error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
