@@ -19,8 +19,9 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from seesr_runtime import options as option_table
-from seesr_runtime.cli import IMAGE_SUFFIXES, load_lr_image, main
+from seesr_runtime.cli import main
 from seesr_runtime.errors import BundleError, ImageRejected
+from seesr_runtime.inputs import IMAGE_SUFFIXES, load_lr_image
 from seesr_runtime.manifest import MANIFEST, Manifest
 from seesr_runtime.pipeline import as_rgb
 

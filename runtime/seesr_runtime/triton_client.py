@@ -247,7 +247,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_image(path: Path, max_pixels: int) -> npt.NDArray[np.uint8]:
-    from .cli import load_lr_image
+    from .inputs import load_lr_image
 
     image, _note = load_lr_image(path, max_pixels)
     return np.asarray(image, dtype=np.uint8)
@@ -256,8 +256,8 @@ def _load_image(path: Path, max_pixels: int) -> npt.NDArray[np.uint8]:
 def cmd_upscale(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .cli import ImageRejected, expand_inputs
     from .filemodes import write_atomically
+    from .inputs import expand_inputs
 
     sampling = _sampling(args)
     files = expand_inputs(args.inputs)
