@@ -9,34 +9,54 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from . import __version__
 from . import options as option_table
 from .errors import ImageRejected, SeeSRError
 from .filemodes import remove_stale_temporaries, write_atomically
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MAX_PIXELS = option_table.default("max_pixels")  # input pixels; the output is 16x that
 
 
-def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str | None]:
     """Open ``path`` as an RGB PIL image, or raise ImageRejected with a clear reason (whatever the file's
     bytes: ``tests/test_fuzz.py`` holds it to that); OSError only when ``path`` cannot be stat'ed.
 
     Returns ``(image, note)``: note says what conversion was applied, if any
     (grayscale, alpha dropped as the official script does, 16-bit scaled to 8-bit).
     """
+    if path.stat().st_size == 0:
+        raise ImageRejected("empty file")
+    return _decode_lr_image(path, max_pixels, "--max-pixels")
+
+
+def load_lr_image_bytes(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, raise_with: str = "--max-pixels"
+) -> tuple[Image.Image, str | None]:
+    """``load_lr_image`` for an image file's bytes (a Triton request's): same checks, same conversions;
+    ``raise_with`` names the setting that raises the pixel limit."""
+    import io
+
+    if not data:
+        raise ImageRejected("empty file")
+    return _decode_lr_image(io.BytesIO(data), max_pixels, raise_with)
+
+
+def _decode_lr_image(source: Path | BinaryIO, max_pixels: int, raise_with: str) -> tuple[Image.Image, str | None]:
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    if path.stat().st_size == 0:
-        raise ImageRejected("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(source) as opened:
                 if opened.size[0] * opened.size[1] > max_pixels:  # refused before decoding
-                    option_table.check_image_size(*opened.size, max_pixels, raise_with="--max-pixels")
+                    option_table.check_image_size(*opened.size, max_pixels, raise_with=raise_with)
                 opened.load()
                 image = opened.copy()
     except ImageRejected:
@@ -47,7 +67,7 @@ def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
         raise ImageRejected("not a readable image (corrupt or unknown format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(f"cannot decode the image ({exc}); truncated or corrupt?") from None
-    option_table.check_image_size(*image.size, max_pixels, raise_with="--max-pixels")
+    option_table.check_image_size(*image.size, max_pixels, raise_with=raise_with)
     note = None
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
