@@ -10,11 +10,9 @@ import inspect
 import json
 import os
 import re
-import struct
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+from image_bytes import png_header
 from triton_server import TritonServer, pytriton_dist
 from triton_wire import WireInput, bytes_element, post_http, send
 
@@ -51,17 +50,6 @@ def _server_missing() -> str | None:
 # `make test-triton` sets SEESR_REQUIRE_TRITON=1: there a missing server is a failure, not a skip.
 REQUIRED = os.environ.get("SEESR_REQUIRE_TRITON") == "1"
 needs_server = pytest.mark.skipif(_server_missing() is not None and not REQUIRED, reason=_server_missing() or "")
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG file whose header declares width x height RGB pixels, with no pixel data: a decompression bomb's
-    header, or a size refusal that must come before any decoding."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def write_repo(bundle, out, *extra) -> int:
@@ -251,7 +239,7 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(server, lr_
         (b"GIF89a, or so it says", {}, "input 'image': not a readable image (corrupt or unknown format)"),
         (good[: len(good) // 2], {}, "input 'image': cannot decode the image ("),
         (b"", {}, "input 'image': empty file"),
-        (png_declaring(10_000, 10_000), {}, bomb),
+        (png_header(10_000, 10_000), {}, bomb),
         (
             encode_png(np.zeros((80, 80, 3), np.uint8)),
             {},
@@ -331,12 +319,12 @@ HUGE_DECLARATIONS = [
     ),
     (
         "PNG header declaring 100000x100000 pixels",
-        [WireInput("image", "BYTES", [1], bytes_element(png_declaring(100_000, 100_000)))],
+        [WireInput("image", "BYTES", [1], bytes_element(png_header(100_000, 100_000)))],
         "input 'image': refused as a decompression bomb",
     ),
     (
         "PNG header declaring 1000x1000 pixels",
-        [WireInput("image", "BYTES", [1], bytes_element(png_declaring(1000, 1000)))],
+        [WireInput("image", "BYTES", [1], bytes_element(png_header(1000, 1000)))],
         f"input 'image': 1000x1000 is 1000000 pixels, over the limit of {MAX_PIXELS}",
     ),
 ]
@@ -500,7 +488,7 @@ def _invalid(rng, index: int) -> SoakRequest:
             "decompression bomb",
             f"input 'image': refused as a decompression bomb: Image size ({bomb * bomb} pixels)",
             {},
-            png_declaring(bomb, bomb),
+            png_header(bomb, bomb),
         ),
         ("image too small", f"input 'image': {side}x4 is too small", {}, encode_png(np.zeros((4, side, 3), np.uint8))),
         (
