@@ -701,3 +701,19 @@ def _live_members(group: int) -> list[int]:
         if int(fields[2]) == group and fields[0] != "Z":
             members.append(int(stat.parent.name))
     return members
+
+
+@needs_server
+def test_model_refuses_a_repository_of_another_request_format(runtime_bundle, tmp_path):
+    """model.py and config.pbtxt come from the repository, the declaration from the server's runtime: a
+    mismatch stops the model loading (and this server, which exits on error) with a message saying so."""
+    repo = tmp_path / "repo"
+    assert write_repo(runtime_bundle, repo, "--reference-bundle") == 0
+    config = repo / "seesr" / "config.pbtxt"
+    declared = f'key: "service_version" value: {{ string_value: "{SERVICE_VERSION}" }}'
+    config.write_text(config.read_text().replace(declared, 'key: "service_version" value: { string_value: "1" }'))
+    server = TritonServer(repo, tmp_path)
+    with pytest.raises(RuntimeError, match="tritonserver exited"), server:
+        pass
+    message = f"written for request format '1' but the server's seesr_runtime speaks {SERVICE_VERSION}"
+    assert message in server.log_tail(100_000)
