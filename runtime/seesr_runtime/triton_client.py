@@ -265,7 +265,7 @@ def _load_image(path: Path, max_pixels: int) -> bytes:
 def cmd_upscale(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .cli import ImageRejected, expand_inputs
+    from .cli import expand_inputs
     from .filemodes import write_atomically
 
     sampling = _sampling(args)
