@@ -1,13 +1,16 @@
 """The LR images a command reads: files and folders of them, each opened defensively.
 
 Shared by ``seesr upscale`` and ``seesr bench``, the Triton client and the build side's demo: whatever
-a file's bytes, ``load_lr_image`` returns an RGB image or raises ``ImageRejected`` saying why.
+a file's bytes, ``load_lr_image`` (and ``load_lr_image_bytes``, for bytes received over the wire)
+returns an RGB image or raises ``ImageRejected`` saying why.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -28,12 +31,26 @@ def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Ima
     """
     if path.stat().st_size == 0:
         raise ImageRejected("empty file")
+    return _decode_lr_image(path, max_pixels, "--max-pixels")
+
+
+def load_lr_image_bytes(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, raise_with: str = "--max-pixels"
+) -> tuple[Image.Image, str | None]:
+    """``load_lr_image`` for an image file's bytes (a Triton request's): same checks, same conversions;
+    ``raise_with`` names the setting that raises the pixel limit."""
+    if not data:
+        raise ImageRejected("empty file")
+    return _decode_lr_image(io.BytesIO(data), max_pixels, raise_with)
+
+
+def _decode_lr_image(source: Path | BinaryIO, max_pixels: int, raise_with: str) -> tuple[Image.Image, str | None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(source) as opened:
                 if opened.size[0] * opened.size[1] > max_pixels:  # refused before decoding
-                    option_table.check_image_size(*opened.size, max_pixels, raise_with="--max-pixels")
+                    option_table.check_image_size(*opened.size, max_pixels, raise_with=raise_with)
                 opened.load()
                 image = opened.copy()
     except ImageRejected:
@@ -44,7 +61,7 @@ def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Ima
         raise ImageRejected("not a readable image (corrupt or unknown format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(f"cannot decode the image ({exc}); truncated or corrupt?") from None
-    option_table.check_image_size(*image.size, max_pixels, raise_with="--max-pixels")
+    option_table.check_image_size(*image.size, max_pixels, raise_with=raise_with)
     note = None
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
