@@ -203,7 +203,7 @@ def cmd_build(args) -> int:
 
 
 def expand_images(folder: Path) -> list[Path]:
-    from seesr_runtime.cli import expand_inputs
+    from seesr_runtime.inputs import expand_inputs
 
     images = expand_inputs([folder])
     if not images:

@@ -1,4 +1,8 @@
+import hashlib
 import os
+import shutil
+import tempfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +50,50 @@ def lr_image():
     return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
 
 
+ROOT = Path(__file__).resolve().parents[1]
+# The tiny bundle is most of a session's set-up (about 80 s, mostly onnxruntime's graph fusions) and depends
+# only on the fixture (fixed seed, byte-for-byte deterministic) and the code and tools that write both: it is
+# kept between sessions under out/test-bundles/, keyed on a hash of that code and the tools' versions, so an
+# edit anywhere in seesr_export/ or the runtime rebuilds it. SEESR_TEST_FRESH_BUNDLE=1 always rebuilds.
+BUNDLE_CACHE = ROOT / "out" / "test-bundles"
+BUNDLE_TOOLS = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "numpy")
+
+
+def tiny_bundle_key() -> str:
+    digest = hashlib.sha256()
+    for package in ("seesr_export", "runtime/seesr_runtime"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    for tool in BUNDLE_TOOLS:
+        digest.update(f"{tool}=={metadata.version(tool)}".encode())
+    return digest.hexdigest()[:20]
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkout, tmp_path_factory):
-    """An fp16 bundle (fp32 + fp16 graphs) of the tiny checkout, built once per session."""
-    out = tmp_path_factory.mktemp("engines") / "tiny"
-    bundle.build_bundle(tiny_checkout, out, bundle.BuildOptions(precision="fp16"))
-    return out
+    """An fp16 bundle (fp32 + fp16 graphs) of the tiny checkout: reused from out/test-bundles/ when the code
+    that writes it is unchanged, else built (once per session) and kept there. Tests must not modify it."""
+    if os.environ.get("SEESR_TEST_FRESH_BUNDLE") == "1":
+        out = tmp_path_factory.mktemp("engines") / "tiny"
+        bundle.build_bundle(tiny_checkout, out, bundle.BuildOptions(precision="fp16"))
+        return out
+    cached = BUNDLE_CACHE / tiny_bundle_key() / "tiny"
+    if (cached / "manifest.json").is_file():
+        return cached
+    BUNDLE_CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=BUNDLE_CACHE, prefix=".building-") as scratch:
+        built = Path(scratch) / "tiny"
+        bundle.build_bundle(tiny_checkout, built, bundle.BuildOptions(precision="fp16"))
+        for stale in BUNDLE_CACHE.iterdir():  # other keys: bundles of older code
+            if stale.is_dir() and not stale.name.startswith("."):
+                shutil.rmtree(stale, ignore_errors=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            built.rename(cached)  # whole or not at all
+        except OSError:
+            if not (cached / "manifest.json").is_file():  # not a concurrent session's identical bundle
+                raise
+    return cached
 
 
 @pytest.fixture(scope="session")

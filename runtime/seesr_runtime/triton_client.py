@@ -4,12 +4,15 @@
     seesr-triton-client upscale a.png -o results/ --protocol grpc --url 127.0.0.1:8001
     seesr-triton-client load a.png --concurrency 32 --requests 256 --steps 20       # throughput, p50/p95/p99
 
-Needs ``pip install 'seesr-export[triton]'`` (tritonclient over HTTP and gRPC).
+Needs ``pip install 'seesr-export[triton]'`` (tritonclient over HTTP and gRPC). Each image is read and
+checked here as ``seesr upscale`` would read it (8-bit RGB), then sent as a PNG file: lossless, so the
+server sees the very pixels the in-process runtime would, whatever format the file had.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import threading
@@ -22,20 +25,32 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 
 from . import __version__
 from . import options as option_table
 from .cli import run_command
-from .errors import BackendError, ImageRejected, InputError
-from .triton import NUMPY_TYPES, REQUEST_OPTIONS, wire_type
+from .errors import BackendError, ImageRejected, InputError, MissingDependency
+from .filemodes import write_atomically
+from .inputs import expand_inputs, load_lr_image
+from .lazy import imported, lazy_import
+from .triton import IMAGE_INPUT, INPUTS, OUTPUTS, REQUEST_OPTIONS, TensorSpec
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
-OUTPUTS = ("image", "tags", "prompt")
+# Fast deflate: requests travel on a local network or a data-centre one, where encoding time matters more.
+PNG_COMPRESS_LEVEL = 1
 
 # tritonclient ships no type information: its clients and tensors are Any here.
 Client = Any
 InferInput = Any
+
+
+# The client library is an extra (seesr-export[triton]); one module per protocol.
+TRITONCLIENT = {
+    "http": lazy_import("tritonclient.http", extra="triton"),
+    "grpc": lazy_import("tritonclient.grpc", extra="triton"),
+}
 
 
 class ClientError(BackendError):
@@ -46,14 +61,11 @@ def _module(protocol: str) -> ModuleType:
     if protocol not in PROTOCOLS:
         raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     try:
-        if protocol == "http":
-            import tritonclient.http as module
-        else:
-            import tritonclient.grpc as module
-    except ImportError as exc:
-        raise ClientError(f"tritonclient is not installed ({exc}): pip install 'seesr-export[triton]'") from None
-    loaded: ModuleType = module  # untyped package: mypy sees Any
-    return loaded
+        return imported(TRITONCLIENT[protocol])
+    except MissingDependency as exc:
+        raise ClientError(
+            f"tritonclient is not installed ({exc.__cause__}): pip install 'seesr-export[triton]'"
+        ) from None
 
 
 def connect(protocol: str, url: str | None = None, timeout: float = 600.0) -> Client:
@@ -77,40 +89,43 @@ def check_ready(client: Client, protocol: str, url: str | None, model: str, time
         raise ClientError(f"the server at {url} has no ready model {model!r} (see its log)")
 
 
+def encode_png(image: Any) -> bytes:
+    """An RGB image (a PIL image or an [H, W, 3] uint8 array) as a PNG file's bytes: the ``image`` input."""
+
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
 def build_inputs(
     protocol: str,
-    image: npt.NDArray[Any],
+    image: bytes,
     *,
     prompt: str | None = None,
     seed: int | None = None,
     steps: int | None = None,
     guidance: float | None = None,
 ) -> list[InferInput]:
-    """The request's input tensors. ``image`` is sent as given (its dtype and shape), so the server decides."""
-    from tritonclient.utils import np_to_triton_dtype
-
+    """The request's input tensors: ``image`` is an encoded image file's bytes (``encode_png``), sent as given,
+    so the server decides; the options that are not None."""
     module = _module(protocol)
-    image = np.ascontiguousarray(image)
-    tensors = [_tensor(module, "image", image, np_to_triton_dtype(image.dtype))]
-    given = {"prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance}
-    for name, data_type in REQUEST_OPTIONS.items():
-        value = given[name]
-        if value is not None:
-            element = value.encode("utf-8") if isinstance(value, str) else value
-            tensors.append(
-                _tensor(module, name, np.array([element], dtype=NUMPY_TYPES[data_type]), wire_type(data_type))
-            )
-    return tensors
+    given = {IMAGE_INPUT.name: image, "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance}
+    return [_tensor(module, spec, given[spec.name]) for spec in INPUTS if given[spec.name] is not None]
 
 
-def _tensor(module: ModuleType, name: str, array: npt.NDArray[Any], wire_type: str) -> InferInput:
-    tensor = module.InferInput(name, list(array.shape), wire_type)
+def _tensor(module: ModuleType, spec: TensorSpec, value: object) -> InferInput:
+    element = value.encode("utf-8") if isinstance(value, str) else value
+    array = np.array([element], dtype=spec.numpy_type).reshape(spec.dims)
+    tensor = module.InferInput(spec.name, list(array.shape), spec.wire_type)
     tensor.set_data_from_numpy(array)
     return tensor
 
 
 @dataclass
 class Upscaled:
+    """The response; its fields are the service's outputs (``seesr_runtime.triton.OUTPUTS``)."""
+
     image: npt.NDArray[np.uint8]  # [4H, 4W, 3]
     tags: str
     prompt: str
@@ -123,18 +138,18 @@ def infer(
     from tritonclient.utils import InferenceServerException
 
     module = _module(protocol)
-    outputs = [module.InferRequestedOutput(name) for name in OUTPUTS]
+    outputs = [module.InferRequestedOutput(spec.name) for spec in OUTPUTS]
     extra = {"client_timeout": timeout} if protocol == "grpc" else {}
     try:
         result = client.infer(model, inputs, outputs=outputs, **extra)
     except InferenceServerException as exc:
         raise ClientError(exc.message() or str(exc)) from None
-    return Upscaled(
-        image=result.as_numpy("image"), tags=_text(result.as_numpy("tags")), prompt=_text(result.as_numpy("prompt"))
-    )
+    return Upscaled(**{spec.name: _output(spec, result.as_numpy(spec.name)) for spec in OUTPUTS})
 
 
-def _text(value: npt.NDArray[Any]) -> str:
+def _output(spec: TensorSpec, value: npt.NDArray[Any]) -> Any:
+    if spec.data_type != "TYPE_STRING":
+        return value
     raw = value.reshape(-1)[0]
     return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
 
@@ -175,7 +190,7 @@ class LoadReport:
 def run_load(
     protocol: str,
     url: str | None,
-    image: npt.NDArray[Any],
+    image: bytes,
     *,
     concurrency: int,
     requests: int,
@@ -246,19 +261,13 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {name: given.get(name) for name in REQUEST_OPTIONS}
 
 
-def _load_image(path: Path, max_pixels: int) -> npt.NDArray[np.uint8]:
-    from .cli import load_lr_image
-
+def _load_image(path: Path, max_pixels: int) -> bytes:
+    """The file checked and converted as ``seesr upscale`` reads it, re-encoded as PNG (lossless, one format)."""
     image, _note = load_lr_image(path, max_pixels)
-    return np.asarray(image, dtype=np.uint8)
+    return encode_png(image)
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from .cli import ImageRejected, expand_inputs
-    from .filemodes import write_atomically
-
     sampling = _sampling(args)
     files = expand_inputs(args.inputs)
     if not files:

@@ -7,10 +7,12 @@ is its own stub process: ``initialize`` loads the bundle's sessions (or TensorRT
 pipeline_options). The server's Python environment must have the runtime installed
 (``pip install seesr-export``; no torch).
 
-A bad request (wrong dtype, rank, channel count, too large or too small, an option outside the
-runtime's options table) gets a Triton error naming the value and what was expected; an unexpected
-failure also becomes an error response, never a dead instance. Each input's declared shape is checked
-before its data is converted (Triton has already refused shapes that the bytes sent do not fill).
+Its tensors are those of ``seesr_runtime.triton.INPUTS`` and ``OUTPUTS``: the image arrives as one
+encoded image file (BYTES [1]), decoded by the runtime's image loader with the pixel limit checked
+before decoding and its decompression-bomb guard. A bad request (an undecodable, too large or too
+small image, an option outside the runtime's options table) gets a Triton error naming the value and
+what was expected; an unexpected failure also becomes an error response, never a dead instance. Triton
+itself refuses any declared shape other than the fixed dims of config.pbtxt before it sizes the data.
 """
 
 import json
@@ -34,8 +36,8 @@ RUNTIME_MISSING: ImportError | None
 try:
     from seesr_runtime import SeeSRPipeline
     from seesr_runtime.errors import InputError
-    from seesr_runtime.options import check_image_size
-    from seesr_runtime.triton import NUMPY_TYPES, REQUEST_OPTIONS
+    from seesr_runtime.inputs import load_lr_image_bytes
+    from seesr_runtime.triton import IMAGE_INPUT, OPTION_INPUTS, OUTPUTS, SERVICE_VERSION, TensorSpec
 
     RUNTIME_MISSING = None
 except ImportError as exc:  # reported by initialize, where Triton shows it
@@ -74,6 +76,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = _parameters(config)
         self.max_pixels = int(params["max_pixels"])
+        self._check_service_version(params)
         self.pipeline_options = json.loads(params.get("pipeline_options", "{}"))
         if args["model_instance_kind"] == "GPU":
             # One stub process per instance: pin it to its GPU before any CUDA library starts.
@@ -96,6 +99,15 @@ class TritonPythonModel:
             f"seesr: instance {args['model_instance_name']} ready: bundle {bundle}, backend {backend}, {options}"
         )
 
+    @staticmethod
+    def _check_service_version(params: dict[str, str]) -> None:
+        """model.py comes from the repository, the declaration from the server's installed runtime: they must agree."""
+        if RUNTIME_MISSING is None and params.get("service_version") != str(SERVICE_VERSION):
+            raise RuntimeError(
+                f"the repository was written for request format {params.get('service_version')!r} but the server's "
+                f"seesr_runtime speaks {SERVICE_VERSION}; regenerate it with seesr-export triton of the same version"
+            )
+
     def _load_all_networks(self) -> None:
         """Create every session now, not on the first request (TensorRT loads its engines eagerly)."""
         load_all = getattr(self.pipe.backend, "load_all", None)
@@ -116,81 +128,62 @@ class TritonPythonModel:
             return _error(f"internal error: {type(exc).__name__}: {exc}", invalid=False)
         return pb_utils.InferenceResponse(
             output_tensors=[
-                pb_utils.Tensor("image", np.ascontiguousarray(np.asarray(result.image, dtype=np.uint8))),
-                pb_utils.Tensor("tags", np.array([result.tags.encode("utf-8")], dtype=np.object_)),
-                pb_utils.Tensor("prompt", np.array([result.prompt.encode("utf-8")], dtype=np.object_)),
+                pb_utils.Tensor(spec.name, _output_array(spec, getattr(result, spec.name))) for spec in OUTPUTS
             ]
         )
 
-    def _read(self, request: Request) -> tuple[npt.NDArray[np.uint8], dict[str, object]]:
-        tensor = pb_utils.get_input_tensor_by_name(request, "image")
-        if tensor is None:
-            raise RequestError("input 'image' is required (UINT8 [H, W, 3])")
-        check_image_shape(_shape(tensor), self.max_pixels)  # the declared shape first: no data converted yet
-        image = check_image_dtype(tensor.as_numpy())
-        options = {
-            name: _text(request, name)
-            if data_type == "TYPE_STRING"
-            else _scalar(request, name, np.dtype(NUMPY_TYPES[data_type]))
-            for name, data_type in REQUEST_OPTIONS.items()
-        }
+    def _read(self, request: Request) -> tuple[Any, dict[str, object]]:
+        data = _one_element(request, IMAGE_INPUT)
+        if data is None:
+            raise RequestError(f"input '{IMAGE_INPUT.name}' is required ({IMAGE_INPUT.what})")
+        try:
+            image, _note = load_lr_image_bytes(
+                _bytes(data, IMAGE_INPUT), self.max_pixels, raise_with="config.pbtxt parameter max_pixels"
+            )
+        except InputError as exc:  # ImageRejected: undecodable, a decompression bomb, too small or too large
+            raise RequestError(f"input '{IMAGE_INPUT.name}': {exc}") from None
+        options = {spec.name: _option(request, spec) for spec in OPTION_INPUTS}
         return image, {name: value for name, value in options.items() if value is not None}
 
 
-# Triton checks dtype and shape against config.pbtxt first; these repeat it for clear messages, and check
-# what config.pbtxt cannot express (the pixel limit) from the declared shape alone.
-
-
-def check_image_shape(shape: list[int], max_pixels: int) -> None:
-    if len(shape) != 3 or shape[2] != 3:
-        raise RequestError(f"input 'image' must be [H, W, 3] (RGB), got shape {shape}")
-    try:
-        check_image_size(shape[1], shape[0], max_pixels, raise_with="config.pbtxt parameter max_pixels")
-    except InputError as exc:
-        raise RequestError(f"input 'image': {exc}") from None
-
-
-def check_image_dtype(image: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
-    if image.dtype != np.uint8:
-        raise RequestError(f"input 'image' must be UINT8, got {image.dtype}")
-    return image
+def _output_array(spec: TensorSpec, value: Any) -> npt.NDArray[Any]:
+    if spec.data_type == "TYPE_STRING":
+        return np.array([str(value).encode("utf-8")], dtype=np.object_)
+    return np.ascontiguousarray(np.asarray(value, dtype=spec.numpy_type))
 
 
 def _shape(tensor: Tensor) -> list[int]:
     return [int(size) for size in tensor.shape()]
 
 
-def _one_element(request: Request, name: str, what: str) -> npt.NDArray[Any] | None:
-    """The input's data, once its declared shape says it holds exactly one element; None when absent."""
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
+def _one_element(request: Request, spec: TensorSpec) -> Any:
+    """The input's one element, once its declared shape says it holds exactly one; None when absent."""
+    tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
     if tensor is None:
         return None
     shape = _shape(tensor)
-    if math.prod(shape) != 1:  # Python integers: no overflow whatever the declared sizes
-        raise RequestError(f"input '{name}' must hold one {what}, got shape {shape}")
+    if math.prod(shape) != 1:  # Triton refuses other shapes already (fixed dims); Python integers cannot overflow
+        raise RequestError(f"input '{spec.name}' must hold {spec.what}, got shape {shape}")
     value: npt.NDArray[Any] = tensor.as_numpy()
+    if value.dtype != np.dtype(spec.numpy_type):
+        raise RequestError(f"input '{spec.name}' must hold {spec.what}, got {value.dtype}")
+    return value.reshape(()).item()
+
+
+def _bytes(value: object, spec: TensorSpec) -> bytes:
+    if not isinstance(value, bytes):
+        raise RequestError(f"input '{spec.name}' must hold {spec.what}, got {type(value).__name__}")
     return value
 
 
-def _scalar(request: Request, name: str, dtype: np.dtype[Any]) -> int | float | None:
-    value = _one_element(request, name, f"{dtype.name} value")
-    if value is None:
-        return None
-    if value.dtype != dtype:
-        raise RequestError(f"input '{name}' must hold one {dtype.name} value, got {value.dtype}")
-    number: int | float = value.reshape(()).item()
-    return number
-
-
-def _text(request: Request, name: str) -> str | None:
-    value = _one_element(request, name, "string")
-    if value is None:
-        return None
-    raw = value.reshape(()).item()
+def _option(request: Request, spec: TensorSpec) -> object:
+    value = _one_element(request, spec)
+    if value is None or spec.data_type != "TYPE_STRING":
+        return value
     try:
-        return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        return _bytes(value, spec).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RequestError(f"input '{name}' is not valid UTF-8 ({exc})") from None
+        raise RequestError(f"input '{spec.name}' is not valid UTF-8 ({exc})") from None
 
 
 def _error(message: str, invalid: bool) -> Response:
