@@ -435,3 +435,32 @@ def test_bench_runs_a_turbo_bundle_at_its_default_steps(turbo_bundle, tmp_path):
     (result,) = json.loads(report.read_text())["results"]
     assert result["config"]["steps"] == 2 and result["config"]["guidance"] is None  # the bundle's: 2, 1.0
     assert result["stages"]["unet"]["calls_per_image"] == 2
+    assert result["extrapolated"]["steps"] == 2  # extrapolated to the bundle's default, not the standard 50
+
+
+@pytest.mark.slow
+def test_bench_script_runs_the_turbo_reference_beside_the_runtime(turbo_bundle, sd_turbo, tmp_path):
+    """benchmarks/bench.py on a turbo bundle: its PyTorch side is the turbo reference (batch-1 calls at the
+    bundle's 2 steps), both sides are extrapolated to 2 steps, not the standard 50."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "benchmarks" / "bench.py"), "--bundle", str(turbo_bundle)]
+    command += ["--seesr-root", str(sd_turbo.parents[2]), "--sd-turbo", str(sd_turbo), "--torch", "cpu:fp32"]
+    command += ["--runtime", "onnxruntime:fp32:cpu", "--sizes", "64", "--steps", "2", "--runs", "1"]
+    command += ["--warmup", "0", "--name", "turbo", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "bench_turbo.json").read_text())
+    assert [c["label"] for c in summary["configurations"]] == ["PyTorch fp32 (cpu)", "onnxruntime fp32 (cpu)"]
+    for configuration in summary["configurations"]:
+        (result,) = configuration["results"]
+        assert result["stages"]["unet"]["calls_per_image"] == 2, configuration["label"]
+        assert result["extrapolated"]["steps"] == 2, configuration["label"]
+    # The PyTorch side reads the sd-turbo folder it is given (a standard reference would not look for it).
+    missing = tmp_path / "no-sd-turbo"
+    command[command.index(str(sd_turbo))] = str(missing)
+    del command[command.index("--runtime") + 1]  # no runtime configuration: the PyTorch side only
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and f"sd-turbo folder not found: {missing}" in done.stderr, done.stderr[-3000:]

@@ -178,6 +178,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             seed=args.seed,
             guidance=args.guidance,
             peak_tflops=args.peak_tflops,
+            reference_steps=pipe.defaults["steps"],  # e2e is also extrapolated to the bundle's default
         )
         log.info(f"bench {label}: {size} px, {steps} steps, {args.warmup} warm-up + {args.runs} timed")
         report = run_bench(
