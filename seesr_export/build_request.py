@@ -35,6 +35,7 @@ class BuildOptions:
     int8_conv_percentile: float = 99.99  # int8 (ModelOpt): conv input range at this percentile; 100 = max
     jobs: int = 1  # networks exported at once, each in its own process (each needs up to ~12 GB at SD2 size)
     parity_tolerances: dict = field(default_factory=dict)  # {network: {graph: max rel L2}} over PARITY_TOLERANCES
+    sd_turbo: Path | None = None  # SeeSR-turbo: the sd-turbo folder (seesr_export.turbo); None: the standard bundle
 
     def graph_precisions(self) -> tuple[str, ...]:
         # fp32 graphs are always written: onnxruntime on CPU wants them, and they are

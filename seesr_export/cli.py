@@ -22,12 +22,14 @@ from .graph_format import EXTERNAL_DATA_THRESHOLD, OPSET
 from .layout import SeeSRPaths
 from .progress import Progress
 from .triton_repo import DEFAULT_MAX_PIXELS, TritonOptions, write_repository
+from .turbo_options import TURBO_DEFAULTS, add_turbo_args, sd_turbo_from_args
 
 # The modules behind the torch commands load torch, diffusers and onnx (seconds): they are lazy modules,
 # imported when a command first uses them, so --help and the torch-free `triton` command start fast.
 bundle = lazy_import("seesr_export.bundle", extra="export")
 fixtures = lazy_import("seesr_export.testing.fixtures", extra="export")
 reference = lazy_import("seesr_export.reference", extra="export")
+turbo = lazy_import("seesr_export.turbo", extra="export")
 
 SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
 
@@ -81,10 +83,16 @@ def cmd_fixture(args) -> int:
     return 0
 
 
-def run_reference(paths, inputs: list[Path], out_dir: Path, options: dict, progress: Progress) -> int:
-    options = option_table.resolve(options)  # bad values fail before the networks load
+def run_reference(
+    paths, inputs: list[Path], out_dir: Path, options: dict, progress: Progress, sd_turbo: Path | None = None
+) -> int:
+    # bad values fail before the networks load
+    options = option_table.resolve(options, TURBO_DEFAULTS if sd_turbo is not None else None)
     progress.stage("loading SeeSR networks (torch reference, fp32 CPU)")
-    pipe = reference.SeeSRReference.from_paths(paths)
+    if sd_turbo is None:
+        pipe = reference.SeeSRReference.from_paths(paths)
+    else:
+        pipe = turbo.turbo_reference(paths, sd_turbo)
     failures = 0
     for path in inputs:
         progress.stage(f"upscaling {path}")
@@ -124,7 +132,8 @@ def sampling_options(args) -> dict:
 
 
 def cmd_reference(args) -> int:
-    return run_reference(paths_from_args(args), args.inputs, args.output, sampling_options(args), Progress(args.quiet))
+    options, sd_turbo = sampling_options(args), sd_turbo_from_args(args)
+    return run_reference(paths_from_args(args), args.inputs, args.output, options, Progress(args.quiet), sd_turbo)
 
 
 def cmd_demo(args) -> int:
@@ -175,6 +184,7 @@ def cmd_build(args) -> int:
         jobs=args.jobs,
         int8_image_attention_fp32=args.int8_image_attention_fp32,
         int8_conv_percentile=args.int8_conv_percentile,
+        sd_turbo=sd_turbo_from_args(args),
     )
     if args.external_data_threshold_mb is not None:
         options.external_data_threshold = int(args.external_data_threshold_mb * 1024**2)
@@ -328,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks/results/cpu/int8_image_attention.md for the measured effect)",
     )
     add_checkpoint_args(p)
+    add_turbo_args(p)
     add_verbosity_args(p)
     p.set_defaults(func=cmd_build)
 
@@ -346,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, help="LR images")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory for PNGs")
     add_checkpoint_args(p)
+    add_turbo_args(p)
     add_sampling_args(p)
     add_verbosity_args(p)
     p.set_defaults(func=cmd_reference)

@@ -28,6 +28,7 @@ from .models.sd2 import load_text_encoder, load_tokenizer, load_vae
 from .parity import check_parity, compare_graph
 from .progress import Progress
 from .tiled_vae import segment_graphs, segment_groups, split_segments, vae_tasks
+from .turbo import compose_turbo_unet
 
 TILED_VAE_HALVES = {"vae_encoder": "encoder", "vae_decoder": "decoder"}  # networks with tiled-VAE segments
 
@@ -36,8 +37,10 @@ class TorchModels:
     """Torch models loaded on first use and dropped after their last graph: a fully cached
     build loads none, and a full-size build holds one big network at a time."""
 
-    def __init__(self, paths: SeeSRPaths):
+    def __init__(self, paths: SeeSRPaths, turbo: bool = False):
         self.paths = paths
+        self.turbo = turbo  # SeeSR-turbo: ``paths.sd2`` is sd-turbo, the UNet is composed (seesr_export.turbo)
+        self.turbo = turbo  # SeeSR-turbo: ``paths.sd2`` is sd-turbo, the UNet is composed (seesr_export.turbo)
 
     @cached_property
     def dape(self):
@@ -57,6 +60,8 @@ class TorchModels:
 
     @cached_property
     def unet(self):
+        if self.turbo:
+            return compose_turbo_unet(self.paths.sd2 / "unet", self.paths.unet)
         return load_seesr_unet(self.paths.unet)
 
     @cached_property
@@ -228,5 +233,6 @@ def _export_parallel(names, specs, paths: SeeSRPaths, work: Path, options, progr
 def _export_worker(name, spec, paths, work, options, threads):
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    entry = export_network(name, spec, TorchModels(paths), Path(work), options, Progress(quiet=True))
+    models = TorchModels(paths, turbo=options.sd_turbo is not None)
+    entry = export_network(name, spec, models, Path(work), options, Progress(quiet=True))
     return entry, time.perf_counter() - start

@@ -156,6 +156,8 @@ class SeeSRReference:
     on CUDA they are timed with events.
     """
 
+    defaults: dict | None = None  # option defaults over the table's (SeeSR-turbo's: seesr_export.turbo)
+
     def __init__(
         self, dape, tag_list, tag_thresholds, tokenizer, text_encoder, vae, unet, controlnet, scheduler_config: dict
     ):
@@ -269,7 +271,7 @@ class SeeSRReference:
     ) -> ReferenceResult:
         """``options``: those of ``seesr_runtime.options`` (left out: the official defaults), checked as the
         runtime checks them (OptionError; an image too small or too large: ImageRejected)."""
-        o = option_table.resolve({**options, "seed": seed})
+        o = option_table.resolve({**options, "seed": seed}, self.defaults)
         option_table.check_image_size(*lr.size, o["max_pixels"])
         return self._run(lr, noise_fn, callback, **{k: o[k] for k in o if k != "max_pixels"})
 

@@ -161,14 +161,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         p.lower() in ("cuda", "tensorrt") or "CUDA" in p or "Tensorrt" in p for p in (args.providers or [])
     )
     label = args.label or f"{args.backend} {args.precision}"
-    if len(args.steps) not in (1, len(args.size)):
+    step_counts = args.steps or [pipe.defaults["steps"]]  # the bundle's default: 2 for a turbo bundle
+    if len(step_counts) not in (1, len(args.size)):
         print(
-            f"error: --steps takes one value or one per --size ({len(args.size)}), got {len(args.steps)}",
+            f"error: --steps takes one value or one per --size ({len(args.size)}), got {len(step_counts)}",
             file=sys.stderr,
         )
         return 2
     results = []
-    for size, steps in zip(args.size, args.steps * len(args.size) if len(args.steps) == 1 else args.steps):
+    for size, steps in zip(args.size, step_counts * len(args.size) if len(step_counts) == 1 else step_counts):
         config = BenchConfig(
             size=size,
             steps=steps,
@@ -177,6 +178,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             seed=args.seed,
             guidance=args.guidance,
             peak_tflops=args.peak_tflops,
+            reference_steps=pipe.defaults["steps"],  # e2e is also extrapolated to the bundle's default
         )
         log.info(f"bench {label}: {size} px, {steps} steps, {args.warmup} warm-up + {args.runs} timed")
         report = run_bench(
@@ -422,9 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         nargs="+",
-        default=[option_table.default("steps")],
-        help=f"DDPM steps per image, one value or one per --size (default {option_table.default('steps')}); "
-        "fewer steps are also extrapolated to 50",
+        default=None,
+        help="DDPM steps per image, one value or one per --size (default: the bundle's, "
+        f"{option_table.default('steps')}); fewer steps are also extrapolated to 50",
     )
     p.add_argument("--runs", type=int, default=3, help="timed images (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed images first (default 1)")
