@@ -200,7 +200,8 @@ class SeeSRReference:
             self._pending = []
 
     @classmethod
-    def from_paths(cls, paths: SeeSRPaths) -> SeeSRReference:
+    def from_paths(cls, paths: SeeSRPaths, unet=None, scheduler_config: dict | None = None) -> SeeSRReference:
+        """The checkout's models; ``unet`` and ``scheduler_config`` replace its own (turbo composes both)."""
         paths.check()
         dape = load_dape(paths.ram, paths.dape)
         tags, thresholds = load_tag_list(paths.tag_list, paths.tag_thresholds, dape.config.num_classes)
@@ -211,9 +212,9 @@ class SeeSRReference:
             load_tokenizer(paths.sd2),
             load_text_encoder(paths.sd2),
             load_vae(paths.sd2),
-            load_seesr_unet(paths.unet),
+            unet if unet is not None else load_seesr_unet(paths.unet),
             load_seesr_controlnet(paths.controlnet),
-            load_scheduler_config(paths.sd2),
+            scheduler_config if scheduler_config is not None else load_scheduler_config(paths.sd2),
         )
 
     # -- stages

@@ -23,9 +23,8 @@ from seesr_runtime.scheduler import DDPMConfig
 from .checkpoints import find_weights, load_state_dict, require_file
 from .errors import CheckpointError
 from .layout import SeeSRPaths
-from .models.dape import load_dape, load_tag_list
-from .models.denoiser import SeeSRUNet, load_seesr_controlnet, read_config
-from .models.sd2 import load_scheduler_config, load_text_encoder, load_tokenizer, load_vae
+from .models.denoiser import SeeSRUNet, read_config
+from .models.sd2 import load_scheduler_config
 from .reference import SeeSRReference
 from .turbo_options import TURBO_DEFAULTS, UNET_WEIGHTS, turbo_paths
 
@@ -92,18 +91,10 @@ def turbo_reference(paths: SeeSRPaths, sd_turbo: Path | str):
     VAE and scheduler, SeeSR's ControlNet and DAPE, and the turbo defaults (2 steps, no guidance:
     batch 1, tile overlap 32). Any option can still be given per call, guidance above 1 included."""
     paths = turbo_paths(paths, sd_turbo).check()
-    dape = load_dape(paths.ram, paths.dape)
-    tags, thresholds = load_tag_list(paths.tag_list, paths.tag_thresholds, dape.config.num_classes)
-    reference = SeeSRReference(
-        dape,
-        tags,
-        thresholds,
-        load_tokenizer(paths.sd2),
-        load_text_encoder(paths.sd2),
-        load_vae(paths.sd2),
-        compose_turbo_unet(paths.sd2 / "unet", paths.unet),
-        load_seesr_controlnet(paths.controlnet),
-        turbo_scheduler_config(paths.sd2),
+    reference = SeeSRReference.from_paths(
+        paths,
+        unet=compose_turbo_unet(paths.sd2 / "unet", paths.unet),
+        scheduler_config=turbo_scheduler_config(paths.sd2),
     )
     reference.defaults = dict(TURBO_DEFAULTS)
     return reference
