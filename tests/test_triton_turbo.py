@@ -14,12 +14,12 @@ import pytest
 from test_triton import REQUIRED, _server_missing, call, needs_server, write_repo
 from triton_server import TritonServer
 
+from seesr_export.turbo_options import TURBO_DEFAULTS  # torch-free
 from seesr_runtime import SeeSRPipeline
 from seesr_runtime.lazy import available
 from seesr_runtime.triton import SERVICE_VERSION
 
 PROCESS_SIZE = 64  # tiny working size: seconds per request on CPU
-TURBO_DEFAULTS = {"steps": 2, "guidance": 1.0, "latent_tile_overlap": 32}
 
 
 def _unavailable(reason: str):
@@ -28,7 +28,7 @@ def _unavailable(reason: str):
 
 @pytest.fixture(scope="module")
 def turbo_runtime_bundle(request, tmp_path_factory):
-    """$SEESR_TEST_TURBO_BUNDLE (the torch-free Triton env, where no torch exists to build one), else a
+    """$SEESR_TEST_TURBO_BUNDLE (the torch-free Triton env, where no torch exists to build one), else an
     fp32 turbo bundle of the session's tiny checkout."""
     given = os.environ.get("SEESR_TEST_TURBO_BUNDLE")
     if given:
@@ -74,6 +74,6 @@ def test_turbo_bundle_served_matches_in_process_runtime_at_its_defaults(turbo_se
     assert got.image.dtype == np.uint8 and got.image.shape == (160, 224, 3)
     assert np.array_equal(got.image, np.asarray(expected.image))
     assert (got.tags, got.prompt) == (expected.tags, expected.prompt)
-    # The request is answered with the turbo defaults, not with options that merely give the same picture.
+    # The equality pins the steps the server ran: a third step changes the picture.
     other = pipeline(lr_image, seed=3, process_size=PROCESS_SIZE, steps=3)
     assert not np.array_equal(got.image, np.asarray(other.image))
