@@ -33,6 +33,7 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and value > 0
 
 
+@pytest.mark.slow  # the whole bench command end to end
 def test_seesr_bench_smoke(runtime_bundle, tmp_path):
     """The CLI on the tiny bundle: every documented field exists and is positive."""
     out = tmp_path / "bench.json"
@@ -126,7 +127,7 @@ def test_manifest_flops_match_the_counter(tiny_bundle, tiny_checkout):
 
     spec = manifest.spec("controlnet")
     module = graph_module("controlnet", TorchModels(tiny_checkout))
-    env = {"B": 2, "h": 64, "w": 64}
+    env = {"B": 1, "h": 64, "w": 64}  # B=2 is checked above as twice B=1
     feeds = sample_feeds(spec, env)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))

@@ -376,6 +376,7 @@ def test_built_bundle_is_readable_by_others_under_umask_022(external_data_bundle
 # ---------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow  # copies the bundle, runs the CLI twice
 def test_upscale_refuses_a_damaged_bundle_and_no_verify_skips_the_check(
     runtime_bundle, tmp_path, lr_image, capsys, umask
 ):

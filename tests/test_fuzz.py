@@ -115,6 +115,7 @@ def _load_tolerating_bundle_error(folder) -> None:
         pass
 
 
+@pytest.mark.slow  # hundreds of bundle loads; `make test` runs the CI fuzz profile
 @fuzz_settings()
 @given(data=st.data())
 def test_mutated_manifests_raise_only_bundle_error(bundle_copy, data):

@@ -308,7 +308,7 @@ def test_io_binding_gives_identical_results(runtime_bundle, lr_image, tile):
     (and timestep) come from the host: embeddings and control image are device handles made once per
     image, the ControlNet residuals go to the UNet as handles."""
     manifest = Manifest.load(runtime_bundle)
-    options = dict(seed=4, steps=2, latent_tile_size=tile, latent_tile_overlap=4)
+    options = dict(seed=4, steps=2, process_size=128, latent_tile_size=tile, latent_tile_overlap=4)
     plain = SeeSRPipeline(manifest, OnnxRuntimeBackend(manifest))(lr_image, **options)
     recorder = _FeedRecorder(OnnxRuntimeBackend(manifest, io_binding=True))
     bound = SeeSRPipeline(manifest, recorder)(lr_image, **options)

@@ -278,6 +278,7 @@ def test_seesr_export_refuses_in_one_line(runtime_bundle, lr_file, tmp_path, cas
     assert not (tmp_path / "repo").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a torch subprocess
 def test_fixture_errors_are_one_line_even_quiet(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -285,6 +286,7 @@ def test_fixture_errors_are_one_line_even_quiet(tmp_path):
     assert_one_line_error(done, str(blocker))
 
 
+@pytest.mark.slow  # a torch subprocess
 def test_fixture_needs_no_open_clip(tmp_path):
     # open_clip_torch is installed here: a None entry in sys.modules makes it unimportable, as when it is not.
     done = run_cli(

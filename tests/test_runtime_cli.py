@@ -37,6 +37,7 @@ def inputs(tmp_path):
     return folder, {"good": good, "gray": gray, "rgba": rgba, "deep": deep, "tiny": tiny, "big": big}
 
 
+@pytest.mark.slow  # a CLI batch end to end
 def test_batch_goes_on_past_bad_files(runtime_bundle, inputs, tmp_path, capsys):
     folder, files = inputs
     out = tmp_path / "out"
@@ -70,6 +71,7 @@ def test_batch_goes_on_past_bad_files(runtime_bundle, inputs, tmp_path, capsys):
     assert not list(out.glob(".*"))  # no temporary files left behind
 
 
+@pytest.mark.slow  # a CLI batch end to end
 def test_conversions_are_reported(runtime_bundle, inputs, tmp_path, capsys):
     _, files = inputs
     code = main(

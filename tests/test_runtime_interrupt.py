@@ -14,6 +14,9 @@ from PIL import Image
 
 from seesr_runtime.filemodes import remove_stale_temporaries, write_atomically
 
+# Real processes killed and signalled mid-batch: integration, not the inner loop (`make test-fast`).
+pytestmark = pytest.mark.slow
+
 IMAGES = 8
 OUT_SIZE = (128, 96)  # 32x24 inputs, x4
 

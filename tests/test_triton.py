@@ -163,38 +163,29 @@ def test_repository_of_a_missing_bundle_is_refused(tmp_path, capsys):
 # ------------------------------------------------------------------ a real server
 
 
-@pytest.fixture(scope="module")
-def server(runtime_bundle, tmp_path_factory, request):
+def _serve(runtime_bundle, tmp_path_factory, request, what: str, repo_args: list[str], server_args=()):
+    """A generated repository of the tiny bundle served by a real tritonserver, for one test module."""
     reason = _server_missing()
     if reason:
         (pytest.fail if REQUIRED else pytest.skip)(reason)
     work = tmp_path_factory.mktemp("triton")
     repo = work / "model_repository"
-    # Two instances with one thread each: the load test runs them in parallel on two cores, and the
-    # in-process reference below uses one thread too (same arithmetic, same bytes out).
-    assert (
-        write_repo(
-            runtime_bundle,
-            repo,
-            "--instances",
-            "2",
-            "--threads",
-            "1",
-            "--max-pixels",
-            str(MAX_PIXELS),
-            "--option",
-            f"process_size={PIPELINE['process_size']}",
-        )
-        == 0
-    )
-    with TritonServer(repo, work) as running:
+    assert write_repo(runtime_bundle, repo, "--max-pixels", str(MAX_PIXELS), *repo_args) == 0
+    with TritonServer(repo, work, extra_args=tuple(server_args)) as running:
         say(
             request,
-            f"tritonserver ready in {running.startup_seconds:.1f} s on {running.http_url} (HTTP), "
-            f"{running.grpc_url} (gRPC)",
+            f"{what} ready in {running.startup_seconds:.1f} s on {running.http_url} (HTTP), {running.grpc_url} (gRPC)",
         )
         yield running
     assert not running.alive()
+
+
+@pytest.fixture(scope="module")
+def server(runtime_bundle, tmp_path_factory, request):
+    # Two instances with one thread each: the load test runs them in parallel on two cores, and the
+    # in-process reference below uses one thread too (same arithmetic, same bytes out).
+    repo_args = ["--instances", "2", "--threads", "1", "--option", f"process_size={PIPELINE['process_size']}"]
+    yield from _serve(runtime_bundle, tmp_path_factory, request, "tritonserver", repo_args)
 
 
 @pytest.fixture(scope="module")
@@ -415,16 +406,8 @@ def keyed_server(runtime_bundle, tmp_path_factory, request):
     """The deployment that admits only key holders to inference (``server_access_arguments``)."""
     from seesr_runtime.triton import server_access_arguments
 
-    reason = _server_missing()
-    if reason:
-        (pytest.fail if REQUIRED else pytest.skip)(reason)
-    work = tmp_path_factory.mktemp("triton-keyed")
-    repo = work / "model_repository"
-    assert write_repo(runtime_bundle, repo, "--threads", "1", "--max-pixels", str(MAX_PIXELS)) == 0
-    with TritonServer(repo, work, extra_args=tuple(server_access_arguments(ACCESS_KEY))) as running:
-        say(request, f"keyed tritonserver ready in {running.startup_seconds:.1f} s")
-        yield running
-    assert not running.alive()
+    access = server_access_arguments(ACCESS_KEY)
+    yield from _serve(runtime_bundle, tmp_path_factory, request, "keyed tritonserver", ["--threads", "1"], access)
 
 
 @needs_server
