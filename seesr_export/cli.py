@@ -16,6 +16,7 @@ from seesr_runtime.cli import run_command
 from seesr_runtime.errors import ImageRejected
 from seesr_runtime.filemodes import write_atomically
 from seesr_runtime.lazy import available, lazy_import
+from seesr_runtime.triton import ACCESS_KEY_ENV, server_access_arguments
 
 from .errors import SeeSRExportError
 from .graph_format import EXTERNAL_DATA_THRESHOLD, OPSET
@@ -225,13 +226,16 @@ def cmd_triton(args) -> int:
         model_name=args.model_name,
     )
     model_dir = write_repository(args.bundle, args.out, options)
+    access = " ".join(server_access_arguments(f"${ACCESS_KEY_ENV}"))
     log.info(
-        "wrote %s (%d x %s instance(s), %s); serve with:\n  tritonserver --model-repository %s",
+        "wrote %s (%d x %s instance(s), %s); serve with inference for holders of the access key:\n"
+        "  tritonserver --model-repository %s %s",
         model_dir,
         options.instances,
         options.kind,
         options.backend,
         args.out.resolve(),
+        access,
     )
     return 0
 

@@ -117,6 +117,16 @@ def test_client_and_model_follow_the_declaration():
     assert set(outputs) <= {f.name for f in dataclasses.fields(UpscaleResult)}
 
 
+def test_repository_writer_prints_the_keyed_serve_command(runtime_bundle, tmp_path, capsys):
+    from seesr_export.cli import main
+    from seesr_runtime.triton import server_access_arguments
+
+    assert main(["triton", "--bundle", str(runtime_bundle), "--out", str(tmp_path / "repo")]) == 0
+    command = capsys.readouterr().err.splitlines()[-1].split()
+    assert command[:2] == ["tritonserver", "--model-repository"]
+    assert command[3:] == server_access_arguments("$SEESR_TRITON_KEY")
+
+
 def test_repository_rewrite_keeps_foreign_folders(runtime_bundle, tmp_path, capsys):
     repo = tmp_path / "repo"
     assert write_repo(runtime_bundle, repo) == 0
