@@ -1,0 +1,72 @@
+// The C++ wrapper (seesr.hpp) over the real library and a real bundle: RAII, exceptions carrying the
+// status and message. Driven by tests/test_cpp_runtime.py; prints one line per check, exits 1 on a failure.
+#include "seesr.hpp"
+
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const std::string &what) {
+    std::printf("%s %s\n", ok ? "ok" : "FAILED", what.c_str());
+    failures += ok ? 0 : 1;
+}
+
+struct Thrown {
+    seesr_status status = SEESR_OK;  // SEESR_OK: the call did not throw
+    std::string message;
+    bool says(const std::string &part) const { return message.find(part) != std::string::npos; }
+};
+
+Thrown thrown(const std::function<void()> &call) {
+    Thrown result;
+    try {
+        call();
+    } catch (const seesr::Error &error) {
+        result = {error.status(), error.what()};
+    }
+    return result;
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    if (argc != 2) {
+        std::fprintf(stderr, "usage: %s BUNDLE\n", argv[0]);
+        return 64;
+    }
+    seesr::EngineOptions engine;
+    engine.verify = SEESR_VERIFY_NEVER;
+
+    expect(seesr::abi_version() == SEESR_ABI_VERSION, "ABI version matches the header");
+    Thrown missing = thrown([&] { seesr::Pipeline pipeline("/nonexistent/bundle", engine); });
+    expect(missing.status == SEESR_ERROR_BUNDLE && missing.says("/nonexistent/bundle"),
+           "a missing bundle throws SEESR_ERROR_BUNDLE naming it: " + missing.message);
+    Thrown unverified = thrown([&] { seesr::Pipeline pipeline(argv[1]); });
+    expect(unverified.status == SEESR_ERROR_NOT_IMPLEMENTED, "sha256 verification: " + unverified.message);
+
+    seesr::Pipeline pipeline(argv[1], engine);
+    seesr::Pipeline moved = std::move(pipeline);
+    expect(moved.bundle_schema_version() == 1, "schema version 1");
+    expect(!moved.bundle_name().empty(), "bundle name " + moved.bundle_name());
+    expect(moved.options_json().find("\"steps\"") != std::string::npos, "options table lists steps");
+
+    seesr::Options options(moved);
+    options.set("steps", 3).set("guidance", 2.5).set("color_fix", "wavelet").set("tiled_vae", false);
+    Thrown zero_steps = thrown([&] { options.set("steps", 0); });
+    expect(zero_steps.status == SEESR_ERROR_OPTION && zero_steps.says("steps must be in [1, 1000], got 0"),
+           "steps 0 refused: " + zero_steps.message);
+    Thrown unknown = thrown([&] { options.set("colour", "x"); });
+    expect(unknown.status == SEESR_ERROR_OPTION && unknown.says("unknown option 'colour'"),
+           "unknown option refused: " + unknown.message);
+    std::vector<std::uint8_t> rgb(16 * 16 * 3, 100);
+    Thrown upscale = thrown([&] { moved.upscale(rgb.data(), 16, 16, 48, &options); });
+    expect(upscale.status == SEESR_ERROR_NOT_IMPLEMENTED, "upscale: " + upscale.message);
+    Thrown stride = thrown([&] { moved.upscale(rgb.data(), 16, 16, 47, &options); });
+    expect(stride.status == SEESR_ERROR_IMAGE && stride.says("got 47"), "short stride: " + stride.message);
+    return failures == 0 ? 0 : 1;
+}
