@@ -251,6 +251,27 @@ def test_option_checks_match_python(lib, pipeline, name, value):
         lib.seesr_options_free(options)
 
 
+def test_strings_that_are_not_utf8_are_refused(lib, pipeline):
+    options = ctypes.c_void_p()
+    call(lib, "seesr_options_create", pipeline, ctypes.byref(options))
+    with pytest.raises(SeeSRError) as refused:
+        call(lib, "seesr_options_set_string", options, b"prompt", b"caf\xc3")
+    assert refused.value.status == STATUS["SEESR_ERROR_OPTION"]
+    assert refused.value.message == "prompt is not valid UTF-8 (byte 3)"
+    lib.seesr_options_free(options)
+
+
+def test_a_tokenizer_disagreeing_with_the_manifest_is_refused(lib, runtime_bundle, tmp_path):
+    bundle = _bundle_copy(Path(runtime_bundle), tmp_path / "bundle")
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["text"]["max_length"] = 64
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, bundle)
+    assert refused.value.status == STATUS["SEESR_ERROR_BUNDLE"]
+    assert refused.value.message == f"{bundle}: tokenizer.json gives 77 ids, the manifest's text.max_length is 64"
+
+
 def test_rules_between_options_are_checked_at_the_call(lib, pipeline):
     options = ctypes.c_void_p()
     call(lib, "seesr_options_create", pipeline, ctypes.byref(options))
@@ -417,3 +438,150 @@ def assert_same_verdict(cpp_build: Path, bundle: Path) -> None:
         assert answer["ok"], answer
     else:
         assert (answer.get("status"), answer.get("message")) == (STATUS["SEESR_ERROR_BUNDLE"], python)
+
+
+# ---------------------------------------------------------------- the CLIP tokenizer: the Python runtime's ids
+
+# Material for generated prompts: what SeeSR prompts hold, and what trips tokenizers up.
+_WORDS = ["cat", "dog", "clean", "high-resolution", "8k", "Hello", "WORLD", "photo", "it's", "they'LL", "we'd"]
+_PUNCTUATION = list(",.;:!?'\"()[]{}<>|/\\@#$%^&*-_=+~`") + ["...", "!!", "?!", "--", "''s", "<|", "|>"]
+_SPACES = [" ", "  ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "\u2028", "\u0085", "\u2009", "\u200b", "\ufeff"]
+_UNICODE = [
+    "café",
+    "cafe\u0301",  # decomposed: NFC composes it
+    "naïve",
+    "İstanbul",  # lowercases to two code points
+    "ǅungla",  # title case
+    "ΣΊΣΥΦΟΣ",
+    "Ελληνικά",
+    "Русский",
+    "日本語の写真",
+    "한국어",
+    "\u1100\u1161\u11a8",  # conjoining jamo: NFC composes a syllable
+    "العربية",
+    "עברית",
+    "हिन्दी",
+    "ไทย",
+    "😀🐱‍👤",
+    "👍🏽",
+    "ﬁne",
+    "①②③",
+    "٣٤",
+    "Ⅻ",
+    "½",
+    "x\u0300\u0301",
+    "Åström",
+    "ß",
+    "ŉ",
+    "\u00ad",
+]
+_SPECIAL = ["<|startoftext|>", "<|endoftext|>", "<|STARTOFTEXT|>", "<|endoftext", "!"]
+
+
+def generated_prompts(count: int, seed: int = 0) -> list[str]:
+    """Prompts mixing words, numbers, punctuation, odd whitespace, many scripts and the special tokens; some
+    empty, some far past 77 tokens, some one very long word."""
+    import random
+
+    rng = random.Random(seed)
+    pools = [_WORDS, _PUNCTUATION, _SPACES, _UNICODE, _SPECIAL]
+    prompts = ["", " ", "\n\t", "!", "a" * 500, "🐱" * 60]
+    while len(prompts) < count:
+        length = rng.choice([1, 2, 4, 8, 16, 40, 120])
+        parts = []
+        for _ in range(length):
+            pool = rng.choices(pools, weights=[6, 3, 3, 3, 1])[0]
+            part = rng.choice(pool)
+            if rng.random() < 0.1:
+                part = str(rng.randint(0, 10 ** rng.randint(1, 9)))
+            elif rng.random() < 0.05:
+                part = chr(rng.randint(0xA0, 0x2FFF))  # a random code point from many blocks
+            parts.append(part)
+            if rng.random() < 0.6:
+                parts.append(rng.choice(_SPACES[:2]))
+        prompts.append("".join(parts))
+    return prompts
+
+
+def test_tokenizer_matches_python_on_generated_prompts(cpp_build, runtime_bundle):
+    """Ids equal to seesr_runtime.text's on 3000 generated prompts (Unicode, punctuation, long, empty)."""
+    from seesr_runtime.text import PromptEncoder
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    encoder = PromptEncoder(manifest, backend=None)  # token_ids needs no engine
+    prompts = generated_prompts(3000)
+    expected = [encoder.token_ids(prompt)[0].tolist() for prompt in prompts]
+    tokenizer = manifest.file(manifest.data["text"]["tokenizer"])
+    run = subprocess.run(
+        [cpp_build / "seesr_probe", "tokenize", str(tokenizer)],
+        input=json.dumps(prompts),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)["ids"]
+    differing = [(prompt, want, have) for prompt, want, have in zip(prompts, expected, got) if want != have]
+    assert not differing, f"{len(differing)} of {len(prompts)} differ; first: {differing[0]}"
+    assert any(ids[-1] != 0 for ids in expected), "no generated prompt was long enough to be truncated"
+
+
+def random_code_point_prompts(count: int, seed: int = 0) -> list[str]:
+    """Short strings of random code points from all planes: those assigned by Python's Unicode tables
+    (14.0), leaving out combining marks, whose ordering the tokenizers package's normalisation tables (older)
+    and utf8proc's (15.0) can disagree on; nor do unassigned code points classify alike in both."""
+    import random
+    import unicodedata
+
+    rng = random.Random(seed)
+    prompts: list[str] = []
+    while len(prompts) < count:
+        chars = []
+        while len(chars) < rng.randint(1, 12):
+            c = chr(rng.randint(0x20, 0x10FFFF) if rng.random() < 0.3 else rng.randint(0x20, 0x3000))
+            if unicodedata.category(c) not in ("Cn", "Cs", "Co") and unicodedata.combining(c) == 0:
+                chars.append(c)
+        prompts.append("".join(chars))
+    return prompts
+
+
+def test_tokenizer_matches_python_on_random_code_points(cpp_build, runtime_bundle):
+    from seesr_runtime.text import PromptEncoder
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    encoder = PromptEncoder(manifest, backend=None)
+    prompts = random_code_point_prompts(5000)
+    expected = [encoder.token_ids(prompt)[0].tolist() for prompt in prompts]
+    tokenizer = manifest.file(manifest.data["text"]["tokenizer"])
+    run = subprocess.run(
+        [cpp_build / "seesr_probe", "tokenize", str(tokenizer)],
+        input=json.dumps(prompts),
+        capture_output=True,
+        text=True,
+    )
+    got = json.loads(run.stdout)["ids"]
+    differing = [(ascii(prompt), want, have) for prompt, want, have in zip(prompts, expected, got) if want != have]
+    assert not differing, f"{len(differing)} of {len(prompts)} differ; first: {differing[0]}"
+
+
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        (lambda t: t["normalizer"]["normalizers"].pop(), "normalizer"),
+        (lambda t: t["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\S+"), "pre_tokenizer"),
+        (lambda t: t["model"].update(dropout=0.1), "model"),
+        (lambda t: t.update(truncation=None), "truncation"),
+        (lambda t: t["padding"].update(strategy="BatchLongest"), "padding"),
+        (lambda t: t["added_tokens"][0].update(normalized=True), "added token"),
+        (lambda t: t["model"]["merges"].append(["zzzq", "x"]), "merge part 'zzzq' is not in the vocabulary"),
+    ],
+    ids=["normalizer", "pattern", "dropout", "no-truncation", "padding", "normalized-added", "merge-unknown"],
+)
+def test_other_tokenizer_layouts_are_refused(cpp_build, runtime_bundle, tmp_path, edit, words):
+    data = json.loads((Path(runtime_bundle) / "tokenizer.json").read_text())
+    edit(data)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    run = subprocess.run([cpp_build / "seesr_probe", "tokenize", str(path)], input="[]", capture_output=True, text=True)
+    answer = json.loads(run.stdout)
+    assert answer["status"] == STATUS["SEESR_ERROR_BUNDLE"] and words in answer["message"], answer
+    assert answer["message"].startswith(f"{path}: ")

@@ -3,8 +3,10 @@
 #include "seesr.h"
 
 #include "failure.hpp"
+#include "clip_tokenizer.hpp"
 #include "manifest.hpp"
 #include "option_table.hpp"
+#include "unicode_text.hpp"
 #include "version.hpp"
 
 #include <cmath>
@@ -16,6 +18,7 @@
 
 struct seesr_pipeline {
     seesr::Manifest manifest;
+    seesr::ClipTokenizer tokenizer;
     std::shared_ptr<const seesr::OptionTable> options;
     std::string name;
     std::string exporter_version;
@@ -110,6 +113,18 @@ void check_image_arguments(const std::uint8_t *rgb, std::int32_t width, std::int
     }
 }
 
+seesr::ClipTokenizer open_tokenizer(const seesr::Manifest &manifest) {
+    const seesr::Json &text = manifest.data()["text"];
+    seesr::ClipTokenizer tokenizer = seesr::ClipTokenizer::from_file(manifest.file(text["tokenizer"], "text tokenizer"));
+    const seesr::Json &expected = text.contains("max_length") ? text["max_length"] : seesr::Json();
+    if (expected != tokenizer.length()) {
+        throw seesr::bundle_error(manifest.root().string() + ": tokenizer.json gives " +
+                                  std::to_string(tokenizer.length()) + " ids, the manifest's text.max_length is " +
+                                  expected.dump());
+    }
+    return tokenizer;
+}
+
 seesr_status set_option(seesr_options *options, const char *name, const seesr::Json &value) {
     return guarded([&] {
         require(options, "options");
@@ -167,7 +182,9 @@ seesr_status seesr_pipeline_open(const char *bundle_path, const seesr_engine_opt
             seesr::OptionTable::from_pipeline(data["pipeline"], manifest.root().string()));
         std::string exporter = data["provenance"].value("/versions/seesr_export"_json_pointer, std::string());
         std::string name = data["name"].get<std::string>();
-        *out = new seesr_pipeline{std::move(manifest), std::move(table), std::move(name), std::move(exporter)};
+        seesr::ClipTokenizer tokenizer = open_tokenizer(manifest);
+        *out = new seesr_pipeline{std::move(manifest), std::move(tokenizer), std::move(table), std::move(name),
+                                  std::move(exporter)};
     });
 }
 
@@ -233,6 +250,12 @@ seesr_status seesr_options_set_bool(seesr_options *options, const char *name, in
 seesr_status seesr_options_set_string(seesr_options *options, const char *name, const char *value) {
     return guarded([&] {
         require(value, "value");
+        require(name, "name");
+        try {
+            seesr::unicode::decode(value, name);  // bytes that are not UTF-8 are refused before they reach a prompt
+        } catch (const seesr::Failure &not_utf8) {
+            throw seesr::option_error(not_utf8.what());
+        }
         seesr_status status = set_option(options, name, seesr::Json(std::string(value)));
         if (status != SEESR_OK) throw seesr::Failure(status, last_error);
     });
