@@ -585,3 +585,93 @@ def test_other_tokenizer_layouts_are_refused(cpp_build, runtime_bundle, tmp_path
     answer = json.loads(run.stdout)
     assert answer["status"] == STATUS["SEESR_ERROR_BUNDLE"] and words in answer["message"], answer
     assert answer["message"].startswith(f"{path}: ")
+
+
+# ---------------------------------------------------------------- the DDPM scheduler: seesr_runtime.scheduler's numbers
+
+
+def _scheduler_configs(runtime_bundle) -> dict:
+    import numpy as np
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    betas = np.random.default_rng(3).uniform(1e-4, 2e-2, 1000).astype(np.float32)
+    return {
+        "bundle": {k: v for k, v in manifest.data["pipeline"]["scheduler"].items() if k != "type"},
+        "trailing": {"timestep_spacing": "trailing"},
+        "linspace-scaled": {
+            "timestep_spacing": "linspace",
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+        },
+        "trained-clipped": {"trained_betas": betas.tolist(), "clip_sample_range": 0.5, "steps_offset": 2},
+        "short-trailing": {"num_train_timesteps": 7, "timestep_spacing": "trailing", "beta_end": 0.3},
+    }
+
+
+def _probe_json(cpp_build: Path, command: str, request: dict) -> dict:
+    run = subprocess.run(
+        [cpp_build / "seesr_probe", command], input=json.dumps(request), capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize("name", ["bundle", "trailing", "linspace-scaled", "trained-clipped", "short-trailing"])
+def test_scheduler_timesteps_match_python(cpp_build, runtime_bundle, name):
+    """alphas_cumprod bit for bit, and the timesteps of every step count, as seesr_runtime.scheduler has them."""
+    import numpy as np
+
+    from seesr_runtime.scheduler import DDPMScheduler
+
+    config = _scheduler_configs(runtime_bundle)[name]
+    python = DDPMScheduler(config)
+    n = python.config.num_train_timesteps
+    answer = _probe_json(cpp_build, "timesteps", {"config": config, "steps": list(range(1, n + 1)) + [0, n + 1]})
+    assert np.array_equal(np.asarray(answer["alphas_cumprod"], dtype=np.float32), python.alphas_cumprod)
+    *counted, zero, too_many = answer["timesteps"]
+    for steps, got in zip(range(1, n + 1), counted):
+        expected = python.set_timesteps(steps)
+        if expected.min() < 0 or expected.max() >= n:  # Python fails later, at the first step
+            assert got["status"] == STATUS["SEESR_ERROR_OPTION"], (steps, got)
+            assert f"steps {steps} reach timestep" in got["message"]
+        else:
+            assert got == expected.tolist(), steps
+    for refused, steps in ((zero, 0), (too_many, n + 1)):
+        assert refused == {"status": STATUS["SEESR_ERROR_OPTION"], "message": f"steps must be in 1..{n}, got {steps}"}
+
+
+@pytest.mark.parametrize("steps", [1, 3, 20, 50])
+@pytest.mark.parametrize("name", ["bundle", "trailing", "linspace-scaled", "trained-clipped"])
+def test_scheduler_steps_match_python(cpp_build, runtime_bundle, name, steps):
+    """add_noise and every step x_t -> x_{t-1}, same eps and noise, equal to seesr_runtime.scheduler's float32."""
+    import numpy as np
+
+    from seesr_runtime.scheduler import DDPMScheduler
+
+    config = _scheduler_configs(runtime_bundle)[name]
+    rng = np.random.default_rng(steps)
+    shape = (1, 4, 6, 5)
+    sample = rng.standard_normal(shape, dtype=np.float32)
+    eps = rng.standard_normal((steps, *shape), dtype=np.float32)
+    noise = rng.standard_normal((steps, *shape), dtype=np.float32)
+    answer = _probe_json(
+        cpp_build,
+        "sample",
+        {
+            "config": config,
+            "steps": steps,
+            "sample": sample.ravel().tolist(),
+            "eps": eps.reshape(steps, -1).tolist(),
+            "noise": noise.reshape(steps, -1).tolist(),
+        },
+    )
+    python = DDPMScheduler(config)
+    timesteps = python.set_timesteps(steps)
+    noised = np.asarray(answer["noised"], dtype=np.float32).reshape(shape)
+    np.testing.assert_array_equal(noised, python.add_noise(sample, noise[0], int(timesteps[0])))
+    latents = sample
+    for i, t in enumerate(timesteps.tolist()):
+        latents = python.step(eps[i], t, latents, noise[i])
+        got = np.asarray(answer["samples"][i], dtype=np.float32).reshape(shape)
+        np.testing.assert_array_equal(got, latents, err_msg=f"step {i} (t={t})")

@@ -2,6 +2,11 @@
 //
 //   seesr_probe manifest BUNDLE            -> {"ok": true, "name": ..., "networks": [...]}
 //   seesr_probe tokenize TOKENIZER_JSON    stdin: a JSON list of texts -> {"ok": true, "ids": [[...], ...]}
+//   seesr_probe timesteps    stdin: {"config": {...}, "steps": [n, ...]}
+//                            -> {"ok": true, "alphas_cumprod": [...], "timesteps": [[...] or {"status", "message"}, ...]}
+//   seesr_probe sample       stdin: {"config": {...}, "steps": n, "sample": [...], "eps": [[...] per step],
+//                            "noise": [[...] per step]} -> {"ok": true, "noised": [...], "samples": [[...] per step]}
+//                            ("noised": add_noise(sample, noise[0]) at the first timestep)
 //
 // A failure answers {"ok": false, "status": <seesr_status>, "message": ...}.
 //
@@ -9,6 +14,7 @@
 #include "failure.hpp"
 #include "clip_tokenizer.hpp"
 #include "manifest.hpp"
+#include "scheduler.hpp"
 
 #include <cstdio>
 #include <iostream>
@@ -36,6 +42,35 @@ Json probe_tokenize(const std::string &tokenizer_json) {
     return {{"ok", true}, {"ids", ids}};
 }
 
+Json probe_timesteps(const Json &request) {
+    seesr::DdpmScheduler scheduler(seesr::DdpmConfig::from_json(request["config"]));
+    Json timesteps = Json::array();
+    for (const Json &steps : request["steps"]) {
+        try {
+            timesteps.push_back(scheduler.set_timesteps(steps.get<int>()));
+        } catch (const seesr::Failure &failure) {
+            timesteps.push_back({{"status", static_cast<int>(failure.status())}, {"message", failure.what()}});
+        }
+    }
+    return {{"ok", true}, {"alphas_cumprod", scheduler.alphas_cumprod()}, {"timesteps", timesteps}};
+}
+
+Json probe_sample(const Json &request) {
+    seesr::DdpmScheduler scheduler(seesr::DdpmConfig::from_json(request["config"]));
+    const auto &timesteps = scheduler.set_timesteps(request["steps"].get<int>());
+    std::vector<float> sample = request["sample"].get<std::vector<float>>();
+    const auto eps = request["eps"].get<std::vector<std::vector<float>>>();
+    const auto noise = request["noise"].get<std::vector<std::vector<float>>>();
+    std::vector<float> noised(sample.size());
+    scheduler.add_noise(sample.data(), noise.at(0).data(), sample.size(), timesteps.at(0), noised.data());
+    Json samples = Json::array();
+    for (std::size_t i = 0; i < timesteps.size(); ++i) {
+        scheduler.step(eps.at(i).data(), timesteps[i], sample.data(), noise.at(i).data(), sample.size());
+        samples.push_back(sample);
+    }
+    return {{"ok", true}, {"noised", noised}, {"samples", samples}};
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -46,8 +81,12 @@ int main(int argc, char **argv) {
             answer = probe_manifest(argv[2]);
         } else if (command == "tokenize" && argc == 3) {
             answer = probe_tokenize(argv[2]);
+        } else if (command == "timesteps" && argc == 2) {
+            answer = probe_timesteps(Json::parse(std::cin));
+        } else if (command == "sample" && argc == 2) {
+            answer = probe_sample(Json::parse(std::cin));
         } else {
-            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON\n", argv[0]);
+            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample\n", argv[0]);
             return 64;
         }
     } catch (const seesr::Failure &failure) {
