@@ -1,7 +1,7 @@
 """The native C++ runtime (runtime/cpp): built with CMake, held to the Python runtime's behaviour.
 
-The build is shared by the session (runtime/cpp/build, incremental). Without cmake or a C++ compiler the
-tests skip saying so; with them, a missing library dependency is a failure naming the packages to install.
+The build is shared by the session (runtime/cpp/build, incremental). Without cmake, a C++ compiler or one
+of the libraries it builds against (nlohmann-json, utf8proc, OpenVINO) the tests skip, naming what to install.
 """
 
 from __future__ import annotations
@@ -36,20 +36,40 @@ STATUS = {
 VERIFY_NEVER = 2
 
 
+# What a failed configure names when a dependency is missing, and where that dependency comes from.
+_DEPENDENCIES = {
+    "nlohmann_json": "nlohmann-json3-dev (apt-get install nlohmann-json3-dev)",
+    "UTF8PROC": "libutf8proc-dev (apt-get install libutf8proc-dev)",
+    "OpenVINO not found": "OpenVINO (pip install openvino, or OpenVINO_DIR for a system install)",
+}
+
+
 @pytest.fixture(scope="session")
 def cpp_build() -> Path:
-    """runtime/cpp configured and built (incrementally) into runtime/cpp/build."""
+    """runtime/cpp configured and built (incrementally) into runtime/cpp/build, against this Python's openvino."""
+    import sys
+
     missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"the C++ runtime needs {' and '.join(missing)} (apt-get install cmake g++)")
     configure = subprocess.run(
-        ["cmake", "-S", str(CPP), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=RelWithDebInfo"],
+        [
+            "cmake",
+            "-S",
+            str(CPP),
+            "-B",
+            str(BUILD),
+            "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+            f"-DSEESR_PYTHON={sys.executable}",
+        ],
         capture_output=True,
         text=True,
     )
-    assert configure.returncode == 0, (
-        "configuring runtime/cpp failed (it needs nlohmann-json3-dev and libutf8proc-dev):\n" + configure.stderr
-    )
+    if configure.returncode != 0:
+        absent = [package for marker, package in _DEPENDENCIES.items() if marker in configure.stderr]
+        if absent:
+            pytest.skip(f"the C++ runtime needs {', '.join(absent)}")
+        pytest.fail("configuring runtime/cpp failed:\n" + configure.stderr)
     jobs = os.environ.get("SEESR_CPP_JOBS", "2")
     build = subprocess.run(["cmake", "--build", str(BUILD), "-j", jobs], capture_output=True, text=True)
     assert build.returncode == 0, "building runtime/cpp failed:\n" + build.stdout[-6000:] + build.stderr[-6000:]
@@ -675,3 +695,127 @@ def test_scheduler_steps_match_python(cpp_build, runtime_bundle, name, steps):
         latents = python.step(eps[i], t, latents, noise[i])
         got = np.asarray(answer["samples"][i], dtype=np.float32).reshape(shape)
         np.testing.assert_array_equal(got, latents, err_msg=f"step {i} (t={t})")
+
+
+# ---------------------------------------------------------------- the OpenVINO engine: the Python backend's outputs
+
+
+def _run_network(cpp_build: Path, bundle, network: str, feeds: dict, folder: Path, **settings) -> list:
+    """Outputs of `network` for `feeds` (name -> array) from the C++ engine, through files in `folder`."""
+    import numpy as np
+
+    folder.mkdir(exist_ok=True)
+    described = []
+    for name, value in feeds.items():
+        path = folder / f"feed-{name}.bin"
+        np.ascontiguousarray(value).tofile(path)
+        described.append({"name": name, "dtype": str(value.dtype), "shape": list(value.shape), "file": str(path)})
+    request = {"threads": 1, **settings, "feeds": described, "out": str(folder)}
+    run = subprocess.run(
+        [cpp_build / "seesr_probe", "run", str(bundle), network],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout)
+    if not answer["ok"]:
+        raise SeeSRError(answer["status"], answer["message"])
+    return [np.fromfile(o["file"], dtype=np.float32).reshape(o["shape"]) for o in answer["outputs"]]
+
+
+def _network_feeds(manifest: Manifest, network: str):
+    import numpy as np
+
+    from seesr_runtime.text import PromptEncoder
+
+    rng = np.random.default_rng(5)
+    dims = manifest.dims
+    if network == "text_encoder":
+        return {"input_ids": PromptEncoder(manifest, backend=None).token_ids("a cat on a mat, clean, 8k")}
+    if network == "vae_decoder":
+        return {manifest.spec(network).input_names[0]: rng.standard_normal((1, 4, 8, 6), dtype=np.float32)}
+    h, w = 8, 8
+    return {  # controlnet: a guided batch of two, and the 0-d conditioning scale
+        "sample": rng.standard_normal((2, 4, h, w), dtype=np.float32),
+        "timestep": np.full((2,), 999, dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, dims.text_tokens, dims.text_dim), dtype=np.float32),
+        "image_embeds": rng.standard_normal((2, dims.image_tokens, dims.image_embed_dim), dtype=np.float32),
+        "controlnet_cond": rng.uniform(0, 1, (2, 3, 8 * h, 8 * w)).astype(np.float32),
+        "conditioning_scale": np.array(1.0, dtype=np.float32),
+    }
+
+
+@pytest.mark.parametrize("network", ["text_encoder", "vae_decoder", "controlnet"])
+def test_openvino_engine_matches_the_python_backend(cpp_build, runtime_bundle, tmp_path, network):
+    """Same graph, engine, precision (fp32) and thread count: the outputs are those of OpenVINOBackend."""
+    pytest.importorskip("openvino", reason="the Python OpenVINO backend is the reference (pip install openvino)")
+    import numpy as np
+
+    from seesr_runtime.openvino_backend import OpenVINOBackend
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    feeds = _network_feeds(manifest, network)
+    got = _run_network(cpp_build, runtime_bundle, network, feeds, tmp_path)
+    expected = OpenVINOBackend(manifest, precision="fp32", device="CPU", threads=1).run(network, feeds)
+    assert len(got) == len(expected) == len(manifest.spec(network).output_names)
+    for name, have, want in zip(manifest.spec(network).output_names, got, expected):
+        assert have.shape == want.shape, name
+        relative = np.linalg.norm(have - want) / max(np.linalg.norm(want), 1e-30)
+        assert relative <= 1e-6, f"{network} output {name}: relative L2 {relative:.2e}"
+
+
+@pytest.mark.parametrize(
+    "settings,status,words",
+    [
+        ({"device": "NPU.7"}, "SEESR_ERROR_ENGINE", "OpenVINO device 'NPU.7' is not available here"),
+        ({"engine": "onnxruntime"}, "SEESR_ERROR_ENGINE", "unknown engine 'onnxruntime'; this build has: ['openvino']"),
+    ],
+    ids=["device", "engine"],
+)
+def test_engine_settings_are_checked(cpp_build, runtime_bundle, tmp_path, settings, status, words):
+    feeds = _network_feeds(Manifest.load(runtime_bundle, verify="never"), "text_encoder")
+    with pytest.raises(SeeSRError) as refused:
+        _run_network(cpp_build, runtime_bundle, "text_encoder", feeds, tmp_path, **settings)
+    assert refused.value.status == STATUS[status] and words in refused.value.message, refused.value.message
+
+
+def test_pipeline_open_checks_precision(lib, runtime_bundle):
+    with pytest.raises(SeeSRError) as unknown:
+        open_pipeline(lib, runtime_bundle, precision=b"fp8")
+    assert unknown.value.status == STATUS["SEESR_ERROR_ENGINE"]
+    assert (
+        "openvino precision 'fp8' is not one of ['fp32', 'bf16', 'fp16', 'int8', 'int8-bf16']" in unknown.value.message
+    )
+    with pytest.raises(SeeSRError) as later:
+        open_pipeline(lib, runtime_bundle, precision=b"bf16")
+    assert later.value.status == STATUS["SEESR_ERROR_NOT_IMPLEMENTED"] and "'bf16'" in later.value.message
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/secret.bin", "weights.bin"])
+def test_graph_external_data_is_checked_before_the_engine_reads_it(cpp_build, runtime_bundle, tmp_path, location):
+    """A graph naming external data outside the bundle, or not pinned by the manifest, is refused before
+    OpenVINO opens it, in the words of Manifest.graph_path."""
+    onnx = pytest.importorskip("onnx", reason="writing a graph with external data needs the onnx package")
+    from onnx import TensorProto, helper
+
+    bundle = _bundle_copy(Path(runtime_bundle), tmp_path / "bundle")
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [0.0])
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value=location)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [weight],
+    )
+    (bundle / "onnx" / "fp32").mkdir(parents=True)
+    onnx.save(helper.make_model(graph), bundle / "onnx" / "fp32" / "text_encoder.onnx")
+    with pytest.raises(BundleError) as python:
+        Manifest.load(bundle, verify="never").graph_path("text_encoder")
+    feeds = _network_feeds(Manifest.load(runtime_bundle, verify="never"), "text_encoder")
+    with pytest.raises(SeeSRError) as refused:
+        _run_network(cpp_build, bundle, "text_encoder", feeds, tmp_path / "out")
+    assert (refused.value.status, refused.value.message) == (STATUS["SEESR_ERROR_BUNDLE"], str(python.value))

@@ -4,6 +4,7 @@
 
 #include "failure.hpp"
 #include "clip_tokenizer.hpp"
+#include "engine.hpp"
 #include "manifest.hpp"
 #include "option_table.hpp"
 #include "unicode_text.hpp"
@@ -22,6 +23,7 @@ struct seesr_pipeline {
     std::shared_ptr<const seesr::OptionTable> options;
     std::string name;
     std::string exporter_version;
+    std::unique_ptr<seesr::Engine> engine;  // runs over `manifest`, so created once the pipeline holds it
 };
 
 struct seesr_options {
@@ -83,10 +85,6 @@ void check_engine_options(const seesr_engine_options &options) {
                                  ", expected " + std::to_string(sizeof(seesr_engine_options)) +
                                  " (initialise it with seesr_engine_options_init)");
     }
-    const std::string engine = text_or(options.engine, "openvino");
-    if (engine != "openvino") {
-        throw seesr::Failure(SEESR_ERROR_ENGINE, "unknown engine '" + engine + "'; this build has: ['openvino']");
-    }
     if (options.threads < 0) {
         throw seesr::Failure(SEESR_ERROR_INVALID_ARGUMENT,
                              "threads must be >= 0 (0: the engine's choice), got " + std::to_string(options.threads));
@@ -111,6 +109,15 @@ void check_image_arguments(const std::uint8_t *rgb, std::int32_t width, std::int
         throw seesr::Failure(SEESR_ERROR_IMAGE, "stride must be at least 3 * width = " + std::to_string(3LL * width) +
                                                     " bytes, got " + std::to_string(stride));
     }
+}
+
+seesr::EngineSettings engine_settings(const seesr_engine_options &options) {
+    seesr::EngineSettings settings;
+    settings.device = text_or(options.device, "CPU");
+    settings.precision = text_or(options.precision, "fp32");
+    settings.threads = options.threads;
+    settings.cache_dir = text_or(options.cache_dir, "");
+    return settings;
 }
 
 seesr::ClipTokenizer open_tokenizer(const seesr::Manifest &manifest) {
@@ -175,7 +182,8 @@ seesr_status seesr_pipeline_open(const char *bundle_path, const seesr_engine_opt
         *out = nullptr;
         seesr_engine_options defaults;
         seesr_engine_options_init(&defaults);
-        check_engine_options(options != nullptr ? *options : defaults);
+        const seesr_engine_options &engine = options != nullptr ? *options : defaults;
+        check_engine_options(engine);
         seesr::Manifest manifest = seesr::Manifest::load(bundle_path);
         const seesr::Json &data = manifest.data();
         auto table = std::make_shared<const seesr::OptionTable>(
@@ -183,8 +191,11 @@ seesr_status seesr_pipeline_open(const char *bundle_path, const seesr_engine_opt
         std::string exporter = data["provenance"].value("/versions/seesr_export"_json_pointer, std::string());
         std::string name = data["name"].get<std::string>();
         seesr::ClipTokenizer tokenizer = open_tokenizer(manifest);
-        *out = new seesr_pipeline{std::move(manifest), std::move(tokenizer), std::move(table), std::move(name),
-                                  std::move(exporter)};
+        auto pipeline = std::unique_ptr<seesr_pipeline>(new seesr_pipeline{
+            std::move(manifest), std::move(tokenizer), std::move(table), std::move(name), std::move(exporter), nullptr});
+        pipeline->engine = seesr::create_engine(text_or(engine.engine, "openvino"), pipeline->manifest,
+                                                engine_settings(engine));
+        *out = pipeline.release();
     });
 }
 

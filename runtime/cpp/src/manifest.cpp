@@ -1,12 +1,14 @@
 #include "manifest.hpp"
 
 #include "failure.hpp"
+#include "onnx_refs.hpp"
 #include "option_table.hpp"
 #include "python_text.hpp"
 
 #include <algorithm>
 #include <array>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 namespace fs = std::filesystem;
@@ -107,7 +109,7 @@ std::vector<std::string> top_level_problems(const Json &data) {
 bool is_absolute_anywhere(const std::string &rel) {
     // Absolute on POSIX or on Windows (a root, "C:", or "\\server"): a bundle made on either may be read on both.
     bool drive = rel.size() >= 2 && rel[1] == ':' && std::isalpha(static_cast<unsigned char>(rel[0]));
-    return rel[0] == '/' || rel[0] == '\\' || drive;
+    return !rel.empty() && (rel[0] == '/' || rel[0] == '\\' || drive);
 }
 
 bool climbs(const std::string &rel) {
@@ -244,6 +246,67 @@ const Json &Manifest::entry(const std::string &network) const {
         if (digits && std::stoul(index) < segments.size()) return segments[std::stoul(index)];
     }
     throw bundle_error(root_.string() + ": the bundle has no network '" + network + "'");
+}
+
+namespace {
+
+void check_external_data(const Manifest &manifest, const fs::path &graph, const Json &files, const std::string &what) {
+    const std::string root = manifest.root().string(), onnx = python_repr(files["onnx"]);
+    std::error_code failed;
+    if (!fs::is_regular_file(graph, failed)) throw bundle_error(root + ": " + what + " " + onnx + " is missing");
+    std::set<std::string> locations;
+    try {
+        locations = external_data_locations(graph);
+    } catch (const NotProtobuf &error) {
+        throw bundle_error(root + ": " + what + " " + onnx + " is not a readable ONNX file (" + error.what() + ")");
+    } catch (const std::runtime_error &error) {
+        throw bundle_error(root + ": " + what + " " + onnx + ": " + error.what());
+    }
+    std::set<fs::path> pinned;
+    std::string pinned_names;
+    for (const auto &[rel, hash] : files["sha256"].items()) {
+        pinned.insert(manifest.file(rel));
+        pinned_names += (pinned_names.empty() ? "" : ", ") + python_repr(rel);
+    }
+    const fs::path folder = graph.parent_path().lexically_relative(fs::weakly_canonical(fs::absolute(manifest.root())));
+    for (const std::string &location : locations) {
+        const std::string label = "external data " + python_repr(location) + " of graph " + onnx;
+        if (is_absolute_anywhere(location)) {
+            throw bundle_error(root + ": " + label +
+                               " is an absolute path; external data must be named relative to the graph");
+        }
+        const fs::path target = manifest.file((folder / location).generic_string(), label + ", as bundle path");
+        if (pinned.count(target) == 0) {
+            throw bundle_error(root + ": " + label + " is not one of the graph's files in the manifest ([" +
+                               pinned_names + "]), so nothing vouches for its contents");
+        }
+    }
+}
+
+}  // namespace
+
+fs::path Manifest::graph_path(const std::string &network, const std::string &precision) const {
+    const Json &files_by_precision = member(entry(network), "files", kEmptyObject);
+    std::string chosen = precision;
+    if (network.find('#') != std::string::npos && !files_by_precision.contains(chosen)) {
+        chosen = "fp32";  // segments are fp32 only: they run once per image, at full precision
+    }
+    if (!files_by_precision.contains(chosen)) {
+        std::string have;
+        for (const auto &[name, item] : data_["networks"].items()) {
+            std::string precisions;
+            for (const auto &[p, files] : member(item, "files", kEmptyObject).items()) {
+                precisions += (precisions.empty() ? "'" : ", '") + p + "'";
+            }
+            have += (have.empty() ? "'" : ", '") + name + "': [" + precisions + "]";
+        }
+        throw bundle_error(root_.string() + ": no " + chosen + " graph for '" + network + "' (bundle has {" + have + "})");
+    }
+    const Json &files = files_by_precision[chosen];
+    const std::string what = network + " " + chosen + " graph";
+    const fs::path graph = file(files["onnx"], what);
+    check_external_data(*this, graph, files, what);
+    return graph;
 }
 
 }  // namespace seesr

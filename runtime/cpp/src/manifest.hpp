@@ -39,6 +39,9 @@ public:
     }
     // The entry of a network, or of one tiled-VAE segment ("vae_decoder#3").
     const Json &entry(const std::string &network) const;
+    // The ONNX graph of `network` at `precision` (segments: fp32), after checking that every external-data
+    // file it names lies inside the bundle and is pinned by its manifest entry (as Manifest.graph_path).
+    std::filesystem::path graph_path(const std::string &network, const std::string &precision) const;
 
 private:
     Manifest(std::filesystem::path root, Json data) : root_(std::move(root)), data_(std::move(data)) {}

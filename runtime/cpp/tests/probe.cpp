@@ -7,16 +7,21 @@
 //   seesr_probe sample       stdin: {"config": {...}, "steps": n, "sample": [...], "eps": [[...] per step],
 //                            "noise": [[...] per step]} -> {"ok": true, "noised": [...], "samples": [[...] per step]}
 //                            ("noised": add_noise(sample, noise[0]) at the first timestep)
+//   seesr_probe run BUNDLE NETWORK   stdin: {"engine": "openvino", "device": "CPU", "threads": n,
+//                            "feeds": [{"name", "dtype": "float32" | "int64", "shape", "file"}], "out": folder}
+//                            -> {"ok": true, "outputs": [{"shape", "file"}]} (raw little-endian files)
 //
 // A failure answers {"ok": false, "status": <seesr_status>, "message": ...}.
 //
 // Every answer is one JSON object on stdout; exit status 0 unless the command line itself is wrong.
 #include "failure.hpp"
 #include "clip_tokenizer.hpp"
+#include "engine.hpp"
 #include "manifest.hpp"
 #include "scheduler.hpp"
 
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <string>
 
@@ -71,6 +76,42 @@ Json probe_sample(const Json &request) {
     return {{"ok", true}, {"noised", noised}, {"samples", samples}};
 }
 
+template <typename T>
+std::vector<T> read_values(const std::string &path, std::size_t count) {
+    std::vector<T> values(count);
+    std::ifstream in(path, std::ios::binary);
+    in.read(reinterpret_cast<char *>(values.data()), static_cast<std::streamsize>(count * sizeof(T)));
+    if (!in) throw seesr::Failure(SEESR_ERROR_INVALID_ARGUMENT, "cannot read " + std::to_string(count) + " values from " + path);
+    return values;
+}
+
+Json probe_run(const std::string &bundle, const std::string &network, const Json &request) {
+    const seesr::Manifest manifest = seesr::Manifest::load(bundle);
+    seesr::EngineSettings settings;
+    settings.device = request.value("device", "CPU");
+    settings.threads = request.value("threads", 0);
+    auto engine = seesr::create_engine(request.value("engine", "openvino"), manifest, settings);
+    std::vector<seesr::NamedTensor> feeds;
+    for (const Json &feed : request["feeds"]) {
+        const seesr::Shape shape = feed["shape"].get<seesr::Shape>();
+        const std::string file = feed["file"];
+        feeds.push_back({feed["name"], feed["dtype"] == "int64"
+                                           ? seesr::Tensor::i64(shape, read_values<std::int64_t>(file, seesr::element_count(shape)))
+                                           : seesr::Tensor::f32(shape, read_values<float>(file, seesr::element_count(shape)))});
+    }
+    Json outputs = Json::array();
+    const std::string out = request["out"];
+    const auto results = engine->run(network, feeds);
+    for (std::size_t i = 0; i < results.size(); ++i) {
+        const std::string file = out + "/" + std::to_string(i) + ".bin";
+        std::ofstream(file, std::ios::binary)
+            .write(reinterpret_cast<const char *>(results[i].f32_data()),
+                   static_cast<std::streamsize>(results[i].count() * sizeof(float)));
+        outputs.push_back({{"shape", results[i].shape()}, {"file", file}});
+    }
+    return {{"ok", true}, {"outputs", outputs}};
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -83,10 +124,12 @@ int main(int argc, char **argv) {
             answer = probe_tokenize(argv[2]);
         } else if (command == "timesteps" && argc == 2) {
             answer = probe_timesteps(Json::parse(std::cin));
+        } else if (command == "run" && argc == 4) {
+            answer = probe_run(argv[2], argv[3], Json::parse(std::cin));
         } else if (command == "sample" && argc == 2) {
             answer = probe_sample(Json::parse(std::cin));
         } else {
-            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample\n", argv[0]);
+            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample | run BUNDLE NETWORK\n", argv[0]);
             return 64;
         }
     } catch (const seesr::Failure &failure) {
