@@ -67,3 +67,9 @@ $(TRITON_STAMP): pyproject.toml
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) out
+
+# The native C++ runtime (runtime/cpp, in progress): libseesr and its C ABI, against the venv's openvino wheel.
+.PHONY: cpp
+cpp: $(STAMP)
+	cmake -S runtime/cpp -B runtime/cpp/build -DSEESR_PYTHON=$(abspath $(BIN))/python
+	cmake --build runtime/cpp/build -j2
