@@ -819,3 +819,124 @@ def test_graph_external_data_is_checked_before_the_engine_reads_it(cpp_build, ru
     with pytest.raises(SeeSRError) as refused:
         _run_network(cpp_build, bundle, "text_encoder", feeds, tmp_path / "out")
     assert (refused.value.status, refused.value.message) == (STATUS["SEESR_ERROR_BUNDLE"], str(python.value))
+
+
+# ---------------------------------------------------------------- describing an image: DAPE's tags and the prompt
+
+
+def _test_images() -> dict:
+    """RGB8 arrays: structured and noisy, small, non-square, larger than DAPE's input (downscaled)."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    y, x = np.mgrid[0:40, 0:56]
+    structured = (np.stack([x * 4, y * 5, (x + y) * 2], -1) % 256 + rng.normal(0, 8, (40, 56, 3))).clip(0, 255)
+    return {
+        "structured-56x40": structured.astype(np.uint8),
+        "smallest-8x8": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+        "wide-500x301": rng.integers(0, 256, (301, 500, 3), dtype=np.uint8),
+        "strip-1000x13": rng.integers(0, 256, (13, 1000, 3), dtype=np.uint8),
+    }
+
+
+def _padded_rows(image, padding: int):
+    """The image's rows `padding` bytes apart beyond 3 * width (a stride the library must honour)."""
+    import numpy as np
+
+    height, width, _ = image.shape
+    rows = np.full((height, 3 * width + padding), 0xEE, dtype=np.uint8)
+    rows[:, : 3 * width] = image.reshape(height, -1)
+    return rows
+
+
+@pytest.mark.parametrize("name", list(_test_images()))
+def test_dape_input_is_bit_equal_to_python(cpp_build, runtime_bundle, tmp_path, name):
+    import numpy as np
+    from PIL import Image
+
+    from seesr_runtime.imaging import dape_input
+
+    tagger = Manifest.load(runtime_bundle, verify="never").data["tagger"]
+    image = _test_images()[name]
+    rows = _padded_rows(image, padding=5)
+    rows.tofile(tmp_path / "rgb.bin")
+    request = {
+        "file": str(tmp_path / "rgb.bin"),
+        "width": image.shape[1],
+        "height": image.shape[0],
+        "stride": rows.shape[1],
+        "size": tagger["input_size"],
+        "mean": tagger["mean"],
+        "std": tagger["std"],
+        "out": str(tmp_path / "x.bin"),
+    }
+    answer = _probe_json(cpp_build, "dape-input", request)
+    got = np.fromfile(tmp_path / "x.bin", dtype=np.float32).reshape(answer["shape"])
+    expected = dape_input(Image.fromarray(image), tagger["input_size"], tagger["mean"], tagger["std"])
+    np.testing.assert_array_equal(got, expected)
+
+
+def describe(lib, pipeline, image, options=None, padding: int = 0):
+    rows = _padded_rows(image, padding)
+    buffer = (ctypes.c_uint8 * rows.size).from_buffer(rows)
+    out = ctypes.c_void_p()
+    height, width, _ = image.shape
+    call(lib, "seesr_describe", pipeline, buffer, width, height, rows.shape[1], options, ctypes.byref(out))
+    lib.seesr_image_tags.restype = lib.seesr_image_prompt.restype = ctypes.c_char_p
+    lib.seesr_image_tags.argtypes = lib.seesr_image_prompt.argtypes = [ctypes.c_void_p]
+    lib.seesr_image_pixels.restype = ctypes.c_void_p
+    lib.seesr_image_pixels.argtypes = [ctypes.c_void_p]
+    try:
+        assert lib.seesr_image_pixels(out) is None  # a description has no pixels
+        return lib.seesr_image_tags(out).decode(), lib.seesr_image_prompt(out).decode()
+    finally:
+        lib.seesr_image_free(out)
+
+
+def test_describe_matches_the_python_pipeline(lib, runtime_bundle):
+    """Tags and prompt of seesr_describe equal SeeSRPipeline.tag and its prompt template (OpenVINO fp32, one
+    thread on both sides), for images of several shapes, rows padded, with a user prompt."""
+    pytest.importorskip("openvino", reason="the Python OpenVINO backend is the reference (pip install openvino)")
+    from PIL import Image
+
+    from seesr_runtime.openvino_backend import OpenVINOBackend
+    from seesr_runtime.pipeline import SeeSRPipeline
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    python = SeeSRPipeline(manifest, OpenVINOBackend(manifest, precision="fp32", device="CPU", threads=1))
+    native = open_pipeline(lib, runtime_bundle, threads=1)
+    options = ctypes.c_void_p()
+    call(lib, "seesr_options_create", native, ctypes.byref(options))
+    user_prompt = "a 'red' cat, {braces}"
+    set_option(lib, options, "prompt", user_prompt)
+    try:
+        fired = 0
+        for name, image in _test_images().items():
+            tags, prompt = describe(lib, native, image, options, padding=7)
+            expected_tags, _ = python.tag(Image.fromarray(image))
+            assert tags == expected_tags, name
+            assert prompt == python.prompt_template.format(
+                tags=expected_tags, prompt=user_prompt, added_prompt=manifest.data["pipeline"]["added_prompt"]
+            )
+            fired += bool(tags)
+        assert fired, "no image fired a tag: the comparison would prove little"
+    finally:
+        lib.seesr_options_free(options)
+        lib.seesr_pipeline_close(native)
+
+
+@pytest.mark.parametrize("shape,max_pixels", [((20, 7, 3), None), ((7, 7, 3), None), ((9, 9, 3), 64)])
+def test_images_outside_the_limits_are_refused(lib, pipeline, shape, max_pixels):
+    import numpy as np
+
+    options = ctypes.c_void_p()
+    call(lib, "seesr_options_create", pipeline, ctypes.byref(options))
+    if max_pixels is not None:
+        set_option(lib, options, "max_pixels", max_pixels)
+    with pytest.raises(SeeSRError) as refused:
+        describe(lib, pipeline, np.zeros(shape, dtype=np.uint8), options)
+    lib.seesr_options_free(options)
+    limit = max_pixels or option_table.default("max_pixels")
+    with pytest.raises(option_table.ImageRejected) as python:
+        option_table.check_image_size(shape[1], shape[0], limit)
+    assert (refused.value.status, refused.value.message) == (STATUS["SEESR_ERROR_IMAGE"], str(python.value))

@@ -3,10 +3,7 @@
 #include "seesr.h"
 
 #include "failure.hpp"
-#include "clip_tokenizer.hpp"
-#include "engine.hpp"
-#include "manifest.hpp"
-#include "option_table.hpp"
+#include "pipeline.hpp"
 #include "unicode_text.hpp"
 #include "version.hpp"
 
@@ -18,12 +15,9 @@
 #include <vector>
 
 struct seesr_pipeline {
-    seesr::Manifest manifest;
-    seesr::ClipTokenizer tokenizer;
-    std::shared_ptr<const seesr::OptionTable> options;
+    std::unique_ptr<seesr::Pipeline> pipeline;
     std::string name;
     std::string exporter_version;
-    std::unique_ptr<seesr::Engine> engine;  // runs over `manifest`, so created once the pipeline holds it
 };
 
 struct seesr_options {
@@ -120,18 +114,6 @@ seesr::EngineSettings engine_settings(const seesr_engine_options &options) {
     return settings;
 }
 
-seesr::ClipTokenizer open_tokenizer(const seesr::Manifest &manifest) {
-    const seesr::Json &text = manifest.data()["text"];
-    seesr::ClipTokenizer tokenizer = seesr::ClipTokenizer::from_file(manifest.file(text["tokenizer"], "text tokenizer"));
-    const seesr::Json &expected = text.contains("max_length") ? text["max_length"] : seesr::Json();
-    if (expected != tokenizer.length()) {
-        throw seesr::bundle_error(manifest.root().string() + ": tokenizer.json gives " +
-                                  std::to_string(tokenizer.length()) + " ids, the manifest's text.max_length is " +
-                                  expected.dump());
-    }
-    return tokenizer;
-}
-
 seesr_status set_option(seesr_options *options, const char *name, const seesr::Json &value) {
     return guarded([&] {
         require(options, "options");
@@ -184,17 +166,12 @@ seesr_status seesr_pipeline_open(const char *bundle_path, const seesr_engine_opt
         seesr_engine_options_init(&defaults);
         const seesr_engine_options &engine = options != nullptr ? *options : defaults;
         check_engine_options(engine);
-        seesr::Manifest manifest = seesr::Manifest::load(bundle_path);
-        const seesr::Json &data = manifest.data();
-        auto table = std::make_shared<const seesr::OptionTable>(
-            seesr::OptionTable::from_pipeline(data["pipeline"], manifest.root().string()));
+        auto opened = std::make_unique<seesr::Pipeline>(bundle_path, text_or(engine.engine, "openvino"),
+                                                        engine_settings(engine));
+        const seesr::Json &data = opened->manifest().data();
         std::string exporter = data["provenance"].value("/versions/seesr_export"_json_pointer, std::string());
         std::string name = data["name"].get<std::string>();
-        seesr::ClipTokenizer tokenizer = open_tokenizer(manifest);
-        auto pipeline = std::unique_ptr<seesr_pipeline>(new seesr_pipeline{
-            std::move(manifest), std::move(tokenizer), std::move(table), std::move(name), std::move(exporter), nullptr});
-        pipeline->engine = seesr::create_engine(text_or(engine.engine, "openvino"), pipeline->manifest,
-                                                engine_settings(engine));
+        auto pipeline = std::make_unique<seesr_pipeline>(seesr_pipeline{std::move(opened), std::move(name), std::move(exporter)});
         *out = pipeline.release();
     });
 }
@@ -213,7 +190,7 @@ seesr_status seesr_pipeline_bundle_schema_version(const seesr_pipeline *pipeline
     return guarded([&] {
         require(pipeline, "pipeline");
         require(out, "out");
-        *out = pipeline->manifest.data()["schema_version"].get<int32_t>();
+        *out = pipeline->pipeline->manifest().data()["schema_version"].get<int32_t>();
     });
 }
 
@@ -229,7 +206,7 @@ seesr_status seesr_pipeline_options_json(const seesr_pipeline *pipeline, const c
     return guarded([&] {
         require(pipeline, "pipeline");
         require(out, "out");
-        *out = pipeline->options->json_text().c_str();
+        *out = pipeline->pipeline->options()->json_text().c_str();
     });
 }
 
@@ -239,7 +216,7 @@ seesr_status seesr_options_create(const seesr_pipeline *pipeline, seesr_options 
         require(out, "out");
         *out = nullptr;
         auto options = std::make_unique<seesr_options>();
-        options->table = pipeline->options;
+        options->table = pipeline->pipeline->options();
         *out = options.release();
     });
 }
@@ -316,8 +293,13 @@ seesr_status seesr_describe(seesr_pipeline *pipeline, const uint8_t *rgb, int32_
         require(out, "out");
         *out = nullptr;
         check_image_arguments(rgb, width, height, stride);
-        if (options != nullptr) options->table->resolve(options->given);
-        throw seesr::not_implemented("seesr_describe (DAPE tagging)");
+        const seesr::Options none;
+        seesr::Description description =
+            pipeline->pipeline->describe({rgb, width, height, stride}, options != nullptr ? options->given : none);
+        auto image = std::make_unique<seesr_image>();
+        image->tags = std::move(description.tags);
+        image->prompt = std::move(description.prompt);
+        *out = image.release();
     });
 }
 

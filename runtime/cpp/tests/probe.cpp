@@ -10,6 +10,8 @@
 //   seesr_probe run BUNDLE NETWORK   stdin: {"engine": "openvino", "device": "CPU", "threads": n,
 //                            "feeds": [{"name", "dtype": "float32" | "int64", "shape", "file"}], "out": folder}
 //                            -> {"ok": true, "outputs": [{"shape", "file"}]} (raw little-endian files)
+//   seesr_probe dape-input   stdin: {"file" (RGB8 rows), "width", "height", "stride", "size", "mean", "std", "out"}
+//                            -> {"ok": true, "shape": [...]}, the float32 tensor written to "out"
 //
 // A failure answers {"ok": false, "status": <seesr_status>, "message": ...}.
 //
@@ -17,6 +19,7 @@
 #include "failure.hpp"
 #include "clip_tokenizer.hpp"
 #include "engine.hpp"
+#include "imaging.hpp"
 #include "manifest.hpp"
 #include "scheduler.hpp"
 
@@ -112,6 +115,17 @@ Json probe_run(const std::string &bundle, const std::string &network, const Json
     return {{"ok", true}, {"outputs", outputs}};
 }
 
+Json probe_dape_input(const Json &request) {
+    const std::int32_t width = request["width"], height = request["height"], stride = request["stride"];
+    const auto pixels = read_values<std::uint8_t>(request["file"], static_cast<std::size_t>(stride) * height);
+    const seesr::Tensor x = seesr::dape_input({pixels.data(), width, height, stride}, request["size"],
+                                              request["mean"].get<std::vector<float>>(),
+                                              request["std"].get<std::vector<float>>());
+    std::ofstream(request["out"].get<std::string>(), std::ios::binary)
+        .write(reinterpret_cast<const char *>(x.f32_data()), static_cast<std::streamsize>(x.count() * sizeof(float)));
+    return {{"ok", true}, {"shape", x.shape()}};
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -126,10 +140,12 @@ int main(int argc, char **argv) {
             answer = probe_timesteps(Json::parse(std::cin));
         } else if (command == "run" && argc == 4) {
             answer = probe_run(argv[2], argv[3], Json::parse(std::cin));
+        } else if (command == "dape-input" && argc == 2) {
+            answer = probe_dape_input(Json::parse(std::cin));
         } else if (command == "sample" && argc == 2) {
             answer = probe_sample(Json::parse(std::cin));
         } else {
-            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample | run BUNDLE NETWORK\n", argv[0]);
+            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample | run BUNDLE NETWORK | dape-input\n", argv[0]);
             return 64;
         }
     } catch (const seesr::Failure &failure) {
