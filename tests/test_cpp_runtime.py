@@ -316,7 +316,7 @@ def test_rules_between_options_are_checked_at_the_call(lib, pipeline):
 def test_cpp_wrapper(cpp_build, runtime_bundle):
     run = subprocess.run([cpp_build / "seesr_wrapper_test", str(runtime_bundle)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 10, run.stdout
+    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 12, run.stdout
 
 
 def test_c_example(cpp_build, runtime_bundle):

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -68,5 +69,20 @@ int main(int argc, char **argv) {
     expect(upscale.status == SEESR_ERROR_NOT_IMPLEMENTED, "upscale: " + upscale.message);
     Thrown stride = thrown([&] { moved.upscale(rgb.data(), 16, 16, 47, &options); });
     expect(stride.status == SEESR_ERROR_IMAGE && stride.says("got 47"), "short stride: " + stride.message);
+
+    // Several host threads describing at once through one pipeline agree with one thread alone.
+    std::vector<std::uint8_t> gradient(40 * 24 * 3);
+    for (std::size_t i = 0; i < gradient.size(); ++i) gradient[i] = static_cast<std::uint8_t>(i * 7 % 251);
+    const seesr::Image alone = moved.describe(gradient.data(), 40, 24, 120, &options);
+    expect(alone.pixels() == nullptr && !alone.prompt().empty(), "describe: tags '" + alone.tags() + "'");
+    std::vector<std::string> prompts(4);
+    std::vector<std::thread> threads;
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+        threads.emplace_back([&, i] { prompts[i] = moved.describe(gradient.data(), 40, 24, 120, &options).prompt(); });
+    }
+    for (auto &thread : threads) thread.join();
+    bool same = true;
+    for (const auto &prompt : prompts) same = same && prompt == alone.prompt();
+    expect(same, "4 threads describe alike");
     return failures == 0 ? 0 : 1;
 }
