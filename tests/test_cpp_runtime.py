@@ -940,3 +940,41 @@ def test_images_outside_the_limits_are_refused(lib, pipeline, shape, max_pixels)
     with pytest.raises(option_table.ImageRejected) as python:
         option_table.check_image_size(shape[1], shape[0], limit)
     assert (refused.value.status, refused.value.message) == (STATUS["SEESR_ERROR_IMAGE"], str(python.value))
+
+
+# ---------------------------------------------------------------- text encoding: PromptEncoder's embeddings
+
+
+def test_text_encoding_matches_python(cpp_build, runtime_bundle, tmp_path):
+    """Prompts through the C++ tokenizer and engine, and negative prompts (the bundle's default: its
+    precomputed embedding), equal to seesr_runtime.text.PromptEncoder on the same OpenVINO engine."""
+    pytest.importorskip("openvino", reason="the Python OpenVINO backend is the reference (pip install openvino)")
+    import numpy as np
+
+    from seesr_runtime.openvino_backend import OpenVINOBackend
+    from seesr_runtime.text import PromptEncoder
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    encoder = PromptEncoder(manifest, OpenVINOBackend(manifest, precision="fp32", device="CPU", threads=1))
+    prompts = ["", "a cat, dog, clean, high-resolution, 8k", "Ünïcode 日本 " * 30]
+    negatives = [manifest.data["pipeline"]["negative_prompt"], "blurry, low quality"]
+    answer = _probe_json_args(
+        cpp_build,
+        ["encode-text", str(runtime_bundle)],
+        {"threads": 1, "prompts": prompts, "negatives": negatives, "out": str(tmp_path)},
+    )
+    for kind, texts, reference in (
+        ("prompts", prompts, encoder.encode),
+        ("negatives", negatives, encoder.encode_negative),
+    ):
+        for text, written in zip(texts, answer[kind], strict=True):
+            got = np.fromfile(written["file"], dtype=np.float32).reshape(written["shape"])
+            np.testing.assert_array_equal(got, reference(text), err_msg=f"{kind}: {text!r}")
+
+
+def _probe_json_args(cpp_build: Path, args: list, request: dict) -> dict:
+    run = subprocess.run([cpp_build / "seesr_probe", *args], input=json.dumps(request), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout)
+    assert answer["ok"], answer
+    return answer

@@ -6,17 +6,6 @@
 namespace seesr {
 namespace {
 
-ClipTokenizer open_tokenizer(const Manifest &manifest) {
-    const Json &text = manifest.data()["text"];
-    ClipTokenizer tokenizer = ClipTokenizer::from_file(manifest.file(text["tokenizer"], "text tokenizer"));
-    const Json &expected = text.contains("max_length") ? text["max_length"] : Json();
-    if (expected != tokenizer.length()) {
-        throw bundle_error(manifest.root().string() + ": tokenizer.json gives " + std::to_string(tokenizer.length()) +
-                           " ids, the manifest's text.max_length is " + expected.dump());
-    }
-    return tokenizer;
-}
-
 template <typename T>
 std::vector<T> list_of(const Json &tagger, const char *key, const Manifest &manifest, std::size_t size = 0) {
     const Json &value = tagger.contains(key) ? tagger[key] : Json();
@@ -77,7 +66,7 @@ Pipeline::Pipeline(const std::filesystem::path &bundle, const std::string &engin
     : manifest_(Manifest::load(bundle)),
       options_(std::make_shared<const OptionTable>(
           OptionTable::from_pipeline(manifest_.data()["pipeline"], manifest_.root().string()))),
-      tokenizer_(open_tokenizer(manifest_)),
+      text_(manifest_),
       tagger_(read_tagger(manifest_)) {
     const Json &templ = manifest_.data()["pipeline"].value("prompt_template", Json());
     if (!templ.is_string()) {

@@ -3,11 +3,11 @@
 // the VAE and the colour fixes come next (seesr_runtime/pipeline.py is the algorithm to follow).
 #pragma once
 
-#include "clip_tokenizer.hpp"
 #include "engine.hpp"
 #include "imaging.hpp"
 #include "manifest.hpp"
 #include "option_table.hpp"
+#include "text_encoder.hpp"
 
 #include <map>
 #include <memory>
@@ -34,7 +34,9 @@ public:
 
     const Manifest &manifest() const { return manifest_; }
     const std::shared_ptr<const OptionTable> &options() const { return options_; }
-    const ClipTokenizer &tokenizer() const { return tokenizer_; }
+    const ClipTokenizer &tokenizer() const { return text_.tokenizer(); }
+    Tensor encode_prompt(const std::string &text) const { return text_.encode(*engine_, text); }
+    Tensor encode_negative(const std::string &text) const { return text_.encode_negative(*engine_, text); }
 
     // The image's tags and prompt (DAPE only); image errors before any network runs.
     Description describe(const RgbView &image, const Options &given) const;
@@ -49,7 +51,7 @@ private:
 
     Manifest manifest_;
     std::shared_ptr<const OptionTable> options_;
-    ClipTokenizer tokenizer_;
+    TextEncoder text_;
     Tagger tagger_;
     std::string prompt_template_;
     std::unique_ptr<Engine> engine_;  // runs over manifest_, so declared (and destroyed) after it

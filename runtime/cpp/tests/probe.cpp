@@ -12,6 +12,8 @@
 //                            -> {"ok": true, "outputs": [{"shape", "file"}]} (raw little-endian files)
 //   seesr_probe dape-input   stdin: {"file" (RGB8 rows), "width", "height", "stride", "size", "mean", "std", "out"}
 //                            -> {"ok": true, "shape": [...]}, the float32 tensor written to "out"
+//   seesr_probe encode-text BUNDLE   stdin: {"threads": n, "prompts": [...], "negatives": [...], "out": folder}
+//                            -> {"ok": true, "prompts": [{"shape", "file"}], "negatives": [{"shape", "file"}]}
 //
 // A failure answers {"ok": false, "status": <seesr_status>, "message": ...}.
 //
@@ -20,6 +22,7 @@
 #include "clip_tokenizer.hpp"
 #include "engine.hpp"
 #include "imaging.hpp"
+#include "pipeline.hpp"
 #include "manifest.hpp"
 #include "scheduler.hpp"
 
@@ -126,6 +129,28 @@ Json probe_dape_input(const Json &request) {
     return {{"ok", true}, {"shape", x.shape()}};
 }
 
+Json written(const seesr::Tensor &tensor, const std::string &file) {
+    std::ofstream(file, std::ios::binary)
+        .write(reinterpret_cast<const char *>(tensor.f32_data()), static_cast<std::streamsize>(tensor.count() * sizeof(float)));
+    return {{"shape", tensor.shape()}, {"file", file}};
+}
+
+Json probe_encode_text(const std::string &bundle, const Json &request) {
+    seesr::EngineSettings settings;
+    settings.threads = request.value("threads", 0);
+    const seesr::Pipeline pipeline(bundle, "openvino", settings);
+    const std::string out = request["out"];
+    Json prompts = Json::array(), negatives = Json::array();
+    for (const Json &text : request["prompts"]) {
+        prompts.push_back(written(pipeline.encode_prompt(text), out + "/prompt" + std::to_string(prompts.size()) + ".bin"));
+    }
+    for (const Json &text : request["negatives"]) {
+        negatives.push_back(
+            written(pipeline.encode_negative(text), out + "/negative" + std::to_string(negatives.size()) + ".bin"));
+    }
+    return {{"ok", true}, {"prompts", prompts}, {"negatives", negatives}};
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -142,10 +167,12 @@ int main(int argc, char **argv) {
             answer = probe_run(argv[2], argv[3], Json::parse(std::cin));
         } else if (command == "dape-input" && argc == 2) {
             answer = probe_dape_input(Json::parse(std::cin));
+        } else if (command == "encode-text" && argc == 3) {
+            answer = probe_encode_text(argv[2], Json::parse(std::cin));
         } else if (command == "sample" && argc == 2) {
             answer = probe_sample(Json::parse(std::cin));
         } else {
-            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample | run BUNDLE NETWORK | dape-input\n", argv[0]);
+            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample | run BUNDLE NETWORK | dape-input | encode-text BUNDLE\n", argv[0]);
             return 64;
         }
     } catch (const seesr::Failure &failure) {
