@@ -12,6 +12,10 @@
 //                            -> {"ok": true, "outputs": [{"shape", "file"}]} (raw little-endian files)
 //   seesr_probe dape-input   stdin: {"file" (RGB8 rows), "width", "height", "stride", "size", "mean", "std", "out"}
 //                            -> {"ok": true, "shape": [...]}, the float32 tensor written to "out"
+//   seesr_probe tiles        stdin: {"height", "width", "tile", "overlap"} -> {"ok": true, "origins", "weights"}
+//   seesr_probe blend        stdin: {"shape", "tile", "overlap", "field", "out"}: tiles predicted as the field's
+//                            window times (1 + the tile's index), blended -> {"ok": true}, the result in "out"
+//   seesr_probe noise        stdin: {"seed", "count", "out"} -> {"ok": true}, `count` float32 draws in "out"
 //   seesr_probe encode-text BUNDLE   stdin: {"threads": n, "prompts": [...], "negatives": [...], "out": folder}
 //                            -> {"ok": true, "prompts": [{"shape", "file"}], "negatives": [{"shape", "file"}]}
 //
@@ -22,6 +26,8 @@
 #include "clip_tokenizer.hpp"
 #include "engine.hpp"
 #include "imaging.hpp"
+#include "noise.hpp"
+#include "tiling.hpp"
 #include "pipeline.hpp"
 #include "manifest.hpp"
 #include "scheduler.hpp"
@@ -151,6 +157,39 @@ Json probe_encode_text(const std::string &bundle, const Json &request) {
     return {{"ok", true}, {"prompts", prompts}, {"negatives", negatives}};
 }
 
+Json probe_tiles(const Json &request) {
+    const auto origins = seesr::tile_origins(request["height"], request["width"], request["tile"], request["overlap"]);
+    Json listed = Json::array();
+    for (const auto &[y, x] : origins) listed.push_back({y, x});
+    return {{"ok", true}, {"origins", listed}, {"weights", seesr::gaussian_tile_weights(request["tile"])}};
+}
+
+Json probe_blend(const Json &request) {
+    const seesr::Shape shape = request["shape"].get<seesr::Shape>();
+    const std::int64_t h = shape[2], w = shape[3];
+    const auto field = read_values<float>(request["field"], seesr::element_count(shape));
+    int index = 0;
+    const seesr::Tensor blended = seesr::blend_tiles(shape, request["tile"], request["overlap"],
+                                                     [&](std::int64_t y, std::int64_t x, std::int64_t tile) {
+        std::vector<float> window;
+        const float scale = 1.0f + static_cast<float>(index++);
+        for (std::int64_t p = 0; p < shape[0] * shape[1]; ++p) {
+            for (std::int64_t i = 0; i < tile; ++i) {
+                for (std::int64_t j = 0; j < tile; ++j) window.push_back(field[(p * h + y + i) * w + x + j] * scale);
+            }
+        }
+        return seesr::Tensor::f32({shape[0], shape[1], tile, tile}, std::move(window));
+    });
+    written(blended, request["out"]);
+    return {{"ok", true}};
+}
+
+Json probe_noise(const Json &request) {
+    seesr::SeededNoise noise(request["seed"].get<std::uint64_t>());
+    written(noise.draw("initial", {request["count"].get<std::int64_t>()}), request["out"]);
+    return {{"ok", true}};
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -169,10 +208,16 @@ int main(int argc, char **argv) {
             answer = probe_dape_input(Json::parse(std::cin));
         } else if (command == "encode-text" && argc == 3) {
             answer = probe_encode_text(argv[2], Json::parse(std::cin));
+        } else if (command == "tiles" && argc == 2) {
+            answer = probe_tiles(Json::parse(std::cin));
+        } else if (command == "blend" && argc == 2) {
+            answer = probe_blend(Json::parse(std::cin));
+        } else if (command == "noise" && argc == 2) {
+            answer = probe_noise(Json::parse(std::cin));
         } else if (command == "sample" && argc == 2) {
             answer = probe_sample(Json::parse(std::cin));
         } else {
-            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample | run BUNDLE NETWORK | dape-input | encode-text BUNDLE\n", argv[0]);
+            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample | run BUNDLE NETWORK | dape-input | encode-text BUNDLE | tiles | blend | noise\n", argv[0]);
             return 64;
         }
     } catch (const seesr::Failure &failure) {
