@@ -1042,3 +1042,46 @@ def test_seeded_noise_is_standard_normal_and_reproducible(cpp_build, tmp_path):
     assert abs(first.mean()) < 0.005 and abs(first.std() - 1) < 0.005
     beyond = np.mean(np.abs(first) > 3)
     assert 0.0022 < beyond < 0.0032, beyond  # 0.27% for a normal distribution
+
+
+# ---------------------------------------------------------------- installing: find_package(seesr) for users
+
+
+def test_installed_package_is_found_by_cmake_users(cpp_build, tmp_path, runtime_bundle):
+    """`cmake --install` then a user's project with find_package(seesr) and seesr::seesr, in C, opens a bundle."""
+    prefix = tmp_path / "prefix"
+    install = subprocess.run(
+        ["cmake", "--install", str(cpp_build), "--prefix", str(prefix)], capture_output=True, text=True
+    )
+    assert install.returncode == 0, install.stderr
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(user C)\nfind_package(seesr 0.1 REQUIRED)\n"
+        "add_executable(user main.c)\ntarget_link_libraries(user PRIVATE seesr::seesr)\n"
+    )
+    (user / "main.c").write_text(
+        "#include <seesr.h>\n#include <stdio.h>\n"
+        "int main(int argc, char **argv) {\n"
+        "    seesr_engine_options engine; seesr_pipeline *pipeline = NULL; const char *name = NULL;\n"
+        "    seesr_engine_options_init(&engine); engine.verify = SEESR_VERIFY_NEVER;\n"
+        "    if (seesr_pipeline_open(argv[1], &engine, &pipeline) != SEESR_OK) {\n"
+        "        puts(seesr_last_error());\n        return 1;\n    }\n"
+        "    seesr_pipeline_bundle_name(pipeline, &name);\n"
+        '    printf("%s %s\\n", seesr_version(), name);\n'
+        "    seesr_pipeline_close(pipeline);\n    return argc == 2 ? 0 : 2;\n}\n"
+    )
+    build = user / "build"
+    for command in (
+        ["cmake", "-S", str(user), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}"],
+        ["cmake", "--build", str(build)],
+    ):
+        step = subprocess.run(command, capture_output=True, text=True)
+        assert step.returncode == 0, step.stdout + step.stderr
+    # No LD_LIBRARY_PATH: the installed libseesr finds the OpenVINO it was built against by itself.
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    run = subprocess.run([build / "user", str(runtime_bundle)], capture_output=True, text=True, env=env)
+    data = json.loads((Path(runtime_bundle) / "manifest.json").read_text())
+    from seesr_runtime import __version__
+
+    assert (run.returncode, run.stdout) == (0, f"{__version__} {data['name']}\n"), run.stdout + run.stderr
