@@ -1085,3 +1085,36 @@ def test_installed_package_is_found_by_cmake_users(cpp_build, tmp_path, runtime_
     from seesr_runtime import __version__
 
     assert (run.returncode, run.stdout) == (0, f"{__version__} {data['name']}\n"), run.stdout + run.stderr
+
+
+# ---------------------------------------------------------------- bicubic resizing: PIL's, as working_image uses it
+
+
+def _resize_cases(count: int = 40) -> list:
+    """(width, height, new width, new height): working_image's and the final resize's kinds of change (x4,
+    to multiples of 8, to lr x 4) and random ones; every class but both sides shrinking (see resample.hpp)."""
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    cases = [(56, 40, 224, 160), (224, 160, 896, 640), (13, 1000, 52, 4000), (8, 8, 128, 128), (512, 365, 512, 360)]
+    cases += [(300, 200, 47, 200), (640, 480, 640, 100), (97, 61, 97, 56), (61, 97, 56, 97), (200, 150, 230, 140)]
+    while len(cases) < count:
+        w, h, tw, th = (int(v) for v in rng.integers(8, 300, 4))
+        if not (tw < w and th < h):
+            cases.append((w, h, tw, th))
+    return cases
+
+
+@pytest.mark.parametrize("case", _resize_cases(), ids=lambda c: "{}x{}->{}x{}".format(*c))
+def test_bicubic_resize_equals_pil(cpp_build, tmp_path, case):
+    import numpy as np
+    from PIL import Image
+
+    w, h, tw, th = case
+    image = np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    rows = _padded_rows(image, padding=2)
+    rows.tofile(tmp_path / "rgb.bin")
+    request = {"file": str(tmp_path / "rgb.bin"), "width": w, "height": h, "stride": rows.shape[1], "to": [tw, th]}
+    _probe_json(cpp_build, "resize", {**request, "out": str(tmp_path / "out.bin")})
+    got = np.fromfile(tmp_path / "out.bin", dtype=np.uint8).reshape(th, tw, 3)
+    np.testing.assert_array_equal(got, np.asarray(Image.fromarray(image).resize((tw, th), Image.BICUBIC)))

@@ -16,6 +16,8 @@
 //   seesr_probe blend        stdin: {"shape", "tile", "overlap", "field", "out"}: tiles predicted as the field's
 //                            window times (1 + the tile's index), blended -> {"ok": true}, the result in "out"
 //   seesr_probe noise        stdin: {"seed", "count", "out"} -> {"ok": true}, `count` float32 draws in "out"
+//   seesr_probe resize       stdin: {"file" (RGB8 rows), "width", "height", "stride", "to": [w, h], "out"}
+//                            -> {"ok": true}, the bicubic-resized RGB8 rows in "out"
 //   seesr_probe encode-text BUNDLE   stdin: {"threads": n, "prompts": [...], "negatives": [...], "out": folder}
 //                            -> {"ok": true, "prompts": [{"shape", "file"}], "negatives": [{"shape", "file"}]}
 //
@@ -27,6 +29,7 @@
 #include "engine.hpp"
 #include "imaging.hpp"
 #include "noise.hpp"
+#include "resample.hpp"
 #include "tiling.hpp"
 #include "pipeline.hpp"
 #include "manifest.hpp"
@@ -190,6 +193,16 @@ Json probe_noise(const Json &request) {
     return {{"ok", true}};
 }
 
+Json probe_resize(const Json &request) {
+    const std::int32_t width = request["width"], height = request["height"], stride = request["stride"];
+    const auto pixels = read_values<std::uint8_t>(request["file"], static_cast<std::size_t>(stride) * height);
+    const seesr::Rgb8Image resized =
+        seesr::resize_bicubic({pixels.data(), width, height, stride}, request["to"][0], request["to"][1]);
+    std::ofstream(request["out"].get<std::string>(), std::ios::binary)
+        .write(reinterpret_cast<const char *>(resized.pixels.data()), static_cast<std::streamsize>(resized.pixels.size()));
+    return {{"ok", true}};
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -214,10 +227,12 @@ int main(int argc, char **argv) {
             answer = probe_blend(Json::parse(std::cin));
         } else if (command == "noise" && argc == 2) {
             answer = probe_noise(Json::parse(std::cin));
+        } else if (command == "resize" && argc == 2) {
+            answer = probe_resize(Json::parse(std::cin));
         } else if (command == "sample" && argc == 2) {
             answer = probe_sample(Json::parse(std::cin));
         } else {
-            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample | run BUNDLE NETWORK | dape-input | encode-text BUNDLE | tiles | blend | noise\n", argv[0]);
+            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample | run BUNDLE NETWORK | dape-input | encode-text BUNDLE | tiles | blend | noise | resize\n", argv[0]);
             return 64;
         }
     } catch (const seesr::Failure &failure) {
