@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
+from seesr_export.layout import SeeSRPaths
+from seesr_export.turbo_options import default_sd_turbo
 from seesr_runtime.bench import (
     NETWORK_STAGES,
     STAGES,
@@ -45,6 +47,16 @@ from seesr_runtime.bench import (
     run_bench,
     write_json,
 )
+from seesr_runtime.lazy import available, lazy_import
+from seesr_runtime.manifest import Manifest
+from seesr_runtime.profiling import StageProfiler
+
+# The PyTorch reference runs in its own worker process (--torch-worker): only that process loads torch.
+torch = lazy_import("torch", extra="export")
+torch_reference = lazy_import("seesr_export.reference", extra="export")
+turbo = lazy_import("seesr_export.turbo", extra="export")
+matplotlib = lazy_import("matplotlib", extra="bench")  # the PNG chart, where installed
+plt = lazy_import("matplotlib.pyplot", extra="bench")
 
 PLOT_STAGES = (*STAGES, "other")
 
@@ -63,13 +75,6 @@ class _ReferenceAdapter:
 
 
 def torch_worker(args) -> int:
-    import torch
-
-    from seesr_export.layout import SeeSRPaths
-    from seesr_export.reference import SeeSRReference
-    from seesr_runtime.manifest import Manifest
-    from seesr_runtime.profiling import StageProfiler
-
     (spec,) = args.torch
     device, dtype_name = spec.split(":")
     # bf16-autocast: fp32 weights, matrix products in bf16 under torch.autocast (softmax and normalisation
@@ -78,14 +83,22 @@ def torch_worker(args) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "bf16-autocast": torch.float32}[
         dtype_name
     ]
+    manifest = Manifest.load(args.bundle)
+    paths = SeeSRPaths.from_root(args.seesr_root)
     start = time.perf_counter()
-    reference = SeeSRReference.from_paths(SeeSRPaths.from_root(args.seesr_root)).to(device, dtype)
+    if _is_turbo(manifest):  # the turbo reference of the same checkout (sd-turbo base, turbo defaults)
+        reference = turbo.turbo_reference(paths, args.sd_turbo or default_sd_turbo(args.seesr_root))
+    else:
+        reference = torch_reference.SeeSRReference.from_paths(paths)
+    reference = reference.to(device, dtype)
     reference.profiler = profiler = StageProfiler()
     load_s = time.perf_counter() - start
-    pipe = _ReferenceAdapter(reference, Manifest.load(args.bundle))
+    pipe = _ReferenceAdapter(reference, manifest)
     results = []
     for size, steps in zip(args.sizes, _steps_per_size(args)):
-        config = BenchConfig(size=size, steps=steps, runs=args.runs, warmup=args.warmup)
+        config = BenchConfig(
+            size=size, steps=steps, runs=args.runs, warmup=args.warmup, reference_steps=_default_steps(manifest)
+        )
         print(f"bench torch {spec}: {size} px, {steps} steps", file=sys.stderr, flush=True)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -113,6 +126,15 @@ def torch_worker(args) -> int:
 
 
 # ---------------------------------------------------------------- running the configurations
+
+
+def _is_turbo(manifest: Manifest) -> bool:
+    return manifest.data["pipeline"].get("variant") == "turbo"
+
+
+def _default_steps(manifest: Manifest) -> int:
+    """The bundle's default step count (50; 2 for a turbo bundle): end to end is extrapolated to it."""
+    return int(manifest.data["pipeline"].get("defaults", {}).get("steps", 50))
 
 
 def _steps_per_size(args) -> list[int]:
@@ -194,6 +216,7 @@ def torch_command(spec: str, args, json_path: Path) -> tuple[str, list[str]]:
         str(args.bundle),
         "--seesr-root",
         str(args.seesr_root),
+        *(["--sd-turbo", str(args.sd_turbo)] if args.sd_turbo else []),
         "--sizes",
         *map(str, args.sizes),
         "--steps",
@@ -355,13 +378,9 @@ def _fmt(value, spec, suffix=""):
 
 def plot(summary: dict, path: Path) -> bool:
     """Stacked per-stage bars, one per configuration and size. False if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not available("matplotlib"):
         return False
+    matplotlib.use("Agg")  # before pyplot's first use (pyplot is a lazy module)
     bars = [
         (f"{r['label']}\n{res['config']['size']} px", res) for r in summary["configurations"] for res in r["results"]
     ]
@@ -419,6 +438,12 @@ def main(argv=None) -> int:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--seesr-root", type=Path, help="the checkout the bundle was built from (PyTorch side)")
     parser.add_argument(
+        "--sd-turbo",
+        type=Path,
+        default=None,
+        help="a turbo bundle's sd-turbo folder for the PyTorch side (default SEESR_ROOT/preset/models/sd-turbo)",
+    )
+    parser.add_argument(
         "--torch",
         nargs="+",
         default=["cpu:fp32"],
@@ -450,9 +475,6 @@ def main(argv=None) -> int:
         return torch_worker(args)
     if args.torch != ["none"] and args.seesr_root is None:
         parser.error("--seesr-root is needed for the PyTorch reference (or --torch none)")
-
-    from seesr_runtime.manifest import Manifest
-
     manifest = Manifest.load(args.bundle)
     machine = machine_info()
     out = args.out or ROOT / "benchmarks" / "results" / machine_kind(machine)

@@ -28,13 +28,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
 from seesr_export.parity import relative_l2
-from seesr_runtime.manifest import Manifest
+from seesr_export.trt_engines import EngineOptions, build_engine, optimization_profiles
+from seesr_runtime import SeeSRPipeline
+from seesr_runtime.bench import synthetic_lr
+from seesr_runtime.lazy import lazy_import
+from seesr_runtime.manifest import GPU_GRAPH, Manifest
 from seesr_runtime.networks import NETWORK_NAMES, dummy_feeds
+from seesr_runtime.trt_backend import TensorRTBackend, _check
+
+trt = lazy_import("tensorrt", extra="tensorrt")  # the engine checks only; --onnxruntime runs without it
 
 
 def feeds_for(spec, env: dict, seed: int = 0) -> dict:
@@ -43,8 +51,6 @@ def feeds_for(spec, env: dict, seed: int = 0) -> dict:
 
 def plan(manifest: Manifest) -> list[tuple[str, str, dict]]:
     """(network, precision, opt env) triples to validate; raises on anything missing."""
-    from seesr_export.trt_engines import optimization_profiles
-
     jobs = []
     for name in NETWORK_NAMES:
         spec = manifest.spec(name)
@@ -62,8 +68,6 @@ def plan(manifest: Manifest) -> list[tuple[str, str, dict]]:
 
 
 def time_backend(backend, network: str, feeds: dict, runs: int, warmup: int) -> dict:
-    from seesr_runtime.trt_backend import _check
-
     cudart = backend.cudart
     for _ in range(warmup):
         backend.run(network, feeds)
@@ -91,10 +95,6 @@ def psnr(a, b) -> float:
 def ort_accuracy_rows(manifest: Manifest, providers: list[str], latent: int | None = None) -> list[dict]:
     """Per network and fp16 graph: relative L2 against the fp32 graph on the CPU, same inputs (the 512px
     profile's opt shape, or a ``latent`` x ``latent`` latent)."""
-    import onnxruntime as ort
-
-    from seesr_runtime.manifest import GPU_GRAPH
-
     rows = []
     on_gpu = "CUDAExecutionProvider" in providers
     for name in NETWORK_NAMES:
@@ -133,9 +133,6 @@ def ort_accuracy_rows(manifest: Manifest, providers: list[str], latent: int | No
 
 def end_to_end_psnr(bundle: Path, providers: list[str], steps: int, size: int = 512) -> dict:
     """PSNR of the final image of each fp16 variant against the fp32 pipeline (same seed, same noise)."""
-    from seesr_runtime import SeeSRPipeline
-    from seesr_runtime.bench import synthetic_lr
-
     image = synthetic_lr(size)
     variants = {"fp32": {"precision": "fp32"}, "fp16 (plain graphs)": {"precision": "fp16", "gpu_graph": False}}
     if "CUDAExecutionProvider" in providers:
@@ -155,8 +152,6 @@ def end_to_end_psnr(bundle: Path, providers: list[str], steps: int, size: int = 
 
 
 def validate_onnxruntime(args) -> int:
-    import onnxruntime as ort
-
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
     providers = ["CPUExecutionProvider"] if args.dry_run else ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -212,12 +207,6 @@ def main() -> int:
     if args.dry_run:
         print(f"dry run: {len(jobs)} engines would be built and checked")
         return 0
-
-    import onnxruntime as ort
-    import tensorrt as trt
-
-    from seesr_export.trt_engines import EngineOptions, build_engine
-    from seesr_runtime.trt_backend import TensorRTBackend
 
     results = {"bundle": str(args.bundle), "tensorrt": trt.__version__, "networks": []}
     with tempfile.TemporaryDirectory() as scratch:

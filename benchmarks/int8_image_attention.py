@@ -24,6 +24,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "runtime"), str(ROOT / "benchmarks")]
 
 from int8_sd2 import calibration_images
 
+from seesr_export.bundle import BuildOptions, build_bundle
+from seesr_export.layout import SeeSRPaths
+from seesr_export.progress import Progress
+from seesr_export.testing.fixtures import write_fixture
+from seesr_runtime import logs
+from seesr_runtime.bench import git_commit, machine_info
+from seesr_runtime.manifest import Manifest
+
 VARIANTS = {
     "default (image attention int8, conv p99.99)": {},
     "image attention kept fp32": {"int8_image_attention_fp32": True},
@@ -32,13 +40,7 @@ VARIANTS = {
 
 
 def main() -> int:
-    from seesr_export.bundle import BuildOptions, build_bundle
-    from seesr_export.layout import SeeSRPaths
-    from seesr_export.progress import Progress
-    from seesr_export.testing.fixtures import write_fixture
-    from seesr_runtime.bench import git_commit, machine_info
-    from seesr_runtime.manifest import Manifest
-
+    logs.configure()  # the builds' stage messages on stderr
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seesr-root", type=Path, default=None, help="default: a fresh tiny fixture")
     parser.add_argument("--calib-size", type=int, default=3)

@@ -19,12 +19,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
+from seesr_runtime.lazy import lazy_import
 from seesr_runtime.manifest import Manifest
+
+# Loads torch: imported after the build (a subprocess), so this process holds no torch meanwhile.
+export = lazy_import("seesr_export.export", extra="export")
 
 SAMPLE = ROOT / "seesr_export" / "assets" / "sample.png"
 
@@ -84,17 +89,12 @@ def main() -> int:
         env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'runtime'}"),
     )
     build_seconds = time.perf_counter() - started
-
-    import onnxruntime as ort
-
-    from seesr_export.export import sample_feeds
-
     manifest = Manifest.load(bundle)
     env = {"B": 2, "h": 64, "w": 64}  # one guided step at 512 px
     rows = []
     for name in ("controlnet", "unet"):
         spec = manifest.spec(name)
-        feeds = sample_feeds(spec, env, seed=0)
+        feeds = export.sample_feeds(spec, env, seed=0)
         row = {"network": name}
         for precision in ("fp32", "int8"):
             session = ort.InferenceSession(

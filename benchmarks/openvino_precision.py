@@ -29,9 +29,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
+from seesr_export.layout import SeeSRPaths
 from seesr_runtime.bench import machine_info
+from seesr_runtime.lazy import lazy_import
 from seesr_runtime.manifest import Manifest
 from seesr_runtime.openvino_backend import OpenVINOBackend
+
+ov = lazy_import("openvino", extra="openvino")
+# PyTorch autocast is measured in its own process (torch_worker): the OpenVINO timings never share one with torch.
+torch = lazy_import("torch", extra="export")
+export = lazy_import("seesr_export.export", extra="export")
+export_networks = lazy_import("seesr_export.export_networks", extra="export")
 
 ENV = {"B": 2, "h": 64, "w": 64}  # one guided step at 512 px
 NETWORKS = ("controlnet", "unet")
@@ -109,17 +117,11 @@ def measure(manifest: Manifest, args) -> tuple[list[dict], dict]:
 
 
 def torch_worker(seesr_root: Path, feeds_path: Path, out: Path) -> None:
-    import torch
-
-    from seesr_export.export import graph_module
-    from seesr_export.export_networks import TorchModels
-    from seesr_export.layout import SeeSRPaths
-
     torch.set_num_threads(int(os.environ.get("SEESR_THREADS", "0")) or torch.get_num_threads())
     saved = np.load(feeds_path)
-    models, result = TorchModels(SeeSRPaths.from_root(seesr_root)), {}
+    models, result = export_networks.TorchModels(SeeSRPaths.from_root(seesr_root)), {}
     for network in NETWORKS:
-        module = graph_module(network, models)
+        module = export.graph_module(network, models)
         names = [n for n in saved.files if n.startswith(network + "/")]
         inputs = {n.split("/", 1)[1]: torch.from_numpy(saved[n]) for n in names}
         order = [name for name in _input_order(network, inputs)]
@@ -227,9 +229,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu")
     parser.add_argument("--name", default="openvino_precision")
     args = parser.parse_args(argv)
-
-    import openvino as ov
-
     manifest = Manifest.load(args.bundle)
     load_before = os.getloadavg()  # other jobs on the machine inflate the times (never the errors)
     rows, feeds = measure(manifest, args)

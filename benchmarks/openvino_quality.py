@@ -22,11 +22,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
+from seesr_runtime import SeeSRPipeline
+from seesr_runtime.bench import synthetic_lr
+
 
 def worker(bundle: str, config: str, size: int, steps: int, threads: int | None, out: str) -> None:
-    from seesr_runtime import SeeSRPipeline
-    from seesr_runtime.bench import synthetic_lr
-
     backend, precision = config.split(":")
     options = {"precision": precision, "threads": threads}
     started = time.perf_counter()

@@ -31,12 +31,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
 from seesr_runtime.bench import machine_info
+from seesr_runtime.lazy import lazy_import
 from seesr_runtime.manifest import Manifest
+
+# Loads torch (through the exporter's graph helpers): only the fusing worker uses it, never a timing worker.
+gpu_graph = lazy_import("seesr_export.gpu_graph", extra="export")
 
 
 def call_feeds(manifest: Manifest, network: str, side: int) -> dict[str, np.ndarray]:
@@ -53,8 +59,6 @@ def call_feeds(manifest: Manifest, network: str, side: int) -> dict[str, np.ndar
 
 def worker(bundle: str, network: str, graph: str, side: int, runs: int, threads: int, out: str) -> None:
     """One process: a session on ``graph``, ``runs`` timed calls after one warm-up; outputs saved."""
-    import onnxruntime as ort
-
     manifest = Manifest.load(bundle)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -81,16 +85,12 @@ def peak_rss_gb() -> float:
 
 def fuse_worker(plain: str, fused: str) -> None:
     """Its own process, so the optimizer's memory (about 5x the graph) is gone before the timing."""
-    import onnx
-
-    from seesr_export.gpu_graph import fused_op_counts, write_cpu_fused_graph
-
     started = time.perf_counter()
-    write_cpu_fused_graph(Path(plain), Path(fused), "unet")
+    gpu_graph.write_cpu_fused_graph(Path(plain), Path(fused), "unet")
     report = {
         "fuse_s": time.perf_counter() - started,
         "peak_rss_gb": peak_rss_gb(),
-        "fused_ops": fused_op_counts(onnx.load(fused, load_external_data=False)),
+        "fused_ops": gpu_graph.fused_op_counts(onnx.load(fused, load_external_data=False)),
     }
     Path(fused + ".json").write_text(json.dumps(report))
 

@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "runtime")]
@@ -32,8 +35,6 @@ from seesr_runtime.networks import dummy_feeds
 
 def with_random_weights(path: Path, scratch: Path) -> Path:
     """A copy of ``path`` whose missing external initializers are filled with a random pattern."""
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     pattern = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32) * 0.02
     for init in model.graph.initializer:
@@ -60,8 +61,6 @@ def with_random_weights(path: Path, scratch: Path) -> Path:
 def with_static_shapes(path: Path, feeds: dict, scratch: Path) -> Path:
     """A copy whose inputs have fixed dimensions: onnxruntime can then fold the shape arithmetic the
     tracer left for dynamic sizes (which otherwise runs on the CPU, between GPU kernels)."""
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     for graph_input in model.graph.input:
         dims = graph_input.type.tensor_type.shape.dim
@@ -105,8 +104,6 @@ DEVICE = "cuda"  # --dry-run: "cpu", so the script can be checked where no GPU i
 
 
 def session(path: Path, *, cuda_graph: bool = False, profile_prefix: str | None = None):
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -122,8 +119,6 @@ def session(path: Path, *, cuda_graph: bool = False, profile_prefix: str | None 
 
 def bound_runner(sess, feeds: dict, output_names: list[str]):
     """run_with_iobinding over inputs and outputs that live on the GPU (allocated once)."""
-    import onnxruntime as ort
-
     binding = sess.io_binding()
     keep = []
     for name, value in feeds.items():
@@ -161,10 +156,6 @@ def placement(sess) -> dict:
 
 
 def main() -> int:
-    import tempfile
-
-    import onnxruntime as ort
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--networks", nargs="+", default=["unet", "controlnet"])

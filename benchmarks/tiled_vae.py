@@ -23,14 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from seesr_runtime import SeeSRPipeline
+from seesr_runtime.tiled_vae import TiledVaeLayout, split_tiles
+
 MODES = ("tiled", "untiled", "spilled")
 
 
 def child(bundle: str, size: int, mode: str, tile: int, threads: int | None) -> dict:
-    import numpy as np
-
-    from seesr_runtime import SeeSRPipeline
-
     options = {"threads": threads} if threads else {}
     spill = tempfile.mkdtemp(prefix="seesr-spill-") if mode == "spilled" else None
     pipe = SeeSRPipeline.from_bundle(bundle, tiled_vae_spill_dir=spill, **options)
@@ -43,8 +44,6 @@ def child(bundle: str, size: int, mode: str, tile: int, threads: int | None) -> 
     assert image.size == (size, size)
     tiles = None
     if mode != "untiled" and size // 8 > tile + 22:
-        from seesr_runtime.tiled_vae import TiledVaeLayout, split_tiles
-
         tiles = len(split_tiles(size // 8, size // 8, tile, TiledVaeLayout.for_half("decoder"))[0])
     return {
         "size": size,

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from seesr_runtime.lazy import available
 from seesr_runtime.manifest import GPU_GRAPH
 from seesr_runtime.networks import INT8_NETWORKS, NETWORK_NAMES
 
@@ -34,6 +35,7 @@ class BuildOptions:
     int8_conv_percentile: float = 99.99  # int8 (ModelOpt): conv input range at this percentile; 100 = max
     jobs: int = 1  # networks exported at once, each in its own process (each needs up to ~12 GB at SD2 size)
     parity_tolerances: dict = field(default_factory=dict)  # {network: {graph: max rel L2}} over PARITY_TOLERANCES
+    sd_turbo: Path | None = None  # SeeSR-turbo: the sd-turbo folder (seesr_export.turbo); None: the standard bundle
 
     def graph_precisions(self) -> tuple[str, ...]:
         # fp32 graphs are always written: onnxruntime on CPU wants them, and they are
@@ -85,9 +87,7 @@ def check_request(options: BuildOptions) -> None:
 
 
 def _tensorrt_missing() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
+    if not available("tensorrt"):
         return "the 'tensorrt' Python package is not installed (pip install 'seesr-export[tensorrt]')"
     if not (Path("/dev/nvidiactl").exists() or os.environ.get("CUDA_VISIBLE_DEVICES")):
         return "no NVIDIA GPU is visible"

@@ -23,11 +23,15 @@ from .atomic import swap_into_place
 from .build_request import BuildOptions, BuildReport, check_request
 from .cache_keys import hash_sources, network_keys, previous_bundle, remove_stale_partials, reuse, tool_versions
 from .errors import BuildError
+from .export import graph_module
 from .export_networks import TorchModels, export_networks
 from .flops import network_flops
+from .int8_build import add_int8
 from .layout import SeeSRPaths
 from .manifest_writer import assemble_manifest, write_manifest, write_text_files
 from .progress import Progress
+from .trt_engines import add_engines
+from .turbo_build import batch_one_profiles, reusable, turbo_checkout, turbo_manifest, turbo_sources
 
 __all__ = ["BuildError", "BuildOptions", "BuildReport", "add_flops", "build_bundle"]
 
@@ -36,12 +40,13 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
     progress = progress or Progress(quiet=True)
     check_request(options)
     out = Path(out)
-    previous = previous_bundle(out)
-    paths.check()
+    previous = reusable(previous_bundle(out), options)
+    paths = turbo_checkout(paths, options).check()
+    turbo = options.sd_turbo is not None
     progress.stage("hashing source checkpoints")
-    sources = hash_sources(paths)
+    sources = turbo_sources(paths) if turbo else hash_sources(paths)
     versions = tool_versions()
-    models = TorchModels(paths)
+    models = TorchModels(paths, turbo=turbo)
     report = BuildReport(bundle=out)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -50,17 +55,14 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
     try:
         dims, text = write_text_files(paths, work, models, sources, previous, progress)
         models.drop_unused(options.networks)  # loaded for the text files but not exported now
-        networks = _networks(
-            paths, work, options, progress, models, network_specs(dims), versions, sources, previous, report
-        )
+        specs = batch_one_profiles(network_specs(dims)) if turbo else network_specs(dims)
+        networks = _networks(paths, work, options, progress, models, specs, versions, sources, previous, report)
         manifest = assemble_manifest(options.name or out.name, dims, networks, paths, sources, versions, text, work)
+        if turbo:
+            turbo_manifest(manifest, paths)
         if options.precision == "int8":
-            from .int8_build import add_int8
-
             report.quality = add_int8(work, manifest, options, progress, models)
         if options.backend == "tensorrt":
-            from .trt_engines import add_engines
-
             add_engines(work, manifest, options.precision, progress)
         write_manifest(work, manifest)
         give_tree_umask_modes(work)  # onnx writes external data 0600; before the stamp records ctimes
@@ -76,8 +78,6 @@ def build_bundle(paths: SeeSRPaths, out: Path, options: BuildOptions, progress=N
 def _networks(paths, work, options, progress, models, specs, versions, sources, previous, report) -> dict:
     """Every requested network's manifest entry: the previous bundle's where its cache key is unchanged,
     freshly exported otherwise."""
-    from .export import graph_module
-
     keys = network_keys(options, versions, sources)
     networks = {}
     for name in options.networks:
@@ -101,8 +101,6 @@ def _networks(paths, work, options, progress, models, specs, versions, sources, 
 
 def add_flops(bundle: Path, paths: SeeSRPaths, progress=None) -> dict:
     """Count FLOPs for a bundle built before they were recorded; rewrites only manifest.json."""
-    from .export import graph_module
-
     progress = progress or Progress(quiet=True)
     manifest = Manifest.load(bundle)
     models = TorchModels(paths)

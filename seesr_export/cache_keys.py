@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import shutil
 from pathlib import Path
+
+import diffusers
+import onnx
+import onnxruntime
+import torch
+import transformers
 
 from seesr_runtime.manifest import MANIFEST, BundleError, Manifest, entry_files, sha256_file
 from seesr_runtime.networks import NETWORK_TABLE
 
 from . import __version__
 from .errors import BuildError
+from .export import copy_files
 from .layout import SeeSRPaths
+
+log = logging.getLogger(__name__)
 
 EXPORT_CODE_VERSION = 3  # bump when a change to the exporter changes its graphs
 
@@ -68,23 +78,15 @@ def network_keys(options, versions: dict, sources: dict) -> dict[str, str]:
 
 
 def tool_versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-
-    versions = {
+    return {
         "seesr_export": __version__,
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
     }
-    for name in ("diffusers", "transformers"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            pass
-    return versions
 
 
 def previous_bundle(out: Path) -> Manifest | None:
@@ -112,15 +114,15 @@ def remove_stale_partials(out: Path) -> None:
 
 def reuse(previous: Manifest | None, name: str, key: str, work: Path) -> dict | None:
     """Hard-link the previous bundle's graphs for ``name`` if they were built from the same inputs."""
-    from .export import copy_files
-
     if previous is None:
         return None
     entry = previous.data["networks"].get(name)
     if not entry or entry.get("cache_key") != key:
+        log.debug("%s: not reusable (%s)", name, "changed inputs or options" if entry else "not in the previous bundle")
         return None
     pinned = entry_files(entry)
     if not all(previous.file(rel).is_file() and sha256_file(previous.file(rel)) == sha for rel, sha in pinned.items()):
+        log.debug("%s: not reusable (a previous graph file is missing or changed)", name)
         return None
     for rel in pinned:
         copy_files([previous.file(rel)], (work / rel).parent)

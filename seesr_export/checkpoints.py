@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import CheckpointError
@@ -27,8 +28,6 @@ def load_state_dict(path: Path, what: str = "checkpoint") -> dict[str, torch.Ten
     path = require_file(path, what)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types

@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 from pathlib import Path
 
 from PIL import Image
 
+from seesr_runtime import SeeSRPipeline, logs
 from seesr_runtime import options as option_table
 from seesr_runtime.cli import run_command
 from seesr_runtime.errors import ImageRejected
+from seesr_runtime.filemodes import write_atomically
+from seesr_runtime.lazy import available, lazy_import
 
 from .errors import SeeSRExportError
 from .graph_format import EXTERNAL_DATA_THRESHOLD, OPSET
+from .layout import SeeSRPaths
 from .progress import Progress
+from .triton_repo import DEFAULT_MAX_PIXELS, TritonOptions, write_repository
+from .turbo_options import TURBO_DEFAULTS, add_turbo_args, sd_turbo_from_args
+
+# The modules behind the torch commands load torch, diffusers and onnx (seconds): they are lazy modules,
+# imported when a command first uses them, so --help and the torch-free `triton` command start fast.
+bundle = lazy_import("seesr_export.bundle", extra="export")
+fixtures = lazy_import("seesr_export.testing.fixtures", extra="export")
+reference = lazy_import("seesr_export.reference", extra="export")
+turbo = lazy_import("seesr_export.turbo", extra="export")
 
 SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
+
+# By name: run as ``python -m seesr_export.cli`` the module is "__main__", outside the configured loggers.
+log = logging.getLogger("seesr_export.cli")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +58,6 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 
 
 def paths_from_args(args):
-    from .layout import SeeSRPaths
-
     return SeeSRPaths.from_root(
         args.seesr_root,
         sd2=args.sd2,
@@ -56,29 +72,27 @@ def paths_from_args(args):
 
 def save_png_atomically(image, path: Path) -> None:
     """Write to a temporary file beside ``path``, then rename: never a half-written PNG."""
-    from seesr_runtime.filemodes import write_atomically
-
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def cmd_fixture(args) -> int:
-    from .testing.fixtures import write_fixture
-
     progress = Progress(args.quiet)
     progress.stage(f"writing {args.size} random-weight SeeSR checkpoints to {args.out}")
-    write_fixture(args.out, size=args.size, seed=args.seed)
+    fixtures.write_fixture(args.out, size=args.size, seed=args.seed)
     progress.stage("done")
     return 0
 
 
-def run_reference(paths, inputs: list[Path], out_dir: Path, options: dict, progress: Progress) -> int:
-    from PIL import Image
-
-    from .reference import SeeSRReference
-
-    options = option_table.resolve(options)  # bad values fail before the networks load
+def run_reference(
+    paths, inputs: list[Path], out_dir: Path, options: dict, progress: Progress, sd_turbo: Path | None = None
+) -> int:
+    # bad values fail before the networks load
+    options = option_table.resolve(options, TURBO_DEFAULTS if sd_turbo is not None else None)
     progress.stage("loading SeeSR networks (torch reference, fp32 CPU)")
-    pipe = SeeSRReference.from_paths(paths)
+    if sd_turbo is None:
+        pipe = reference.SeeSRReference.from_paths(paths)
+    else:
+        pipe = turbo.turbo_reference(paths, sd_turbo)
     failures = 0
     for path in inputs:
         progress.stage(f"upscaling {path}")
@@ -87,11 +101,11 @@ def run_reference(paths, inputs: list[Path], out_dir: Path, options: dict, progr
                 lr = opened.convert("RGB")
             option_table.check_image_size(*lr.size, options["max_pixels"], raise_with="--max-pixels")
         except ImageRejected as exc:
-            print(f"error: {path}: {exc}", file=sys.stderr)
+            log.error("%s: %s", path, exc)
             failures += 1
             continue
         except (OSError, ValueError) as exc:
-            print(f"error: {path}: not a readable image ({exc})", file=sys.stderr)
+            log.error("%s: not a readable image (%s)", path, exc)
             failures += 1
             continue
         with progress.bar(options["steps"], "denoising") as bar:
@@ -100,6 +114,12 @@ def run_reference(paths, inputs: list[Path], out_dir: Path, options: dict, progr
         save_png_atomically(result.image, target)
         progress.stage(f"wrote {target} ({result.image.size[0]}x{result.image.size[1]}); tags: {result.tags!r}")
     return 1 if failures else 0
+
+
+def add_verbosity_args(parser: argparse.ArgumentParser) -> None:
+    """-q and -v, read by ``seesr_runtime.logs.configure``: -q leaves errors, warnings and the result lines."""
+    parser.add_argument("-q", "--quiet", action="store_true", help="no stage notes or progress bars; problems only")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="also debug details")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -112,26 +132,23 @@ def sampling_options(args) -> dict:
 
 
 def cmd_reference(args) -> int:
-    return run_reference(paths_from_args(args), args.inputs, args.output, sampling_options(args), Progress(args.quiet))
+    options, sd_turbo = sampling_options(args), sd_turbo_from_args(args)
+    return run_reference(paths_from_args(args), args.inputs, args.output, options, Progress(args.quiet), sd_turbo)
 
 
 def cmd_demo(args) -> int:
     """Random-weight checkpoints -> fp32 ONNX bundle -> the torch-free runtime on the sample image."""
-    from seesr_runtime import SeeSRPipeline
-
-    from .bundle import BuildOptions, build_bundle
-    from .layout import SeeSRPaths
-    from .testing.fixtures import write_fixture
-
     progress = Progress(args.quiet)
     checkout = args.out / "checkpoints"
     marker = checkout / ".complete"
     if not marker.exists():
         progress.stage(f"writing tiny demo checkpoints to {checkout}")
-        write_fixture(checkout, size="tiny", seed=0)
+        fixtures.write_fixture(checkout, size="tiny", seed=0)
         marker.write_text("tiny seed 0\n")
     progress.stage(f"building the fp32 ONNX bundle {args.bundle}")
-    report = build_bundle(SeeSRPaths.from_root(checkout), args.bundle, BuildOptions(precision="fp32"), progress)
+    report = bundle.build_bundle(
+        SeeSRPaths.from_root(checkout), args.bundle, bundle.BuildOptions(precision="fp32"), progress
+    )
     for name, parity in report.parity.items():
         progress.stage(f"{name}: onnxruntime vs torch rel L2 {parity['fp32']['max_rel_l2']:.1e}")
     progress.stage(f"upscaling {SAMPLE_IMAGE.name} with the torch-free runtime (onnxruntime, CPU)")
@@ -146,22 +163,18 @@ def cmd_demo(args) -> int:
 
 
 def cmd_flops(args) -> int:
-    from .bundle import add_flops
-
     progress = Progress(args.quiet)
-    for name, entry in add_flops(args.bundle, paths_from_args(args), progress).items():
+    for name, entry in bundle.add_flops(args.bundle, paths_from_args(args), progress).items():
         progress.stage(f"{name}: " + ", ".join(f"{p['env']} {p['flops'] / 1e9:.1f} GFLOP" for p in entry["points"]))
     return 0
 
 
 def cmd_build(args) -> int:
-    from .bundle import BuildOptions, build_bundle
-
     calib = tuple(expand_images(args.calib_images)) if args.calib_images else ()
-    options = BuildOptions(
+    options = bundle.BuildOptions(
         precision=args.precision,
         backend=args.backend,
-        networks=tuple(args.networks) if args.networks else BuildOptions.networks,
+        networks=tuple(args.networks) if args.networks else bundle.BuildOptions.networks,
         opset=args.opset,
         verify=not args.no_verify,
         calib_images=calib,
@@ -171,10 +184,11 @@ def cmd_build(args) -> int:
         jobs=args.jobs,
         int8_image_attention_fp32=args.int8_image_attention_fp32,
         int8_conv_percentile=args.int8_conv_percentile,
+        sd_turbo=sd_turbo_from_args(args),
     )
     if args.external_data_threshold_mb is not None:
         options.external_data_threshold = int(args.external_data_threshold_mb * 1024**2)
-    report = build_bundle(paths_from_args(args), args.out, options, Progress(args.quiet))
+    report = bundle.build_bundle(paths_from_args(args), args.out, options, Progress(args.quiet))
     for name, parity in report.parity.items():
         errors = ", ".join(f"{p} rel L2 {v['max_rel_l2']:.2e}" for p, v in parity.items())
         print(f"{name}: onnxruntime vs torch: {errors}", file=sys.stderr)
@@ -189,7 +203,7 @@ def cmd_build(args) -> int:
 
 
 def expand_images(folder: Path) -> list[Path]:
-    from seesr_runtime.cli import expand_inputs
+    from seesr_runtime.inputs import expand_inputs
 
     images = expand_inputs([folder])
     if not images:
@@ -198,8 +212,6 @@ def expand_images(folder: Path) -> list[Path]:
 
 
 def cmd_triton(args) -> int:
-    from .triton_repo import TritonOptions, write_repository
-
     options = TritonOptions(
         instances=args.instances,
         kind=args.kind,
@@ -213,19 +225,19 @@ def cmd_triton(args) -> int:
         model_name=args.model_name,
     )
     model_dir = write_repository(args.bundle, args.out, options)
-    if not args.quiet:
-        print(
-            f"wrote {model_dir} ({options.instances} x {options.kind} instance(s), {options.backend}); serve with:\n"
-            f"  tritonserver --model-repository {args.out.resolve()}",
-            file=sys.stderr,
-        )
+    log.info(
+        "wrote %s (%d x %s instance(s), %s); serve with:\n  tritonserver --model-repository %s",
+        model_dir,
+        options.instances,
+        options.kind,
+        options.backend,
+        args.out.resolve(),
+    )
     return 0
 
 
 def pipeline_option(text: str) -> tuple[str, object]:
     """KEY=VALUE for --option; VALUE is read as JSON when it parses (64 -> int), else kept as text."""
-    import json
-
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. process_size=512), got {text!r}")
@@ -256,8 +268,6 @@ backend:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .triton_repo import DEFAULT_MAX_PIXELS
-
     parser = argparse.ArgumentParser(prog="seesr-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -270,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny: seconds, for tests; sd2: real SD2-base + Swin-L shapes, for benchmarks",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity_args(p)
     p.set_defaults(func=cmd_fixture)
 
     p = sub.add_parser(
@@ -328,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks/results/cpu/int8_image_attention.md for the measured effect)",
     )
     add_checkpoint_args(p)
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_turbo_args(p)
+    add_verbosity_args(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser(
@@ -339,22 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bundle", type=Path, required=True)
     add_checkpoint_args(p)
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity_args(p)
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("reference", help="upscale images with the torch reference pipeline (fp32, CPU)")
     p.add_argument("inputs", nargs="+", type=Path, help="LR images")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory for PNGs")
     add_checkpoint_args(p)
+    add_turbo_args(p)
     add_sampling_args(p)
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity_args(p)
     p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("demo", help="demo checkpoints -> fp32 bundle -> sample image through the torch-free runtime")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--bundle", type=Path, default=Path("engines/demo"))
     add_sampling_args(p)
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -400,17 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="store the bundle's absolute path instead of copying it (the server must see that path)",
     )
     p.add_argument("--model-name", default="seesr", help="Triton model name (default seesr)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity_args(p)
     p.set_defaults(func=cmd_triton, needs_torch=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if getattr(args, "needs_torch", True):
-            import torch  # noqa: F401
-    except ImportError:
+    logs.configure(args.quiet, args.verbose)
+    if getattr(args, "needs_torch", True) and not available("torch"):
         print("error: seesr-export needs the build extras: pip install 'seesr-export[export]'", file=sys.stderr)
         return 2
     return run_command(args.func, args)  # every SeeSRError (build side included): one line, exit 2

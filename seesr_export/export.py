@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
 import torch
+from onnx import TensorProto
+from onnxruntime.transformers.float16 import convert_float_to_float16
 from torch import nn
 
 from seesr_runtime.networks import NETWORK_NAMES, NETWORK_TABLE, ModelDims, NetworkSpec, dummy_feeds
@@ -214,8 +218,6 @@ def finalize(
     ``fold=False`` for Q/DQ graphs: folding would evaluate Quantize/DequantizeLinear on the
     constant weights and leave fake-quantized fp32 weights without the Q/DQ that int8 engines need.
     """
-    import onnx
-
     model = onnx.load(str(traced), load_external_data=True)
     if fold and _weights_bytes(model) < PROTOBUF_LIMIT:
         model = simplify(model)
@@ -228,9 +230,6 @@ def finalize(
 
 def simplify(model):
     """Shape inference, constant folding and dead-node removal (onnx-graphsurgeon)."""
-    import onnx
-    import onnx_graphsurgeon as gs
-
     graph = gs.import_onnx(model)
     graph.fold_constants().cleanup().toposort()
     model = gs.export_onnx(graph)
@@ -256,8 +255,6 @@ def toposort(model) -> None:
 
 
 def save_onnx(model, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
-    import onnx
-
     path = Path(path)
     data_name = path.name + ".data"
     large = _weights_bytes(model) > external_data_threshold
@@ -280,8 +277,6 @@ def save_onnx(model, path: Path, external_data_threshold: int = EXTERNAL_DATA_TH
 
 
 def _weights_bytes(model) -> int:
-    from onnx import numpy_helper  # noqa: F401  (import keeps onnx's lazy modules loaded)
-
     total = 0
     for tensor in model.graph.initializer:
         total += len(tensor.raw_data) if tensor.raw_data else 0
@@ -314,9 +309,6 @@ def attention_fp32_nodes(model) -> list[str]:
 
 def convert_fp16(src: Path, dst: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
     """An fp16 copy of ``src`` with fp32 inputs/outputs and attention scores kept in fp32."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
     model = onnx.load(str(src), load_external_data=True)
     _name_unnamed_nodes(model)
     keep = attention_fp32_nodes(model)
@@ -346,7 +338,6 @@ def _drop_fp16_round_trips(model) -> int:
     Left in, the attention scores would still be rounded to fp16 (and overflow)
     on their way from the fp32 MatMul to the fp32 Softmax. Returns the pairs removed.
     """
-    from onnx import TensorProto
 
     def cast_to(node):
         return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None

@@ -3,20 +3,32 @@ graphs (fp32, fp16, GPU graph, tiled-VAE segments) with their parity check, seri
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
 from seesr_runtime.manifest import GPU_GRAPH, sha256_file
 from seesr_runtime.networks import NETWORK_TABLE, ModelDims, networks_by_size, networks_of_model
+from seesr_runtime.tiled_vae import GROUP_NORM_EPS, TiledVaeLayout
 
+from .export import ExportOptions, convert_fp16, export_onnx, graph_module, model_dims, run_torch, sample_feeds
 from .flops import network_flops
 from .gpu_graph import OPTIMIZER_MODEL_TYPES, write_cpu_fused_graph, write_gpu_graph
 from .graph_format import TRACE_ENV, VERIFY_ENV
 from .layout import SeeSRPaths
+from .models.dape import load_dape
+from .models.denoiser import SeeSRControlNet, load_seesr_controlnet, load_seesr_unet, read_config
+from .models.sd2 import load_text_encoder, load_tokenizer, load_vae
 from .parity import check_parity, compare_graph
 from .progress import Progress
+from .tiled_vae import segment_graphs, segment_groups, split_segments, vae_tasks
+from .turbo import compose_turbo_unet
 
 TILED_VAE_HALVES = {"vae_encoder": "encoder", "vae_decoder": "decoder"}  # networks with tiled-VAE segments
 
@@ -25,51 +37,38 @@ class TorchModels:
     """Torch models loaded on first use and dropped after their last graph: a fully cached
     build loads none, and a full-size build holds one big network at a time."""
 
-    def __init__(self, paths: SeeSRPaths):
+    def __init__(self, paths: SeeSRPaths, turbo: bool = False):
         self.paths = paths
+        self.turbo = turbo  # SeeSR-turbo: ``paths.sd2`` is sd-turbo, the UNet is composed (seesr_export.turbo)
+        self.turbo = turbo  # SeeSR-turbo: ``paths.sd2`` is sd-turbo, the UNet is composed (seesr_export.turbo)
 
     @cached_property
     def dape(self):
-        from .models.dape import load_dape
-
         return load_dape(self.paths.ram, self.paths.dape)
 
     @cached_property
     def text_encoder(self):
-        from .models.sd2 import load_text_encoder
-
         return load_text_encoder(self.paths.sd2)
 
     @cached_property
     def tokenizer(self):
-        from .models.sd2 import load_tokenizer
-
         return load_tokenizer(self.paths.sd2)
 
     @cached_property
     def vae(self):
-        from .models.sd2 import load_vae
-
         return load_vae(self.paths.sd2)
 
     @cached_property
     def unet(self):
-        from .models.denoiser import load_seesr_unet
-
+        if self.turbo:
+            return compose_turbo_unet(self.paths.sd2 / "unet", self.paths.unet)
         return load_seesr_unet(self.paths.unet)
 
     @cached_property
     def controlnet(self):
-        from .models.denoiser import load_seesr_controlnet
-
         return load_seesr_controlnet(self.paths.controlnet)
 
     def dims(self) -> ModelDims:
-        import torch
-
-        from .export import model_dims
-        from .models.denoiser import SeeSRControlNet, read_config
-
         with torch.device("meta"):  # the structure alone; no weights read or allocated
             skeleton = SeeSRControlNet(read_config(self.paths.controlnet, "SeeSR ControlNet"))
         latent_channels = read_config(self.paths.unet, "SeeSR UNet").get("in_channels", 4)
@@ -106,8 +105,6 @@ def export_networks(names, specs, models: TorchModels, paths: SeeSRPaths, work: 
 
 def export_network(name, spec, models: TorchModels, work: Path, options, progress, remaining=()) -> dict:
     """One network's graphs and their manifest entry; the torch model is released once traced."""
-    from .export import ExportOptions, convert_fp16, export_onnx, graph_module, run_torch, sample_feeds
-
     progress.stage(f"{name}: loading the torch model")
     module = graph_module(name, models)
     # Torch's answers first: the torch weights are freed as soon as the trace is done.
@@ -181,11 +178,6 @@ def _fused_parity(name, fp32_graph: Path, spec, feeds, expected) -> dict:
 def _export_vae_segments(name: str, models, work: Path, options, progress) -> dict:
     """The segment graphs of the official tiled VAE (``seesr_export.tiled_vae``), fp32, each
     checked against torch at a tile other than the traced one."""
-    from seesr_runtime.tiled_vae import GROUP_NORM_EPS, TiledVaeLayout
-
-    from .export import ExportOptions, export_onnx, run_torch
-    from .tiled_vae import segment_graphs, segment_groups, split_segments, vae_tasks
-
     half = TILED_VAE_HALVES[name]
     export_options = ExportOptions(opset=options.opset, external_data_threshold=options.external_data_threshold)
     # Inputs at another tile size than the traced one, for the check against torch.
@@ -222,9 +214,6 @@ def _export_vae_segments(name: str, models, work: Path, options, progress) -> di
 def _export_parallel(names, specs, paths: SeeSRPaths, work: Path, options, progress) -> dict:
     """Export ``names`` in ``options.jobs`` worker processes (big machines: the trace and the ONNX
     passes are mostly single-threaded, so networks in parallel cut the wall time)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     jobs = min(options.jobs, len(names))
     progress.stage(f"exporting {', '.join(names)} in {jobs} processes")
     order = networks_by_size(names)  # largest first, so the UNet does not start last
@@ -242,11 +231,8 @@ def _export_parallel(names, specs, paths: SeeSRPaths, work: Path, options, progr
 
 
 def _export_worker(name, spec, paths, work, options, threads):
-    import time
-
-    import torch
-
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    entry = export_network(name, spec, TorchModels(paths), Path(work), options, Progress(quiet=True))
+    models = TorchModels(paths, turbo=options.sd_turbo is not None)
+    entry = export_network(name, spec, models, Path(work), options, Progress(quiet=True))
     return entry, time.perf_counter() - start

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from seesr_runtime.networks import NetworkSpec
 
@@ -34,10 +37,6 @@ def flop_envs(spec: NetworkSpec) -> list[dict]:
 
 
 def count_flops(module: nn.Module, spec: NetworkSpec, env: dict[str, int]) -> int:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     feeds = sample_feeds(spec, env)
     with FakeTensorMode(allow_non_fake_inputs=True) as fake, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         args = [fake.from_tensor(torch.from_numpy(feeds[name])) for name in spec.input_names]

@@ -19,11 +19,26 @@ Precision choices (why they differ from the bundle's plain fp16 graph):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import logging
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import tqdm
+from onnx import helper
+from onnxruntime.transformers import optimizer
+from onnxruntime.transformers.fusion_options import FusionOptions
+
+from .export import (
+    _drop_fp16_round_trips,
+    _name_unnamed_nodes,
+    _remove_dead_nodes,
+    attention_fp32_nodes,
+    save_onnx,
+    toposort,
+)
 
 # The onnxruntime model type whose fusions fit each network; networks not listed get no GPU graph.
 # The VAE gets GroupNorm and NhwcConv (its attention does not fuse and stays fp32 as in the plain fp16
@@ -44,8 +59,6 @@ FUSED_DOMAIN = "com.microsoft"
 
 
 def fusion_options(model_type: str, cuda_only_fusions: bool):
-    from onnxruntime.transformers.fusion_options import FusionOptions
-
     options = FusionOptions(model_type)
     for switch in CUDA_ONLY_FUSIONS:
         if hasattr(options, switch):
@@ -74,9 +87,7 @@ def _num_heads_of(fusion, reshape_q, is_torch2: bool = False) -> int:
 def numpy2_safe_optimizer():
     """Swap in ``_num_heads_of`` for the optimizer's own while it runs. onnxruntime imports its
     transformer modules both as ``onnxruntime.transformers.X`` and as top-level ``X`` (it puts its
-    folder on sys.path), so both copies of the class are patched."""
-    import onnxruntime.transformers.optimizer  # noqa: F401  (puts the transformers folder on sys.path)
-
+    folder on sys.path when it is imported), so both copies of the class are patched."""
     classes = {
         importlib.import_module(m).FusionAttentionUnet
         for m in ("onnxruntime.transformers.fusion_attention_unet", "fusion_attention_unet")
@@ -93,10 +104,6 @@ def numpy2_safe_optimizer():
 
 def fuse(src: Path, model_type: str, cuda_only_fusions: bool = True):
     """onnxruntime's fusions on the fp32 graph ``src``; returns the optimizer's OnnxModel."""
-    import logging
-
-    from onnxruntime.transformers import optimizer
-
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     with numpy2_safe_optimizer(), _quiet_progress_bar():
         return optimizer.optimize_model(
@@ -114,13 +121,6 @@ def fuse(src: Path, model_type: str, cuda_only_fusions: bool = True):
 @contextlib.contextmanager
 def _quiet_progress_bar():
     """The optimizer draws a tqdm bar on stderr whenever tqdm is installed; silence it while it runs."""
-    try:
-        import tqdm
-    except ImportError:
-        yield
-        return
-    import functools
-
     saved = tqdm.tqdm
     tqdm.tqdm = functools.partial(saved, disable=True)
     try:
@@ -149,15 +149,6 @@ def fused_op_counts(model) -> dict[str, int]:
 
 def write_gpu_graph(src: Path, dst: Path, model_type: str, external_data_threshold: int) -> tuple[list[Path], dict]:
     """The GPU graph of the fp32 graph ``src`` at ``dst``; returns its files and its manifest facts."""
-    from .export import (
-        _drop_fp16_round_trips,
-        _name_unnamed_nodes,
-        _remove_dead_nodes,
-        attention_fp32_nodes,
-        save_onnx,
-        toposort,
-    )
-
     optimized = fuse(src, model_type, cuda_only_fusions=True)
     _name_unnamed_nodes(optimized.model)
     fp32_nodes = sorted(set(timestep_embedding_nodes(optimized.model)) | set(attention_fp32_nodes(optimized.model)))
@@ -179,8 +170,6 @@ def write_gpu_graph(src: Path, dst: Path, model_type: str, external_data_thresho
 
 def write_cpu_fused_graph(src: Path, dst: Path, model_type: str) -> Path:
     """The same fusions minus the CUDA-only ones, in fp32: a graph the CPU runs, for parity checks."""
-    from .export import save_onnx
-
     optimized = fuse(src, model_type, cuda_only_fusions=False)
     _import_fused_domain(optimized.model)
     return save_onnx(optimized.model, dst)[0]
@@ -189,6 +178,4 @@ def write_cpu_fused_graph(src: Path, dst: Path, model_type: str) -> Path:
 def _import_fused_domain(model) -> None:
     """Declare the contrib-op domain (the optimizer does it only in its own save method)."""
     if not any(o.domain == FUSED_DOMAIN for o in model.opset_import):
-        from onnx import helper
-
         model.opset_import.append(helper.make_opsetid(FUSED_DOMAIN, 1))

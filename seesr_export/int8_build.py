@@ -4,31 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
+
 from seesr_runtime.networks import INT8_NETWORKS, NETWORK_TABLE
 
 from .errors import BuildError
+from .export import graph_module
 from .export_networks import graph_files_entry
 from .graph_format import TRACE_ENV
 from .manifest_writer import as_loaded
+from .quantize import (
+    QualityReport,
+    QuantOptions,
+    end_to_end_psnr,
+    heldout_error,
+    modelopt_available,
+    quantize_graph,
+    quantize_module_modelopt,
+    record_calibration_feeds,
+)
 
 
 def add_int8(work: Path, manifest: dict, options, progress, models) -> dict:
     """Calibrate through the sampler, write int8 UNet/ControlNet graphs into ``manifest``, and measure
     them against fp32; returns the quality report (also recorded in ``manifest``)."""
-    from PIL import Image
-
-    from .export import graph_module
-    from .quantize import (
-        QualityReport,
-        QuantOptions,
-        end_to_end_psnr,
-        heldout_error,
-        modelopt_available,
-        quantize_graph,
-        quantize_module_modelopt,
-        record_calibration_feeds,
-    )
-
     quant = QuantOptions(
         method=options.quant_method,
         calib_size=options.calib_size,

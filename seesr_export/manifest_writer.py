@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
+from transformers import CLIPTokenizerFast
 
 from seesr_runtime.filemodes import write_atomically
 from seesr_runtime.manifest import FORMAT, MANIFEST, SCHEMA_VERSION, Manifest, sha256_file, validate
@@ -15,7 +17,18 @@ from seesr_runtime.networks import ModelDims
 from seesr_runtime.options import bundle_defaults, describe
 
 from .cache_keys import EXPORT_CODE_VERSION, cache_key
-from .reference import DAPE_SIZE, DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT, IMAGENET_MEAN, IMAGENET_STD, START_STEP
+from .export import copy_files
+from .models.dape import load_tag_list
+from .models.sd2 import load_scheduler_config, load_tokenizer
+from .reference import (
+    DAPE_SIZE,
+    DEFAULT_ADDED_PROMPT,
+    DEFAULT_NEGATIVE_PROMPT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    START_STEP,
+    encode_prompt,
+)
 
 TEXT_FILES = ("tokenizer.json", "negative_prompt_embeds.npy")
 
@@ -23,15 +36,9 @@ TEXT_FILES = ("tokenizer.json", "negative_prompt_embeds.npy")
 def write_tokenizer_json(sd2_folder: Path, path: Path, max_length: int = 77, pad_id: int = 0) -> None:
     """SD2's CLIP tokenizer as one ``tokenizer.json`` the ``tokenizers`` library loads alone,
     with truncation to 77 and padding with id 0 (SD2's pad token "!") built in."""
-    from tokenizers import Tokenizer
-
-    from .models.sd2 import load_tokenizer
-
     slow_or_fast = load_tokenizer(sd2_folder)
     backend = getattr(slow_or_fast, "backend_tokenizer", None)
     if backend is None:  # transformers 4 with the slow tokenizer
-        from transformers import CLIPTokenizerFast
-
         backend = CLIPTokenizerFast.from_pretrained(str(Path(sd2_folder) / "tokenizer")).backend_tokenizer
     tokenizer = Tokenizer.from_str(backend.to_str())
     tokenizer.enable_truncation(max_length)
@@ -58,12 +65,8 @@ def write_text_files(paths, work: Path, models, sources, previous, progress) -> 
         and previous.data["text"].get("cache_key") == key
         and all(previous.file(n).is_file() for n in TEXT_FILES)
     ):
-        from .export import copy_files
-
         copy_files([previous.file(n) for n in TEXT_FILES], work)
         return ModelDims.from_json(previous.data["dims"]), {"cache_key": key}
-    from .reference import encode_prompt
-
     progress.stage("tokenizer.json and the negative prompt embedding")
     write_tokenizer_json(paths.sd2, work / "tokenizer.json")
     embeds = encode_prompt(models.tokenizer, models.text_encoder, DEFAULT_NEGATIVE_PROMPT)
@@ -73,9 +76,6 @@ def write_text_files(paths, work: Path, models, sources, previous, progress) -> 
 
 def assemble_manifest(name, dims, networks, paths, sources, versions, text, work: Path) -> dict:
     """The whole manifest of a bundle in ``work`` whose graphs and text files are written."""
-    from .models.dape import load_tag_list
-    from .models.sd2 import load_scheduler_config
-
     tags, thresholds = load_tag_list(paths.tag_list, paths.tag_thresholds, dims.num_tags)
     vae_config = json.loads((paths.sd2 / "vae" / "config.json").read_text())
     return {

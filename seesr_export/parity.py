@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from .errors import BuildError
 from .graph_format import VERIFY_ENV
@@ -34,8 +35,6 @@ def relative_l2(got: np.ndarray, expected: np.ndarray) -> float:
 
 def compare_graph(onnx_path: Path, spec, feeds: dict, expected: list) -> dict:
     """Relative L2 error of every output, onnxruntime (CPU) against torch's ``expected``."""
-    import onnxruntime as ort
-
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(spec.output_names, feeds)
     errors = [relative_l2(g, e) for g, e in zip(got, expected)]

@@ -17,16 +17,31 @@ Layers that diffusion PTQ recipes keep in higher precision are excluded by name
 
 from __future__ import annotations
 
+import copy
+import inspect
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
 from seesr_runtime.backends import OnnxRuntimeBackend
+from seesr_runtime.lazy import available, lazy_import
 from seesr_runtime.manifest import Manifest
 from seesr_runtime.networks import INT8_NETWORKS
 from seesr_runtime.pipeline import SeeSRPipeline
+
+from .export import finalize, trace
+from .parity import relative_l2
+
+mtq = lazy_import("modelopt.torch.quantization", extra="quant")  # the ModelOpt quantizer (optional)
+modelopt_histogram = lazy_import("modelopt.torch.quantization.calib.histogram", extra="quant")
 
 # Time embedding, first/last convolutions, skip projections and the transformers' output projections:
 # small, sensitive layers NVIDIA's diffusion recipes leave unquantized.
@@ -112,9 +127,6 @@ def calibration_ranges(fp32_path: Path, calibration: list[dict], work: Path, lar
     N x N scores included) stays alive to the end: 20 GB at 512 px on the tiny fixture. Priority-based
     order runs each reduction right after its tensor, so memory stays that of the plain graph.
     """
-    import onnxruntime as ort
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
-
     calibrator = create_calibrator(
         Path(fp32_path),
         list(QUANTIZABLE_OPS),
@@ -135,12 +147,6 @@ def calibration_ranges(fp32_path: Path, calibration: list[dict], work: Path, lar
 
 def quantize_graph(fp32_path: Path, out_path: Path, calibration: list[dict], options: QuantOptions) -> list[str]:
     """Write a QDQ int8 copy of ``fp32_path``; returns the names of the excluded nodes."""
-    import inspect
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     excluded = excluded_nodes(onnx.load(str(fp32_path), load_external_data=False), options)
     large = Path(str(fp32_path) + ".data").exists()
     settings = dict(
@@ -166,8 +172,6 @@ def quantize_graph(fp32_path: Path, out_path: Path, calibration: list[dict], opt
         # onnxruntime before calibration caches: its own calibration session (peak memory as noted above)
         quantize_static(str(fp32_path), str(out_path), _FeedsReader(calibration), **settings)
         return excluded
-    from onnxruntime.quantization.calibrate import save_tensors_data
-
     with tempfile.TemporaryDirectory(prefix=".calibration-", dir=Path(out_path).parent) as work:
         cache = Path(work) / "ranges.json"
         save_tensors_data(calibration_ranges(fp32_path, calibration, Path(work), large), cache)
@@ -176,11 +180,7 @@ def quantize_graph(fp32_path: Path, out_path: Path, calibration: list[dict], opt
 
 
 def modelopt_available() -> bool:
-    try:
-        import modelopt.torch.quantization  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return available("modelopt.torch.quantization")
 
 
 def quantize_module_modelopt(
@@ -189,14 +189,6 @@ def quantize_module_modelopt(
     """ModelOpt INT8 SmoothQuant on the torch graph module, then traced to a Q/DQ ONNX graph.
 
     Returns the quantizer-name patterns that were disabled (the exclusions)."""
-    import copy
-    import tempfile
-
-    import modelopt.torch.quantization as mtq
-    import torch
-
-    from .export import finalize, trace
-
     config = copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG)
     config["algorithm"] = {"method": "smoothquant", "alpha": 0.8}
     patterns = list(options.exclude) + (["image_attentions"] if options.exclude_image_attention else [])
@@ -225,9 +217,8 @@ def _conv_percentile_cfg(percentile: float | None) -> list[dict]:
     (SmoothQuant only rescales linear layers, so convolutions get no help from it.)"""
     if percentile is None:
         return []
-    from modelopt.torch.quantization.calib.histogram import HistogramCalibrator
 
-    class PercentileCalibrator(HistogramCalibrator):
+    class PercentileCalibrator(modelopt_histogram.HistogramCalibrator):
         def compute_amax(self, method: str = "percentile", **kwargs):
             return super().compute_amax(method, **{"percentile": percentile, **kwargs})
 
@@ -243,10 +234,6 @@ def _conv_percentile_cfg(percentile: float | None) -> list[dict]:
 
 def heldout_error(manifest: Manifest, network: str, int8_path: Path, feeds: list[dict]) -> float:
     """Worst relative L2 of the int8 graph against fp32 over held-out recorded calls."""
-    import onnxruntime as ort
-
-    from .parity import relative_l2
-
     fp32 = ort.InferenceSession(str(manifest.graph_path(network, "fp32")), providers=["CPUExecutionProvider"])
     int8 = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
     names = manifest.spec(network).output_names

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from PIL import Image
 
 from seesr_runtime import options as option_table
@@ -31,6 +32,10 @@ from seesr_runtime.imaging import gaussian_tile_weights, tile_origins, working_i
 from seesr_runtime.tiled_vae import TiledVaeLayout
 
 from .layout import SeeSRPaths
+from .models.dape import load_dape, load_tag_list, select_tags
+from .models.denoiser import load_seesr_controlnet, load_seesr_unet
+from .models.sd2 import load_scheduler_config, load_text_encoder, load_tokenizer, load_vae
+from .tiled_vae import tiled_forward
 
 NoiseFn = Callable[[str, tuple], "np.ndarray | torch.Tensor"]
 
@@ -151,11 +156,11 @@ class SeeSRReference:
     on CUDA they are timed with events.
     """
 
+    defaults: dict | None = None  # option defaults over the table's (SeeSR-turbo's: seesr_export.turbo)
+
     def __init__(
         self, dape, tag_list, tag_thresholds, tokenizer, text_encoder, vae, unet, controlnet, scheduler_config: dict
     ):
-        from diffusers import DDPMScheduler
-
         self.dape, self.tag_list, self.tag_thresholds = dape, tag_list, tag_thresholds
         self.tokenizer, self.text_encoder, self.vae = tokenizer, text_encoder, vae
         self.unet, self.controlnet = unet, controlnet
@@ -195,24 +200,21 @@ class SeeSRReference:
             self._pending = []
 
     @classmethod
-    def from_paths(cls, paths: SeeSRPaths) -> SeeSRReference:
-        from .models import dape as dape_mod
-        from .models import sd2
-        from .models.denoiser import load_seesr_controlnet, load_seesr_unet
-
+    def from_paths(cls, paths: SeeSRPaths, unet=None, scheduler_config: dict | None = None) -> SeeSRReference:
+        """The checkout's models; ``unet`` and ``scheduler_config`` replace its own (turbo composes both)."""
         paths.check()
-        dape = dape_mod.load_dape(paths.ram, paths.dape)
-        tags, thresholds = dape_mod.load_tag_list(paths.tag_list, paths.tag_thresholds, dape.config.num_classes)
+        dape = load_dape(paths.ram, paths.dape)
+        tags, thresholds = load_tag_list(paths.tag_list, paths.tag_thresholds, dape.config.num_classes)
         return cls(
             dape,
             tags,
             thresholds,
-            sd2.load_tokenizer(paths.sd2),
-            sd2.load_text_encoder(paths.sd2),
-            sd2.load_vae(paths.sd2),
-            load_seesr_unet(paths.unet),
+            load_tokenizer(paths.sd2),
+            load_text_encoder(paths.sd2),
+            load_vae(paths.sd2),
+            unet if unet is not None else load_seesr_unet(paths.unet),
             load_seesr_controlnet(paths.controlnet),
-            sd2.load_scheduler_config(paths.sd2),
+            scheduler_config if scheduler_config is not None else load_scheduler_config(paths.sd2),
         )
 
     # -- stages
@@ -220,8 +222,6 @@ class SeeSRReference:
     @torch.no_grad()
     def tag(self, lr: Image.Image) -> tuple[str, torch.Tensor]:
         """DAPE: the tag string (hard prompt) and the 145x512 image embeddings (soft prompt)."""
-        from .models.dape import select_tags
-
         with self._stage("preprocess"):
             image = self._put(dape_input(lr))
         with self._stage("dape"):
@@ -272,7 +272,7 @@ class SeeSRReference:
     ) -> ReferenceResult:
         """``options``: those of ``seesr_runtime.options`` (left out: the official defaults), checked as the
         runtime checks them (OptionError; an image too small or too large: ImageRejected)."""
-        o = option_table.resolve({**options, "seed": seed})
+        o = option_table.resolve({**options, "seed": seed}, self.defaults)
         option_table.check_image_size(*lr.size, o["max_pixels"])
         return self._run(lr, noise_fn, callback, **{k: o[k] for k in o if k != "max_pixels"})
 
@@ -366,8 +366,6 @@ class SeeSRReference:
     def _vae(self, half: str, x: torch.Tensor, tile: int | None) -> list[torch.Tensor]:
         """A VAE half as the official pipeline runs it: quant convolution included, tiled above the
         threshold (``tile`` None: never). Encoder -> [mean, clamped logvar], decoder -> [image]."""
-        from .tiled_vae import tiled_forward
-
         if tile is not None and TiledVaeLayout.for_half(half).needs_tiling(x.shape[2], x.shape[3], tile):
             return tiled_forward(self.vae, half, x, tile)
         if half == "decoder":

@@ -3,9 +3,11 @@
     OUT/
       .seesr-triton-repository      marker: this directory was written here (safe to replace)
       seesr/
-        config.pbtxt                Python backend; inputs, outputs, instance groups, parameters
-        1/model.py                  seesr_runtime/triton/model.py: the runtime, loaded once per instance
-        1/bundle/                   the bundle, hard-linked or copied (absent with reference_bundle)
+        config.pbtxt                Python backend; inputs, outputs (seesr_runtime.triton), instances, parameters
+        2/model.py                  seesr_runtime/triton/model.py: the runtime, loaded once per instance
+        2/bundle/                   the bundle, hard-linked or copied (absent with reference_bundle)
+
+The version directory is the request format's version (``seesr_runtime.triton.SERVICE_VERSION``).
 
 The repository is written into a hidden sibling and renamed into place, and it only ever
 replaces an empty directory or a repository this command wrote.
@@ -26,7 +28,7 @@ from seesr_runtime.errors import OptionError
 from seesr_runtime.filemodes import give_tree_umask_modes
 from seesr_runtime.manifest import BundleError, Manifest
 from seesr_runtime.networks import graph_for_precision
-from seesr_runtime.triton import MODEL_FILE, REQUEST_OPTIONS
+from seesr_runtime.triton import INPUTS, MODEL_FILE, OUTPUTS, SERVICE_VERSION, TensorSpec
 from seesr_runtime.verification import STAMP
 
 from .atomic import swap_into_place
@@ -67,7 +69,7 @@ def write_repository(bundle: Path, out: Path, options: TritonOptions) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         model_dir = work / options.model_name
-        version_dir = model_dir / "1"
+        version_dir = model_dir / str(SERVICE_VERSION)
         version_dir.mkdir(parents=True)
         shutil.copyfile(MODEL_FILE, version_dir / "model.py")
         if options.reference_bundle:
@@ -169,24 +171,17 @@ def model_config(options: TritonOptions, bundle_param: str) -> str:
         "max_pixels": str(options.max_pixels),
         "pipeline_options": json.dumps(options.pipeline_options, sort_keys=True),
         "seesr_runtime_version": runtime_version,
+        "service_version": str(SERVICE_VERSION),
     }
     lines = [
         f'name: "{options.model_name}"',
         'backend: "python"',
         "max_batch_size: 0",
         "input [",
-        ",\n".join(
-            ['  { name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }']
-            + [
-                f'  {{ name: "{name}" data_type: {data_type} dims: [ 1 ] optional: true }}'
-                for name, data_type in REQUEST_OPTIONS.items()
-            ]
-        ),
+        ",\n".join(tensor_entry(spec) for spec in INPUTS),
         "]",
         "output [",
-        '  { name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] },',
-        '  { name: "tags" data_type: TYPE_STRING dims: [ 1 ] },',
-        '  { name: "prompt" data_type: TYPE_STRING dims: [ 1 ] }',
+        ",\n".join(tensor_entry(spec) for spec in OUTPUTS),
         "]",
         f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]",
     ]
@@ -195,6 +190,13 @@ def model_config(options: TritonOptions, bundle_param: str) -> str:
         for key, value in parameters.items()
     ]
     return "\n".join(lines) + "\n"
+
+
+def tensor_entry(spec: TensorSpec) -> str:
+    """One tensor of config.pbtxt's input or output list."""
+    dims = ", ".join(str(size) for size in spec.dims)
+    optional = " optional: true" if spec.optional else ""
+    return f'  {{ name: "{spec.name}" data_type: {spec.data_type} dims: [ {dims} ]{optional} }}'
 
 
 def _check_target(out: Path) -> None:

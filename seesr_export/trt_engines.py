@@ -6,7 +6,7 @@ ONNX graph gives it, so the fp32 islands the exporter left around attention scor
 softmax (SD2-family attention overflows fp16) reach the engine unchanged. With the FP16
 flag TensorRT would be free to pick fp16 for those layers.
 
-Everything here except ``build_engine`` is plain Python and is tested without a GPU.
+Everything here except ``build_engine`` and ``add_engines`` is plain Python and is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from seesr_runtime.networks import NetworkSpec, Profile
+from seesr_runtime.lazy import lazy_import
+from seesr_runtime.manifest import sha256_file
+from seesr_runtime.networks import INT8_ENGINE_FALLBACK, NetworkSpec, Profile, graph_for_precision
+from seesr_runtime.trt_backend import _cudart
+
+trt = lazy_import("tensorrt", extra="tensorrt")
+# The manifest writer imports the torch side: loaded when engines are built, so that the engine helpers
+# here (and benchmarks/gpu_validate.py, which uses them) run without torch.
+manifest_writer = lazy_import("seesr_export.manifest_writer", extra="export")
 
 
 @dataclass(frozen=True)
@@ -82,8 +90,6 @@ def engine_entry(
 
 def build_engine(onnx_path: Path, spec: NetworkSpec, engine_path: Path, options: EngineOptions) -> Path:
     """Parse ``onnx_path`` (external data beside it is found by the parser) and build one engine."""
-    import tensorrt as trt
-
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if options.precision == "fp16" else 0
@@ -121,19 +127,11 @@ def build_engine(onnx_path: Path, spec: NetworkSpec, engine_path: Path, options:
 def add_engines(work: Path, manifest: dict, precision: str, progress) -> None:
     """One TensorRT engine per network of the bundle being built in ``work``, recorded in ``manifest``:
     the ``precision`` graph, or the int8 policy's engine fallback for the networks int8 leaves alone."""
-    import tensorrt as trt
-
-    from seesr_runtime.manifest import sha256_file
-    from seesr_runtime.networks import INT8_ENGINE_FALLBACK, graph_for_precision
-    from seesr_runtime.trt_backend import _cudart
-
-    from .manifest_writer import as_loaded
-
     cudart = _cudart()
     _, device = cudart.cudaGetDevice()
     _, major = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device)
     _, minor = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device)
-    bundle = as_loaded(work, manifest)
+    bundle = manifest_writer.as_loaded(work, manifest)
     cache = work.parent / ".seesr-timing.cache"  # beside the bundles: survives rebuilds
     for name in manifest["networks"]:
         files = manifest["networks"][name]["files"]

@@ -1,6 +1,22 @@
+import hashlib
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
+
+from seesr_runtime import SeeSRPipeline
+from seesr_runtime.lazy import lazy_import
+
+# The build side needs torch, which CI's run of the runtime tests in a base install lacks: its modules are
+# imported when a fixture first uses them.
+bundle = lazy_import("seesr_export.bundle", extra="export")
+fixtures = lazy_import("seesr_export.testing.fixtures", extra="export")
+reference_pipeline = lazy_import("seesr_export.reference", extra="export")
 
 # Tokenizer parity cases (for parametrize): SeeSR's prompt suffix, odd spacing and non-ASCII, truncation past
 # 77 tokens, the negative prompt.
@@ -16,16 +32,12 @@ TOKENIZER_TEXTS = [
 @pytest.fixture(scope="session")
 def tiny_checkout(tmp_path_factory):
     """A complete random-weight SeeSR checkout (tiny sizes), written once per test session."""
-    from seesr_export.testing.fixtures import write_fixture
-
-    return write_fixture(tmp_path_factory.mktemp("seesr"), size="tiny", seed=0)
+    return fixtures.write_fixture(tmp_path_factory.mktemp("seesr"), size="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def reference(tiny_checkout):
-    from seesr_export.reference import SeeSRReference
-
-    return SeeSRReference.from_paths(tiny_checkout)
+    return reference_pipeline.SeeSRReference.from_paths(tiny_checkout)
 
 
 @pytest.fixture
@@ -38,23 +50,56 @@ def lr_image():
     return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
 
 
+ROOT = Path(__file__).resolve().parents[1]
+# The tiny bundle is most of a session's set-up (about 80 s, mostly onnxruntime's graph fusions) and depends
+# only on the fixture (fixed seed, byte-for-byte deterministic) and the code and tools that write both: it is
+# kept between sessions under out/test-bundles/, keyed on a hash of that code and the tools' versions, so an
+# edit anywhere in seesr_export/ or the runtime rebuilds it. SEESR_TEST_FRESH_BUNDLE=1 always rebuilds.
+BUNDLE_CACHE = ROOT / "out" / "test-bundles"
+BUNDLE_TOOLS = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "numpy")
+
+
+def tiny_bundle_key() -> str:
+    digest = hashlib.sha256()
+    for package in ("seesr_export", "runtime/seesr_runtime"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    for tool in BUNDLE_TOOLS:
+        digest.update(f"{tool}=={metadata.version(tool)}".encode())
+    return digest.hexdigest()[:20]
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkout, tmp_path_factory):
-    """An fp16 bundle (fp32 + fp16 graphs) of the tiny checkout, built once per session."""
-    from seesr_export.bundle import BuildOptions, build_bundle
-
-    out = tmp_path_factory.mktemp("engines") / "tiny"
-    build_bundle(tiny_checkout, out, BuildOptions(precision="fp16"))
-    return out
+    """An fp16 bundle (fp32 + fp16 graphs) of the tiny checkout: reused from out/test-bundles/ when the code
+    that writes it is unchanged, else built (once per session) and kept there. Tests must not modify it."""
+    if os.environ.get("SEESR_TEST_FRESH_BUNDLE") == "1":
+        out = tmp_path_factory.mktemp("engines") / "tiny"
+        bundle.build_bundle(tiny_checkout, out, bundle.BuildOptions(precision="fp16"))
+        return out
+    cached = BUNDLE_CACHE / tiny_bundle_key() / "tiny"
+    if (cached / "manifest.json").is_file():
+        return cached
+    BUNDLE_CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=BUNDLE_CACHE, prefix=".building-") as scratch:
+        built = Path(scratch) / "tiny"
+        bundle.build_bundle(tiny_checkout, built, bundle.BuildOptions(precision="fp16"))
+        for stale in BUNDLE_CACHE.iterdir():  # other keys: bundles of older code
+            if stale.is_dir() and not stale.name.startswith("."):
+                shutil.rmtree(stale, ignore_errors=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            built.rename(cached)  # whole or not at all
+        except OSError:
+            if not (cached / "manifest.json").is_file():  # not a concurrent session's identical bundle
+                raise
+    return cached
 
 
 @pytest.fixture(scope="session")
 def runtime_bundle(request):
     """A tiny bundle for the torch-free runtime tests: $SEESR_TEST_BUNDLE when set (CI's base-install
     run, where no torch exists to build one), else the session's tiny bundle."""
-    import os
-    from pathlib import Path
-
     given = os.environ.get("SEESR_TEST_BUNDLE")
     if given:
         return Path(given)
@@ -63,8 +108,6 @@ def runtime_bundle(request):
 
 @pytest.fixture(scope="session")
 def runtime_pipeline(runtime_bundle):
-    from seesr_runtime import SeeSRPipeline
-
     return SeeSRPipeline.from_bundle(runtime_bundle)
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
-import zlib
 from datetime import timedelta
 
+import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from image_bytes import png_header
+from PIL import Image
 
 # deadline: one example taking longer fails (a slow path or a decoded bomb); generous, as the build
 # machine is shared. A true hang is left to CI's job timeout.
@@ -72,9 +73,6 @@ SUFFIXES = sorted({kind[2] for kind in IMAGE_KINDS})
 
 def encode_image(fmt: str, mode: str, width: int, height: int, seed: int, frames: int = 1) -> bytes:
     """A small valid image file (``frames`` > 1: an animated GIF/PNG/WebP) with pseudo-random pixels."""
-    import numpy as np
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
 
     def frame():
@@ -90,17 +88,6 @@ def encode_image(fmt: str, mode: str, width: int, height: int, seed: int, frames
     else:
         first.save(out, fmt)
     return out.getvalue()
-
-
-def png_header(width: int, height: int, bit_depth: int = 8, color_type: int = 2, body: bytes = b"") -> bytes:
-    """A PNG that declares ``width`` x ``height`` in its header but holds only ``body`` as image data:
-    the shape of a decompression bomb (or of a lying file)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(body)) + chunk(b"IEND", b"")
 
 
 @st.composite

@@ -13,8 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
+from seesr_export.export import graph_module, sample_feeds
+from seesr_export.export_networks import TorchModels
+from seesr_runtime import SeeSRPipeline
+from seesr_runtime.cli import main
 from seesr_runtime.manifest import Manifest
+from seesr_runtime.networks import NETWORK_NAMES
+from seesr_runtime.profiling import StageProfiler
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORK_CALLS = {"dape": 1, "text_encoder": 1, "vae_encoder": 1, "vae_decoder": 1}  # + controlnet/unet per step
@@ -26,8 +35,6 @@ def _positive(value) -> bool:
 
 def test_seesr_bench_smoke(runtime_bundle, tmp_path):
     """The CLI on the tiny bundle: every documented field exists and is positive."""
-    from seesr_runtime.cli import main
-
     out = tmp_path / "bench.json"
     steps = 2
     assert (
@@ -61,8 +68,8 @@ def test_seesr_bench_smoke(runtime_bundle, tmp_path):
     [report] = summary["results"]
     assert report["output_size"] == [128, 128] and report["config"]["steps"] == steps
     assert report["end_to_end"]["n"] == 2 and len(report["warmup_s"]) == 1
-    for key in ("median_ms", "p95_ms", "mean_ms", "min_ms"):
-        assert _positive(report["end_to_end"][key])
+    timings = ("median_ms", "p95_ms", "mean_ms", "min_ms")
+    assert [key for key in timings if not _positive(report["end_to_end"][key])] == [], report["end_to_end"]
     assert _positive(report["images_per_second"])
     assert _positive(report["extrapolated"]["end_to_end_s"]) and report["extrapolated"]["steps"] == 50
     assert report["extrapolated"]["end_to_end_s"] > report["end_to_end"]["median_ms"] / 1e3  # 2 -> 50 steps
@@ -88,17 +95,12 @@ def test_seesr_bench_smoke(runtime_bundle, tmp_path):
 
 
 def test_bench_rejects_mismatched_steps(runtime_bundle, capsys):
-    from seesr_runtime.cli import main
-
     assert main(["bench", "--bundle", str(runtime_bundle), "--size", "128", "256", "--steps", "1", "2", "3"]) == 2
     assert "one per --size" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_profiling_does_not_change_the_result(runtime_bundle, lr_image):
-    from seesr_runtime import SeeSRPipeline
-    from seesr_runtime.profiling import StageProfiler
-
     plain = SeeSRPipeline.from_bundle(runtime_bundle)(lr_image, seed=5, steps=2)
     profiler = StageProfiler()
     profiled = SeeSRPipeline.from_bundle(runtime_bundle, profiler=profiler)(lr_image, seed=5, steps=2)
@@ -106,21 +108,19 @@ def test_profiling_does_not_change_the_result(runtime_bundle, lr_image):
     assert set(profiler.calls()) >= {"dape", "text_encoder", "vae_encoder", "controlnet", "unet", "vae_decoder"}
 
 
-def test_manifest_flops_match_the_counter(tiny_bundle, tiny_checkout):
-    """Every network has FLOPs at its profiles' opt shapes; they equal a count on real tensors."""
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from seesr_export.export import graph_module, sample_feeds
-    from seesr_export.export_networks import TorchModels
-
+@pytest.mark.parametrize("network", NETWORK_NAMES)
+def test_manifest_flops_cover_every_profile(tiny_bundle, network):
+    """Every network has FLOPs at its profiles' opt shapes (or their batch-1 twins)."""
     manifest = Manifest.load(tiny_bundle)
-    for name, entry in manifest.data["networks"].items():
-        points = entry["flops"]["points"]
-        assert points and all(p["flops"] > 0 for p in points), name
-        envs = [p["env"] for p in points]
-        assert all(profile.opt in envs or {**profile.opt, "B": 1} in envs for profile in manifest.spec(name).profiles)
+    points = manifest.data["networks"][network]["flops"]["points"]
+    assert points and all(p["flops"] > 0 for p in points), points
+    envs = [p["env"] for p in points]
+    assert all(profile.opt in envs or {**profile.opt, "B": 1} in envs for profile in manifest.spec(network).profiles)
+
+
+def test_manifest_flops_match_the_counter(tiny_bundle, tiny_checkout):
+    """The FLOPs in the manifest scale with the batch and equal a count on real tensors."""
+    manifest = Manifest.load(tiny_bundle)
     unet = {tuple(sorted(p["env"].items())): p["flops"] for p in manifest.data["networks"]["unet"]["flops"]["points"]}
     assert unet[(("B", 2), ("h", 64), ("w", 64))] == 2 * unet[(("B", 1), ("h", 64), ("w", 64))]
 

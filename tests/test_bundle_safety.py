@@ -13,10 +13,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
+from seesr_export.atomic import swap_into_place
+from seesr_export.bundle import BuildOptions, build_bundle
+from seesr_runtime import SeeSRPipeline
+from seesr_runtime.backends import OnnxRuntimeBackend
+from seesr_runtime.cli import build_parser, main
 from seesr_runtime.errors import BundleError, OptionError
-from seesr_runtime.manifest import MANIFEST, Manifest
+from seesr_runtime.filemodes import write_atomically
+from seesr_runtime.manifest import MANIFEST, Manifest, sha256_file
 from seesr_runtime.verification import RACY_NS, STAMP, stamp_locations
 
 
@@ -118,8 +125,6 @@ def test_symlink_inside_the_bundle_is_followed(runtime_bundle, tmp_path):
 @pytest.fixture(scope="module")
 def external_data_bundle(tiny_checkout, tmp_path_factory):
     """A vae_decoder-only bundle whose graphs keep their weights in external data, built under umask 022."""
-    from seesr_export.bundle import BuildOptions, build_bundle
-
     out = tmp_path_factory.mktemp("external") / "bundle"
     previous = os.umask(0o022)
     try:
@@ -134,10 +139,6 @@ def external_data_bundle(tiny_checkout, tmp_path_factory):
 def relocate_external_data(bundle: Path, location: str, data_target: Path, pin: bool) -> Path:
     """Point the vae_decoder fp32 graph's external data at ``location`` (the data moved to ``data_target``),
     re-pinning the graph's sha256 so that only the location is wrong; ``pin``: list the data file too."""
-    import onnx
-
-    from seesr_runtime.manifest import sha256_file
-
     rel = graph_rel(bundle)
     graph = bundle / rel
     data_rel = f"{rel}.data"
@@ -165,8 +166,6 @@ def relocate_external_data(bundle: Path, location: str, data_target: Path, pin: 
 
 def decode_zeros(bundle: Path) -> np.ndarray:
     """The vae_decoder of ``bundle`` run by onnxruntime on a zero latent."""
-    from seesr_runtime.backends import OnnxRuntimeBackend
-
     manifest = Manifest.load(bundle)
     latent = manifest.spec("vae_decoder").inputs[0]
     feeds = {latent.name: np.zeros(latent.concrete_shape({"B": 1, "h": 8, "w": 8}), np.float32)}
@@ -212,8 +211,6 @@ def test_external_data_moved_and_pinned_runs(external_data_bundle, tmp_path):
 
 
 def test_flipped_byte_is_refused_on_load_by_default(runtime_bundle, tmp_path):
-    from seesr_runtime import SeeSRPipeline
-
     copy = copy_of(runtime_bundle, tmp_path)
     rel = graph_rel(copy, "unet")
     flip_byte(copy / rel)
@@ -254,8 +251,6 @@ def test_changed_sha256_in_the_manifest_is_checked_again(runtime_bundle, tmp_pat
 
 
 def test_verify_always_rehashes_and_never_skips(runtime_bundle, tmp_path):
-    from seesr_runtime import SeeSRPipeline
-
     copy = copy_of(runtime_bundle, tmp_path)
     pinned = sorted(Manifest.load(copy, verify="never").all_files())
     wait_past_racy_window()
@@ -354,8 +349,6 @@ def mode(path: Path) -> int:
 
 @pytest.mark.parametrize("mask, file_mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_write_atomically_gives_the_umask_mode(tmp_path, umask, mask, file_mode):
-    from seesr_runtime.filemodes import write_atomically
-
     umask(mask)
     target = tmp_path / "out" / "sample.png"
     write_atomically(target, lambda tmp: Path(tmp).write_bytes(b"\x89PNG"))
@@ -364,8 +357,6 @@ def test_write_atomically_gives_the_umask_mode(tmp_path, umask, mask, file_mode)
 
 @pytest.mark.parametrize("mask, dir_mode", [(0o022, 0o755), (0o077, 0o700)])
 def test_swapped_directory_gets_the_umask_mode(tmp_path, umask, mask, dir_mode):
-    from seesr_export.atomic import swap_into_place
-
     umask(mask)
     work = Path(tempfile.mkdtemp(prefix=".out.partial-", dir=tmp_path))
     (work / "file").write_text("x")
@@ -388,8 +379,6 @@ def test_built_bundle_is_readable_by_others_under_umask_022(external_data_bundle
 def test_upscale_refuses_a_damaged_bundle_and_no_verify_skips_the_check(
     runtime_bundle, tmp_path, lr_image, capsys, umask
 ):
-    from seesr_runtime.cli import main
-
     copy = copy_of(runtime_bundle, tmp_path)
     flip_byte(copy / "negative_prompt_embeds.npy")
     lr_image.save(tmp_path / "lr.png")
@@ -418,7 +407,5 @@ def test_upscale_refuses_a_damaged_bundle_and_no_verify_skips_the_check(
 
 
 def test_bench_takes_no_verify():
-    from seesr_runtime.cli import build_parser
-
     assert build_parser().parse_args(["bench", "--bundle", "b", "--no-verify"]).no_verify is True
     assert build_parser().parse_args(["bench", "--bundle", "b"]).no_verify is False

@@ -5,12 +5,16 @@ import shutil
 import pytest
 import torch
 from conftest import TOKENIZER_TEXTS
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from seesr_export.checkpoints import load_state_dict
 from seesr_export.errors import CheckpointError
 from seesr_export.layout import SeeSRPaths
+from seesr_export.manifest_writer import write_tokenizer_json
 from seesr_export.models import sd2
 from seesr_export.models.denoiser import load_seesr_controlnet, load_seesr_unet
+from seesr_export.testing.fixtures import clip_bpe_merges, write_clip_tokenizer
 
 
 def _copy_checkout(paths: SeeSRPaths, tmp_path) -> SeeSRPaths:
@@ -68,11 +72,6 @@ def test_tokenizer_pads_with_zero(tiny_checkout):
 def clip_tokenizers(tmp_path_factory):
     """CLIP's own merges (as SD2 ships them) through the fixture's tokenizer writer: CLIPTokenizer and the
     bundle's tokenizer.json of that folder."""
-    from tokenizers import Tokenizer
-
-    from seesr_export.manifest_writer import write_tokenizer_json
-    from seesr_export.testing.fixtures import clip_bpe_merges, write_clip_tokenizer
-
     try:
         merges = clip_bpe_merges()
     except FileNotFoundError as missing:
@@ -146,8 +145,6 @@ def test_pickled_code_is_refused(tmp_path):
 
 def test_old_vae_attention_names_are_converted(tiny_checkout, tmp_path):
     paths = _copy_checkout(tiny_checkout, tmp_path)
-    from safetensors.torch import load_file, save_file
-
     weights = paths.sd2 / "vae" / "diffusion_pytorch_model.safetensors"
     state = load_file(str(weights))
     old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}

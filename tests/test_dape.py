@@ -116,19 +116,16 @@ def test_attn_mask_of_another_geometry_is_rejected(files, tmp_path):
     assert f"{key!r} has shape (16, 144, 144), expected (64, 144, 144)" in str(error.value)
 
 
-def test_fixture_files_are_deterministic(tmp_path):
-    # Same file names: torch.save records the file's stem inside the archive.
-    for folder, seed in (("a", 5), ("b", 5), ("c", 6)):
+@pytest.mark.parametrize("write", [write_ram_checkpoint, write_dape_lora], ids=["ram", "lora"])
+def test_fixture_files_are_deterministic(tmp_path, write):
+    def written(folder: str, seed: int) -> bytes:
         (tmp_path / folder).mkdir()
-        write_ram_checkpoint(tmp_path / folder / "ram.pth", "tiny", seed)
-        write_dape_lora(tmp_path / folder / "lora.pth", "tiny", seed)
+        # Same file names: torch.save records the file's stem inside the archive.
+        return write(tmp_path / folder / "weights.pth", "tiny", seed).read_bytes()
 
-    def read(folder: str, name: str) -> bytes:
-        return (tmp_path / folder / name).read_bytes()
-
-    for name in ("ram.pth", "lora.pth"):
-        assert read("a", name) == read("b", name)
-        assert read("a", name) != read("c", name)
+    first = written("a", 5)
+    assert written("b", 5) == first
+    assert written("c", 6) != first
 
 
 # --- LoRA ----------------------------------------------------------------------------------
@@ -146,13 +143,18 @@ def test_swin_qkv_lora_changes_only_q_and_v(files, model):
     assert not torch.allclose(merged[:dim], base[:dim])
 
 
-def test_tag_head_lora_changes_query_and_key_not_value(files, model):
+@pytest.mark.parametrize("part", ["query", "key"])
+def test_tag_head_lora_changes_query_and_key(files, model, part):
     base, lora, merged = ram_state_dict(files), lora_state_dict(files), model.state_dict()
     layer = "tagging_head.encoder.layer.1.crossattention.self."
-    for part in ("query", "key"):
-        a, b = lora[layer + part + ".lora_A"], lora[layer + part + ".lora_B"]
-        expected = base[layer + part + ".weight"] + b @ a * LORA_SCALE
-        torch.testing.assert_close(merged[layer + part + ".weight"], expected)
+    a, b = lora[layer + part + ".lora_A"], lora[layer + part + ".lora_B"]
+    expected = base[layer + part + ".weight"] + b @ a * LORA_SCALE
+    torch.testing.assert_close(merged[layer + part + ".weight"], expected)
+
+
+def test_tag_head_lora_leaves_value_alone(files, model):
+    base, merged = ram_state_dict(files), model.state_dict()
+    layer = "tagging_head.encoder.layer.1.crossattention.self."
     assert torch.equal(merged[layer + "value.weight"], base[layer + "value.weight"])
 
 
@@ -214,8 +216,8 @@ def test_broken_ram_checkpoint_is_rejected_naming_each_key(files, tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_dape(path, files.dape)
     message = str(error.value)
-    for fragment in (str(path), removed, repr(renamed), renamed + "_renamed", misshaped):
-        assert fragment in message
+    fragments = (str(path), removed, repr(renamed), renamed + "_renamed", misshaped)
+    assert [fragment for fragment in fragments if fragment not in message] == [], message
 
 
 @pytest.mark.parametrize(

@@ -2,25 +2,29 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from conftest import TOKENIZER_TEXTS
+from tokenizers import Tokenizer
 
+from seesr_export import export_networks
 from seesr_export.build_request import _tensorrt_missing
 from seesr_export.bundle import BuildOptions, build_bundle
 from seesr_export.cli import main as cli_main
-from seesr_export.export import ExportOptions, export_onnx, graph_modules, run_torch, sample_feeds
+from seesr_export.export import ExportOptions, export_onnx, graph_modules, model_dims, run_torch, sample_feeds
 from seesr_export.parity import relative_l2
 from seesr_runtime.manifest import Manifest
-from seesr_runtime.networks import NETWORK_NAMES
+from seesr_runtime.networks import NETWORK_NAMES, network_specs
 
 ENVS = [{"B": 1, "h": 8, "w": 8}, {"B": 2, "h": 12, "w": 20}]  # square and not, batch 1 and 2
 
@@ -67,9 +71,6 @@ def test_fp16_graph_runs_with_fp32_io_and_fp32_attention(network, tiny_bundle, m
 
 
 def test_external_data_path(reference, tmp_path):
-    from seesr_export.export import model_dims
-    from seesr_runtime.networks import network_specs
-
     dims = model_dims(reference.dape, reference.text_encoder, reference.controlnet, 4)
     spec = network_specs(dims)["vae_decoder"]
     module = graph_modules(reference)["vae_decoder"]
@@ -85,8 +86,6 @@ def test_external_data_path(reference, tmp_path):
 
 
 def test_manifest_validates_and_hashes_match(tiny_bundle):
-    import jsonschema
-
     schema = json.loads((Path(__import__("seesr_runtime").__file__).parent / "manifest.schema.json").read_text())
     data = json.loads((tiny_bundle / "manifest.json").read_text())
     jsonschema.validate(data, schema)
@@ -100,8 +99,6 @@ def test_manifest_validates_and_hashes_match(tiny_bundle):
 
 @pytest.mark.parametrize("text", TOKENIZER_TEXTS)
 def test_tokenizer_json_matches_clip_tokenizer(tiny_bundle, reference, text):
-    from tokenizers import Tokenizer
-
     tokenizer = Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
     expected = reference.tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
     assert tokenizer.encode(text).ids == expected
@@ -116,7 +113,6 @@ def test_negative_prompt_embedding_is_precomputed(tiny_bundle, reference):
 def test_rebuild_is_a_cache_hit(tiny_checkout, tiny_bundle, monkeypatch):
     """A rebuild of unchanged inputs does no work: nothing is traced to ONNX or run through torch for a
     parity check (both are made to fail here), and the bundle keeps the very same graph files."""
-    import seesr_export.export
 
     def inodes():
         return {
@@ -131,7 +127,7 @@ def test_rebuild_is_a_cache_hit(tiny_checkout, tiny_bundle, monkeypatch):
 
     before = inodes()
     for name in ("export_onnx", "run_torch"):
-        monkeypatch.setattr(seesr_export.export, name, refuse(name))
+        monkeypatch.setattr(export_networks, name, refuse(name))  # where the build calls them
     report = build_bundle(tiny_checkout, tiny_bundle, BuildOptions(precision="fp16"))
     assert report.exported == [] and sorted(report.reused) == sorted(NETWORK_NAMES)
     assert before == inodes()  # hard links to the same graphs (tiled-VAE segments included)
@@ -191,8 +187,6 @@ def _cli_error(capsys, args):
 
 
 def _copy(tiny_checkout, tmp_path):
-    import shutil
-
     shutil.copytree(tiny_checkout.sd2.parents[2], tmp_path / "checkout")
     return tmp_path / "checkout"
 
@@ -255,9 +249,6 @@ def test_int8_without_calibration_images_is_refused(tiny_checkout, tmp_path, cap
 
 
 def test_build_help_documents_precisions_and_backends():
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-m", "seesr_export.cli", "build", "--help"], capture_output=True, text=True)
     expected = [
         "fp32",

@@ -14,13 +14,15 @@ import struct
 import zlib
 
 import pytest
-from fuzz_inputs import fuzz_settings, image_files, mutated, mutated_manifests, png_header
+from fuzz_inputs import fuzz_settings, image_files, mutated, mutated_manifests
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
+from image_bytes import png_header
 
 from seesr_runtime import options as option_table
-from seesr_runtime.cli import IMAGE_SUFFIXES, load_lr_image, main
+from seesr_runtime.cli import main
 from seesr_runtime.errors import BundleError, ImageRejected
+from seesr_runtime.inputs import IMAGE_SUFFIXES, load_lr_image, load_lr_image_bytes
 from seesr_runtime.manifest import MANIFEST, Manifest
 from seesr_runtime.pipeline import as_rgb
 
@@ -38,8 +40,13 @@ def _check_image_file(folder, suffix: str, blob: bytes) -> None:
     max_pixels = option_table.default("max_pixels")
     try:
         image, _note = load_lr_image(path, max_pixels)
-    except ImageRejected:
+    except ImageRejected as refused:
+        with pytest.raises(ImageRejected) as from_bytes:  # the Triton model's entry point: the same verdict
+            load_lr_image_bytes(blob, max_pixels)
+        assert str(from_bytes.value) == str(refused)
         return
+    same, _note = load_lr_image_bytes(blob, max_pixels)
+    assert (same.size, same.tobytes()) == (image.size, image.tobytes())
     assert image.mode == "RGB"
     option_table.check_image_size(*image.size, max_pixels)  # what load_lr_image accepted, the pipeline accepts
     assert as_rgb(image, max_pixels).size == image.size

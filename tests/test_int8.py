@@ -6,7 +6,7 @@ import pytest
 from conftest import write_calibration_images
 
 from seesr_export.bundle import BuildOptions, build_bundle
-from seesr_export.quantize import DEFAULT_EXCLUDE
+from seesr_export.quantize import DEFAULT_EXCLUDE, modelopt_available
 from seesr_runtime import SeeSRPipeline
 from seesr_runtime.manifest import Manifest
 from seesr_runtime.networks import INT8_NETWORKS
@@ -16,8 +16,6 @@ pytestmark = pytest.mark.slow  # every test here calibrates through the sampler 
 
 @pytest.fixture(scope="module", params=["modelopt", "onnxruntime"])
 def int8_bundle(request, tiny_checkout, tmp_path_factory):
-    from seesr_export.quantize import modelopt_available
-
     if request.param == "modelopt" and not modelopt_available():
         pytest.skip("nvidia-modelopt is not installed (pip install 'seesr-export[quant]')")
     images = write_calibration_images(tmp_path_factory.mktemp("calib"), 3)
@@ -105,8 +103,6 @@ def test_exclusions_are_honoured(int8_bundle, name):
 
 @pytest.fixture(scope="module")
 def image_attention_fp32_bundle(tiny_checkout, tmp_path_factory):
-    from seesr_export.quantize import modelopt_available
-
     method = "modelopt" if modelopt_available() else "onnxruntime"
     (calib,) = write_calibration_images(tmp_path_factory.mktemp("calib"), 1)
     out = tmp_path_factory.mktemp("engines") / "int8"

@@ -9,8 +9,11 @@ ov = pytest.importorskip(
     reason="the openvino package is not installed (pip install 'seesr-export[openvino]'; make test installs it)",
 )
 
+from conftest import write_calibration_images
+from PIL import Image
 from test_runtime_parity import compare, replayable_noise
 
+from seesr_export.bundle import BuildOptions, build_bundle
 from seesr_runtime import (
     SeeSRPipeline,
     openvino_backend,
@@ -80,10 +83,6 @@ def test_bf16_runs_and_reports_its_error(tiny_bundle, ov_f32, lr_image):
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_checkout, tmp_path_factory):
     """ModelOpt's int8 (the primary recipe) where installed, else onnxruntime's quantizer."""
-    from conftest import write_calibration_images
-
-    from seesr_export.bundle import BuildOptions, build_bundle
-
     images = write_calibration_images(tmp_path_factory.mktemp("calib"), 2)
     out = tmp_path_factory.mktemp("engines") / "int8"
     build_bundle(
@@ -216,8 +215,6 @@ def test_bad_options_are_named(tiny_bundle):
 
 @pytest.mark.slow
 def test_cli_upscale_with_openvino(tiny_bundle, tmp_path, capsys):
-    from PIL import Image
-
     source = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(source)
     out = tmp_path / "out"
@@ -271,8 +268,6 @@ def test_cli_upscale_with_openvino(tiny_bundle, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_upscale_picks_the_cpu_default_and_says_so(tiny_bundle, tmp_path, capsys, monkeypatch):
-    from PIL import Image
-
     source = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(source)
     command = [

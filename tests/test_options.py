@@ -4,6 +4,7 @@ line and exits 2, never a traceback."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from seesr_runtime import SeeSRPipeline
 from seesr_runtime import options as option_table
 from seesr_runtime.errors import BundleError, ImageRejected, InputError, OptionError, SeeSRError
 from seesr_runtime.imaging import COLOR_FIXES
@@ -139,8 +141,6 @@ def test_bundle_records_the_options_description(runtime_bundle):
 
 
 def _rewritten(bundle, tmp_path, change):
-    import shutil
-
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     data = json.loads((copy / "manifest.json").read_text())
@@ -154,8 +154,6 @@ def test_bundles_built_before_the_description_fall_back_to_the_table(runtime_bun
         del pipeline["options"]
         del pipeline["defaults"]["tiled_vae"]  # older still: built before the tiled VAE
         pipeline["defaults"]["steps"] = 20
-
-    from seesr_runtime import SeeSRPipeline
 
     bundle = _rewritten(runtime_bundle, tmp_path, older)
     described = {entry["name"]: entry for entry in Manifest.load(bundle).options()}

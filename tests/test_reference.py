@@ -3,9 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
 
 from seesr_export import reference as ref
+from seesr_export.cli import main
+from seesr_export.testing.fixtures import SD2_SCHEDULER
 
 
 def recorded_noise(seed=0):
@@ -44,10 +47,6 @@ def test_gaussian_weights_are_asymmetric_like_the_official_code():
 
 @pytest.mark.parametrize("t", [981, 501, 21, 1])
 def test_ddpm_step_matches_diffusers(t):
-    from diffusers import DDPMScheduler
-
-    from seesr_export.testing.fixtures import SD2_SCHEDULER
-
     scheduler = DDPMScheduler.from_config({k: v for k, v in SD2_SCHEDULER.items() if not k.startswith("_")})
     scheduler.set_timesteps(50)
     assert scheduler.timesteps[0] == 981 and scheduler.timesteps[-1] == 1
@@ -118,8 +117,6 @@ def test_bad_noise_shape_is_named(reference, lr_image):
 
 
 def test_reference_cli_writes_pngs_and_reports_bad_files(tiny_checkout, lr_image, tmp_path, capsys):
-    from seesr_export.cli import main
-
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
     lr_image.save(good)
     bad.write_bytes(b"not an image")

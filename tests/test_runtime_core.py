@@ -1,6 +1,7 @@
 """The torch-free runtime on its own (these tests also run in a venv without torch: see .ci/run)."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,9 +10,12 @@ import numpy as np
 import pytest
 from no_torch import PRELUDE
 
+from seesr_runtime.backends import create_backend
 from seesr_runtime.errors import OptionError
 from seesr_runtime.imaging import gaussian_tile_weights, tile_origins
 from seesr_runtime.manifest import BundleError, Manifest
+from seesr_runtime.networks import NETWORK_NAMES, NETWORK_TABLE, dummy_feeds, network_specs
+from seesr_runtime.pipeline import SeeSRPipeline
 
 
 def test_pipeline_runs_where_importing_torch_raises(runtime_bundle, tmp_path):
@@ -82,8 +86,6 @@ def test_tile_weights_are_positive():
 def test_manifest_errors_are_clear(runtime_bundle, tmp_path):
     with pytest.raises(BundleError, match="not a SeeSR bundle"):
         Manifest.load(tmp_path)
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(runtime_bundle, copy)
     graph = Manifest.load(copy).graph_path("vae_decoder")
@@ -114,9 +116,6 @@ def test_tiled_vae_runs_its_segments(runtime_pipeline):
 
 
 def test_pipeline_refuses_a_bundle_whose_inputs_it_does_not_feed(runtime_bundle):
-    from seesr_runtime.backends import create_backend
-    from seesr_runtime.pipeline import SeeSRPipeline
-
     manifest = Manifest.load(runtime_bundle)
     SeeSRPipeline(manifest, create_backend("onnxruntime", manifest))  # the bundle as built: accepted
     renamed = json.loads(json.dumps(manifest.data))
@@ -131,8 +130,6 @@ def test_pipeline_refuses_a_bundle_whose_inputs_it_does_not_feed(runtime_bundle)
 
 
 def test_dummy_feeds_follow_the_spec(runtime_bundle):
-    from seesr_runtime.networks import NETWORK_NAMES, NETWORK_TABLE, dummy_feeds, network_specs
-
     manifest = Manifest.load(runtime_bundle)
     specs = network_specs(manifest.dims)
     assert tuple(specs) == NETWORK_NAMES == tuple(NETWORK_TABLE) == tuple(manifest.data["networks"])

@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler as Diffusers
 from PIL import Image
 
 from seesr_export import reference as ref
 from seesr_export.parity import relative_l2
+from seesr_export.testing.fixtures import SD2_SCHEDULER
 from seesr_runtime.imaging import adain_color_fix, resize_bilinear, wavelet_color_fix
 from seesr_runtime.scheduler import DDPMScheduler
 
@@ -82,10 +84,6 @@ def test_bilinear_resize_matches_torch(size):
 
 
 def _schedulers():
-    from diffusers import DDPMScheduler as Diffusers
-
-    from seesr_export.testing.fixtures import SD2_SCHEDULER
-
     config = {k: v for k, v in SD2_SCHEDULER.items() if not k.startswith("_")}
     return Diffusers.from_config(config), DDPMScheduler(config)
 

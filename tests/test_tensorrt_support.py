@@ -2,21 +2,29 @@
 backend's refusals, each checked where it can happen: a missing TensorRT where it is missing, a bundle
 without engines where TensorRT and a GPU are present (these skip elsewhere, saying why)."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
+from no_torch import PRELUDE
 
 from seesr_export.trt_engines import EngineOptions, engine_entry, engine_filename, optimization_profiles
-from seesr_runtime.manifest import Manifest
-from seesr_runtime.networks import NETWORK_NAMES
+from seesr_runtime import SeeSRPipeline
+from seesr_runtime.backends import create_backend
+from seesr_runtime.cli import main
+from seesr_runtime.manifest import BundleError, Manifest
+from seesr_runtime.networks import NETWORK_NAMES, ModelDims, network_specs
+from seesr_runtime.trt_backend import _cudart
 
 
 def tensorrt_stack_missing() -> str | None:
     """Why the tensorrt backend cannot load here (a package it imports is missing), or None."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401  (optional: the tensorrt extra)
 
-        from seesr_runtime.trt_backend import _cudart
-
-        _cudart()
+        _cudart()  # imports cuda-python (optional) on first use
     except ImportError as exc:
         return f"the tensorrt backend's packages are not installed ({exc})"
     return None
@@ -27,8 +35,6 @@ def cuda_device_missing() -> str | None:
     missing = tensorrt_stack_missing()
     if missing:
         return missing
-    from seesr_runtime.trt_backend import _cudart
-
     error, count = _cudart().cudaGetDeviceCount()
     return None if int(error) == 0 and count > 0 else f"no CUDA device is visible (cudaGetDeviceCount: {error})"
 
@@ -56,8 +62,6 @@ def test_profiles_cover_the_declared_shapes(runtime_bundle, name):
 
 
 def test_denoiser_profiles_include_512px_and_the_96_tile():
-    from seesr_runtime.networks import ModelDims, network_specs
-
     dims = ModelDims(
         text_dim=1024,
         num_tags=4585,
@@ -93,12 +97,6 @@ def test_engine_names_and_manifest_entry(runtime_bundle):
 
 
 def _run_without_torch(body: str):
-    import subprocess
-    import sys
-    import textwrap
-
-    from no_torch import PRELUDE
-
     done = subprocess.run(
         [sys.executable, "-c", PRELUDE + textwrap.dedent(body)], capture_output=True, text=True, timeout=120
     )
@@ -130,9 +128,6 @@ def test_missing_tensorrt_is_refused_clearly(runtime_bundle):
 @pytest.mark.gpu
 @needs_tensorrt_and_gpu
 def test_bundle_without_engines_is_refused_clearly(runtime_bundle):
-    from seesr_runtime import SeeSRPipeline
-    from seesr_runtime.manifest import BundleError
-
     with pytest.raises(
         BundleError,
         match=r"no fp16 TensorRT engine for '\w+'; build with seesr-export build "
@@ -142,10 +137,6 @@ def test_bundle_without_engines_is_refused_clearly(runtime_bundle):
 
 
 def test_gpu_validate_dry_run(tiny_bundle):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_validate.py"
     done = subprocess.run(
         [sys.executable, str(script), "--bundle", str(tiny_bundle), "--dry-run"],
@@ -160,9 +151,6 @@ def test_gpu_validate_dry_run(tiny_bundle):
 
 def test_cuda_graph_option_needs_the_cuda_provider(runtime_bundle):
     """--cuda-graph on onnxruntime needs the CUDA provider: refused on the CPU provider, GPU or not."""
-    from seesr_runtime.backends import create_backend
-    from seesr_runtime.manifest import BundleError
-
     with pytest.raises(BundleError, match="cuda_graph needs the CUDA provider"):
         create_backend("onnxruntime", Manifest.load(runtime_bundle), cuda_graph=True)
 
@@ -186,8 +174,6 @@ BENCH_TENSORRT = [
 @needs_tensorrt_missing
 def test_cli_refuses_tensorrt_where_it_is_missing(runtime_bundle, capsys):
     """The CLI's tensorrt backend where TensorRT is missing: exit 2, one line naming it, no traceback."""
-    from seesr_runtime.cli import main
-
     assert main(["bench", "--bundle", str(runtime_bundle), *BENCH_TENSORRT]) == 2
     err = capsys.readouterr().err
     assert "tensorrt" in err and "Traceback" not in err
@@ -196,8 +182,6 @@ def test_cli_refuses_tensorrt_where_it_is_missing(runtime_bundle, capsys):
 @pytest.mark.gpu
 @needs_tensorrt_and_gpu
 def test_cli_refuses_a_bundle_without_engines(runtime_bundle, capsys):
-    from seesr_runtime.cli import main
-
     assert main(["bench", "--bundle", str(runtime_bundle), *BENCH_TENSORRT]) == 2
     err = capsys.readouterr().err
     assert "no fp16 TensorRT engine" in err and "Traceback" not in err

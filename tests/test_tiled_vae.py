@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from seesr_export.models.sd2 import load_vae
 from seesr_export.parity import relative_l2
 from seesr_export.tiled_vae import group_stats, split_segments, tiled_forward, vae_tasks
 from seesr_runtime import SeeSRPipeline
@@ -87,8 +88,6 @@ def test_threshold_is_tile_plus_twice_the_pad(half, size, tile, tiles):
 
 @pytest.fixture(scope="module")
 def vae(tiny_checkout):
-    from seesr_export.models.sd2 import load_vae
-
     return load_vae(tiny_checkout.sd2)
 
 

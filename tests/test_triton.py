@@ -5,10 +5,16 @@ wheel (its tritonserver binary, numpy<2) in the interpreter running them: `make 
 that environment (.venv-triton/) and runs this file there; CI does the same.
 """
 
+import dataclasses
+import inspect
 import json
 import os
+import re
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +22,18 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+from image_bytes import png_header
 from triton_server import TritonServer, pytriton_dist
+from triton_wire import WireInput, bytes_element, post_http, send
+
+from seesr_runtime.pipeline import UpscaleResult
+from seesr_runtime.triton import INPUTS, OUTPUTS, REQUEST_OPTIONS, SERVICE_VERSION
+from seesr_runtime.triton_client import Upscaled, build_inputs, encode_png
 
 MAX_PIXELS = 64 * 64  # small, so that an oversized request is cheap to send
 STEPS = 2
 PIPELINE = {"process_size": 64}  # tiny working size: seconds per request on CPU
+MiB = 1024 * 1024
 
 
 def _server_missing() -> str | None:
@@ -53,20 +66,55 @@ def test_repository_layout_and_config(runtime_bundle, tmp_path):
     assert write_repo(runtime_bundle, repo, "--instances", "3", "--option", "process_size=64") == 0
     model = repo / "seesr"
     config = (model / "config.pbtxt").read_text()
-    assert (model / "1" / "model.py").read_text().startswith('"""Triton Python-backend model')
-    assert json.loads((model / "1" / "bundle" / "manifest.json").read_text())["format"] == "seesr-bundle"
+    version = model / str(SERVICE_VERSION)
+    assert sorted(p.name for p in model.iterdir()) == [str(SERVICE_VERSION), "config.pbtxt"]
+    assert (version / "model.py").read_text().startswith('"""Triton Python-backend model')
+    assert json.loads((version / "bundle" / "manifest.json").read_text())["format"] == "seesr-bundle"
     for line in [
         'backend: "python"',
         "max_batch_size: 0",
         "count: 3 kind: KIND_CPU",
-        '{ name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }',
+        '{ name: "image" data_type: TYPE_STRING dims: [ 1 ] }',
         '{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true }',
         '{ name: "tags" data_type: TYPE_STRING dims: [ 1 ] }',
         'key: "bundle" value: { string_value: "bundle" }',
         'key: "pipeline_options" value: { string_value: "{\\"process_size\\": 64}" }',
+        f'key: "service_version" value: {{ string_value: "{SERVICE_VERSION}" }}',
     ]:
         assert line in config
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial directory left
+
+
+TENSOR_ENTRY = re.compile(r'\{ name: "(\w+)" data_type: (\w+) dims: \[ ([-\d, ]+) \]( optional: true)? \}')
+
+
+def _declared_tensors(config: str, section: str) -> list[tuple[str, str, tuple[int, ...], bool]]:
+    """The tensors of config.pbtxt's ``input [...]`` or ``output [...]`` list, in order."""
+    body = re.search(rf"^{section} \[\n(.*?)\n\]$", config, re.MULTILINE | re.DOTALL)
+    assert body, f"no {section} list in config.pbtxt:\n{config}"
+    entries = body.group(1).split(",\n")
+    matches = [TENSOR_ENTRY.fullmatch(entry.strip()) for entry in entries]
+    assert all(matches), entries
+    return [(m[1], m[2], tuple(int(size) for size in m[3].split(", ")), bool(m[4])) for m in matches if m]
+
+
+def test_config_declares_exactly_the_service_tensors(runtime_bundle, tmp_path):
+    assert write_repo(runtime_bundle, tmp_path / "repo") == 0
+    config = (tmp_path / "repo" / "seesr" / "config.pbtxt").read_text()
+    assert _declared_tensors(config, "input") == [(t.name, t.data_type, t.dims, t.optional) for t in INPUTS]
+    assert _declared_tensors(config, "output") == [(t.name, t.data_type, t.dims, t.optional) for t in OUTPUTS]
+    # Fixed dims on every input: Triton refuses any other declared shape before it sizes the data.
+    assert all(-1 not in spec.dims for spec in INPUTS)
+
+
+def test_client_and_model_follow_the_declaration():
+    """The client's keyword options and its response fields, and the pipeline result the model reads its
+    outputs from, are the declared tensors (the real-server tests below exercise them end to end)."""
+    keywords = [name for name, p in inspect.signature(build_inputs).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    assert keywords == list(REQUEST_OPTIONS)
+    outputs = [spec.name for spec in OUTPUTS]
+    assert [f.name for f in dataclasses.fields(Upscaled)] == outputs
+    assert set(outputs) <= {f.name for f in dataclasses.fields(UpscaleResult)}
 
 
 def test_repository_rewrite_keeps_foreign_folders(runtime_bundle, tmp_path, capsys):
@@ -76,7 +124,7 @@ def test_repository_rewrite_keeps_foreign_folders(runtime_bundle, tmp_path, caps
     config = (repo / "seesr" / "config.pbtxt").read_text()
     assert f'string_value: "{Path(runtime_bundle).resolve()}"' in config and "KIND_GPU" in config
     assert 'key: "providers" value: { string_value: "cuda,cpu" }' in config
-    assert not (repo / "seesr" / "1" / "bundle").exists()
+    assert not (repo / "seesr" / str(SERVICE_VERSION) / "bundle").exists()
 
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -157,12 +205,14 @@ def reference_pipeline(runtime_bundle):
 
 
 def call(server, protocol, image, **options):
-    from seesr_runtime.triton_client import build_inputs, connect, infer
+    """One request through tritonclient; ``image`` an array or PIL image (sent as PNG) or a file's bytes."""
+    from seesr_runtime.triton_client import connect, infer
 
     url = server.http_url if protocol == "http" else server.grpc_url
+    data = image if isinstance(image, bytes) else encode_png(image)
     client = connect(protocol, url, timeout=120)
     try:
-        return infer(client, protocol, build_inputs(protocol, image, **options), timeout=120)
+        return infer(client, protocol, build_inputs(protocol, data, **options), timeout=120)
     finally:
         client.close()
 
@@ -183,22 +233,20 @@ def test_server_matches_in_process_runtime(server, reference_pipeline, lr_image,
 def test_malformed_requests_are_refused_and_the_server_keeps_serving(server, lr_image, protocol):
     from seesr_runtime.triton_client import ClientError
 
-    good = np.asarray(lr_image)
+    good = encode_png(lr_image)
+    bomb = "input 'image': refused as a decompression bomb: Image size (100000000 pixels) exceeds limit"
     bad = [
-        (good.astype(np.float32), {}, "inference input 'image' data-type is 'FP32', but model 'seesr' expects 'UINT8'"),
-        (good[..., 0], {}, "unexpected shape for input 'image' for model 'seesr'. Expected [-1,-1,3], got [40,56]"),
+        (b"GIF89a, or so it says", {}, "input 'image': not a readable image (corrupt or unknown format)"),
+        (good[: len(good) // 2], {}, "input 'image': cannot decode the image ("),
+        (b"", {}, "input 'image': empty file"),
+        (png_header(10_000, 10_000), {}, bomb),
         (
-            np.concatenate([good, good[..., :1]], axis=2),
-            {},
-            "unexpected shape for input 'image' for model 'seesr'. Expected [-1,-1,3], got [40,56,4]",
-        ),
-        (
-            np.zeros((80, 80, 3), np.uint8),
+            encode_png(np.zeros((80, 80, 3), np.uint8)),
             {},
             "input 'image': 80x80 is 6400 pixels, over the limit of "
             f"{MAX_PIXELS} (raise it with config.pbtxt parameter max_pixels)",
         ),
-        (np.zeros((4, 300, 3), np.uint8), {}, "input 'image': 300x4 is too small (at least 8x8 pixels)"),
+        (encode_png(np.zeros((4, 300, 3), np.uint8)), {}, "input 'image': 300x4 is too small (at least 8x8 pixels)"),
         (good, {"guidance": float("nan")}, "guidance must be a finite number >= 0.0, got nan"),
         (good, {"steps": 0}, "steps must be in [1, 1000], got 0"),
         (good, {"seed": -1}, "seed must be >= 0, got -1"),
@@ -206,10 +254,149 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(server, lr_
     for image, options, message in bad:
         with pytest.raises(ClientError) as refused:
             call(server, protocol, image, **{"steps": 1, **options})
-        assert message in str(refused.value), (image.dtype, image.shape, options)
+        assert message in str(refused.value), (image[:16], options)
     assert server.alive()
     assert call(server, protocol, good, steps=1).image.shape == (160, 224, 3)
     assert "Stub process" not in server.log_tail(100_000)  # no instance died and was restarted
+
+
+# ------------------------------------------------------------------ huge declarations
+
+TINY_PNG = encode_png(np.zeros((9, 9, 3), np.uint8))
+SMALL_IMAGE = WireInput("image", "BYTES", [1], bytes_element(TINY_PNG))
+WRAPPING_SHAPE = [2**61, 8, 3]  # 3 * 2^64 elements: a byte size computed in 64 bits wraps to 0
+
+
+def _shape_refusal(name: str, shape: list[int]) -> str:
+    return f"unexpected shape for input '{name}' for model 'seesr'. Expected [1], got [{','.join(map(str, shape))}]"
+
+
+# Requests declaring far more data than they carry, each with the refusal that names the offending value. Triton
+# refuses all but the last before any model code runs (every input has fixed dims); the last is the model's own
+# check of an encoded image's declared size against max_pixels, made from its header before decoding.
+HUGE_DECLARATIONS = [
+    (
+        "image declared 100000x100000x3",
+        [WireInput("image", "BYTES", [100_000, 100_000, 3], bytes_element(TINY_PNG))],
+        _shape_refusal("image", [100_000, 100_000, 3]),
+    ),
+    (
+        "image declared 2^61 elements",
+        [WireInput("image", "BYTES", [2**61], bytes_element(TINY_PNG))],
+        _shape_refusal("image", [2**61]),
+    ),
+    (
+        "image declared with a shape whose byte size wraps to 0, nothing sent",
+        [WireInput("image", "BYTES", WRAPPING_SHAPE, b"")],
+        _shape_refusal("image", WRAPPING_SHAPE),
+    ),
+    (
+        "image declared as raw UINT8 pixels (the format of version 1)",
+        [WireInput("image", "UINT8", [9, 9, 3], bytes(243))],
+        "inference input 'image' data-type is 'UINT8', but model 'seesr' expects 'BYTES'",
+    ),
+    (
+        "image file declared 2 GiB long, 3 bytes sent",
+        [WireInput("image", "BYTES", [1], bytes_element(b"abc", declared_length=2**31 - 1))],
+        "incomplete string data for inference input 'image', expecting string of length 2147483647 "
+        "but only 3 bytes available",
+    ),
+    (
+        "prompt element declared 2 GiB long, 3 bytes sent",
+        [SMALL_IMAGE, WireInput("prompt", "BYTES", [1], bytes_element(b"abc", declared_length=2**31 - 1))],
+        "incomplete string data for inference input 'prompt', expecting string of length 2147483647 "
+        "but only 3 bytes available",
+    ),
+    (
+        "prompt declared with 10^8 elements",
+        [SMALL_IMAGE, WireInput("prompt", "BYTES", [100_000_000], bytes_element(b"abc"))],
+        _shape_refusal("prompt", [100_000_000]),
+    ),
+    (
+        "steps declared with 10^8 elements",
+        [SMALL_IMAGE, WireInput("steps", "INT32", [100_000_000], (1).to_bytes(4, "little"))],
+        _shape_refusal("steps", [100_000_000]),
+    ),
+    (
+        "PNG header declaring 100000x100000 pixels",
+        [WireInput("image", "BYTES", [1], bytes_element(png_header(100_000, 100_000)))],
+        "input 'image': refused as a decompression bomb",
+    ),
+    (
+        "PNG header declaring 1000x1000 pixels",
+        [WireInput("image", "BYTES", [1], bytes_element(png_header(1000, 1000)))],
+        f"input 'image': 1000x1000 is 1000000 pixels, over the limit of {MAX_PIXELS}",
+    ),
+]
+HTTP_HUGE_DECLARATIONS = [
+    (
+        "binary_data_size declared 10^12 bytes, 27 sent",
+        [WireInput("image", "BYTES", [1], bytes(27), declared_bytes=10**12)],
+        "unexpected size for input 'image', expecting 999999999973 additional bytes for model 'seesr'",
+    ),
+]
+INVALID_ARGUMENT = {"http": "400", "grpc": "INVALID_ARGUMENT"}
+# A few MiB: allocator noise; any declared size honoured would be GiBs.
+HUGE_REFUSAL_RSS_BOUND = 32 * MiB
+
+
+@needs_server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_huge_declared_sizes_are_refused_before_allocation(server, lr_image, request, protocol):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    cases = HUGE_DECLARATIONS + (HTTP_HUGE_DECLARATIONS if protocol == "http" else [])
+    before = server.resident_bytes()
+    for what, inputs, message in cases:
+        answer = send(protocol, url, inputs)
+        assert (answer.ok, answer.status) == (False, INVALID_ARGUMENT[protocol]), (what, answer)
+        assert message in answer.message, (what, answer)
+    grown = server.resident_bytes() - before
+    assert grown < HUGE_REFUSAL_RSS_BOUND, f"server RSS grew {grown / MiB:.1f} MiB over {len(cases)} refusals"
+    assert call(server, protocol, lr_image, steps=1).image.shape == (160, 224, 3)
+    say(request, f"{protocol}: {len(cases)} huge declarations refused, server RSS {grown / MiB:+.1f} MiB")
+
+
+def _json_body(inputs: list[dict]) -> bytes:
+    return json.dumps({"inputs": inputs}).encode()
+
+
+@needs_server
+@pytest.mark.parametrize("transport", ["http binary", "http json", "grpc"])
+def test_image_shapes_other_than_one_element_are_refused_before_sizing(server, request, transport):
+    """The image's fixed dims [1]: a shape whose byte size overflows 64 bits (which used to pass Triton's size
+    check and abort the instance's stub) or one declaring 30 GB is refused by Triton before any sizing."""
+    shapes = [[2**61], [100_000, 100_000, 3], WRAPPING_SHAPE]
+    before = server.resident_bytes()
+    for shape in shapes:
+        if transport == "http json":
+            body = _json_body([{"name": "image", "datatype": "BYTES", "shape": shape, "data": ["x"]}])
+            answer = post_http(server.http_url, "seesr", body, header_length=None)
+        else:
+            protocol = transport.split()[0]
+            url = server.http_url if protocol == "http" else server.grpc_url
+            answer = send(protocol, url, [WireInput("image", "BYTES", shape, bytes_element(TINY_PNG))])
+        assert not answer.ok and answer.status in ("400", "INVALID_ARGUMENT"), (shape, answer)
+        assert _shape_refusal("image", shape) in answer.message, (shape, answer)
+    grown = server.resident_bytes() - before
+    assert grown < HUGE_REFUSAL_RSS_BOUND, f"server RSS grew {grown / MiB:.1f} MiB"
+    protocol = "grpc" if transport == "grpc" else "http"
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    assert send(protocol, url, [SMALL_IMAGE, WireInput("steps", "INT32", [1], (1).to_bytes(4, "little"))]).ok
+    assert "Stub process" not in server.log_tail(100_000)  # no instance died and was restarted
+    say(request, f"{transport}: shapes {shapes} refused, server RSS {grown / MiB:+.1f} MiB")
+
+
+@needs_server
+def test_http_json_data_declaring_more_than_it_holds_is_refused(server):
+    """Tensor data inline as JSON with a fixed-size data type: this tritonserver's HTTP frontend reserves the
+    size that the request's own data type and shape declare, before it looks at the model's inputs, then
+    refuses. 300 MB here (RSS comes back); see the README on larger declarations."""
+    body = _json_body([{"name": "image", "datatype": "UINT8", "shape": [10_000, 10_000, 3], "data": [1]}])
+    before = server.resident_bytes()
+    answer = post_http(server.http_url, "seesr", body, header_length=None)
+    assert (answer.ok, answer.status) == (False, "500")
+    assert answer.message == "Unable to parse 'data': Shape does not match true shape of 'data' field"
+    assert server.resident_bytes() - before < HUGE_REFUSAL_RSS_BOUND
 
 
 @needs_server
@@ -249,6 +436,169 @@ def test_concurrent_load_has_no_errors(server, lr_image, tmp_path, capsys, reque
         f"{protocol} load: 64 requests, 32 concurrent, 0 errors, {report['throughput_rps']:.1f} req/s, "
         f"latency p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms, p99 {latency['p99']:.0f} ms",
     )
+
+
+# ------------------------------------------------------------------ soak
+
+SOAK_REQUESTS = 300
+SOAK_WARMUP = 64
+SOAK_CONCURRENCY = 32
+# The server's resident memory (tritonserver and its two stubs, about 500 MiB) may grow this much from after
+# the warm-up to after the soak. Measured on the 2-core build machine, with glibc returning freed buffers of
+# 1 MiB and more (TritonServer's environment): +16 MiB over the first soak after the warm-up, +8 MiB over
+# the second (the gRPC frontend's first use included), then flat. A leak of more than 0.43 MB per valid
+# request (150 of them) fails this, e.g. one float32 working image at 256x256 (786 KB).
+SOAK_RSS_GROWTH_BOUND = 64 * MiB
+
+
+@dataclass(frozen=True)
+class SoakRequest:
+    kind: str
+    expect: tuple[int, ...] | str  # the output's shape when valid, else a part of the refusal naming the value
+    image: bytes | None = None  # an encoded image sent with tritonclient (with the options)...
+    options: dict = field(default_factory=dict)
+    wire: list[WireInput] | None = None  # ...or a request written byte for byte
+
+
+def _valid(rng) -> SoakRequest:
+    height, width = (int(side) for side in rng.integers(16, 65, size=2))
+    options = {"seed": int(rng.integers(0, 2**31)), "steps": int(rng.integers(1, 3))}
+    if rng.random() < 0.3:
+        options["prompt"] = "a red barn"
+    if rng.random() < 0.3:
+        options["guidance"] = float(rng.uniform(0.0, 7.0))
+    image = encode_png(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+    return SoakRequest("valid", (4 * height, 4 * width, 3), image, options)
+
+
+def _invalid(rng, index: int) -> SoakRequest:
+    """The index-th kind of bad request (they take turns), each with the value it is refused for."""
+    side, big = int(rng.integers(16, 65)), int(rng.integers(65, 200))
+    huge, bomb = int(rng.integers(10**5, 10**6)), int(rng.integers(10_000, 40_000))
+    image = encode_png(np.zeros((side, side, 3), np.uint8))
+    noisy = encode_png(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8))
+    kinds = [
+        ("steps 0", "steps must be in [1, 1000], got 0", {"steps": 0}, image),
+        ("steps 1001", "steps must be in [1, 1000], got 1001", {"steps": 1001}, image),
+        ("negative seed", f"seed must be >= 0, got {-huge}", {"seed": -huge}, image),
+        ("guidance nan", "guidance must be a finite number >= 0.0, got nan", {"guidance": float("nan")}, image),
+        ("truncated PNG", "input 'image': cannot decode the image (", {}, noisy[: len(noisy) // 2]),
+        ("not an image", "input 'image': not a readable image", {}, rng.bytes(int(rng.integers(1, 4096)))),
+        (
+            "decompression bomb",
+            f"input 'image': refused as a decompression bomb: Image size ({bomb * bomb} pixels)",
+            {},
+            png_header(bomb, bomb),
+        ),
+        ("image too small", f"input 'image': {side}x4 is too small", {}, encode_png(np.zeros((4, side, 3), np.uint8))),
+        (
+            "image too large",
+            f"{big}x{big} is {big * big} pixels, over the limit of {MAX_PIXELS}",
+            {},
+            encode_png(np.zeros((big, big, 3), np.uint8)),
+        ),
+        ("wrong declared shape", _shape_refusal("image", [huge, huge, 3]), {}, None),
+        ("huge declared prompt", f"expecting string of length {huge} but only 3 bytes available", {}, None),
+        ("huge declared steps", _shape_refusal("steps", [huge]), {}, None),
+    ]
+    kind, message, options, sent = kinds[index % len(kinds)]
+    wire = None
+    if kind == "wrong declared shape":
+        wire = [WireInput("image", "BYTES", [huge, huge, 3], bytes_element(image))]
+    elif kind == "huge declared prompt":
+        wire = [SMALL_IMAGE, WireInput("prompt", "BYTES", [1], bytes_element(b"abc", huge))]
+    elif kind == "huge declared steps":
+        wire = [SMALL_IMAGE, WireInput("steps", "INT32", [huge], bytes(4))]
+    return SoakRequest(kind, message, sent, {"steps": 1, **options}, wire)
+
+
+def soak_requests(count: int, seed: int) -> list[SoakRequest]:
+    """Half valid (varied sizes, seeds, steps, prompts, guidance), half invalid, interleaved."""
+    rng = np.random.default_rng(seed)
+    return [_valid(rng) if i % 2 == 0 else _invalid(rng, i // 2) for i in range(count)]
+
+
+@dataclass
+class SoakOutcome:
+    request: SoakRequest
+    seconds: float
+    unexpected: str | None  # what went other than expected
+
+
+def run_soak(server, protocol: str, requests: list[SoakRequest]) -> tuple[list[SoakOutcome], float]:
+    """All requests, SOAK_CONCURRENCY at a time (one tritonclient connection per worker thread)."""
+    from seesr_runtime.triton_client import ClientError, connect, infer
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    local, lock, clients = threading.local(), threading.Lock(), []
+
+    def answer(item: SoakRequest) -> tuple[tuple[int, ...] | None, str]:
+        if item.wire is not None:
+            wire = send(protocol, url, item.wire, timeout=120)
+            return None, wire.message
+        if not hasattr(local, "client"):
+            local.client = connect(protocol, url, timeout=120)
+            with lock:
+                clients.append(local.client)
+        try:
+            result = infer(local.client, protocol, build_inputs(protocol, item.image, **item.options), timeout=120)
+        except ClientError as exc:
+            return None, str(exc)
+        return result.image.shape, ""
+
+    def one(item: SoakRequest) -> SoakOutcome:
+        began = time.perf_counter()
+        try:
+            shape, message = answer(item)
+        except Exception as exc:  # noqa: BLE001 - counted and reported as unexpected, never stops the soak
+            shape, message = None, f"{type(exc).__name__}: {exc}"
+        seconds = time.perf_counter() - began
+        if isinstance(item.expect, str):
+            wrong = None if item.expect in message else f"{item.kind}: expected {item.expect!r}, got {message!r}"
+        else:
+            wrong = None if shape == item.expect else f"{item.kind}: expected {item.expect}, got {shape} {message!r}"
+        return SoakOutcome(item, seconds, wrong)
+
+    began = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=SOAK_CONCURRENCY) as pool:
+            outcomes = list(pool.map(one, requests))
+    finally:
+        for client in clients:
+            client.close()
+    return outcomes, time.perf_counter() - began
+
+
+def _percentiles_ms(seconds: list[float]) -> str:
+    p50, p95 = np.percentile(np.array(seconds) * 1000.0, [50, 95])
+    return f"p50 {p50:.0f} ms, p95 {p95:.0f} ms"
+
+
+@needs_server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_soak_of_valid_and_invalid_requests_keeps_serving_without_leaking(server, request, protocol):
+    warmup, _ = run_soak(server, protocol, soak_requests(SOAK_WARMUP, seed=1))
+    assert [o.unexpected for o in warmup if o.unexpected] == []
+    warm = server.resident_bytes()
+    outcomes, seconds = run_soak(server, protocol, soak_requests(SOAK_REQUESTS, seed=2))
+    after = server.resident_bytes()
+
+    unexpected = [o.unexpected for o in outcomes if o.unexpected]
+    valid = [o.seconds for o in outcomes if not isinstance(o.request.expect, str)]
+    refused = [o.seconds for o in outcomes if isinstance(o.request.expect, str)]
+    growth = after - warm
+    say(
+        request,
+        f"{protocol} soak: {len(outcomes)} requests ({len(valid)} valid, {len(refused)} invalid), "
+        f"{SOAK_CONCURRENCY} concurrent, {len(unexpected)} unexpected, {len(outcomes) / seconds:.1f} req/s; "
+        f"latency valid {_percentiles_ms(valid)}, refused {_percentiles_ms(refused)}; server RSS "
+        f"{warm / MiB:.0f} MiB after warm-up, {after / MiB:.0f} MiB after the soak "
+        f"({growth / MiB:+.1f} MiB, bound {SOAK_RSS_GROWTH_BOUND / MiB:.0f} MiB)",
+    )
+    assert unexpected == []
+    assert growth <= SOAK_RSS_GROWTH_BOUND
+    assert server.alive()
+    assert "Stub process" not in server.log_tail(100_000)  # no instance died and was restarted
 
 
 def say(request, line: str) -> None:
@@ -331,11 +681,13 @@ def test_server_stops_within_bounds(runtime_bundle, tmp_path):
     with TritonServer(repo, tmp_path, start_timeout=120) as running:
         pid = running.process.pid
         assert running.startup_seconds < 120
+        assert running.shm_regions()  # the stub's, under this server's own prefix
     began = time.monotonic()
     running.stop()  # idempotent
     assert time.monotonic() - began < 1
     assert not running.alive()
     assert _live_members(pid) == []  # the group (server and stubs) is gone
+    assert running.shm_regions() == []
 
 
 def _live_members(group: int) -> list[int]:
@@ -349,3 +701,19 @@ def _live_members(group: int) -> list[int]:
         if int(fields[2]) == group and fields[0] != "Z":
             members.append(int(stat.parent.name))
     return members
+
+
+@needs_server
+def test_model_refuses_a_repository_of_another_request_format(runtime_bundle, tmp_path):
+    """model.py and config.pbtxt come from the repository, the declaration from the server's runtime: a
+    mismatch stops the model loading (and this server, which exits on error) with a message saying so."""
+    repo = tmp_path / "repo"
+    assert write_repo(runtime_bundle, repo, "--reference-bundle") == 0
+    config = repo / "seesr" / "config.pbtxt"
+    declared = f'key: "service_version" value: {{ string_value: "{SERVICE_VERSION}" }}'
+    config.write_text(config.read_text().replace(declared, 'key: "service_version" value: { string_value: "1" }'))
+    server = TritonServer(repo, tmp_path)
+    with pytest.raises(RuntimeError, match="tritonserver exited"), server:
+        pass
+    message = f"written for request format '1' but the server's seesr_runtime speaks {SERVICE_VERSION}"
+    assert message in server.log_tail(100_000)

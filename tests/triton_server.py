@@ -48,6 +48,9 @@ class TritonServer:
         self.http_port, self.grpc_port = free_port(), free_port()
         self.http_url, self.grpc_url = f"{LOOPBACK}:{self.http_port}", f"{LOOPBACK}:{self.grpc_port}"
         self.log_path = workdir / "tritonserver.log"
+        # The Python backend's shared-memory regions (/dev/shm) get this server's own prefix: a stub that dies
+        # leaves its region behind, and stop() removes exactly this server's.
+        self.shm_prefix = f"seesr_test_triton_{os.getpid()}_{self.http_port}_"
         self.process: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
 
@@ -80,6 +83,7 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--exit-timeout-secs=10",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         began = time.monotonic()
         with open(self.log_path, "wb") as log:
@@ -105,6 +109,10 @@ class TritonServer:
         libs = [str(dist.parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
         env["LD_LIBRARY_PATH"] = ":".join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
         env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the stub's python is this environment's
+        # glibc's mmap threshold, fixed at 1 MiB for the server and its stubs: a freed buffer of that size or more
+        # goes back to the system, so resident memory tracks live memory (the soak's leak check). Left dynamic,
+        # the threshold rises with the buffers freed and the heap keeps them: 60 to 80 MiB that come and go.
+        env["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_TRIM_THRESHOLD_"] = str(1 << 20)
         return env
 
     def _wait_ready(self, began: float) -> None:
@@ -122,23 +130,62 @@ class TritonServer:
         raise TimeoutError(f"tritonserver not ready within {self.start_timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        group = os.getpgid(self.process.pid)
-        os.killpg(group, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=self.stop_timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(group, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        finally:
-            _kill_leftovers(group)
+        if self.process.poll() is None:
+            group = os.getpgid(self.process.pid)
+            os.killpg(group, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(group, signal.SIGKILL)
+                self.process.wait(timeout=10)
+            finally:
+                _kill_leftovers(group)
+        for region in self.shm_regions():
+            region.unlink(missing_ok=True)
+
+    def shm_regions(self) -> list[Path]:
+        return sorted(Path("/dev/shm").glob(f"{self.shm_prefix}*"))
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def resident_bytes(self) -> int:
+        """Resident memory of the server and its Python-backend stubs (its child processes), summed."""
+        return sum(_resident_bytes(pid) for pid in _process_tree(self.process.pid))
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and its descendants, from /proc (no psutil)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending += children.get(pid, [])
+    return tree
+
+
+def _resident_bytes(pid: int) -> int:
+    """VmRSS of one process; 0 for one that ended or is a zombie (which has no VmRSS line)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _kill_leftovers(group: int) -> None:

@@ -18,16 +18,21 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from . import __version__
 from . import options as option_table
+from .filemodes import write_atomically
 from .manifest import Manifest
 from .networks import NETWORK_CALL_ORDER, NetworkSpec
-from .profiling import StageProfiler, summarize
+from .pipeline import SeeSRPipeline
+from .profiling import Shapes, StageProfiler, summarize
 
 FORMAT = "seesr-bench"
 # Report order. "denoise_step" spans one whole sampler step and so overlaps the others.
@@ -69,12 +74,19 @@ def synthetic_lr(size: int, seed: int = 0) -> Image.Image:
 
 
 def run_bench(
-    pipe, profiler: StageProfiler, config: BenchConfig, image: Image.Image | None = None, progress=None
-) -> dict:
+    pipe: SeeSRPipeline,
+    profiler: StageProfiler,
+    config: BenchConfig,
+    image: Image.Image | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
     """Time ``config.warmup + config.runs`` upscales; returns the report (see module doc)."""
     image = image if image is not None else synthetic_lr(config.size, config.seed)
-    options = {"steps": config.steps, "guidance": config.guidance}
-    end_to_end, warmup, per_run_calls, output_size = [], [], [], None
+    options: dict[str, Any] = {"steps": config.steps, "guidance": config.guidance}
+    end_to_end: list[float] = []
+    warmup: list[float] = []
+    per_run_calls: list[dict[str, list[float]]] = []
+    output_size: tuple[int, int] | None = None
     for i in range(config.warmup + config.runs):
         profiler.clear()
         start = time.perf_counter()
@@ -110,7 +122,7 @@ def run_bench(
         "version": 1,
         "per_step": per_step_breakdown(stages, config.steps),
         "input_size": list(image.size),
-        "output_size": list(output_size),
+        "output_size": list(output_size or ()),
         "config": asdict(config),
         "end_to_end": e2e,
         "warmup_s": warmup,  # the first includes opening the sessions/engines
@@ -120,7 +132,7 @@ def run_bench(
     }
 
 
-def per_step_breakdown(stages: dict, steps: int) -> dict | None:
+def per_step_breakdown(stages: dict[str, Any], steps: int) -> dict[str, float] | None:
     """One sampler step (median), split into the ControlNet and UNet calls (all tiles) and the host glue
     around them (guidance, scheduler step, tiling, copies): where a step's time goes."""
     step_ms = stages[STEP_STAGE]["per_call"]["median_ms"]
@@ -135,10 +147,16 @@ def per_step_breakdown(stages: dict, steps: int) -> dict | None:
     }
 
 
-def _stage_report(name, per_run_calls, shapes, manifest: Manifest, config: BenchConfig) -> dict:
+def _stage_report(
+    name: str,
+    per_run_calls: list[dict[str, list[float]]],
+    shapes: set[Shapes],
+    manifest: Manifest,
+    config: BenchConfig,
+) -> dict[str, Any]:
     calls = [c for run in per_run_calls for c in run.get(name, [])]
     per_image = [sum(run.get(name, [])) for run in per_run_calls]
-    report = {
+    report: dict[str, Any] = {
         "calls_per_image": len(per_run_calls[0].get(name, [])) if per_run_calls else 0,
         "per_call": summarize(calls),
         "per_image": summarize(per_image) if calls else summarize([]),
@@ -154,7 +172,7 @@ def _stage_report(name, per_run_calls, shapes, manifest: Manifest, config: Bench
     return report
 
 
-def call_flops(manifest: Manifest, network: str, shapes: dict) -> float | None:
+def call_flops(manifest: Manifest, network: str, shapes: dict[str, tuple[int, ...]]) -> float | None:
     """FLOPs of one call with these input shapes, from the manifest's counts (exact shapes only)."""
     entry = manifest.data["networks"].get(network, {})
     spec: NetworkSpec = manifest.spec(network)
@@ -168,8 +186,8 @@ def call_flops(manifest: Manifest, network: str, shapes: dict) -> float | None:
 # ---------------------------------------------------------------- where it ran
 
 
-def machine_info() -> dict:
-    info = {
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
         "system": platform.system(),
         "machine": platform.machine(),
         "python": platform.python_version(),
@@ -227,7 +245,7 @@ def gpu_memory_mb() -> float | None:
     return None
 
 
-def versions() -> dict:
+def versions() -> dict[str, str]:
     out = {"seesr_runtime": __version__, "numpy": np.__version__}
     for module in ("onnxruntime", "tensorrt", "openvino"):
         if module in sys.modules:
@@ -251,7 +269,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def bundle_info(manifest: Manifest) -> dict:
+def bundle_info(manifest: Manifest) -> dict[str, str]:
     digest = hashlib.sha256((manifest.root / "manifest.json").read_bytes()).hexdigest()
     return {"path": str(manifest.root), "name": manifest.data["name"], "manifest_sha256": digest}
 
@@ -259,7 +277,7 @@ def bundle_info(manifest: Manifest) -> dict:
 # ---------------------------------------------------------------- printing
 
 
-def format_table(report: dict) -> str:
+def format_table(report: dict[str, Any]) -> str:
     stages = report["stages"]
     lines = [f"{'stage':<15}{'calls':>6}{'per call ms':>13}{'p95':>10}{'per image ms':>14}{'TFLOP/s':>9}"]
     for name in (*STAGES, "other"):
@@ -296,11 +314,9 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _ms(value) -> str:
+def _ms(value: float | None) -> str:
     return "" if value is None else (f"{value:.1f}" if value >= 10 else f"{value:.2f}")
 
 
-def write_json(path, report: dict) -> None:
-    from .filemodes import write_atomically
-
+def write_json(path: Path, report: dict[str, Any]) -> None:
     write_atomically(path, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1) + "\n"))

@@ -3,75 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
 import time
-import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from . import __version__
+from PIL import Image
+
+from . import __version__, logs, openvino_backend
 from . import options as option_table
-from .errors import ImageRejected, SeeSRError
+from .bench import (
+    FORMAT,
+    BenchConfig,
+    bundle_info,
+    format_table,
+    git_commit,
+    gpu_memory_mb,
+    machine_info,
+    peak_host_mb,
+    run_bench,
+    versions,
+    write_json,
+)
+from .errors import BundleError, ImageRejected, SeeSRError
 from .filemodes import remove_stale_temporaries, write_atomically
+from .inputs import expand_inputs, load_lr_image
+from .lazy import lazy_import
+from .pipeline import SeeSRPipeline, UpscaleResult
+from .profiling import StageProfiler
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-DEFAULT_MAX_PIXELS = option_table.default("max_pixels")  # input pixels; the output is 16x that
+log = logging.getLogger(__name__)
 
-
-def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Open ``path`` as an RGB PIL image, or raise ImageRejected with a clear reason (whatever the file's
-    bytes: ``tests/test_fuzz.py`` holds it to that); OSError only when ``path`` cannot be stat'ed.
-
-    Returns ``(image, note)``: note says what conversion was applied, if any
-    (grayscale, alpha dropped as the official script does, 16-bit scaled to 8-bit).
-    """
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    if path.stat().st_size == 0:
-        raise ImageRejected("empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                if opened.size[0] * opened.size[1] > max_pixels:  # refused before decoding
-                    option_table.check_image_size(*opened.size, max_pixels, raise_with="--max-pixels")
-                opened.load()
-                image = opened.copy()
-    except ImageRejected:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(f"refused as a decompression bomb: {exc}") from None
-    except UnidentifiedImageError:
-        raise ImageRejected("not a readable image (corrupt or unknown format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageRejected(f"cannot decode the image ({exc}); truncated or corrupt?") from None
-    option_table.check_image_size(*image.size, max_pixels, raise_with="--max-pixels")
-    note = None
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        scale = 257.0 if array.max() > 255 else 1.0
-        image = Image.fromarray(np.clip(np.round(array / scale), 0, 255).astype(np.uint8))
-        note = "16-bit grayscale scaled to 8-bit RGB"
-    elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        note = "alpha channel dropped (as the official script does)"
-    elif image.mode in ("L", "1"):
-        note = "grayscale converted to RGB"
-    elif image.mode not in ("RGB", "P"):
-        note = f"{image.mode} converted to RGB"
-    return image.convert("RGB"), note
-
-
-def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given; directories expanded to their images (sorted, not recursive)."""
-    files = []
-    for path in inputs:
-        if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            files.append(path)
-    return files
+tqdm = lazy_import("tqdm")  # loaded with the first progress bar: seesr-export imports this module at start-up
 
 
 class StopRequests:
@@ -80,37 +49,33 @@ class StopRequests:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, say):
-        self.say, self.signal, self._previous = say, None, {}
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}  # signal -> the handler it had before
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def _handle(self, signum, _frame) -> None:
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
-        self.say(f"{signal.Signals(signum).name}: stopping after the current image (again to stop now)")
+        log.info(f"{signal.Signals(signum).name}: stopping after the current image (again to stop now)")
 
 
-def cmd_upscale(args) -> int:
-    from tqdm import tqdm
-
-    from .pipeline import SeeSRPipeline
-
+def cmd_upscale(args: argparse.Namespace) -> int:
     given = option_table.given_in(args)  # bad values fail here, before the bundle loads
     files = expand_inputs(args.inputs)
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 2
-    say = (lambda msg: None) if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
-    choose_cpu_default(args, say)
+    choose_cpu_default(args)
     backend_options = backend_options_from(args)
     pipe = SeeSRPipeline.from_bundle(
         args.bundle,
@@ -123,8 +88,8 @@ def cmd_upscale(args) -> int:
     remove_stale_temporaries(args.output, ".png")
     remove_stale_temporaries(args.output / "txt", ".txt")
     done, skipped, failed = 0, 0, []
-    with StopRequests(say) as stop:
-        for path in tqdm(files, desc="images", unit="img", disable=args.quiet, file=sys.stderr):
+    with StopRequests() as stop:
+        for path in tqdm.tqdm(files, desc="images", unit="img", disable=not logs.progress_enabled(), file=sys.stderr):
             if stop.signal is not None:
                 break
             target = args.output / f"{path.stem}.png"
@@ -134,19 +99,19 @@ def cmd_upscale(args) -> int:
             try:
                 lr, note = load_lr_image(path, options["max_pixels"])
             except (ImageRejected, OSError) as exc:
-                print(f"error: {path}: {exc}", file=sys.stderr)
+                log.error(f"{path}: {exc}")
                 failed.append(path)
                 continue
             if note:
-                say(f"note: {path}: {note}")
-            result = _upscale_one(pipe, lr, path.name, options, args.quiet)
-            write_atomically(target, lambda tmp, image=result.image: image.save(tmp, format="PNG"))
+                log.info(f"note: {path}: {note}")
+            result = _upscale_one(pipe, lr, path.name, options)
+            write_atomically(target, partial(result.image.save, format="PNG"))
             if args.save_prompts:
                 write_atomically(
                     args.output / "txt" / f"{path.stem}.txt",
-                    lambda tmp, prompt=result.prompt: Path(tmp).write_text(prompt),
+                    partial(_write_text, text=result.prompt),
                 )
-            say(f"{path} -> {target} ({result.image.size[0]}x{result.image.size[1]})")
+            log.info(f"{path} -> {target} ({result.image.size[0]}x{result.image.size[1]})")
             done += 1
     summary = f"{done} upscaled, {skipped} skipped, {len(failed)} failed" + (
         ": " + ", ".join(str(p) for p in failed) if failed else ""
@@ -161,30 +126,17 @@ def cmd_upscale(args) -> int:
     return 128 + stop.signal if stop.signal is not None else 1 if failed else 0
 
 
-def _upscale_one(pipe, lr, name: str, options: dict, quiet: bool):
-    from tqdm import tqdm
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
 
-    with tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=quiet, file=sys.stderr) as bar:
+
+def _upscale_one(pipe: SeeSRPipeline, lr: Image.Image, name: str, options: dict[str, Any]) -> UpscaleResult:
+    hidden = not logs.progress_enabled()
+    with tqdm.tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=hidden, file=sys.stderr) as bar:
         return pipe(lr, callback=lambda i, t: bar.update(1), **options)
 
 
-def cmd_bench(args) -> int:
-    from .bench import (
-        FORMAT,
-        BenchConfig,
-        bundle_info,
-        format_table,
-        git_commit,
-        gpu_memory_mb,
-        machine_info,
-        peak_host_mb,
-        run_bench,
-        versions,
-        write_json,
-    )
-    from .pipeline import SeeSRPipeline
-    from .profiling import StageProfiler
-
+def cmd_bench(args: argparse.Namespace) -> int:
     image = None
     if args.image is not None:
         try:
@@ -192,7 +144,6 @@ def cmd_bench(args) -> int:
         except (ImageRejected, OSError) as exc:
             print(f"error: {args.image}: {exc}", file=sys.stderr)
             return 2
-    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     profiler = StageProfiler()
     backend_options = backend_options_from(args)
     start = time.perf_counter()
@@ -210,14 +161,15 @@ def cmd_bench(args) -> int:
         p.lower() in ("cuda", "tensorrt") or "CUDA" in p or "Tensorrt" in p for p in (args.providers or [])
     )
     label = args.label or f"{args.backend} {args.precision}"
-    if len(args.steps) not in (1, len(args.size)):
+    step_counts = args.steps or [pipe.defaults["steps"]]  # the bundle's default: 2 for a turbo bundle
+    if len(step_counts) not in (1, len(args.size)):
         print(
-            f"error: --steps takes one value or one per --size ({len(args.size)}), got {len(args.steps)}",
+            f"error: --steps takes one value or one per --size ({len(args.size)}), got {len(step_counts)}",
             file=sys.stderr,
         )
         return 2
     results = []
-    for size, steps in zip(args.size, args.steps * len(args.size) if len(args.steps) == 1 else args.steps):
+    for size, steps in zip(args.size, step_counts * len(args.size) if len(step_counts) == 1 else step_counts):
         config = BenchConfig(
             size=size,
             steps=steps,
@@ -226,14 +178,15 @@ def cmd_bench(args) -> int:
             seed=args.seed,
             guidance=args.guidance,
             peak_tflops=args.peak_tflops,
+            reference_steps=pipe.defaults["steps"],  # e2e is also extrapolated to the bundle's default
         )
-        say(f"bench {label}: {size} px, {steps} steps, {args.warmup} warm-up + {args.runs} timed")
+        log.info(f"bench {label}: {size} px, {steps} steps, {args.warmup} warm-up + {args.runs} timed")
         report = run_bench(
             pipe,
             profiler,
             config,
             image,
-            progress=lambda i, s: say(f"  {'warm-up' if i < args.warmup else 'run'} {i + 1}: {s:.3f} s"),
+            progress=lambda i, s: log.info(f"  {'warm-up' if i < args.warmup else 'run'} {i + 1}: {s:.3f} s"),
         )
         report["memory"] = {"peak_host_mb": peak_host_mb(), "peak_gpu_mb": gpu_memory_mb() if on_gpu else None}
         results.append(report)
@@ -260,7 +213,7 @@ def cmd_bench(args) -> int:
     }
     if args.json:
         write_json(Path(args.json), summary)
-        say(f"wrote {args.json}")
+        log.info(f"wrote {args.json}")
     return 0
 
 
@@ -350,19 +303,19 @@ OPENVINO_ONLY_PRECISIONS = ("bf16", "int8-bf16")
 CPU_DEFAULT = ("openvino", "bf16")
 
 
-def choose_cpu_default(args, say) -> None:
+def choose_cpu_default(args: argparse.Namespace) -> None:
     """Fill in args.backend and args.precision where the user gave neither (nor --providers), and say
     which configuration was picked and why."""
     if args.backend is None and args.precision is None and args.providers is None and args.device is None:
         if _openvino_has_bf16():
             args.backend, args.precision = CPU_DEFAULT
-            say(
+            log.info(
                 "note: running OpenVINO bf16 (the fastest CPU configuration within 35 dB of fp32; "
                 "--backend onnxruntime --precision fp32 for the fp32 reference)"
             )
         else:
             args.backend, args.precision = "onnxruntime", "fp32"
-            say(
+            log.info(
                 "note: running onnxruntime fp32 (OpenVINO bf16, the faster CPU default, needs the 'openvino' "
                 "extra and a CPU with bf16 units)"
             )
@@ -375,16 +328,13 @@ def choose_cpu_default(args, say) -> None:
 
 def _openvino_has_bf16() -> bool:
     try:
-        from .openvino_backend import device_capabilities, import_openvino
-
-        return "BF16" in device_capabilities(import_openvino().Core(), "CPU")
+        # looked up on the module at call time: tests replace device_capabilities to play another CPU
+        return "BF16" in openvino_backend.device_capabilities(openvino_backend.import_openvino().Core(), "CPU")
     except Exception:  # noqa: BLE001 - no openvino (BundleError) or no CPU device: the fp32 default applies
         return False
 
 
-def backend_options_from(args) -> dict:
-    from .errors import BundleError
-
+def backend_options_from(args: argparse.Namespace) -> dict[str, Any]:
     if args.backend != "openvino":
         if args.precision in OPENVINO_ONLY_PRECISIONS:
             raise BundleError(
@@ -443,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--save-prompts", action="store_true", help="also write each prompt to OUTPUT/txt/NAME.txt")
     p.add_argument("--skip-existing", action="store_true", help="leave inputs whose output PNG exists")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes; errors and summary only")
+    add_verbosity_args(p, quiet_help="no progress bars or notes; errors and summary only")
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser(
@@ -474,9 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         nargs="+",
-        default=[option_table.default("steps")],
-        help=f"DDPM steps per image, one value or one per --size (default {option_table.default('steps')}); "
-        "fewer steps are also extrapolated to 50",
+        default=None,
+        help="DDPM steps per image, one value or one per --size (default: the bundle's, "
+        f"{option_table.default('steps')}); fewer steps are also extrapolated to 50",
     )
     p.add_argument("--runs", type=int, default=3, help="timed images (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed images first (default 1)")
@@ -496,17 +446,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--label", default=None, help="name of this configuration in the report")
     p.add_argument("--json", type=Path, default=None, help="write the full report here (JSON)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    add_verbosity_args(p, quiet_help="print nothing but errors")
     p.set_defaults(func=cmd_bench)
     return parser
 
 
+def add_verbosity_args(p: argparse.ArgumentParser, quiet_help: str) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="also details: sessions, shapes, per-file checks (DEBUG)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.configure(args.quiet, args.verbose)
     return run_command(args.func, args)
 
 
-def run_command(func, args) -> int:
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """``func(args)``, with every error a user can cause or fix (SeeSRError; OSError: a file, a folder, the
     disk) as one line on stderr and exit status 2, never a traceback; Ctrl-C: 130."""
     try:

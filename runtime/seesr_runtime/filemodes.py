@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -30,17 +31,17 @@ def umask_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~current_umask()
 
 
-def give_umask_mode(path: str | os.PathLike) -> None:
+def give_umask_mode(path: str | os.PathLike[str]) -> None:
     """chmod ``path`` (a file, or a directory itself, not its contents) to the umask's mode."""
     os.chmod(path, umask_mode(os.path.isdir(path)))
 
 
-def give_tree_umask_modes(root: str | os.PathLike, files: bool = True) -> None:
+def give_tree_umask_modes(root: str | os.PathLike[str], files: bool = True) -> None:
     """``give_umask_mode`` for ``root`` and everything under it (``files`` False: directories only;
     symbolic links left alone). Only modes that differ are changed: a chmod moves the file's ctime,
     which verification stamps record."""
     file_mode, directories = umask_mode(False), umask_mode(True)
-    for folder, subfolders, names in os.walk(root):
+    for folder, subfolders, names in os.walk(os.fspath(root)):
         entries = [(n, directories) for n in subfolders] + ([(n, file_mode) for n in names] if files else [])
         for name, mode in entries:
             path = os.path.join(folder, name)
@@ -50,8 +51,9 @@ def give_tree_umask_modes(root: str | os.PathLike, files: bool = True) -> None:
         os.chmod(root, directories)
 
 
-def write_atomically(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: readers never see a partial file, and the file gets
+def write_atomically(path: Path, write: Callable[..., object]) -> None:
+    """``write(tmp_path)`` (a str; typed loosely, as callers bind their values as default arguments) then
+    rename onto ``path``: readers never see a partial file, and the file gets
     the mode the umask gives a new file (not the temporary file's 0600). The hidden temporary file
     carries our process id, so that ``remove_stale_temporaries`` can tell a killed writer's leftovers
     from a live one's."""

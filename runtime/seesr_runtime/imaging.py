@@ -11,8 +11,13 @@ bilinear interpolation (``test_bilinear_resize_matches_torch``). The geometry (`
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
+
+from .tensors import FloatArray
 
 # ---------------------------------------------------------------- geometry
 
@@ -24,30 +29,31 @@ def working_image(lr: Image.Image, process_size: int, upscale: int) -> Image.Ima
     short = process_size // upscale
     if w < short or h < short:
         scale = short / min(w, h)
-        lr = lr.resize((int(scale * w), int(scale * h)), Image.BICUBIC)
-    lr = lr.resize((lr.size[0] * upscale, lr.size[1] * upscale), Image.BICUBIC)
-    return lr.resize((lr.size[0] // 8 * 8, lr.size[1] // 8 * 8), Image.BICUBIC)
+        lr = lr.resize((int(scale * w), int(scale * h)), Image.Resampling.BICUBIC)
+    lr = lr.resize((lr.size[0] * upscale, lr.size[1] * upscale), Image.Resampling.BICUBIC)
+    return lr.resize((lr.size[0] // 8 * 8, lr.size[1] // 8 * 8), Image.Resampling.BICUBIC)
 
 
-def to_chw(image: Image.Image) -> np.ndarray:
+def to_chw(image: Image.Image) -> FloatArray:
     """PIL RGB -> float32 [1, 3, H, W] in [0, 1]."""
-    return (np.asarray(image, dtype=np.float32) / np.float32(255.0)).transpose(2, 0, 1)[None].copy()
+    pixels: FloatArray = np.asarray(image, dtype=np.float32)  # typed here: PIL images are not numpy-typed
+    return (pixels / np.float32(255.0)).transpose(2, 0, 1)[None].copy()
 
 
-def to_uint8_rounded(image: np.ndarray) -> np.ndarray:
+def to_uint8_rounded(image: FloatArray) -> npt.NDArray[np.uint8]:
     """VAE output [1, 3, H, W] in about [-1, 1] -> HxWx3 uint8, rounding as diffusers does."""
-    x = np.clip(image[0] / np.float32(2.0) + np.float32(0.5), 0.0, 1.0)
+    x: FloatArray = np.clip(image[0] / np.float32(2.0) + np.float32(0.5), 0.0, 1.0)
     return np.round(x.transpose(1, 2, 0) * np.float32(255.0)).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- DAPE input
 
 
-def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_bilinear(x: FloatArray, size: tuple[int, int]) -> FloatArray:
     """torch's ``interpolate(mode="bilinear", align_corners=False, antialias=False)`` on [N, C, H, W]."""
     out_h, out_w = size
 
-    def axis(n_in: int, n_out: int):
+    def axis(n_in: int, n_out: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], FloatArray]:
         src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
         src = np.maximum(src, 0.0)
         i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
@@ -61,16 +67,16 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (top[..., x0] * (1 - fx) + top[..., x1] * fx).astype(np.float32)
 
 
-def dape_input(lr: Image.Image, size: int, mean, std) -> np.ndarray:
+def dape_input(lr: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> FloatArray:
     """The original LR as a tensor, bilinear-resized to size x size without antialias (SeeSR's
     torchvision 0.15 did not antialias tensors, so large inputs alias as they did), normalised."""
     x = resize_bilinear(to_chw(lr), (size, size))
-    mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
-    return ((x - mean) / std).astype(np.float32)
+    mean_ = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std_ = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return ((x - mean_) / std_).astype(np.float32)
 
 
-def select_tags(tag_logits: np.ndarray, tags: list[str], thresholds: np.ndarray) -> str:
+def select_tags(tag_logits: FloatArray, tags: list[str], thresholds: FloatArray) -> str:
     """Tags whose sigmoid(logit) is strictly above their threshold, in class order, joined with ", "."""
     probs = 1.0 / (1.0 + np.exp(-tag_logits.astype(np.float32)))
     return ", ".join(tag for tag, fired in zip(tags, probs > thresholds) if fired)
@@ -92,21 +98,25 @@ def tile_origins(height: int, width: int, tile: int, overlap: int) -> list[tuple
     return [(y, x) for x in starts(width) for y in starts(height)]
 
 
-def gaussian_tile_weights(tile: int) -> np.ndarray:
+def gaussian_tile_weights(tile: int) -> npt.NDArray[np.float64]:
     """float64 [tile, tile] blend weights; the official code centres x at (T-1)/2 but y at T/2."""
     var = 0.01
 
-    def profile(midpoint: float) -> np.ndarray:
+    def profile(midpoint: float) -> npt.NDArray[np.float64]:
         i = np.arange(tile, dtype=np.float64)
-        return np.exp(-((i - midpoint) ** 2) / (tile * tile) / (2 * var)) / np.sqrt(2 * np.pi * var)
+        density: npt.NDArray[np.float64] = np.exp(-((i - midpoint) ** 2) / (tile * tile) / (2 * var)) / np.sqrt(
+            2 * np.pi * var
+        )
+        return density
 
-    return np.outer(profile(tile / 2), profile((tile - 1) / 2))
+    weights: npt.NDArray[np.float64] = np.outer(profile(tile / 2), profile((tile - 1) / 2))
+    return weights
 
 
 # ---------------------------------------------------------------- colour fix
 
 
-def _truncate_to_image(x: np.ndarray) -> Image.Image:
+def _truncate_to_image(x: FloatArray) -> Image.Image:
     # torchvision's ToPILImage: x*255 then a byte cast, i.e. truncation (not rounding).
     x = np.clip(x[0], 0.0, 1.0).transpose(1, 2, 0) * np.float32(255.0)
     return Image.fromarray(x.astype(np.uint8))
@@ -116,7 +126,7 @@ def adain_color_fix(target: Image.Image, source: Image.Image) -> Image.Image:
     """Give target the per-channel mean and (unbiased, +1e-5) std of source."""
     t, s = to_chw(target), to_chw(source)
 
-    def stats(x):
+    def stats(x: FloatArray) -> tuple[FloatArray, FloatArray]:
         flat = x.reshape(3, -1)
         return flat.mean(axis=1).reshape(1, 3, 1, 1), np.sqrt(flat.var(axis=1, ddof=1) + 1e-5).reshape(1, 3, 1, 1)
 
@@ -125,7 +135,7 @@ def adain_color_fix(target: Image.Image, source: Image.Image) -> Image.Image:
     return _truncate_to_image(((t - t_mean) / t_std * s_std + s_mean).astype(np.float32))
 
 
-def _wavelet_blur(x: np.ndarray, radius: int) -> np.ndarray:
+def _wavelet_blur(x: FloatArray, radius: int) -> FloatArray:
     """3x3 [1,2,1]x[1,2,1]/16 kernel, dilation radius, replicate padding."""
     p = np.pad(x, ((0, 0), (0, 0), (radius, radius), (radius, radius)), mode="edge")
     h, w = x.shape[2], x.shape[3]
@@ -136,7 +146,7 @@ def _wavelet_blur(x: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def _wavelet_split(x: np.ndarray, levels: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def _wavelet_split(x: FloatArray, levels: int = 5) -> tuple[FloatArray, FloatArray]:
     high = np.zeros_like(x)
     for i in range(levels):
         low = _wavelet_blur(x, 2**i)
@@ -152,4 +162,8 @@ def wavelet_color_fix(target: Image.Image, source: Image.Image) -> Image.Image:
     return _truncate_to_image(target_high + source_low)
 
 
-COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": lambda target, source: target}
+COLOR_FIXES: dict[str, Callable[[Image.Image, Image.Image], Image.Image]] = {
+    "adain": adain_color_fix,
+    "wavelet": wavelet_color_fix,
+    "none": lambda target, source: target,
+}

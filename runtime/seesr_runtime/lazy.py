@@ -10,7 +10,8 @@ visible where a reader looks for it, importing the module stays cheap, and a mis
     ...
     core = ov.Core()            # openvino is imported here, on first attribute access
 
-``available(name)`` asks whether a package can be imported, without importing it.
+``imported(module)`` imports a lazy module now and returns the real one (to report a missing package
+early); ``available(name)`` asks whether a package can be imported, without importing it.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from .errors import MissingDependency
 
 
 class LazyModule(ModuleType):
-    """A stand-in for a module that imports it on first attribute access."""
+    """A stand-in for a module that imports it on first attribute access. Its own names all start with
+    ``_lazy_``, so none hides an attribute of the real module (``onnx.load``)."""
 
     def __init__(self, name: str, extra: str | None):
         super().__init__(name)
         self._lazy_extra = extra
         self._lazy_module: ModuleType | None = None
 
-    def load(self) -> ModuleType:
+    def _lazy_load(self) -> ModuleType:
         """The real module, imported now if it was not yet; ``MissingDependency`` when it is missing."""
         if self._lazy_module is None:
             try:
@@ -47,7 +49,7 @@ class LazyModule(ModuleType):
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_lazy_"):  # our own slots, before __init__ has set them
             raise AttributeError(attr)
-        return getattr(self.load(), attr)
+        return getattr(self._lazy_load(), attr)
 
     def __repr__(self) -> str:
         state = "imported" if self._lazy_module is not None else "not imported yet"
@@ -59,6 +61,12 @@ def lazy_import(name: str, extra: str | None = None) -> Any:
 
     Typed ``Any`` because the real module's attributes are only known once it is imported."""
     return LazyModule(name, extra)
+
+
+def imported(module: Any) -> ModuleType:
+    """The real module behind ``module`` (a lazy module, imported now: ``MissingDependency`` when it is
+    missing; any other module is returned as it is)."""
+    return module._lazy_load() if isinstance(module, LazyModule) else module
 
 
 def available(name: str) -> bool:

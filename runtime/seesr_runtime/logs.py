@@ -63,11 +63,17 @@ def progress_enabled() -> bool:
 
 
 class _StderrHandler(logging.Handler):
-    """Writes each record to whatever ``sys.stderr`` is at that moment."""
+    """Writes each record to whatever ``sys.stderr`` is at that moment; through ``tqdm.write`` once tqdm
+    is imported, so that a message printed while a progress bar is drawn goes above the bar, not into it."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            sys.stderr.write(self.format(record) + "\n")
+            message = self.format(record)
+            bars = sys.modules.get("tqdm")  # not imported: no bar can be on screen (and none is loaded for this)
+            if bars is not None:
+                bars.tqdm.write(message, file=sys.stderr)
+            else:
+                sys.stderr.write(message + "\n")
             sys.stderr.flush()
         except Exception:  # noqa: BLE001 - logging's own convention: report through handleError, never raise
             self.handleError(record)

@@ -1,6 +1,6 @@
 """A bundle's ``manifest.json``: the one contract between exporter, runtime, TensorRT, Triton and C++.
 
-Reading it needs only the standard library; ``validate`` checks the structure
+Reading it needs only the standard library and numpy; ``validate`` checks the structure
 (without the jsonschema package), ``bundle_path`` keeps every path the manifest names inside the
 bundle, and ``Manifest.load`` checks the sha256 of every file (``verification.py``: cheaply, through a
 stamp, unless told otherwise).
@@ -8,29 +8,24 @@ stamp, unless told otherwise).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 from . import options as option_table
+from .checksums import sha256_file as sha256_file  # re-exported: the build side pins files with it
 from .errors import BundleError
 from .networks import NETWORK_NAMES, ModelDims, NetworkSpec
+from .onnx_refs import NotProtobuf, external_data_locations
+from .verification import Verification, verify_bundle, verify_mode
 
 SCHEMA_VERSION = 1
 FORMAT = "seesr-bundle"
 MANIFEST = "manifest.json"
 GPU_GRAPH = "fp16_gpu"  # fp16 with onnxruntime's CUDA-only fused ops; "providers" in its file entry
 PRECISIONS = ("fp32", "fp16", "int8", GPU_GRAPH)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _REQUIRED = {
@@ -46,7 +41,7 @@ _REQUIRED = {
 }
 
 
-def validate(data: dict, source: str = MANIFEST) -> None:
+def validate(data: object, source: str = MANIFEST) -> None:
     """Raise BundleError naming every structural problem of a manifest."""
     if not isinstance(data, dict):
         raise BundleError(f"{source}: invalid manifest: expected a JSON object, got {type(data).__name__}")
@@ -76,7 +71,7 @@ def validate(data: dict, source: str = MANIFEST) -> None:
         raise BundleError(f"{source}: invalid manifest:\n  " + "\n  ".join(problems))
 
 
-def _network_problems(name: str, entry) -> list[str]:
+def _network_problems(name: str, entry: object) -> list[str]:
     """What is wrong with the structure of one ``networks`` entry (its graphs, segments and engines)."""
     if name not in NETWORK_NAMES:
         return [f"unknown network {name!r}"]
@@ -108,7 +103,7 @@ def _network_problems(name: str, entry) -> list[str]:
     return problems
 
 
-def bundle_path(root: Path | str, rel, what: str) -> Path:
+def bundle_path(root: Path | str, rel: object, what: str) -> Path:
     """The file that the manifest path ``rel`` names inside the bundle ``root`` (resolved; it need not exist).
 
     A bundle may only name its own files: absolute paths, ``..`` climbing out of the bundle and symbolic
@@ -141,7 +136,7 @@ def _encodable(rel: str) -> bool:
     return True
 
 
-def named_paths(data: dict) -> list[tuple[str, str]]:
+def named_paths(data: dict[str, Any]) -> list[tuple[str, str]]:
     """(what it is, path) for every path a (validated) manifest names."""
     named = [(f"text {key}", data["text"].get(key)) for key in ("tokenizer", "negative_prompt_embeds")]
     named += [("file", rel) for rel in data.get("files", {})]
@@ -162,7 +157,7 @@ def named_paths(data: dict) -> list[tuple[str, str]]:
     return named
 
 
-def entry_files(entry: dict) -> dict[str, str]:
+def entry_files(entry: dict[str, Any]) -> dict[str, str]:
     """Every file one network entry pins (its graphs and its tiled-VAE segments), path -> sha256."""
     pinned = {}
     for owner in (entry, *entry.get("tiled", {}).get("segments", [])):
@@ -174,9 +169,9 @@ def entry_files(entry: dict) -> dict[str, str]:
 @dataclass
 class Manifest:
     root: Path
-    data: dict
-    verification: object = field(default=None, compare=False, repr=False)  # the load's ``Verification``
-    _checked_graphs: set = field(default_factory=set, compare=False, repr=False)
+    data: dict[str, Any]
+    verification: Verification | None = field(default=None, compare=False, repr=False)  # the load's ``Verification``
+    _checked_graphs: set[Path] = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
     def load(cls, bundle: Path | str, verify: str | bool = "auto") -> Manifest:
@@ -187,8 +182,6 @@ class Manifest:
         are vouched for by the verification stamp (``verification.py``); ``"always"`` or True: hash
         every file; ``"never"`` or False: no hashing (for callers that verify the files otherwise).
         """
-        from .verification import verify_bundle, verify_mode
-
         mode = verify_mode(verify)
         root = Path(bundle)
         path = root / MANIFEST
@@ -218,21 +211,24 @@ class Manifest:
     def dims(self) -> ModelDims:
         return ModelDims.from_json(self.data["dims"])
 
-    def entry(self, network: str) -> dict:
+    def entry(self, network: str) -> dict[str, Any]:
         """The manifest entry of a network, or of one tiled-VAE segment (``"vae_decoder#3"``)."""
         parent, _, segment = network.partition("#")
         try:
-            entry = self.data["networks"][parent]
-            return entry["tiled"]["segments"][int(segment)] if segment else entry
+            entry: dict[str, Any] = self.data["networks"][parent]
+            if segment:
+                entry = entry["tiled"]["segments"][int(segment)]
+            return entry
         except (KeyError, IndexError, ValueError):
             raise BundleError(f"{self.root}: the bundle has no network {network!r}") from None
 
-    def tiled_vae(self, network: str) -> dict | None:
+    def tiled_vae(self, network: str) -> dict[str, Any] | None:
         """The ``tiled`` entry of ``vae_encoder``/``vae_decoder`` (segment graphs for the official tiled
         VAE), or None for bundles built without them."""
-        return self.data["networks"].get(network, {}).get("tiled")
+        tiled: dict[str, Any] | None = self.data["networks"].get(network, {}).get("tiled")
+        return tiled
 
-    def options(self) -> list[dict]:
+    def options(self) -> list[dict[str, Any]]:
         """The upscale options as this bundle describes them (``pipeline.options``); for bundles built
         before that was recorded, the runtime's table with the bundle's defaults."""
         pipeline = self.data["pipeline"]
@@ -261,13 +257,11 @@ class Manifest:
             self._checked_graphs.add(graph)
         return graph
 
-    def _check_external_data(self, graph: Path, files: dict, what: str) -> None:
+    def _check_external_data(self, graph: Path, files: dict[str, Any], what: str) -> None:
         """Every external-data file the graph names must lie inside the bundle and be pinned by the
         graph's own manifest entry (so its sha256 is checked with the graph's). Checked here, before
         any engine opens the graph, from the graph's bytes (``onnx_refs``): the manifest alone cannot
         say what the file will make the engine read."""
-        from .onnx_refs import NotProtobuf, external_data_locations
-
         if not graph.is_file():
             raise BundleError(f"{self.root}: {what} {files['onnx']!r} is missing")
         try:
@@ -297,10 +291,8 @@ class Manifest:
         pinned.update(self.data.get("files", {}))
         return pinned
 
-    def verify_files(self):
+    def verify_files(self) -> Verification:
         """Hash every file the manifest pins (no stamp trusted); BundleError names every missing or
         altered one. Returns the ``Verification``."""
-        from .verification import verify_bundle
-
         self.verification = verify_bundle(self, "always")
         return self.verification

@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .tensors import Array
 
 DTYPES = ("float32", "float16", "int64")
 _EXPR = re.compile(
@@ -47,9 +53,9 @@ def eval_dim(expr: int | str, env: dict[str, int]) -> int:
 class TensorSpec:
     name: str
     dtype: str
-    shape: tuple
+    shape: tuple[int | str, ...]  # sizes and expressions over named dimensions ("B", "8*h")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"tensor {self.name}: dtype {self.dtype!r} not in {DTYPES}")
         object.__setattr__(self, "shape", tuple(self.shape))
@@ -57,11 +63,11 @@ class TensorSpec:
     def concrete_shape(self, env: dict[str, int]) -> tuple[int, ...]:
         return tuple(eval_dim(d, env) for d in self.shape)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_json(cls, data: dict) -> TensorSpec:
+    def from_json(cls, data: dict[str, Any]) -> TensorSpec:
         return cls(data["name"], data["dtype"], tuple(data["shape"]))
 
 
@@ -70,24 +76,24 @@ class Profile:
     """A range of named dimensions: TensorRT optimization profiles are built from these."""
 
     name: str
-    min: dict
-    opt: dict
-    max: dict
+    min: dict[str, int]
+    opt: dict[str, int]
+    max: dict[str, int]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> Profile:
+    def from_json(cls, data: dict[str, Any]) -> Profile:
         return cls(data["name"], dict(data["min"]), dict(data["opt"]), dict(data["max"]))
 
 
 @dataclass(frozen=True)
 class NetworkSpec:
     name: str
-    inputs: tuple
-    outputs: tuple
-    profiles: tuple = field(default=())
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    profiles: tuple[Profile, ...] = field(default=())
 
     @property
     def input_names(self) -> list[str]:
@@ -99,14 +105,14 @@ class NetworkSpec:
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """Non-constant axes of every tensor, named by their expression (ONNX dim_param)."""
-        axes = {}
+        axes: dict[str, dict[int, str]] = {}
         for spec in (*self.inputs, *self.outputs):
             dynamic = {i: str(d) for i, d in enumerate(spec.shape) if not isinstance(d, int)}
             if dynamic:
                 axes[spec.name] = dynamic
         return axes
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "inputs": [t.to_json() for t in self.inputs],
@@ -115,7 +121,7 @@ class NetworkSpec:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> NetworkSpec:
+    def from_json(cls, data: dict[str, Any]) -> NetworkSpec:
         return cls(
             data["name"],
             tuple(TensorSpec.from_json(t) for t in data["inputs"]),
@@ -130,8 +136,8 @@ class ModelDims:
 
     text_dim: int  # CLIP hidden size (1024 for SD2)
     num_tags: int  # RAM classes (4585)
-    residual_channels: tuple  # ControlNet output channels, one per UNet skip (12 for SD2)
-    residual_strides: tuple  # spatial stride of each skip relative to the latent
+    residual_channels: tuple[int, ...]  # ControlNet output channels, one per UNet skip (12 for SD2)
+    residual_strides: tuple[int, ...]  # spatial stride of each skip relative to the latent
     mid_channels: int
     latent_channels: int = 4
     image_tokens: int = 145
@@ -139,11 +145,11 @@ class ModelDims:
     dape_size: int = 384
     text_tokens: int = 77
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_json(cls, data: dict) -> ModelDims:
+    def from_json(cls, data: dict[str, Any]) -> ModelDims:
         data = dict(data)
         data["residual_channels"] = tuple(data["residual_channels"])
         data["residual_strides"] = tuple(data["residual_strides"])
@@ -242,7 +248,7 @@ class NetworkRole:
 
     name: str
     model: str  # the torch model it is traced from; networks sharing one (the VAE halves) load it once
-    sources: tuple  # the checkout's file roles that shape its graphs (the build's cache key hashes them)
+    sources: tuple[str, ...]  # the checkout's file roles that shape its graphs (the build's cache key hashes them)
     call_order: int  # position in one upscale: tagger, prompt, VAE encode, per step ControlNet then UNet, decode
     export_order: int  # parallel builds start the largest first, so the UNet does not start last
 
@@ -264,14 +270,14 @@ NETWORK_CALL_ORDER = tuple(sorted(NETWORK_NAMES, key=lambda n: NETWORK_TABLE[n].
 
 def networks_of_model() -> dict[str, tuple[str, ...]]:
     """torch model -> the networks traced from it."""
-    models = {}
+    models: dict[str, tuple[str, ...]] = {}
     for role in NETWORK_TABLE.values():
         models.setdefault(role.model, ())
         models[role.model] += (role.name,)
     return models
 
 
-def networks_by_size(names) -> list[str]:
+def networks_by_size(names: Iterable[str]) -> list[str]:
     """``names``, largest network first."""
     return sorted(names, key=lambda n: NETWORK_TABLE[n].export_order)
 
@@ -283,7 +289,7 @@ INT8_FALLBACK = "fp32"
 INT8_ENGINE_FALLBACK = "fp16"
 
 
-def graph_for_precision(files: dict, precision: str, int8_fallback: str = INT8_FALLBACK) -> str:
+def graph_for_precision(files: dict[str, Any], precision: str, int8_fallback: str = INT8_FALLBACK) -> str:
     """Which of a network's graphs (its manifest ``files``) runs at ``precision``: its own, except that a
     network int8 left alone runs ``int8_fallback``."""
     if precision == "int8" and "int8" not in files:
@@ -293,18 +299,17 @@ def graph_for_precision(files: dict, precision: str, int8_fallback: str = INT8_F
 
 def dummy_feeds(
     spec: NetworkSpec, env: dict[str, int], seed: int = 0, vocab: int = 49408, conditioning_scale: float = 1.0
-) -> dict:
+) -> dict[str, Array]:
     """Random inputs of ``spec`` at the named dimensions ``env``, in ranges the networks see in use:
     token ids below ``vocab``, whole timesteps in [1, 999] as float, the ControlNet's image in [0, 1] and
     its residuals at their small scale, a 0-d ``conditioning_scale``, standard normal for the rest
     (latents, embeddings, normalized images). Tracing, the build's parity check and the benchmarks use
     these; the parity errors a bundle records depend on the exact values."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
-    feeds = {}
+    feeds: dict[str, Array] = {}
     for tensor in spec.inputs:
         shape = tensor.concrete_shape(env)
+        value: Array
         if tensor.dtype == "int64":
             value = rng.integers(0, vocab, shape, dtype=np.int64)
         elif tensor.name == "timestep":

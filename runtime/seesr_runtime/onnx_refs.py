@@ -14,6 +14,7 @@ Field numbers are those of onnx.proto (stable since IR version 3; protobuf never
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 from pathlib import Path
 
 # message kind -> {field number: kind of the embedded message}; fields not listed are skipped.
@@ -45,7 +46,7 @@ def external_data_locations(path: Path) -> set[str]:
             return locations
 
 
-def _walk(data, start: int, end: int, kind: str, locations: set, depth: int) -> None:
+def _walk(data: mmap.mmap, start: int, end: int, kind: str, locations: set[str], depth: int) -> None:
     if depth > _MAX_DEPTH:
         raise NotProtobuf(f"messages nested deeper than {_MAX_DEPTH} levels")
     children = _CHILDREN.get(kind, {})
@@ -60,7 +61,7 @@ def _walk(data, start: int, end: int, kind: str, locations: set, depth: int) -> 
         locations.add(value)
 
 
-def _fields(data, pos: int, end: int):
+def _fields(data: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """(field number, wire type, payload start, payload end) of each field in ``data[pos:end]``."""
     while pos < end:
         tag, pos = _varint(data, pos, end)
@@ -82,7 +83,7 @@ def _fields(data, pos: int, end: int):
         pos = after
 
 
-def _varint(data, pos: int, end: int) -> tuple[int, int]:
+def _varint(data: mmap.mmap, pos: int, end: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= end or shift > 63:

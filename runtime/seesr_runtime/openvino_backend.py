@@ -14,8 +14,8 @@ With ``cache_dir`` the prepared models are also written there as OpenVINO IR and
 OpenVINO's own model cache (``CACHE_DIR``), so a second start reads compiled blobs instead of the ONNX
 graphs (and maps the weights from the IR files rather than holding a copy in memory).
 
-``openvino`` is imported when a backend is created, never at module import: the rest of the runtime
-does not need it (``pip install 'seesr-export[openvino]'``).
+``openvino`` is imported when a backend is created, never at module import (a lazy module): the rest
+of the runtime does not need it (``pip install 'seesr-export[openvino]'``).
 """
 
 from __future__ import annotations
@@ -23,17 +23,30 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .errors import BundleError
+from .errors import BundleError, MissingDependency
+from .lazy import imported, lazy_import
 from .manifest import Manifest
 from .networks import graph_for_precision
+from .tensors import Array, Feeds
+
+log = logging.getLogger(__name__)
+
+openvino = lazy_import("openvino", extra="openvino")
+openvino_opset = lazy_import("openvino.opset13", extra="openvino")
+openvino_passes = lazy_import("openvino.passes", extra="openvino")
+# A private module: compress_weights_to_f16 does without it where a release lacks it.
+openvino_offline = lazy_import("openvino._offline_transformations", extra="openvino")
 
 # precision -> (which graphs of the bundle, OpenVINO's INFERENCE_PRECISION_HINT, capability it needs)
 PRECISIONS = {
@@ -64,17 +77,19 @@ SHAPES_KEPT_OTHERS = 2
 _IR_LAYOUT = 3  # bump when _prepare changes what it writes: older cache entries are then ignored
 TIMESTEP_PATH_PREFIX = "seesr_timestep_path_"
 
+Shapes = dict[str, tuple[int, ...]]  # input name -> shape of one call
+
 
 class _Compiled:
     """One network at one set of shapes: the main compiled model and, when the timestep path runs apart
     in f32, that model too (its outputs are inputs of the main one)."""
 
-    def __init__(self, main, timestep_path=None):
+    def __init__(self, main: Any, timestep_path: Any = None):  # OpenVINO CompiledModels
         self.main, self.request = main, main.create_infer_request()
         self.timestep_path = timestep_path
         self.timestep_request = timestep_path.create_infer_request() if timestep_path is not None else None
 
-    def infer(self, tensors: dict):
+    def infer(self, tensors: dict[str, Any]) -> Any:
         if self.timestep_request is not None:
             self.timestep_request.infer({"timestep": tensors.pop("timestep")})
             for output in self.timestep_path.outputs:
@@ -104,7 +119,7 @@ class OpenVINOBackend:
         device: str = "CPU",
         threads: int | None = None,
         cache_dir: str | Path | None = None,
-        keep_f32: dict | None = None,
+        keep_f32: Mapping[str, Sequence[str]] | None = None,
         on_unsupported: str = "fallback",
     ):
         ov = import_openvino()
@@ -121,7 +136,10 @@ class OpenVINOBackend:
         if self.graphs == "int8" and not any("int8" in e["files"] for e in manifest.data["networks"].values()):
             raise BundleError(f"{manifest.root}: no int8 graphs in this bundle (build it with --precision int8)")
         self.keep_f32 = _check_keep_f32(DEFAULT_KEEP_F32 if keep_f32 is None else keep_f32)
-        self.config = {"INFERENCE_PRECISION_HINT": self.inference_precision, "PERFORMANCE_HINT": "LATENCY"}
+        self.config: dict[str, str | int] = {
+            "INFERENCE_PRECISION_HINT": self.inference_precision,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -134,7 +152,7 @@ class OpenVINOBackend:
         self.compress_weights = self.inference_precision in ("bf16", "f16") and self.graphs == "fp32"
         if self.compress_weights:  # read weights into memory: a mapped f32 file would stay mapped beside them
             self.core.set_property({"ENABLE_MMAP": False})
-        self._compiled: dict[str, OrderedDict] = {}
+        self._compiled: dict[str, OrderedDict[tuple[tuple[str, tuple[int, ...]], ...], _Compiled]] = {}
         self._outputs = {n: manifest.spec(n).output_names for n in manifest.data["networks"]}
 
     # ------------------------------------------------------------ precision
@@ -162,12 +180,12 @@ class OpenVINOBackend:
         """Which of the bundle's graphs this network runs: int8 bundles quantize only UNet and ControlNet."""
         return graph_for_precision(self.manifest.entry(network)["files"], self.graphs)
 
-    def kept_f32(self, network: str) -> tuple:
+    def kept_f32(self, network: str) -> tuple[str, ...]:
         return tuple(self.keep_f32.get(network, ())) if self.inference_precision in ("bf16", "f16") else ()
 
     # ------------------------------------------------------------ compiled models
 
-    def compiled(self, network: str, shapes: dict[str, tuple]) -> _Compiled:
+    def compiled(self, network: str, shapes: Shapes) -> _Compiled:
         """The compiled model(s) of ``network`` for these input shapes (compiled on first use)."""
         key = tuple(sorted(shapes.items()))
         per_network = self._compiled.setdefault(network, OrderedDict())
@@ -178,7 +196,8 @@ class OpenVINOBackend:
             per_network.popitem(last=False)
             gc.collect()  # free the evicted model's weights before the next one is compiled
         keep = self.kept_f32(network)
-        paths = self._prepared_ir(network, shapes, keep) if self.cache_dir is not None else None
+        log.debug(f"openvino: compiling {network} for {dict(shapes)} on {self.device} ({self.inference_precision})")
+        paths = self._prepared_ir(self.cache_dir, network, shapes, keep) if self.cache_dir is not None else None
         if paths is not None:  # compiled from files: OpenVINO's model cache can skip the compilation
             models = paths
         else:
@@ -191,7 +210,7 @@ class OpenVINOBackend:
         per_network[key] = self._compile_pair(models)
         return per_network[key]
 
-    def _compile_pair(self, models: tuple) -> _Compiled:
+    def _compile_pair(self, models: tuple[Any, Any]) -> _Compiled:
         main, timestep_path = (str(m) if isinstance(m, Path) else m for m in models)
         f32 = {**self.config, "INFERENCE_PRECISION_HINT": "f32"}
         return _Compiled(
@@ -200,10 +219,10 @@ class OpenVINOBackend:
         )
 
     @property
-    def _ov(self):
+    def _ov(self) -> Any:
         return import_openvino()
 
-    def _prepare(self, network: str, shapes: dict[str, tuple], keep: tuple) -> tuple:
+    def _prepare(self, network: str, shapes: Shapes, keep: tuple[str, ...]) -> tuple[Any, Any]:
         """(main model, f32 timestep-path model or None), reshaped to ``shapes`` and marked."""
         path = self.manifest.graph_path(network, self.graph_precision(network))
         model = self.core.read_model(str(path))
@@ -214,12 +233,12 @@ class OpenVINOBackend:
             compress_weights_to_f16(model)
         return model, timestep_path
 
-    def _save(self, models: tuple, xml: Path) -> tuple:
+    def _save(self, models: tuple[Any, Any], xml: Path) -> tuple[Path, Path | None]:
         """Write the prepared models as IR (``xml`` and, for the timestep path, ``*.timestep.xml``);
         the .xml last, each after its .bin: an existing .xml is a complete entry."""
         paths = (xml, xml.with_name(xml.stem + ".timestep.xml") if models[1] is not None else None)
         for model, target in zip(models, paths):
-            if model is None:
+            if model is None or target is None:  # no timestep-path model, so no file for it
                 continue
             tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.xml")
             self._ov.save_model(model, str(tmp), compress_to_fp16=False)
@@ -227,7 +246,9 @@ class OpenVINOBackend:
             os.replace(tmp, target)
         return paths
 
-    def _prepared_ir(self, network: str, shapes: dict[str, tuple], keep: tuple) -> tuple:
+    def _prepared_ir(
+        self, cache_dir: Path, network: str, shapes: Shapes, keep: tuple[str, ...]
+    ) -> tuple[Path, Path | None]:
         """The prepared models as IR under cache_dir/ir, written once: the name pins the graph's sha256, the
         shapes and the kept groups, so a rebuilt bundle or another policy gets new files."""
         precision = self.graph_precision(network)
@@ -244,16 +265,17 @@ class OpenVINOBackend:
             default=list,
         )
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        xml = self.cache_dir / "ir" / f"{network}.{precision}.{digest}.xml"
+        xml = cache_dir / "ir" / f"{network}.{precision}.{digest}.xml"
         timestep_xml = xml.with_name(xml.stem + ".timestep.xml")
         if xml.exists():
+            log.debug(f"openvino: {network}: prepared model found in the cache ({xml.name})")
             return xml, timestep_xml if timestep_xml.exists() else None
         xml.parent.mkdir(parents=True, exist_ok=True)
         return self._save(self._prepare(network, shapes, keep), xml)
 
     # ------------------------------------------------------------ the Backend interface
 
-    def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, network: str, feeds: Feeds) -> list[Array]:
         if network not in self._outputs:  # tiled-VAE segments ("vae_decoder#3") are looked up on first use
             self._outputs[network] = self.manifest.spec(network).output_names  # BundleError if unknown
         shapes = {name: tuple(np.shape(value)) for name, value in feeds.items()}
@@ -262,12 +284,12 @@ class OpenVINOBackend:
         # copies: the request reuses its output memory on the next call
         return [np.array(request.get_tensor(name).data, copy=True) for name in self._outputs[network]]
 
-    def _tensor(self, value: np.ndarray):
+    def _tensor(self, value: Array) -> Any:
         # an ov.Tensor shares the array's memory and keeps 0-d inputs (conditioning_scale) 0-d, which a
         # bare numpy scalar passed to infer() does not
         return self._ov.Tensor(np.require(value, requirements="C"), shared_memory=True)
 
-    def load_all(self, shapes: dict[str, dict[str, tuple]] | None = None) -> None:
+    def load_all(self, shapes: dict[str, Shapes] | None = None) -> None:
         """Compile now rather than at first use (servers, benchmarks): every network at its first
         profile's opt shape (the 512 px workload), or at the given ``{network: {input: shape}}``."""
         for network in self.manifest.data["networks"]:
@@ -278,18 +300,18 @@ class OpenVINOBackend:
 # ---------------------------------------------------------------- helpers
 
 
-def import_openvino():
+def import_openvino() -> Any:
+    """The openvino module, imported now; BundleError saying how to install it where it is missing."""
     try:
-        import openvino
-    except ImportError as exc:
+        return imported(openvino)
+    except MissingDependency as exc:
         raise BundleError(
-            f"the openvino backend needs the 'openvino' package ({exc}); "
+            f"the openvino backend needs the 'openvino' package ({exc.__cause__}); "
             "install it with: pip install 'seesr-export[openvino]'"
         ) from None
-    return openvino
 
 
-def device_capabilities(core, device: str) -> set[str]:
+def device_capabilities(core: Any, device: str) -> set[str]:
     """The device's OPTIMIZATION_CAPABILITIES (e.g. {'FP32', 'BF16', 'INT8'}). Tests replace this function
     to play a CPU without bf16 units."""
     return set(core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
@@ -302,13 +324,13 @@ def _check_device(device: str, available: list[str]) -> None:
     raise BundleError(f"OpenVINO device {device!r} is not available here (available: {available}, or AUTO)")
 
 
-def opt_shapes(manifest: Manifest, network: str) -> dict[str, tuple]:
+def opt_shapes(manifest: Manifest, network: str) -> Shapes:
     spec = manifest.spec(network)
     env = spec.profiles[0].opt if spec.profiles else {"B": 1}
     return {t.name: t.concrete_shape(env) for t in spec.inputs}
 
 
-def _check_keep_f32(keep_f32: dict) -> dict:
+def _check_keep_f32(keep_f32: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
     for network, groups in keep_f32.items():
         unknown = set(groups) - set(KEEP_F32_GROUPS)
         if unknown:
@@ -322,7 +344,7 @@ MATRIX_TYPES = {"Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpro
 NORM_TYPES = {"MVN", "GroupNormalization", "NormalizeL2", "LayerNorm", "RMS"}
 
 
-def _select_nodes(model, groups: tuple) -> list:
+def _select_nodes(model: Any, groups: tuple[str, ...]) -> list[Any]:
     """Operations of ``model`` in the named groups:
     softmax: Softmax; norm: MVN/GroupNormalization (what ONNX GroupNorm/LayerNorm become); attention:
     MatMul of two activations (scores, and probabilities times values); add: every Add (the residual stream
@@ -345,7 +367,7 @@ def _select_nodes(model, groups: tuple) -> list:
     return chosen
 
 
-def _has_constant_input(op) -> bool:
+def _has_constant_input(op: Any) -> bool:
     for value in op.input_values():
         node = value.get_node()
         while node.get_type_name() in ("Convert", "Transpose", "Reshape") and node.get_input_size():
@@ -355,14 +377,15 @@ def _has_constant_input(op) -> bool:
     return False
 
 
-def _timestep_only(model, ops) -> set:
+def _timestep_only(model: Any, ops: list[Any]) -> set[Any]:
     """Ops computed from the ``timestep`` input and constants alone. Shapes are static by now, so
     ShapeOf and what follows from shapes and constants only counts as constant (the batch expansion of
     the timestep reads the sample's shape)."""
     timestep = [p for p in model.get_parameters() if "timestep" in p.get_output_tensor(0).get_names()]
     if not timestep:
         return set()
-    static, derived = set(), {timestep[0]}
+    static: set[Any] = set()
+    derived = {timestep[0]}
     for op in ops:  # topological order
         kind = op.get_type_name()
         if kind in ("Parameter", "Result"):
@@ -376,7 +399,7 @@ def _timestep_only(model, ops) -> set:
     return derived
 
 
-def _mark_f32(model, groups: tuple) -> int:
+def _mark_f32(model: Any, groups: tuple[str, ...]) -> int:
     """Mark the groups' operations to stay in f32 whatever the inference precision.
 
     The mark is OpenVINO's "precise" runtime attribute (``ov::disable_fp16_compression``, which the
@@ -390,26 +413,24 @@ def _mark_f32(model, groups: tuple) -> int:
     return len(nodes)
 
 
-def _has_marks(groups: tuple) -> bool:
+def _has_marks(groups: tuple[str, ...]) -> bool:
     return any(group != "timestep" for group in groups)
 
 
-def compress_weights_to_f16(model) -> None:
+def compress_weights_to_f16(model: Any) -> None:
     """Store the model's f32 weights as f16 (each followed by a Convert back to f32), in place: what
     ``openvino.save_model(compress_to_fp16=True)`` does, without writing the model out. Operations marked
     f32 and weights outside f16's range stay f32. The transformation lives in a private module; where a
     release lacks it the weights stay f32 (more memory, same results)."""
     try:
-        from openvino._offline_transformations import compress_model_transformation
-    except ImportError:  # pragma: no cover - depends on the OpenVINO release
-        warnings.warn(
-            "this OpenVINO release has no compress_model_transformation; weights stay f32", RuntimeWarning, stacklevel=3
-        )
+        compress_model_transformation = openvino_offline.compress_model_transformation
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the OpenVINO release
+        log.warning("this OpenVINO release has no compress_model_transformation; weights stay f32")
         return
     compress_model_transformation(model)
 
 
-def split_timestep_path(model):
+def split_timestep_path(model: Any) -> Any:
     """Cut what ``model`` computes from its ``timestep`` input alone (sinusoidal projection, time-embedding
     MLP, each ResNet's time projection) into a model of its own, to run in f32; its outputs become inputs
     ``seesr_timestep_path_<i>`` of ``model`` (changed in place). Returns that model, or None when
@@ -420,14 +441,12 @@ def split_timestep_path(model):
     took the SD2 ControlNet from 1.6e-2 to 1.2e-1 relative L2 (benchmarks/results/cpu/openvino_precision.md):
     its error is the same at every pixel of every ResNet, so it does not average out."""
     ov = import_openvino()
-    from openvino import opset13
-    from openvino.passes import ConstantFolding, Manager
 
     parameters = [p for p in model.get_parameters() if "timestep" in p.get_output_tensor(0).get_names()]
     if not parameters:
         return None
-    folding = Manager()
-    folding.register_pass(ConstantFolding())  # static shapes: ShapeOf(sample) becomes a constant
+    folding = openvino_passes.Manager()
+    folding.register_pass(openvino_passes.ConstantFolding())  # static shapes: ShapeOf(sample) becomes a constant
     folding.run_passes(model)
     path = _timestep_only(model, model.get_ordered_ops())
     cut = [
@@ -443,7 +462,7 @@ def split_timestep_path(model):
     inputs, outputs = [], []
     for i, output in enumerate(cut):
         name = f"{TIMESTEP_PATH_PREFIX}{i}"
-        parameter = opset13.parameter(output.get_partial_shape(), output.get_element_type(), name=name)
+        parameter = openvino_opset.parameter(output.get_partial_shape(), output.get_element_type(), name=name)
         parameter.output(0).get_tensor().set_names({name})
         for target in list(output.get_target_inputs()):
             if target.get_node() not in path:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ImageRejected, OptionError
 
@@ -32,7 +34,7 @@ class Option:
     help: str
     minimum: float | None = None
     maximum: float | None = None
-    choices: tuple | None = None
+    choices: tuple[object, ...] | None = None
     in_bundle: str | None = None  # where a manifest's "pipeline" section keeps this default ("defaults.steps")
     flag: str | None = None  # command-line flag; None: --name-with-dashes
     flag_help: str | None = None  # a switch's help (what giving the flag does), where it differs from ``help``
@@ -52,7 +54,7 @@ class Option:
             return f"{what} >= {self.minimum}"
         return what
 
-    def check(self, value):
+    def check(self, value: Any) -> Any:
         """``value`` as this option's type, or OptionError naming the option, the value and the range."""
         value = self._typed(value)
         out_of_range = (
@@ -69,7 +71,7 @@ class Option:
             raise OptionError(f"{self.name} must be {self.range_text()}, got {_shown(value)}", self.name)
         return value
 
-    def _typed(self, value):
+    def _typed(self, value: Any) -> Any:
         # numpy's bool is no Python bool (and this module imports no numpy)
         is_bool = (
             isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
@@ -96,9 +98,9 @@ class Option:
             bounds = f">= {self.minimum}" if self.minimum is not None else ""
         return f"a finite number {bounds}".strip() if self.kind is float else bounds
 
-    def describe(self, default=None) -> dict:
+    def describe(self, default: object = None) -> dict[str, Any]:
         """JSON-able description (the manifest's ``pipeline.options`` entries)."""
-        entry = {
+        entry: dict[str, Any] = {
             "name": self.name,
             "type": self.kind.__name__,
             "default": self.default if default is None else default,
@@ -231,22 +233,22 @@ OPTION = {option.name: option for option in OPTIONS}
 NAMES = tuple(OPTION)
 
 
-def _shown(value) -> str:
+def _shown(value: object) -> str:
     return repr(value) if isinstance(value, (str, bytes)) else str(value)
 
 
-def default(name: str):
+def default(name: str) -> Any:
     return OPTION[name].default
 
 
-def check(name: str, value):
+def check(name: str, value: Any) -> Any:
     """One option's value, checked (OptionError also for an unknown name)."""
     if name not in OPTION:
         raise OptionError(f"unknown option {name!r}; known: {list(NAMES)}", name)
     return OPTION[name].check(value)
 
 
-def check_given(given: dict) -> dict:
+def check_given(given: dict[str, Any]) -> dict[str, Any]:
     """The options a caller set (None: not set), checked one by one; defaults are not filled in."""
     unknown = sorted(set(given) - set(OPTION))
     if unknown:
@@ -254,7 +256,7 @@ def check_given(given: dict) -> dict:
     return {name: OPTION[name].check(value) for name, value in given.items() if value is not None}
 
 
-def resolve(given: dict, defaults: dict | None = None) -> dict:
+def resolve(given: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every option: ``given`` (None: not set) over ``defaults`` (a bundle's) over the table's, checked,
     including the rules between options."""
     defaults = {**{o.name: o.default for o in OPTIONS}, **(defaults or {})}
@@ -268,7 +270,7 @@ def resolve(given: dict, defaults: dict | None = None) -> dict:
     return values
 
 
-def bundle_defaults() -> dict:
+def bundle_defaults() -> dict[str, Any]:
     """The ``pipeline.defaults`` section a bundle records (the official values)."""
     return {o.name: o.default for o in OPTIONS if o.in_bundle and o.in_bundle.startswith("defaults.")}
 
@@ -276,13 +278,13 @@ def bundle_defaults() -> dict:
 _ABSENT = object()
 
 
-def defaults_from_manifest(pipeline: dict) -> dict:
+def defaults_from_manifest(pipeline: dict[str, Any]) -> dict[str, Any]:
     """Each option's default: the manifest's ``pipeline`` section's where it records one, else the table's
     (bundles built before an option existed)."""
-    found = {}
+    found: dict[str, Any] = {}
     for option in OPTIONS:
         found[option.name] = option.default
-        section = pipeline
+        section: Any = pipeline
         for key in option.in_bundle.split(".") if option.in_bundle else ():
             section = section.get(key, _ABSENT) if isinstance(section, dict) else _ABSENT
         if option.in_bundle and section is not _ABSENT:
@@ -290,13 +292,13 @@ def defaults_from_manifest(pipeline: dict) -> dict:
     return found
 
 
-def describe(defaults: dict | None = None) -> list[dict]:
+def describe(defaults: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every option as JSON (name, type, default, minimum/maximum or choices, help), for the manifest."""
     defaults = defaults or {}
     return [option.describe(defaults.get(option.name)) for option in OPTIONS]
 
 
-def description_problems(entries) -> list[str]:
+def description_problems(entries: object) -> list[str]:
     """What is wrong with a manifest's ``pipeline.options`` (empty when nothing is)."""
     if not isinstance(entries, list):
         return ["pipeline.options must be a list of option descriptions"]
@@ -327,7 +329,7 @@ def check_image_size(width: int, height: int, max_pixels: int, raise_with: str =
 # ---------------------------------------------------------------- command lines
 
 
-def add_arguments(parser: argparse.ArgumentParser, names=NAMES, server_side: bool = False) -> None:
+def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] = NAMES, server_side: bool = False) -> None:
     """Flags for ``names``, all defaulting to None (not set: the bundle's or the table's default applies).
     ``server_side``: the defaults are a server's (the Triton client), which the help says."""
     for name in names:
@@ -349,7 +351,7 @@ def add_arguments(parser: argparse.ArgumentParser, names=NAMES, server_side: boo
             note = f"default {'on the server ' if server_side else ''}{shown}"
         accepted = f"; {option.range_text()}" if option.kind in (int, float) and option.minimum is not None else ""
         text = f"{option.help}{accepted} ({note})".replace("%", "%%")
-        extra = {"choices": option.choices} if option.choices else {}
+        extra: dict[str, Any] = {"choices": option.choices} if option.choices else {}
         parser.add_argument(
             option.cli_flag,
             dest=name,
@@ -361,6 +363,6 @@ def add_arguments(parser: argparse.ArgumentParser, names=NAMES, server_side: boo
         )
 
 
-def given_in(args: argparse.Namespace, names=NAMES) -> dict:
+def given_in(args: argparse.Namespace, names: Iterable[str] = NAMES) -> dict[str, Any]:
     """The options set on a parsed command line, checked."""
     return check_given({name: getattr(args, name) for name in names if hasattr(args, name)})

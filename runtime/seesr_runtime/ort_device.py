@@ -15,13 +15,23 @@ initializers), and each can capture its own CUDA graph (one per shape).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import _pybind_state as ort_capi
 
 from .errors import BundleError
+from .lazy import available, lazy_import
 from .manifest import GPU_GRAPH, Manifest
 from .networks import NetworkSpec, eval_dim, graph_for_precision
+from .tensors import Array, Feeds
+
+# Only to share weights between static-shape sessions (``SharedWeights``); without it each loads its own.
+onnx = lazy_import("onnx", extra="export")
+onnx_numpy_helper = lazy_import("onnx.numpy_helper", extra="export")
 
 PER_STEP_NETWORKS = ("controlnet", "unet")  # called every step at one shape: static-shape sessions pay off
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -51,18 +61,26 @@ class DeviceTensor:
     call of the network that produced it.
     """
 
-    def __init__(self, value, host: np.ndarray | None = None, fixed: bool = False, upload=None):
-        self.value, self.host, self.fixed = value, host, fixed
-        self._upload, self._windows = upload, {}
+    def __init__(
+        self,
+        value: Any,
+        host: Array | None = None,
+        fixed: bool = False,
+        upload: Callable[[Array], Array | DeviceTensor] | None = None,
+    ):
+        self.value, self.host, self.fixed = value, host, fixed  # value: an onnxruntime OrtValue
+        self._upload = upload
+        self._windows: dict[str, Array | DeviceTensor] = {}
 
     @property
-    def shape(self) -> tuple:
+    def shape(self) -> tuple[int, ...]:
         return tuple(self.value.shape())
 
-    def numpy(self) -> np.ndarray:
-        return self.host if self.host is not None else self.value.numpy()
+    def numpy(self) -> Array:
+        array: Array = self.host if self.host is not None else self.value.numpy()
+        return array
 
-    def __getitem__(self, key) -> DeviceTensor:
+    def __getitem__(self, key: Any) -> Array | DeviceTensor:
         """A window of a per-image constant (the control image of one latent tile), uploaded once."""
         if self.host is None or self._upload is None:
             raise TypeError("only a tensor uploaded with to_device can be sliced")
@@ -72,9 +90,9 @@ class DeviceTensor:
         return window
 
 
-def solve_dims(spec: NetworkSpec, shapes: dict[str, tuple]) -> dict[str, int]:
+def solve_dims(spec: NetworkSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     """The named dimensions (B, h, w) of a call, read off its input shapes."""
-    env = {}
+    env: dict[str, int] = {}
     for tensor in spec.inputs:
         for expr, size in zip(tensor.shape, shapes.get(tensor.name, ())):
             if isinstance(expr, str) and expr.isidentifier():
@@ -82,7 +100,7 @@ def solve_dims(spec: NetworkSpec, shapes: dict[str, tuple]) -> dict[str, int]:
     return env
 
 
-def fix_dimensions(options, spec: NetworkSpec, env: dict[str, int]) -> None:
+def fix_dimensions(options: Any, spec: NetworkSpec, env: dict[str, int]) -> None:
     """Fix every symbolic input dimension of ``spec`` (the ONNX dim_params are the spec's expressions)."""
     fixed = {}
     for tensor in spec.inputs:
@@ -110,39 +128,32 @@ class SharedWeights:
 
     def __init__(self, path: Path, device: str):
         self.values, self._owners = {}, []
-        try:
-            import onnx
-            from onnx import numpy_helper
-        except ImportError:
-            self.available = False
+        self.available = available("onnx")
+        if not self.available:
             return
-        import onnxruntime as ort
-        from onnxruntime.capi import _pybind_state as C
-
-        self.available = True
         model = onnx.load(str(path), load_external_data=False)
         for init in model.graph.initializer:
             if init.data_type not in SHARED_TYPES or int(np.prod(init.dims)) < MIN_SHARED_ELEMENTS:
                 continue  # shape constants and small tensors: some kernels read them on the host
-            array = _initializer_array(init, Path(path).parent, numpy_helper, onnx)
+            array = _initializer_array(init, Path(path).parent)
             owner = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, device, 0)
             owner.update_inplace(array)
             self._owners.append(owner)
-            self.values[init.name] = ort.OrtValue(C.OrtValue.from_dlpack(owner._ortvalue.to_dlpack()))
+            self.values[init.name] = ort.OrtValue(ort_capi.OrtValue.from_dlpack(owner._ortvalue.to_dlpack()))
 
     @property
     def nbytes(self) -> int:
         return sum(v.tensor_size_in_bytes() for v in self._owners) if self._owners else 0
 
-    def add_to(self, options) -> None:
+    def add_to(self, options: Any) -> None:
         for name, value in self.values.items():
             options.add_initializer(name, value)
 
 
-def _initializer_array(init, folder: Path, numpy_helper, onnx) -> np.ndarray:
+def _initializer_array(init: Any, folder: Path) -> Array:
     """An initializer's values; external data is memory-mapped, not read into memory twice."""
     if init.data_location != onnx.TensorProto.EXTERNAL:
-        return np.ascontiguousarray(numpy_helper.to_array(init))
+        return np.ascontiguousarray(onnx_numpy_helper.to_array(init))
     info = {entry.key: entry.value for entry in init.external_data}
     dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
     count = int(np.prod(init.dims)) if len(init.dims) else 1
@@ -160,14 +171,12 @@ class BoundCall:
     """One static-shape session with its IOBinding kept between calls: fixed input and output buffers,
     which a CUDA graph needs (it replays the addresses it captured)."""
 
-    def __init__(self, session, spec: NetworkSpec, env: dict, device: str):
-        import onnxruntime as ort
-
+    def __init__(self, session: Any, spec: NetworkSpec, env: dict[str, int], device: str):
         self.session, self.spec, self.device = session, spec, device
         self.binding = session.io_binding()
-        self.inputs = {}  # name -> OrtValue bound now
-        self.owned = set()  # inputs bound to this call's own buffers (copied into, never rebound)
-        self.sources = {}  # owned input -> the DeviceTensor last copied into it
+        self.inputs: dict[str, Any] = {}  # name -> OrtValue bound now
+        self.owned: set[str] = set()  # inputs bound to this call's own buffers (copied into, never rebound)
+        self.sources: dict[str, DeviceTensor | None] = {}  # owned input -> the DeviceTensor last copied into it
         self.outputs = [
             ort.OrtValue.ortvalue_from_shape_and_type(t.concrete_shape(env), NUMPY_DTYPES[t.dtype], device, 0)
             for t in spec.outputs
@@ -176,16 +185,14 @@ class BoundCall:
             self.binding.bind_ortvalue_output(tensor.name, value)
         self.ran = False
 
-    def run(self, feeds: dict) -> list:
+    def run(self, feeds: Feeds) -> list[Any]:
         for name, value in feeds.items():
             self._feed(name, value)
         self.session.run_with_iobinding(self.binding)
         self.ran = True
         return self.outputs
 
-    def _feed(self, name: str, value) -> None:
-        import onnxruntime as ort
-
+    def _feed(self, name: str, value: Any) -> None:
         bound = self.inputs.get(name)
         if isinstance(value, DeviceTensor) and value.fixed:
             if bound is not None and bound.data_ptr() == value.value.data_ptr():

@@ -20,12 +20,14 @@ guidance, start points and colour fixes among its cases) and, for the tiled VAE,
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from . import options as option_table
@@ -44,10 +46,15 @@ from .imaging import (
 from .manifest import Manifest
 from .profiling import ProfiledBackend, StageProfiler
 from .scheduler import DDPMScheduler
+from .tensors import Array, FloatArray
 from .text import PromptEncoder
 from .tiled_vae import TiledVaeLayout, run_tiled_vae
 
-NoiseFn = Callable[[str, tuple], np.ndarray]
+NoiseFn = Callable[[str, tuple[int, ...]], npt.ArrayLike]  # a caller's noise: (kind, shape) -> array
+Noise = Callable[[str, tuple[int, ...]], FloatArray]  # the pipeline's: float32 of exactly that shape
+# A per-image constant (embeddings, control image): an array, or the backend's device copy of it
+# (``backends.to_device``), which the pipeline only passes on and slices.
+Constant = Any
 OPTIONS = option_table.NAMES  # described in options.py
 
 
@@ -56,7 +63,7 @@ class UpscaleResult:
     image: Image.Image
     tags: str
     prompt: str
-    latents: list = field(default_factory=list)  # [1, 4, h, w] float32 after every step
+    latents: list[FloatArray] = field(default_factory=list)  # [1, 4, h, w] float32 after every step
 
 
 class SeeSRPipeline:
@@ -93,26 +100,34 @@ class SeeSRPipeline:
         verify: str | bool = "auto",
         profiler: StageProfiler | None = None,
         tiled_vae_spill_dir: str | Path | None = None,
-        **backend_options,
+        **backend_options: Any,
     ) -> SeeSRPipeline:
         """``verify``: the sha256 check of the bundle's files, see ``Manifest.load`` ("auto": files new or
         changed since their last check; "always"/True; "never"/False for callers that verify otherwise)."""
         manifest = Manifest.load(bundle, verify=verify)
         return cls(manifest, create_backend(backend, manifest, **backend_options), profiler, tiled_vae_spill_dir)
 
-    def _stage(self, name: str):
+    def _stage(self, name: str) -> AbstractContextManager[None]:
         return self.profiler.stage(name) if self.profiler is not None else nullcontext()
 
     # ------------------------------------------------------------ stages
 
-    def tag(self, lr: Image.Image) -> tuple[str, np.ndarray]:
+    def tag(self, lr: Image.Image) -> tuple[str, FloatArray]:
         """DAPE: the tag string and the [1, 145, 512] image embeddings."""
         with self._stage("preprocess"):
             image = dape_input(lr, self.tagger["input_size"], self.tagger["mean"], self.tagger["std"])
         image_embeds, tag_logits = self.backend.run("dape", {"image": image})
         return select_tags(tag_logits[0], self.tags, self.thresholds), image_embeds
 
-    def predict_noise(self, latents, t, text_embeds, image_embeds, control, conditioning_scale):
+    def predict_noise(
+        self,
+        latents: FloatArray,
+        t: int,
+        text_embeds: Constant,
+        image_embeds: Constant,
+        control: Constant,
+        conditioning_scale: float,
+    ) -> FloatArray:
         """ControlNet residuals, then the UNet's noise prediction, for one (possibly tiled) window."""
         timestep = np.full((latents.shape[0],), t, dtype=np.float32)
         common = {
@@ -132,11 +147,20 @@ class SeeSRPipeline:
             },
         )
         names = self.manifest.spec("controlnet").output_names
-        return self.backend.run("unet", {**common, **dict(zip(names, residuals))})[0]
+        eps: FloatArray = self.backend.run("unet", {**common, **dict(zip(names, residuals))})[0]
+        return eps
 
     def predict_noise_tiled(
-        self, latents, t, text_embeds, image_embeds, control, conditioning_scale, tile: int, overlap: int
-    ):
+        self,
+        latents: FloatArray,
+        t: int,
+        text_embeds: Constant,
+        image_embeds: Constant,
+        control: Constant,
+        conditioning_scale: float,
+        tile: int,
+        overlap: int,
+    ) -> FloatArray:
         """Overlapping latent tiles blended with the official (asymmetric) Gaussian weights."""
         _, _, h, w = latents.shape
         tile = min(tile, h, w)
@@ -151,7 +175,7 @@ class SeeSRPipeline:
             contributors[window] += weights
         return total / contributors
 
-    def run_vae(self, network: str, x: np.ndarray, tile: int, tiled: bool = True) -> list[np.ndarray]:
+    def run_vae(self, network: str, x: FloatArray, tile: int, tiled: bool = True) -> list[Array]:
         """A VAE half on the whole input, or, above the official threshold (the longer side over
         tile + 2 * pad), the official tiled VAE: padded tiles, GroupNorm statistics shared across
         tiles (``tiled_vae.py``). ``tiled=False`` always runs untiled (a deviation; memory grows
@@ -169,15 +193,21 @@ class SeeSRPipeline:
         return run_tiled_vae(self.backend.run, network, segments, x, tile, self.tiled_vae_spill_dir)
 
     def lr_latent(
-        self, work: np.ndarray, initial_noise: np.ndarray, noise, scheduler, vae_tile: int, tiled: bool = True
-    ) -> np.ndarray:
+        self,
+        work: FloatArray,
+        initial_noise: FloatArray,
+        noise: Noise,
+        scheduler: DDPMScheduler,
+        vae_tile: int,
+        tiled: bool = True,
+    ) -> FloatArray:
         """Sample the VAE posterior of the working image, scale it, and noise it to t=999."""
         mean, logvar = self.run_vae("vae_encoder", work * np.float32(2.0) - np.float32(1.0), vae_tile, tiled)
         sample = mean + np.exp(np.float32(0.5) * logvar) * noise("posterior", mean.shape)
         return scheduler.add_noise(sample * self.scaling_factor, initial_noise, self.start_step)
 
     def decode(
-        self, latents: np.ndarray, tile: int = option_table.default("vae_decoder_tile_size"), tiled: bool = True
+        self, latents: FloatArray, tile: int = option_table.default("vae_decoder_tile_size"), tiled: bool = True
     ) -> Image.Image:
         """VAE decode to a uint8 image."""
         image = self.run_vae("vae_decoder", latents / self.scaling_factor, tile, tiled)[0]
@@ -187,12 +217,12 @@ class SeeSRPipeline:
 
     def __call__(
         self,
-        image,
+        image: Image.Image | npt.ArrayLike,
         *,
         seed: int | None = None,
         noise_fn: NoiseFn | None = None,
         callback: Callable[[int, int], None] | None = None,
-        **options,
+        **options: Any,
     ) -> UpscaleResult:
         """Upscale ``image`` (a PIL image or an HxWx3 uint8 array). ``options``: any of ``options.OPTIONS``
         (None or left out: the bundle's default); a bad value raises OptionError, an unusable image
@@ -226,7 +256,7 @@ class SeeSRPipeline:
             )
 
         tiled = shape[2] * shape[3] > o["latent_tile_size"] ** 2
-        history = []
+        history: list[FloatArray] = []
         for i, t in enumerate(scheduler.timesteps.tolist()):
             with self._stage("denoise_step"):
                 model_input = np.concatenate([latents, latents]) if guided else latents
@@ -257,15 +287,15 @@ class SeeSRPipeline:
         decoded = self.decode(latents, o["vae_decoder_tile_size"], o["tiled_vae"])
         with self._stage("postprocess"):
             result = COLOR_FIXES[o["color_fix"]](decoded, work)
-            result = result.resize((lr.size[0] * o["upscale"], lr.size[1] * o["upscale"]), Image.BICUBIC)
+            result = result.resize((lr.size[0] * o["upscale"], lr.size[1] * o["upscale"]), Image.Resampling.BICUBIC)
         return UpscaleResult(image=result, tags=tags, prompt=prompt, latents=history)
 
-    def resolve_options(self, options: dict) -> dict:
+    def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Every option of a call: ``options`` (None: not set) over the bundle's defaults, checked."""
         return option_table.resolve(options, self.defaults)
 
 
-def as_rgb(image, max_pixels: int = option_table.default("max_pixels")) -> Image.Image:
+def as_rgb(image: object, max_pixels: int = option_table.default("max_pixels")) -> Image.Image:
     """A PIL image or an HxWx3 uint8 array, as an RGB PIL image; ImageRejected for anything else, an
     image with a side under ``options.MIN_SIDE`` or one of more than ``max_pixels`` pixels."""
     if isinstance(image, Image.Image):
@@ -278,12 +308,12 @@ def as_rgb(image, max_pixels: int = option_table.default("max_pixels")) -> Image
     return Image.fromarray(array)
 
 
-def _noise_source(noise_fn: NoiseFn | None, seed: int):
+def _noise_source(noise_fn: NoiseFn | None, seed: int) -> Noise:
     if noise_fn is None:
         rng = np.random.default_rng(seed)
         return lambda kind, shape: rng.standard_normal(shape, dtype=np.float32)
 
-    def draw(kind: str, shape: tuple) -> np.ndarray:
+    def draw(kind: str, shape: tuple[int, ...]) -> FloatArray:
         value = np.asarray(noise_fn(kind, tuple(shape)), dtype=np.float32)
         if value.shape != tuple(shape):
             raise InputError(f"noise_fn returned shape {value.shape} for {kind!r}, expected {tuple(shape)}")
@@ -306,7 +336,7 @@ def check_feeds(manifest: Manifest) -> None:
     """Refuse a bundle whose networks take other inputs than this pipeline feeds (once per pipeline;
     networks the bundle lacks fail when first called, as before)."""
     networks = manifest.data["networks"]
-    expected = dict(PIPELINE_FEEDS)
+    expected: dict[str, Sequence[str]] = dict(PIPELINE_FEEDS)
     if "controlnet" in networks:
         expected["unet"] = (*DENOISER_FEEDS, *manifest.spec("controlnet").output_names)
     for network in ("vae_encoder", "vae_decoder"):

@@ -12,26 +12,33 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
+
+from .backends import run_on_device
+from .tensors import Array, Backend, Feeds
+
+Shapes = tuple[Any, ...]  # the input shapes of a call, as recorded: ((name, shape), ...)
 
 
 class StageProfiler:
     """Collects (stage, seconds, input shapes) records; ``clear()`` between timed runs."""
 
-    def __init__(self):
-        self.records: list[tuple[str, float, tuple]] = []
+    def __init__(self) -> None:
+        self.records: list[tuple[str, float, Shapes]] = []
 
     @contextmanager
-    def stage(self, name: str, shapes: tuple = ()):
+    def stage(self, name: str, shapes: Shapes = ()) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
             self.records.append((name, time.perf_counter() - start, shapes))
 
-    def add(self, name: str, seconds: float, shapes: tuple = ()) -> None:
+    def add(self, name: str, seconds: float, shapes: Shapes = ()) -> None:
         self.records.append((name, seconds, shapes))
 
     def clear(self) -> None:
@@ -39,13 +46,13 @@ class StageProfiler:
 
     def calls(self) -> dict[str, list[float]]:
         """Seconds of every call, per stage, in call order."""
-        out = defaultdict(list)
+        out: defaultdict[str, list[float]] = defaultdict(list)
         for name, seconds, _ in self.records:
             out[name].append(seconds)
         return dict(out)
 
-    def shapes(self) -> dict[str, set]:
-        out = defaultdict(set)
+    def shapes(self) -> dict[str, set[Shapes]]:
+        out: defaultdict[str, set[Shapes]] = defaultdict(set)
         for name, _, shapes in self.records:
             out[name].add(shapes)
         return dict(out)
@@ -54,19 +61,17 @@ class StageProfiler:
 class ProfiledBackend:
     """Wraps a backend so each network call is recorded under the network's name."""
 
-    def __init__(self, backend, profiler: StageProfiler):
+    def __init__(self, backend: Backend, profiler: StageProfiler):
         self.inner, self.profiler = backend, profiler
         self.name = backend.name
 
-    def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, network: str, feeds: Feeds) -> list[Array]:
         return self._timed(self.inner.run, network, feeds)
 
-    def run_on_device(self, network: str, feeds: dict) -> list:
-        from .backends import run_on_device
-
+    def run_on_device(self, network: str, feeds: Feeds) -> list[Any]:
         return self._timed(lambda n, f: run_on_device(self.inner, n, f), network, feeds)
 
-    def _timed(self, call, network: str, feeds: dict) -> list:
+    def _timed(self, call: Callable[[str, Feeds], list[Any]], network: str, feeds: Feeds) -> list[Any]:
         shapes = tuple((k, tuple(np.shape(v))) for k, v in feeds.items())
         start = time.perf_counter()
         outputs = call(network, feeds)
@@ -77,11 +82,11 @@ class ProfiledBackend:
         self.profiler.add(network.partition("#")[0], seconds, shapes)  # tiled-VAE segments count as their VAE half
         return outputs
 
-    def __getattr__(self, attribute):
+    def __getattr__(self, attribute: str) -> Any:
         return getattr(self.inner, attribute)
 
 
-def summarize(values: list[float]) -> dict:
+def summarize(values: list[float]) -> dict[str, Any]:
     """median, p95, mean, min of a sample (seconds in, milliseconds out)."""
     array = np.asarray(values, dtype=np.float64) * 1e3
     if array.size == 0:

@@ -13,8 +13,12 @@ Twin: diffusers' ``DDPMScheduler`` (what the torch reference steps with, via
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+
+from .tensors import FloatArray
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class DDPMConfig:
     beta_start: float = 0.0001
     beta_end: float = 0.02
     beta_schedule: str = "linear"
-    trained_betas: list | None = None
+    trained_betas: list[float] | None = None
     variance_type: str = "fixed_small"
     clip_sample: bool = True
     clip_sample_range: float = 1.0
@@ -32,7 +36,7 @@ class DDPMConfig:
     steps_offset: int = 0
 
     @classmethod
-    def from_dict(cls, config: dict) -> DDPMConfig:
+    def from_dict(cls, config: dict[str, Any]) -> DDPMConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in known})
 
@@ -42,7 +46,7 @@ class DDPMScheduler:
 
     init_noise_sigma = 1.0
 
-    def __init__(self, config: DDPMConfig | dict):
+    def __init__(self, config: DDPMConfig | dict[str, Any]):
         self.config = config if isinstance(config, DDPMConfig) else DDPMConfig.from_dict(config)
         c = self.config
         if c.prediction_type != "epsilon" or c.variance_type != "fixed_small":
@@ -55,11 +59,12 @@ class DDPMScheduler:
         self.timesteps = np.array([], dtype=np.int64)
         self.num_inference_steps = 0
 
-    def set_timesteps(self, steps: int) -> np.ndarray:
+    def set_timesteps(self, steps: int) -> npt.NDArray[np.int64]:
         n = self.config.num_train_timesteps
         if not 1 <= steps <= n:
             raise ValueError(f"steps must be in 1..{n}, got {steps}")
         spacing = self.config.timestep_spacing
+        t: npt.NDArray[np.floating] | npt.NDArray[np.integer]
         if spacing == "leading":
             t = (np.arange(steps) * (n // steps)).round()[::-1] + self.config.steps_offset
         elif spacing == "trailing":
@@ -72,19 +77,19 @@ class DDPMScheduler:
         self.num_inference_steps = steps
         return self.timesteps
 
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, t: int) -> np.ndarray:
-        a = self.alphas_cumprod[t]
+    def add_noise(self, original: FloatArray, noise: FloatArray, t: int) -> FloatArray:
+        a: np.float32 = self.alphas_cumprod[t]
         return (a ** np.float32(0.5) * original + (np.float32(1.0) - a) ** np.float32(0.5) * noise).astype(np.float32)
 
     def previous_timestep(self, t: int) -> int:
         return t - self.config.num_train_timesteps // self.num_inference_steps
 
-    def step(self, eps: np.ndarray, t: int, sample: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    def step(self, eps: FloatArray, t: int, sample: FloatArray, noise: FloatArray) -> FloatArray:
         """x_t -> x_{t-1}; ``noise`` (standard normal, like ``sample``) is scaled by the step's std."""
         prev_t = self.previous_timestep(t)
         one, half = np.float32(1.0), np.float32(0.5)
-        a_t = self.alphas_cumprod[t]
-        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else one
+        a_t: np.float32 = self.alphas_cumprod[t]
+        a_prev: np.float32 = self.alphas_cumprod[prev_t] if prev_t >= 0 else one
         beta_t = one - a_t / a_prev
         x0 = (sample - (one - a_t) ** half * eps) / a_t**half
         if self.config.clip_sample:
@@ -99,7 +104,7 @@ class DDPMScheduler:
         return mean.astype(np.float32)
 
 
-def _betas(c: DDPMConfig) -> np.ndarray:
+def _betas(c: DDPMConfig) -> FloatArray:
     n = c.num_train_timesteps
     if c.trained_betas is not None:
         return np.asarray(c.trained_betas, dtype=np.float32)
@@ -110,11 +115,11 @@ def _betas(c: DDPMConfig) -> np.ndarray:
     raise ValueError(f"unsupported beta_schedule {c.beta_schedule!r}")
 
 
-def _linspace32(start: float, end: float, n: int) -> np.ndarray:
+def _linspace32(start: float, end: float, n: int) -> FloatArray:
     # Like torch.linspace in float32 (stepping from both ends); agrees with it to a few ULP.
-    start, end = np.float32(start), np.float32(end)
-    step = (end - start) / np.float32(n - 1)
+    first, last = np.float32(start), np.float32(end)
+    step = (last - first) / np.float32(n - 1)
     i = np.arange(n, dtype=np.float32)
-    front = start + step * i
-    back = end - step * (np.float32(n - 1) - i)
+    front = first + step * i
+    back = last - step * (np.float32(n - 1) - i)
     return np.where(np.arange(n) < n // 2, front, back).astype(np.float32)

@@ -28,10 +28,17 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+
+from .tensors import Array, FloatArray
 
 GROUP_NORM_EPS = 1e-6
+
+Box = list[int]  # [x0, x1, y0, y1]
+Stats = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ def best_tile_size(lower: int, upper: int) -> int:
     return lower
 
 
-def split_tiles(height: int, width: int, tile: int, layout: TiledVaeLayout):
+def split_tiles(height: int, width: int, tile: int, layout: TiledVaeLayout) -> tuple[list[Box], list[Box]]:
     """Input boxes (with context) and output boxes of every tile, row by row, as [x0, x1, y0, y1].
 
     The grid has ceil((extent - 2 pad) / tile) tiles per axis (at least one), of equal size
@@ -83,7 +90,8 @@ def split_tiles(height: int, width: int, tile: int, layout: TiledVaeLayout):
     cols = max(math.ceil((width - 2 * pad) / tile), 1)
     tile_h = best_tile_size(math.ceil((height - 2 * pad) / rows), tile)
     tile_w = best_tile_size(math.ceil((width - 2 * pad) / cols), tile)
-    inputs, outputs = [], []
+    inputs: list[Box] = []
+    outputs: list[Box] = []
     for i in range(rows):
         for j in range(cols):
             x0, x1 = pad + j * tile_w, min(pad + (j + 1) * tile_w, width)
@@ -99,7 +107,7 @@ def split_tiles(height: int, width: int, tile: int, layout: TiledVaeLayout):
     return inputs, outputs
 
 
-def tile_stats(x: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+def tile_stats(x: Array, groups: int) -> tuple[Stats, Stats]:
     """Per-sample, per-group mean and biased variance of one tile, float64 [B, groups] each.
 
     Accumulated in float64 without a float64 copy of the tile (it can hold gigabytes)."""
@@ -113,7 +121,7 @@ def tile_stats(x: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
-def shared_group_stats(per_tile: list[tuple[np.ndarray, np.ndarray]], pixels: list[int]):
+def shared_group_stats(per_tile: list[tuple[Stats, Stats]], pixels: list[int]) -> tuple[FloatArray, FloatArray]:
     """Mean and variance averaged over the tiles, weighted by pixel count (float32 [B, groups])."""
     weights = np.asarray(pixels, dtype=np.float64) / float(sum(pixels))
     mean = sum(w * m for w, (m, _) in zip(weights, per_tile))
@@ -121,7 +129,7 @@ def shared_group_stats(per_tile: list[tuple[np.ndarray, np.ndarray]], pixels: li
     return mean.astype(np.float32), var.astype(np.float32)
 
 
-def assemble_tiles(tiles: list[np.ndarray], inputs, outputs, layout: TiledVaeLayout) -> np.ndarray:
+def assemble_tiles(tiles: list[Array], inputs: list[Box], outputs: list[Box], layout: TiledVaeLayout) -> Array:
     """Copy each tile's core (its output box) into one array; nothing is blended."""
     first = tiles[0]
     height = max(box[3] for box in outputs)
@@ -133,7 +141,7 @@ def assemble_tiles(tiles: list[np.ndarray], inputs, outputs, layout: TiledVaeLay
     return result
 
 
-RunFn = Callable[[str, dict], list]
+RunFn = Callable[[str, dict[str, Any]], list[Array]]
 
 
 class TileStates:
@@ -145,10 +153,10 @@ class TileStates:
 
     def __init__(self, spill_dir: str | Path | None = None):
         self._dir = tempfile.mkdtemp(prefix="seesr-tiles-", dir=spill_dir) if spill_dir is not None else None
-        self._items: dict = {}
+        self._items: dict[tuple[str, int], Array | str | None] = {}  # an array, or the .npy file holding it
         self._writes = 0
 
-    def put(self, key, array: np.ndarray | None) -> None:
+    def put(self, key: tuple[str, int], array: Array | None) -> None:
         previous = self._items.pop(key, None)
         if isinstance(previous, str):
             os.unlink(previous)  # a live memory map of it stays valid until released
@@ -160,7 +168,7 @@ class TileStates:
         np.save(path, array)
         self._items[key] = path
 
-    def get(self, key) -> np.ndarray | None:
+    def get(self, key: tuple[str, int]) -> Array | None:
         item = self._items.get(key)
         return np.load(item, mmap_mode="r") if isinstance(item, str) else item
 
@@ -171,8 +179,8 @@ class TileStates:
 
 
 def run_tiled_vae(
-    run: RunFn, network: str, tiled: dict, x: np.ndarray, tile: int, spill_dir: str | Path | None = None
-) -> list[np.ndarray]:
+    run: RunFn, network: str, tiled: dict[str, Any], x: Array, tile: int, spill_dir: str | Path | None = None
+) -> list[Array]:
     """The tiled VAE half ``network`` (``"vae_encoder"``/``"vae_decoder"``) on ``x`` through ``run``
     (``backend.run``); ``tiled`` is the network's ``tiled`` manifest entry; ``spill_dir``: see
     ``TileStates``. Returns the network's outputs: ``[mean, logvar]`` or ``[image]``."""
@@ -194,20 +202,28 @@ def run_tiled_vae(
 
 
 def _run_segment(
-    run: RunFn, name: str, segment: dict, states: TileStates, count: int, groups: int | None, last: bool = False
-) -> list | None:
+    run: RunFn,
+    name: str,
+    segment: dict[str, Any],
+    states: TileStates,
+    count: int,
+    groups: int | None,
+    last: bool = False,
+) -> list[list[Array]]:
     """One segment over every tile (the first segment has no GroupNorm: ``groups`` None). The last
-    returns every tile's outputs; the others leave their outputs in ``states``."""
-    feeds = {}
+    returns every tile's outputs; the others leave their outputs in ``states`` (and return [])."""
+    feeds: dict[str, Any] = {}
     if groups is not None:  # every tile waits here for the shared statistics
-        per_tile, pixels = [], []
+        per_tile: list[tuple[Stats, Stats]] = []
+        pixels: list[int] = []
         for i in range(count):  # one tile mapped at a time: spilled states stay out of memory
             hidden = states.get(("hidden", i))
+            assert hidden is not None  # every tile's hidden state is put before the next segment runs
             per_tile.append(tile_stats(hidden, groups))
             pixels.append(hidden.shape[2] * hidden.shape[3])
             del hidden
         feeds["group_mean"], feeds["group_var"] = shared_group_stats(per_tile, pixels)
-    results = []
+    results: list[list[Array]] = []
     for i in range(count):
         tile_feeds = {"hidden": states.get(("hidden", i)), **feeds}
         if segment["takes_residual"]:
@@ -220,4 +236,4 @@ def _run_segment(
         else:
             states.put(("hidden", i), out[0])
             states.put(("residual", i), out[1] if segment["hands_residual"] else None)
-    return results if last else None
+    return results

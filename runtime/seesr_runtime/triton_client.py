@@ -4,12 +4,15 @@
     seesr-triton-client upscale a.png -o results/ --protocol grpc --url 127.0.0.1:8001
     seesr-triton-client load a.png --concurrency 32 --requests 256 --steps 20       # throughput, p50/p95/p99
 
-Needs ``pip install 'seesr-export[triton]'`` (tritonclient over HTTP and gRPC).
+Needs ``pip install 'seesr-export[triton]'`` (tritonclient over HTTP and gRPC). Each image is read and
+checked here as ``seesr upscale`` would read it (8-bit RGB), then sent as a PNG file: lossless, so the
+server sees the very pixels the in-process runtime would, whatever format the file had.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import threading
@@ -17,38 +20,55 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+from PIL import Image
 
 from . import __version__
 from . import options as option_table
 from .cli import run_command
-from .errors import BackendError, InputError
-from .triton import NUMPY_TYPES, REQUEST_OPTIONS, wire_type
+from .errors import BackendError, ImageRejected, InputError, MissingDependency
+from .filemodes import write_atomically
+from .inputs import expand_inputs, load_lr_image
+from .lazy import imported, lazy_import
+from .triton import IMAGE_INPUT, INPUTS, OUTPUTS, REQUEST_OPTIONS, TensorSpec
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
-OUTPUTS = ("image", "tags", "prompt")
+# Fast deflate: requests travel on a local network or a data-centre one, where encoding time matters more.
+PNG_COMPRESS_LEVEL = 1
+
+# tritonclient ships no type information: its clients and tensors are Any here.
+Client = Any
+InferInput = Any
+
+
+# The client library is an extra (seesr-export[triton]); one module per protocol.
+TRITONCLIENT = {
+    "http": lazy_import("tritonclient.http", extra="triton"),
+    "grpc": lazy_import("tritonclient.grpc", extra="triton"),
+}
 
 
 class ClientError(BackendError):
     """The server refused a request or could not be reached; the message is the server's."""
 
 
-def _module(protocol: str):
+def _module(protocol: str) -> ModuleType:
     if protocol not in PROTOCOLS:
         raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     try:
-        if protocol == "http":
-            import tritonclient.http as module
-        else:
-            import tritonclient.grpc as module
-    except ImportError as exc:
-        raise ClientError(f"tritonclient is not installed ({exc}): pip install 'seesr-export[triton]'") from None
-    return module
+        return imported(TRITONCLIENT[protocol])
+    except MissingDependency as exc:
+        raise ClientError(
+            f"tritonclient is not installed ({exc.__cause__}): pip install 'seesr-export[triton]'"
+        ) from None
 
 
-def connect(protocol: str, url: str | None = None, timeout: float = 600.0):
+def connect(protocol: str, url: str | None = None, timeout: float = 600.0) -> Client:
     """A tritonclient InferenceServerClient; ``timeout`` bounds connecting and each request (seconds)."""
     module = _module(protocol)
     url = url or DEFAULT_URLS[protocol]
@@ -57,7 +77,7 @@ def connect(protocol: str, url: str | None = None, timeout: float = 600.0):
     return module.InferenceServerClient(url)
 
 
-def check_ready(client, protocol: str, url: str | None, model: str, timeout: float = 30.0) -> None:
+def check_ready(client: Client, protocol: str, url: str | None, model: str, timeout: float = 30.0) -> None:
     """One clear error up front when the server or the model is not there, instead of one per image."""
     url = url or DEFAULT_URLS[protocol]
     extra = {"client_timeout": timeout} if protocol == "grpc" else {}  # HTTP: bounded by connect()'s timeouts
@@ -69,65 +89,75 @@ def check_ready(client, protocol: str, url: str | None, model: str, timeout: flo
         raise ClientError(f"the server at {url} has no ready model {model!r} (see its log)")
 
 
+def encode_png(image: Any) -> bytes:
+    """An RGB image (a PIL image or an [H, W, 3] uint8 array) as a PNG file's bytes: the ``image`` input."""
+
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
 def build_inputs(
     protocol: str,
-    image: np.ndarray,
+    image: bytes,
     *,
     prompt: str | None = None,
     seed: int | None = None,
     steps: int | None = None,
     guidance: float | None = None,
-) -> list:
-    """The request's input tensors. ``image`` is sent as given (its dtype and shape), so the server decides."""
-    from tritonclient.utils import np_to_triton_dtype
-
+) -> list[InferInput]:
+    """The request's input tensors: ``image`` is an encoded image file's bytes (``encode_png``), sent as given,
+    so the server decides; the options that are not None."""
     module = _module(protocol)
-    image = np.ascontiguousarray(image)
-    tensors = [_tensor(module, "image", image, np_to_triton_dtype(image.dtype))]
-    given = {"prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance}
-    for name, data_type in REQUEST_OPTIONS.items():
-        value = given[name]
-        if value is not None:
-            value = value.encode("utf-8") if isinstance(value, str) else value
-            tensors.append(_tensor(module, name, np.array([value], dtype=NUMPY_TYPES[data_type]), wire_type(data_type)))
-    return tensors
+    given = {IMAGE_INPUT.name: image, "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance}
+    return [_tensor(module, spec, given[spec.name]) for spec in INPUTS if given[spec.name] is not None]
 
 
-def _tensor(module, name: str, array: np.ndarray, wire_type: str):
-    tensor = module.InferInput(name, list(array.shape), wire_type)
+def _tensor(module: ModuleType, spec: TensorSpec, value: object) -> InferInput:
+    element = value.encode("utf-8") if isinstance(value, str) else value
+    array = np.array([element], dtype=spec.numpy_type).reshape(spec.dims)
+    tensor = module.InferInput(spec.name, list(array.shape), spec.wire_type)
     tensor.set_data_from_numpy(array)
     return tensor
 
 
 @dataclass
 class Upscaled:
-    image: np.ndarray  # uint8 [4H, 4W, 3]
+    """The response; its fields are the service's outputs (``seesr_runtime.triton.OUTPUTS``)."""
+
+    image: npt.NDArray[np.uint8]  # [4H, 4W, 3]
     tags: str
     prompt: str
 
 
-def infer(client, protocol: str, inputs: list, model: str = "seesr", timeout: float = 600.0) -> Upscaled:
+def infer(
+    client: Client, protocol: str, inputs: list[InferInput], model: str = "seesr", timeout: float = 600.0
+) -> Upscaled:
     """One request; raises ClientError with the server's message when it is refused."""
     from tritonclient.utils import InferenceServerException
 
     module = _module(protocol)
-    outputs = [module.InferRequestedOutput(name) for name in OUTPUTS]
+    outputs = [module.InferRequestedOutput(spec.name) for spec in OUTPUTS]
     extra = {"client_timeout": timeout} if protocol == "grpc" else {}
     try:
         result = client.infer(model, inputs, outputs=outputs, **extra)
     except InferenceServerException as exc:
         raise ClientError(exc.message() or str(exc)) from None
-    return Upscaled(
-        image=result.as_numpy("image"), tags=_text(result.as_numpy("tags")), prompt=_text(result.as_numpy("prompt"))
-    )
+    return Upscaled(**{spec.name: _output(spec, result.as_numpy(spec.name)) for spec in OUTPUTS})
 
 
-def _text(value: np.ndarray) -> str:
+def _output(spec: TensorSpec, value: npt.NDArray[Any]) -> Any:
+    if spec.data_type != "TYPE_STRING":
+        return value
     raw = value.reshape(-1)[0]
     return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
 
 
 # ------------------------------------------------------------------ load test
+
+# One request's outcome: (seconds, None) when it succeeded, (None, message) when it failed.
+Outcome = tuple[float | None, str | None]
 
 
 @dataclass
@@ -139,8 +169,8 @@ class LoadReport:
     errors: int
     seconds: float
     throughput_rps: float
-    latency_ms: dict  # p50, p95, p99, mean, max over successful requests
-    error_messages: list  # distinct messages, at most 5
+    latency_ms: dict[str, float]  # p50, p95, p99, mean, max over successful requests
+    error_messages: list[str]  # distinct messages, at most 5
 
     def summary(self) -> str:
         lat = self.latency_ms
@@ -160,20 +190,21 @@ class LoadReport:
 def run_load(
     protocol: str,
     url: str | None,
-    image: np.ndarray,
+    image: bytes,
     *,
     concurrency: int,
     requests: int,
     model: str = "seesr",
     timeout: float = 600.0,
-    **options,
+    **options: Any,
 ) -> LoadReport:
     """``requests`` requests, ``concurrency`` in flight at a time (one connection per worker thread)."""
     if concurrency < 1 or requests < 1:
         raise InputError(f"concurrency and requests must be at least 1, got {concurrency} and {requests}")
-    local, clients, lock = threading.local(), [], threading.Lock()
+    local, lock = threading.local(), threading.Lock()
+    clients: list[Client] = []
 
-    def one(_index: int):
+    def one(_index: int) -> Outcome:
         if not hasattr(local, "client"):
             local.client = connect(protocol, url, timeout)
             with lock:
@@ -195,10 +226,10 @@ def run_load(
     return _report(protocol, concurrency, requests, time.perf_counter() - began, outcomes)
 
 
-def _report(protocol, concurrency, requests, seconds, outcomes) -> LoadReport:
+def _report(protocol: str, concurrency: int, requests: int, seconds: float, outcomes: list[Outcome]) -> LoadReport:
     latencies = np.array([lat for lat, _ in outcomes if lat is not None]) * 1000.0
     messages = [message for _, message in outcomes if message is not None]
-    latency = {}
+    latency: dict[str, float] = {}
     if latencies.size:
         p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
         latency = {
@@ -224,25 +255,19 @@ def _report(protocol, concurrency, requests, seconds, outcomes) -> LoadReport:
 # ------------------------------------------------------------------ command line
 
 
-def _sampling(args) -> dict:
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     """The request options given on the command line, checked here (the server checks them again)."""
     given = option_table.given_in(args, REQUEST_OPTIONS)
     return {name: given.get(name) for name in REQUEST_OPTIONS}
 
 
-def _load_image(path: Path, max_pixels: int) -> np.ndarray:
-    from .cli import load_lr_image
-
+def _load_image(path: Path, max_pixels: int) -> bytes:
+    """The file checked and converted as ``seesr upscale`` reads it, re-encoded as PNG (lossless, one format)."""
     image, _note = load_lr_image(path, max_pixels)
-    return np.asarray(image, dtype=np.uint8)
+    return encode_png(image)
 
 
-def cmd_upscale(args) -> int:
-    from PIL import Image
-
-    from .cli import ImageRejected, expand_inputs
-    from .filemodes import write_atomically
-
+def cmd_upscale(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     files = expand_inputs(args.inputs)
     if not files:
@@ -280,9 +305,7 @@ def cmd_upscale(args) -> int:
     return 1 if failed else 0
 
 
-def cmd_load(args) -> int:
-    from .cli import ImageRejected
-
+def cmd_load(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     try:
         image = _load_image(args.image, args.max_pixels)

@@ -11,21 +11,33 @@ Not testable on the CPU-only CI machines: see benchmarks/gpu_validate.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import onnxruntime as ort
 
-from .errors import BundleError
+from .errors import BundleError, MissingDependency
+from .lazy import imported, lazy_import
 from .manifest import Manifest
+from .ort_backend import OnnxRuntimeBackend
+from .tensors import Array, Feeds
+
+trt = lazy_import("tensorrt", extra="tensorrt")
+# cuda-python moved its runtime bindings in 12.6; either place will do.
+cudart_bindings = lazy_import("cuda.bindings.runtime", extra="tensorrt")
+cudart_legacy = lazy_import("cuda.cudart", extra="tensorrt")
 
 
-def _cudart():
+def _cudart() -> Any:
+    """cuda-python's CUDA runtime module (``MissingDependency`` without cuda-python)."""
     try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        from cuda import cudart  # older cuda-python
-    return cudart
+        return imported(cudart_bindings)
+    except MissingDependency:
+        return imported(cudart_legacy)
 
 
-def _check(result):
+def _check(result: Any) -> Any:
+    """The value(s) of a cuda-python call's ``(error, *values)`` result; RuntimeError on an error code."""
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         raise RuntimeError(f"CUDA error {err}")
@@ -33,7 +45,7 @@ def _check(result):
 
 
 class _DeviceBuffer:
-    def __init__(self, cudart):
+    def __init__(self, cudart: Any):
         self.cudart, self.ptr, self.nbytes = cudart, 0, 0
 
     def ensure(self, nbytes: int) -> int:
@@ -43,7 +55,7 @@ class _DeviceBuffer:
             self.ptr, self.nbytes = _check(self.cudart.cudaMalloc(nbytes)), nbytes
         return self.ptr
 
-    def free(self):
+    def free(self) -> None:
         if self.ptr:
             self.cudart.cudaFree(self.ptr)
             self.ptr, self.nbytes = 0, 0
@@ -55,14 +67,14 @@ class TensorRTBackend:
     def __init__(self, manifest: Manifest, precision: str = "fp16", cuda_graph: bool = False):
         """``cuda_graph``: capture each engine launch once per input shape and replay it (static shapes;
         a buffer that grows changes the addresses and so gets a new graph)."""
-        import tensorrt as trt
-
-        self.trt, self.cudart = trt, _cudart()
+        self.trt, self.cudart = imported(trt), _cudart()  # tensorrt first: its absence is the one to report
         self.manifest, self.precision, self.cuda_graph = manifest, precision, cuda_graph
-        self._graphs = {}
+        self._graphs: dict[tuple[str, tuple[Any, ...]], Any] = {}  # (network, shapes and addresses) -> graph exec
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.stream = _check(self.cudart.cudaStreamCreate())
-        self.engines, self.contexts, self.buffers = {}, {}, {}
+        self.engines: dict[str, Any] = {}
+        self.contexts: dict[str, Any] = {}
+        self.buffers: dict[tuple[str, str], _DeviceBuffer] = {}
         for network, entry in manifest.data["networks"].items():
             engine_entry = entry.get("engines", {}).get(precision)
             if engine_entry is None:
@@ -85,15 +97,11 @@ class TensorRTBackend:
         self._outputs = {n: manifest.spec(n).output_names for n in self.engines}
         # Events around each engine launch: the benchmark reads the device's time, not the host's.
         self._events = (_check(self.cudart.cudaEventCreate()), _check(self.cudart.cudaEventCreate()))
-        self._last_ms = None
+        self._last_ms: float | None = None
 
-    def _segment_backend(self):
+    def _segment_backend(self) -> OnnxRuntimeBackend:
         """onnxruntime (CUDA where onnxruntime-gpu is installed) for the tiled VAE's fp32 segment graphs."""
         if not hasattr(self, "_segments"):
-            import onnxruntime as ort
-
-            from .backends import OnnxRuntimeBackend
-
             cuda = "CUDAExecutionProvider" in ort.get_available_providers()
             self._segments = OnnxRuntimeBackend(self.manifest, providers=["cuda", "cpu"] if cuda else ["cpu"])
         return self._segments
@@ -104,7 +112,7 @@ class TensorRTBackend:
             self.buffers[key] = _DeviceBuffer(self.cudart)
         return self.buffers[key].ensure(nbytes)
 
-    def run(self, network: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, network: str, feeds: Feeds) -> list[Array]:
         if "#" in network:  # a tiled-VAE segment (large images): no engine is built for those
             return self._segment_backend().run(network, feeds)
         cudart, context, engine = self.cudart, self.contexts[network], self.engines[network]
@@ -139,7 +147,7 @@ class TensorRTBackend:
         self._last_ms = float(_check(cudart.cudaEventElapsedTime(*self._events)))
         return [o.astype(np.float32, copy=False) if o.dtype == np.float16 else o for o in outputs]
 
-    def _launch(self, network: str, context, key: tuple) -> None:
+    def _launch(self, network: str, context: Any, key: tuple[Any, ...]) -> None:
         """Enqueue the engine; with ``cuda_graph``, replay a graph captured for these exact shapes and
         device addresses (every step of one image size repeats them, so the 50 steps replay one graph
         per network instead of enqueueing hundreds of kernels each)."""
@@ -164,7 +172,7 @@ class TensorRTBackend:
         """GPU time of the last engine launch (CUDA events), without the host copies."""
         return self._last_ms
 
-    def close(self):
+    def close(self) -> None:
         for graph in self._graphs.values():
             self.cudart.cudaGraphExecDestroy(graph)
         self._graphs.clear()

@@ -20,22 +20,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
+from .checksums import sha256_file
 from .errors import BundleError, OptionError
 from .filemodes import write_atomically
-from .manifest import sha256_file
 
 STAMP = ".seesr-verified.json"
 STAMP_FORMAT = "seesr-verified"
 STAMP_VERSION = 1
 RACY_NS = 1_000_000_000  # coarser than any common file system's timestamp granularity but FAT's
 VERIFY_MODES = ("auto", "always", "never")
+
+log = logging.getLogger(__name__)
+
+
+class PinnedFiles(Protocol):
+    """What verification needs of a bundle (``manifest.Manifest``; a protocol, so that this module stays
+    below the manifest's)."""
+
+    @property
+    def root(self) -> Path: ...
+
+    def all_files(self) -> dict[str, str]: ...
+
+    def file(self, rel: str, what: str = ...) -> Path: ...
 
 
 @dataclass
@@ -68,7 +83,7 @@ def stamp_locations(root: Path) -> list[Path]:
     return [Path(root) / STAMP, Path(cache) / "seesr" / "verified" / f"{key}.json"]
 
 
-def verify_bundle(manifest, mode: str = "auto", stamps: list[Path] | None = None) -> Verification:
+def verify_bundle(manifest: PinnedFiles, mode: str = "auto", stamps: list[Path] | None = None) -> Verification:
     """Check every file ``manifest`` pins against its sha256 (``mode`` "auto" trusts the stamp for
     unchanged files); BundleError names the bundle and every missing or altered file.
     ``stamps``: where to read and write the stamp (default ``stamp_locations``)."""
@@ -102,6 +117,10 @@ def verify_bundle(manifest, mode: str = "auto", stamps: list[Path] | None = None
     if report.hashed:
         report.stamp = _write_stamp(stamps, bundle, verified)
     report.seconds = time.perf_counter() - start
+    log.debug(
+        f"{manifest.root}: {len(report.hashed)} files hashed, {len(report.trusted)} vouched for by the "
+        f"verification stamp ({report.seconds:.2f} s)"
+    )
     if problems:
         raise BundleError(
             f"{manifest.root}: bundle files do not match the manifest (damaged or altered; "
@@ -110,14 +129,14 @@ def verify_bundle(manifest, mode: str = "auto", stamps: list[Path] | None = None
     return report
 
 
-def _file_version(info: os.stat_result) -> dict:
+def _file_version(info: os.stat_result) -> dict[str, int]:
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns, "inode": info.st_ino}
 
 
-def _read_stamps(stamps: list[Path]) -> dict:
+def _read_stamps(stamps: list[Path]) -> dict[str, Any]:
     """rel -> record from every readable stamp of this bundle (earlier locations win). A stamp that
     cannot be read only means more hashing, so it is ignored rather than reported."""
-    known = {}
+    known: dict[str, Any] = {}
     for path in reversed(stamps):
         try:
             stamp = json.loads(path.read_text())
@@ -134,7 +153,7 @@ def _read_stamps(stamps: list[Path]) -> dict:
     return known
 
 
-def _write_stamp(stamps: list[Path], bundle: str, verified: dict) -> Path | None:
+def _write_stamp(stamps: list[Path], bundle: str, verified: dict[str, Any]) -> Path | None:
     """Write the stamp atomically at the first location that takes it; None (and a warning) if none does."""
     text = (
         json.dumps(
@@ -151,10 +170,8 @@ def _write_stamp(stamps: list[Path], bundle: str, verified: dict) -> Path | None
             return path
         except OSError as exc:
             failures.append(f"{exc.filename or path}: {exc.strerror or exc}")
-    warnings.warn(
+    log.warning(
         f"{bundle}: the verification stamp could not be written ({'; '.join(failures)}); "
-        "every load will hash the bundle's files again",
-        RuntimeWarning,
-        stacklevel=4,
+        "every load will hash the bundle's files again"
     )
     return None

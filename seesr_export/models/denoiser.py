@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 from ..checkpoints import find_weights, load_state_dict, load_strict, require_file
@@ -127,8 +128,6 @@ class SeeSRUNet(nn.Module):
 
     def __init__(self, config: dict, source: str = "unet"):
         super().__init__()
-        from diffusers import UNet2DConditionModel
-
         self.config = dict(config)
         base = UNet2DConditionModel(**_diffusers_kwargs(UNet2DConditionModel, config, source))
         for name in (
@@ -188,8 +187,6 @@ class SeeSRControlNet(nn.Module):
 
     def __init__(self, config: dict, source: str = "controlnet"):
         super().__init__()
-        from diffusers import ControlNetModel
-
         self.config = dict(config)
         if config.get("global_pool_conditions", False):
             raise CheckpointError(f"{source}: global_pool_conditions=true is not supported (SeeSR uses false)")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diffusers import AutoencoderKL
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..checkpoints import find_weights, load_state_dict, load_strict, require_file
 from ..errors import CheckpointError
@@ -45,8 +47,6 @@ def _modernise_vae_keys(state_dict: dict) -> dict:
 
 
 def load_vae(sd2_folder: Path) -> nn.Module:
-    from diffusers import AutoencoderKL
-
     folder = Path(sd2_folder) / "vae"
     config = read_config(folder, "SD2 VAE")
     model = AutoencoderKL(**_diffusers_kwargs(AutoencoderKL, config, str(folder / "config.json")))
@@ -56,8 +56,6 @@ def load_vae(sd2_folder: Path) -> nn.Module:
 
 
 def load_text_encoder(sd2_folder: Path) -> nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     folder = Path(sd2_folder) / "text_encoder"
     config = CLIPTextConfig.from_dict(read_config(folder, "SD2 text encoder"))
     model = CLIPTextModel(config)
@@ -85,8 +83,6 @@ def _match_text_prefix(state_dict: dict, model: nn.Module) -> dict:
 
 
 def load_tokenizer(sd2_folder: Path):
-    from transformers import CLIPTokenizer
-
     folder = Path(sd2_folder) / "tokenizer"
     for name in ("vocab.json", "merges.txt"):
         require_file(folder / name, "SD2 tokenizer")

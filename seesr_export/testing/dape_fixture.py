@@ -24,6 +24,7 @@ from ..checkpoints import load_state_dict
 from ..models.dape import (
     IMAGE_SIZE,
     is_lora_layer,
+    load_dape,
     lora_shapes,
     lora_slots,
     relative_position_index,
@@ -331,8 +332,6 @@ def calibrate_tag_bias(
     prompts of that length are what the rest of the pipeline should be tested on.
     Returns the shift applied.
     """
-    from ..models.dape import load_dape
-
     with torch.no_grad():
         _, logits = load_dape(ram_path, dape_path)(sample_image(seed=0))
     thresholds = torch.tensor([float(v) for v in Path(threshold_path).read_text().split()])

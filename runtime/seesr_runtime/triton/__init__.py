@@ -1,20 +1,67 @@
-"""Triton Inference Server support files (torch-free).
+"""Triton Inference Server support files (torch-free), and the one description of the service.
 
 ``model.py`` here is not imported by the runtime: ``seesr-export triton`` copies it into a
-generated model repository as ``<model>/1/model.py``, where Triton's Python backend loads it.
+generated model repository as ``<model>/<SERVICE_VERSION>/model.py``, where Triton's Python backend
+loads it.
+
+``INPUTS`` and ``OUTPUTS`` describe every tensor of a request and of its response: ``seesr-export
+triton`` writes config.pbtxt from them, the model reads and writes its tensors by them, and
+``seesr-triton-client`` builds its requests and reads the answers by them.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 MODEL_FILE = Path(__file__).with_name("model.py")
 
-# The request's inputs besides the image: upscale options (ranges and defaults in ``seesr_runtime.options``),
-# each with its Triton data type. ``seesr-export triton`` declares them in config.pbtxt, the model reads
-# them, ``seesr-triton-client`` sends them.
-REQUEST_OPTIONS = {"prompt": "TYPE_STRING", "seed": "TYPE_INT64", "steps": "TYPE_INT32", "guidance": "TYPE_FP32"}
-NUMPY_TYPES = {"TYPE_STRING": "object", "TYPE_INT64": "int64", "TYPE_INT32": "int32", "TYPE_FP32": "float32"}
+# The request format's version, also the Triton model version (the repository's version directory). Version 2:
+# the image travels encoded (one image file's bytes); version 1 sent raw UINT8 [H, W, 3] pixels, whose variable
+# dims let a declared shape reach Triton's size arithmetic.
+SERVICE_VERSION = 2
+
+NUMPY_TYPES = {
+    "TYPE_STRING": "object",
+    "TYPE_UINT8": "uint8",
+    "TYPE_INT64": "int64",
+    "TYPE_INT32": "int32",
+    "TYPE_FP32": "float32",
+}
 
 
-def wire_type(config_type: str) -> str:
-    """The protocol's name of a config.pbtxt data type (TYPE_STRING travels as BYTES)."""
-    return "BYTES" if config_type == "TYPE_STRING" else config_type.removeprefix("TYPE_")
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the service, as config.pbtxt declares it."""
+
+    name: str
+    data_type: str  # config.pbtxt's name: TYPE_STRING, TYPE_UINT8, ...
+    dims: tuple[int, ...]  # -1: any size
+    what: str  # what it holds, for messages and documentation
+    optional: bool = False
+
+    @property
+    def wire_type(self) -> str:
+        """The protocol's name of the data type (TYPE_STRING travels as BYTES)."""
+        return "BYTES" if self.data_type == "TYPE_STRING" else self.data_type.removeprefix("TYPE_")
+
+    @property
+    def numpy_type(self) -> str:
+        return NUMPY_TYPES[self.data_type]
+
+
+# Fixed dims: Triton refuses any other declared shape before it computes a byte size or reserves memory.
+IMAGE_INPUT = TensorSpec("image", "TYPE_STRING", (1,), "one encoded image file (PNG, JPEG, WebP, BMP, TIFF)")
+# The options' names, ranges and defaults are those of ``seesr_runtime.options``.
+OPTION_INPUTS = (
+    TensorSpec("prompt", "TYPE_STRING", (1,), "one UTF-8 string", optional=True),
+    TensorSpec("seed", "TYPE_INT64", (1,), "one int64 value", optional=True),
+    TensorSpec("steps", "TYPE_INT32", (1,), "one int32 value", optional=True),
+    TensorSpec("guidance", "TYPE_FP32", (1,), "one float32 value", optional=True),
+)
+INPUTS = (IMAGE_INPUT, *OPTION_INPUTS)
+# Each output is the pipeline result's attribute of the same name.
+OUTPUTS = (
+    TensorSpec("image", "TYPE_UINT8", (-1, -1, 3), "the x4 image, RGB [4H, 4W, 3]"),
+    TensorSpec("tags", "TYPE_STRING", (1,), "the DAPE tags, UTF-8"),
+    TensorSpec("prompt", "TYPE_STRING", (1,), "the full prompt used, UTF-8"),
+)
+REQUEST_OPTIONS = tuple(spec.name for spec in OPTION_INPUTS)

@@ -7,24 +7,37 @@ is its own stub process: ``initialize`` loads the bundle's sessions (or TensorRT
 pipeline_options). The server's Python environment must have the runtime installed
 (``pip install seesr-export``; no torch).
 
-A bad request (wrong dtype, rank, channel count, too large or too small, an option outside the
-runtime's options table) gets a Triton error naming the value and what was expected; an unexpected
-failure also becomes an error response, never a dead instance.
+Its tensors are those of ``seesr_runtime.triton.INPUTS`` and ``OUTPUTS``: the image arrives as one
+encoded image file (BYTES [1]), decoded by the runtime's image loader with the pixel limit checked
+before decoding and its decompression-bomb guard. A bad request (an undecodable, too large or too
+small image, an option outside the runtime's options table) gets a Triton error naming the value and
+what was expected; an unexpected failure also becomes an error response, never a dead instance. Triton
+itself refuses any declared shape other than the fixed dims of config.pbtxt before it sizes the data.
 """
 
 import json
+import math
 import os
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
+
+# The Python backend's objects (requests, tensors, responses) come from its stub and have no type information.
+Request = Any
+Tensor = Any
+Response = Any
+
+RUNTIME_MISSING: ImportError | None
 
 try:
     from seesr_runtime import SeeSRPipeline
     from seesr_runtime.errors import InputError
-    from seesr_runtime.options import check_image_size
-    from seesr_runtime.triton import NUMPY_TYPES, REQUEST_OPTIONS
+    from seesr_runtime.inputs import load_lr_image_bytes
+    from seesr_runtime.triton import IMAGE_INPUT, OPTION_INPUTS, OUTPUTS, SERVICE_VERSION, TensorSpec
 
     RUNTIME_MISSING = None
 except ImportError as exc:  # reported by initialize, where Triton shows it
@@ -35,11 +48,11 @@ class RequestError(ValueError):
     """This request cannot be served; the message is returned to the client."""
 
 
-def _parameters(model_config: dict) -> dict:
+def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
     return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
 
 
-def _bundle_path(value: str, args: dict) -> Path:
+def _bundle_path(value: str, args: dict[str, str]) -> Path:
     """Relative bundle paths are relative to the version directory, where the generator copies it."""
     path = Path(value)
     if not path.is_absolute():
@@ -47,11 +60,11 @@ def _bundle_path(value: str, args: dict) -> Path:
     return path
 
 
-def _instance_count(model_config: dict) -> int:
+def _instance_count(model_config: dict[str, Any]) -> int:
     return max(1, sum(int(group.get("count", 1)) for group in model_config.get("instance_group", [])))
 
 
-def _threads(value: str, model_config: dict) -> int | None:
+def _threads(value: str, model_config: dict[str, Any]) -> int | None:
     """'auto': share the machine's cores between the instances instead of oversubscribing them."""
     if value == "auto":
         return max(1, (os.cpu_count() or 1) // _instance_count(model_config))
@@ -59,10 +72,11 @@ def _threads(value: str, model_config: dict) -> int | None:
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         params = _parameters(config)
         self.max_pixels = int(params["max_pixels"])
+        self._check_service_version(params)
         self.pipeline_options = json.loads(params.get("pipeline_options", "{}"))
         if args["model_instance_kind"] == "GPU":
             # One stub process per instance: pin it to its GPU before any CUDA library starts.
@@ -73,7 +87,7 @@ class TritonPythonModel:
                 "pip install seesr-export (no extras) in the Triton image"
             )
         backend = params["backend"]
-        options = {"precision": params["precision"]}
+        options: dict[str, Any] = {"precision": params["precision"]}
         if backend == "onnxruntime":
             options["providers"] = params["providers"].split(",")
             options["threads"] = _threads(params.get("threads", "auto"), config)
@@ -85,16 +99,25 @@ class TritonPythonModel:
             f"seesr: instance {args['model_instance_name']} ready: bundle {bundle}, backend {backend}, {options}"
         )
 
-    def _load_all_networks(self):
+    @staticmethod
+    def _check_service_version(params: dict[str, str]) -> None:
+        """model.py comes from the repository, the declaration from the server's installed runtime: they must agree."""
+        if RUNTIME_MISSING is None and params.get("service_version") != str(SERVICE_VERSION):
+            raise RuntimeError(
+                f"the repository was written for request format {params.get('service_version')!r} but the server's "
+                f"seesr_runtime speaks {SERVICE_VERSION}; regenerate it with seesr-export triton of the same version"
+            )
+
+    def _load_all_networks(self) -> None:
         """Create every session now, not on the first request (TensorRT loads its engines eagerly)."""
         load_all = getattr(self.pipe.backend, "load_all", None)
         if load_all is not None:
             load_all()
 
-    def execute(self, requests):
+    def execute(self, requests: list[Request]) -> list[Response]:
         return [self._respond(request) for request in requests]
 
-    def _respond(self, request):
+    def _respond(self, request: Request) -> Response:
         try:
             image, options = self._read(request)
             result = self.pipe(image, max_pixels=self.max_pixels, **{**self.pipeline_options, **options})
@@ -105,68 +128,65 @@ class TritonPythonModel:
             return _error(f"internal error: {type(exc).__name__}: {exc}", invalid=False)
         return pb_utils.InferenceResponse(
             output_tensors=[
-                pb_utils.Tensor("image", np.ascontiguousarray(np.asarray(result.image, dtype=np.uint8))),
-                pb_utils.Tensor("tags", np.array([result.tags.encode("utf-8")], dtype=np.object_)),
-                pb_utils.Tensor("prompt", np.array([result.prompt.encode("utf-8")], dtype=np.object_)),
+                pb_utils.Tensor(spec.name, _output_array(spec, getattr(result, spec.name))) for spec in OUTPUTS
             ]
         )
 
-    def _read(self, request):
-        image = _input(request, "image")
-        if image is None:
-            raise RequestError("input 'image' is required (UINT8 [H, W, 3])")
-        check_image(image, self.max_pixels)
-        options = {
-            name: _text(request, name)
-            if data_type == "TYPE_STRING"
-            else _scalar(request, name, np.dtype(NUMPY_TYPES[data_type]))
-            for name, data_type in REQUEST_OPTIONS.items()
-        }
+    def _read(self, request: Request) -> tuple[Any, dict[str, object]]:
+        data = _one_element(request, IMAGE_INPUT)
+        if data is None:
+            raise RequestError(f"input '{IMAGE_INPUT.name}' is required ({IMAGE_INPUT.what})")
+        try:
+            image, _note = load_lr_image_bytes(
+                _bytes(data, IMAGE_INPUT), self.max_pixels, raise_with="config.pbtxt parameter max_pixels"
+            )
+        except InputError as exc:  # ImageRejected: undecodable, a decompression bomb, too small or too large
+            raise RequestError(f"input '{IMAGE_INPUT.name}': {exc}") from None
+        options = {spec.name: _option(request, spec) for spec in OPTION_INPUTS}
         return image, {name: value for name, value in options.items() if value is not None}
 
 
-def check_image(image: np.ndarray, max_pixels: int) -> None:
-    """Triton checks dtype and shape against config.pbtxt first; this repeats it for clear messages."""
-    if image.dtype != np.uint8:
-        raise RequestError(f"input 'image' must be UINT8, got {image.dtype}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise RequestError(f"input 'image' must be [H, W, 3] (RGB), got shape {list(image.shape)}")
-    try:
-        check_image_size(image.shape[1], image.shape[0], max_pixels, raise_with="config.pbtxt parameter max_pixels")
-    except InputError as exc:
-        raise RequestError(f"input 'image': {exc}") from None
+def _output_array(spec: TensorSpec, value: Any) -> npt.NDArray[Any]:
+    if spec.data_type == "TYPE_STRING":
+        return np.array([str(value).encode("utf-8")], dtype=np.object_)
+    return np.ascontiguousarray(np.asarray(value, dtype=spec.numpy_type))
 
 
-def _input(request, name: str):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+def _shape(tensor: Tensor) -> list[int]:
+    return [int(size) for size in tensor.shape()]
 
 
-def _scalar(request, name: str, dtype):
-    value = _input(request, name)
-    if value is None:
+def _one_element(request: Request, spec: TensorSpec) -> Any:
+    """The input's one element, once its declared shape says it holds exactly one; None when absent."""
+    tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+    if tensor is None:
         return None
-    if value.size != 1 or value.dtype != dtype:
-        raise RequestError(
-            f"input '{name}' must hold one {np.dtype(dtype).name} value, got {value.dtype} shape {list(value.shape)}"
-        )
+    shape = _shape(tensor)
+    if math.prod(shape) != 1:  # Triton refuses other shapes already (fixed dims); Python integers cannot overflow
+        raise RequestError(f"input '{spec.name}' must hold {spec.what}, got shape {shape}")
+    value: npt.NDArray[Any] = tensor.as_numpy()
+    if value.dtype != np.dtype(spec.numpy_type):
+        raise RequestError(f"input '{spec.name}' must hold {spec.what}, got {value.dtype}")
     return value.reshape(()).item()
 
 
-def _text(request, name: str):
-    value = _input(request, name)
-    if value is None:
-        return None
-    if value.size != 1:
-        raise RequestError(f"input '{name}' must hold one string, got shape {list(value.shape)}")
-    raw = value.reshape(()).item()
+def _bytes(value: object, spec: TensorSpec) -> bytes:
+    if not isinstance(value, bytes):
+        raise RequestError(f"input '{spec.name}' must hold {spec.what}, got {type(value).__name__}")
+    return value
+
+
+def _option(request: Request, spec: TensorSpec) -> object:
+    value = _one_element(request, spec)
+    if value is None or spec.data_type != "TYPE_STRING":
+        return value
     try:
-        return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        return _bytes(value, spec).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RequestError(f"input '{name}' is not valid UTF-8 ({exc})") from None
+        raise RequestError(f"input '{spec.name}' is not valid UTF-8 ({exc})") from None
 
 
-def _error(message: str, invalid: bool):
+def _error(message: str, invalid: bool) -> Response:
     codes = getattr(pb_utils.TritonError, "INVALID_ARG", None), getattr(pb_utils.TritonError, "INTERNAL", None)
     code = codes[0] if invalid else codes[1]
     error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
