@@ -108,4 +108,19 @@ Rgb8Image resize_bicubic(const RgbView &image, std::int32_t width, std::int32_t 
     return resize_axis(resize_axis(image, width, image.height).view(), width, height);
 }
 
+Rgb8Image working_image(const RgbView &lr, std::int64_t process_size, std::int64_t upscale) {
+    Rgb8Image raised;
+    RgbView source = lr;
+    const std::int64_t short_side = process_size / upscale;
+    if (lr.width < short_side || lr.height < short_side) {
+        // Python's float arithmetic: a true division, the products truncated by int()
+        const double scale = static_cast<double>(short_side) / static_cast<double>(std::min(lr.width, lr.height));
+        raised = resize_bicubic(lr, static_cast<std::int32_t>(scale * lr.width), static_cast<std::int32_t>(scale * lr.height));
+        source = raised.view();
+    }
+    const Rgb8Image enlarged = resize_bicubic(source, static_cast<std::int32_t>(source.width * upscale),
+                                              static_cast<std::int32_t>(source.height * upscale));
+    return resize_bicubic(enlarged.view(), enlarged.width / 8 * 8, enlarged.height / 8 * 8);
+}
+
 }  // namespace seesr

@@ -23,4 +23,8 @@ struct Rgb8Image {
 
 Rgb8Image resize_bicubic(const RgbView &image, std::int32_t width, std::int32_t height);
 
+// The image at the size SeeSR denoises (imaging.working_image): the short side raised to
+// process_size / upscale if smaller, then x upscale, then resampled (not cropped) to multiples of 8.
+Rgb8Image working_image(const RgbView &lr, std::int64_t process_size, std::int64_t upscale);
+
 }  // namespace seesr

@@ -3,6 +3,7 @@
 
 #include "failure.hpp"
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <numeric>
@@ -62,6 +63,32 @@ private:
     std::vector<float> f32_;
     std::vector<std::int64_t> i64_;
 };
+
+// The window [:, :, y0:y1, x0:x1] of an [N, C, H, W] float32 tensor, copied.
+inline Tensor crop(const Tensor &x, std::int64_t y0, std::int64_t y1, std::int64_t x0, std::int64_t x1) {
+    const Shape &s = x.shape();
+    const std::int64_t planes = s[0] * s[1], h = y1 - y0, w = x1 - x0;
+    std::vector<float> values(static_cast<std::size_t>(planes * h * w));
+    for (std::int64_t p = 0; p < planes; ++p) {
+        for (std::int64_t i = 0; i < h; ++i) {
+            const float *row = x.f32_data() + (p * s[2] + y0 + i) * s[3] + x0;
+            std::copy(row, row + w, values.begin() + (p * h + i) * w);
+        }
+    }
+    return Tensor::f32({s[0], s[1], h, w}, std::move(values));
+}
+
+// Float32 tensors of equal trailing shape stacked along the first axis (numpy's concatenate).
+inline Tensor concat_batch(const Tensor &a, const Tensor &b) {
+    if (Shape(a.shape().begin() + 1, a.shape().end()) != Shape(b.shape().begin() + 1, b.shape().end())) {
+        throw Failure(SEESR_ERROR_INTERNAL, "concatenating " + shape_text(a.shape()) + " and " + shape_text(b.shape()));
+    }
+    std::vector<float> values(a.f32_data(), a.f32_data() + a.count());
+    values.insert(values.end(), b.f32_data(), b.f32_data() + b.count());
+    Shape shape = a.shape();
+    shape[0] += b.shape()[0];
+    return Tensor::f32(std::move(shape), std::move(values));
+}
 
 struct NamedTensor {
     std::string name;
