@@ -194,16 +194,13 @@ def test_bad_arguments_are_errors_not_crashes(lib, pipeline, runtime_bundle):
         ((None, 16, 16, 48), "SEESR_ERROR_INVALID_ARGUMENT", "rgb is NULL"),
         ((image, 0, 16, 48), "SEESR_ERROR_IMAGE", "got 0x16"),
         ((image, 16, 16, 47), "SEESR_ERROR_IMAGE", "3 * width = 48 bytes, got 47"),
-        ((image, 16, 16, 48), "SEESR_ERROR_NOT_IMPLEMENTED", "seesr_upscale"),
+        ((image, 7, 16, 48), "SEESR_ERROR_IMAGE", "7x16 is too small (at least 8x8 pixels)"),
     ]:
         with pytest.raises(SeeSRError) as failed:
             call(lib, "seesr_upscale", pipeline, *args, None, ctypes.byref(out))
         assert (failed.value.status, words in failed.value.message) == (STATUS[status], True), failed.value.message
         assert out.value is None
-    assert (
-        lib.seesr_last_error() == b"seesr_upscale (the diffusion loop) is not implemented in this build of the "
-        b"native runtime yet"
-    )
+    assert lib.seesr_last_error() == b"7x16 is too small (at least 8x8 pixels)"  # kept until the next call
     call(lib, "seesr_pipeline_bundle_name", pipeline, ctypes.byref(ctypes.c_char_p()))
     assert lib.seesr_last_error() == b""  # a success clears the thread's message
 
@@ -304,9 +301,13 @@ def test_rules_between_options_are_checked_at_the_call(lib, pipeline):
         option_table.resolve({"latent_tile_overlap": 96})
     assert refused.value.message == str(python.value)
     call(lib, "seesr_options_unset", options, b"latent_tile_overlap")
-    with pytest.raises(SeeSRError) as not_yet:
-        call(lib, "seesr_upscale", pipeline, image, 16, 16, 48, options, ctypes.byref(ctypes.c_void_p()))
-    assert not_yet.value.status == STATUS["SEESR_ERROR_NOT_IMPLEMENTED"]
+    for name, value in (("steps", 1), ("process_size", 64)):  # keep the upscale that now runs small
+        set_option(lib, options, name, value)
+    out = ctypes.c_void_p()
+    call(lib, "seesr_upscale", pipeline, image, 16, 16, 48, options, ctypes.byref(out))
+    lib.seesr_image_width.argtypes = lib.seesr_image_height.argtypes = [ctypes.c_void_p]
+    assert (lib.seesr_image_width(out), lib.seesr_image_height(out)) == (64, 64)
+    lib.seesr_image_free(out)
     lib.seesr_options_free(options)
 
 
@@ -316,17 +317,24 @@ def test_rules_between_options_are_checked_at_the_call(lib, pipeline):
 def test_cpp_wrapper(cpp_build, runtime_bundle):
     run = subprocess.run([cpp_build / "seesr_wrapper_test", str(runtime_bundle)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 12, run.stdout
+    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 13, run.stdout
 
 
-def test_c_example(cpp_build, runtime_bundle):
-    run = subprocess.run([cpp_build / "seesr_example_c", str(runtime_bundle)], capture_output=True, text=True)
+def test_c_example(cpp_build, runtime_bundle, tmp_path):
+    """The C example upscales its 40x32 image in 2 steps (the bundle's other defaults) and writes a 160x128 PPM."""
+    out = tmp_path / "out.ppm"
+    run = subprocess.run(
+        [cpp_build / "seesr_example_c", str(runtime_bundle), str(out), "2"], capture_output=True, text=True
+    )
     from seesr_runtime import __version__
 
+    assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(f"seesr {__version__} (ABI 1, header ABI 1)\nbundle ")
-    # Until the diffusion loop lands, the example stops at the upscale, with its status and message.
-    assert run.returncode == STATUS["SEESR_ERROR_NOT_IMPLEMENTED"], run.stderr
-    assert "upscale failed: SEESR_ERROR_NOT_IMPLEMENTED: seesr_upscale" in run.stderr
+    assert "\n160x128, tags: " in run.stdout
+    assert run.stderr == "step 1/2\nstep 2/2\n"
+    header = b"P6\n160 128\n255\n"
+    written = out.read_bytes()
+    assert written.startswith(header) and len(written) == len(header) + 160 * 128 * 3
 
 
 # ---------------------------------------------------------------- the manifest: the Python runtime's refusals
@@ -1118,3 +1126,4 @@ def test_bicubic_resize_equals_pil(cpp_build, tmp_path, case):
     _probe_json(cpp_build, "resize", {**request, "out": str(tmp_path / "out.bin")})
     got = np.fromfile(tmp_path / "out.bin", dtype=np.uint8).reshape(th, tw, 3)
     np.testing.assert_array_equal(got, np.asarray(Image.fromarray(image).resize((tw, th), Image.BICUBIC)))
+

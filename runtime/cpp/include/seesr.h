@@ -116,6 +116,12 @@ typedef int (*seesr_progress_fn)(void *user_data, int32_t step, int32_t total);
 typedef int (*seesr_noise_fn)(void *user_data, const char *kind, const int64_t *shape, int32_t rank, float *out,
                               size_t count);
 
+/* The latents [1, 4, h, w] after step `step` (counting from 1) of an upscale: `count` float32 values of
+   `shape`, readable during the call only. For checking the sampling loop against another implementation of
+   it (the Python runtime's UpscaleResult.latents), not needed to upscale. */
+typedef void (*seesr_latents_fn)(void *user_data, int32_t step, const int64_t *shape, int32_t rank,
+                                 const float *values, size_t count);
+
 /* Options of one upscale, checked against the pipeline's bundle (names, types and ranges of its options
    table). Every option left unset takes the bundle's default. */
 SEESR_API seesr_status seesr_options_create(const seesr_pipeline *pipeline, seesr_options **out);
@@ -130,14 +136,19 @@ SEESR_API seesr_status seesr_options_unset(seesr_options *options, const char *n
 SEESR_API seesr_status seesr_options_set_progress(seesr_options *options, seesr_progress_fn callback,
                                                   void *user_data);
 SEESR_API seesr_status seesr_options_set_noise(seesr_options *options, seesr_noise_fn callback, void *user_data);
+/* NULL callback: none. */
+SEESR_API seesr_status seesr_options_set_step_latents(seesr_options *options, seesr_latents_fn callback,
+                                                      void *user_data);
 
 /* ------------------------------------------------------------------ upscaling */
 
 typedef struct seesr_image seesr_image;
 
 /* Upscale an RGB8 image: `height` rows of `width` pixels, 3 bytes each, rows `stride` bytes apart
-   (stride >= 3 * width). `options` NULL: the bundle's defaults. The result belongs to the caller, who frees it
-   with seesr_image_free. A pipeline may be used by several threads at once. */
+   (stride >= 3 * width), to (upscale * width) x (upscale * height). `options` NULL: the bundle's defaults.
+   The result belongs to the caller, who frees it with seesr_image_free. The progress callback runs after
+   every step; when it (or the noise callback) cancels, the call returns SEESR_ERROR_CANCELLED and *out stays
+   NULL. A pipeline may be used by several threads at once (each call with its own or a shared options). */
 SEESR_API seesr_status seesr_upscale(seesr_pipeline *pipeline, const uint8_t *rgb, int32_t width, int32_t height,
                                      int32_t stride, const seesr_options *options, seesr_image **out);
 /* Only the tags and prompt of an image (runs the tagger, not the diffusion); read them from the result. */

@@ -166,6 +166,10 @@ public:
         detail::check(seesr_options_set_noise(get(), callback, user_data));
         return *this;
     }
+    Options &on_step_latents(seesr_latents_fn callback, void *user_data) {
+        detail::check(seesr_options_set_step_latents(get(), callback, user_data));
+        return *this;
+    }
     seesr_options *get() const noexcept { return handle_.get(); }
 
 private:

@@ -27,6 +27,8 @@ struct seesr_options {
     void *progress_user_data = nullptr;
     seesr_noise_fn noise = nullptr;
     void *noise_user_data = nullptr;
+    seesr_latents_fn step_latents = nullptr;
+    void *step_latents_user_data = nullptr;
 };
 
 struct seesr_image {
@@ -120,6 +122,29 @@ seesr_status set_option(seesr_options *options, const char *name, const seesr::J
         require(name, "name");
         options->given[name] = options->table->spec(name).checked(value);
     });
+}
+
+// The caller's callbacks of `options` (none when NULL) as the pipeline's hooks; `noise` holds the noise source.
+seesr::UpscaleHooks upscale_hooks(const seesr_options *options, std::unique_ptr<seesr::CallbackNoise> &noise) {
+    seesr::UpscaleHooks hooks;
+    if (options == nullptr) return hooks;
+    if (options->noise != nullptr) {
+        noise = std::make_unique<seesr::CallbackNoise>(options->noise, options->noise_user_data);
+        hooks.noise = noise.get();
+    }
+    if (options->progress != nullptr) {
+        hooks.progress = [options](int step, int total) {
+            return options->progress(options->progress_user_data, step, total) != 0;
+        };
+    }
+    if (options->step_latents != nullptr) {
+        hooks.step_latents = [options](int step, const seesr::Tensor &latents) {
+            const seesr::Shape &shape = latents.shape();
+            options->step_latents(options->step_latents_user_data, step, shape.data(),
+                                  static_cast<std::int32_t>(shape.size()), latents.f32_data(), latents.count());
+        };
+    }
+    return hooks;
 }
 
 }  // namespace
@@ -274,6 +299,14 @@ seesr_status seesr_options_set_noise(seesr_options *options, seesr_noise_fn call
     });
 }
 
+seesr_status seesr_options_set_step_latents(seesr_options *options, seesr_latents_fn callback, void *user_data) {
+    return guarded([&] {
+        require(options, "options");
+        options->step_latents = callback;
+        options->step_latents_user_data = user_data;
+    });
+}
+
 seesr_status seesr_upscale(seesr_pipeline *pipeline, const uint8_t *rgb, int32_t width, int32_t height,
                            int32_t stride, const seesr_options *options, seesr_image **out) {
     return guarded([&] {
@@ -281,8 +314,18 @@ seesr_status seesr_upscale(seesr_pipeline *pipeline, const uint8_t *rgb, int32_t
         require(out, "out");
         *out = nullptr;
         check_image_arguments(rgb, width, height, stride);
-        if (options != nullptr) options->table->resolve(options->given);
-        throw seesr::not_implemented("seesr_upscale (the diffusion loop)");
+        std::unique_ptr<seesr::CallbackNoise> noise;
+        const seesr::UpscaleHooks hooks = upscale_hooks(options, noise);
+        const seesr::Options none;
+        seesr::Upscaled upscaled =
+            pipeline->pipeline->upscale({rgb, width, height, stride}, options != nullptr ? options->given : none, hooks);
+        auto image = std::make_unique<seesr_image>();
+        image->pixels = std::move(upscaled.image.pixels);
+        image->width = upscaled.image.width;
+        image->height = upscaled.image.height;
+        image->tags = std::move(upscaled.tags);
+        image->prompt = std::move(upscaled.prompt);
+        *out = image.release();
     });
 }
 
