@@ -1127,3 +1127,244 @@ def test_bicubic_resize_equals_pil(cpp_build, tmp_path, case):
     got = np.fromfile(tmp_path / "out.bin", dtype=np.uint8).reshape(th, tw, 3)
     np.testing.assert_array_equal(got, np.asarray(Image.fromarray(image).resize((tw, th), Image.BICUBIC)))
 
+
+# ---------------------------------------------------------------- seesr_upscale: the whole loop against SeeSRPipeline
+
+NOISE_FN = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_char_p,
+    ctypes.POINTER(ctypes.c_int64),
+    ctypes.c_int32,
+    ctypes.POINTER(ctypes.c_float),
+    ctypes.c_size_t,
+)
+LATENTS_FN = ctypes.CFUNCTYPE(
+    None,
+    ctypes.c_void_p,
+    ctypes.c_int32,
+    ctypes.POINTER(ctypes.c_int64),
+    ctypes.c_int32,
+    ctypes.POINTER(ctypes.c_float),
+    ctypes.c_size_t,
+)
+PROGRESS_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)
+
+
+def _upscale_image(width: int, height: int, seed: int = 3):
+    """A structured, noisy RGB8 image (deterministic)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 4, y * 5, (x + y) * 2], -1) % 256
+    return (base + rng.normal(0, 8, base.shape)).clip(0, 255).astype(np.uint8)
+
+
+class NativeUpscale:
+    """seesr_upscale through ctypes, with the callbacks a test sets: noise drawn from numpy's generator of
+    `noise_seed` (the stream the Python runtime's noise_fn is given), the latents of every step captured,
+    progress recorded (and a step to cancel at)."""
+
+    def __init__(self, lib, pipeline, noise_seed=None, cancel_at=None):
+        import numpy as np
+
+        self.lib, self.pipeline = lib, pipeline
+        self.draws: list = []
+        self.latents: list = []
+        self.progress: list = []
+        rng = np.random.default_rng(noise_seed) if noise_seed is not None else None
+
+        def noise(_, kind, shape, rank, out, count):
+            dims = tuple(shape[i] for i in range(rank))
+            self.draws.append((kind.decode(), dims))
+            np.ctypeslib.as_array(out, shape=(count,))[:] = rng.standard_normal(dims, dtype=np.float32).ravel()
+            return 0
+
+        def latents(_, step, shape, rank, values, count):
+            dims = tuple(shape[i] for i in range(rank))
+            self.latents.append((step, np.ctypeslib.as_array(values, shape=(count,)).copy().reshape(dims)))
+
+        def progress(_, step, total):
+            self.progress.append((step, total))
+            return int(step == cancel_at)
+
+        # kept on the object: ctypes callbacks must outlive every call that may invoke them
+        self._callbacks = (NOISE_FN(noise), LATENTS_FN(latents), PROGRESS_FN(progress))
+        self._use_noise = rng is not None
+
+    def __call__(self, image, **options):
+        import numpy as np
+
+        handle = ctypes.c_void_p()
+        call(self.lib, "seesr_options_create", self.pipeline, ctypes.byref(handle))
+        try:
+            for name, value in options.items():
+                set_option(self.lib, handle, name, value)
+            noise, latents, progress = self._callbacks
+            if self._use_noise:
+                call(self.lib, "seesr_options_set_noise", handle, noise, None)
+            call(self.lib, "seesr_options_set_step_latents", handle, latents, None)
+            call(self.lib, "seesr_options_set_progress", handle, progress, None)
+            return upscale(self.lib, self.pipeline, image, handle)
+        finally:
+            self.lib.seesr_options_free(handle)
+
+
+def upscale(lib, pipeline, image, options, padding: int = 5):
+    """seesr_upscale of an HxWx3 uint8 array (rows padded): the result as an array."""
+    import numpy as np
+
+    rows = _padded_rows(image, padding)
+    buffer = (ctypes.c_uint8 * rows.size).from_buffer(rows)
+    out = ctypes.c_void_p()
+    height, width, _ = image.shape
+    lib.seesr_image_pixels.restype = ctypes.c_void_p
+    lib.seesr_image_pixels.argtypes = [ctypes.c_void_p]
+    for name in ("seesr_image_width", "seesr_image_height", "seesr_image_stride"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+    call(lib, "seesr_upscale", pipeline, buffer, width, height, rows.shape[1], options, ctypes.byref(out))
+    try:
+        w, h, stride = lib.seesr_image_width(out), lib.seesr_image_height(out), lib.seesr_image_stride(out)
+        assert stride == 3 * w
+        pixels = ctypes.string_at(lib.seesr_image_pixels(out), h * stride)
+        return np.frombuffer(pixels, dtype=np.uint8).reshape(h, w, 3).copy()
+    finally:
+        lib.seesr_image_free(out)
+
+
+@pytest.fixture(scope="module")
+def python_openvino(runtime_bundle):
+    """The Python runtime on OpenVINO fp32, one thread: the reference the native loop is held to."""
+    pytest.importorskip("openvino", reason="the Python OpenVINO backend is the reference (pip install openvino)")
+    from seesr_runtime.openvino_backend import OpenVINOBackend
+    from seesr_runtime.pipeline import SeeSRPipeline
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    return SeeSRPipeline(manifest, OpenVINOBackend(manifest, precision="fp32", device="CPU", threads=1))
+
+
+@pytest.fixture(scope="module")
+def native_one_thread(lib, runtime_bundle):
+    handle = open_pipeline(lib, runtime_bundle, threads=1)
+    yield handle
+    lib.seesr_pipeline_close(handle)
+
+
+def _relative_l2(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# (options, image width x height, image tolerance). 57 wide: the working image is resampled to a multiple of 8
+# and the result back to 4 x 57. 72x40 gives a 288x160 working image (36x20 latents): above both tiled-VAE
+# thresholds at the smallest tiles (encoder 64 + 64 px, decoder 8 + 22 latent px), uneven tiles.
+# Tolerances: from pure noise the two loops are bit-equal (latents and image). From the LR latent they agree to
+# ~2e-6: the posterior's exp is numpy's SIMD float32 exp on one side, the C library's on the other (they differ
+# by an ulp in ~40% of values), so a decoded value may round one level apart; adain multiplies such a flip by
+# its colour gain (source std / target std), which can make it 2, as tests/test_runtime_parity.py allows.
+UPSCALE_CASES = {
+    "none": (dict(steps=3, process_size=128, color_fix="none"), (57, 40), 1),
+    "wavelet": (dict(steps=2, process_size=128, color_fix="wavelet"), (57, 40), 1),
+    "adain": (dict(steps=2, process_size=128, color_fix="adain"), (57, 40), 2),
+    "adain-from-noise": (dict(steps=2, process_size=128, color_fix="adain", start_point="noise"), (57, 40), 0),
+    "wavelet-from-noise": (dict(steps=2, process_size=128, color_fix="wavelet", start_point="noise"), (57, 40), 0),
+    "latent-tiles": (
+        dict(steps=2, process_size=128, latent_tile_size=16, latent_tile_overlap=4, color_fix="none"),
+        (56, 40),
+        1,
+    ),
+    "unguided": (dict(steps=2, process_size=128, guidance=1.0, color_fix="none"), (56, 40), 1),
+    "tiled-vae": (
+        dict(steps=1, process_size=128, vae_encoder_tile_size=64, vae_decoder_tile_size=8, color_fix="wavelet"),
+        (72, 40),
+        1,
+    ),
+    "tiled-vae-from-noise": (
+        dict(steps=1, process_size=128, vae_decoder_tile_size=8, color_fix="none", start_point="noise"),
+        (72, 40),
+        0,
+    ),
+    "upscale-2": (dict(steps=2, process_size=64, upscale=2, color_fix="wavelet"), (44, 36), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(UPSCALE_CASES))
+def test_upscale_matches_the_python_pipeline(lib, native_one_thread, python_openvino, case):
+    """The same injected noise through seesr_upscale and SeeSRPipeline (OpenVINO fp32 on both sides): the same
+    draws, the latents after every step within 1e-5 relative L2, the final image within the case's tolerance."""
+    import numpy as np
+
+    options, (width, height), tolerance = UPSCALE_CASES[case]
+    image = _upscale_image(width, height)
+    python_draws: list = []
+    rng = np.random.default_rng(17)
+
+    def noise_fn(kind, shape):
+        python_draws.append((kind, tuple(shape)))
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    expected = python_openvino(image, noise_fn=noise_fn, **options)
+    native = NativeUpscale(lib, native_one_thread, noise_seed=17)
+    got = native(image, **options)
+
+    assert native.draws == python_draws
+    assert [step for step, _ in native.latents] == list(range(1, options["steps"] + 1))
+    assert native.progress == [(step, options["steps"]) for step in range(1, options["steps"] + 1)]
+    errors = [_relative_l2(ours, theirs) for (_, ours), theirs in zip(native.latents, expected.latents)]
+    assert max(errors) <= 1e-5, errors
+    reference = np.asarray(expected.image)
+    assert got.shape == reference.shape == (height * options.get("upscale", 4), width * options.get("upscale", 4), 3)
+    assert int(np.abs(got.astype(int) - reference.astype(int)).max()) <= tolerance
+
+
+@pytest.mark.parametrize("cancel_at", [1, 2])
+def test_cancelling_from_the_progress_callback(lib, native_one_thread, cancel_at):
+    """A non-zero return from the progress callback stops the loop there: SEESR_ERROR_CANCELLED, no image."""
+    native = NativeUpscale(lib, native_one_thread, cancel_at=cancel_at)
+    with pytest.raises(SeeSRError) as cancelled:
+        native(_upscale_image(24, 16), steps=3, process_size=64)
+    assert cancelled.value.status == STATUS["SEESR_ERROR_CANCELLED"]
+    assert f"after step {cancel_at} of 3" in cancelled.value.message
+    assert native.progress == [(step, 3) for step in range(1, cancel_at + 1)]
+    assert [step for step, _ in native.latents] == list(range(1, cancel_at + 1))
+
+
+def test_cancelling_from_the_noise_callback_writes_no_image(lib, native_one_thread):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def noise(_, kind, shape, rank, out, count):
+        np.ctypeslib.as_array(out, shape=(count,))[:] = rng.standard_normal(count, dtype=np.float32)
+        return int(kind == b"step")
+
+    callback = NOISE_FN(noise)
+    options = ctypes.c_void_p()
+    call(lib, "seesr_options_create", native_one_thread, ctypes.byref(options))
+    set_option(lib, options, "process_size", 64)
+    call(lib, "seesr_options_set_noise", options, callback, None)
+    image = _upscale_image(24, 16)
+    rows = _padded_rows(image, 0)
+    out = ctypes.c_void_p(1)  # not NULL before the call: the library must reset it
+    status = lib.seesr_upscale(
+        native_one_thread, (ctypes.c_uint8 * rows.size).from_buffer(rows), 24, 16, 72, options, ctypes.byref(out)
+    )
+    lib.seesr_options_free(options)
+    assert status == STATUS["SEESR_ERROR_CANCELLED"]
+    assert out.value is None
+    assert "the noise callback cancelled the upscale (at a 'step' draw)" in lib.seesr_last_error().decode()
+
+
+def test_seeded_upscale_is_reproducible(lib, native_one_thread):
+    """Without a noise callback the seed option drives the draws: the same seed, the same image; another, another."""
+    import numpy as np
+
+    image = _upscale_image(24, 16)
+    native = NativeUpscale(lib, native_one_thread)
+    first, again, other = (native(image, steps=2, process_size=64, seed=seed) for seed in (5, 5, 6))
+    assert first.shape == (64, 96, 3)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
