@@ -101,9 +101,10 @@ Rgb8Image resize_axis(const RgbView &image, std::int32_t width, std::int32_t hei
 
 Rgb8Image resize_bicubic(const RgbView &image, std::int32_t width, std::int32_t height) {
     // PIL resizes one axis after the other, rounding to 8 bits in between, so the order shows in the result.
-    // Widening while shrinking the height, PIL 13 shrinks the height first; in the other cases measured
-    // (both grow, or only the width shrinks) it starts with the width. Both shrinking: see the header.
-    const bool height_first = width > image.width && height < image.height;
+    // Pillow 13 starts with the height when it loses more than twice as many rows as the width loses columns
+    // (any shrinking height while the width grows), otherwise with the width.
+    const std::int64_t rows_lost = image.height - height, columns_lost = image.width - width;
+    const bool height_first = rows_lost > 0 && rows_lost > 2 * columns_lost;
     if (height_first) return resize_axis(resize_axis(image, image.width, height).view(), width, height);
     return resize_axis(resize_axis(image, width, image.height).view(), width, height);
 }

@@ -1,11 +1,7 @@
 // Bicubic resizing of RGB8 images with the arithmetic of PIL's Image.resize(..., Image.BICUBIC), which the
 // official code (and so the Python runtime's working_image and final resize) uses: a separable cubic
 // convolution (a = -0.5) widened by the scale when shrinking, fixed-point weights, one axis after the other,
-// each pass rounded to 8 bits.
-//
-// Equal to PIL 13 when one axis changes, when both grow, and when one grows while the other shrinks. When
-// both shrink, PIL picks which axis to resize first by a rule not yet pinned down (about half the cases
-// measured start with the height), and a result can then differ from PIL's by several levels.
+// each pass rounded to 8 bits, in Pillow 13's order of the passes (see resize_bicubic).
 #pragma once
 
 #include "imaging.hpp"
