@@ -1194,7 +1194,6 @@ class NativeUpscale:
         self._use_noise = rng is not None
 
     def __call__(self, image, **options):
-        import numpy as np
 
         handle = ctypes.c_void_p()
         call(self.lib, "seesr_options_create", self.pipeline, ctypes.byref(handle))
@@ -1298,7 +1297,8 @@ SLOW_UPSCALE_CASES = {"official-geometry"}  # about 30 s on 2 cores
 
 
 @pytest.mark.parametrize(
-    "case", [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW_UPSCALE_CASES else []) for name in UPSCALE_CASES]
+    "case",
+    [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW_UPSCALE_CASES else []) for name in UPSCALE_CASES],
 )
 def test_upscale_matches_the_python_pipeline(lib, native_one_thread, python_openvino, case):
     """The same injected noise through seesr_upscale and SeeSRPipeline (OpenVINO fp32 on both sides): the same
@@ -1376,3 +1376,30 @@ def test_seeded_upscale_is_reproducible(lib, native_one_thread):
     assert first.shape == (64, 96, 3)
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
+
+
+def test_a_bundle_without_tiled_vae_graphs_asks_for_untiled(lib, runtime_bundle, tmp_path):
+    """A bundle from an exporter that wrote no tiled-VAE segments: a bundle error where the image needs them,
+    naming the network and the way out (tiled_vae false), which then upscales."""
+    import os
+
+    copy = tmp_path / "old"
+    shutil.copytree(runtime_bundle, copy, copy_function=os.link)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for network in ("vae_encoder", "vae_decoder"):
+        del manifest["networks"][network]["tiled"]
+    (copy / "manifest.json").unlink()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    handle = open_pipeline(lib, copy, threads=1)
+    try:
+        native = NativeUpscale(lib, handle)
+        image = _upscale_image(72, 40)
+        small_tiles = dict(steps=1, process_size=128, vae_encoder_tile_size=64)
+        with pytest.raises(SeeSRError) as refused:
+            native(image, **small_tiles)
+        assert refused.value.status == STATUS["SEESR_ERROR_BUNDLE"]
+        assert "no tiled-VAE graphs for vae_encoder, which a 288x160 input needs" in refused.value.message
+        assert "set the option tiled_vae to false" in refused.value.message
+        assert native(image, **small_tiles, tiled_vae=False).shape == (160, 288, 3)
+    finally:
+        lib.seesr_pipeline_close(handle)
