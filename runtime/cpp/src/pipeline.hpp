@@ -74,7 +74,14 @@ private:
         Tensor image_embeds;
     };
     Tagged tag(const RgbView &image) const;
-    Tensor predict_noise(const Tensor &latents, std::int64_t t, const Conditioning &c) const;
+    Conditioning condition(const std::string &prompt, Tensor image_embeds, const Rgb8Image &work, const Options &o) const;
+    // eps_uncond + guidance * (eps_cond - eps_uncond) of a [2, ...] prediction, in float32.
+    static Tensor guided_eps(const Tensor &eps, float guidance);
+    // The scheduler's steps from `latents`, with the hooks' progress, cancellation and latents after each.
+    Tensor sample(Tensor latents, const Conditioning &c, const DdpmScheduler &scheduler, NoiseSource &noise,
+                  const Options &o, const UpscaleHooks &hooks) const;
+    // ControlNet residuals, then the UNet's noise, for one window of the latents and its `control` pixels.
+    Tensor predict_noise(const Tensor &latents, std::int64_t t, const Conditioning &c, const Tensor &control) const;
     Tensor predict_noise_tiled(const Tensor &latents, std::int64_t t, const Conditioning &c, std::int64_t tile,
                                std::int64_t overlap) const;
     std::vector<Tensor> run_vae(const std::string &network, const Tensor &x, std::int64_t tile, bool tiled) const;
