@@ -1403,3 +1403,38 @@ def test_a_bundle_without_tiled_vae_graphs_asks_for_untiled(lib, runtime_bundle,
         assert native(image, **small_tiles, tiled_vae=False).shape == (160, 288, 3)
     finally:
         lib.seesr_pipeline_close(handle)
+
+
+@pytest.mark.parametrize(
+    "setter", ["seesr_options_set_progress", "seesr_options_set_noise", "seesr_options_set_step_latents"]
+)
+def test_callback_setters_refuse_null_options(lib, setter):
+    with pytest.raises(SeeSRError) as refused:
+        call(lib, setter, None, None, None)
+    assert (refused.value.status, refused.value.message) == (STATUS["SEESR_ERROR_INVALID_ARGUMENT"], "options is NULL")
+
+
+def test_callbacks_can_be_removed(lib, native_one_thread):
+    """A NULL callback takes one off: the upscale then runs on the seeded source, with no progress calls."""
+    import numpy as np
+
+    native = NativeUpscale(lib, native_one_thread, noise_seed=1)
+    image = _upscale_image(24, 16)
+    handle = ctypes.c_void_p()
+    call(lib, "seesr_options_create", native_one_thread, ctypes.byref(handle))
+    try:
+        for name, value in (("steps", 2), ("process_size", 64), ("seed", 5)):
+            set_option(lib, handle, name, value)
+        noise, latents, progress = native._callbacks
+        for setter, callback in (
+            ("seesr_options_set_noise", noise),
+            ("seesr_options_set_step_latents", latents),
+            ("seesr_options_set_progress", progress),
+        ):
+            call(lib, setter, handle, callback, None)
+            call(lib, setter, handle, None, None)
+        removed = upscale(lib, native_one_thread, image, handle)
+    finally:
+        lib.seesr_options_free(handle)
+    assert native.draws == native.latents == native.progress == []
+    assert np.array_equal(removed, NativeUpscale(lib, native_one_thread)(image, steps=2, process_size=64, seed=5))
