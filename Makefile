@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Triton deployment tests against a real tritonserver (nvidia-pytriton's binary, CPU, 127.0.0.1 only).
 # Own env: that wheel needs numpy<2; it holds the torch-free runtime alone (editable), never torch.
-# The tiny bundle is built on the torch side ($(VENV)); rebuilds are cached.
+# The tiny bundles (standard and turbo) are built on the torch side ($(VENV)); rebuilds are cached.
 TRITON_VENV ?= .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
 TRITON_WORK := out/triton-test
@@ -57,8 +57,11 @@ TRITON_WORK := out/triton-test
 test-triton: $(STAMP) $(TRITON_STAMP)
 	$(BIN)/seesr-export fixture --out $(TRITON_WORK)/checkpoints -q
 	$(BIN)/seesr-export build --seesr-root $(TRITON_WORK)/checkpoints --out $(TRITON_WORK)/engines/tiny --no-verify -q
-	SEESR_REQUIRE_TRITON=1 SEESR_TEST_BUNDLE=$(TRITON_WORK)/engines/tiny $(TRITON_VENV)/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_triton.py
+	$(BIN)/seesr-export build --seesr-root $(TRITON_WORK)/checkpoints --turbo --out $(TRITON_WORK)/engines/tiny-turbo \
+		--no-verify -q
+	SEESR_REQUIRE_TRITON=1 SEESR_TEST_BUNDLE=$(TRITON_WORK)/engines/tiny \
+		SEESR_TEST_TURBO_BUNDLE=$(TRITON_WORK)/engines/tiny-turbo $(TRITON_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_triton.py tests/test_triton_turbo.py
 
 $(TRITON_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(TRITON_VENV)

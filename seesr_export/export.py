@@ -237,21 +237,61 @@ def simplify(model):
 
 
 def toposort(model) -> None:
-    """Reorder ``model.graph.node`` in place so producers precede consumers (no tensor copies)."""
+    """Reorder ``model.graph.node`` in place so producers precede consumers (no tensor copies).
+
+    The order is by wave: wave 0 is every node whose inputs are graph inputs or initializers, wave k+1 every
+    node whose inputs wave k completed; within a wave, the original order. A node's wave is one more than
+    the latest wave among the earliest producers of its inputs, so one pass in dependency order finds them."""
     nodes = list(model.graph.node)
-    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
-    ordered, pending = [], nodes
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise ValueError(f"graph has a cycle or a dangling input near node {pending[0].name!r}")
-        ready_ids = {id(n) for n in ready}
-        for node in ready:
-            available.update(node.output)
-        ordered.extend(ready)
-        pending = [n for n in pending if id(n) not in ready_ids]
+    given = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    producers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in node.output:
+            producers.setdefault(name, []).append(index)
+    waves = _node_waves(nodes, given, producers)
+    order = sorted(range(len(nodes)), key=lambda i: waves[i])  # stable: original order within a wave
     del model.graph.node[:]
-    model.graph.node.extend(ordered)
+    model.graph.node.extend(nodes[i] for i in order)
+
+
+def _node_waves(nodes, given: set[str], producers: dict[str, list[int]]) -> list[int]:
+    """Each node's wave (see ``toposort``), by an iterative depth-first walk over its inputs' producers."""
+    waves: list[int | None] = [None] * len(nodes)
+    on_path = [False] * len(nodes)
+    for root in range(len(nodes)):
+        stack = [root]
+        while stack:
+            index = stack[-1]
+            if waves[index] is not None:
+                stack.pop()
+                continue
+            on_path[index] = True
+            waiting = [
+                p
+                for name in nodes[index].input
+                if name not in given
+                for p in _producers_of(name, nodes, index, producers)
+                if waves[p] is None
+            ]
+            if waiting:
+                cycle = next((p for p in waiting if on_path[p]), None)
+                if cycle is not None:
+                    raise ValueError(f"graph has a cycle or a dangling input near node {nodes[cycle].name!r}")
+                stack.extend(waiting)
+                continue
+            stack.pop()
+            on_path[index] = False
+            waves[index] = max(
+                (min(waves[p] for p in producers[name]) + 1 for name in nodes[index].input if name not in given),
+                default=0,
+            )
+    return waves
+
+
+def _producers_of(name: str, nodes, consumer: int, producers: dict[str, list[int]]) -> list[int]:
+    if name not in producers:
+        raise ValueError(f"graph has a cycle or a dangling input near node {nodes[consumer].name!r}")
+    return producers[name]
 
 
 def save_onnx(model, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:

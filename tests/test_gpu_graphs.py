@@ -20,7 +20,8 @@ import pytest
 from onnx import TensorProto
 
 from seesr_export.bundle import BuildError, BuildOptions, build_bundle
-from seesr_export.gpu_graph import _num_heads_of, numpy2_safe_optimizer
+from seesr_export.export import toposort
+from seesr_export.gpu_graph import _num_heads_of, fuse, fused_op_counts, fusion_options, numpy2_safe_optimizer
 from seesr_export.parity import PARITY_TOLERANCES
 from seesr_runtime import SeeSRPipeline
 from seesr_runtime.backends import OnnxRuntimeBackend, run_on_device, to_device
@@ -171,6 +172,60 @@ def test_optimizer_workaround_for_numpy_2_4_is_scoped():
         ]
         assert all(c.get_num_heads is _num_heads_of for c in classes)
     assert all(c.get_num_heads is not _num_heads_of for c in classes)
+
+
+@pytest.mark.slow
+def test_fusions_reusing_their_pass_maps_write_the_same_graph(tiny_bundle):
+    """The speed-up that hands each fusion its pass's name maps changes no byte: the VAE decoder (GroupNorm
+    fusions) fused with it and by onnxruntime's optimizer as shipped."""
+    from onnxruntime.transformers import optimizer
+
+    src = tiny_bundle / "onnx" / "fp32" / "vae_decoder.onnx"
+    with numpy2_safe_optimizer():
+        shipped = optimizer.optimize_model(
+            str(src),
+            model_type="vae",
+            num_heads=0,
+            hidden_size=0,
+            opt_level=0,
+            optimization_options=fusion_options("vae", True),
+            use_gpu=True,
+            only_onnxruntime=False,
+        )
+    ours = fuse(src, "vae")
+    assert fused_op_counts(ours.model)["GroupNorm"] > 0
+    assert ours.model.SerializeToString() == shipped.model.SerializeToString()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_toposort_orders_producers_first_in_waves(tiny_bundle, seed):
+    model = onnx.load(tiny_bundle / "onnx" / "fp32" / "text_encoder.onnx", load_external_data=False)
+    nodes = list(model.graph.node)
+    np.random.default_rng(seed).shuffle(nodes)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    toposort(model)
+    known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    wave_of, waves = {}, []
+    for node in model.graph.node:
+        assert all(i in known for i in node.input), node.name  # every input produced before its consumer
+        wave = max((wave_of[i] + 1 for i in node.input if i in wave_of), default=0)
+        wave_of.update(dict.fromkeys(node.output, wave))
+        known.update(node.output)
+        waves.append(wave)
+    assert waves == sorted(waves)  # by wave; within one, the given order
+    assert sorted(n.name for n in model.graph.node) == sorted(n.name for n in nodes)
+
+
+def test_toposort_refuses_cycles_and_dangling_inputs():
+    relu = onnx.helper.make_node
+    cycle = onnx.helper.make_graph(
+        [relu("Relu", ["b"], ["a"], name="n1"), relu("Relu", ["a"], ["b"], name="n2")], "g", [], []
+    )
+    dangling = onnx.helper.make_graph([relu("Relu", ["missing"], ["a"], name="lonely")], "g", [], [])
+    for graph, name in [(cycle, "n"), (dangling, "lonely")]:
+        with pytest.raises(ValueError, match=f"graph has a cycle or a dangling input near node '{name}"):
+            toposort(onnx.helper.make_model(graph))
 
 
 # ---------------------------------------------------------------- the parity gate

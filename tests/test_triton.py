@@ -399,6 +399,85 @@ def test_http_json_data_declaring_more_than_it_holds_is_refused(server):
     assert server.resident_bytes() - before < HUGE_REFUSAL_RSS_BOUND
 
 
+# ------------------------------------------------------------------ the access key
+
+ACCESS_KEY = "k3y-for-tests"
+# 32 TiB inline as JSON: tritonserver 2.51's HTTP frontend reserves a JSON-inline fixed-size tensor at its
+# declared size before it consults the model, so on a server without the access key this request aborts the
+# server (std::bad_alloc). With the key, Triton refuses it before it reads the body.
+BEYOND_MEMORY_JSON = json.dumps(
+    {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2**45], "data": [1, 2, 3]}]}
+).encode()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(runtime_bundle, tmp_path_factory, request):
+    """The deployment that admits only key holders to inference (``server_access_arguments``)."""
+    from seesr_runtime.triton import server_access_arguments
+
+    reason = _server_missing()
+    if reason:
+        (pytest.fail if REQUIRED else pytest.skip)(reason)
+    work = tmp_path_factory.mktemp("triton-keyed")
+    repo = work / "model_repository"
+    assert write_repo(runtime_bundle, repo, "--threads", "1", "--max-pixels", str(MAX_PIXELS)) == 0
+    with TritonServer(repo, work, extra_args=tuple(server_access_arguments(ACCESS_KEY))) as running:
+        say(request, f"keyed tritonserver ready in {running.startup_seconds:.1f} s")
+        yield running
+    assert not running.alive()
+
+
+@needs_server
+@pytest.mark.parametrize("key", [None, "wrong-key"], ids=["no-key", "wrong-key"])
+def test_requests_without_the_access_key_are_refused_before_their_body_is_read(keyed_server, request, key):
+    from seesr_runtime.triton import ACCESS_KEY_HEADER, GRPC_HEADER_PREFIX, access_headers
+
+    http, grpc = access_headers(key, "http"), access_headers(key, "grpc")
+    before = keyed_server.resident_bytes()
+    refusals = [
+        post_http(keyed_server.http_url, "seesr", BEYOND_MEMORY_JSON, header_length=None, extra_headers=http),
+        send("http", keyed_server.http_url, [SMALL_IMAGE], headers=http),
+        send("grpc", keyed_server.grpc_url, [SMALL_IMAGE], headers=grpc),
+    ]
+    assert [(a.ok, a.status) for a in refusals] == [(False, "403"), (False, "403"), (False, "UNAVAILABLE")]
+    assert [a.message for a in refusals] == [
+        *[f"This API is restricted, expecting header '{ACCESS_KEY_HEADER}'"] * 2,
+        f"This protocol is restricted, expecting header '{GRPC_HEADER_PREFIX}{ACCESS_KEY_HEADER}'",
+    ]
+    assert keyed_server.alive()
+    grown = keyed_server.resident_bytes() - before
+    assert grown < HUGE_REFUSAL_RSS_BOUND, f"server RSS grew {grown / MiB:.1f} MiB"
+    say(request, f"{key or 'no key'}: 32 TiB JSON declaration and plain requests refused, RSS {grown / MiB:+.1f} MiB")
+
+
+@needs_server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_access_key_holders_are_served(keyed_server, lr_image, tmp_path, capsys, monkeypatch, protocol):
+    from seesr_runtime.triton import ACCESS_KEY_ENV
+    from seesr_runtime.triton_client import main
+
+    lr_image.save(tmp_path / "a.png")
+    url = keyed_server.http_url if protocol == "http" else keyed_server.grpc_url
+    argv = ["upscale", str(tmp_path / "a.png"), "--protocol", protocol, "--url", url, "--steps", "1", "-q"]
+    monkeypatch.delenv(ACCESS_KEY_ENV, raising=False)
+    assert main([*argv, "-o", str(tmp_path / "refused")]) == 1
+    assert re.search(r"This (API|protocol) is restricted, expecting header '[a-z-]*seesr-key'", capsys.readouterr().err)
+    assert not (tmp_path / "refused" / "a.png").exists()
+    monkeypatch.setenv(ACCESS_KEY_ENV, ACCESS_KEY)
+    assert main([*argv, "-o", str(tmp_path / "served")]) == 0
+    assert Image.open(tmp_path / "served" / "a.png").size == (4 * lr_image.width, 4 * lr_image.height)
+
+
+def test_access_keys_that_tritonserver_could_not_parse_are_refused():
+    from seesr_runtime.errors import InputError
+    from seesr_runtime.triton import server_access_arguments
+
+    assert server_access_arguments("abc-123")[0] == "--http-restricted-api=inference:seesr-key=abc-123"
+    for bad in ["", "a b", "a,b", "a:b", "a=b", "a\nb"]:
+        with pytest.raises(InputError, match="the access key must be non-empty printable text"):
+            server_access_arguments(bad)
+
+
 @needs_server
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_concurrent_load_has_no_errors(server, lr_image, tmp_path, capsys, request, protocol):

@@ -42,8 +42,15 @@ def free_port() -> int:
 class TritonServer:
     """``with TritonServer(repo, workdir) as server: server.http_url, server.grpc_url``."""
 
-    def __init__(self, repository: Path, workdir: Path, start_timeout: float = 120, stop_timeout: float = 30):
-        self.repository, self.workdir = repository, workdir
+    def __init__(
+        self,
+        repository: Path,
+        workdir: Path,
+        start_timeout: float = 120,
+        stop_timeout: float = 30,
+        extra_args: tuple[str, ...] = (),
+    ):
+        self.repository, self.workdir, self.extra_args = repository, workdir, extra_args
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self.http_port, self.grpc_port = free_port(), free_port()
         self.http_url, self.grpc_url = f"{LOOPBACK}:{self.http_port}", f"{LOOPBACK}:{self.grpc_port}"
@@ -84,6 +91,7 @@ class TritonServer:
             "--strict-readiness=true",
             "--exit-timeout-secs=10",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *self.extra_args,
         ]
         began = time.monotonic()
         with open(self.log_path, "wb") as log:

@@ -36,13 +36,21 @@ def bytes_element(text: bytes, declared_length: int | None = None) -> bytes:
     return struct.pack("<I", len(text) if declared_length is None else declared_length) + text
 
 
-def send(protocol: str, url: str, inputs: list[WireInput], model: str = "seesr", timeout: float = 60) -> Answer:
+def send(
+    protocol: str,
+    url: str,
+    inputs: list[WireInput],
+    model: str = "seesr",
+    timeout: float = 60,
+    headers: dict[str, str] | None = None,
+) -> Answer:
+    """``headers``: extra HTTP headers, or gRPC metadata (an access key)."""
     if protocol == "http":
-        return _send_http(url, inputs, model, timeout)
-    return _send_grpc(url, inputs, model, timeout)
+        return _send_http(url, inputs, model, timeout, headers or {})
+    return _send_grpc(url, inputs, model, timeout, headers or {})
 
 
-def _send_http(url: str, inputs: list[WireInput], model: str, timeout: float) -> Answer:
+def _send_http(url: str, inputs: list[WireInput], model: str, timeout: float, headers: dict[str, str]) -> Answer:
     header = json.dumps(
         {
             "inputs": [
@@ -59,12 +67,20 @@ def _send_http(url: str, inputs: list[WireInput], model: str, timeout: float) ->
             "outputs": [{"name": "image", "parameters": {"binary_data": True}}],
         }
     ).encode()
-    return post_http(url, model, header + b"".join(item.data for item in inputs), len(header), timeout)
+    return post_http(url, model, header + b"".join(item.data for item in inputs), len(header), timeout, headers)
 
 
-def post_http(url: str, model: str, body: bytes, header_length: int | None, timeout: float = 60) -> Answer:
+def post_http(
+    url: str,
+    model: str,
+    body: bytes,
+    header_length: int | None,
+    timeout: float = 60,
+    extra_headers: dict[str, str] | None = None,
+) -> Answer:
     """POST an inference body; header_length None: a JSON-only body (tensor data inline as JSON)."""
     headers = {"Content-Type": "application/octet-stream" if header_length else "application/json"}
+    headers.update(extra_headers or {})
     if header_length:
         headers["Inference-Header-Content-Length"] = str(header_length)
     request = urllib.request.Request(f"http://{url}/v2/models/{model}/infer", data=body, headers=headers)
@@ -76,7 +92,7 @@ def post_http(url: str, model: str, body: bytes, header_length: int | None, time
         return Answer(False, json.loads(exc.read())["error"], str(exc.code))
 
 
-def _send_grpc(url: str, inputs: list[WireInput], model: str, timeout: float) -> Answer:
+def _send_grpc(url: str, inputs: list[WireInput], model: str, timeout: float, headers: dict[str, str]) -> Answer:
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -88,7 +104,8 @@ def _send_grpc(url: str, inputs: list[WireInput], model: str, timeout: float) ->
         request.raw_input_contents.append(item.data)
     with grpc.insecure_channel(url) as channel:
         try:
-            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(request, timeout=timeout, metadata=tuple(headers.items()))
         except grpc.RpcError as exc:
             return Answer(False, exc.details(), exc.code().name)
     return Answer(True, "", "OK")

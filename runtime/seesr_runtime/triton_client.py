@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import threading
 import time
@@ -34,7 +35,7 @@ from .errors import BackendError, ImageRejected, InputError, MissingDependency
 from .filemodes import write_atomically
 from .inputs import expand_inputs, load_lr_image
 from .lazy import imported, lazy_import
-from .triton import IMAGE_INPUT, INPUTS, OUTPUTS, REQUEST_OPTIONS, TensorSpec
+from .triton import ACCESS_KEY_ENV, IMAGE_INPUT, INPUTS, OUTPUTS, REQUEST_OPTIONS, TensorSpec, access_headers
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
@@ -132,16 +133,22 @@ class Upscaled:
 
 
 def infer(
-    client: Client, protocol: str, inputs: list[InferInput], model: str = "seesr", timeout: float = 600.0
+    client: Client,
+    protocol: str,
+    inputs: list[InferInput],
+    model: str = "seesr",
+    timeout: float = 600.0,
+    key: str | None = None,
 ) -> Upscaled:
-    """One request; raises ClientError with the server's message when it is refused."""
+    """One request, carrying the deployment's access ``key`` when given (``seesr_runtime.triton``); raises
+    ClientError with the server's message when it is refused."""
     from tritonclient.utils import InferenceServerException
 
     module = _module(protocol)
     outputs = [module.InferRequestedOutput(spec.name) for spec in OUTPUTS]
     extra = {"client_timeout": timeout} if protocol == "grpc" else {}
     try:
-        result = client.infer(model, inputs, outputs=outputs, **extra)
+        result = client.infer(model, inputs, outputs=outputs, headers=access_headers(key, protocol), **extra)
     except InferenceServerException as exc:
         raise ClientError(exc.message() or str(exc)) from None
     return Upscaled(**{spec.name: _output(spec, result.as_numpy(spec.name)) for spec in OUTPUTS})
@@ -196,6 +203,7 @@ def run_load(
     requests: int,
     model: str = "seesr",
     timeout: float = 600.0,
+    key: str | None = None,
     **options: Any,
 ) -> LoadReport:
     """``requests`` requests, ``concurrency`` in flight at a time (one connection per worker thread)."""
@@ -211,7 +219,7 @@ def run_load(
                 clients.append(local.client)
         began = time.perf_counter()
         try:
-            infer(local.client, protocol, build_inputs(protocol, image, **options), model, timeout)
+            infer(local.client, protocol, build_inputs(protocol, image, **options), model, timeout, key)
         except Exception as exc:  # noqa: BLE001 - every failure is counted and reported, none stops the run
             return None, f"{type(exc).__name__}: {exc}"
         return time.perf_counter() - began, None
@@ -261,6 +269,11 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {name: given.get(name) for name in REQUEST_OPTIONS}
 
 
+def _access_key() -> str | None:
+    """The deployment's access key, from the environment only: a command line shows in every process list."""
+    return os.environ.get(ACCESS_KEY_ENV) or None
+
+
 def _load_image(path: Path, max_pixels: int) -> bytes:
     """The file checked and converted as ``seesr upscale`` reads it, re-encoded as PNG (lossless, one format)."""
     image, _note = load_lr_image(path, max_pixels)
@@ -284,6 +297,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                     build_inputs(args.protocol, _load_image(path, args.max_pixels), **sampling),
                     args.model,
                     args.timeout,
+                    _access_key(),
                 )
             except (ImageRejected, ClientError, OSError) as exc:
                 print(f"error: {path}: {exc}", file=sys.stderr)
@@ -325,6 +339,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         requests=args.requests,
         model=args.model,
         timeout=args.timeout,
+        key=_access_key(),
         **sampling,
     )
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
@@ -347,7 +362,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="seesr-triton-client", description="Send images to a SeeSR model served by Triton Inference Server."
+        prog="seesr-triton-client",
+        description="Send images to a SeeSR model served by Triton Inference Server.",
+        epilog=f"A server that admits only key holders to inference: set ${ACCESS_KEY_ENV} to its key.",
     )
     parser.add_argument("--version", action="version", version=f"seesr-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,6 +12,8 @@ triton`` writes config.pbtxt from them, the model reads and writes its tensors b
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
+
 MODEL_FILE = Path(__file__).with_name("model.py")
 
 # The request format's version, also the Triton model version (the repository's version directory). Version 2:
@@ -65,3 +67,33 @@ OUTPUTS = (
     TensorSpec("prompt", "TYPE_STRING", (1,), "the full prompt used, UTF-8"),
 )
 REQUEST_OPTIONS = tuple(spec.name for spec in OPTION_INPUTS)
+
+# Access key. tritonserver itself restricts its inference API to requests carrying this header with the
+# deployment's key (``server_access_arguments``), and checks it before it reads a request's body: a client
+# without the key cannot reach the HTTP frontend's JSON parsing, which reserves whatever size a JSON-inline
+# tensor declares. The client reads the key from ``ACCESS_KEY_ENV``, never from its command line.
+ACCESS_KEY_HEADER = "seesr-key"
+ACCESS_KEY_ENV = "SEESR_TRITON_KEY"
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+
+
+def server_access_arguments(key: str) -> list[str]:
+    """tritonserver's options that admit only requests carrying ``ACCESS_KEY_HEADER: key`` to inference,
+    over HTTP and gRPC (health, metadata and the other APIs stay open)."""
+    # tritonserver splits the option at these characters; the key itself is never echoed (it is a secret).
+    bad = next((c for c in key if c in " ,:=" or not c.isprintable()), None)
+    if not key or bad is not None:
+        found = "it is empty" if not key else f"it contains {bad!r}"
+        raise InputError(f"the access key must be non-empty printable text without spaces, ',', ':' or '=': {found}")
+    return [
+        f"--http-restricted-api=inference:{ACCESS_KEY_HEADER}={key}",
+        f"--grpc-restricted-protocol=inference:{ACCESS_KEY_HEADER}={key}",
+    ]
+
+
+def access_headers(key: str | None, protocol: str) -> dict[str, str]:
+    """The HTTP headers or gRPC metadata that carry ``key``; none without one. tritonserver looks for a
+    restricted gRPC protocol's header under its own prefix."""
+    if not key:
+        return {}
+    return {(GRPC_HEADER_PREFIX if protocol == "grpc" else "") + ACCESS_KEY_HEADER: key}

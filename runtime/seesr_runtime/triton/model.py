@@ -1,6 +1,6 @@
 """Triton Python-backend model: SeeSR x4 super-resolution on the torch-free runtime.
 
-Written into ``<repository>/<model>/1/model.py`` by ``seesr-export triton``. Each model instance
+Written into ``<repository>/<model>/<SERVICE_VERSION>/model.py`` by ``seesr-export triton``. Each model instance
 is its own stub process: ``initialize`` loads the bundle's sessions (or TensorRT engines) once,
 ``execute`` serves requests one at a time. Everything this model needs is read from the
 ``parameters`` of config.pbtxt (bundle, backend, precision, providers, threads, max_pixels,
@@ -14,6 +14,10 @@ small image, an option outside the runtime's options table) gets a Triton error 
 what was expected; an unexpected failure also becomes an error response, never a dead instance. Triton
 itself refuses any declared shape other than the fixed dims of config.pbtxt before it sizes the data.
 """
+
+# Annotations stay unevaluated: without the runtime installed, the module must still load, for initialize to
+# say so (they name the runtime's types).
+from __future__ import annotations
 
 import json
 import math
