@@ -4,14 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint fuzz test-triton venv clean
+.PHONY: demo test test-fast lint fuzz test-triton test-cpp venv clean
 
 demo: $(STAMP)
 	$(BIN)/seesr-export demo --out out/demo
 
-# Everything (what CI runs); the 15 slowest tests are listed at the end.
+# Everything but the native runtime's tests (`make test-cpp` builds it and runs them; CI runs both); the 15
+# slowest tests are listed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 --ignore=tests/test_cpp_runtime.py
 
 # The inner loop: unit and parity tests on the tiny fixture, without the tests marked slow or gpu
 # (pyproject.toml). 2 min 49 s on a quiet 2-core machine with the tests' tiny bundle cached (out/test-bundles/),
@@ -72,8 +73,14 @@ $(TRITON_STAMP): pyproject.toml
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) out
 
-# The native C++ runtime (runtime/cpp, in progress): libseesr and its C ABI, against the venv's openvino wheel.
+# The native C++ runtime (runtime/cpp): libseesr and its C ABI, against the venv's openvino wheel. Needs cmake,
+# g++, nlohmann-json3-dev and libutf8proc-dev (valgrind for its memory test); .ci/run installs them.
+CPP_JOBS ?= 2
 .PHONY: cpp
 cpp: $(STAMP)
 	cmake -S runtime/cpp -B runtime/cpp/build -DSEESR_PYTHON=$(abspath $(BIN))/python
-	cmake --build runtime/cpp/build -j2
+	cmake --build runtime/cpp/build -j$(CPP_JOBS)
+
+# The native runtime built, then its tests (parity with the Python runtime, the C example, the wrapper, valgrind).
+test-cpp: cpp
+	SEESR_CPP_JOBS=$(CPP_JOBS) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 tests/test_cpp_runtime.py
