@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from seesr_runtime import options as option_table
@@ -186,8 +187,9 @@ def test_bad_arguments_are_errors_not_crashes(lib, pipeline, runtime_bundle):
     assert threads.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"] and "got -2" in threads.value.message
 
     with pytest.raises(SeeSRError) as verify:
-        open_pipeline(lib, runtime_bundle, verify=0)
-    assert verify.value.status == STATUS["SEESR_ERROR_NOT_IMPLEMENTED"]
+        open_pipeline(lib, runtime_bundle, verify=3)
+    assert verify.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"]
+    assert "SEESR_VERIFY_AUTO, _ALWAYS or _NEVER, got 3" in verify.value.message
 
     image = (ctypes.c_uint8 * (16 * 16 * 3))()
     for args, status, words in [
@@ -335,6 +337,119 @@ def test_c_example(cpp_build, runtime_bundle, tmp_path):
     header = b"P6\n160 128\n255\n"
     written = out.read_bytes()
     assert written.startswith(header) and len(written) == len(header) + 160 * 128 * 3
+
+
+# ---------------------------------------------------------------- sha256 verification of the bundle's files
+
+VERIFY_AUTO, VERIFY_ALWAYS = 0, 1
+
+
+def test_sha256_matches_hashlib(cpp_build, tmp_path):
+    """Lengths on either side of SHA-256's 64-byte blocks and 56-byte padding limit, and past the 4 MiB read chunk."""
+    import hashlib
+
+    rng = np.random.default_rng(11)
+    files = []
+    for size in (0, 1, 3, 55, 56, 57, 63, 64, 65, 119, 120, 128, 1000, (1 << 22) + 77):
+        files.append(tmp_path / f"{size}.bin")
+        files[-1].write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    answer = probe(cpp_build, "sha256", *map(str, files))
+    assert answer["sha256"] == [hashlib.sha256(path.read_bytes()).hexdigest() for path in files]
+    assert hashlib.sha256(b"").hexdigest() == answer["sha256"][0]
+
+
+def _whole_bundle_copy(runtime_bundle, folder: Path) -> Path:
+    """Every file of the bundle in `folder`/bundle, without its verification stamp."""
+    copy = folder / "bundle"
+    shutil.copytree(runtime_bundle, copy, ignore=shutil.ignore_patterns(".seesr-verified*"))
+    return copy
+
+
+@pytest.mark.parametrize("mode", [VERIFY_AUTO, VERIFY_ALWAYS], ids=["auto", "always"])
+def test_a_damaged_graph_is_refused_on_open(lib, runtime_bundle, tmp_path, monkeypatch, mode):
+    """One flipped byte in a graph: seesr_pipeline_open refuses the bundle, naming it and the file, as the
+    Python runtime does (same message)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bundle = _whole_bundle_copy(runtime_bundle, tmp_path)
+    graph = bundle / "onnx" / "fp32" / "unet.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    graph.write_bytes(bytes(data))
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, bundle, verify=mode)
+    assert refused.value.status == STATUS["SEESR_ERROR_BUNDLE"]
+    assert refused.value.message.startswith(f"{bundle}: bundle files do not match the manifest")
+    assert "sha256 mismatch for onnx/fp32/unet.onnx" in refused.value.message
+    with pytest.raises(BundleError) as python:
+        Manifest.load(bundle, verify="always")
+    assert refused.value.message == str(python.value)
+
+
+def test_a_missing_file_is_refused_on_open(lib, runtime_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bundle = _whole_bundle_copy(runtime_bundle, tmp_path)
+    (bundle / "negative_prompt_embeds.npy").unlink()
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, bundle, verify=VERIFY_ALWAYS)
+    assert refused.value.status == STATUS["SEESR_ERROR_BUNDLE"]
+    assert "\n  missing negative_prompt_embeds.npy" in refused.value.message
+
+
+def test_verification_stamp_is_shared_with_the_python_runtime(lib, cpp_build, runtime_bundle, tmp_path, monkeypatch):
+    """"auto" hashes every file once, stamps them (umask permissions), then trusts the stamp; the Python runtime
+    trusts the C++ stamp and the reverse; a file rewritten later is hashed again, and refused when altered."""
+    import time
+
+    from seesr_runtime.verification import STAMP, verify_bundle
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bundle = _whole_bundle_copy(runtime_bundle, tmp_path)
+    pinned = sorted(Manifest.load(bundle, verify="never").all_files())
+    time.sleep(1.1)  # files younger than a second are hashed but not stamped (a same-tick change could hide)
+    first = probe(cpp_build, "verify", str(bundle), "auto")
+    assert (first["hashed"], first["trusted"], first["stamp"]) == (pinned, [], str(bundle / STAMP))
+    assert (bundle / STAMP).stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert probe(cpp_build, "verify", str(bundle), "auto")["trusted"] == pinned
+    assert probe(cpp_build, "verify", str(bundle), "always")["hashed"] == pinned
+    python = verify_bundle(Manifest.load(bundle, verify="never"), "auto")
+    assert (python.hashed, sorted(python.trusted)) == ([], pinned)
+
+    (bundle / STAMP).unlink()
+    verify_bundle(Manifest.load(bundle, verify="never"), "auto")  # the Python runtime's stamp, read by C++
+    assert probe(cpp_build, "verify", str(bundle), "auto")["hashed"] == []
+    lib.seesr_pipeline_close(open_pipeline(lib, bundle, verify=VERIFY_AUTO))
+
+    embeds = bundle / "negative_prompt_embeds.npy"
+    embeds.write_bytes(embeds.read_bytes())  # same bytes, a new ctime: hashed again, still accepted
+    assert probe(cpp_build, "verify", str(bundle), "auto")["hashed"] == ["negative_prompt_embeds.npy"]
+    embeds.write_bytes(embeds.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, bundle, verify=VERIFY_AUTO)
+    assert "sha256 mismatch for negative_prompt_embeds.npy" in refused.value.message
+
+
+def test_the_stamp_goes_to_the_cache_when_the_bundle_is_read_only(cpp_build, runtime_bundle, tmp_path, monkeypatch):
+    import hashlib
+    import time
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder, so the fallback to the cache cannot be shown")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bundle = _whole_bundle_copy(runtime_bundle, tmp_path)
+    time.sleep(1.1)
+    bundle.chmod(0o555)
+    try:
+        answer = probe(cpp_build, "verify", str(bundle), "auto")
+    finally:
+        bundle.chmod(0o755)
+    key = hashlib.sha256(str(bundle.resolve()).encode()).hexdigest()[:32]
+    assert answer["stamp"] == str(tmp_path / "cache" / "seesr" / "verified" / f"{key}.json")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ---------------------------------------------------------------- the manifest: the Python runtime's refusals

@@ -70,6 +70,10 @@ SEESR_API const char *seesr_last_error(void);
 
 typedef struct seesr_pipeline seesr_pipeline;
 
+/* sha256 of the bundle's files on open, by the Python runtime's rule: a mismatch or a missing file is
+   SEESR_ERROR_BUNDLE naming the bundle and every such file. AUTO (the default) keeps the verification stamp
+   .seesr-verified.json in the bundle (else in $XDG_CACHE_HOME/seesr/verified/), shared with the Python runtime:
+   a file whose size, mtime, ctime and inode are those stamped with the manifest's sha256 is not hashed again. */
 typedef enum seesr_verify {
     SEESR_VERIFY_AUTO = 0,   /* hash files new or changed since their last verification */
     SEESR_VERIFY_ALWAYS = 1, /* hash every file the manifest pins */

@@ -5,6 +5,7 @@
 #include "failure.hpp"
 #include "pipeline.hpp"
 #include "unicode_text.hpp"
+#include "verification.hpp"
 #include "version.hpp"
 
 #include <cmath>
@@ -88,10 +89,6 @@ void check_engine_options(const seesr_engine_options &options) {
     if (options.verify < SEESR_VERIFY_AUTO || options.verify > SEESR_VERIFY_NEVER) {
         throw seesr::Failure(SEESR_ERROR_INVALID_ARGUMENT, "verify must be SEESR_VERIFY_AUTO, _ALWAYS or _NEVER, got " +
                                                                std::to_string(static_cast<int>(options.verify)));
-    }
-    if (options.verify != SEESR_VERIFY_NEVER) {
-        throw seesr::not_implemented("sha256 verification of the bundle's files (pass SEESR_VERIFY_NEVER where the files are "
-                                     "verified otherwise)");
     }
 }
 
@@ -191,6 +188,11 @@ seesr_status seesr_pipeline_open(const char *bundle_path, const seesr_engine_opt
         seesr_engine_options_init(&defaults);
         const seesr_engine_options &engine = options != nullptr ? *options : defaults;
         check_engine_options(engine);
+        if (engine.verify != SEESR_VERIFY_NEVER) {
+            seesr::verify_bundle(seesr::Manifest::load(bundle_path), engine.verify == SEESR_VERIFY_ALWAYS
+                                                                          ? seesr::VerifyMode::always
+                                                                          : seesr::VerifyMode::automatic);
+        }
         auto opened = std::make_unique<seesr::Pipeline>(bundle_path, text_or(engine.engine, "openvino"),
                                                         engine_settings(engine));
         const seesr::Json &data = opened->manifest().data();

@@ -20,6 +20,9 @@
 //                            -> {"ok": true}, the bicubic-resized RGB8 rows in "out"
 //   seesr_probe encode-text BUNDLE   stdin: {"threads": n, "prompts": [...], "negatives": [...], "out": folder}
 //                            -> {"ok": true, "prompts": [{"shape", "file"}], "negatives": [{"shape", "file"}]}
+//   seesr_probe sha256 FILE...       -> {"ok": true, "sha256": [hex, ...]}
+//   seesr_probe verify BUNDLE MODE   (MODE "auto" or "always") -> {"ok": true, "hashed": [...], "trusted": [...],
+//                            "stamp": path or ""}
 //
 // A failure answers {"ok": false, "status": <seesr_status>, "message": ...}.
 //
@@ -34,6 +37,8 @@
 #include "pipeline.hpp"
 #include "manifest.hpp"
 #include "scheduler.hpp"
+#include "sha256.hpp"
+#include "verification.hpp"
 
 #include <cstdio>
 #include <fstream>
@@ -203,6 +208,18 @@ Json probe_resize(const Json &request) {
     return {{"ok", true}};
 }
 
+Json probe_sha256(int count, char **files) {
+    Json digests = Json::array();
+    for (int i = 0; i < count; ++i) digests.push_back(seesr::sha256_file(files[i]));
+    return {{"ok", true}, {"sha256", digests}};
+}
+
+Json probe_verify(const char *bundle, const std::string &mode) {
+    auto report = seesr::verify_bundle(seesr::Manifest::load(bundle),
+                                       mode == "always" ? seesr::VerifyMode::always : seesr::VerifyMode::automatic);
+    return {{"ok", true}, {"hashed", report.hashed}, {"trusted", report.trusted}, {"stamp", report.stamp.string()}};
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -229,10 +246,14 @@ int main(int argc, char **argv) {
             answer = probe_noise(Json::parse(std::cin));
         } else if (command == "resize" && argc == 2) {
             answer = probe_resize(Json::parse(std::cin));
+        } else if (command == "sha256" && argc >= 3) {
+            answer = probe_sha256(argc - 2, argv + 2);
+        } else if (command == "verify" && argc == 4) {
+            answer = probe_verify(argv[2], argv[3]);
         } else if (command == "sample" && argc == 2) {
             answer = probe_sample(Json::parse(std::cin));
         } else {
-            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample | run BUNDLE NETWORK | dape-input | encode-text BUNDLE | tiles | blend | noise | resize\n", argv[0]);
+            std::fprintf(stderr, "usage: %s manifest BUNDLE | tokenize TOKENIZER_JSON | timesteps | sample | run BUNDLE NETWORK | dape-input | encode-text BUNDLE | tiles | blend | noise | resize | sha256 FILE... | verify BUNDLE MODE\n", argv[0]);
             return 64;
         }
     } catch (const seesr::Failure &failure) {
