@@ -36,11 +36,13 @@ public:
         if (std::find(kPrecisions.begin(), kPrecisions.end(), settings.precision) == kPrecisions.end()) {
             throw engine_error("openvino precision '" + settings.precision + "' is not one of " + joined(kPrecisions));
         }
-        if (settings.precision != "fp32") {
-            throw not_implemented("precision '" + settings.precision + "' in the native OpenVINO engine (fp32 is)");
+        if (settings.precision.rfind("int8", 0) == 0) {
+            throw not_implemented("precision '" + settings.precision + "' in the native OpenVINO engine (fp32, bf16 and "
+                                  "fp16 are)");
         }
         try {
             check_device();
+            check_capability();
             if (!settings.cache_dir.empty()) {
                 const auto blobs = std::filesystem::path(settings.cache_dir) / "blobs";
                 std::filesystem::create_directories(blobs);
@@ -51,7 +53,7 @@ public:
         } catch (const std::filesystem::filesystem_error &error) {
             throw engine_error("cannot create the cache folder " + settings.cache_dir + ": " + error.what());
         }
-        config_ = {ov::hint::inference_precision(ov::element::f32),
+        config_ = {ov::hint::inference_precision(inference_precision()),
                    ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY)};
         if (settings.threads > 0) config_.insert(ov::inference_num_threads(settings.threads));
     }
@@ -84,6 +86,30 @@ private:
         }
         throw engine_error("OpenVINO device '" + device + "' is not available here (available: " + joined(available) +
                            ", or AUTO)");
+    }
+
+    // OpenVINO's INFERENCE_PRECISION_HINT for the precision asked for, on the bundle's fp32 graphs (as the
+    // Python backend's PRECISIONS; its f32 timestep path under bf16 is not reproduced here).
+    ov::element::Type inference_precision() const {
+        if (settings_.precision == "bf16") return ov::element::bf16;
+        if (settings_.precision == "fp16") return ov::element::f16;
+        return ov::element::f32;
+    }
+
+    // bf16 and fp16 need the device's BF16 / FP16 capability; refused without it (a library has no warning to
+    // give for the Python backend's fallback to f32). Virtual devices choose for themselves.
+    void check_capability() {
+        const std::string needs = settings_.precision == "bf16" ? "BF16" : settings_.precision == "fp16" ? "FP16" : "";
+        const std::string &device = settings_.device;
+        const std::string kind = device.substr(0, device.find_first_of(":."));
+        if (needs.empty() || std::find(kVirtualDevices.begin(), kVirtualDevices.end(), kind) != kVirtualDevices.end()) {
+            return;
+        }
+        std::vector<std::string> have = core_.get_property(device, ov::device::capabilities);
+        if (std::find(have.begin(), have.end(), needs) != have.end()) return;
+        std::sort(have.begin(), have.end());
+        throw engine_error("OpenVINO device " + device + " cannot run precision '" + settings_.precision +
+                           "': its OPTIMIZATION_CAPABILITIES " + joined(have) + " lack '" + needs + "'");
     }
 
     static ov::Tensor host_tensor(const Tensor &tensor) {

@@ -4,8 +4,8 @@
  *
  *   seesr_memory_test BUNDLE CALLS
  *
- * Prints "heap after N calls: BYTES" after call 2 and after call CALLS (glibc's mallinfo2: bytes in use in
- * the arena plus those in mmap'd blocks). Exit status: 0, or the seesr_status of the failing call. */
+ * Prints "heap after N calls: BYTES" after call 2 (or 1) and after call CALLS (glibc's mallinfo2: bytes in use
+ * in the arena plus those in mmap'd blocks). Exit status: 0, or the seesr_status of the failing call. */
 #define _GNU_SOURCE
 #include "seesr.h"
 
@@ -41,8 +41,8 @@ int main(int argc, char **argv) {
     seesr_status status;
     int calls, call, x, y, result = 0;
 
-    if (argc != 3 || (calls = atoi(argv[2])) < FIRST_REPORT) {
-        fprintf(stderr, "usage: %s BUNDLE CALLS (CALLS >= %d)\n", argv[0], FIRST_REPORT);
+    if (argc != 3 || (calls = atoi(argv[2])) < 1) {
+        fprintf(stderr, "usage: %s BUNDLE CALLS (CALLS >= 1)\n", argv[0]);
         return 64;
     }
     for (y = 0; y < HEIGHT; ++y) {
@@ -65,7 +65,7 @@ int main(int argc, char **argv) {
     for (call = 1; result == 0 && call <= calls; ++call) {
         if ((status = upscale_once(pipeline, options, &rgb[0][0][0])) != SEESR_OK) {
             result = report(status, "upscale");
-        } else if (call == FIRST_REPORT || call == calls) {
+        } else if (call == (calls < FIRST_REPORT ? calls : FIRST_REPORT) || call == calls) {
             printf("heap after %d calls: %zu\n", call, heap_in_use());
             fflush(stdout);
         }
