@@ -396,7 +396,7 @@ def test_a_missing_file_is_refused_on_open(lib, runtime_bundle, tmp_path, monkey
 
 
 def test_verification_stamp_is_shared_with_the_python_runtime(lib, cpp_build, runtime_bundle, tmp_path, monkeypatch):
-    """"auto" hashes every file once, stamps them (umask permissions), then trusts the stamp; the Python runtime
+    """Mode "auto" hashes every file once, stamps them (umask permissions), then trusts the stamp; the Python runtime
     trusts the C++ stamp and the reverse; a file rewritten later is hashed again, and refused when altered."""
     import time
 
@@ -1559,7 +1559,7 @@ def test_callbacks_can_be_removed(lib, native_one_thread):
 
 
 def _cpu_capabilities() -> list:
-    openvino = pytest.importorskip("openvino", reason="the CPU's capabilities come from OpenVINO (pip install openvino)")
+    openvino = pytest.importorskip("openvino", reason="OpenVINO reports the CPU's capabilities")
     return list(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
