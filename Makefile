@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint fuzz test-triton test-cpp venv clean
+.PHONY: demo test test-fast lint fuzz test-triton test-cpp test-cpp-valgrind venv clean
 
 demo: $(STAMP)
 	$(BIN)/seesr-export demo --out out/demo
@@ -81,6 +81,12 @@ cpp: $(STAMP)
 	cmake -S runtime/cpp -B runtime/cpp/build -DSEESR_PYTHON=$(abspath $(BIN))/python
 	cmake --build runtime/cpp/build -j$(CPP_JOBS)
 
-# The native runtime built, then its tests (parity with the Python runtime, the C example, the wrapper, valgrind).
+# The native runtime built, then its tests (parity with the Python runtime, the C example, the wrapper, memory
+# growth) but the one under valgrind, which takes longer than the rest together (test-cpp-valgrind).
 test-cpp: cpp
-	SEESR_CPP_JOBS=$(CPP_JOBS) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 tests/test_cpp_runtime.py
+	SEESR_CPP_JOBS=$(CPP_JOBS) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -m "not valgrind" \
+		tests/test_cpp_runtime.py
+
+# One upscale under valgrind's memcheck: no invalid access, no leak (tests/test_cpp_runtime.py, marked valgrind).
+test-cpp-valgrind: cpp
+	SEESR_CPP_JOBS=$(CPP_JOBS) $(BIN)/python -m pytest -q -p no:cacheprovider -m valgrind tests/test_cpp_runtime.py
