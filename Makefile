@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint fuzz test-triton test-cpp test-cpp-valgrind venv clean
+.PHONY: demo test test-fast lint fuzz test-triton test-cpp test-cpp-all test-cpp-valgrind venv clean
 
 demo: $(STAMP)
 	$(BIN)/seesr-export demo --out out/demo
@@ -82,11 +82,15 @@ cpp: $(STAMP)
 	cmake --build runtime/cpp/build -j$(CPP_JOBS)
 
 # The native runtime built, then its tests (parity with the Python runtime, the C example, the wrapper, memory
-# growth) but the one under valgrind, which takes longer than the rest together (test-cpp-valgrind).
+# growth; what CI runs): all but those marked slow (more upscale geometries, bf16: test-cpp-all) and the one
+# under valgrind, which takes longer than the rest together (test-cpp-valgrind).
+CPP_PYTEST := SEESR_CPP_JOBS=$(CPP_JOBS) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 test-cpp: cpp
-	SEESR_CPP_JOBS=$(CPP_JOBS) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -m "not valgrind" \
-		tests/test_cpp_runtime.py
+	$(CPP_PYTEST) -m "not slow and not valgrind" tests/test_cpp_runtime.py
+
+test-cpp-all: cpp
+	$(CPP_PYTEST) -m "not valgrind" tests/test_cpp_runtime.py
 
 # One upscale under valgrind's memcheck: no invalid access, no leak (tests/test_cpp_runtime.py, marked valgrind).
 test-cpp-valgrind: cpp
-	SEESR_CPP_JOBS=$(CPP_JOBS) $(BIN)/python -m pytest -q -p no:cacheprovider -m valgrind tests/test_cpp_runtime.py
+	$(CPP_PYTEST) -m valgrind tests/test_cpp_runtime.py

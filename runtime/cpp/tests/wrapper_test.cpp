@@ -47,8 +47,8 @@ int main(int argc, char **argv) {
     Thrown missing = thrown([&] { seesr::Pipeline pipeline("/nonexistent/bundle", engine); });
     expect(missing.status == SEESR_ERROR_BUNDLE && missing.says("/nonexistent/bundle"),
            "a missing bundle throws SEESR_ERROR_BUNDLE naming it: " + missing.message);
-    Thrown unverified = thrown([&] { seesr::Pipeline pipeline(argv[1]); });
-    expect(unverified.status == SEESR_ERROR_NOT_IMPLEMENTED, "sha256 verification: " + unverified.message);
+    Thrown verified = thrown([&] { seesr::Pipeline pipeline(argv[1]); });  // the default: verify AUTO
+    expect(verified.status == SEESR_OK, "the bundle's files verified on open" + verified.message);
 
     seesr::Pipeline pipeline(argv[1], engine);
     seesr::Pipeline moved = std::move(pipeline);
