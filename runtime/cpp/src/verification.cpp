@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstdlib>
@@ -13,7 +14,6 @@
 #include <ctime>
 #include <fstream>
 #include <map>
-#include <sstream>
 
 namespace fs = std::filesystem;
 
@@ -94,35 +94,34 @@ mode_t umask_mode() {
     return 022;
 }
 
-// `text` to `path` through a temporary file renamed onto it, with the mode a new file gets (0666 less the
-// umask); false, with the reason in `why`, when the folder takes no file.
-bool write_atomically(const fs::path &path, const std::string &text, std::string &why) {
+// `text` to `path` through a temporary file renamed onto it (readers never see half a stamp), with the mode a
+// new file gets (0666 less the umask); false when the folder takes no file.
+bool write_atomically(const fs::path &path, const std::string &text) {
     std::error_code failed;
     fs::create_directories(path.parent_path(), failed);
-    std::string tmp = (path.parent_path() / ("." + path.filename().string() + "." + std::to_string(getpid()) + ".XXXXXX.tmp")).string();
+    std::string tmp =
+        (path.parent_path() / ("." + path.filename().string() + "." + std::to_string(getpid()) + ".XXXXXX.tmp")).string();
     int fd = mkstemps(tmp.data(), 4);
-    if (fd < 0) {
-        why = path.parent_path().string() + ": " + std::strerror(errno);
-        return false;
-    }
+    if (fd < 0) return false;
     bool written = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
     written = fchmod(fd, 0666 & ~umask_mode()) == 0 && written;
     written = ::close(fd) == 0 && written;
     if (!written || std::rename(tmp.c_str(), path.c_str()) != 0) {
-        why = path.string() + ": " + std::strerror(errno);
         ::unlink(tmp.c_str());
         return false;
     }
     return true;
 }
 
+// The stamp at the first location that takes it ("" where none does: every open then hashes again, which is
+// slower but not wrong, so it is no error, as in the Python runtime).
 fs::path write_stamp(const std::vector<fs::path> &stamps, const std::string &bundle, const Json &verified) {
     Json stamp = {{"format", kStampFormat}, {"version", kStampVersion}, {"bundle", bundle}, {"files", verified}};
-    std::string text = stamp.dump(1) + "\n", why;
+    const std::string text = stamp.dump(1) + "\n";
     for (const auto &location : stamps) {
-        if (write_atomically(location, text, why)) return location;
+        if (write_atomically(location, text)) return location;
     }
-    return {};  // every load hashes again; not an error, as in the Python runtime
+    return {};
 }
 
 }  // namespace
