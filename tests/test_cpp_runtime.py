@@ -369,7 +369,7 @@ def test_no_invalid_accesses_or_leaks_under_valgrind(cpp_build, runtime_bundle):
     """One upscale, the pipeline opened and closed, under memcheck: no invalid read or write and nothing
     definitely or indirectly lost, with only runtime/cpp/tests/valgrind.supp suppressed (glibc's loader, outside
     libseesr). Uninitialised-value tracking is off to save time; OpenVINO compiling its models at memcheck's pace
-    still takes most of the 6-7 minutes this takes on 2 cores."""
+    still takes most of its 5 CPU minutes (8 on a busy 2-core machine)."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         pytest.skip("valgrind is not installed (apt-get install valgrind)")
