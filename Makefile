@@ -4,14 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint fuzz test-triton venv clean
+.PHONY: demo test test-fast lint fuzz test-triton test-cpp test-cpp-all test-cpp-valgrind venv clean
 
 demo: $(STAMP)
 	$(BIN)/seesr-export demo --out out/demo
 
-# Everything (what CI runs); the 15 slowest tests are listed at the end.
+# Everything but the native runtime's tests (`make test-cpp` builds it and runs them; CI runs both); the 15
+# slowest tests are listed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 --ignore=tests/test_cpp_runtime.py
 
 # The inner loop: unit and parity tests on the tiny fixture, without the tests marked slow or gpu
 # (pyproject.toml), in two processes (pytest-xdist; whole files per process, so module fixtures are set up
@@ -72,3 +73,25 @@ $(TRITON_STAMP): pyproject.toml
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) out
+
+# The native C++ runtime (runtime/cpp): libseesr and its C ABI, against the venv's openvino wheel. Needs cmake,
+# g++, nlohmann-json3-dev and libutf8proc-dev (valgrind for its memory test); .ci/run installs them.
+CPP_JOBS ?= 2
+.PHONY: cpp
+cpp: $(STAMP)
+	cmake -S runtime/cpp -B runtime/cpp/build -DSEESR_PYTHON=$(abspath $(BIN))/python
+	cmake --build runtime/cpp/build -j$(CPP_JOBS)
+
+# The native runtime built, then its tests (parity with the Python runtime, the C example, the wrapper, memory
+# growth; what CI runs): all but those marked slow (more upscale geometries, bf16: test-cpp-all) and the one
+# under valgrind, which takes longer than the rest together (test-cpp-valgrind).
+CPP_PYTEST := SEESR_CPP_JOBS=$(CPP_JOBS) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
+test-cpp: cpp
+	$(CPP_PYTEST) -m "not slow and not valgrind" tests/test_cpp_runtime.py
+
+test-cpp-all: cpp
+	$(CPP_PYTEST) -m "not valgrind" tests/test_cpp_runtime.py
+
+# One upscale under valgrind's memcheck: no invalid access, no leak (tests/test_cpp_runtime.py, marked valgrind).
+test-cpp-valgrind: cpp
+	$(CPP_PYTEST) -m valgrind tests/test_cpp_runtime.py

@@ -1,0 +1,176 @@
+/*
+ * seesr.h: the C ABI of the native SeeSR runtime (C99-compatible, no C++ types).
+ *
+ * Every function returns a seesr_status; on failure, seesr_last_error() gives a message naming the value
+ * at fault and what was expected (kept per thread, valid until that thread's next seesr_* call).
+ * Nothing in the library aborts or exits the host process.
+ *
+ * Handles are opaque. Structs passed in carry their own size (struct_size, set by the *_init function), so
+ * later versions can add fields without breaking callers built against this one. The ABI version is
+ * SEESR_ABI_VERSION; seesr_abi_version() reports the library's, which a caller should compare with it.
+ *
+ * Typical use:
+ *   seesr_engine_options engine; seesr_engine_options_init(&engine);
+ *   seesr_pipeline *pipeline; seesr_pipeline_open("bundle", &engine, &pipeline);
+ *   seesr_options *options; seesr_options_create(pipeline, &options);
+ *   seesr_options_set_int(options, "steps", 20);
+ *   seesr_image *out; seesr_upscale(pipeline, rgb, width, height, stride, options, &out);
+ *   ... seesr_image_pixels(out) ...
+ *   seesr_image_free(out); seesr_options_free(options); seesr_pipeline_close(pipeline);
+ */
+#ifndef SEESR_H
+#define SEESR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#  if defined(SEESR_BUILDING_LIBRARY)
+#    define SEESR_API __declspec(dllexport)
+#  else
+#    define SEESR_API __declspec(dllimport)
+#  endif
+#elif defined(__GNUC__)
+#  define SEESR_API __attribute__((visibility("default")))
+#else
+#  define SEESR_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Incremented on any incompatible change of this header. */
+#define SEESR_ABI_VERSION 1
+
+typedef enum seesr_status {
+    SEESR_OK = 0,
+    SEESR_ERROR_INVALID_ARGUMENT = 1, /* a NULL handle or pointer, a size that cannot be, a struct_size too small */
+    SEESR_ERROR_BUNDLE = 2,           /* the bundle is missing, malformed, of another schema, or reaches outside itself */
+    SEESR_ERROR_OPTION = 3,           /* an unknown option, or a value of the wrong type or outside its range */
+    SEESR_ERROR_IMAGE = 4,            /* an input image that cannot be used (too small, too large, bad stride) */
+    SEESR_ERROR_ENGINE = 5,           /* the inference engine is missing, cannot run here, or failed */
+    SEESR_ERROR_CANCELLED = 6,        /* a callback asked to stop */
+    SEESR_ERROR_OUT_OF_MEMORY = 7,
+    SEESR_ERROR_NOT_IMPLEMENTED = 8,  /* declared in this ABI, not yet provided by this build */
+    SEESR_ERROR_INTERNAL = 9          /* a bug in the library; the message says where */
+} seesr_status;
+
+/* ------------------------------------------------------------------ versions and errors */
+
+SEESR_API int32_t seesr_abi_version(void);
+/* The library's version ("0.1.0"), the same as the Python packages'. Static storage. */
+SEESR_API const char *seesr_version(void);
+/* A fixed name for a status ("SEESR_ERROR_BUNDLE"); "unknown status" for a value outside the enum. */
+SEESR_API const char *seesr_status_name(seesr_status status);
+/* The message of the last failure on this thread ("" when the last call succeeded). */
+SEESR_API const char *seesr_last_error(void);
+
+/* ------------------------------------------------------------------ pipeline */
+
+typedef struct seesr_pipeline seesr_pipeline;
+
+/* sha256 of the bundle's files on open, by the Python runtime's rule: a mismatch or a missing file is
+   SEESR_ERROR_BUNDLE naming the bundle and every such file. AUTO (the default) keeps the verification stamp
+   .seesr-verified.json in the bundle (else in $XDG_CACHE_HOME/seesr/verified/), shared with the Python runtime:
+   a file whose size, mtime, ctime and inode are those stamped with the manifest's sha256 is not hashed again. */
+typedef enum seesr_verify {
+    SEESR_VERIFY_AUTO = 0,   /* hash files new or changed since their last verification */
+    SEESR_VERIFY_ALWAYS = 1, /* hash every file the manifest pins */
+    SEESR_VERIFY_NEVER = 2   /* trust the files (the caller verified them otherwise) */
+} seesr_verify;
+
+typedef struct seesr_engine_options {
+    uint32_t struct_size;  /* sizeof(seesr_engine_options), set by seesr_engine_options_init */
+    const char *engine;    /* inference engine: "openvino" (NULL: "openvino") */
+    const char *device;    /* engine device: "CPU", "GPU", "AUTO", ... (NULL: "CPU") */
+    const char *precision; /* as the Python runtime's: "fp32", "bf16", "fp16", "int8", "int8-bf16" (NULL: "fp32") */
+    int32_t threads;       /* inference threads; 0: the engine's choice */
+    const char *cache_dir; /* compiled-model cache folder; NULL: no cache */
+    seesr_verify verify;   /* sha256 check of the bundle's files */
+} seesr_engine_options;
+
+SEESR_API seesr_status seesr_engine_options_init(seesr_engine_options *options);
+
+/* Open the bundle folder `bundle_path` (UTF-8). `options` NULL: the defaults of seesr_engine_options_init. */
+SEESR_API seesr_status seesr_pipeline_open(const char *bundle_path, const seesr_engine_options *options,
+                                           seesr_pipeline **out);
+/* NULL is accepted and ignored. */
+SEESR_API void seesr_pipeline_close(seesr_pipeline *pipeline);
+
+/* The bundle's name and schema version, and the version of the exporter that built it ("" if unrecorded).
+   The strings live as long as the pipeline. */
+SEESR_API seesr_status seesr_pipeline_bundle_name(const seesr_pipeline *pipeline, const char **out);
+SEESR_API seesr_status seesr_pipeline_bundle_schema_version(const seesr_pipeline *pipeline, int32_t *out);
+SEESR_API seesr_status seesr_pipeline_bundle_exporter_version(const seesr_pipeline *pipeline, const char **out);
+/* The bundle's upscale options table (its manifest's pipeline.options, as JSON: name, type, default,
+   minimum/maximum or choices, help). Lives as long as the pipeline. */
+SEESR_API seesr_status seesr_pipeline_options_json(const seesr_pipeline *pipeline, const char **out);
+
+/* ------------------------------------------------------------------ per-call options */
+
+typedef struct seesr_options seesr_options;
+
+/* Return non-zero to cancel the upscale (it then fails with SEESR_ERROR_CANCELLED). `step` counts from 1. */
+typedef int (*seesr_progress_fn)(void *user_data, int32_t step, int32_t total);
+
+/* Fill `out` (count = the product of `shape`) with standard-normal draws for `kind` ("initial",
+   "posterior" or "step", in the order the pipeline draws them). Replaces the seeded source, for parity
+   with another implementation's random stream. Return non-zero to cancel. */
+typedef int (*seesr_noise_fn)(void *user_data, const char *kind, const int64_t *shape, int32_t rank, float *out,
+                              size_t count);
+
+/* The latents [1, 4, h, w] after step `step` (counting from 1) of an upscale: `count` float32 values of
+   `shape`, readable during the call only. For checking the sampling loop against another implementation of
+   it (the Python runtime's UpscaleResult.latents), not needed to upscale. */
+typedef void (*seesr_latents_fn)(void *user_data, int32_t step, const int64_t *shape, int32_t rank,
+                                 const float *values, size_t count);
+
+/* Options of one upscale, checked against the pipeline's bundle (names, types and ranges of its options
+   table). Every option left unset takes the bundle's default. */
+SEESR_API seesr_status seesr_options_create(const seesr_pipeline *pipeline, seesr_options **out);
+SEESR_API void seesr_options_free(seesr_options *options);
+SEESR_API seesr_status seesr_options_set_int(seesr_options *options, const char *name, int64_t value);
+SEESR_API seesr_status seesr_options_set_float(seesr_options *options, const char *name, double value);
+SEESR_API seesr_status seesr_options_set_bool(seesr_options *options, const char *name, int value);
+SEESR_API seesr_status seesr_options_set_string(seesr_options *options, const char *name, const char *value);
+/* Back to the bundle's default. */
+SEESR_API seesr_status seesr_options_unset(seesr_options *options, const char *name);
+/* NULL callback: none (progress) or the seeded source (noise). */
+SEESR_API seesr_status seesr_options_set_progress(seesr_options *options, seesr_progress_fn callback,
+                                                  void *user_data);
+SEESR_API seesr_status seesr_options_set_noise(seesr_options *options, seesr_noise_fn callback, void *user_data);
+/* NULL callback: none. */
+SEESR_API seesr_status seesr_options_set_step_latents(seesr_options *options, seesr_latents_fn callback,
+                                                      void *user_data);
+
+/* ------------------------------------------------------------------ upscaling */
+
+typedef struct seesr_image seesr_image;
+
+/* Upscale an RGB8 image: `height` rows of `width` pixels, 3 bytes each, rows `stride` bytes apart
+   (stride >= 3 * width), to (upscale * width) x (upscale * height). `options` NULL: the bundle's defaults.
+   The result belongs to the caller, who frees it with seesr_image_free. The progress callback runs after
+   every step; when it (or the noise callback) cancels, the call returns SEESR_ERROR_CANCELLED and *out stays
+   NULL. A pipeline may be used by several threads at once (each call with its own or a shared options). */
+SEESR_API seesr_status seesr_upscale(seesr_pipeline *pipeline, const uint8_t *rgb, int32_t width, int32_t height,
+                                     int32_t stride, const seesr_options *options, seesr_image **out);
+/* Only the tags and prompt of an image (runs the tagger, not the diffusion); read them from the result. */
+SEESR_API seesr_status seesr_describe(seesr_pipeline *pipeline, const uint8_t *rgb, int32_t width, int32_t height,
+                                      int32_t stride, const seesr_options *options, seesr_image **out);
+
+SEESR_API void seesr_image_free(seesr_image *image);
+/* The result's pixels: RGB8, rows tightly packed (stride = 3 * width); NULL from seesr_describe. */
+SEESR_API const uint8_t *seesr_image_pixels(const seesr_image *image);
+SEESR_API int32_t seesr_image_width(const seesr_image *image);
+SEESR_API int32_t seesr_image_height(const seesr_image *image);
+SEESR_API int32_t seesr_image_stride(const seesr_image *image);
+/* The tags DAPE found and the prompt the image was generated with (UTF-8, as long as the image). */
+SEESR_API const char *seesr_image_tags(const seesr_image *image);
+SEESR_API const char *seesr_image_prompt(const seesr_image *image);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SEESR_H */

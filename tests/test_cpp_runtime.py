@@ -1,0 +1,1663 @@
+"""The native C++ runtime (runtime/cpp): built with CMake, held to the Python runtime's behaviour.
+
+The build is shared by the session (runtime/cpp/build, incremental). Without cmake, a C++ compiler or one
+of the libraries it builds against (nlohmann-json, utf8proc, OpenVINO) the tests skip, naming what to install.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seesr_runtime import options as option_table
+from seesr_runtime.errors import BundleError, OptionError
+from seesr_runtime.manifest import Manifest
+
+CPP = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
+BUILD = CPP / "build"
+STATUS = {
+    "SEESR_OK": 0,
+    "SEESR_ERROR_INVALID_ARGUMENT": 1,
+    "SEESR_ERROR_BUNDLE": 2,
+    "SEESR_ERROR_OPTION": 3,
+    "SEESR_ERROR_IMAGE": 4,
+    "SEESR_ERROR_ENGINE": 5,
+    "SEESR_ERROR_CANCELLED": 6,
+    "SEESR_ERROR_OUT_OF_MEMORY": 7,
+    "SEESR_ERROR_NOT_IMPLEMENTED": 8,
+    "SEESR_ERROR_INTERNAL": 9,
+}
+VERIFY_NEVER = 2
+
+
+# What a failed configure names when a dependency is missing, and where that dependency comes from.
+_DEPENDENCIES = {
+    "nlohmann_json": "nlohmann-json3-dev (apt-get install nlohmann-json3-dev)",
+    "UTF8PROC": "libutf8proc-dev (apt-get install libutf8proc-dev)",
+    "OpenVINO not found": "OpenVINO (pip install openvino, or OpenVINO_DIR for a system install)",
+}
+
+
+@pytest.fixture(scope="session")
+def cpp_build() -> Path:
+    """runtime/cpp configured and built (incrementally) into runtime/cpp/build, against this Python's openvino."""
+    import sys
+
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the C++ runtime needs {' and '.join(missing)} (apt-get install cmake g++)")
+    configure = subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(CPP),
+            "-B",
+            str(BUILD),
+            "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+            f"-DSEESR_PYTHON={sys.executable}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if configure.returncode != 0:
+        absent = [package for marker, package in _DEPENDENCIES.items() if marker in configure.stderr]
+        if absent:
+            pytest.skip(f"the C++ runtime needs {', '.join(absent)}")
+        pytest.fail("configuring runtime/cpp failed:\n" + configure.stderr)
+    jobs = os.environ.get("SEESR_CPP_JOBS", "2")
+    build = subprocess.run(["cmake", "--build", str(BUILD), "-j", jobs], capture_output=True, text=True)
+    assert build.returncode == 0, "building runtime/cpp failed:\n" + build.stdout[-6000:] + build.stderr[-6000:]
+    return BUILD
+
+
+# ---------------------------------------------------------------- the C ABI through ctypes
+
+
+class SeeSRError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status, self.message = status, message
+
+
+class EngineOptions(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("engine", ctypes.c_char_p),
+        ("device", ctypes.c_char_p),
+        ("precision", ctypes.c_char_p),
+        ("threads", ctypes.c_int32),
+        ("cache_dir", ctypes.c_char_p),
+        ("verify", ctypes.c_int),
+    ]
+
+
+@pytest.fixture(scope="session")
+def lib(cpp_build):
+    library = ctypes.CDLL(str(cpp_build / "libseesr.so"))
+    library.seesr_version.restype = ctypes.c_char_p
+    library.seesr_last_error.restype = ctypes.c_char_p
+    library.seesr_status_name.restype = ctypes.c_char_p
+    library.seesr_status_name.argtypes = [ctypes.c_int]
+    library.seesr_options_set_int.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64]
+    library.seesr_options_set_float.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_double]
+    library.seesr_options_set_bool.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    library.seesr_options_set_string.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+    for name in ("seesr_pipeline_close", "seesr_options_free", "seesr_image_free"):
+        getattr(library, name).argtypes = [ctypes.c_void_p]
+    return library
+
+
+def call(lib, function: str, *args) -> None:
+    status = getattr(lib, function)(*args)
+    if status != 0:
+        raise SeeSRError(status, lib.seesr_last_error().decode())
+
+
+def engine_options(lib, **fields) -> EngineOptions:
+    options = EngineOptions()
+    call(lib, "seesr_engine_options_init", ctypes.byref(options))
+    for key, value in {"verify": VERIFY_NEVER, **fields}.items():
+        setattr(options, key, value)
+    return options
+
+
+def open_pipeline(lib, bundle, **fields) -> ctypes.c_void_p:
+    pipeline = ctypes.c_void_p()
+    options = engine_options(lib, **fields)
+    call(lib, "seesr_pipeline_open", str(bundle).encode(), ctypes.byref(options), ctypes.byref(pipeline))
+    return pipeline
+
+
+@pytest.fixture
+def pipeline(lib, runtime_bundle):
+    handle = open_pipeline(lib, runtime_bundle)
+    yield handle
+    lib.seesr_pipeline_close(handle)
+
+
+def test_versions_and_status_names(lib):
+    from seesr_runtime import __version__
+
+    assert lib.seesr_version().decode() == __version__
+    assert lib.seesr_abi_version() == 1
+    for name, value in STATUS.items():
+        assert lib.seesr_status_name(value).decode() == name
+    assert lib.seesr_status_name(99) == b"unknown status"
+
+
+def test_bundle_queries(lib, pipeline, runtime_bundle):
+    data = json.loads((Path(runtime_bundle) / "manifest.json").read_text())
+    text, number = ctypes.c_char_p(), ctypes.c_int32()
+    call(lib, "seesr_pipeline_bundle_name", pipeline, ctypes.byref(text))
+    assert text.value.decode() == data["name"]
+    call(lib, "seesr_pipeline_bundle_schema_version", pipeline, ctypes.byref(number))
+    assert number.value == data["schema_version"]
+    call(lib, "seesr_pipeline_bundle_exporter_version", pipeline, ctypes.byref(text))
+    assert text.value.decode() == data["provenance"]["versions"]["seesr_export"]
+    call(lib, "seesr_pipeline_options_json", pipeline, ctypes.byref(text))
+    assert json.loads(text.value) == Manifest.load(runtime_bundle, verify="never").options()
+
+
+def test_bad_arguments_are_errors_not_crashes(lib, pipeline, runtime_bundle):
+    out = ctypes.c_void_p()
+    with pytest.raises(SeeSRError) as null_path:
+        call(lib, "seesr_pipeline_open", None, None, ctypes.byref(out))
+    assert null_path.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"]
+    assert "bundle_path is NULL" in null_path.value.message
+
+    short = engine_options(lib, struct_size=8)
+    with pytest.raises(SeeSRError) as too_short:
+        call(lib, "seesr_pipeline_open", str(runtime_bundle).encode(), ctypes.byref(short), ctypes.byref(out))
+    assert too_short.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"]
+    assert "struct_size is 8" in too_short.value.message
+
+    with pytest.raises(SeeSRError) as engine:
+        open_pipeline(lib, runtime_bundle, engine=b"tensorflow")
+    assert engine.value.status == STATUS["SEESR_ERROR_ENGINE"] and "'tensorflow'" in engine.value.message
+
+    with pytest.raises(SeeSRError) as threads:
+        open_pipeline(lib, runtime_bundle, threads=-2)
+    assert threads.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"] and "got -2" in threads.value.message
+
+    with pytest.raises(SeeSRError) as verify:
+        open_pipeline(lib, runtime_bundle, verify=3)
+    assert verify.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"]
+    assert "SEESR_VERIFY_AUTO, _ALWAYS or _NEVER, got 3" in verify.value.message
+
+    image = (ctypes.c_uint8 * (16 * 16 * 3))()
+    for args, status, words in [
+        ((None, 16, 16, 48), "SEESR_ERROR_INVALID_ARGUMENT", "rgb is NULL"),
+        ((image, 0, 16, 48), "SEESR_ERROR_IMAGE", "got 0x16"),
+        ((image, 16, 16, 47), "SEESR_ERROR_IMAGE", "3 * width = 48 bytes, got 47"),
+        ((image, 7, 16, 48), "SEESR_ERROR_IMAGE", "7x16 is too small (at least 8x8 pixels)"),
+    ]:
+        with pytest.raises(SeeSRError) as failed:
+            call(lib, "seesr_upscale", pipeline, *args, None, ctypes.byref(out))
+        assert (failed.value.status, words in failed.value.message) == (STATUS[status], True), failed.value.message
+        assert out.value is None
+    assert lib.seesr_last_error() == b"7x16 is too small (at least 8x8 pixels)"  # kept until the next call
+    call(lib, "seesr_pipeline_bundle_name", pipeline, ctypes.byref(ctypes.c_char_p()))
+    assert lib.seesr_last_error() == b""  # a success clears the thread's message
+
+
+OPTION_CASES = [
+    ("steps", 20),
+    ("steps", 0),
+    ("steps", 1001),
+    ("steps", 2.5),
+    ("steps", True),
+    ("steps", "20"),
+    ("guidance", 7),
+    ("guidance", -0.5),
+    ("guidance", float("nan")),
+    ("guidance", float("inf")),
+    ("guidance", 1e300),
+    ("conditioning_scale", 0.0),
+    ("color_fix", "wavelet"),
+    ("color_fix", "sharpen"),
+    ("color_fix", 3),
+    ("start_point", "noise"),
+    ("tiled_vae", False),
+    ("tiled_vae", 1),
+    ("prompt", "a 'quoted' \"cat\"\n"),
+    ("prompt", 4.5),
+    ("seed", -1),
+    ("seed", 2**62),
+    ("max_pixels", 63),
+    ("latent_tile_overlap", 200),
+    ("colour_fix", "adain"),
+]
+
+
+def set_option(lib, options, name: str, value) -> None:
+    key = name.encode()
+    if isinstance(value, bool):
+        call(lib, "seesr_options_set_bool", options, key, int(value))
+    elif isinstance(value, int):
+        call(lib, "seesr_options_set_int", options, key, value)
+    elif isinstance(value, float):
+        call(lib, "seesr_options_set_float", options, key, value)
+    else:
+        call(lib, "seesr_options_set_string", options, key, value.encode())
+
+
+@pytest.mark.parametrize("name,value", OPTION_CASES, ids=[f"{n}={v!r}" for n, v in OPTION_CASES])
+def test_option_checks_match_python(lib, pipeline, name, value):
+    """Each value is accepted or refused as seesr_runtime.options checks it, with the same message."""
+    options = ctypes.c_void_p()
+    call(lib, "seesr_options_create", pipeline, ctypes.byref(options))
+    try:
+        try:
+            option_table.check(name, value)
+            expected = None
+        except OptionError as refused:
+            expected = str(refused)
+        try:
+            set_option(lib, options, name, value)
+            got = None
+        except SeeSRError as refused:
+            assert refused.status == STATUS["SEESR_ERROR_OPTION"]
+            got = refused.message
+        assert got == expected
+    finally:
+        lib.seesr_options_free(options)
+
+
+def test_strings_that_are_not_utf8_are_refused(lib, pipeline):
+    options = ctypes.c_void_p()
+    call(lib, "seesr_options_create", pipeline, ctypes.byref(options))
+    with pytest.raises(SeeSRError) as refused:
+        call(lib, "seesr_options_set_string", options, b"prompt", b"caf\xc3")
+    assert refused.value.status == STATUS["SEESR_ERROR_OPTION"]
+    assert refused.value.message == "prompt is not valid UTF-8 (byte 3)"
+    lib.seesr_options_free(options)
+
+
+def test_a_tokenizer_disagreeing_with_the_manifest_is_refused(lib, runtime_bundle, tmp_path):
+    bundle = _bundle_copy(Path(runtime_bundle), tmp_path / "bundle")
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["text"]["max_length"] = 64
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, bundle)
+    assert refused.value.status == STATUS["SEESR_ERROR_BUNDLE"]
+    assert refused.value.message == f"{bundle}: tokenizer.json gives 77 ids, the manifest's text.max_length is 64"
+
+
+def test_rules_between_options_are_checked_at_the_call(lib, pipeline):
+    options = ctypes.c_void_p()
+    call(lib, "seesr_options_create", pipeline, ctypes.byref(options))
+    set_option(lib, options, "latent_tile_overlap", 96)  # fine alone; not with the default tile of 96
+    image = (ctypes.c_uint8 * (16 * 16 * 3))()
+    with pytest.raises(SeeSRError) as refused:
+        call(lib, "seesr_upscale", pipeline, image, 16, 16, 48, options, ctypes.byref(ctypes.c_void_p()))
+    assert refused.value.status == STATUS["SEESR_ERROR_OPTION"]
+    with pytest.raises(OptionError) as python:
+        option_table.resolve({"latent_tile_overlap": 96})
+    assert refused.value.message == str(python.value)
+    call(lib, "seesr_options_unset", options, b"latent_tile_overlap")
+    for name, value in (("steps", 1), ("process_size", 64)):  # keep the upscale that now runs small
+        set_option(lib, options, name, value)
+    out = ctypes.c_void_p()
+    call(lib, "seesr_upscale", pipeline, image, 16, 16, 48, options, ctypes.byref(out))
+    lib.seesr_image_width.argtypes = lib.seesr_image_height.argtypes = [ctypes.c_void_p]
+    assert (lib.seesr_image_width(out), lib.seesr_image_height(out)) == (64, 64)
+    lib.seesr_image_free(out)
+    lib.seesr_options_free(options)
+
+
+# ---------------------------------------------------------------- the C++ wrapper and the C example
+
+
+def test_cpp_wrapper(cpp_build, runtime_bundle):
+    run = subprocess.run([cpp_build / "seesr_wrapper_test", str(runtime_bundle)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 13, run.stdout
+
+
+def test_c_example(cpp_build, runtime_bundle, tmp_path):
+    """The C example upscales its 40x32 image in 2 steps (the bundle's other defaults) and writes a 160x128 PPM."""
+    out = tmp_path / "out.ppm"
+    run = subprocess.run(
+        [cpp_build / "seesr_example_c", str(runtime_bundle), str(out), "2"], capture_output=True, text=True
+    )
+    from seesr_runtime import __version__
+
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"seesr {__version__} (ABI 1, header ABI 1)\nbundle ")
+    assert "\n160x128, tags: " in run.stdout
+    assert run.stderr == "step 1/2\nstep 2/2\n"
+    header = b"P6\n160 128\n255\n"
+    written = out.read_bytes()
+    assert written.startswith(header) and len(written) == len(header) + 160 * 128 * 3
+
+
+# ---------------------------------------------------------------- memory: growth across calls, valgrind
+
+
+def _heap_reports(stdout: str) -> dict:
+    """calls -> heap bytes in use, from the memory test's "heap after N calls: BYTES" lines."""
+    reports = {}
+    for line in stdout.splitlines():
+        calls, heap = line.removeprefix("heap after ").split(" calls: ")
+        reports[int(calls)] = int(heap)
+    return reports
+
+
+def test_memory_does_not_grow_with_the_number_of_calls(cpp_build, runtime_bundle):
+    """20 upscales (1 step, 16x16 -> 64x64) hold the heap of 2 within 64 KiB (measured: 2.6 KiB, the same after
+    60 calls, so nothing per call): images, options and the per-call tensors are all given back."""
+    run = subprocess.run(
+        [cpp_build / "seesr_memory_test", str(runtime_bundle), "20"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    heap = _heap_reports(run.stdout)
+    assert set(heap) == {2, 20}
+    assert heap[20] - heap[2] < 64 * 1024, heap
+
+
+@pytest.mark.slow
+@pytest.mark.valgrind
+def test_no_invalid_accesses_or_leaks_under_valgrind(cpp_build, runtime_bundle):
+    """One upscale, the pipeline opened and closed, under memcheck: no invalid read or write and nothing
+    definitely or indirectly lost, with only runtime/cpp/tests/valgrind.supp suppressed (glibc's loader, outside
+    libseesr). Uninitialised-value tracking is off to save time; OpenVINO compiling its models at memcheck's pace
+    still takes most of its 5 CPU minutes (8 on a busy 2-core machine)."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        pytest.skip("valgrind is not installed (apt-get install valgrind)")
+    command = [
+        valgrind,
+        "--error-exitcode=99",
+        "--undef-value-errors=no",
+        "--leak-check=full",
+        "--show-leak-kinds=definite,indirect",
+        "--errors-for-leak-kinds=definite,indirect",
+        f"--suppressions={CPP / 'tests' / 'valgrind.supp'}",
+        "--num-callers=40",
+        str(cpp_build / "seesr_memory_test"),
+        str(runtime_bundle),
+        "1",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-20000:]
+    assert "ERROR SUMMARY: 0 errors" in run.stderr
+    nothing_lost = "definitely lost: 0 bytes" in run.stderr and "indirectly lost: 0 bytes" in run.stderr
+    assert nothing_lost or "no leaks are possible" in run.stderr, run.stderr[-3000:]
+    assert set(_heap_reports(run.stdout)) == {1}  # the upscale ran to its end
+
+
+# ---------------------------------------------------------------- sha256 verification of the bundle's files
+
+VERIFY_AUTO, VERIFY_ALWAYS = 0, 1
+
+
+def test_sha256_matches_hashlib(cpp_build, tmp_path):
+    """Lengths on either side of SHA-256's 64-byte blocks and 56-byte padding limit, and past the 4 MiB read chunk."""
+    import hashlib
+
+    rng = np.random.default_rng(11)
+    files = []
+    for size in (0, 1, 3, 55, 56, 57, 63, 64, 65, 119, 120, 128, 1000, (1 << 22) + 77):
+        files.append(tmp_path / f"{size}.bin")
+        files[-1].write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    answer = probe(cpp_build, "sha256", *map(str, files))
+    assert answer["sha256"] == [hashlib.sha256(path.read_bytes()).hexdigest() for path in files]
+    assert hashlib.sha256(b"").hexdigest() == answer["sha256"][0]
+
+
+def _whole_bundle_copy(runtime_bundle, folder: Path) -> Path:
+    """Every file of the bundle in `folder`/bundle, without its verification stamp."""
+    copy = folder / "bundle"
+    shutil.copytree(runtime_bundle, copy, ignore=shutil.ignore_patterns(".seesr-verified*"))
+    return copy
+
+
+@pytest.mark.parametrize("mode", [VERIFY_AUTO, VERIFY_ALWAYS], ids=["auto", "always"])
+def test_a_damaged_graph_is_refused_on_open(lib, runtime_bundle, tmp_path, monkeypatch, mode):
+    """One flipped byte in a graph: seesr_pipeline_open refuses the bundle, naming it and the file, as the
+    Python runtime does (same message)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bundle = _whole_bundle_copy(runtime_bundle, tmp_path)
+    graph = bundle / "onnx" / "fp32" / "unet.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    graph.write_bytes(bytes(data))
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, bundle, verify=mode)
+    assert refused.value.status == STATUS["SEESR_ERROR_BUNDLE"]
+    assert refused.value.message.startswith(f"{bundle}: bundle files do not match the manifest")
+    assert "sha256 mismatch for onnx/fp32/unet.onnx" in refused.value.message
+    with pytest.raises(BundleError) as python:
+        Manifest.load(bundle, verify="always")
+    assert refused.value.message == str(python.value)
+
+
+def test_a_missing_file_is_refused_on_open(lib, runtime_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bundle = _whole_bundle_copy(runtime_bundle, tmp_path)
+    (bundle / "negative_prompt_embeds.npy").unlink()
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, bundle, verify=VERIFY_ALWAYS)
+    assert refused.value.status == STATUS["SEESR_ERROR_BUNDLE"]
+    assert "\n  missing negative_prompt_embeds.npy" in refused.value.message
+
+
+def test_verification_stamp_is_shared_with_the_python_runtime(lib, cpp_build, runtime_bundle, tmp_path, monkeypatch):
+    """Mode "auto" hashes every file once, stamps them (umask permissions), then trusts the stamp; the Python runtime
+    trusts the C++ stamp and the reverse; a file rewritten later is hashed again, and refused when altered."""
+    import time
+
+    from seesr_runtime.verification import STAMP, verify_bundle
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bundle = _whole_bundle_copy(runtime_bundle, tmp_path)
+    pinned = sorted(Manifest.load(bundle, verify="never").all_files())
+    time.sleep(1.1)  # files younger than a second are hashed but not stamped (a same-tick change could hide)
+    first = probe(cpp_build, "verify", str(bundle), "auto")
+    assert (first["hashed"], first["trusted"], first["stamp"]) == (pinned, [], str(bundle / STAMP))
+    assert (bundle / STAMP).stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert probe(cpp_build, "verify", str(bundle), "auto")["trusted"] == pinned
+    assert probe(cpp_build, "verify", str(bundle), "always")["hashed"] == pinned
+    python = verify_bundle(Manifest.load(bundle, verify="never"), "auto")
+    assert (python.hashed, sorted(python.trusted)) == ([], pinned)
+
+    (bundle / STAMP).unlink()
+    verify_bundle(Manifest.load(bundle, verify="never"), "auto")  # the Python runtime's stamp, read by C++
+    assert probe(cpp_build, "verify", str(bundle), "auto")["hashed"] == []
+    lib.seesr_pipeline_close(open_pipeline(lib, bundle, verify=VERIFY_AUTO))
+
+    embeds = bundle / "negative_prompt_embeds.npy"
+    embeds.write_bytes(embeds.read_bytes())  # same bytes, a new ctime: hashed again, still accepted
+    assert probe(cpp_build, "verify", str(bundle), "auto")["hashed"] == ["negative_prompt_embeds.npy"]
+    embeds.write_bytes(embeds.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, bundle, verify=VERIFY_AUTO)
+    assert "sha256 mismatch for negative_prompt_embeds.npy" in refused.value.message
+
+
+def test_the_stamp_goes_to_the_cache_when_the_bundle_is_read_only(cpp_build, runtime_bundle, tmp_path, monkeypatch):
+    import hashlib
+    import time
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder, so the fallback to the cache cannot be shown")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bundle = _whole_bundle_copy(runtime_bundle, tmp_path)
+    time.sleep(1.1)
+    bundle.chmod(0o555)
+    try:
+        answer = probe(cpp_build, "verify", str(bundle), "auto")
+    finally:
+        bundle.chmod(0o755)
+    key = hashlib.sha256(str(bundle.resolve()).encode()).hexdigest()[:32]
+    assert answer["stamp"] == str(tmp_path / "cache" / "seesr" / "verified" / f"{key}.json")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------- the manifest: the Python runtime's refusals
+
+
+def _set(path: str, value):
+    def edit(data):
+        *parents, last = path.split(".")
+        for key in parents:
+            data = data[key]
+        data[last] = value
+
+    return edit
+
+
+def _delete(path: str):
+    def edit(data):
+        *parents, last = path.split(".")
+        for key in parents:
+            data = data[key]
+        del data[last]
+
+    return edit
+
+
+def _add_graph_file(rel: str):
+    def edit(data):
+        data["networks"]["unet"]["files"]["fp32"]["sha256"][rel] = "0" * 64
+
+    return edit
+
+
+MANIFEST_EDITS = {
+    "unchanged": lambda data: None,
+    "schema-2": _set("schema_version", 2),
+    "schema-string": _set("schema_version", "1"),
+    "schema-float": _set("schema_version", 1.0),
+    "format": _set("format", "other-bundle"),
+    "no-networks": _delete("networks"),
+    "no-provenance": _delete("provenance"),
+    "pipeline-list": _set("pipeline", []),
+    "unknown-network": _set("networks.upsampler", {"spec": {}}),
+    "network-not-object": _set("networks.unet", 3),
+    "unknown-precision": lambda data: data["networks"]["dape"]["files"].update(int4={"onnx": "a", "sha256": {}}),
+    "graph-without-onnx": _delete("networks.dape.files.fp32.onnx"),
+    "tiled-not-object": _set("networks.vae_decoder.tiled", None),
+    "segments-not-objects": _set("networks.vae_decoder.tiled", {"segments": [1, 2]}),
+    "engines-not-objects": _set("networks.unet.engines", {"fp16": "unet.plan"}),
+    "engine-without-file": _set("networks.unet.engines", {"fp16": {}}),
+    "files-list": _set("files", ["tokenizer.json"]),
+    "thresholds-short": lambda data: data["tagger"]["thresholds"].pop(),
+    "tags-not-list": _set("tagger.tags", "cat"),
+    "options-not-list": _set("pipeline.options", {}),
+    "option-without-type": lambda data: data["pipeline"]["options"][0].pop("type"),
+    "option-without-name": lambda data: data["pipeline"]["options"][1].pop("name"),
+    "tokenizer-absolute": _set("text.tokenizer", "/etc/passwd"),
+    "tokenizer-drive": _set("text.tokenizer", "C:tokenizer.json"),
+    "tokenizer-backslash-root": _set("text.tokenizer", "\\tokenizer.json"),
+    "tokenizer-climbs": _set("text.tokenizer", "../tokenizer.json"),
+    "tokenizer-climbs-inside": _set("text.tokenizer", "onnx/../tokenizer.json"),
+    "tokenizer-deep-climb": _set("text.tokenizer", "onnx/../../elsewhere/tokenizer.json"),
+    "tokenizer-dot": _set("text.tokenizer", "."),
+    "tokenizer-empty": _set("text.tokenizer", ""),
+    "tokenizer-number": _set("text.tokenizer", 7),
+    "tokenizer-missing": _delete("text.tokenizer"),
+    "embeds-through-link": _set("text.negative_prompt_embeds", "outside/embeds.npy"),
+    "file-through-link": lambda data: data["files"].update({"outside/x.bin": "0" * 64}),
+    "graph-file-climbs": _add_graph_file("../x.onnx"),
+    "external-data-absolute": _set("networks.unet.files.fp32.external_data", "/data/unet.bin"),
+    "engine-climbs": _set("networks.unet.engines", {"fp16": {"file": "../unet.plan"}}),
+}
+
+
+def _bundle_copy(source: Path, folder: Path) -> Path:
+    """The bundle's manifest and small files in `folder`, with a link `outside` leading out of it."""
+    folder.mkdir()
+    for name in ("manifest.json", "tokenizer.json", "negative_prompt_embeds.npy"):
+        shutil.copy(source / name, folder / name)
+    (folder / "onnx").mkdir()
+    (folder / "outside").symlink_to(folder.parent, target_is_directory=True)
+    return folder
+
+
+@pytest.mark.parametrize("edit", list(MANIFEST_EDITS))
+def test_manifest_refusals_match_python(cpp_build, runtime_bundle, tmp_path, edit):
+    """Each edited manifest is accepted or refused by the C++ reader as by Manifest.load, in the same words."""
+    bundle = _bundle_copy(Path(runtime_bundle), tmp_path / "bundle")
+    data = json.loads((bundle / "manifest.json").read_text())
+    MANIFEST_EDITS[edit](data)
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    assert_same_verdict(cpp_build, bundle)
+
+
+@pytest.mark.parametrize(
+    "content", [b"{not json", b"[1, 2]", b"", b"\xff\xfe"], ids=["broken", "array", "empty", "not-utf8"]
+)
+def test_unreadable_manifests_are_refused(cpp_build, tmp_path, content):
+    (tmp_path / "manifest.json").write_bytes(content)
+    answer = probe(cpp_build, "manifest", str(tmp_path))
+    assert answer["status"] == STATUS["SEESR_ERROR_BUNDLE"]
+    with pytest.raises(BundleError):
+        Manifest.load(tmp_path, verify="never")
+    assert answer["message"].startswith(str(tmp_path / "manifest.json") + ": ")
+
+
+def test_a_folder_without_manifest_is_refused(cpp_build, tmp_path):
+    answer = probe(cpp_build, "manifest", str(tmp_path))
+    assert answer == {
+        "ok": False,
+        "status": STATUS["SEESR_ERROR_BUNDLE"],
+        "message": f"{tmp_path}: not a SeeSR bundle (no manifest.json)",
+    }
+
+
+def probe(cpp_build: Path, *args: str) -> dict:
+    run = subprocess.run([cpp_build / "seesr_probe", *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def assert_same_verdict(cpp_build: Path, bundle: Path) -> None:
+    answer = probe(cpp_build, "manifest", str(bundle))
+    try:
+        Manifest.load(bundle, verify="never")
+        python = None
+    except BundleError as refused:
+        python = str(refused)
+    if python is None:
+        assert answer["ok"], answer
+    else:
+        assert (answer.get("status"), answer.get("message")) == (STATUS["SEESR_ERROR_BUNDLE"], python)
+
+
+# ---------------------------------------------------------------- the CLIP tokenizer: the Python runtime's ids
+
+# Material for generated prompts: what SeeSR prompts hold, and what trips tokenizers up.
+_WORDS = ["cat", "dog", "clean", "high-resolution", "8k", "Hello", "WORLD", "photo", "it's", "they'LL", "we'd"]
+_PUNCTUATION = list(",.;:!?'\"()[]{}<>|/\\@#$%^&*-_=+~`") + ["...", "!!", "?!", "--", "''s", "<|", "|>"]
+_SPACES = [" ", "  ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "\u2028", "\u0085", "\u2009", "\u200b", "\ufeff"]
+_UNICODE = [
+    "café",
+    "cafe\u0301",  # decomposed: NFC composes it
+    "naïve",
+    "İstanbul",  # lowercases to two code points
+    "ǅungla",  # title case
+    "ΣΊΣΥΦΟΣ",
+    "Ελληνικά",
+    "Русский",
+    "日本語の写真",
+    "한국어",
+    "\u1100\u1161\u11a8",  # conjoining jamo: NFC composes a syllable
+    "العربية",
+    "עברית",
+    "हिन्दी",
+    "ไทย",
+    "😀🐱‍👤",
+    "👍🏽",
+    "ﬁne",
+    "①②③",
+    "٣٤",
+    "Ⅻ",
+    "½",
+    "x\u0300\u0301",
+    "Åström",
+    "ß",
+    "ŉ",
+    "\u00ad",
+]
+_SPECIAL = ["<|startoftext|>", "<|endoftext|>", "<|STARTOFTEXT|>", "<|endoftext", "!"]
+
+
+def generated_prompts(count: int, seed: int = 0) -> list[str]:
+    """Prompts mixing words, numbers, punctuation, odd whitespace, many scripts and the special tokens; some
+    empty, some far past 77 tokens, some one very long word."""
+    import random
+
+    rng = random.Random(seed)
+    pools = [_WORDS, _PUNCTUATION, _SPACES, _UNICODE, _SPECIAL]
+    prompts = ["", " ", "\n\t", "!", "a" * 500, "🐱" * 60]
+    while len(prompts) < count:
+        length = rng.choice([1, 2, 4, 8, 16, 40, 120])
+        parts = []
+        for _ in range(length):
+            pool = rng.choices(pools, weights=[6, 3, 3, 3, 1])[0]
+            part = rng.choice(pool)
+            if rng.random() < 0.1:
+                part = str(rng.randint(0, 10 ** rng.randint(1, 9)))
+            elif rng.random() < 0.05:
+                part = chr(rng.randint(0xA0, 0x2FFF))  # a random code point from many blocks
+            parts.append(part)
+            if rng.random() < 0.6:
+                parts.append(rng.choice(_SPACES[:2]))
+        prompts.append("".join(parts))
+    return prompts
+
+
+def test_tokenizer_matches_python_on_generated_prompts(cpp_build, runtime_bundle):
+    """Ids equal to seesr_runtime.text's on 3000 generated prompts (Unicode, punctuation, long, empty)."""
+    from seesr_runtime.text import PromptEncoder
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    encoder = PromptEncoder(manifest, backend=None)  # token_ids needs no engine
+    prompts = generated_prompts(3000)
+    expected = [encoder.token_ids(prompt)[0].tolist() for prompt in prompts]
+    tokenizer = manifest.file(manifest.data["text"]["tokenizer"])
+    run = subprocess.run(
+        [cpp_build / "seesr_probe", "tokenize", str(tokenizer)],
+        input=json.dumps(prompts),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)["ids"]
+    differing = [(prompt, want, have) for prompt, want, have in zip(prompts, expected, got) if want != have]
+    assert not differing, f"{len(differing)} of {len(prompts)} differ; first: {differing[0]}"
+    assert any(ids[-1] != 0 for ids in expected), "no generated prompt was long enough to be truncated"
+
+
+def random_code_point_prompts(count: int, seed: int = 0) -> list[str]:
+    """Short strings of random code points from all planes: those assigned by Python's Unicode tables
+    (14.0), leaving out combining marks, whose ordering the tokenizers package's normalisation tables (older)
+    and utf8proc's (15.0) can disagree on; nor do unassigned code points classify alike in both."""
+    import random
+    import unicodedata
+
+    rng = random.Random(seed)
+    prompts: list[str] = []
+    while len(prompts) < count:
+        chars = []
+        while len(chars) < rng.randint(1, 12):
+            c = chr(rng.randint(0x20, 0x10FFFF) if rng.random() < 0.3 else rng.randint(0x20, 0x3000))
+            if unicodedata.category(c) not in ("Cn", "Cs", "Co") and unicodedata.combining(c) == 0:
+                chars.append(c)
+        prompts.append("".join(chars))
+    return prompts
+
+
+def test_tokenizer_matches_python_on_random_code_points(cpp_build, runtime_bundle):
+    from seesr_runtime.text import PromptEncoder
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    encoder = PromptEncoder(manifest, backend=None)
+    prompts = random_code_point_prompts(5000)
+    expected = [encoder.token_ids(prompt)[0].tolist() for prompt in prompts]
+    tokenizer = manifest.file(manifest.data["text"]["tokenizer"])
+    run = subprocess.run(
+        [cpp_build / "seesr_probe", "tokenize", str(tokenizer)],
+        input=json.dumps(prompts),
+        capture_output=True,
+        text=True,
+    )
+    got = json.loads(run.stdout)["ids"]
+    differing = [(ascii(prompt), want, have) for prompt, want, have in zip(prompts, expected, got) if want != have]
+    assert not differing, f"{len(differing)} of {len(prompts)} differ; first: {differing[0]}"
+
+
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        (lambda t: t["normalizer"]["normalizers"].pop(), "normalizer"),
+        (lambda t: t["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\S+"), "pre_tokenizer"),
+        (lambda t: t["model"].update(dropout=0.1), "model"),
+        (lambda t: t.update(truncation=None), "truncation"),
+        (lambda t: t["padding"].update(strategy="BatchLongest"), "padding"),
+        (lambda t: t["added_tokens"][0].update(normalized=True), "added token"),
+        (lambda t: t["model"]["merges"].append(["zzzq", "x"]), "merge part 'zzzq' is not in the vocabulary"),
+    ],
+    ids=["normalizer", "pattern", "dropout", "no-truncation", "padding", "normalized-added", "merge-unknown"],
+)
+def test_other_tokenizer_layouts_are_refused(cpp_build, runtime_bundle, tmp_path, edit, words):
+    data = json.loads((Path(runtime_bundle) / "tokenizer.json").read_text())
+    edit(data)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    run = subprocess.run([cpp_build / "seesr_probe", "tokenize", str(path)], input="[]", capture_output=True, text=True)
+    answer = json.loads(run.stdout)
+    assert answer["status"] == STATUS["SEESR_ERROR_BUNDLE"] and words in answer["message"], answer
+    assert answer["message"].startswith(f"{path}: ")
+
+
+# ---------------------------------------------------------------- the DDPM scheduler: seesr_runtime.scheduler's numbers
+
+
+def _scheduler_configs(runtime_bundle) -> dict:
+    import numpy as np
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    betas = np.random.default_rng(3).uniform(1e-4, 2e-2, 1000).astype(np.float32)
+    return {
+        "bundle": {k: v for k, v in manifest.data["pipeline"]["scheduler"].items() if k != "type"},
+        "trailing": {"timestep_spacing": "trailing"},
+        "linspace-scaled": {
+            "timestep_spacing": "linspace",
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+        },
+        "trained-clipped": {"trained_betas": betas.tolist(), "clip_sample_range": 0.5, "steps_offset": 2},
+        "short-trailing": {"num_train_timesteps": 7, "timestep_spacing": "trailing", "beta_end": 0.3},
+    }
+
+
+def _probe_json(cpp_build: Path, command: str, request: dict) -> dict:
+    run = subprocess.run(
+        [cpp_build / "seesr_probe", command], input=json.dumps(request), capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize("name", ["bundle", "trailing", "linspace-scaled", "trained-clipped", "short-trailing"])
+def test_scheduler_timesteps_match_python(cpp_build, runtime_bundle, name):
+    """alphas_cumprod bit for bit, and the timesteps of every step count, as seesr_runtime.scheduler has them."""
+    import numpy as np
+
+    from seesr_runtime.scheduler import DDPMScheduler
+
+    config = _scheduler_configs(runtime_bundle)[name]
+    python = DDPMScheduler(config)
+    n = python.config.num_train_timesteps
+    answer = _probe_json(cpp_build, "timesteps", {"config": config, "steps": list(range(1, n + 1)) + [0, n + 1]})
+    assert np.array_equal(np.asarray(answer["alphas_cumprod"], dtype=np.float32), python.alphas_cumprod)
+    *counted, zero, too_many = answer["timesteps"]
+    for steps, got in zip(range(1, n + 1), counted):
+        expected = python.set_timesteps(steps)
+        if expected.min() < 0 or expected.max() >= n:  # Python fails later, at the first step
+            assert got["status"] == STATUS["SEESR_ERROR_OPTION"], (steps, got)
+            assert f"steps {steps} reach timestep" in got["message"]
+        else:
+            assert got == expected.tolist(), steps
+    for refused, steps in ((zero, 0), (too_many, n + 1)):
+        assert refused == {"status": STATUS["SEESR_ERROR_OPTION"], "message": f"steps must be in 1..{n}, got {steps}"}
+
+
+@pytest.mark.parametrize("steps", [1, 3, 20, 50])
+@pytest.mark.parametrize("name", ["bundle", "trailing", "linspace-scaled", "trained-clipped"])
+def test_scheduler_steps_match_python(cpp_build, runtime_bundle, name, steps):
+    """add_noise and every step x_t -> x_{t-1}, same eps and noise, equal to seesr_runtime.scheduler's float32."""
+    import numpy as np
+
+    from seesr_runtime.scheduler import DDPMScheduler
+
+    config = _scheduler_configs(runtime_bundle)[name]
+    rng = np.random.default_rng(steps)
+    shape = (1, 4, 6, 5)
+    sample = rng.standard_normal(shape, dtype=np.float32)
+    eps = rng.standard_normal((steps, *shape), dtype=np.float32)
+    noise = rng.standard_normal((steps, *shape), dtype=np.float32)
+    answer = _probe_json(
+        cpp_build,
+        "sample",
+        {
+            "config": config,
+            "steps": steps,
+            "sample": sample.ravel().tolist(),
+            "eps": eps.reshape(steps, -1).tolist(),
+            "noise": noise.reshape(steps, -1).tolist(),
+        },
+    )
+    python = DDPMScheduler(config)
+    timesteps = python.set_timesteps(steps)
+    noised = np.asarray(answer["noised"], dtype=np.float32).reshape(shape)
+    np.testing.assert_array_equal(noised, python.add_noise(sample, noise[0], int(timesteps[0])))
+    latents = sample
+    for i, t in enumerate(timesteps.tolist()):
+        latents = python.step(eps[i], t, latents, noise[i])
+        got = np.asarray(answer["samples"][i], dtype=np.float32).reshape(shape)
+        np.testing.assert_array_equal(got, latents, err_msg=f"step {i} (t={t})")
+
+
+# ---------------------------------------------------------------- the OpenVINO engine: the Python backend's outputs
+
+
+def _run_network(cpp_build: Path, bundle, network: str, feeds: dict, folder: Path, **settings) -> list:
+    """Outputs of `network` for `feeds` (name -> array) from the C++ engine, through files in `folder`."""
+    import numpy as np
+
+    folder.mkdir(exist_ok=True)
+    described = []
+    for name, value in feeds.items():
+        path = folder / f"feed-{name}.bin"
+        np.ascontiguousarray(value).tofile(path)
+        described.append({"name": name, "dtype": str(value.dtype), "shape": list(value.shape), "file": str(path)})
+    request = {"threads": 1, **settings, "feeds": described, "out": str(folder)}
+    run = subprocess.run(
+        [cpp_build / "seesr_probe", "run", str(bundle), network],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout)
+    if not answer["ok"]:
+        raise SeeSRError(answer["status"], answer["message"])
+    return [np.fromfile(o["file"], dtype=np.float32).reshape(o["shape"]) for o in answer["outputs"]]
+
+
+def _network_feeds(manifest: Manifest, network: str):
+    import numpy as np
+
+    from seesr_runtime.text import PromptEncoder
+
+    rng = np.random.default_rng(5)
+    dims = manifest.dims
+    if network == "text_encoder":
+        return {"input_ids": PromptEncoder(manifest, backend=None).token_ids("a cat on a mat, clean, 8k")}
+    if network == "vae_decoder":
+        return {manifest.spec(network).input_names[0]: rng.standard_normal((1, 4, 8, 6), dtype=np.float32)}
+    h, w = 8, 8
+    return {  # controlnet: a guided batch of two, and the 0-d conditioning scale
+        "sample": rng.standard_normal((2, 4, h, w), dtype=np.float32),
+        "timestep": np.full((2,), 999, dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, dims.text_tokens, dims.text_dim), dtype=np.float32),
+        "image_embeds": rng.standard_normal((2, dims.image_tokens, dims.image_embed_dim), dtype=np.float32),
+        "controlnet_cond": rng.uniform(0, 1, (2, 3, 8 * h, 8 * w)).astype(np.float32),
+        "conditioning_scale": np.array(1.0, dtype=np.float32),
+    }
+
+
+@pytest.mark.parametrize("network", ["text_encoder", "vae_decoder", "controlnet"])
+def test_openvino_engine_matches_the_python_backend(cpp_build, runtime_bundle, tmp_path, network):
+    """Same graph, engine, precision (fp32) and thread count: the outputs are those of OpenVINOBackend."""
+    pytest.importorskip("openvino", reason="the Python OpenVINO backend is the reference (pip install openvino)")
+    import numpy as np
+
+    from seesr_runtime.openvino_backend import OpenVINOBackend
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    feeds = _network_feeds(manifest, network)
+    got = _run_network(cpp_build, runtime_bundle, network, feeds, tmp_path)
+    expected = OpenVINOBackend(manifest, precision="fp32", device="CPU", threads=1).run(network, feeds)
+    assert len(got) == len(expected) == len(manifest.spec(network).output_names)
+    for name, have, want in zip(manifest.spec(network).output_names, got, expected):
+        assert have.shape == want.shape, name
+        relative = np.linalg.norm(have - want) / max(np.linalg.norm(want), 1e-30)
+        assert relative <= 1e-6, f"{network} output {name}: relative L2 {relative:.2e}"
+
+
+@pytest.mark.parametrize(
+    "settings,status,words",
+    [
+        ({"device": "NPU.7"}, "SEESR_ERROR_ENGINE", "OpenVINO device 'NPU.7' is not available here"),
+        ({"engine": "onnxruntime"}, "SEESR_ERROR_ENGINE", "unknown engine 'onnxruntime'; this build has: ['openvino']"),
+    ],
+    ids=["device", "engine"],
+)
+def test_engine_settings_are_checked(cpp_build, runtime_bundle, tmp_path, settings, status, words):
+    feeds = _network_feeds(Manifest.load(runtime_bundle, verify="never"), "text_encoder")
+    with pytest.raises(SeeSRError) as refused:
+        _run_network(cpp_build, runtime_bundle, "text_encoder", feeds, tmp_path, **settings)
+    assert refused.value.status == STATUS[status] and words in refused.value.message, refused.value.message
+
+
+def test_pipeline_open_checks_precision(lib, runtime_bundle):
+    with pytest.raises(SeeSRError) as unknown:
+        open_pipeline(lib, runtime_bundle, precision=b"fp8")
+    assert unknown.value.status == STATUS["SEESR_ERROR_ENGINE"]
+    assert (
+        "openvino precision 'fp8' is not one of ['fp32', 'bf16', 'fp16', 'int8', 'int8-bf16']" in unknown.value.message
+    )
+    with pytest.raises(SeeSRError) as later:
+        open_pipeline(lib, runtime_bundle, precision=b"int8")
+    assert later.value.status == STATUS["SEESR_ERROR_NOT_IMPLEMENTED"] and "'int8'" in later.value.message
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/secret.bin", "weights.bin"])
+def test_graph_external_data_is_checked_before_the_engine_reads_it(cpp_build, runtime_bundle, tmp_path, location):
+    """A graph naming external data outside the bundle, or not pinned by the manifest, is refused before
+    OpenVINO opens it, in the words of Manifest.graph_path."""
+    onnx = pytest.importorskip("onnx", reason="writing a graph with external data needs the onnx package")
+    from onnx import TensorProto, helper
+
+    bundle = _bundle_copy(Path(runtime_bundle), tmp_path / "bundle")
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [0.0])
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value=location)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [weight],
+    )
+    (bundle / "onnx" / "fp32").mkdir(parents=True)
+    onnx.save(helper.make_model(graph), bundle / "onnx" / "fp32" / "text_encoder.onnx")
+    with pytest.raises(BundleError) as python:
+        Manifest.load(bundle, verify="never").graph_path("text_encoder")
+    feeds = _network_feeds(Manifest.load(runtime_bundle, verify="never"), "text_encoder")
+    with pytest.raises(SeeSRError) as refused:
+        _run_network(cpp_build, bundle, "text_encoder", feeds, tmp_path / "out")
+    assert (refused.value.status, refused.value.message) == (STATUS["SEESR_ERROR_BUNDLE"], str(python.value))
+
+
+# ---------------------------------------------------------------- describing an image: DAPE's tags and the prompt
+
+
+def _test_images() -> dict:
+    """RGB8 arrays: structured and noisy, small, non-square, larger than DAPE's input (downscaled)."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    y, x = np.mgrid[0:40, 0:56]
+    structured = (np.stack([x * 4, y * 5, (x + y) * 2], -1) % 256 + rng.normal(0, 8, (40, 56, 3))).clip(0, 255)
+    return {
+        "structured-56x40": structured.astype(np.uint8),
+        "smallest-8x8": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+        "wide-500x301": rng.integers(0, 256, (301, 500, 3), dtype=np.uint8),
+        "strip-1000x13": rng.integers(0, 256, (13, 1000, 3), dtype=np.uint8),
+    }
+
+
+def _padded_rows(image, padding: int):
+    """The image's rows `padding` bytes apart beyond 3 * width (a stride the library must honour)."""
+    import numpy as np
+
+    height, width, _ = image.shape
+    rows = np.full((height, 3 * width + padding), 0xEE, dtype=np.uint8)
+    rows[:, : 3 * width] = image.reshape(height, -1)
+    return rows
+
+
+@pytest.mark.parametrize("name", list(_test_images()))
+def test_dape_input_is_bit_equal_to_python(cpp_build, runtime_bundle, tmp_path, name):
+    import numpy as np
+    from PIL import Image
+
+    from seesr_runtime.imaging import dape_input
+
+    tagger = Manifest.load(runtime_bundle, verify="never").data["tagger"]
+    image = _test_images()[name]
+    rows = _padded_rows(image, padding=5)
+    rows.tofile(tmp_path / "rgb.bin")
+    request = {
+        "file": str(tmp_path / "rgb.bin"),
+        "width": image.shape[1],
+        "height": image.shape[0],
+        "stride": rows.shape[1],
+        "size": tagger["input_size"],
+        "mean": tagger["mean"],
+        "std": tagger["std"],
+        "out": str(tmp_path / "x.bin"),
+    }
+    answer = _probe_json(cpp_build, "dape-input", request)
+    got = np.fromfile(tmp_path / "x.bin", dtype=np.float32).reshape(answer["shape"])
+    expected = dape_input(Image.fromarray(image), tagger["input_size"], tagger["mean"], tagger["std"])
+    np.testing.assert_array_equal(got, expected)
+
+
+def describe(lib, pipeline, image, options=None, padding: int = 0):
+    rows = _padded_rows(image, padding)
+    buffer = (ctypes.c_uint8 * rows.size).from_buffer(rows)
+    out = ctypes.c_void_p()
+    height, width, _ = image.shape
+    call(lib, "seesr_describe", pipeline, buffer, width, height, rows.shape[1], options, ctypes.byref(out))
+    lib.seesr_image_tags.restype = lib.seesr_image_prompt.restype = ctypes.c_char_p
+    lib.seesr_image_tags.argtypes = lib.seesr_image_prompt.argtypes = [ctypes.c_void_p]
+    lib.seesr_image_pixels.restype = ctypes.c_void_p
+    lib.seesr_image_pixels.argtypes = [ctypes.c_void_p]
+    try:
+        assert lib.seesr_image_pixels(out) is None  # a description has no pixels
+        return lib.seesr_image_tags(out).decode(), lib.seesr_image_prompt(out).decode()
+    finally:
+        lib.seesr_image_free(out)
+
+
+def test_describe_matches_the_python_pipeline(lib, runtime_bundle):
+    """Tags and prompt of seesr_describe equal SeeSRPipeline.tag and its prompt template (OpenVINO fp32, one
+    thread on both sides), for images of several shapes, rows padded, with a user prompt."""
+    pytest.importorskip("openvino", reason="the Python OpenVINO backend is the reference (pip install openvino)")
+    from PIL import Image
+
+    from seesr_runtime.openvino_backend import OpenVINOBackend
+    from seesr_runtime.pipeline import SeeSRPipeline
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    python = SeeSRPipeline(manifest, OpenVINOBackend(manifest, precision="fp32", device="CPU", threads=1))
+    native = open_pipeline(lib, runtime_bundle, threads=1)
+    options = ctypes.c_void_p()
+    call(lib, "seesr_options_create", native, ctypes.byref(options))
+    user_prompt = "a 'red' cat, {braces}"
+    set_option(lib, options, "prompt", user_prompt)
+    try:
+        fired = 0
+        for name, image in _test_images().items():
+            tags, prompt = describe(lib, native, image, options, padding=7)
+            expected_tags, _ = python.tag(Image.fromarray(image))
+            assert tags == expected_tags, name
+            assert prompt == python.prompt_template.format(
+                tags=expected_tags, prompt=user_prompt, added_prompt=manifest.data["pipeline"]["added_prompt"]
+            )
+            fired += bool(tags)
+        assert fired, "no image fired a tag: the comparison would prove little"
+    finally:
+        lib.seesr_options_free(options)
+        lib.seesr_pipeline_close(native)
+
+
+@pytest.mark.parametrize("shape,max_pixels", [((20, 7, 3), None), ((7, 7, 3), None), ((9, 9, 3), 64)])
+def test_images_outside_the_limits_are_refused(lib, pipeline, shape, max_pixels):
+    import numpy as np
+
+    options = ctypes.c_void_p()
+    call(lib, "seesr_options_create", pipeline, ctypes.byref(options))
+    if max_pixels is not None:
+        set_option(lib, options, "max_pixels", max_pixels)
+    with pytest.raises(SeeSRError) as refused:
+        describe(lib, pipeline, np.zeros(shape, dtype=np.uint8), options)
+    lib.seesr_options_free(options)
+    limit = max_pixels or option_table.default("max_pixels")
+    with pytest.raises(option_table.ImageRejected) as python:
+        option_table.check_image_size(shape[1], shape[0], limit)
+    assert (refused.value.status, refused.value.message) == (STATUS["SEESR_ERROR_IMAGE"], str(python.value))
+
+
+# ---------------------------------------------------------------- text encoding: PromptEncoder's embeddings
+
+
+def test_text_encoding_matches_python(cpp_build, runtime_bundle, tmp_path):
+    """Prompts through the C++ tokenizer and engine, and negative prompts (the bundle's default: its
+    precomputed embedding), equal to seesr_runtime.text.PromptEncoder on the same OpenVINO engine."""
+    pytest.importorskip("openvino", reason="the Python OpenVINO backend is the reference (pip install openvino)")
+    import numpy as np
+
+    from seesr_runtime.openvino_backend import OpenVINOBackend
+    from seesr_runtime.text import PromptEncoder
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    encoder = PromptEncoder(manifest, OpenVINOBackend(manifest, precision="fp32", device="CPU", threads=1))
+    prompts = ["", "a cat, dog, clean, high-resolution, 8k", "Ünïcode 日本 " * 30]
+    negatives = [manifest.data["pipeline"]["negative_prompt"], "blurry, low quality"]
+    answer = _probe_json_args(
+        cpp_build,
+        ["encode-text", str(runtime_bundle)],
+        {"threads": 1, "prompts": prompts, "negatives": negatives, "out": str(tmp_path)},
+    )
+    for kind, texts, reference in (
+        ("prompts", prompts, encoder.encode),
+        ("negatives", negatives, encoder.encode_negative),
+    ):
+        for text, written in zip(texts, answer[kind], strict=True):
+            got = np.fromfile(written["file"], dtype=np.float32).reshape(written["shape"])
+            np.testing.assert_array_equal(got, reference(text), err_msg=f"{kind}: {text!r}")
+
+
+def _probe_json_args(cpp_build: Path, args: list, request: dict) -> dict:
+    run = subprocess.run([cpp_build / "seesr_probe", *args], input=json.dumps(request), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout)
+    assert answer["ok"], answer
+    return answer
+
+
+# ---------------------------------------------------------------- latent tiling and the seeded noise source
+
+
+@pytest.mark.parametrize(
+    "height,width,tile,overlap",
+    [(64, 64, 96, 4), (128, 96, 96, 4), (200, 130, 96, 4), (40, 33, 8, 0), (37, 300, 16, 15), (9, 9, 8, 7)],
+)
+def test_tile_origins_and_weights_match_python(cpp_build, height, width, tile, overlap):
+    import numpy as np
+
+    from seesr_runtime.imaging import gaussian_tile_weights, tile_origins
+
+    tile = min(tile, height, width)
+    answer = _probe_json(cpp_build, "tiles", {"height": height, "width": width, "tile": tile, "overlap": overlap})
+    assert [tuple(o) for o in answer["origins"]] == tile_origins(height, width, tile, overlap)
+    # a few ULP: numpy's vectorised exp and the C library's round a few weights differently
+    np.testing.assert_allclose(
+        np.asarray(answer["weights"]).reshape(tile, tile), gaussian_tile_weights(tile), rtol=1e-15, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,tile,overlap", [((2, 4, 40, 33), 16, 4), ((1, 4, 24, 24), 10, 9), ((2, 4, 12, 30), 96, 4)]
+)
+def test_tile_blending_matches_python(cpp_build, tmp_path, shape, tile, overlap):
+    """Windows blended as SeeSRPipeline.predict_noise_tiled blends them (float64 products accumulated in
+    float32), each window's prediction its field times (1 + its index) so overlaps disagree."""
+    import numpy as np
+
+    from seesr_runtime.imaging import gaussian_tile_weights, tile_origins
+
+    field = np.random.default_rng(2).standard_normal(shape, dtype=np.float32)
+    field.tofile(tmp_path / "field.bin")
+    request = {"shape": list(shape), "tile": tile, "overlap": overlap, "field": str(tmp_path / "field.bin")}
+    _probe_json(cpp_build, "blend", {**request, "out": str(tmp_path / "out.bin")})
+    got = np.fromfile(tmp_path / "out.bin", dtype=np.float32).reshape(shape)
+
+    tile = min(tile, shape[2], shape[3])
+    weights = gaussian_tile_weights(tile)
+    total = np.zeros(shape, dtype=np.float32)
+    contributors = np.zeros(shape, dtype=np.float32)
+    for index, (y, x) in enumerate(tile_origins(shape[2], shape[3], tile, overlap)):
+        window = np.s_[:, :, y : y + tile, x : x + tile]
+        total[window] += field[window] * np.float32(1 + index) * weights
+        contributors[window] += weights
+    np.testing.assert_array_equal(got, total / contributors)
+
+
+def test_seeded_noise_is_standard_normal_and_reproducible(cpp_build, tmp_path):
+    import numpy as np
+
+    def draws(seed: int, count: int = 1_000_000):
+        out = tmp_path / f"noise-{seed}.bin"
+        _probe_json(cpp_build, "noise", {"seed": seed, "count": count, "out": str(out)})
+        return np.fromfile(out, dtype=np.float32)
+
+    first = draws(7)
+    np.testing.assert_array_equal(first, draws(7))
+    assert not np.array_equal(first[:1000], draws(8)[:1000])
+    assert abs(first.mean()) < 0.005 and abs(first.std() - 1) < 0.005
+    beyond = np.mean(np.abs(first) > 3)
+    assert 0.0022 < beyond < 0.0032, beyond  # 0.27% for a normal distribution
+
+
+# ---------------------------------------------------------------- installing: find_package(seesr) for users
+
+
+def test_installed_package_is_found_by_cmake_users(cpp_build, tmp_path, runtime_bundle):
+    """`cmake --install` then a user's project with find_package(seesr) and seesr::seesr, in C, opens a bundle."""
+    prefix = tmp_path / "prefix"
+    install = subprocess.run(
+        ["cmake", "--install", str(cpp_build), "--prefix", str(prefix)], capture_output=True, text=True
+    )
+    assert install.returncode == 0, install.stderr
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(user C)\nfind_package(seesr 0.1 REQUIRED)\n"
+        "add_executable(user main.c)\ntarget_link_libraries(user PRIVATE seesr::seesr)\n"
+    )
+    (user / "main.c").write_text(
+        "#include <seesr.h>\n#include <stdio.h>\n"
+        "int main(int argc, char **argv) {\n"
+        "    seesr_engine_options engine; seesr_pipeline *pipeline = NULL; const char *name = NULL;\n"
+        "    seesr_engine_options_init(&engine); engine.verify = SEESR_VERIFY_NEVER;\n"
+        "    if (seesr_pipeline_open(argv[1], &engine, &pipeline) != SEESR_OK) {\n"
+        "        puts(seesr_last_error());\n        return 1;\n    }\n"
+        "    seesr_pipeline_bundle_name(pipeline, &name);\n"
+        '    printf("%s %s\\n", seesr_version(), name);\n'
+        "    seesr_pipeline_close(pipeline);\n    return argc == 2 ? 0 : 2;\n}\n"
+    )
+    build = user / "build"
+    for command in (
+        ["cmake", "-S", str(user), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}"],
+        ["cmake", "--build", str(build)],
+    ):
+        step = subprocess.run(command, capture_output=True, text=True)
+        assert step.returncode == 0, step.stdout + step.stderr
+    # No LD_LIBRARY_PATH: the installed libseesr finds the OpenVINO it was built against by itself.
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    run = subprocess.run([build / "user", str(runtime_bundle)], capture_output=True, text=True, env=env)
+    data = json.loads((Path(runtime_bundle) / "manifest.json").read_text())
+    from seesr_runtime import __version__
+
+    assert (run.returncode, run.stdout) == (0, f"{__version__} {data['name']}\n"), run.stdout + run.stderr
+
+
+# ---------------------------------------------------------------- bicubic resizing: PIL's, as working_image uses it
+
+
+def _resize_cases(count: int = 60) -> list:
+    """(width, height, new width, new height): working_image's and the final resize's kinds of change (x4,
+    to multiples of 8, to lr x 4, both sides shrinking on either side of Pillow 13's rule for the order of the
+    passes: the height first when it loses more than twice the columns the width loses) and random ones."""
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    cases = [(56, 40, 224, 160), (224, 160, 896, 640), (13, 1000, 52, 4000), (8, 8, 128, 128), (512, 365, 512, 360)]
+    cases += [(300, 200, 47, 200), (640, 480, 640, 100), (97, 61, 97, 56), (61, 97, 56, 97), (200, 150, 230, 140)]
+    cases += [(716, 512, 224, 160), (100, 100, 90, 80), (100, 100, 90, 79), (100, 100, 89, 80), (82, 287, 14, 135)]
+    while len(cases) < count:
+        cases.append(tuple(int(v) for v in rng.integers(8, 300, 4)))
+    return cases
+
+
+@pytest.mark.parametrize("case", _resize_cases(), ids=lambda c: "{}x{}->{}x{}".format(*c))
+def test_bicubic_resize_equals_pil(cpp_build, tmp_path, case):
+    import numpy as np
+    from PIL import Image
+
+    w, h, tw, th = case
+    image = np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    rows = _padded_rows(image, padding=2)
+    rows.tofile(tmp_path / "rgb.bin")
+    request = {"file": str(tmp_path / "rgb.bin"), "width": w, "height": h, "stride": rows.shape[1], "to": [tw, th]}
+    _probe_json(cpp_build, "resize", {**request, "out": str(tmp_path / "out.bin")})
+    got = np.fromfile(tmp_path / "out.bin", dtype=np.uint8).reshape(th, tw, 3)
+    np.testing.assert_array_equal(got, np.asarray(Image.fromarray(image).resize((tw, th), Image.BICUBIC)))
+
+
+# ---------------------------------------------------------------- seesr_upscale: the whole loop against SeeSRPipeline
+
+NOISE_FN = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_char_p,
+    ctypes.POINTER(ctypes.c_int64),
+    ctypes.c_int32,
+    ctypes.POINTER(ctypes.c_float),
+    ctypes.c_size_t,
+)
+LATENTS_FN = ctypes.CFUNCTYPE(
+    None,
+    ctypes.c_void_p,
+    ctypes.c_int32,
+    ctypes.POINTER(ctypes.c_int64),
+    ctypes.c_int32,
+    ctypes.POINTER(ctypes.c_float),
+    ctypes.c_size_t,
+)
+PROGRESS_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)
+
+
+def _upscale_image(width: int, height: int, seed: int = 3):
+    """A structured, noisy RGB8 image (deterministic)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 4, y * 5, (x + y) * 2], -1) % 256
+    return (base + rng.normal(0, 8, base.shape)).clip(0, 255).astype(np.uint8)
+
+
+class NativeUpscale:
+    """seesr_upscale through ctypes, with the callbacks a test sets: noise drawn from numpy's generator of
+    `noise_seed` (the stream the Python runtime's noise_fn is given), the latents of every step captured,
+    progress recorded (and a step to cancel at)."""
+
+    def __init__(self, lib, pipeline, noise_seed=None, cancel_at=None):
+        import numpy as np
+
+        self.lib, self.pipeline = lib, pipeline
+        self.draws: list = []
+        self.latents: list = []
+        self.progress: list = []
+        rng = np.random.default_rng(noise_seed) if noise_seed is not None else None
+
+        def noise(_, kind, shape, rank, out, count):
+            dims = tuple(shape[i] for i in range(rank))
+            self.draws.append((kind.decode(), dims))
+            np.ctypeslib.as_array(out, shape=(count,))[:] = rng.standard_normal(dims, dtype=np.float32).ravel()
+            return 0
+
+        def latents(_, step, shape, rank, values, count):
+            dims = tuple(shape[i] for i in range(rank))
+            self.latents.append((step, np.ctypeslib.as_array(values, shape=(count,)).copy().reshape(dims)))
+
+        def progress(_, step, total):
+            self.progress.append((step, total))
+            return int(step == cancel_at)
+
+        # kept on the object: ctypes callbacks must outlive every call that may invoke them
+        self._callbacks = (NOISE_FN(noise), LATENTS_FN(latents), PROGRESS_FN(progress))
+        self._use_noise = rng is not None
+
+    def __call__(self, image, **options):
+
+        handle = ctypes.c_void_p()
+        call(self.lib, "seesr_options_create", self.pipeline, ctypes.byref(handle))
+        try:
+            for name, value in options.items():
+                set_option(self.lib, handle, name, value)
+            noise, latents, progress = self._callbacks
+            if self._use_noise:
+                call(self.lib, "seesr_options_set_noise", handle, noise, None)
+            call(self.lib, "seesr_options_set_step_latents", handle, latents, None)
+            call(self.lib, "seesr_options_set_progress", handle, progress, None)
+            return upscale(self.lib, self.pipeline, image, handle)
+        finally:
+            self.lib.seesr_options_free(handle)
+
+
+def upscale(lib, pipeline, image, options, padding: int = 5):
+    """seesr_upscale of an HxWx3 uint8 array (rows padded): the result as an array."""
+    import numpy as np
+
+    rows = _padded_rows(image, padding)
+    buffer = (ctypes.c_uint8 * rows.size).from_buffer(rows)
+    out = ctypes.c_void_p()
+    height, width, _ = image.shape
+    lib.seesr_image_pixels.restype = ctypes.c_void_p
+    lib.seesr_image_pixels.argtypes = [ctypes.c_void_p]
+    for name in ("seesr_image_width", "seesr_image_height", "seesr_image_stride"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+    call(lib, "seesr_upscale", pipeline, buffer, width, height, rows.shape[1], options, ctypes.byref(out))
+    try:
+        w, h, stride = lib.seesr_image_width(out), lib.seesr_image_height(out), lib.seesr_image_stride(out)
+        assert stride == 3 * w
+        pixels = ctypes.string_at(lib.seesr_image_pixels(out), h * stride)
+        return np.frombuffer(pixels, dtype=np.uint8).reshape(h, w, 3).copy()
+    finally:
+        lib.seesr_image_free(out)
+
+
+@pytest.fixture(scope="module")
+def python_openvino(runtime_bundle):
+    """The Python runtime on OpenVINO fp32, one thread: the reference the native loop is held to."""
+    pytest.importorskip("openvino", reason="the Python OpenVINO backend is the reference (pip install openvino)")
+    from seesr_runtime.openvino_backend import OpenVINOBackend
+    from seesr_runtime.pipeline import SeeSRPipeline
+
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    return SeeSRPipeline(manifest, OpenVINOBackend(manifest, precision="fp32", device="CPU", threads=1))
+
+
+@pytest.fixture(scope="module")
+def native_one_thread(lib, runtime_bundle):
+    handle = open_pipeline(lib, runtime_bundle, threads=1)
+    yield handle
+    lib.seesr_pipeline_close(handle)
+
+
+def _relative_l2(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# (options, image width x height, image tolerance). 57 wide: the working image is resampled to a multiple of 8
+# and the result back to 4 x 57. 72x40 gives a 288x160 working image (36x20 latents): above both tiled-VAE
+# thresholds at the smallest tiles (encoder 64 + 64 px, decoder 8 + 22 latent px), uneven tiles.
+# Tolerances: from pure noise the two loops are bit-equal (latents and image). From the LR latent they agree to
+# ~2e-6: the posterior's exp is numpy's SIMD float32 exp on one side, the C library's on the other (they differ
+# by an ulp in ~40% of values), so a decoded value may round one level apart; adain multiplies such a flip by
+# its colour gain (source std / target std), which can make it 2, as tests/test_runtime_parity.py allows.
+UPSCALE_CASES = {
+    "none": (dict(steps=3, process_size=128, color_fix="none"), (57, 40), 1),
+    "wavelet": (dict(steps=2, process_size=128, color_fix="wavelet"), (57, 40), 1),
+    "adain": (dict(steps=2, process_size=128, color_fix="adain"), (57, 40), 2),
+    "adain-from-noise": (dict(steps=2, process_size=128, color_fix="adain", start_point="noise"), (57, 40), 0),
+    "wavelet-from-noise": (dict(steps=2, process_size=128, color_fix="wavelet", start_point="noise"), (57, 40), 0),
+    "latent-tiles": (
+        dict(steps=2, process_size=128, latent_tile_size=16, latent_tile_overlap=4, color_fix="none"),
+        (56, 40),
+        1,
+    ),
+    "unguided": (dict(steps=2, process_size=128, guidance=1.0, color_fix="none"), (56, 40), 1),
+    "tiled-vae": (
+        dict(steps=1, process_size=128, vae_encoder_tile_size=64, vae_decoder_tile_size=8, color_fix="wavelet"),
+        (72, 40),
+        1,
+    ),
+    "tiled-vae-from-noise": (
+        dict(steps=1, process_size=128, vae_decoder_tile_size=8, color_fix="none", start_point="noise"),
+        (72, 40),
+        0,
+    ),
+    "upscale-2": (dict(steps=2, process_size=64, upscale=2, color_fix="wavelet"), (44, 36), 1),
+    # The bundle's defaults but the steps: the 16x40 input is raised to 128x320, so the working image is
+    # 512x1280 (latent tiles, the tiled VAE encoder) and the final resize shrinks both sides, the height first.
+    "official-geometry": (dict(steps=1, color_fix="wavelet"), (16, 40), 1),
+}
+
+
+# Left to `make test-cpp-all` (`make test-cpp`, what CI runs, leaves out the tests marked slow): each needs models
+# compiled for shapes of its own on both sides (10-40 s apiece on 2 cores). The cases kept share one geometry
+# and still hold every step's latents to 1e-5 and the image to a level, from the LR latent and from noise.
+SLOW_UPSCALE_CASES = {"official-geometry", "latent-tiles", "unguided", "tiled-vae", "tiled-vae-from-noise", "upscale-2"}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW_UPSCALE_CASES else []) for name in UPSCALE_CASES],
+)
+def test_upscale_matches_the_python_pipeline(lib, native_one_thread, python_openvino, case):
+    """The same injected noise through seesr_upscale and SeeSRPipeline (OpenVINO fp32 on both sides): the same
+    draws, the latents after every step within 1e-5 relative L2, the final image within the case's tolerance."""
+    import numpy as np
+
+    options, (width, height), tolerance = UPSCALE_CASES[case]
+    image = _upscale_image(width, height)
+    python_draws: list = []
+    rng = np.random.default_rng(17)
+
+    def noise_fn(kind, shape):
+        python_draws.append((kind, tuple(shape)))
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    expected = python_openvino(image, noise_fn=noise_fn, **options)
+    native = NativeUpscale(lib, native_one_thread, noise_seed=17)
+    got = native(image, **options)
+
+    assert native.draws == python_draws
+    assert [step for step, _ in native.latents] == list(range(1, options["steps"] + 1))
+    assert native.progress == [(step, options["steps"]) for step in range(1, options["steps"] + 1)]
+    errors = [_relative_l2(ours, theirs) for (_, ours), theirs in zip(native.latents, expected.latents)]
+    assert max(errors) <= 1e-5, errors
+    reference = np.asarray(expected.image)
+    assert got.shape == reference.shape == (height * options.get("upscale", 4), width * options.get("upscale", 4), 3)
+    assert int(np.abs(got.astype(int) - reference.astype(int)).max()) <= tolerance
+
+
+@pytest.mark.parametrize("cancel_at", [1, 2])
+def test_cancelling_from_the_progress_callback(lib, native_one_thread, cancel_at):
+    """A non-zero return from the progress callback stops the loop there: SEESR_ERROR_CANCELLED, no image."""
+    native = NativeUpscale(lib, native_one_thread, cancel_at=cancel_at)
+    with pytest.raises(SeeSRError) as cancelled:
+        native(_upscale_image(24, 16), steps=3, process_size=64)
+    assert cancelled.value.status == STATUS["SEESR_ERROR_CANCELLED"]
+    assert f"after step {cancel_at} of 3" in cancelled.value.message
+    assert native.progress == [(step, 3) for step in range(1, cancel_at + 1)]
+    assert [step for step, _ in native.latents] == list(range(1, cancel_at + 1))
+
+
+def test_cancelling_from_the_noise_callback_writes_no_image(lib, native_one_thread):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def noise(_, kind, shape, rank, out, count):
+        np.ctypeslib.as_array(out, shape=(count,))[:] = rng.standard_normal(count, dtype=np.float32)
+        return int(kind == b"step")
+
+    callback = NOISE_FN(noise)
+    options = ctypes.c_void_p()
+    call(lib, "seesr_options_create", native_one_thread, ctypes.byref(options))
+    set_option(lib, options, "process_size", 64)
+    call(lib, "seesr_options_set_noise", options, callback, None)
+    image = _upscale_image(24, 16)
+    rows = _padded_rows(image, 0)
+    out = ctypes.c_void_p(1)  # not NULL before the call: the library must reset it
+    status = lib.seesr_upscale(
+        native_one_thread, (ctypes.c_uint8 * rows.size).from_buffer(rows), 24, 16, 72, options, ctypes.byref(out)
+    )
+    lib.seesr_options_free(options)
+    assert status == STATUS["SEESR_ERROR_CANCELLED"]
+    assert out.value is None
+    assert "the noise callback cancelled the upscale (at a 'step' draw)" in lib.seesr_last_error().decode()
+
+
+def test_seeded_upscale_is_reproducible(lib, native_one_thread):
+    """Without a noise callback the seed option drives the draws: the same seed, the same image; another, another."""
+    import numpy as np
+
+    image = _upscale_image(24, 16)
+    native = NativeUpscale(lib, native_one_thread)
+    first, again, other = (native(image, steps=2, process_size=64, seed=seed) for seed in (5, 5, 6))
+    assert first.shape == (64, 96, 3)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_a_bundle_without_tiled_vae_graphs_asks_for_untiled(lib, runtime_bundle, tmp_path):
+    """A bundle from an exporter that wrote no tiled-VAE segments: a bundle error where the image needs them,
+    naming the network and the way out (tiled_vae false), which then upscales."""
+    import os
+
+    copy = tmp_path / "old"
+    shutil.copytree(runtime_bundle, copy, copy_function=os.link)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for network in ("vae_encoder", "vae_decoder"):
+        del manifest["networks"][network]["tiled"]
+    (copy / "manifest.json").unlink()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    handle = open_pipeline(lib, copy, threads=1)
+    try:
+        native = NativeUpscale(lib, handle)
+        image = _upscale_image(72, 40)
+        small_tiles = dict(steps=1, process_size=128, vae_encoder_tile_size=64)
+        with pytest.raises(SeeSRError) as refused:
+            native(image, **small_tiles)
+        assert refused.value.status == STATUS["SEESR_ERROR_BUNDLE"]
+        assert "no tiled-VAE graphs for vae_encoder, which a 288x160 input needs" in refused.value.message
+        assert "set the option tiled_vae to false" in refused.value.message
+        assert native(image, **small_tiles, tiled_vae=False).shape == (160, 288, 3)
+    finally:
+        lib.seesr_pipeline_close(handle)
+
+
+@pytest.mark.parametrize(
+    "setter", ["seesr_options_set_progress", "seesr_options_set_noise", "seesr_options_set_step_latents"]
+)
+def test_callback_setters_refuse_null_options(lib, setter):
+    with pytest.raises(SeeSRError) as refused:
+        call(lib, setter, None, None, None)
+    assert (refused.value.status, refused.value.message) == (STATUS["SEESR_ERROR_INVALID_ARGUMENT"], "options is NULL")
+
+
+def test_callbacks_can_be_removed(lib, native_one_thread):
+    """A NULL callback takes one off: the upscale then runs on the seeded source, with no progress calls."""
+    import numpy as np
+
+    native = NativeUpscale(lib, native_one_thread, noise_seed=1)
+    image = _upscale_image(24, 16)
+    handle = ctypes.c_void_p()
+    call(lib, "seesr_options_create", native_one_thread, ctypes.byref(handle))
+    try:
+        for name, value in (("steps", 2), ("process_size", 64), ("seed", 5)):
+            set_option(lib, handle, name, value)
+        noise, latents, progress = native._callbacks
+        for setter, callback in (
+            ("seesr_options_set_noise", noise),
+            ("seesr_options_set_step_latents", latents),
+            ("seesr_options_set_progress", progress),
+        ):
+            call(lib, setter, handle, callback, None)
+            call(lib, setter, handle, None, None)
+        removed = upscale(lib, native_one_thread, image, handle)
+    finally:
+        lib.seesr_options_free(handle)
+    assert native.draws == native.latents == native.progress == []
+    assert np.array_equal(removed, NativeUpscale(lib, native_one_thread)(image, steps=2, process_size=64, seed=5))
+
+
+# ---------------------------------------------------------------- reduced precision hints
+
+
+def _cpu_capabilities() -> list:
+    openvino = pytest.importorskip("openvino", reason="OpenVINO reports the CPU's capabilities")
+    return list(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+@pytest.mark.slow  # compiles every network twice more (bf16, and fp32 at this size): 40 s on 2 cores
+def test_bf16_runs_close_to_fp32(lib, runtime_bundle, native_one_thread):
+    """precision "bf16" is OpenVINO's INFERENCE_PRECISION_HINT bf16 on the fp32 graphs: with the same noise it
+    stays as close to fp32 as the Python runtime's bf16 test asks on this fixture (final latents within 0.5
+    relative L2, image PSNR above 15 dB; measured here 0.25 and 26 dB: random tiny networks amplify rounding
+    far more than SD2 size does). Refused, naming the capability, on a CPU without BF16."""
+    import numpy as np
+
+    if "BF16" not in _cpu_capabilities():
+        with pytest.raises(SeeSRError) as refused:
+            open_pipeline(lib, runtime_bundle, precision=b"bf16", threads=1)
+        assert refused.value.status == STATUS["SEESR_ERROR_ENGINE"]
+        assert "cannot run precision 'bf16'" in refused.value.message and "lack 'BF16'" in refused.value.message
+        pytest.skip("this CPU has no BF16 (the refusal was checked)")
+    image, options = _upscale_image(40, 32), dict(steps=2, process_size=64, color_fix="wavelet")
+    reference = NativeUpscale(lib, native_one_thread, noise_seed=9)
+    expected = reference(image, **options)
+    bf16 = open_pipeline(lib, runtime_bundle, precision=b"bf16", threads=1)
+    try:
+        reduced = NativeUpscale(lib, bf16, noise_seed=9)
+        got = reduced(image, **options)
+    finally:
+        lib.seesr_pipeline_close(bf16)
+    latent = _relative_l2(reduced.latents[-1][1], reference.latents[-1][1])
+    mse = np.mean((got.astype(np.float64) - expected.astype(np.float64)) ** 2)
+    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    print(f"bf16 against fp32: final latents relative L2 {latent:.2e}, image PSNR {psnr:.1f} dB")
+    assert 0 < latent < 0.5  # not zero: the hint reached OpenVINO
+    assert psnr > 15
+
+
+def test_fp16_needs_the_capability(lib, runtime_bundle):
+    """fp16 (OpenVINO's f16 hint) on a CPU without FP16 is refused with the capabilities the CPU has."""
+    if "FP16" in _cpu_capabilities():
+        pytest.skip("this CPU runs f16 (AMX-FP16): nothing to refuse")
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, runtime_bundle, precision=b"fp16")
+    assert refused.value.status == STATUS["SEESR_ERROR_ENGINE"]
+    assert "OpenVINO device CPU cannot run precision 'fp16': its OPTIMIZATION_CAPABILITIES [" in refused.value.message
+    assert "lack 'FP16'" in refused.value.message
