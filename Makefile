@@ -17,9 +17,10 @@ test: $(STAMP)
 # The inner loop: unit and parity tests on the tiny fixture, without the tests marked slow or gpu
 # (pyproject.toml), in two processes (pytest-xdist; whole files per process, so module fixtures are set up
 # once): while one builds the tests' tiny bundle (cached in out/test-bundles/ until the code changes), the
-# other runs the files that need none. The 10 slowest are listed.
+# other runs the files that need none. The native runtime's tests are `make test-cpp`'s. The 10 slowest are listed.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" -n 2 --dist loadfile --durations=10
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" -n 2 --dist loadfile --durations=10 \
+		--ignore=tests/test_cpp_runtime.py
 
 # Style, types and the dependency rules (configured in pyproject.toml): ruff lint and format, mypy (strict on
 # the runtime), import-linter (the runtime never imports torch or the build side; no import cycles).

@@ -108,6 +108,31 @@ def _build_into_cache(tiny_checkout, cached: Path) -> None:
         built.rename(cached)  # whole or not at all
 
 
+@pytest.fixture(scope="session")
+def int8_tiny_bundle(tiny_checkout, tmp_path_factory):
+    """``int8_tiny_bundle(method)``: the tiny checkout's int8 bundle by quantizer ("modelopt", "onnxruntime"),
+    3 calibration images at 2 steps, built once per session (a minute or two each) for the int8 and OpenVINO
+    tests alike; returns (bundle, build report). Tests must not modify it."""
+    built = {}
+
+    def get(method: str):
+        if method not in built:
+            images = write_calibration_images(tmp_path_factory.mktemp("calib"), 3)
+            out = tmp_path_factory.mktemp("engines") / f"int8-{method}"
+            options = bundle.BuildOptions(
+                precision="int8",
+                calib_images=tuple(images),
+                calib_size=3,
+                calib_steps=2,
+                verify=False,
+                quant_method=method,
+            )
+            built[method] = out, bundle.build_bundle(tiny_checkout, out, options)
+        return built[method]
+
+    return get
+
+
 # Fixtures that need the tiny bundle (built in about a minute when the cache is cold).
 BUNDLE_FIXTURES = {"tiny_bundle", "runtime_bundle"}
 

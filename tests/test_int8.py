@@ -15,23 +15,10 @@ pytestmark = pytest.mark.slow  # every test here calibrates through the sampler 
 
 
 @pytest.fixture(scope="module", params=["modelopt", "onnxruntime"])
-def int8_bundle(request, tiny_checkout, tmp_path_factory):
+def int8_bundle(request, int8_tiny_bundle):
     if request.param == "modelopt" and not modelopt_available():
         pytest.skip("nvidia-modelopt is not installed (pip install 'seesr-export[quant]')")
-    images = write_calibration_images(tmp_path_factory.mktemp("calib"), 3)
-    out = tmp_path_factory.mktemp("engines") / "int8"
-    report = build_bundle(
-        tiny_checkout,
-        out,
-        BuildOptions(
-            precision="int8",
-            calib_images=tuple(images),
-            calib_size=3,
-            calib_steps=2,
-            verify=False,
-            quant_method=request.param,
-        ),
-    )
+    out, report = int8_tiny_bundle(request.param)
     assert report.quality["method"] == request.param
     return out, report
 

@@ -9,11 +9,10 @@ ov = pytest.importorskip(
     reason="the openvino package is not installed (pip install 'seesr-export[openvino]'; make test installs it)",
 )
 
-from conftest import write_calibration_images
 from PIL import Image
 from test_runtime_parity import compare, replayable_noise
 
-from seesr_export.bundle import BuildOptions, build_bundle
+from seesr_export.quantize import modelopt_available
 from seesr_runtime import (
     SeeSRPipeline,
     openvino_backend,
@@ -81,18 +80,9 @@ def test_bf16_runs_and_reports_its_error(tiny_bundle, ov_f32, lr_image):
 
 
 @pytest.fixture(scope="module")
-def int8_bundle(tiny_checkout, tmp_path_factory):
-    """ModelOpt's int8 (the primary recipe) where installed, else onnxruntime's quantizer."""
-    images = write_calibration_images(tmp_path_factory.mktemp("calib"), 2)
-    out = tmp_path_factory.mktemp("engines") / "int8"
-    build_bundle(
-        tiny_checkout,
-        out,
-        BuildOptions(
-            precision="int8", calib_images=tuple(images), calib_size=2, calib_steps=2, verify=False, quant_method="auto"
-        ),
-    )
-    return out
+def int8_bundle(int8_tiny_bundle):
+    """ModelOpt's int8 (the primary recipe) where installed, else onnxruntime's quantizer: tests/test_int8.py's."""
+    return int8_tiny_bundle("modelopt" if modelopt_available() else "onnxruntime")[0]
 
 
 @pytest.mark.slow
