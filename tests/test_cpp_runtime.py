@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from seesr_runtime import options as option_table
 from seesr_runtime.errors import BundleError, OptionError
@@ -337,6 +338,54 @@ def test_c_example(cpp_build, runtime_bundle, tmp_path):
     header = b"P6\n160 128\n255\n"
     written = out.read_bytes()
     assert written.startswith(header) and len(written) == len(header) + 160 * 128 * 3
+
+
+def _upscale_png_command(cpp_build):
+    command = cpp_build / "seesr-upscale-cpp"
+    if not command.exists():
+        pytest.skip("seesr-upscale-cpp was not built: libpng is missing (apt-get install libpng-dev)")
+    return command
+
+
+def test_upscale_png_command(cpp_build, runtime_bundle, tmp_path):
+    """seesr-upscale-cpp IN.png OUT.png --bundle DIR: a x4 PNG, the same bytes for the same seed."""
+    command = _upscale_png_command(cpp_build)
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    outputs = []
+    for name in ("a.png", "b.png"):
+        run = subprocess.run(
+            [command, tmp_path / "in.png", tmp_path / name, "--bundle", runtime_bundle, "--steps", "1", "--seed", "3"],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith(f"{tmp_path / 'in.png'} -> {tmp_path / name} (128x96); tags: ")
+        outputs.append(np.asarray(Image.open(tmp_path / name)))
+    assert outputs[0].shape == (96, 128, 3) and np.array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize(
+    "arguments, code, message",
+    [
+        (["in.png"], 64, "usage: seesr-upscale-cpp IN.png OUT.png --bundle DIR"),
+        (["in.png", "out.png", "--bundle", "BUNDLE", "--steps", "x"], 64, "--steps must be a whole number, got 'x'"),
+        (["in.png", "out.png", "--bundle", "BUNDLE", "--colour", "red"], 64, "unknown option --colour"),
+        (["not.png", "out.png", "--bundle", "BUNDLE"], 65, "not.png: not a readable PNG"),
+        (["in.png", "out.png", "--bundle", "missing"], 2, "missing: not a SeeSR bundle (no manifest.json)"),
+        (["in.png", "out.png", "--bundle", "BUNDLE", "--steps", "0"], 3, "steps must be in [1, 1000], got 0"),
+    ],
+    ids=["usage", "steps-not-a-number", "unknown-option", "not-a-png", "missing-bundle", "steps-out-of-range"],
+)
+def test_upscale_png_command_refusals(cpp_build, runtime_bundle, tmp_path, arguments, code, message):
+    command = _upscale_png_command(cpp_build)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "in.png")
+    (tmp_path / "not.png").write_text("plain text")
+    argv = [str(runtime_bundle) if a == "BUNDLE" else str(tmp_path / a) if a.endswith(".png") else a for a in arguments]
+    run = subprocess.run([command, *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == code, run.stderr
+    assert message in run.stderr and len(run.stderr.splitlines()) == 1
+    assert not (tmp_path / "out.png").exists()
 
 
 # ---------------------------------------------------------------- memory: growth across calls, valgrind
