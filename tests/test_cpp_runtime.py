@@ -752,11 +752,17 @@ def generated_prompts(count: int, seed: int = 0) -> list[str]:
 
 def test_tokenizer_matches_python_on_generated_prompts(cpp_build, runtime_bundle):
     """Ids equal to seesr_runtime.text's on 3000 generated prompts (Unicode, punctuation, long, empty)."""
+    prompts = generated_prompts(3000)
+    expected = _assert_tokenized_like_python(cpp_build, runtime_bundle, prompts)
+    assert any(ids[-1] != 0 for ids in expected), "no generated prompt was long enough to be truncated"
+
+
+def _assert_tokenized_like_python(cpp_build, runtime_bundle, prompts: list[str]) -> list[list[int]]:
+    """The probe's ids for ``prompts`` equal the Python runtime's (``PromptEncoder.token_ids``); returns them."""
     from seesr_runtime.text import PromptEncoder
 
     manifest = Manifest.load(runtime_bundle, verify="never")
     encoder = PromptEncoder(manifest, backend=None)  # token_ids needs no engine
-    prompts = generated_prompts(3000)
     expected = [encoder.token_ids(prompt)[0].tolist() for prompt in prompts]
     tokenizer = manifest.file(manifest.data["text"]["tokenizer"])
     run = subprocess.run(
@@ -767,9 +773,9 @@ def test_tokenizer_matches_python_on_generated_prompts(cpp_build, runtime_bundle
     )
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout)["ids"]
-    differing = [(prompt, want, have) for prompt, want, have in zip(prompts, expected, got) if want != have]
+    differing = [(ascii(prompt), want, have) for prompt, want, have in zip(prompts, expected, got) if want != have]
     assert not differing, f"{len(differing)} of {len(prompts)} differ; first: {differing[0]}"
-    assert any(ids[-1] != 0 for ids in expected), "no generated prompt was long enough to be truncated"
+    return expected
 
 
 def random_code_point_prompts(count: int, seed: int = 0) -> list[str]:
@@ -792,22 +798,7 @@ def random_code_point_prompts(count: int, seed: int = 0) -> list[str]:
 
 
 def test_tokenizer_matches_python_on_random_code_points(cpp_build, runtime_bundle):
-    from seesr_runtime.text import PromptEncoder
-
-    manifest = Manifest.load(runtime_bundle, verify="never")
-    encoder = PromptEncoder(manifest, backend=None)
-    prompts = random_code_point_prompts(5000)
-    expected = [encoder.token_ids(prompt)[0].tolist() for prompt in prompts]
-    tokenizer = manifest.file(manifest.data["text"]["tokenizer"])
-    run = subprocess.run(
-        [cpp_build / "seesr_probe", "tokenize", str(tokenizer)],
-        input=json.dumps(prompts),
-        capture_output=True,
-        text=True,
-    )
-    got = json.loads(run.stdout)["ids"]
-    differing = [(ascii(prompt), want, have) for prompt, want, have in zip(prompts, expected, got) if want != have]
-    assert not differing, f"{len(differing)} of {len(prompts)} differ; first: {differing[0]}"
+    _assert_tokenized_like_python(cpp_build, runtime_bundle, random_code_point_prompts(5000))
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,9 @@ namespace {
 
 constexpr std::size_t kPairwiseBlock = 128;  // numpy's PW_BLOCKSIZE
 
-// torchvision's ToPILImage as the official code uses it: clip to [0, 1], times 255, truncated to a byte.
-Rgb8Image truncated(const Tensor &x) {
+// A [1, 3, h, w] float tensor as interleaved RGB8, each value turned into a byte by `to_byte`.
+template <typename ToByte>
+Rgb8Image interleaved_bytes(const Tensor &x, ToByte to_byte) {
     const std::int64_t h = x.shape()[2], w = x.shape()[3];
     const std::size_t plane = static_cast<std::size_t>(h * w);
     Rgb8Image image;
@@ -18,11 +19,17 @@ Rgb8Image truncated(const Tensor &x) {
     image.pixels.resize(3 * plane);
     for (std::size_t c = 0; c < 3; ++c) {
         for (std::size_t i = 0; i < plane; ++i) {
-            const float value = std::min(std::max(x.f32_data()[c * plane + i], 0.0f), 1.0f) * 255.0f;
-            image.pixels[3 * i + c] = static_cast<std::uint8_t>(value);
+            image.pixels[3 * i + c] = to_byte(x.f32_data()[c * plane + i]);
         }
     }
     return image;
+}
+
+// torchvision's ToPILImage as the official code uses it: clip to [0, 1], times 255, truncated to a byte.
+Rgb8Image truncated(const Tensor &x) {
+    return interleaved_bytes(x, [](float v) {
+        return static_cast<std::uint8_t>(std::min(std::max(v, 0.0f), 1.0f) * 255.0f);
+    });
 }
 
 struct ChannelStats {
@@ -129,19 +136,10 @@ float pairwise_sum(const float *values, std::size_t n, std::size_t stride) {
 }
 
 Rgb8Image to_uint8_rounded(const Tensor &image) {
-    const std::int64_t h = image.shape()[2], w = image.shape()[3];
-    const std::size_t plane = static_cast<std::size_t>(h * w);
-    Rgb8Image out;
-    out.width = static_cast<std::int32_t>(w);
-    out.height = static_cast<std::int32_t>(h);
-    out.pixels.resize(3 * plane);
-    for (std::size_t c = 0; c < 3; ++c) {
-        for (std::size_t i = 0; i < plane; ++i) {
-            const float value = std::min(std::max(image.f32_data()[c * plane + i] / 2.0f + 0.5f, 0.0f), 1.0f);
-            out.pixels[3 * i + c] = static_cast<std::uint8_t>(std::nearbyint(value * 255.0f));  // half to even
-        }
-    }
-    return out;
+    return interleaved_bytes(image, [](float v) {
+        const float value = std::min(std::max(v / 2.0f + 0.5f, 0.0f), 1.0f);
+        return static_cast<std::uint8_t>(std::nearbyint(value * 255.0f));  // half to even
+    });
 }
 
 Rgb8Image color_fix(const std::string &kind, const Rgb8Image &target, const Rgb8Image &source) {
