@@ -7,13 +7,14 @@
 #
 # Steps: fixture -> fp16 bundle (with the fused GPU graphs) -> accuracy of every fp16 graph and end-to-end
 # PSNR against fp32 (gpu_validate.py --onnxruntime) -> GPU memory with 1, 2, 3 static shapes captured
-# (ort_shapes_memory.py) -> latency: PyTorch, then onnxruntime from today's plain fp16 graphs with host
-# feeds up to GPU graphs + IOBinding + static shapes + CUDA graphs, each with its per-step breakdown.
+# (ort_shapes_memory.py) -> one merged ControlNet+UNet call per step against two (merged_denoiser.py) ->
+# latency: PyTorch, then onnxruntime from today's plain fp16 graphs with host feeds up to GPU graphs +
+# IOBinding + static shapes + CUDA graphs, each with its per-step breakdown.
 #
 # Needs the export extras' packages (torch, diffusers, transformers, onnx, onnx-graphsurgeon) and, for the
 # runtime on the GPU, onnxruntime-gpu (TensorRT is benchmarked too where `import tensorrt` works).
 # Writes OUT_DIR/bench_gpu.{json,md,png}, gpu_validate_onnxruntime.json, ort_shapes_memory.json,
-# environment.txt and gpu.log (default benchmarks/results/<gpu>).
+# merged_denoiser.json, environment.txt and gpu.log (default benchmarks/results/<gpu>).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
@@ -32,7 +33,7 @@ if (( DRY )); then
     # The GPU configurations' code paths (IOBinding, static-shape sessions) on the CPU provider; the GPU
     # graphs themselves need CUDA. Small shapes for the checks: the dry run checks the script, not figures.
     runtime_configs=("onnxruntime:fp16:cpu::iobinding,static")
-    name=dry_run dry=--dry-run psnr_steps=1 psnr_size=128 memory_sides="16 24 20" check_latent=16
+    name=dry_run dry=--dry-run psnr_steps=1 psnr_size=128 memory_sides="16 24 20" check_latent=16 merged_sides=16
 else
     command -v nvidia-smi >/dev/null || { echo "gpu.sh: no nvidia-smi: not a GPU machine (try --dry-run)" >&2; exit 2; }
     gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -45,7 +46,7 @@ else
     esac
     size=sd2 torch_config=${SEESR_GPU_TORCH:-cuda:fp16} sizes="512 1024" steps="50 5" runs=${SEESR_GPU_RUNS:-2} warmup=1
     jobs=6 runtime_configs=() dry="" psnr_steps=${SEESR_GPU_PSNR_STEPS:-20} ort_cuda=0
-    psnr_size=512 memory_sides="64 96 80" check_latent=""
+    psnr_size=512 memory_sides="64 96 80" check_latent="" merged_sides="64 96"
     if "$PY" -c "import onnxruntime as o, sys; o.preload_dlls() if hasattr(o, 'preload_dlls') else None; \
 sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
         # Today's baseline (plain fp16 graphs, host feeds), then one change at a time.
@@ -111,13 +112,17 @@ else
     # shellcheck disable=SC2086
     "$PY" "$ROOT/benchmarks/ort_shapes_memory.py" --bundle "$bundle" --sides $memory_sides ${dry:+--calls 1} \
         --json "$OUT/ort_shapes_memory${dry:+_dry_run}.json" $dry || memory_status=$?
+    log "merged denoiser (ControlNet + UNet as one graph) against two calls per step"
+    # shellcheck disable=SC2086
+    "$PY" "$ROOT/benchmarks/merged_denoiser.py" --bundle "$bundle" --sides $merged_sides --work "$WORK" \
+        ${dry:+--steps 2 --warmup 1} --json "$OUT/merged_denoiser${dry:+_dry_run}.json" $dry || merged_status=$?
 fi
 
 # shellcheck disable=SC2086
-(( ${#runtime_configs[@]} )) || { log "no runtime configuration to benchmark"; exit "${validate_status:-${memory_status:-0}}"; }
+(( ${#runtime_configs[@]} )) || { log "no runtime configuration to benchmark"; exit "${validate_status:-${memory_status:-${merged_status:-0}}}"; }
 "$PY" "$ROOT/benchmarks/bench.py" --bundle "$bundle" --seesr-root "$checkout" --torch "$torch_config" \
     --runtime "${runtime_configs[@]}" --sizes $sizes --steps $steps --runs "$runs" --warmup "$warmup" \
     ${peak:+--peak-tflops "$peak"} --name "$name" --out "$OUT" --timeout 900 > "$OUT/bench_$name.stdout" || status=$?
-status=${status:-${validate_status:-${memory_status:-0}}}
-log "done: results in $OUT (exit $status; accuracy check ${validate_status:-0}, shape memory ${memory_status:-0})"
+status=${status:-${validate_status:-${memory_status:-${merged_status:-0}}}}
+log "done: results in $OUT (exit $status; accuracy check ${validate_status:-0}, shape memory ${memory_status:-0}, merged ${merged_status:-0})"
 exit "$status"

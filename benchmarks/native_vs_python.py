@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,52 +22,29 @@ from seesr_runtime.manifest import Manifest
 from seesr_runtime.openvino_backend import OpenVINOBackend
 from seesr_runtime.pipeline import SeeSRPipeline
 
-LIBRARY = Path(__file__).resolve().parents[1] / "runtime" / "cpp" / "build" / "libseesr.so"
-VERIFY_NEVER = 2
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "runtime" / "cpp" / "python"))  # the C ABI's ctypes declarations
 
+from seesr_capi import VERIFY_NEVER, call, load_library, open_pipeline
 
-class EngineOptions(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_uint32),
-        ("engine", ctypes.c_char_p),
-        ("device", ctypes.c_char_p),
-        ("precision", ctypes.c_char_p),
-        ("threads", ctypes.c_int32),
-        ("cache_dir", ctypes.c_char_p),
-        ("verify", ctypes.c_int),
-    ]
-
-
-def checked(lib, status: int) -> None:
-    if status != 0:
-        raise RuntimeError(lib.seesr_last_error().decode())
+LIBRARY = ROOT / "runtime" / "cpp" / "build" / "libseesr.so"
 
 
 def native_upscaler(bundle: Path, threads: int, options: dict):
-    """A function upscaling an RGB8 array through libseesr, and the library's version."""
-    lib = ctypes.CDLL(str(LIBRARY))
-    lib.seesr_last_error.restype = lib.seesr_version.restype = ctypes.c_char_p
-    lib.seesr_options_set_int.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64]
-    lib.seesr_options_set_string.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
-    lib.seesr_image_free.argtypes = [ctypes.c_void_p]
-    engine = EngineOptions()
-    checked(lib, lib.seesr_engine_options_init(ctypes.byref(engine)))
-    engine.threads, engine.verify = threads, VERIFY_NEVER
-    pipeline, handle = ctypes.c_void_p(), ctypes.c_void_p()
-    checked(lib, lib.seesr_pipeline_open(str(bundle).encode(), ctypes.byref(engine), ctypes.byref(pipeline)))
-    checked(lib, lib.seesr_options_create(pipeline, ctypes.byref(handle)))
+    """A function upscaling an RGB8 array through libseesr."""
+    lib = load_library(LIBRARY)
+    pipeline, handle = open_pipeline(lib, bundle, threads=threads, verify=VERIFY_NEVER), ctypes.c_void_p()
+    call(lib, "seesr_options_create", pipeline, ctypes.byref(handle))
     for name, value in options.items():
-        if isinstance(value, str):
-            checked(lib, lib.seesr_options_set_string(handle, name.encode(), value.encode()))
-        else:
-            checked(lib, lib.seesr_options_set_int(handle, name.encode(), value))
+        kind = "string" if isinstance(value, str) else "int"
+        call(lib, f"seesr_options_set_{kind}", handle, name.encode(), value.encode() if kind == "string" else value)
 
     def upscale(image: np.ndarray) -> None:
         rows = np.ascontiguousarray(image)
         out = ctypes.c_void_p()
         height, width, _ = rows.shape
         buffer = rows.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-        checked(lib, lib.seesr_upscale(pipeline, buffer, width, height, 3 * width, handle, ctypes.byref(out)))
+        call(lib, "seesr_upscale", pipeline, buffer, width, height, 3 * width, handle, ctypes.byref(out))
         lib.seesr_image_free(out)
 
     return upscale

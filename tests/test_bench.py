@@ -174,6 +174,9 @@ def test_gpu_script_dry_run(tmp_path, tiny_bundle):
     memory = json.loads((out / "ort_shapes_memory_dry_run.json").read_text())
     assert [row["shapes"] for row in memory["after_shapes"]] == [1, 2, 3]
     assert [row["sessions"] for row in memory["after_shapes"]] == [2, 4, 6]  # ControlNet + UNet per shape
+    merged = json.loads((out / "merged_denoiser_dry_run.json").read_text())
+    assert [row["latent_side"] for row in merged["sides"]] == [16] and merged["graphs"] == "fp32"
+    assert merged["sides"][0]["rel_l2_merged_vs_two_calls"] < 1e-6
     tiled = summary["configurations"][1]["results"][1]["stages"]
     assert tiled["unet"]["calls_per_image"] == 4  # 1024 px: 128x128 latent in four 96-latent tiles, one step
     assert (out / "bench_dry_run.md").read_text().count("| **end to end (s)** |") == 2

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,11 @@ from seesr_runtime.errors import BundleError, OptionError
 from seesr_runtime.manifest import Manifest
 
 CPP = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
+sys.path.insert(0, str(CPP / "python"))  # the C ABI's ctypes declarations, shared with benchmarks/
+
+import seesr_capi as capi  # noqa: E402
+from seesr_capi import VERIFY_NEVER, SeeSRError, call, load_library  # noqa: E402
+
 BUILD = CPP / "build"
 STATUS = {
     "SEESR_OK": 0,
@@ -35,7 +41,6 @@ STATUS = {
     "SEESR_ERROR_NOT_IMPLEMENTED": 8,
     "SEESR_ERROR_INTERNAL": 9,
 }
-VERIFY_NEVER = 2
 
 
 # What a failed configure names when a dependency is missing, and where that dependency comes from.
@@ -49,8 +54,6 @@ _DEPENDENCIES = {
 @pytest.fixture(scope="session")
 def cpp_build() -> Path:
     """runtime/cpp configured and built (incrementally) into runtime/cpp/build, against this Python's openvino."""
-    import sys
-
     missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"the C++ runtime needs {' and '.join(missing)} (apt-get install cmake g++)")
@@ -81,59 +84,18 @@ def cpp_build() -> Path:
 # ---------------------------------------------------------------- the C ABI through ctypes
 
 
-class SeeSRError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(f"{status}: {message}")
-        self.status, self.message = status, message
-
-
-class EngineOptions(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_uint32),
-        ("engine", ctypes.c_char_p),
-        ("device", ctypes.c_char_p),
-        ("precision", ctypes.c_char_p),
-        ("threads", ctypes.c_int32),
-        ("cache_dir", ctypes.c_char_p),
-        ("verify", ctypes.c_int),
-    ]
-
-
 @pytest.fixture(scope="session")
 def lib(cpp_build):
-    library = ctypes.CDLL(str(cpp_build / "libseesr.so"))
-    library.seesr_version.restype = ctypes.c_char_p
-    library.seesr_last_error.restype = ctypes.c_char_p
-    library.seesr_status_name.restype = ctypes.c_char_p
-    library.seesr_status_name.argtypes = [ctypes.c_int]
-    library.seesr_options_set_int.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64]
-    library.seesr_options_set_float.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_double]
-    library.seesr_options_set_bool.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-    library.seesr_options_set_string.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
-    for name in ("seesr_pipeline_close", "seesr_options_free", "seesr_image_free"):
-        getattr(library, name).argtypes = [ctypes.c_void_p]
-    return library
+    return load_library(cpp_build / "libseesr.so")
 
 
-def call(lib, function: str, *args) -> None:
-    status = getattr(lib, function)(*args)
-    if status != 0:
-        raise SeeSRError(status, lib.seesr_last_error().decode())
+def engine_options(lib, **fields):
+    """The tests open bundles without hashing them (the tiny bundle is verified once per session)."""
+    return capi.engine_options(lib, **{"verify": VERIFY_NEVER, **fields})
 
 
-def engine_options(lib, **fields) -> EngineOptions:
-    options = EngineOptions()
-    call(lib, "seesr_engine_options_init", ctypes.byref(options))
-    for key, value in {"verify": VERIFY_NEVER, **fields}.items():
-        setattr(options, key, value)
-    return options
-
-
-def open_pipeline(lib, bundle, **fields) -> ctypes.c_void_p:
-    pipeline = ctypes.c_void_p()
-    options = engine_options(lib, **fields)
-    call(lib, "seesr_pipeline_open", str(bundle).encode(), ctypes.byref(options), ctypes.byref(pipeline))
-    return pipeline
+def open_pipeline(lib, bundle, **fields):
+    return capi.open_pipeline(lib, bundle, **{"verify": VERIFY_NEVER, **fields})
 
 
 @pytest.fixture
@@ -308,7 +270,6 @@ def test_rules_between_options_are_checked_at_the_call(lib, pipeline):
         set_option(lib, options, name, value)
     out = ctypes.c_void_p()
     call(lib, "seesr_upscale", pipeline, image, 16, 16, 48, options, ctypes.byref(out))
-    lib.seesr_image_width.argtypes = lib.seesr_image_height.argtypes = [ctypes.c_void_p]
     assert (lib.seesr_image_width(out), lib.seesr_image_height(out)) == (64, 64)
     lib.seesr_image_free(out)
     lib.seesr_options_free(options)
@@ -1100,10 +1061,6 @@ def describe(lib, pipeline, image, options=None, padding: int = 0):
     out = ctypes.c_void_p()
     height, width, _ = image.shape
     call(lib, "seesr_describe", pipeline, buffer, width, height, rows.shape[1], options, ctypes.byref(out))
-    lib.seesr_image_tags.restype = lib.seesr_image_prompt.restype = ctypes.c_char_p
-    lib.seesr_image_tags.argtypes = lib.seesr_image_prompt.argtypes = [ctypes.c_void_p]
-    lib.seesr_image_pixels.restype = ctypes.c_void_p
-    lib.seesr_image_pixels.argtypes = [ctypes.c_void_p]
     try:
         assert lib.seesr_image_pixels(out) is None  # a description has no pixels
         return lib.seesr_image_tags(out).decode(), lib.seesr_image_prompt(out).decode()
@@ -1428,10 +1385,6 @@ def upscale(lib, pipeline, image, options, padding: int = 5):
     buffer = (ctypes.c_uint8 * rows.size).from_buffer(rows)
     out = ctypes.c_void_p()
     height, width, _ = image.shape
-    lib.seesr_image_pixels.restype = ctypes.c_void_p
-    lib.seesr_image_pixels.argtypes = [ctypes.c_void_p]
-    for name in ("seesr_image_width", "seesr_image_height", "seesr_image_stride"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p]
     call(lib, "seesr_upscale", pipeline, buffer, width, height, rows.shape[1], options, ctypes.byref(out))
     try:
         w, h, stride = lib.seesr_image_width(out), lib.seesr_image_height(out), lib.seesr_image_stride(out)

@@ -408,3 +408,57 @@ def test_static_shape_pipeline_matches_plain(runtime_bundle, lr_image):
     assert _rel_l2(static.latents[-1], plain.latents[-1]) < 1e-4
     difference = np.abs(np.asarray(static.image, np.int16) - np.asarray(plain.image, np.int16))
     assert difference.max() <= 2
+
+
+# ---------------------------------------------------------------- merged denoiser (an experiment, measured on a GPU)
+
+
+@pytest.mark.parametrize("external_data", [False, True], ids=["inline", "external-data"])
+def test_merged_denoiser_gives_the_two_calls_answer(tiny_bundle, tmp_path, external_data):
+    """ControlNet + UNet composed into one graph: one call with the union of their inputs (residuals
+    internal) returns the UNet's noise prediction of the two calls, to the bit on the CPU, weights inline or
+    in a data file beside the graph."""
+    from seesr_export.merged_denoiser import merge_denoiser
+
+    manifest = Manifest.load(tiny_bundle)
+    control, unet = manifest.spec("controlnet"), manifest.spec("unet")
+    path = merge_denoiser(
+        manifest, "fp32", tmp_path / "denoiser.onnx", external_data_threshold=0 if external_data else None
+    )
+    assert (tmp_path / "denoiser.onnx.data").exists() == external_data
+    merged = ort.InferenceSession(str(path), providers=CPU)
+    residuals = set(control.output_names)
+    expected_inputs = list(dict.fromkeys(n for n in (*control.input_names, *unet.input_names) if n not in residuals))
+    assert [i.name for i in merged.get_inputs()] == expected_inputs
+    assert [o.name for o in merged.get_outputs()] == unet.output_names
+    two_calls = OnnxRuntimeBackend(manifest)
+    for env in ({"B": 2, "h": 8, "w": 8}, {"B": 1, "h": 12, "w": 16}):
+        feeds = _feeds(control, env, seed=env["w"])
+        feeds.update({k: v for k, v in _feeds(unet, env, seed=1).items() if k not in feeds and k not in residuals})
+        outs = two_calls.run("controlnet", {n: feeds[n] for n in control.input_names})
+        unet_feeds = {n: feeds[n] for n in unet.input_names if n in feeds}
+        eps = two_calls.run("unet", {**unet_feeds, **dict(zip(control.output_names, outs))})[0]
+        (merged_eps,) = merged.run(None, {n: feeds[n] for n in expected_inputs})
+        np.testing.assert_array_equal(merged_eps, eps)
+
+
+def test_merged_gpu_graph_keeps_every_fused_op(tiny_bundle, tmp_path):
+    """The GPU graphs merge as they are: the merged graph passes the full ONNX check and holds both
+    graphs' fused ops, node for node."""
+    from seesr_export.merged_denoiser import merge_denoiser
+
+    manifest = Manifest.load(tiny_bundle)
+    merged = _load(merge_denoiser(manifest, GPU_GRAPH, tmp_path / "denoiser.onnx"))
+    parts = [_load(manifest.graph_path(n, GPU_GRAPH)) for n in ("controlnet", "unet")]
+    assert fused_op_counts(merged) == dict(sum((Counter(fused_op_counts(p)) for p in parts), Counter()))
+    assert len(merged.graph.node) == sum(len(p.graph.node) for p in parts)
+    assert len({n.name for n in merged.graph.node}) == len(merged.graph.node)
+
+
+def test_merge_refuses_residuals_the_graphs_do_not_share(tiny_bundle):
+    from seesr_export.merged_denoiser import compose
+
+    manifest = Manifest.load(tiny_bundle)
+    control, unet = (_load(manifest.graph_path(n, "fp32")) for n in ("controlnet", "unet"))
+    with pytest.raises(ValueError, match="'mid_res_x'"):
+        compose(control, unet, [*manifest.spec("controlnet").output_names[:-1], "mid_res_x"])
