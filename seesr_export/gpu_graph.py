@@ -26,8 +26,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 import tqdm
-from onnx import helper
+from onnx import TensorProto, helper
 from onnxruntime.transformers import optimizer
 from onnxruntime.transformers.fusion_options import FusionOptions
 
@@ -151,10 +152,69 @@ def _with_pass_maps(original_fuse):
     return fuse
 
 
+# Initializers that shape inference sees without their values: floating-point weights. It reads their dims and
+# type; their values it reads only to fold arithmetic whose every input is constant, which for weights of this
+# size never yields a shape. Shape arithmetic reads small integer tensors, which keep their values.
+WEIGHT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+MIN_WEIGHT_ELEMENTS = 1024
+
+
+@contextlib.contextmanager
+def shape_inference_without_weights():
+    """onnxruntime's symbolic shape inference starts by copying the whole model, weights included, and the
+    optimizer runs it again and again (useless-cast removal, the fp16 conversion): at SD2 size each copy of the
+    UNet is 4.5 GB, and its GPU graph took more than 24 GB. While this is active, it copies the model with its
+    weights reduced to name, type and dims, and treats them as values it does not know (as it treats
+    activations), so it infers the same shapes and types."""
+    saved = {}
+    for module in ("onnxruntime.tools.symbolic_shape_infer", "symbolic_shape_infer"):
+        with contextlib.suppress(ImportError, AttributeError):
+            cls = importlib.import_module(module).SymbolicShapeInference
+            saved.setdefault(cls, cls.__dict__["_preprocess"])
+    try:
+        for cls, original in saved.items():
+            cls._preprocess = _preprocess_without_weights(original)
+        yield
+    finally:
+        for cls, original in saved.items():
+            cls._preprocess = original
+
+
+def _preprocess_without_weights(original):
+    @functools.wraps(original)
+    def _preprocess(self, in_mp):
+        light, weights = without_weights(in_mp)
+        original(self, light)
+        for name in weights:
+            del self.initializers_[name]  # unknown values; their type and shape stay in known_vi_
+
+    return _preprocess
+
+
+def without_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose floating-point initializers of ``MIN_WEIGHT_ELEMENTS`` or more have no
+    values (nothing else is copied twice), and the names of those initializers."""
+    light = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.name = model.graph.name
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    weights = []
+    for tensor in model.graph.initializer:
+        if tensor.data_type in WEIGHT_TYPES and int(np.prod(tensor.dims)) >= MIN_WEIGHT_ELEMENTS:
+            graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            weights.append(tensor.name)
+        else:
+            graph.initializer.append(tensor)
+    return light, weights
+
+
 def fuse(src: Path, model_type: str, cuda_only_fusions: bool = True):
     """onnxruntime's fusions on the fp32 graph ``src``; returns the optimizer's OnnxModel."""
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    with numpy2_safe_optimizer(), fusions_reuse_pass_maps(), _quiet_progress_bar():
+    with numpy2_safe_optimizer(), fusions_reuse_pass_maps(), shape_inference_without_weights(), _quiet_progress_bar():
         return optimizer.optimize_model(
             str(src),
             model_type=model_type,
@@ -201,7 +261,8 @@ def write_gpu_graph(src: Path, dst: Path, model_type: str, external_data_thresho
     optimized = fuse(src, model_type, cuda_only_fusions=True)
     _name_unnamed_nodes(optimized.model)
     fp32_nodes = sorted(set(timestep_embedding_nodes(optimized.model)) | set(attention_fp32_nodes(optimized.model)))
-    optimized.convert_float_to_float16(keep_io_types=True, node_block_list=fp32_nodes)
+    with shape_inference_without_weights():
+        optimized.convert_float_to_float16(keep_io_types=True, node_block_list=fp32_nodes)
     model = optimized.model
     _import_fused_domain(model)
     _drop_fp16_round_trips(model)

@@ -175,26 +175,62 @@ def test_optimizer_workaround_for_numpy_2_4_is_scoped():
 
 
 @pytest.mark.slow
-def test_fusions_reusing_their_pass_maps_write_the_same_graph(tiny_bundle):
-    """The speed-up that hands each fusion its pass's name maps changes no byte: the VAE decoder (GroupNorm
-    fusions) fused with it and by onnxruntime's optimizer as shipped."""
+@pytest.mark.parametrize("network, model_type", [("vae_decoder", "vae"), ("unet", "unet")])
+def test_fusion_speed_and_memory_changes_write_the_same_graph(tiny_bundle, monkeypatch, network, model_type):
+    """What ``fuse`` changes in onnxruntime's optimizer changes no byte of its graph: fusions handed their pass's
+    name maps (speed), and shape inference copying the model without its weights (memory; for the graph, with
+    every float initializer set aside, not only the large ones). The shape inference the fp16 conversion reads
+    its types from gives the same value types and shapes with and without the weights."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     from onnxruntime.transformers import optimizer
 
-    src = tiny_bundle / "onnx" / "fp32" / "vae_decoder.onnx"
+    from seesr_export import gpu_graph
+
+    monkeypatch.setattr(gpu_graph, "MIN_WEIGHT_ELEMENTS", 1)
+    src = tiny_bundle / "onnx" / "fp32" / f"{network}.onnx"
     with numpy2_safe_optimizer():
         shipped = optimizer.optimize_model(
             str(src),
-            model_type="vae",
+            model_type=model_type,
             num_heads=0,
             hidden_size=0,
             opt_level=0,
-            optimization_options=fusion_options("vae", True),
+            optimization_options=fusion_options(model_type, True),
             use_gpu=True,
             only_onnxruntime=False,
         )
-    ours = fuse(src, "vae")
+    ours = fuse(src, model_type)
     assert fused_op_counts(ours.model)["GroupNorm"] > 0
     assert ours.model.SerializeToString() == shipped.model.SerializeToString()
+    monkeypatch.undo()  # the real threshold: small float constants (Resize scales) keep their values
+    with gpu_graph.shape_inference_without_weights():
+        light = SymbolicShapeInference.infer_shapes(ours.model, auto_merge=True)
+    full = SymbolicShapeInference.infer_shapes(ours.model, auto_merge=True)
+    assert len(full.graph.value_info) > len(ours.model.graph.node)
+    assert [v.SerializeToString() for v in light.graph.value_info] == [
+        v.SerializeToString() for v in full.graph.value_info
+    ]
+
+
+def test_shape_inference_sees_weights_without_their_values(tiny_bundle):
+    """The copy shape inference makes holds the weights' names, types and dims but not their bytes, and the
+    patch is installed only while it is needed."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from seesr_export.gpu_graph import MIN_WEIGHT_ELEMENTS, shape_inference_without_weights, without_weights
+
+    model = _load(tiny_bundle / "onnx" / "fp32" / "unet.onnx")
+    light, weights = without_weights(model)
+    large = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 1024]
+    assert MIN_WEIGHT_ELEMENTS == 1024 and sorted(weights) == sorted(t.name for t in large) and weights
+    stripped = {t.name: t for t in light.graph.initializer if t.name in weights}
+    assert all(not t.raw_data and list(t.dims) == list(o.dims) for o in large for t in [stripped[o.name]])
+    assert light.ByteSize() < model.ByteSize() // 4
+    assert len(light.graph.node) == len(model.graph.node)
+    original = SymbolicShapeInference.__dict__["_preprocess"]
+    with shape_inference_without_weights():
+        assert SymbolicShapeInference.__dict__["_preprocess"] is not original
+    assert SymbolicShapeInference.__dict__["_preprocess"] is original
 
 
 @pytest.mark.parametrize("seed", [0, 1])
