@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
-from ort_shapes_memory import denoiser_feeds
+from ort_shapes_memory import denoiser_backend, denoiser_feeds
 
 from seesr_export.merged_denoiser import merge_denoiser
 from seesr_runtime.backends import OnnxRuntimeBackend
@@ -127,10 +127,7 @@ def main() -> int:
     args = parser.parse_args()
 
     manifest = Manifest.load(args.bundle)
-    if args.dry_run:
-        backend = OnnxRuntimeBackend(manifest, precision="fp32", static_shapes=True)
-    else:
-        backend = OnnxRuntimeBackend(manifest, precision="fp16", providers=["cuda", "cpu"], cuda_graph=True)
+    backend = denoiser_backend(manifest, args.dry_run)
     precision = {n: backend.graph_precision(n) for n in ("controlnet", "unet")}
     if len(set(precision.values())) != 1:
         raise SystemExit(f"the ControlNet and UNet would run different graphs ({precision}): nothing to merge")

@@ -42,6 +42,14 @@ def denoiser_feeds(manifest: Manifest, side: int, batch: int = 2) -> dict:
     return feeds
 
 
+def denoiser_backend(manifest: Manifest, dry_run: bool) -> OnnxRuntimeBackend:
+    """The GPU scripts' setup: CUDA, fp16 (the GPU graphs), a CUDA graph per static shape; on a dry run the same
+    static-shape code on the CPU provider with the fp32 graphs."""
+    if dry_run:
+        return OnnxRuntimeBackend(manifest, precision="fp32", static_shapes=True)
+    return OnnxRuntimeBackend(manifest, precision="fp16", providers=["cuda", "cpu"], cuda_graph=True)
+
+
 def one_step(backend: OnnxRuntimeBackend, manifest: Manifest, feeds: dict) -> None:
     """ControlNet then UNet, residuals left on the device, as the pipeline's predict_noise does."""
     control_spec, unet_spec = manifest.spec("controlnet"), manifest.spec("unet")
@@ -60,12 +68,8 @@ def main() -> int:
     args = parser.parse_args()
 
     manifest = Manifest.load(args.bundle)
-    if args.dry_run:
-        backend = OnnxRuntimeBackend(manifest, precision="fp32", static_shapes=True)
-        memory = peak_host_mb
-    else:
-        backend = OnnxRuntimeBackend(manifest, precision="fp16", providers=["cuda", "cpu"], cuda_graph=True)
-        memory = gpu_memory_mb
+    backend = denoiser_backend(manifest, args.dry_run)
+    memory = peak_host_mb if args.dry_run else gpu_memory_mb
     report = {
         "device": backend.device,
         "cuda_graph": backend.cuda_graph,

@@ -85,22 +85,33 @@ def _num_heads_of(fusion, reshape_q, is_torch2: bool = False) -> int:
 
 
 @contextlib.contextmanager
-def numpy2_safe_optimizer():
-    """Swap in ``_num_heads_of`` for the optimizer's own while it runs. onnxruntime imports its
-    transformer modules both as ``onnxruntime.transformers.X`` and as top-level ``X`` (it puts its
-    folder on sys.path when it is imported), so both copies of the class are patched."""
-    classes = {
-        importlib.import_module(m).FusionAttentionUnet
-        for m in ("onnxruntime.transformers.fusion_attention_unet", "fusion_attention_unet")
-    }
-    saved = {cls: cls.__dict__["get_num_heads"] for cls in classes}
+def patched_methods(classes: tuple[tuple[str, str], ...], method: str, replace):
+    """While the block runs, each class of ``classes`` ((module, class name) pairs) has ``replace(original)`` as
+    its ``method``. onnxruntime imports its transformer modules both as ``onnxruntime.transformers.X`` and as
+    top-level ``X`` (it puts its folder on sys.path when it is imported), so callers list both copies; a module
+    or class that a release lacks is skipped."""
+    saved = {}
+    for module, name in classes:
+        with contextlib.suppress(ImportError, AttributeError):
+            cls = getattr(importlib.import_module(module), name)
+            saved.setdefault(cls, cls.__dict__[method])
     try:
-        for cls in classes:
-            cls.get_num_heads = _num_heads_of
+        for cls, original in saved.items():
+            setattr(cls, method, replace(original))
         yield
     finally:
-        for cls, method in saved.items():
-            cls.get_num_heads = method
+        for cls, original in saved.items():
+            setattr(cls, method, original)
+
+
+def _both_copies(module: str, name: str, package: str = "onnxruntime.transformers") -> tuple[tuple[str, str], ...]:
+    return ((f"{package}.{module}", name), (module, name))
+
+
+def numpy2_safe_optimizer():
+    """Swap in ``_num_heads_of`` for the optimizer's own while it runs."""
+    classes = _both_copies("fusion_attention_unet", "FusionAttentionUnet")
+    return patched_methods(classes, "get_num_heads", lambda _: _num_heads_of)
 
 
 # Fusions whose ``fuse`` only reads the graph's nodes (new nodes go to ``nodes_to_add``, removals to
@@ -113,24 +124,12 @@ MAP_REBUILDING_FUSIONS = (
 )
 
 
-@contextlib.contextmanager
 def fusions_reuse_pass_maps():
     """While one of ``MAP_REBUILDING_FUSIONS`` examines a node, the model's ``input_name_to_nodes()`` and
     ``output_name_to_node()`` return the maps its pass computed at the start. The nodes are unchanged until
     the pass ends, so these are the maps a rebuild would return: the graphs are byte for byte the same."""
-    saved = {}
-    for module, name in MAP_REBUILDING_FUSIONS:
-        for prefix in ("onnxruntime.transformers.", ""):
-            with contextlib.suppress(ImportError, AttributeError):
-                cls = getattr(importlib.import_module(prefix + module), name)
-                saved.setdefault(cls, cls.__dict__["fuse"])
-    try:
-        for cls, original in saved.items():
-            cls.fuse = _with_pass_maps(original)
-        yield
-    finally:
-        for cls, original in saved.items():
-            cls.fuse = original
+    classes = tuple(c for module, name in MAP_REBUILDING_FUSIONS for c in _both_copies(module, name))
+    return patched_methods(classes, "fuse", _with_pass_maps)
 
 
 def _with_pass_maps(original_fuse):
@@ -159,25 +158,14 @@ WEIGHT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, Te
 MIN_WEIGHT_ELEMENTS = 1024
 
 
-@contextlib.contextmanager
 def shape_inference_without_weights():
     """onnxruntime's symbolic shape inference starts by copying the whole model, weights included, and the
     optimizer runs it again and again (useless-cast removal, the fp16 conversion): at SD2 size each copy of the
     UNet is 4.5 GB, and its GPU graph took more than 24 GB. While this is active, it copies the model with its
     weights reduced to name, type and dims, and treats them as values it does not know (as it treats
     activations), so it infers the same shapes and types."""
-    saved = {}
-    for module in ("onnxruntime.tools.symbolic_shape_infer", "symbolic_shape_infer"):
-        with contextlib.suppress(ImportError, AttributeError):
-            cls = importlib.import_module(module).SymbolicShapeInference
-            saved.setdefault(cls, cls.__dict__["_preprocess"])
-    try:
-        for cls, original in saved.items():
-            cls._preprocess = _preprocess_without_weights(original)
-        yield
-    finally:
-        for cls, original in saved.items():
-            cls._preprocess = original
+    classes = _both_copies("symbolic_shape_infer", "SymbolicShapeInference", package="onnxruntime.tools")
+    return patched_methods(classes, "_preprocess", _preprocess_without_weights)
 
 
 def _preprocess_without_weights(original):
