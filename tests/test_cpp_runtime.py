@@ -6,12 +6,14 @@ of the libraries it builds against (nlohmann-json, utf8proc, OpenVINO) the tests
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -1569,6 +1571,178 @@ def test_a_bundle_without_tiled_vae_graphs_asks_for_untiled(lib, runtime_bundle,
         assert native(image, **small_tiles, tiled_vae=False).shape == (160, 288, 3)
     finally:
         lib.seesr_pipeline_close(handle)
+
+
+# ---------------------------------------------------------------- tiled VAE states spilled to files
+
+# 72x40 at these options tiles both VAE halves (as UPSCALE_CASES' "tiled-vae" does); the seed option, so repeatable.
+SPILL_CASE = dict(
+    steps=1, process_size=128, vae_encoder_tile_size=64, vae_decoder_tile_size=8, color_fix="none", seed=5
+)
+SPILL_EXPECTED = (
+    "expected an existing folder the tiled VAE can write its tile states in (or NULL to keep them in memory)"
+)
+
+
+def open_spilling(lib, bundle, spill: Path):
+    return open_pipeline(lib, bundle, threads=1, tiled_vae_spill_dir=str(spill).encode())
+
+
+@contextlib.contextmanager
+def watching(folder: Path):
+    """What appears in `folder` while the body runs, seen by a thread polling it every 2 ms (the upscale's ctypes
+    call releases the GIL): a set of (path relative to `folder`, is a folder, permission bits)."""
+    seen: set = set()
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                for top, folders, files in os.walk(folder):
+                    for name, is_folder in [(n, True) for n in folders] + [(n, False) for n in files]:
+                        path = Path(top) / name
+                        seen.add((str(path.relative_to(folder)), is_folder, path.stat().st_mode & 0o777))
+            except FileNotFoundError:  # removed between listing and stat: the next round sees the rest
+                pass
+            stop.wait(0.002)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        poller.join()
+
+
+@pytest.mark.slow  # compiles the tiled geometry's networks for a second pipeline: ~30 s on 2 cores
+def test_spilled_tile_states_give_the_same_image(lib, runtime_bundle, native_one_thread, tmp_path):
+    """With tiled_vae_spill_dir the tile states wait in files of a private folder made there per tiled-VAE run
+    (mode 0700, the files 0666 less the umask), the image is byte-identical to the in-memory run, and nothing is
+    left behind: neither by the check on open, nor by the upscale, nor by a cancelled one."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    image = _upscale_image(72, 40)
+    expected = NativeUpscale(lib, native_one_thread)(image, **SPILL_CASE)
+    handle = open_spilling(lib, runtime_bundle, spill)
+    try:
+        assert list(spill.iterdir()) == []
+        with watching(spill) as seen:
+            got = NativeUpscale(lib, handle)(image, **SPILL_CASE)
+        assert list(spill.iterdir()) == []
+        with pytest.raises(SeeSRError) as cancelled:
+            NativeUpscale(lib, handle, cancel_at=1)(image, **{**SPILL_CASE, "steps": 2})
+        assert cancelled.value.status == STATUS["SEESR_ERROR_CANCELLED"]
+        assert list(spill.iterdir()) == []
+    finally:
+        lib.seesr_pipeline_close(handle)
+    assert np.array_equal(got, expected)
+    folders = {path for path, is_folder, mode in seen if is_folder}
+    files = {(path, mode) for path, is_folder, mode in seen if not is_folder}
+    assert len(folders) >= 1 and all(Path(path).name.startswith("seesr-tiles-") for path in folders), seen
+    assert {mode for path, is_folder, mode in seen if is_folder} == {0o700}
+    assert len(files) >= 12 and {Path(path).parent.as_posix() for path, _ in files} <= folders, seen
+    assert {mode for _, mode in files} == {0o666 & ~_umask()}
+
+
+def test_the_spill_folder_goes_when_a_segment_fails(lib, runtime_bundle, tmp_path):
+    """A failure in the middle of the tiled VAE (its second segment's graph damaged, found when that segment
+    first runs), its tile states spilled by the first: the upscale fails naming the graph and leaves nothing
+    in the spill folder."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(runtime_bundle, bundle, copy_function=os.link)
+    graph = bundle / "onnx" / "fp32" / "vae_encoder_tiled" / "segment_01.onnx"
+    graph.unlink()  # a new file, not the shared hard link's data
+    graph.write_bytes(b"not an ONNX graph")
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    handle = open_spilling(lib, bundle, spill)
+    try:
+        with watching(spill) as seen, pytest.raises(SeeSRError) as failed:
+            NativeUpscale(lib, handle)(_upscale_image(72, 40), **SPILL_CASE)
+    finally:
+        lib.seesr_pipeline_close(handle)
+    assert failed.value.status == STATUS["SEESR_ERROR_BUNDLE"]
+    assert "vae_encoder#1 fp32 graph 'onnx/fp32/vae_encoder_tiled/segment_01.onnx' is not a readable ONNX file" in (
+        failed.value.message
+    )
+    assert any(path.endswith(".f32") for path, _, _ in seen), seen  # the states were spilled when it failed
+    assert list(spill.iterdir()) == []
+
+
+def _a_file(tmp_path: Path) -> Path:
+    file = tmp_path / "file"
+    file.write_text("")
+    return file
+
+
+def _read_only_folder(tmp_path: Path) -> Path:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder: no refusal to check")
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "make_spill,problem",
+    [
+        (lambda tmp_path: tmp_path / "missing", "does not exist"),
+        (lambda tmp_path: tmp_path / "missing" / "spill", "does not exist"),
+        (_a_file, "is not a folder"),
+        (_read_only_folder, "is not writable (Permission denied)"),
+    ],
+    ids=["missing", "missing-parent", "a-file", "read-only"],
+)
+def test_a_spill_dir_that_cannot_hold_states_is_refused_on_open(lib, runtime_bundle, tmp_path, make_spill, problem):
+    spill = make_spill(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SeeSRError) as refused:
+        open_spilling(lib, runtime_bundle, spill)
+    assert refused.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"]
+    assert refused.value.message == f"tiled_vae_spill_dir '{spill}' {problem}; {SPILL_EXPECTED}"
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_an_empty_spill_dir_is_refused(lib, runtime_bundle):
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, runtime_bundle, tiled_vae_spill_dir=b"")
+    assert refused.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"]
+    assert refused.value.message == f'tiled_vae_spill_dir is ""; {SPILL_EXPECTED}'
+
+
+def test_a_spill_dir_removed_after_open_is_refused_at_the_tiled_vae(lib, runtime_bundle, tmp_path):
+    """The folder is checked on open and used at each tiled-VAE run: gone by then, the upscale fails there
+    naming it, before any tile runs."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    handle = open_spilling(lib, runtime_bundle, spill)
+    try:
+        spill.rmdir()
+        with pytest.raises(SeeSRError) as refused:
+            NativeUpscale(lib, handle)(_upscale_image(72, 40), **SPILL_CASE)
+    finally:
+        lib.seesr_pipeline_close(handle)
+    assert refused.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"]
+    assert refused.value.message == f"tiled_vae_spill_dir '{spill}' does not exist; {SPILL_EXPECTED}"
+    assert not spill.exists()
+
+
+def test_an_engine_options_struct_of_the_first_release_still_opens(lib, runtime_bundle):
+    """A caller built before tiled_vae_spill_dir passes the shorter struct_size: the library opens with it and
+    reads nothing past it (here a spill folder that would be refused); shorter than the first release's is refused."""
+    first_release = capi.EngineOptions.tiled_vae_spill_dir.offset
+    smallest = capi.EngineOptions.verify.offset + ctypes.sizeof(ctypes.c_int)
+    for size in (first_release, smallest):
+        handle = open_pipeline(lib, runtime_bundle, struct_size=size, tiled_vae_spill_dir=b"/nonexistent/spill")
+        lib.seesr_pipeline_close(handle)
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, runtime_bundle, struct_size=smallest - 1)
+    assert refused.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"]
+    assert f"struct_size is {smallest - 1}, expected at least {smallest}" in refused.value.message
+    with pytest.raises(SeeSRError) as current:
+        open_pipeline(lib, runtime_bundle, tiled_vae_spill_dir=b"/nonexistent/spill")
+    assert "tiled_vae_spill_dir '/nonexistent/spill' does not exist" in current.value.message
 
 
 @pytest.mark.parametrize(
