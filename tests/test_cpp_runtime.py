@@ -283,7 +283,7 @@ def test_rules_between_options_are_checked_at_the_call(lib, pipeline):
 def test_cpp_wrapper(cpp_build, runtime_bundle):
     run = subprocess.run([cpp_build / "seesr_wrapper_test", str(runtime_bundle)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 13, run.stdout
+    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 14, run.stdout
 
 
 def test_c_example(cpp_build, runtime_bundle, tmp_path):
@@ -337,8 +337,21 @@ def test_upscale_png_command(cpp_build, runtime_bundle, tmp_path):
         (["not.png", "out.png", "--bundle", "BUNDLE"], 65, "not.png: not a readable PNG"),
         (["in.png", "out.png", "--bundle", "missing"], 2, "missing: not a SeeSR bundle (no manifest.json)"),
         (["in.png", "out.png", "--bundle", "BUNDLE", "--steps", "0"], 3, "steps must be in [1, 1000], got 0"),
+        (
+            ["in.png", "out.png", "--bundle", "BUNDLE", "--tiled-vae-spill-dir", "spill"],
+            1,
+            "tiled_vae_spill_dir 'spill' does not exist; expected an existing folder",
+        ),
     ],
-    ids=["usage", "steps-not-a-number", "unknown-option", "not-a-png", "missing-bundle", "steps-out-of-range"],
+    ids=[
+        "usage",
+        "steps-not-a-number",
+        "unknown-option",
+        "not-a-png",
+        "missing-bundle",
+        "steps-out-of-range",
+        "missing-spill-dir",
+    ],
 )
 def test_upscale_png_command_refusals(cpp_build, runtime_bundle, tmp_path, arguments, code, message):
     command = _upscale_png_command(cpp_build)
