@@ -1734,3 +1734,83 @@ def test_bf16_engine_matches_the_python_backend(cpp_build, runtime_bundle, tmp_p
     for name, (native, from_fp32) in _engine_against_python(cpp_build, runtime_bundle, network, "bf16", tmp_path).items():
         assert native == 0.0, f"{network} output {name}: relative L2 {native:.2e} from the Python backend's bf16"
         assert from_fp32 > 1e-4, f"{network} output {name}: bf16 is fp32's ({from_fp32:.2e}): the hint did not apply"
+
+
+@pytest.mark.slow  # the int8 bundle (built once per session: a minute or two) and two compilations per case
+@pytest.mark.parametrize("precision", ["int8", "int8-bf16"])
+@pytest.mark.parametrize("network", ["controlnet", "unet", "vae_decoder"])
+def test_int8_engine_matches_the_python_backend(cpp_build, int8_bundle, tmp_path, precision, network):
+    """int8 and int8-bf16: the Q/DQ graphs for UNet and ControlNet, the fp32 graph for the VAE decoder (int8-bf16:
+    bf16 hint, f32 timestep path, weights kept f32 as the int8 graphs' scales are): OpenVINOBackend's outputs to
+    the bit. Measured from fp32: the Q/DQ graphs 4e-2 to 0.4, the VAE decoder 0 at int8 (its fp32 graph, f32) and
+    1e-2 at int8-bf16."""
+    _needs_capability(precision)
+    for name, (native, from_fp32) in _engine_against_python(cpp_build, int8_bundle, network, precision, tmp_path).items():
+        assert native == 0.0, f"{network} output {name}: relative L2 {native:.2e} from the Python backend's {precision}"
+        if network == "vae_decoder" and precision == "int8":
+            assert from_fp32 == 0.0, f"{network} output {name} is not its fp32 graph's at f32"
+        else:
+            assert from_fp32 > 1e-3, f"{network} output {name}: {precision} is fp32's ({from_fp32:.2e})"
+
+
+# (bundle fixture, final latents' tolerance from the LR latent, image's). From start_point "noise" both loops are
+# bit-equal. From the LR latent numpy's float32 exp and the C library's differ by an ulp in the posterior (see
+# UPSCALE_CASES): bf16 rounds such differences away (measured 3e-9 for bf16 and int8-bf16, the image equal), but
+# under int8 an ulp can carry an activation across a quantizer's rounding boundary, a whole int8 step, which the
+# next step spreads (measured 1.4e-7 after step 1, 4.4e-4 after step 2; the image 2 levels apart).
+PRECISION_UPSCALES = {
+    "bf16": ("runtime_bundle", 1e-5, 1),
+    "int8": ("int8_bundle", 2e-3, 4),
+    "int8-bf16": ("int8_bundle", 1e-5, 1),
+}
+
+
+def _python_upscale(manifest: Manifest, precision: str, image, options: dict):
+    import numpy as np
+
+    from seesr_runtime.openvino_backend import OpenVINOBackend
+    from seesr_runtime.pipeline import SeeSRPipeline
+
+    backend = OpenVINOBackend(manifest, precision=precision, device="CPU", threads=1, on_unsupported="error")
+    pipeline = SeeSRPipeline(manifest, backend)
+    results = {}
+    for start_point in ("noise", "lr"):
+        rng = np.random.default_rng(9)
+        results[start_point] = pipeline(
+            image,
+            noise_fn=lambda kind, shape: rng.standard_normal(shape, dtype=np.float32),
+            start_point=start_point,
+            **options,
+        )
+    return results
+
+
+@pytest.mark.slow  # every network compiled for this geometry three times (the int8 ones: the int8 bundle too)
+@pytest.mark.parametrize("precision", list(PRECISION_UPSCALES))
+def test_reduced_precision_upscale_matches_the_python_pipeline(lib, request, precision):
+    """The same noise through seesr_upscale and SeeSRPipeline on OpenVINOBackend at a reduced precision: from
+    noise the same latents after every step and the same image; from the LR latent within PRECISION_UPSCALES'
+    tolerances; where the precision itself moves the final latents 7e-2 (int8) to 0.27 (bf16) from fp32."""
+    import numpy as np
+
+    _needs_capability(precision)
+    fixture, tolerance, levels = PRECISION_UPSCALES[precision]
+    bundle = request.getfixturevalue(fixture)
+    manifest = Manifest.load(bundle, verify="never")
+    image, options = _upscale_image(40, 32), dict(steps=2, process_size=64, color_fix="wavelet")
+    expected = _python_upscale(manifest, precision, image, options)
+    handle = open_pipeline(lib, bundle, precision=precision.encode(), threads=1)
+    try:
+        for start_point, want in expected.items():
+            native = NativeUpscale(lib, handle, noise_seed=9)
+            got = native(image, start_point=start_point, **options)
+            errors = [_relative_l2(ours, theirs) for (_, ours), theirs in zip(native.latents, want.latents)]
+            apart = int(np.abs(got.astype(int) - np.asarray(want.image).astype(int)).max())
+            print(f"{precision} from {start_point}: latents against Python {errors}, image {apart} levels apart")
+            assert len(errors) == options["steps"]
+            if start_point == "noise":
+                assert errors == [0.0] * options["steps"] and apart == 0
+            else:
+                assert max(errors) <= tolerance and apart <= levels
+    finally:
+        lib.seesr_pipeline_close(handle)
