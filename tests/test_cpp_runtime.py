@@ -1664,8 +1664,10 @@ PRECISION_CAPABILITY = {"bf16": "BF16", "int8": "INT8", "int8-bf16": "BF16"}
 def _needs_capability(precision: str) -> None:
     capabilities = _cpu_capabilities()
     if PRECISION_CAPABILITY[precision] not in capabilities:
-        pytest.skip(f"precision {precision!r} needs {PRECISION_CAPABILITY[precision]}, which this CPU lacks "
-                    f"(OPTIMIZATION_CAPABILITIES {sorted(capabilities)})")
+        pytest.skip(
+            f"precision {precision!r} needs {PRECISION_CAPABILITY[precision]}, which this CPU lacks "
+            f"(OPTIMIZATION_CAPABILITIES {sorted(capabilities)})"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -1728,10 +1730,9 @@ def test_bf16_engine_matches_the_python_backend(cpp_build, runtime_bundle, tmp_p
     """bf16: OpenVINOBackend's bf16 outputs to the bit, where bf16 itself moves them 1e-3 to 0.4 from fp32 on this
     fixture. Measured (Python bf16 against itself with a step left out): without the f32 timestep path the
     ControlNet's residuals move by up to 0.27 relative L2, without the f16 weights by 1e-2, so each is held."""
-    import numpy as np
-
     _needs_capability("bf16")
-    for name, (native, from_fp32) in _engine_against_python(cpp_build, runtime_bundle, network, "bf16", tmp_path).items():
+    errors = _engine_against_python(cpp_build, runtime_bundle, network, "bf16", tmp_path)
+    for name, (native, from_fp32) in errors.items():
         assert native == 0.0, f"{network} output {name}: relative L2 {native:.2e} from the Python backend's bf16"
         assert from_fp32 > 1e-4, f"{network} output {name}: bf16 is fp32's ({from_fp32:.2e}): the hint did not apply"
 
@@ -1745,7 +1746,8 @@ def test_int8_engine_matches_the_python_backend(cpp_build, int8_bundle, tmp_path
     the bit. Measured from fp32: the Q/DQ graphs 4e-2 to 0.4, the VAE decoder 0 at int8 (its fp32 graph, f32) and
     1e-2 at int8-bf16."""
     _needs_capability(precision)
-    for name, (native, from_fp32) in _engine_against_python(cpp_build, int8_bundle, network, precision, tmp_path).items():
+    errors = _engine_against_python(cpp_build, int8_bundle, network, precision, tmp_path)
+    for name, (native, from_fp32) in errors.items():
         assert native == 0.0, f"{network} output {name}: relative L2 {native:.2e} from the Python backend's {precision}"
         if network == "vae_decoder" and precision == "int8":
             assert from_fp32 == 0.0, f"{network} output {name} is not its fp32 graph's at f32"
@@ -1775,14 +1777,13 @@ def _python_upscale(manifest: Manifest, precision: str, image, options: dict):
     pipeline = SeeSRPipeline(manifest, backend)
     results = {}
     for start_point in ("noise", "lr"):
-        rng = np.random.default_rng(9)
-        results[start_point] = pipeline(
-            image,
-            noise_fn=lambda kind, shape: rng.standard_normal(shape, dtype=np.float32),
-            start_point=start_point,
-            **options,
-        )
+        rng = np.random.default_rng(9)  # NativeUpscale's stream for noise_seed=9
+        results[start_point] = pipeline(image, noise_fn=_standard_normal(rng), start_point=start_point, **options)
     return results
+
+
+def _standard_normal(rng):
+    return lambda kind, shape: rng.standard_normal(shape, dtype=np.float32)
 
 
 @pytest.mark.slow  # every network compiled for this geometry three times (the int8 ones: the int8 bundle too)

@@ -140,8 +140,8 @@ private:
     // The int8 precisions run the bundle's Q/DQ graphs: refused, as by the Python backend, for a bundle without any.
     void check_int8_graphs() const {
         if (policy_.graphs != "int8") return;
-        for (const auto &[name, entry] : manifest_.data()["networks"].items()) {
-            if (entry.is_object() && entry.value("files", Json::object()).contains("int8")) return;
+        for (const Json &entry : manifest_.data()["networks"]) {
+            if (entry.value("files", Json::object()).contains("int8")) return;
         }
         throw bundle_error(manifest_.root().string() + ": no int8 graphs in this bundle for precision '" +
                            policy_.name + "' (build it with --precision int8)");
@@ -207,7 +207,9 @@ private:
             if (compresses_weights(policy_)) compress_weights_to_f16(model);
             auto compiled = std::make_shared<Compiled>(
                 Compiled{core_.compile_model(model, settings_.device, config_), std::nullopt});
-            if (timestep_path) compiled->timestep_path = core_.compile_model(timestep_path, settings_.device, f32_config_);
+            if (timestep_path) {
+                compiled->timestep_path = core_.compile_model(timestep_path, settings_.device, f32_config_);
+            }
             per_network.emplace_back(key, compiled);
             return compiled;
         } catch (const ov::Exception &error) {

@@ -38,8 +38,9 @@ std::shared_ptr<ov::op::v0::Parameter> timestep_parameter(const ov::Model &model
 
 bool all_inputs_in(const ov::Node &op, const NodeSet &a, const NodeSet &b) {
     const ov::OutputVector inputs = op.input_values();
-    return std::all_of(inputs.begin(), inputs.end(),
-                       [&](const ov::Output<ov::Node> &input) { return a.count(input.get_node()) || b.count(input.get_node()); });
+    return std::all_of(inputs.begin(), inputs.end(), [&](const ov::Output<ov::Node> &input) {
+        return a.count(input.get_node()) || b.count(input.get_node());
+    });
 }
 
 // Ops computed from `timestep` and constants alone, in `ops`' topological order. Shapes are static by now, so
@@ -67,9 +68,8 @@ std::vector<ov::Output<ov::Node>> path_boundary(const ov::NodeVector &ops, const
         if (!path.count(op.get())) continue;
         for (const auto &output : op->outputs()) {
             const auto targets = output.get_target_inputs();
-            if (std::any_of(targets.begin(), targets.end(), [&](const ov::Input<ov::Node> &t) { return !path.count(t.get_node()); })) {
-                cut.push_back(output);
-            }
+            const auto outside = [&](const ov::Input<ov::Node> &target) { return !path.count(target.get_node()); };
+            if (std::any_of(targets.begin(), targets.end(), outside)) cut.push_back(output);
         }
     }
     return cut;
