@@ -134,7 +134,10 @@ class OpenVINOBackend:
         _check_device(device, self.core.available_devices)
         self.graphs, self.inference_precision = self._resolve_precision(precision, on_unsupported)
         if self.graphs == "int8" and not any("int8" in e["files"] for e in manifest.data["networks"].values()):
-            raise BundleError(f"{manifest.root}: no int8 graphs in this bundle (build it with --precision int8)")
+            raise BundleError(
+                f"{manifest.root}: no int8 graphs in this bundle for precision {precision!r} "
+                "(build it with --precision int8)"
+            )
         self.keep_f32 = _check_keep_f32(DEFAULT_KEEP_F32 if keep_f32 is None else keep_f32)
         self.config: dict[str, str | int] = {
             "INFERENCE_PRECISION_HINT": self.inference_precision,

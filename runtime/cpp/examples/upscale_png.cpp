@@ -1,7 +1,8 @@
 // seesr-upscale-cpp: a PNG upscaled x4 by the native runtime, from C++ through seesr.hpp.
 //
-//   seesr-upscale-cpp IN.png OUT.png --bundle DIR [--steps N] [--seed N] [--precision fp32|bf16|fp16] [--threads N]
+//   seesr-upscale-cpp IN.png OUT.png --bundle DIR [--steps N] [--seed N] [--precision P] [--threads N]
 //                     [--tiled-vae-spill-dir DIR]
+//   (P: fp32, bf16, fp16, int8, int8-bf16)
 //
 // Exit status: 0 on success; 64 for a usage error; 65 for an unreadable input; 73 for an unwritable output;
 // otherwise the seesr_status of the failing call. Every error is one line on stderr.

@@ -84,7 +84,8 @@ typedef struct seesr_engine_options {
     uint32_t struct_size;  /* sizeof(seesr_engine_options), set by seesr_engine_options_init */
     const char *engine;    /* inference engine: "openvino" (NULL: "openvino") */
     const char *device;    /* engine device: "CPU", "GPU", "AUTO", ... (NULL: "CPU") */
-    const char *precision; /* as the Python runtime's: "fp32", "bf16", "fp16", "int8", "int8-bf16" (NULL: "fp32") */
+    const char *precision; /* as the Python runtime's OpenVINO backend: "fp32", "bf16", "fp16", "int8" or
+                              "int8-bf16" (the int8 ones need a bundle built with int8 graphs); NULL: "fp32" */
     int32_t threads;       /* inference threads; 0: the engine's choice */
     const char *cache_dir; /* compiled-model cache folder; NULL: no cache */
     seesr_verify verify;   /* sha256 check of the bundle's files */

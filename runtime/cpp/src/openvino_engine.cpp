@@ -1,6 +1,8 @@
 // The OpenVINO engine: the bundle's ONNX graphs read by OpenVINO, reshaped to each call's static shapes and
-// compiled once per (network, shapes), as seesr_runtime/openvino_backend.py does for fp32.
+// compiled once per (network, shapes), prepared for each precision as seesr_runtime/openvino_backend.py does
+// (openvino_precision.hpp: the int8 graphs, the f32 timestep path and f16 weights under bf16 / f16).
 #include "engine.hpp"
+#include "openvino_precision.hpp"
 
 #include <openvino/openvino.hpp>
 
@@ -9,6 +11,7 @@
 #include <list>
 #include <map>
 #include <mutex>
+#include <optional>
 
 namespace seesr {
 namespace {
@@ -19,8 +22,7 @@ std::size_t shapes_kept(const std::string &network) {
     return network == "unet" || network == "controlnet" ? 1 : 2;
 }
 
-const std::vector<std::string> kPrecisions = {"fp32", "bf16", "fp16", "int8", "int8-bf16"};  // the Python backend's
-const std::vector<std::string> kVirtualDevices = {"AUTO", "MULTI", "HETERO", "BATCH"};        // OpenVINO picks
+const std::vector<std::string> kVirtualDevices = {"AUTO", "MULTI", "HETERO", "BATCH"};  // OpenVINO picks
 
 std::string joined(const std::vector<std::string> &names) {
     std::string text;
@@ -30,19 +32,36 @@ std::string joined(const std::vector<std::string> &names) {
 
 Failure engine_error(const std::string &message) { return Failure(SEESR_ERROR_ENGINE, message); }
 
+const PrecisionPolicy &checked_policy(const std::string &precision) {
+    const PrecisionPolicy *policy = precision_policy(precision);
+    if (!policy) throw engine_error("openvino precision '" + precision + "' is not one of " + precision_names());
+    return *policy;
+}
+
+ov::element::Type element_type(const std::string &hint) {
+    if (hint == "bf16") return ov::element::bf16;
+    if (hint == "f16") return ov::element::f16;
+    return ov::element::f32;
+}
+
+// One network at one set of shapes: the main compiled model and, when the timestep path runs apart in f32,
+// that model too (its outputs are inputs of the main one).
+struct Compiled {
+    ov::CompiledModel main;
+    std::optional<ov::CompiledModel> timestep_path;
+};
+
 class OpenVinoEngine final : public Engine {
 public:
-    OpenVinoEngine(const Manifest &manifest, const EngineSettings &settings) : manifest_(manifest), settings_(settings) {
-        if (std::find(kPrecisions.begin(), kPrecisions.end(), settings.precision) == kPrecisions.end()) {
-            throw engine_error("openvino precision '" + settings.precision + "' is not one of " + joined(kPrecisions));
-        }
-        if (settings.precision.rfind("int8", 0) == 0) {
-            throw not_implemented("precision '" + settings.precision + "' in the native OpenVINO engine (fp32, bf16 and "
-                                  "fp16 are)");
-        }
+    OpenVinoEngine(const Manifest &manifest, const EngineSettings &settings)
+        : manifest_(manifest), settings_(settings), policy_(checked_policy(settings.precision)) {
         try {
             check_device();
             check_capability();
+            check_int8_graphs();
+            // bf16/f16 arithmetic rounds the weights anyway, so they are held as f16; a mapped f32 file would
+            // stay mapped beside them (the Python backend's reasoning and measurements).
+            if (compresses_weights(policy_)) core_.set_property(ov::enable_mmap(false));
             if (!settings.cache_dir.empty()) {
                 const auto blobs = std::filesystem::path(settings.cache_dir) / "blobs";
                 std::filesystem::create_directories(blobs);
@@ -53,19 +72,32 @@ public:
         } catch (const std::filesystem::filesystem_error &error) {
             throw engine_error("cannot create the cache folder " + settings.cache_dir + ": " + error.what());
         }
-        config_ = {ov::hint::inference_precision(inference_precision()),
+        config_ = {ov::hint::inference_precision(element_type(policy_.hint)),
                    ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY)};
         if (settings.threads > 0) config_.insert(ov::inference_num_threads(settings.threads));
+        f32_config_ = config_;
+        f32_config_[ov::hint::inference_precision.name()] = ov::element::f32;
     }
 
     std::string name() const override { return "openvino"; }
 
     std::vector<Tensor> run(const std::string &network, const std::vector<NamedTensor> &feeds) override {
         const std::vector<std::string> outputs = output_names(manifest_, network);
-        std::shared_ptr<ov::CompiledModel> model = compiled(network, feeds);
+        std::shared_ptr<Compiled> model = compiled(network, feeds);
         try {
-            ov::InferRequest request = model->create_infer_request();
-            for (const NamedTensor &feed : feeds) request.set_tensor(feed.name, host_tensor(feed.tensor));
+            ov::InferRequest request = model->main.create_infer_request();
+            std::optional<ov::InferRequest> timestep_request;
+            if (model->timestep_path) timestep_request = model->timestep_path->create_infer_request();
+            for (const NamedTensor &feed : feeds) {
+                ov::InferRequest &target = timestep_request && feed.name == "timestep" ? *timestep_request : request;
+                target.set_tensor(feed.name, host_tensor(feed.tensor));
+            }
+            if (timestep_request) {
+                timestep_request->infer();
+                for (const ov::Output<const ov::Node> &output : model->timestep_path->outputs()) {
+                    request.set_tensor(output.get_any_name(), timestep_request->get_tensor(output));
+                }
+            }
             request.infer();
             std::vector<Tensor> results;
             for (const std::string &output : outputs) results.push_back(copied(request.get_tensor(output), network, output));
@@ -88,18 +120,11 @@ private:
                            ", or AUTO)");
     }
 
-    // OpenVINO's INFERENCE_PRECISION_HINT for the precision asked for, on the bundle's fp32 graphs (as the
-    // Python backend's PRECISIONS; its f32 timestep path under bf16 is not reproduced here).
-    ov::element::Type inference_precision() const {
-        if (settings_.precision == "bf16") return ov::element::bf16;
-        if (settings_.precision == "fp16") return ov::element::f16;
-        return ov::element::f32;
-    }
-
-    // bf16 and fp16 need the device's BF16 / FP16 capability; refused without it (a library has no warning to
-    // give for the Python backend's fallback to f32). Virtual devices choose for themselves.
+    // bf16, fp16 and the int8 precisions need the device's capability of the Python backend's PRECISIONS table;
+    // refused without it (a library has no warning to give for the Python backend's fallback to f32). Virtual
+    // devices choose for themselves.
     void check_capability() {
-        const std::string needs = settings_.precision == "bf16" ? "BF16" : settings_.precision == "fp16" ? "FP16" : "";
+        const std::string &needs = policy_.capability;
         const std::string &device = settings_.device;
         const std::string kind = device.substr(0, device.find_first_of(":."));
         if (needs.empty() || std::find(kVirtualDevices.begin(), kVirtualDevices.end(), kind) != kVirtualDevices.end()) {
@@ -110,6 +135,25 @@ private:
         std::sort(have.begin(), have.end());
         throw engine_error("OpenVINO device " + device + " cannot run precision '" + settings_.precision +
                            "': its OPTIMIZATION_CAPABILITIES " + joined(have) + " lack '" + needs + "'");
+    }
+
+    // The int8 precisions run the bundle's Q/DQ graphs: refused, as by the Python backend, for a bundle without any.
+    void check_int8_graphs() const {
+        if (policy_.graphs != "int8") return;
+        for (const Json &entry : manifest_.data()["networks"]) {
+            if (entry.value("files", Json::object()).contains("int8")) return;
+        }
+        throw bundle_error(manifest_.root().string() + ": no int8 graphs in this bundle for precision '" +
+                           policy_.name + "' (build it with --precision int8)");
+    }
+
+    // Which of the bundle's graphs `network` runs: the policy's, but int8 bundles quantize only UNet and
+    // ControlNet, so the other networks (and the tiled VAE's segments) run their fp32 graphs.
+    std::string graph_precision(const std::string &network) const {
+        if (policy_.graphs == "int8" && !manifest_.entry(network).value("files", Json::object()).contains("int8")) {
+            return "fp32";
+        }
+        return policy_.graphs;
     }
 
     static ov::Tensor host_tensor(const Tensor &tensor) {
@@ -138,7 +182,7 @@ private:
 
     // The compiled model of `network` for these feeds' shapes: compiled on first use, the least recently used
     // shape of the network dropped beyond shapes_kept (callers still running it keep it alive).
-    std::shared_ptr<ov::CompiledModel> compiled(const std::string &network, const std::vector<NamedTensor> &feeds) {
+    std::shared_ptr<Compiled> compiled(const std::string &network, const std::vector<NamedTensor> &feeds) {
         const std::string key = shapes_key(feeds);
         std::lock_guard<std::mutex> lock(mutex_);
         auto &per_network = compiled_[network];
@@ -149,7 +193,7 @@ private:
             }
         }
         if (per_network.size() >= shapes_kept(network)) per_network.pop_front();
-        const std::filesystem::path graph = manifest_.graph_path(network, "fp32");
+        const std::filesystem::path graph = manifest_.graph_path(network, graph_precision(network));
         try {
             std::shared_ptr<ov::Model> model = core_.read_model(graph.string());
             std::map<std::string, ov::PartialShape> shapes;
@@ -158,7 +202,14 @@ private:
                                                                                 feed.tensor.shape().end()));
             }
             model->reshape(shapes);
-            auto compiled = std::make_shared<ov::CompiledModel>(core_.compile_model(model, settings_.device, config_));
+            std::shared_ptr<ov::Model> timestep_path;
+            if (reduced_hint(policy_) && keeps_timestep_f32(network)) timestep_path = split_timestep_path(model);
+            if (compresses_weights(policy_)) compress_weights_to_f16(model);
+            auto compiled = std::make_shared<Compiled>(
+                Compiled{core_.compile_model(model, settings_.device, config_), std::nullopt});
+            if (timestep_path) {
+                compiled->timestep_path = core_.compile_model(timestep_path, settings_.device, f32_config_);
+            }
             per_network.emplace_back(key, compiled);
             return compiled;
         } catch (const ov::Exception &error) {
@@ -169,10 +220,12 @@ private:
 
     const Manifest &manifest_;
     EngineSettings settings_;
+    const PrecisionPolicy &policy_;
     ov::Core core_;
     ov::AnyMap config_;
+    ov::AnyMap f32_config_;  // the timestep path's: config_ with an f32 inference precision
     std::mutex mutex_;
-    std::map<std::string, std::list<std::pair<std::string, std::shared_ptr<ov::CompiledModel>>>> compiled_;
+    std::map<std::string, std::list<std::pair<std::string, std::shared_ptr<Compiled>>>> compiled_;
 };
 
 }  // namespace

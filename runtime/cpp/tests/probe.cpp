@@ -110,6 +110,7 @@ Json probe_run(const std::string &bundle, const std::string &network, const Json
     seesr::EngineSettings settings;
     settings.device = request.value("device", "CPU");
     settings.threads = request.value("threads", 0);
+    settings.precision = request.value("precision", "fp32");
     auto engine = seesr::create_engine(request.value("engine", "openvino"), manifest, settings);
     std::vector<seesr::NamedTensor> feeds;
     for (const Json &feed : request["feeds"]) {
