@@ -1680,6 +1680,50 @@ def test_the_spill_folder_goes_when_a_segment_fails(lib, runtime_bundle, tmp_pat
     assert list(spill.iterdir()) == []
 
 
+# Run in a child process: one upscale of the tiled geometry with the spill folder, files limited to 4 KiB
+# (RLIMIT_FSIZE, SIGXFSZ ignored so a write past it fails with EFBIG instead of killing the process).
+_LIMITED_SPILL = """
+import ctypes, json, resource, signal, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import seesr_capi as capi
+lib = capi.load_library(sys.argv[2])
+pipeline = capi.open_pipeline(lib, sys.argv[3], verify=capi.VERIFY_NEVER, threads=1,
+                              tiled_vae_spill_dir=sys.argv[4].encode())
+options = ctypes.c_void_p()
+capi.call(lib, "seesr_options_create", pipeline, ctypes.byref(options))
+for name, value in json.loads(sys.argv[5]).items():
+    if isinstance(value, str):
+        capi.call(lib, "seesr_options_set_string", options, name.encode(), value.encode())
+    else:
+        capi.call(lib, "seesr_options_set_int", options, name.encode(), value)
+rows = np.random.default_rng(0).integers(0, 256, (40, 72 * 3), dtype=np.uint8)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+out = ctypes.c_void_p()
+status = lib.seesr_upscale(pipeline, rows.ctypes.data_as(ctypes.c_void_p), 72, 40, 72 * 3, options, ctypes.byref(out))
+print(json.dumps({"status": status, "message": lib.seesr_last_error().decode(), "image": out.value}))
+"""
+
+
+def test_a_spill_write_past_the_file_size_limit_is_out_of_memory(cpp_build, runtime_bundle, tmp_path):
+    """A tile state that cannot be written in full (here the file-size limit; a full disk alike): the upscale
+    fails with SEESR_ERROR_OUT_OF_MEMORY naming the file, no image, and neither the partial file nor the
+    folder is left."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    arguments = [CPP / "python", cpp_build / "libseesr.so", runtime_bundle, spill, json.dumps(SPILL_CASE)]
+    run = subprocess.run(
+        [sys.executable, "-c", _LIMITED_SPILL, *map(str, arguments)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout.splitlines()[-1])
+    assert answer["status"] == STATUS["SEESR_ERROR_OUT_OF_MEMORY"] and answer["image"] is None, answer
+    assert answer["message"].startswith(f"cannot write the tiled VAE's tile state {spill}/seesr-tiles-"), answer
+    assert answer["message"].endswith("/1.f32: File too large"), answer
+    assert list(spill.iterdir()) == []
+
+
 def _a_file(tmp_path: Path) -> Path:
     file = tmp_path / "file"
     file.write_text("")

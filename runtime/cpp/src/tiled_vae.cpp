@@ -126,11 +126,11 @@ Tensor assemble_tiles(const std::vector<Tensor> &tiles, const std::vector<TileBo
 const char kSpillExpected[] =
     "expected an existing folder the tiled VAE can write its tile states in (or NULL to keep them in memory)";
 
-// A failure writing or reading a spill file: a full disk is the spill's out-of-memory; anything else means
-// the folder given at open stopped serving (removed, remounted read-only, failing).
+// A failure writing or reading a spill file: a full disk (or a file-size limit) is the spill's out-of-memory;
+// anything else means the folder given at open stopped serving (removed, remounted read-only, failing).
 Failure spill_error(const std::string &action, const std::filesystem::path &file, int error) {
-    const seesr_status status =
-        error == ENOSPC || error == EDQUOT ? SEESR_ERROR_OUT_OF_MEMORY : SEESR_ERROR_INVALID_ARGUMENT;
+    const bool full = error == ENOSPC || error == EDQUOT || error == EFBIG;
+    const seesr_status status = full ? SEESR_ERROR_OUT_OF_MEMORY : SEESR_ERROR_INVALID_ARGUMENT;
     return Failure(status, "cannot " + action + " the tiled VAE's tile state " + file.string() + ": " +
                                std::strerror(error));
 }
