@@ -1625,7 +1625,7 @@ def watching(folder: Path):
         poller.join()
 
 
-@pytest.mark.slow  # compiles the tiled geometry's networks for a second pipeline: ~30 s on 2 cores
+@pytest.mark.slow  # compiles the tiled geometry's networks for a second pipeline: 45 s alone on 2 cores
 def test_spilled_tile_states_give_the_same_image(lib, runtime_bundle, native_one_thread, tmp_path):
     """With tiled_vae_spill_dir the tile states wait in files of a private folder made there per tiled-VAE run
     (mode 0700, the files 0666 less the umask), the image is byte-identical to the in-memory run, and nothing is
