@@ -6,12 +6,14 @@ of the libraries it builds against (nlohmann-json, utf8proc, OpenVINO) the tests
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -281,7 +283,7 @@ def test_rules_between_options_are_checked_at_the_call(lib, pipeline):
 def test_cpp_wrapper(cpp_build, runtime_bundle):
     run = subprocess.run([cpp_build / "seesr_wrapper_test", str(runtime_bundle)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 13, run.stdout
+    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 14, run.stdout
 
 
 def test_c_example(cpp_build, runtime_bundle, tmp_path):
@@ -335,8 +337,21 @@ def test_upscale_png_command(cpp_build, runtime_bundle, tmp_path):
         (["not.png", "out.png", "--bundle", "BUNDLE"], 65, "not.png: not a readable PNG"),
         (["in.png", "out.png", "--bundle", "missing"], 2, "missing: not a SeeSR bundle (no manifest.json)"),
         (["in.png", "out.png", "--bundle", "BUNDLE", "--steps", "0"], 3, "steps must be in [1, 1000], got 0"),
+        (
+            ["in.png", "out.png", "--bundle", "BUNDLE", "--tiled-vae-spill-dir", "spill"],
+            1,
+            "tiled_vae_spill_dir 'spill' does not exist; expected an existing folder",
+        ),
     ],
-    ids=["usage", "steps-not-a-number", "unknown-option", "not-a-png", "missing-bundle", "steps-out-of-range"],
+    ids=[
+        "usage",
+        "steps-not-a-number",
+        "unknown-option",
+        "not-a-png",
+        "missing-bundle",
+        "steps-out-of-range",
+        "missing-spill-dir",
+    ],
 )
 def test_upscale_png_command_refusals(cpp_build, runtime_bundle, tmp_path, arguments, code, message):
     command = _upscale_png_command(cpp_build)
@@ -1566,6 +1581,222 @@ def test_a_bundle_without_tiled_vae_graphs_asks_for_untiled(lib, runtime_bundle,
         assert native(image, **small_tiles, tiled_vae=False).shape == (160, 288, 3)
     finally:
         lib.seesr_pipeline_close(handle)
+
+
+# ---------------------------------------------------------------- tiled VAE states spilled to files
+
+# 72x40 at these options tiles both VAE halves (as UPSCALE_CASES' "tiled-vae" does); the seed option, so repeatable.
+SPILL_CASE = dict(
+    steps=1, process_size=128, vae_encoder_tile_size=64, vae_decoder_tile_size=8, color_fix="none", seed=5
+)
+SPILL_EXPECTED = (
+    "expected an existing folder the tiled VAE can write its tile states in (or NULL to keep them in memory)"
+)
+
+
+def open_spilling(lib, bundle, spill: Path):
+    return open_pipeline(lib, bundle, threads=1, tiled_vae_spill_dir=str(spill).encode())
+
+
+@contextlib.contextmanager
+def watching(folder: Path):
+    """What appears in `folder` while the body runs, seen by a thread polling it every 2 ms (the upscale's ctypes
+    call releases the GIL): a set of (path relative to `folder`, is a folder, permission bits)."""
+    seen: set = set()
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                for top, folders, files in os.walk(folder):
+                    for name, is_folder in [(n, True) for n in folders] + [(n, False) for n in files]:
+                        path = Path(top) / name
+                        seen.add((str(path.relative_to(folder)), is_folder, path.stat().st_mode & 0o777))
+            except FileNotFoundError:  # removed between listing and stat: the next round sees the rest
+                pass
+            stop.wait(0.002)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        poller.join()
+
+
+@pytest.mark.slow  # compiles the tiled geometry's networks for a second pipeline: 45 s alone on 2 cores
+def test_spilled_tile_states_give_the_same_image(lib, runtime_bundle, native_one_thread, tmp_path):
+    """With tiled_vae_spill_dir the tile states wait in files of a private folder made there per tiled-VAE run
+    (mode 0700, the files 0666 less the umask), the image is byte-identical to the in-memory run, and nothing is
+    left behind: neither by the check on open, nor by the upscale, nor by a cancelled one."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    image = _upscale_image(72, 40)
+    expected = NativeUpscale(lib, native_one_thread)(image, **SPILL_CASE)
+    handle = open_spilling(lib, runtime_bundle, spill)
+    try:
+        assert list(spill.iterdir()) == []
+        with watching(spill) as seen:
+            got = NativeUpscale(lib, handle)(image, **SPILL_CASE)
+        assert list(spill.iterdir()) == []
+        with pytest.raises(SeeSRError) as cancelled:
+            NativeUpscale(lib, handle, cancel_at=1)(image, **{**SPILL_CASE, "steps": 2})
+        assert cancelled.value.status == STATUS["SEESR_ERROR_CANCELLED"]
+        assert list(spill.iterdir()) == []
+    finally:
+        lib.seesr_pipeline_close(handle)
+    assert np.array_equal(got, expected)
+    folders = {path for path, is_folder, mode in seen if is_folder}
+    files = {(path, mode) for path, is_folder, mode in seen if not is_folder}
+    assert len(folders) >= 1 and all(Path(path).name.startswith("seesr-tiles-") for path in folders), seen
+    assert {mode for path, is_folder, mode in seen if is_folder} == {0o700}
+    assert len(files) >= 12 and {Path(path).parent.as_posix() for path, _ in files} <= folders, seen
+    assert {mode for _, mode in files} == {0o666 & ~_umask()}
+
+
+def test_the_spill_folder_goes_when_a_segment_fails(lib, runtime_bundle, tmp_path):
+    """A failure in the middle of the tiled VAE (its second segment's graph damaged, found when that segment
+    first runs), its tile states spilled by the first: the upscale fails naming the graph and leaves nothing
+    in the spill folder."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(runtime_bundle, bundle, copy_function=os.link)
+    graph = bundle / "onnx" / "fp32" / "vae_encoder_tiled" / "segment_01.onnx"
+    graph.unlink()  # a new file, not the shared hard link's data
+    graph.write_bytes(b"not an ONNX graph")
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    handle = open_spilling(lib, bundle, spill)
+    try:
+        with watching(spill) as seen, pytest.raises(SeeSRError) as failed:
+            NativeUpscale(lib, handle)(_upscale_image(72, 40), **SPILL_CASE)
+    finally:
+        lib.seesr_pipeline_close(handle)
+    assert failed.value.status == STATUS["SEESR_ERROR_BUNDLE"]
+    assert "vae_encoder#1 fp32 graph 'onnx/fp32/vae_encoder_tiled/segment_01.onnx' is not a readable ONNX file" in (
+        failed.value.message
+    )
+    assert any(path.endswith(".f32") for path, _, _ in seen), seen  # the states were spilled when it failed
+    assert list(spill.iterdir()) == []
+
+
+# Run in a child process: one upscale of the tiled geometry with the spill folder, files limited to 4 KiB
+# (RLIMIT_FSIZE, SIGXFSZ ignored so a write past it fails with EFBIG instead of killing the process).
+_LIMITED_SPILL = """
+import ctypes, json, resource, signal, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import seesr_capi as capi
+lib = capi.load_library(sys.argv[2])
+pipeline = capi.open_pipeline(lib, sys.argv[3], verify=capi.VERIFY_NEVER, threads=1,
+                              tiled_vae_spill_dir=sys.argv[4].encode())
+options = ctypes.c_void_p()
+capi.call(lib, "seesr_options_create", pipeline, ctypes.byref(options))
+for name, value in json.loads(sys.argv[5]).items():
+    if isinstance(value, str):
+        capi.call(lib, "seesr_options_set_string", options, name.encode(), value.encode())
+    else:
+        capi.call(lib, "seesr_options_set_int", options, name.encode(), value)
+rows = np.random.default_rng(0).integers(0, 256, (40, 72 * 3), dtype=np.uint8)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+out = ctypes.c_void_p()
+status = lib.seesr_upscale(pipeline, rows.ctypes.data_as(ctypes.c_void_p), 72, 40, 72 * 3, options, ctypes.byref(out))
+print(json.dumps({"status": status, "message": lib.seesr_last_error().decode(), "image": out.value}))
+"""
+
+
+def test_a_spill_write_past_the_file_size_limit_is_out_of_memory(cpp_build, runtime_bundle, tmp_path):
+    """A tile state that cannot be written in full (here the file-size limit; a full disk alike): the upscale
+    fails with SEESR_ERROR_OUT_OF_MEMORY naming the file, no image, and neither the partial file nor the
+    folder is left."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    arguments = [CPP / "python", cpp_build / "libseesr.so", runtime_bundle, spill, json.dumps(SPILL_CASE)]
+    run = subprocess.run(
+        [sys.executable, "-c", _LIMITED_SPILL, *map(str, arguments)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout.splitlines()[-1])
+    assert answer["status"] == STATUS["SEESR_ERROR_OUT_OF_MEMORY"] and answer["image"] is None, answer
+    assert answer["message"].startswith(f"cannot write the tiled VAE's tile state {spill}/seesr-tiles-"), answer
+    assert answer["message"].endswith("/1.f32: File too large"), answer
+    assert list(spill.iterdir()) == []
+
+
+def _a_file(tmp_path: Path) -> Path:
+    file = tmp_path / "file"
+    file.write_text("")
+    return file
+
+
+def _read_only_folder(tmp_path: Path) -> Path:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder: no refusal to check")
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "make_spill,problem",
+    [
+        (lambda tmp_path: tmp_path / "missing", "does not exist"),
+        (lambda tmp_path: tmp_path / "missing" / "spill", "does not exist"),
+        (_a_file, "is not a folder"),
+        (_read_only_folder, "is not writable (Permission denied)"),
+    ],
+    ids=["missing", "missing-parent", "a-file", "read-only"],
+)
+def test_a_spill_dir_that_cannot_hold_states_is_refused_on_open(lib, runtime_bundle, tmp_path, make_spill, problem):
+    spill = make_spill(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SeeSRError) as refused:
+        open_spilling(lib, runtime_bundle, spill)
+    assert refused.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"]
+    assert refused.value.message == f"tiled_vae_spill_dir '{spill}' {problem}; {SPILL_EXPECTED}"
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_an_empty_spill_dir_is_refused(lib, runtime_bundle):
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, runtime_bundle, tiled_vae_spill_dir=b"")
+    assert refused.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"]
+    assert refused.value.message == f'tiled_vae_spill_dir is ""; {SPILL_EXPECTED}'
+
+
+def test_a_spill_dir_removed_after_open_is_refused_at_the_tiled_vae(lib, runtime_bundle, tmp_path):
+    """The folder is checked on open and used at each tiled-VAE run: gone by then, the upscale fails there
+    naming it, before any tile runs."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    handle = open_spilling(lib, runtime_bundle, spill)
+    try:
+        spill.rmdir()
+        with pytest.raises(SeeSRError) as refused:
+            NativeUpscale(lib, handle)(_upscale_image(72, 40), **SPILL_CASE)
+    finally:
+        lib.seesr_pipeline_close(handle)
+    assert refused.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"]
+    assert refused.value.message == f"tiled_vae_spill_dir '{spill}' does not exist; {SPILL_EXPECTED}"
+    assert not spill.exists()
+
+
+def test_an_engine_options_struct_of_the_first_release_still_opens(lib, runtime_bundle):
+    """A caller built before tiled_vae_spill_dir passes the shorter struct_size: the library opens with it and
+    reads nothing past it (here a spill folder that would be refused); shorter than the first release's is refused."""
+    first_release = capi.EngineOptions.tiled_vae_spill_dir.offset
+    smallest = capi.EngineOptions.verify.offset + ctypes.sizeof(ctypes.c_int)
+    for size in (first_release, smallest):
+        handle = open_pipeline(lib, runtime_bundle, struct_size=size, tiled_vae_spill_dir=b"/nonexistent/spill")
+        lib.seesr_pipeline_close(handle)
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, runtime_bundle, struct_size=smallest - 1)
+    assert refused.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"]
+    assert f"struct_size is {smallest - 1}, expected at least {smallest}" in refused.value.message
+    with pytest.raises(SeeSRError) as current:
+        open_pipeline(lib, runtime_bundle, tiled_vae_spill_dir=b"/nonexistent/spill")
+    assert "tiled_vae_spill_dir '/nonexistent/spill' does not exist" in current.value.message
 
 
 @pytest.mark.parametrize(

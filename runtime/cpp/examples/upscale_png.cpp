@@ -1,6 +1,7 @@
 // seesr-upscale-cpp: a PNG upscaled x4 by the native runtime, from C++ through seesr.hpp.
 //
 //   seesr-upscale-cpp IN.png OUT.png --bundle DIR [--steps N] [--seed N] [--precision P] [--threads N]
+//                     [--tiled-vae-spill-dir DIR]
 //   (P: fp32, bf16, fp16, int8, int8-bf16)
 //
 // Exit status: 0 on success; 64 for a usage error; 65 for an unreadable input; 73 for an unwritable output;
@@ -21,7 +22,8 @@
 namespace {
 
 const char *const USAGE =
-    "usage: seesr-upscale-cpp IN.png OUT.png --bundle DIR [--steps N] [--seed N] [--precision P] [--threads N]";
+    "usage: seesr-upscale-cpp IN.png OUT.png --bundle DIR [--steps N] [--seed N] [--precision P] [--threads N] "
+    "[--tiled-vae-spill-dir DIR]";
 
 struct Arguments {
     std::string input, output;
@@ -41,7 +43,8 @@ std::string parse(int argc, char **argv, Arguments &args) {
         }
     }
     for (const auto &[name, _] : args.flags) {
-        if (name != "bundle" && name != "steps" && name != "seed" && name != "precision" && name != "threads") {
+        if (name != "bundle" && name != "steps" && name != "seed" && name != "precision" && name != "threads" &&
+            name != "tiled-vae-spill-dir") {
             return "error: unknown option --" + name;
         }
     }
@@ -119,6 +122,7 @@ int main(int argc, char **argv) {
         seesr::EngineOptions engine;
         if (args.flags.count("precision")) engine.precision = args.flags["precision"];
         engine.threads = static_cast<int>(threads);
+        if (args.flags.count("tiled-vae-spill-dir")) engine.tiled_vae_spill_dir = args.flags["tiled-vae-spill-dir"];
         seesr::Pipeline pipeline(args.flags["bundle"], engine);
         seesr::Options options(pipeline);
         if (args.flags.count("steps")) options.set("steps", static_cast<std::int64_t>(steps));

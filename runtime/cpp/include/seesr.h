@@ -89,6 +89,14 @@ typedef struct seesr_engine_options {
     int32_t threads;       /* inference threads; 0: the engine's choice */
     const char *cache_dir; /* compiled-model cache folder; NULL: no cache */
     seesr_verify verify;   /* sha256 check of the bundle's files */
+    /* Added after the first release (a caller built before it passes the shorter struct_size, which is read as
+       NULL): a folder (UTF-8) where the tiled VAE keeps the tile states waiting at each GroupNorm, in files of a
+       private temporary folder made there for each tiled-VAE run (encoder, decoder) and removed when that ends
+       (failed or cancelled too), instead of in memory. Resident memory then follows one tile rather than the image, at the cost of disk traffic,
+       with the same result. It must exist and be writable (SEESR_ERROR_INVALID_ARGUMENT on open otherwise, and
+       from an upscale that finds it gone); a full disk (or file-size limit) during an upscale is
+       SEESR_ERROR_OUT_OF_MEMORY, naming the file. NULL: in memory. */
+    const char *tiled_vae_spill_dir;
 } seesr_engine_options;
 
 SEESR_API seesr_status seesr_engine_options_init(seesr_engine_options *options);

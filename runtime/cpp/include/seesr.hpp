@@ -72,6 +72,7 @@ struct EngineOptions {
     int threads = 0;
     std::string cache_dir;  // empty: no cache
     seesr_verify verify = SEESR_VERIFY_AUTO;
+    std::string tiled_vae_spill_dir;  // empty: the tiled VAE's waiting tile states stay in memory (seesr.h)
 };
 
 class Image {
@@ -101,6 +102,7 @@ public:
         raw.threads = engine.threads;
         raw.cache_dir = engine.cache_dir.empty() ? nullptr : engine.cache_dir.c_str();
         raw.verify = engine.verify;
+        raw.tiled_vae_spill_dir = engine.tiled_vae_spill_dir.empty() ? nullptr : engine.tiled_vae_spill_dir.c_str();
         seesr_pipeline *opened = nullptr;
         detail::check(seesr_pipeline_open(bundle.c_str(), &raw, &opened));
         handle_ = detail::Handle<seesr_pipeline, seesr_pipeline_close>(opened);

@@ -30,6 +30,7 @@ class EngineOptions(ctypes.Structure):
         ("threads", ctypes.c_int32),
         ("cache_dir", ctypes.c_char_p),
         ("verify", ctypes.c_int),
+        ("tiled_vae_spill_dir", ctypes.c_char_p),
     ]
 
 

@@ -4,11 +4,15 @@
 
 #include "failure.hpp"
 #include "pipeline.hpp"
+#include "tiled_vae.hpp"
 #include "unicode_text.hpp"
 #include "verification.hpp"
 #include "version.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <new>
@@ -75,13 +79,29 @@ void require(const T *pointer, const char *what) {
 
 std::string text_or(const char *value, const char *fallback) { return value != nullptr ? value : fallback; }
 
-void check_engine_options(const seesr_engine_options &options) {
-    if (options.struct_size < sizeof(seesr_engine_options)) {
+// The first release's seesr_engine_options ended with `verify`: a caller built against it passes this size or
+// its padded sizeof, and the fields added since keep their defaults.
+constexpr std::size_t kFirstEngineOptionsSize = offsetof(seesr_engine_options, verify) + sizeof(seesr_verify);
+
+// The caller's options (NULL: the defaults) as this version's full struct: fields beyond a shorter struct_size
+// keep the defaults of seesr_engine_options_init, fields beyond ours are not read.
+seesr_engine_options read_engine_options(const seesr_engine_options *given) {
+    seesr_engine_options options;
+    seesr_engine_options_init(&options);
+    if (given == nullptr) return options;
+    if (given->struct_size < kFirstEngineOptionsSize) {
         throw seesr::Failure(SEESR_ERROR_INVALID_ARGUMENT,
-                             "seesr_engine_options.struct_size is " + std::to_string(options.struct_size) +
-                                 ", expected " + std::to_string(sizeof(seesr_engine_options)) +
-                                 " (initialise it with seesr_engine_options_init)");
+                             "seesr_engine_options.struct_size is " + std::to_string(given->struct_size) +
+                                 ", expected at least " + std::to_string(kFirstEngineOptionsSize) + " (this version's is " +
+                                 std::to_string(sizeof(seesr_engine_options)) +
+                                 "; initialise it with seesr_engine_options_init)");
     }
+    std::memcpy(&options, given, std::min<std::size_t>(given->struct_size, sizeof(seesr_engine_options)));
+    options.struct_size = sizeof(seesr_engine_options);
+    return options;
+}
+
+void check_engine_options(const seesr_engine_options &options) {
     if (options.threads < 0) {
         throw seesr::Failure(SEESR_ERROR_INVALID_ARGUMENT,
                              "threads must be >= 0 (0: the engine's choice), got " + std::to_string(options.threads));
@@ -90,6 +110,8 @@ void check_engine_options(const seesr_engine_options &options) {
         throw seesr::Failure(SEESR_ERROR_INVALID_ARGUMENT, "verify must be SEESR_VERIFY_AUTO, _ALWAYS or _NEVER, got " +
                                                                std::to_string(static_cast<int>(options.verify)));
     }
+    // On open rather than at the first tiled upscale, which may come hours later or never for small images.
+    if (options.tiled_vae_spill_dir != nullptr) seesr::check_spill_dir(options.tiled_vae_spill_dir);
 }
 
 void check_image_arguments(const std::uint8_t *rgb, std::int32_t width, std::int32_t height, std::int32_t stride) {
@@ -184,9 +206,7 @@ seesr_status seesr_pipeline_open(const char *bundle_path, const seesr_engine_opt
         require(bundle_path, "bundle_path");
         require(out, "out");
         *out = nullptr;
-        seesr_engine_options defaults;
-        seesr_engine_options_init(&defaults);
-        const seesr_engine_options &engine = options != nullptr ? *options : defaults;
+        const seesr_engine_options engine = read_engine_options(options);
         check_engine_options(engine);
         if (engine.verify != SEESR_VERIFY_NEVER) {
             seesr::verify_bundle(seesr::Manifest::load(bundle_path), engine.verify == SEESR_VERIFY_ALWAYS
@@ -194,7 +214,7 @@ seesr_status seesr_pipeline_open(const char *bundle_path, const seesr_engine_opt
                                                                           : seesr::VerifyMode::automatic);
         }
         auto opened = std::make_unique<seesr::Pipeline>(bundle_path, text_or(engine.engine, "openvino"),
-                                                        engine_settings(engine));
+                                                        engine_settings(engine), text_or(engine.tiled_vae_spill_dir, ""));
         const seesr::Json &data = opened->manifest().data();
         std::string exporter = data["provenance"].value("/versions/seesr_export"_json_pointer, std::string());
         std::string name = data["name"].get<std::string>();

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 namespace seesr {
 namespace {
@@ -71,7 +72,8 @@ Pipeline::Tagger Pipeline::read_tagger(const Manifest &manifest) {
     return read;
 }
 
-Pipeline::Pipeline(const std::filesystem::path &bundle, const std::string &engine, const EngineSettings &settings)
+Pipeline::Pipeline(const std::filesystem::path &bundle, const std::string &engine, const EngineSettings &settings,
+                   std::filesystem::path tiled_vae_spill_dir)
     : manifest_(Manifest::load(bundle)),
       options_(std::make_shared<const OptionTable>(
           OptionTable::from_pipeline(manifest_.data()["pipeline"], manifest_.root().string()))),
@@ -95,6 +97,7 @@ Pipeline::Pipeline(const std::filesystem::path &bundle, const std::string &engin
                            ", expected a timestep in 0.." + std::to_string(scheduler_config_.num_train_timesteps - 1));
     }
     start_step_ = start.get<std::int64_t>();
+    tiled_vae_spill_dir_ = std::move(tiled_vae_spill_dir);
     engine_ = create_engine(engine, manifest_, settings);
 }
 

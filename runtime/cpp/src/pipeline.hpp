@@ -48,8 +48,10 @@ std::string format_prompt(const std::string &templ, const std::map<std::string, 
 
 class Pipeline {
 public:
-    // Read the bundle (manifest, options table, tokenizer, tagger) and start its engine.
-    Pipeline(const std::filesystem::path &bundle, const std::string &engine, const EngineSettings &settings);
+    // Read the bundle (manifest, options table, tokenizer, tagger) and start its engine. `tiled_vae_spill_dir`:
+    // where the tiled VAE keeps its waiting tile states (run_tiled_vae); empty: in memory.
+    Pipeline(const std::filesystem::path &bundle, const std::string &engine, const EngineSettings &settings,
+             std::filesystem::path tiled_vae_spill_dir = {});
 
     const Manifest &manifest() const { return manifest_; }
     const std::shared_ptr<const OptionTable> &options() const { return options_; }
@@ -104,6 +106,7 @@ private:
     DdpmConfig scheduler_config_;
     float scaling_factor_ = 0.0f;
     std::int64_t start_step_ = 0;
+    std::filesystem::path tiled_vae_spill_dir_;  // empty: tile states in memory
     std::unique_ptr<Engine> engine_;  // runs over manifest_, so declared (and destroyed) after it
 };
 

@@ -1,7 +1,15 @@
 #include "tiled_vae.hpp"
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <optional>
+#include <system_error>
+#include <utility>
+
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
 
 namespace seesr {
 namespace {
@@ -115,7 +123,145 @@ Tensor assemble_tiles(const std::vector<Tensor> &tiles, const std::vector<TileBo
     return Tensor::f32({first[0], first[1], height, width}, std::move(result));
 }
 
+const char kSpillExpected[] =
+    "expected an existing folder the tiled VAE can write its tile states in (or NULL to keep them in memory)";
+
+// A failure writing or reading a spill file: a full disk (or a file-size limit) is the spill's out-of-memory;
+// anything else means the folder given at open stopped serving (removed, remounted read-only, failing).
+Failure spill_error(const std::string &action, const std::filesystem::path &file, int error) {
+    const bool full = error == ENOSPC || error == EDQUOT || error == EFBIG;
+    const seesr_status status = full ? SEESR_ERROR_OUT_OF_MEMORY : SEESR_ERROR_INVALID_ARGUMENT;
+    return Failure(status, "cannot " + action + " the tiled VAE's tile state " + file.string() + ": " +
+                               std::strerror(error));
+}
+
+class FileDescriptor {
+public:
+    explicit FileDescriptor(int fd) : fd_(fd) {}
+    FileDescriptor(const FileDescriptor &) = delete;
+    FileDescriptor &operator=(const FileDescriptor &) = delete;
+    ~FileDescriptor() {
+        if (fd_ >= 0) ::close(fd_);
+    }
+    int get() const { return fd_; }
+    int release() { return std::exchange(fd_, -1); }
+
+private:
+    int fd_;
+};
+
+// `size` bytes of `data` into a new file (mode 0666 less the umask, as any file the user writes), or a failure
+// and no file.
+void write_file(const std::filesystem::path &file, const void *data, std::size_t size) {
+    FileDescriptor fd(::open(file.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666));
+    if (fd.get() < 0) throw spill_error("write", file, errno);
+    const char *bytes = static_cast<const char *>(data);
+    int error = 0;
+    while (size > 0 && error == 0) {
+        const ssize_t written = ::write(fd.get(), bytes, size);
+        if (written < 0 && errno != EINTR) error = errno;
+        if (written > 0) bytes += written, size -= static_cast<std::size_t>(written);
+    }
+    if (::close(fd.release()) != 0 && error == 0) error = errno;  // a delayed write error (NFS, quotas) shows here
+    if (error != 0) {
+        ::unlink(file.c_str());
+        throw spill_error("write", file, error);
+    }
+}
+
+void read_file(const std::filesystem::path &file, void *data, std::size_t size) {
+    FileDescriptor fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd.get() < 0) throw spill_error("read", file, errno);
+    char *bytes = static_cast<char *>(data);
+    while (size > 0) {
+        const ssize_t got = ::read(fd.get(), bytes, size);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) throw spill_error("read", file, errno);
+        if (got == 0) throw spill_error("read", file, ENODATA);  // shortened since it was written
+        bytes += got, size -= static_cast<std::size_t>(got);
+    }
+}
+
+// The tensors each tile carries from one segment to the next (its hidden state, a residual), as
+// seesr_runtime/tiled_vae.py's TileStates holds them: in memory, or each in a file of a private folder in the
+// spill folder, read back when its tile runs, so resident memory stays near one tile's states whatever the
+// image size. Replacing a state deletes its file; the folder goes with the object, however the upscale ends.
+class TileStates {
+public:
+    enum Kind : std::size_t { hidden = 0, residual = 1 };
+
+    TileStates(std::size_t tiles, const std::filesystem::path &spill_dir)
+        : tiles_(tiles), slots_(2 * tiles), folder_(spill_dir.empty() ? spill_dir : make_spill_folder(spill_dir)) {}
+    TileStates(const TileStates &) = delete;
+    TileStates &operator=(const TileStates &) = delete;
+    ~TileStates() {
+        if (folder_.empty()) return;
+        std::error_code ignored;  // nothing to report to from a destructor; the folder is ours alone
+        std::filesystem::remove_all(folder_, ignored);
+    }
+
+    void put(Kind kind, std::size_t tile, std::optional<Tensor> state) {
+        Slot &slot = slots_[kind * tiles_ + tile];
+        if (!slot.file.empty()) ::unlink(slot.file.c_str());
+        slot = Slot();
+        if (!state || folder_.empty()) {
+            slot.held = std::move(state);
+            return;
+        }
+        const std::filesystem::path file = folder_ / (std::to_string(++writes_) + ".f32");
+        write_file(file, state->f32_data(), state->count() * sizeof(float));
+        slot.file = file;
+        slot.shape = state->shape();
+    }
+
+    // The state, read back from its file when spilled; none when none was put.
+    std::optional<Tensor> get(Kind kind, std::size_t tile) const {
+        const Slot &slot = slots_[kind * tiles_ + tile];
+        if (slot.file.empty()) return slot.held;
+        std::vector<float> values(element_count(slot.shape));
+        read_file(slot.file, values.data(), values.size() * sizeof(float));
+        return Tensor::f32(slot.shape, std::move(values));
+    }
+
+private:
+    struct Slot {
+        std::optional<Tensor> held;  // in memory
+        std::filesystem::path file;  // or spilled: raw float32 of `shape`
+        Shape shape;
+    };
+    std::size_t tiles_;
+    std::vector<Slot> slots_;  // [kind * tiles + tile]
+    std::filesystem::path folder_;  // empty: in memory
+    std::size_t writes_ = 0;
+};
+
 }  // namespace
+
+std::filesystem::path make_spill_folder(const std::filesystem::path &spill_dir) {
+    std::string name = (spill_dir / "seesr-tiles-XXXXXX").string();
+    if (::mkdtemp(name.data()) != nullptr) return name;
+    const int error = errno;
+    const std::string quoted = "tiled_vae_spill_dir '" + spill_dir.string() + "'";
+    std::string problem;
+    if (error == ENOENT) {
+        problem = quoted + " does not exist";
+    } else if (error == ENOTDIR) {
+        problem = quoted + " is not a folder";
+    } else if (error == EACCES || error == EPERM || error == EROFS) {
+        problem = quoted + " is not writable (" + std::strerror(error) + ")";
+    } else {
+        problem = "cannot make a folder in " + quoted + " (" + std::strerror(error) + ")";
+    }
+    throw Failure(SEESR_ERROR_INVALID_ARGUMENT, problem + "; " + kSpillExpected);
+}
+
+void check_spill_dir(const std::filesystem::path &spill_dir) {
+    if (spill_dir.empty()) {
+        throw Failure(SEESR_ERROR_INVALID_ARGUMENT, std::string("tiled_vae_spill_dir is \"\"; ") + kSpillExpected);
+    }
+    std::error_code ignored;  // an empty folder of ours: removing it cannot fail in a way worth refusing for
+    std::filesystem::remove(make_spill_folder(spill_dir), ignored);
+}
 
 TiledVaeLayout TiledVaeLayout::for_network(const std::string &network) {
     if (network == "vae_encoder") return {32, false};
@@ -155,17 +301,18 @@ void split_tiles(std::int64_t height, std::int64_t width, std::int64_t tile, con
 }
 
 std::vector<Tensor> run_tiled_vae(Engine &engine, const Manifest &manifest, const std::string &network, const Tensor &x,
-                                  std::int64_t tile) {
+                                  std::int64_t tile, const std::filesystem::path &spill_dir) {
     const std::int64_t batch = x.shape()[0], height = x.shape()[2], width = x.shape()[3];
     const TiledEntry tiled = read_tiled(manifest, network, width, height);
     const TiledVaeLayout layout = {tiled.pad, network == "vae_decoder"};
     std::vector<TileBox> inputs, outputs;
     split_tiles(height, width, tile, layout, inputs, outputs);
 
-    // Each tile's hidden state (and residual, where a segment hands one on) between segments.
-    std::vector<Tensor> hidden;
-    std::vector<std::optional<Tensor>> residual(inputs.size());
-    for (const TileBox &box : inputs) hidden.push_back(crop(x, box.y0, box.y1, box.x0, box.x1));
+    TileStates states(inputs.size(), spill_dir);
+    for (std::size_t t = 0; t < inputs.size(); ++t) {
+        const TileBox &box = inputs[t];
+        states.put(TileStates::hidden, t, crop(x, box.y0, box.y1, box.x0, box.x1));
+    }
     std::vector<std::vector<Tensor>> results;
     for (std::size_t k = 0; k < tiled.segments.size(); ++k) {
         const Segment &segment = tiled.segments[k];
@@ -174,7 +321,8 @@ std::vector<Tensor> run_tiled_vae(Engine &engine, const Manifest &manifest, cons
         if (k > 0) {  // every tile waits here for the statistics of all (the first segment has no GroupNorm)
             std::vector<GroupStats> per_tile;
             std::vector<std::int64_t> pixels;
-            for (const Tensor &state : hidden) {
+            for (std::size_t t = 0; t < inputs.size(); ++t) {  // one tile's state read at a time
+                const Tensor state = *states.get(TileStates::hidden, t);
                 per_tile.push_back(tile_stats(state, tiled.groups));
                 pixels.push_back(state.shape()[2] * state.shape()[3]);
             }
@@ -183,23 +331,28 @@ std::vector<Tensor> run_tiled_vae(Engine &engine, const Manifest &manifest, cons
             shared.push_back({"group_var", std::move(var)});
         }
         const std::string name = network + "#" + std::to_string(k);
-        for (std::size_t t = 0; t < hidden.size(); ++t) {
-            std::vector<NamedTensor> feeds = {{"hidden", hidden[t]}};
+        for (std::size_t t = 0; t < inputs.size(); ++t) {
+            std::vector<NamedTensor> feeds = {{"hidden", *states.get(TileStates::hidden, t)}};
             feeds.insert(feeds.end(), shared.begin(), shared.end());
             if (segment.takes_residual) {
-                if (!residual[t]) {
+                std::optional<Tensor> residual = states.get(TileStates::residual, t);
+                if (!residual) {
                     throw bundle_error(manifest.root().string() + ": segment " + name +
                                        " takes a residual that no earlier segment hands on");
                 }
-                feeds.push_back({"residual", *residual[t]});
+                feeds.push_back({"residual", std::move(*residual)});
             }
             std::vector<Tensor> out = engine.run(name, feeds);
+            feeds.clear();  // before the next state is written: resident memory stays near one tile's
             if (last) {
+                states.put(TileStates::hidden, t, std::nullopt);
+                states.put(TileStates::residual, t, std::nullopt);
                 results.push_back(std::move(out));
                 continue;
             }
-            hidden[t] = std::move(out.at(0));
-            residual[t] = segment.hands_residual ? std::optional<Tensor>(std::move(out.at(1))) : std::nullopt;
+            states.put(TileStates::hidden, t, std::move(out.at(0)));
+            states.put(TileStates::residual, t,
+                       segment.hands_residual ? std::optional<Tensor>(std::move(out.at(1))) : std::nullopt);
         }
     }
     std::vector<Tensor> assembled;

@@ -1,12 +1,14 @@
 // SeeSR's tiled VAE as seesr_runtime/tiled_vae.py runs it: padded tiles, GroupNorm statistics shared across
 // tiles between segment graphs (the bundle's "vae_encoder#k" / "vae_decoder#k"), each tile's core copied
-// into the output, nothing blended.
+// into the output, nothing blended. The tiles' states waiting between segments stay in memory, or in files of a
+// spill folder (TileStates there).
 #pragma once
 
 #include "engine.hpp"
 #include "manifest.hpp"
 #include "tensor.hpp"
 
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -35,9 +37,18 @@ std::int64_t best_tile_size(std::int64_t lower, std::int64_t upper);
 void split_tiles(std::int64_t height, std::int64_t width, std::int64_t tile, const TiledVaeLayout &layout,
                  std::vector<TileBox> &inputs, std::vector<TileBox> &outputs);
 
+// A fresh private folder (mkdtemp's, "seesr-tiles-XXXXXX") in `spill_dir` for one upscale's tile states; an
+// invalid-argument failure naming `spill_dir` when it does not exist, is not a folder or is not writable.
+std::filesystem::path make_spill_folder(const std::filesystem::path &spill_dir);
+
+// Refuse (as make_spill_folder does) a spill folder the tiled VAE could not write in, leaving nothing there.
+void check_spill_dir(const std::filesystem::path &spill_dir);
+
 // The tiled VAE half `network` on `x` [B, C, H, W] through `engine`: its outputs ([mean, logvar] or [image]).
-// A bundle error when the manifest has no segment graphs for it.
+// A bundle error when the manifest has no segment graphs for it. `spill_dir` empty: the tile states waiting
+// between segments stay in memory; else they wait in files of a private folder made there for this call and
+// removed before it returns, however it ends.
 std::vector<Tensor> run_tiled_vae(Engine &engine, const Manifest &manifest, const std::string &network, const Tensor &x,
-                                  std::int64_t tile);
+                                  std::int64_t tile, const std::filesystem::path &spill_dir);
 
 }  // namespace seesr

@@ -65,7 +65,7 @@ std::vector<Tensor> Pipeline::run_vae(const std::string &network, const Tensor &
     if (!tiled || !layout.needs_tiling(x.shape()[2], x.shape()[3], tile)) {
         return engine_->run(network, {{first_input_name(manifest_, network), x}});
     }
-    return run_tiled_vae(*engine_, manifest_, network, x, tile);
+    return run_tiled_vae(*engine_, manifest_, network, x, tile, tiled_vae_spill_dir_);
 }
 
 Tensor Pipeline::lr_latent(const Tensor &work, const Tensor &initial_noise, NoiseSource &noise,

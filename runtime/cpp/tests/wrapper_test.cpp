@@ -50,6 +50,13 @@ int main(int argc, char **argv) {
     Thrown verified = thrown([&] { seesr::Pipeline pipeline(argv[1]); });  // the default: verify AUTO
     expect(verified.status == SEESR_OK, "the bundle's files verified on open" + verified.message);
 
+    seesr::EngineOptions spilling = engine;
+    spilling.tiled_vae_spill_dir = "/nonexistent/spill";
+    Thrown spill = thrown([&] { seesr::Pipeline pipeline(argv[1], spilling); });
+    expect(spill.status == SEESR_ERROR_INVALID_ARGUMENT &&
+               spill.says("tiled_vae_spill_dir '/nonexistent/spill' does not exist"),
+           "a missing spill folder throws SEESR_ERROR_INVALID_ARGUMENT naming it: " + spill.message);
+
     seesr::Pipeline pipeline(argv[1], engine);
     seesr::Pipeline moved = std::move(pipeline);
     expect(moved.bundle_schema_version() == 1, "schema version 1");
