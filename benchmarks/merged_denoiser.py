@@ -33,7 +33,7 @@ from seesr_export.merged_denoiser import merge_denoiser
 from seesr_runtime.backends import OnnxRuntimeBackend
 from seesr_runtime.manifest import Manifest
 from seesr_runtime.networks import DENOISER_PROFILES, NetworkSpec
-from seesr_runtime.ort_device import BoundCall, fix_dimensions, solve_dims
+from seesr_runtime.ort_device import BoundCall, solve_dims
 
 PER_STEP = ("sample", "timestep")  # what changes every step; the rest is uploaded once per image
 
@@ -66,18 +66,8 @@ def merged_call(call: BoundCall, feeds: dict) -> np.ndarray:
 
 
 def open_merged(backend: OnnxRuntimeBackend, path: Path, spec: NetworkSpec, feeds: dict) -> BoundCall:
-    import onnxruntime as ort
-
-    options = backend.new_options()
     env = solve_dims(spec, {n: np.shape(v) for n, v in feeds.items()})
-    fix_dimensions(options, spec, env)
-    providers = [
-        ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
-        if p == "CUDAExecutionProvider" and backend.cuda_graph
-        else p
-        for p in backend.providers
-    ]
-    return BoundCall(ort.InferenceSession(str(path), options, providers=providers), spec, env, backend.device)
+    return backend.static_call(path, spec, env)
 
 
 def timed(run, backend: OnnxRuntimeBackend, feeds: dict, warmup: int, steps: int) -> tuple[list[float], np.ndarray]:

@@ -7,6 +7,7 @@ tensors live on a GPU (IOBinding, static shapes, CUDA graphs) is ``ort_device``'
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import onnxruntime as ort
 
 from .errors import BundleError
 from .manifest import Manifest
+from .networks import NetworkSpec
 from .ort_device import (
     GPU_PROVIDERS,
     PER_STEP_NETWORKS,
@@ -181,20 +183,28 @@ class OnnxRuntimeBackend:
         key = (network, tuple(sorted(env.items())))
         if key not in self._calls:
             path = self.manifest.graph_path(network, self.graph_precision(network))
-            options = self.new_options()
-            fix_dimensions(options, spec, env)
             if network not in self._weights:
                 self._weights[network] = SharedWeights(path, self.device)
-            self._weights[network].add_to(options)
-            providers = [
-                ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
-                if p == "CUDAExecutionProvider" and self.cuda_graph
-                else p
-                for p in self.providers
-            ]
-            session = ort.InferenceSession(str(path), options, providers=providers)
-            self._calls[key] = BoundCall(session, spec, env, self.device)
+            self._calls[key] = self.static_call(path, spec, env, self._weights[network])
         return self._calls[key]
+
+    def static_call(
+        self, path: Path, spec: NetworkSpec, env: dict[str, int], weights: SharedWeights | None = None
+    ) -> BoundCall:
+        """A session over the graph at ``path`` with ``spec``'s dimensions fixed to ``env``, its weights from
+        ``weights`` when given, a CUDA graph captured when this backend has ``cuda_graph``."""
+        options = self.new_options()
+        fix_dimensions(options, spec, env)
+        if weights is not None:
+            weights.add_to(options)
+        providers = [
+            ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
+            if p == "CUDAExecutionProvider" and self.cuda_graph
+            else p
+            for p in self.providers
+        ]
+        session = ort.InferenceSession(str(path), options, providers=providers)
+        return BoundCall(session, spec, env, self.device)
 
 
 _SHARED_ARENA: list[Any] = []  # the registered arena's OrtMemoryInfo, once registered
