@@ -46,7 +46,9 @@ def main() -> int:
     py = [sys.executable, "-m", "seesr_export.cli"]
     fixture = {}
     if not (checkout / ".complete").exists():
-        seconds, peak, code = run_child([*py, "fixture", "--size", "sd2", "--out", str(checkout)])
+        seconds, peak, code = run_child(
+            [*py, "fixture", "--size", "sd2", "--weights", "safetensors", "--out", str(checkout)]
+        )
         if code:
             return code
         (checkout / ".complete").write_text("sd2 seed 0\n")

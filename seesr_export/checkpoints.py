@@ -39,7 +39,11 @@ def find_weights(folder: Path, stem: str, what: str) -> Path:
     for name in (f"{stem}.safetensors", f"{stem}.bin"):
         if (Path(folder) / name).is_file():
             return Path(folder) / name
-    raise CheckpointError(f"{what}: no weights in {folder} (expected {stem}.safetensors or {stem}.bin)")
+    # Hugging Face releases add half-precision variants beside the full files; the official code (and this
+    # exporter) loads the full ones, so a folder holding only variants is named as such.
+    variants = sorted(p.name for p in Path(folder).glob(f"{stem}.*.*") if p.suffix in (".safetensors", ".bin"))
+    found = f"; found only the variant {', '.join(variants)}: download the full-precision file too" if variants else ""
+    raise CheckpointError(f"{what}: no weights in {folder} (expected {stem}.safetensors or {stem}.bin){found}")
 
 
 def load_strict(

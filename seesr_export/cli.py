@@ -22,6 +22,7 @@ from .errors import SeeSRExportError
 from .graph_format import EXTERNAL_DATA_THRESHOLD, OPSET
 from .layout import SeeSRPaths
 from .progress import Progress
+from .testing import released as released_files
 from .triton_repo import DEFAULT_MAX_PIXELS, TritonOptions, write_repository
 from .turbo_options import TURBO_DEFAULTS, add_turbo_args, sd_turbo_from_args
 
@@ -79,7 +80,8 @@ def save_png_atomically(image, path: Path) -> None:
 def cmd_fixture(args) -> int:
     progress = Progress(args.quiet)
     progress.stage(f"writing {args.size} random-weight SeeSR checkpoints to {args.out}")
-    fixtures.write_fixture(args.out, size=args.size, seed=args.seed)
+    files = fixtures.FixtureFiles(layout=args.layout, weights=args.weights)
+    fixtures.write_fixture(args.out, size=args.size, seed=args.seed, files=files)
     progress.stage("done")
     return 0
 
@@ -284,6 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny: seconds, for tests; sd2: real SD2-base + Swin-L shapes, for benchmarks",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--layout",
+        choices=released_files.LAYOUTS,
+        default="released",
+        help="released: every file as the official releases ship it; simplified: plain-string special tokens, "
+        "no model_index.json (as re-saved checkpoints may be)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=released_files.WEIGHT_FORMATS,
+        default="release",
+        help="release: each folder in its release's formats (fp16 variants included); safetensors or bin: every "
+        "folder in that one format (smaller: use it for --size sd2)",
+    )
     add_verbosity_args(p)
     p.set_defaults(func=cmd_fixture)
 

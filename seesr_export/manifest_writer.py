@@ -17,6 +17,7 @@ from seesr_runtime.networks import ModelDims
 from seesr_runtime.options import bundle_defaults, describe
 
 from .cache_keys import EXPORT_CODE_VERSION, cache_key
+from .errors import CheckpointError
 from .export import copy_files
 from .models.dape import load_tag_list
 from .models.sd2 import load_scheduler_config, load_tokenizer
@@ -33,6 +34,11 @@ from .reference import (
 TEXT_FILES = ("tokenizer.json", "negative_prompt_embeds.npy")
 
 
+# Added-token flags every runtime reads (Python's tokenizers, the native tokenizer): "normalized" either way.
+# The others change how a token is cut from its neighbours, and no released CLIP tokenizer sets them.
+UNSUPPORTED_ADDED_TOKEN_FLAGS = ("lstrip", "rstrip", "single_word")
+
+
 def write_tokenizer_json(sd2_folder: Path, path: Path, max_length: int = 77, pad_id: int = 0) -> None:
     """SD2's CLIP tokenizer as one ``tokenizer.json`` the ``tokenizers`` library loads alone,
     with truncation to 77 and padding with id 0 (SD2's pad token "!") built in."""
@@ -41,9 +47,23 @@ def write_tokenizer_json(sd2_folder: Path, path: Path, max_length: int = 77, pad
     if backend is None:  # transformers 4 with the slow tokenizer
         backend = CLIPTokenizerFast.from_pretrained(str(Path(sd2_folder) / "tokenizer")).backend_tokenizer
     tokenizer = Tokenizer.from_str(backend.to_str())
+    refuse_unsupported_added_tokens(json.loads(backend.to_str()), Path(sd2_folder) / "tokenizer")
     tokenizer.enable_truncation(max_length)
     tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id))
     tokenizer.save(str(path))
+
+
+def refuse_unsupported_added_tokens(tokenizer: dict, folder: Path) -> None:
+    """At build time, not on a user's machine: an added token cut in a way no runtime implements is refused,
+    naming the files that declare it and the field."""
+    for token in tokenizer.get("added_tokens", []):
+        for flag in UNSUPPORTED_ADDED_TOKEN_FLAGS:
+            if token.get(flag):
+                raise CheckpointError(
+                    f"{folder / 'tokenizer_config.json'} / special_tokens_map.json: added token "
+                    f"{token.get('content')!r} sets {flag}: true; the runtimes read CLIP's added tokens with "
+                    f"{', '.join(UNSUPPORTED_ADDED_TOKEN_FLAGS)} false only"
+                )
 
 
 def write_text_files(paths, work: Path, models, sources, previous, progress) -> tuple[ModelDims, dict]:

@@ -5,7 +5,6 @@ import shutil
 import pytest
 import torch
 from conftest import TOKENIZER_TEXTS
-from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from seesr_export.checkpoints import load_state_dict
@@ -26,7 +25,7 @@ def _copy_checkout(paths: SeeSRPaths, tmp_path) -> SeeSRPaths:
 @pytest.mark.parametrize(
     "network, loader, weights",
     [
-        ("unet", load_seesr_unet, "diffusion_pytorch_model.bin"),
+        ("unet", load_seesr_unet, "diffusion_pytorch_model.safetensors"),
         ("controlnet", load_seesr_controlnet, "diffusion_pytorch_model.safetensors"),
     ],
     ids=["unet", "controlnet"],
@@ -97,8 +96,9 @@ def test_clip_vocabulary_tokenizer_json_matches(clip_tokenizers, text):
 
 def test_broken_unet_names_each_bad_key(tiny_checkout, tmp_path):
     paths = _copy_checkout(tiny_checkout, tmp_path)
+    (paths.unet / "diffusion_pytorch_model.safetensors").unlink()  # the .bin form, as a re-saved folder has
     weights = paths.unet / "diffusion_pytorch_model.bin"
-    state = torch.load(weights, weights_only=True)
+    state = load_state_dict(tiny_checkout.unet / "diffusion_pytorch_model.safetensors")
     removed = "down_blocks.0.image_attentions.0.proj_in.weight"
     renamed = "mid_block.attentions.0.proj_out.bias"
     misshaped = "conv_in.weight"
@@ -141,23 +141,3 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"model": NotATensor()}, path)
     with pytest.raises(CheckpointError, match="cannot read"):
         load_state_dict(path)
-
-
-def test_old_vae_attention_names_are_converted(tiny_checkout, tmp_path):
-    paths = _copy_checkout(tiny_checkout, tmp_path)
-    weights = paths.sd2 / "vae" / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(weights))
-    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    converted = {}
-    for key, value in state.items():
-        for new, legacy in old.items():
-            if f".attentions.0.{new}." in key:
-                key = key.replace(f".attentions.0.{new}.", f".attentions.0.{legacy}.")
-        converted[key] = value
-    assert any(".query." in k for k in converted)
-    save_file(converted, str(weights))
-    vae = sd2.load_vae(paths.sd2)
-    assert torch.equal(
-        vae.state_dict()["encoder.mid_block.attentions.0.to_q.weight"],
-        state["encoder.mid_block.attentions.0.to_q.weight"],
-    )

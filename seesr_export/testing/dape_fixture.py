@@ -302,12 +302,18 @@ def synthetic_tags(count: int, seed: int) -> list[str]:
 
 
 def write_tag_files(
-    tag_list_path: Path | str, threshold_path: Path | str, seed: int = 0, count: int = NUM_CLASSES
+    tag_list_path: Path | str,
+    threshold_path: Path | str,
+    seed: int = 0,
+    count: int = NUM_CLASSES,
+    final_newline: bool = True,
 ) -> tuple[Path, Path]:
-    """``ram_tag_list.txt`` and ``ram_tag_list_threshold.txt`` stand-ins (thresholds 0.6..0.9)."""
+    """``ram_tag_list.txt`` and ``ram_tag_list_threshold.txt`` stand-ins (thresholds 0.6..0.9); the tag list
+    ends with a newline only when ``final_newline``."""
     thresholds = np.random.default_rng(seed + 1).uniform(0.6, 0.9, size=count)
     tag_list_path, threshold_path = Path(tag_list_path), Path(threshold_path)
-    tag_list_path.write_text("\n".join(synthetic_tags(count, seed)) + "\n", encoding="utf-8")
+    tags = "\n".join(synthetic_tags(count, seed))
+    tag_list_path.write_text(tags + ("\n" if final_newline else ""), encoding="utf-8")
     threshold_path.write_text("".join(f"{t:.4f}\n" for t in thresholds), encoding="utf-8")
     return tag_list_path, threshold_path
 

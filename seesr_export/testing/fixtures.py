@@ -25,7 +25,9 @@ from ..errors import SeeSRExportError
 from ..layout import SeeSRPaths
 from ..models.denoiser import SeeSRControlNet, SeeSRUNet, _diffusers_kwargs
 from ..turbo_options import default_sd_turbo
+from . import released
 from .dape_fixture import calibrate_tag_bias, write_dape_lora, write_ram_checkpoint, write_tag_files
+from .released import LAYOUTS, WEIGHT_FORMATS
 
 SIZES = ("tiny", "sd2")
 # What diffusers/transformers write; older transformers refuse safetensors files without it.
@@ -76,8 +78,9 @@ SHAPES = {
 
 
 def _json(path: Path, obj: dict) -> None:
+    """As diffusers and transformers save configs: sorted keys, indent 2, a final newline."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def randomize_(module: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -175,32 +178,9 @@ def _text_config(s: FixtureShapes) -> dict:
     }
 
 
-SD2_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.8.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
-
-SD2_FEATURE_EXTRACTOR = {
-    "crop_size": 224,
-    "do_center_crop": True,
-    "do_normalize": True,
-    "do_resize": True,
-    "feature_extractor_type": "CLIPFeatureExtractor",
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "resample": 3,
-    "size": 224,
-}
+# Kept here by name for the tests that build schedulers from them.
+SD2_SCHEDULER = released.SD2_SCHEDULER
+SD2_FEATURE_EXTRACTOR = released.SD2_FEATURE_EXTRACTOR
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -261,22 +241,23 @@ def clip_bpe_merges() -> list[str]:
     return lines[1 : CLIP_MERGE_COUNT + 1]
 
 
-def write_clip_tokenizer(folder: Path, merges: list[str] | None = None) -> None:
+def write_clip_tokenizer(folder: Path, merges: list[str] | None = None, layout: str = "released") -> None:
     """An SD2 ``tokenizer/`` folder (CLIPTokenizer files; pad token "!" = id 0); ``merges`` defaults to
-    the fixture's own (``fixture_bpe_merges``)."""
+    the fixture's own (``fixture_bpe_merges``). ``layout="released"`` writes SD2-base's own
+    tokenizer_config.json and special_tokens_map.json (special tokens as ``normalized`` AddedToken objects)."""
     merges = fixture_bpe_merges() if merges is None else merges
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    tokens += [released.BOS, released.EOS]
     folder.mkdir(parents=True, exist_ok=True)
-    _json(folder / "vocab.json", {t: i for i, t in enumerate(tokens)})
+    # CLIP's vocab.json is one line of compact JSON, non-ASCII characters as they are.
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    specials = {
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "!",
-        "unk_token": "<|endoftext|>",
-    }
+    if layout == "released":
+        _json(folder / "special_tokens_map.json", released.SD2_SPECIAL_TOKENS_MAP)
+        _json(folder / "tokenizer_config.json", released.SD2_TOKENIZER_CONFIG)
+        return
+    specials = {"bos_token": released.BOS, "eos_token": released.EOS, "pad_token": "!", "unk_token": released.EOS}
     _json(folder / "special_tokens_map.json", specials)
     _json(
         folder / "tokenizer_config.json",
@@ -291,45 +272,125 @@ def write_clip_tokenizer(folder: Path, merges: list[str] | None = None) -> None:
     )
 
 
-def _save_diffusers(folder: Path, config: dict, model: nn.Module, safetensors: bool) -> None:
+@dataclass(frozen=True)
+class FixtureFiles:
+    """How the fixture's files are shaped: ``layout`` (LAYOUTS) and ``weights`` (WEIGHT_FORMATS)."""
+
+    layout: str = "released"
+    weights: str = "release"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise SeeSRExportError(f"fixture layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.weights not in WEIGHT_FORMATS:
+            raise SeeSRExportError(f"fixture weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
+
+    @property
+    def released(self) -> bool:
+        return self.layout == "released"
+
+    def kinds(self, release: str) -> tuple[str, ...]:
+        """The weight files to write for a folder of ``release`` (a key of ``released.RELEASE_WEIGHTS``)."""
+        return released.RELEASE_WEIGHTS[release] if self.weights == "release" else (self.weights,)
+
+
+def save_weights(folder: Path, stems: tuple[str, str], state: dict, kinds: tuple[str, ...]) -> None:
+    """``state`` under each of ``kinds``; ``stems`` are the (safetensors, bin) file stems of the folder, which
+    differ for transformers (``model`` / ``pytorch_model``) and agree for diffusers."""
     folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in state.items()}
+    for kind in kinds:
+        half = kind.startswith("fp16.")
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in state.items()} if half else state
+        suffix = kind.removeprefix("fp16.")
+        stem = stems[0] if suffix == "safetensors" else stems[1]
+        path = folder / f"{stem}{'.fp16' if half else ''}.{suffix}"
+        if suffix == "safetensors":
+            save_file(tensors, str(path), metadata=SAFETENSORS_METADATA)
+        else:
+            torch.save(tensors, path)
+
+
+DIFFUSERS_STEMS = ("diffusion_pytorch_model", "diffusion_pytorch_model")
+TRANSFORMERS_STEMS = ("model", "pytorch_model")
+
+
+def _save_diffusers(folder: Path, config: dict, state: dict, kinds: tuple[str, ...]) -> None:
     _json(folder / "config.json", config)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if safetensors:
-        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata=SAFETENSORS_METADATA)
-    else:
-        torch.save(state, folder / "diffusion_pytorch_model.bin")
+    save_weights(folder, DIFFUSERS_STEMS, state, kinds)
 
 
-def write_sd2(folder: Path, size: str, generator: torch.Generator) -> None:
+def _legacy_vae_keys(state: dict) -> dict:
+    """VAE attention keys as diffusers < 0.14 named them (query/key/value/proj_attn), as SD2's VAE ships."""
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for key, value in state.items():
+        if ".attentions." in key:
+            for new, old in legacy.items():
+                key = key.replace(f".{new}.", f".{old}.")
+        renamed[key] = value
+    return renamed
+
+
+def _text_encoder_state(text: nn.Module) -> dict:
+    """Keys as SD2 ships them (transformers 4 naming, "text_model." prefix)."""
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text.state_dict().items()}
+
+
+def write_sd2(folder: Path, size: str, generator: torch.Generator, files: FixtureFiles = FixtureFiles()) -> None:
     s = SHAPES[size]
+    kinds = files.kinds("sd2")
     _json(folder / "scheduler" / "scheduler_config.json", SD2_SCHEDULER)
     _json(folder / "feature_extractor" / "preprocessor_config.json", SD2_FEATURE_EXTRACTOR)
-    write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer", layout=files.layout)
+    if files.released:
+        _json(folder / "model_index.json", released.SD2_MODEL_INDEX)
 
     vae_config = _vae_config(s)
     vae = randomize_(AutoencoderKL(**_diffusers_kwargs(AutoencoderKL, vae_config, "fixture")), generator)
-    _save_diffusers(folder / "vae", vae_config, vae, safetensors=True)
+    vae_state = _legacy_vae_keys(vae.state_dict()) if files.released else vae.state_dict()
+    if files.released:
+        vae_config = {**vae_config, "_name_or_path": f"{released.SD2_UPLOAD_CACHE}/vae"}
+    _save_diffusers(folder / "vae", vae_config, vae_state, kinds)
 
     text_config = _text_config(s)
     text = randomize_(CLIPTextModel(CLIPTextConfig.from_dict(text_config)), generator)
-    _json(folder / "text_encoder" / "config.json", text_config)
-    # Keys as SD2 ships them (transformers 4 naming, "text_model." prefix).
-    state = {
-        k if k.startswith("text_model.") else f"text_model.{k}": v.contiguous() for k, v in text.state_dict().items()
-    }
+    text_json = {**released.SD2_TEXT_ENCODER_EXTRA, **text_config} if files.released else text_config
+    _json(folder / "text_encoder" / "config.json", dict(sorted(text_json.items())))
+    state = _text_encoder_state(text)
     state["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # saved by the transformers of 2022
-    save_file(state, str(folder / "text_encoder" / "model.safetensors"), metadata=SAFETENSORS_METADATA)
+    save_weights(folder / "text_encoder", TRANSFORMERS_STEMS, state, kinds)
+
+    if files.released:
+        # SD2's own UNet: SeeSR never loads it, but the downloaded folder has it. Its own generator, so the
+        # weights SeeSR does load are the same in both layouts.
+        full = {
+            **_unet_config(s, s.text_hidden),
+            "_diffusers_version": "0.8.0",
+            "_name_or_path": f"{released.SD2_UPLOAD_CACHE}/unet",
+        }
+        unet_config = {k: full[k] for k in released.SD2_UNET_KEYS}
+        unet = UNet2DConditionModel(**_diffusers_kwargs(UNet2DConditionModel, unet_config, "fixture"))
+        unused = torch.Generator().manual_seed(0)
+        _save_diffusers(folder / "unet", unet_config, randomize_(unet, unused).state_dict(), kinds)
 
 
-def write_seesr_denoisers(folder: Path, size: str, generator: torch.Generator) -> None:
+def write_seesr_denoisers(folder: Path, size: str, generator: torch.Generator, files: FixtureFiles = FixtureFiles()):
     s = SHAPES[size]
-    unet_config = _unet_config(s, s.text_hidden)
-    _save_diffusers(folder / "unet", unet_config, randomize_(SeeSRUNet(unet_config), generator), safetensors=False)
-    control_config = _controlnet_config(s, s.text_hidden)
-    _save_diffusers(
-        folder / "controlnet", control_config, randomize_(SeeSRControlNet(control_config), generator), safetensors=True
-    )
+    kinds = files.kinds("seesr")
+    unet_config, control_config = _unet_config(s, s.text_hidden), _controlnet_config(s, s.text_hidden)
+    unet = randomize_(SeeSRUNet(unet_config), generator)
+    controlnet = randomize_(SeeSRControlNet(control_config), generator)
+    if files.released:  # every constructor argument, as diffusers 0.21's save_pretrained wrote them
+        defaults, version = released.DIFFUSERS_0_21_UNET_DEFAULTS, released.SEESR_DIFFUSERS_VERSION
+        unet_config = {**defaults, **unet_config, "_diffusers_version": version}
+        control_defaults = {k: defaults[k] for k in released.DIFFUSERS_0_21_CONTROLNET_KEYS}
+        control_config = {**control_defaults, **control_config, "_diffusers_version": version}
+        gradient_scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000}
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({**gradient_scaler, "_growth_tracker": 0}, folder / released.SEESR_SCALER)
+    _save_diffusers(folder / "unet", unet_config, unet.state_dict(), kinds)
+    _save_diffusers(folder / "controlnet", control_config, controlnet.state_dict(), kinds)
 
 
 # ---------------------------------------------------------------- sd-turbo
@@ -390,47 +451,58 @@ def sd_turbo_unet_config(size: str) -> dict:
     return config
 
 
-def write_sd_turbo(folder: Path | str, size: str, seed: int) -> Path:
-    """Write the sd-turbo folder (scheduler, feature extractor, tokenizer, text encoder, VAE, UNet; all
-    weights safetensors) with weights drawn from ``seed``; returns ``folder``."""
+def write_sd_turbo(folder: Path | str, size: str, seed: int, files: FixtureFiles = FixtureFiles()) -> Path:
+    """Write the sd-turbo folder (scheduler, feature extractor, tokenizer, text encoder, VAE, UNet) with
+    weights drawn from ``seed``; returns ``folder``."""
     folder, s = Path(folder), SHAPES[size]
+    kinds = files.kinds("sd-turbo")
     generator = torch.Generator().manual_seed(seed)
     _json(folder / "scheduler" / "scheduler_config.json", SD_TURBO_SCHEDULER)
-    # The official turbo script loads a feature extractor from this folder too (it is never used).
-    _json(folder / "feature_extractor" / "preprocessor_config.json", SD2_FEATURE_EXTRACTOR)
-    write_clip_tokenizer(folder / "tokenizer")
+    if not files.released:  # the release has none; SeeSR's turbo script loads one (users copy SD2-base's)
+        _json(folder / "feature_extractor" / "preprocessor_config.json", SD2_FEATURE_EXTRACTOR)
+    write_clip_tokenizer(folder / "tokenizer", layout="simplified")
+    if files.released:
+        _json(folder / "tokenizer" / "tokenizer_config.json", released.SD_TURBO_TOKENIZER_CONFIG)
+        _json(folder / "tokenizer" / "special_tokens_map.json", released.SD_TURBO_SPECIAL_TOKENS_MAP)
+        _json(folder / "model_index.json", released.SD_TURBO_MODEL_INDEX)
 
     text_config = _text_config(s)
     text = randomize_(CLIPTextModel(CLIPTextConfig.from_dict(text_config)), generator)
-    _json(folder / "text_encoder" / "config.json", text_config)
-    state = {
-        k if k.startswith("text_model.") else f"text_model.{k}": v.contiguous() for k, v in text.state_dict().items()
-    }
-    save_file(state, str(folder / "text_encoder" / "model.safetensors"), metadata=SAFETENSORS_METADATA)
+    text_json = {**released.SD_TURBO_TEXT_ENCODER_EXTRA, **text_config} if files.released else text_config
+    _json(folder / "text_encoder" / "config.json", dict(sorted(text_json.items())))
+    save_weights(folder / "text_encoder", TRANSFORMERS_STEMS, _text_encoder_state(text), kinds)
 
     vae_config = {**_vae_config(s), "force_upcast": True, "scaling_factor": 0.18215}
     vae = randomize_(AutoencoderKL(**_diffusers_kwargs(AutoencoderKL, vae_config, "fixture")), generator)
-    _save_diffusers(folder / "vae", vae_config, vae, safetensors=True)
+    if files.released:
+        vae_config.update(
+            _diffusers_version="0.24.0.dev0", _name_or_path=f"{released.SD_TURBO_UPLOAD}/vae", sample_size=768
+        )
+    _save_diffusers(folder / "vae", vae_config, vae.state_dict(), kinds)
 
     unet_config = sd_turbo_unet_config(size)
     unet = UNet2DConditionModel(**_diffusers_kwargs(UNet2DConditionModel, unet_config, "fixture"))
-    _save_diffusers(folder / "unet", unet_config, randomize_(unet, generator), safetensors=True)
+    _save_diffusers(folder / "unet", unet_config, randomize_(unet, generator).state_dict(), kinds)
     return folder
 
 
-def write_fixture(root: Path | str, size: str = "tiny", seed: int = 0) -> SeeSRPaths:
-    """Write a complete random-weight SeeSR checkout under ``root`` (sd-turbo included); returns its paths."""
+def write_fixture(
+    root: Path | str, size: str = "tiny", seed: int = 0, files: FixtureFiles = FixtureFiles()
+) -> SeeSRPaths:
+    """Write a complete random-weight SeeSR checkout under ``root`` (sd-turbo included); returns its paths.
+    The weights depend on ``size`` and ``seed`` only, not on ``files``."""
     if size not in SIZES:
         raise SeeSRExportError(f"fixture size must be one of {SIZES}, got {size!r}")
     paths = SeeSRPaths.from_root(root)
     generator = torch.Generator().manual_seed(seed)
-    write_sd2(paths.sd2, size, generator)
-    write_seesr_denoisers(paths.unet.parent, size, generator)
+    write_sd2(paths.sd2, size, generator, files)
+    write_seesr_denoisers(paths.unet.parent, size, generator, files)
     paths.ram.parent.mkdir(parents=True, exist_ok=True)
     write_ram_checkpoint(paths.ram, size=size, seed=seed + 1)
     write_dape_lora(paths.dape, paths.ram, seed=seed + 2)
     paths.tag_list.parent.mkdir(parents=True, exist_ok=True)
-    write_tag_files(paths.tag_list, paths.tag_thresholds, seed=seed + 3)
+    # SeeSR's ram_tag_list.txt ends without a newline; its thresholds file with one.
+    write_tag_files(paths.tag_list, paths.tag_thresholds, seed=seed + 3, final_newline=not files.released)
     calibrate_tag_bias(paths.ram, paths.dape, paths.tag_thresholds)
-    write_sd_turbo(default_sd_turbo(root), size, seed=seed + 4)  # SeeSR-turbo's base; its own weights
+    write_sd_turbo(default_sd_turbo(root), size, seed=seed + 4, files=files)  # SeeSR-turbo's base
     return paths
