@@ -740,7 +740,11 @@ def _assert_tokenized_like_python(cpp_build, runtime_bundle, prompts: list[str])
     manifest = Manifest.load(runtime_bundle, verify="never")
     encoder = PromptEncoder(manifest, backend=None)  # token_ids needs no engine
     expected = [encoder.token_ids(prompt)[0].tolist() for prompt in prompts]
-    tokenizer = manifest.file(manifest.data["text"]["tokenizer"])
+    _assert_native_ids(cpp_build, manifest.file(manifest.data["text"]["tokenizer"]), prompts, expected)
+    return expected
+
+
+def _assert_native_ids(cpp_build, tokenizer: Path, prompts: list[str], expected: list[list[int]]) -> None:
     run = subprocess.run(
         [cpp_build / "seesr_probe", "tokenize", str(tokenizer)],
         input=json.dumps(prompts),
@@ -748,10 +752,10 @@ def _assert_tokenized_like_python(cpp_build, runtime_bundle, prompts: list[str])
         text=True,
     )
     assert run.returncode == 0, run.stderr
-    got = json.loads(run.stdout)["ids"]
-    differing = [(ascii(prompt), want, have) for prompt, want, have in zip(prompts, expected, got) if want != have]
+    answer = json.loads(run.stdout)
+    assert answer["ok"], answer
+    differing = [(ascii(p), want, have) for p, want, have in zip(prompts, expected, answer["ids"]) if want != have]
     assert not differing, f"{len(differing)} of {len(prompts)} differ; first: {differing[0]}"
-    return expected
 
 
 def random_code_point_prompts(count: int, seed: int = 0) -> list[str]:
@@ -777,6 +781,13 @@ def test_tokenizer_matches_python_on_random_code_points(cpp_build, runtime_bundl
     _assert_tokenized_like_python(cpp_build, runtime_bundle, random_code_point_prompts(5000))
 
 
+def _two_normalizing_alike(data: dict) -> None:
+    """EOS normalized, and a second normalized added token that lowercases to it."""
+    eos = data["added_tokens"][2]
+    eos["normalized"] = True
+    data["added_tokens"].append({**eos, "content": "<|EndOfText|>", "id": 9})
+
+
 @pytest.mark.parametrize(
     "edit,words",
     [
@@ -785,10 +796,30 @@ def test_tokenizer_matches_python_on_random_code_points(cpp_build, runtime_bundl
         (lambda t: t["model"].update(dropout=0.1), "model"),
         (lambda t: t.update(truncation=None), "truncation"),
         (lambda t: t["padding"].update(strategy="BatchLongest"), "padding"),
-        (lambda t: t["added_tokens"][0].update(normalized=True), "added token"),
+        (lambda t: t["added_tokens"][0].update(lstrip=True), '"lstrip" is true'),
+        (lambda t: t["added_tokens"][1].update(rstrip=True), '"rstrip" is true'),
+        (lambda t: t["added_tokens"][2].update(single_word=True), '"single_word" is true'),
+        (lambda t: t["added_tokens"][0].update(normalized=1), '"normalized" is not true or false'),
+        (lambda t: t["added_tokens"][0].pop("lstrip"), '"lstrip" is not true or false'),
+        (lambda t: t["added_tokens"][0].update(id=-1), "no content or no id"),
+        (_two_normalizing_alike, "normalizes to the same text as the one with id 49407"),
         (lambda t: t["model"]["merges"].append(["zzzq", "x"]), "merge part 'zzzq' is not in the vocabulary"),
     ],
-    ids=["normalizer", "pattern", "dropout", "no-truncation", "padding", "normalized-added", "merge-unknown"],
+    ids=[
+        "normalizer",
+        "pattern",
+        "dropout",
+        "no-truncation",
+        "padding",
+        "lstrip",
+        "rstrip",
+        "single-word",
+        "normalized-not-boolean",
+        "lstrip-missing",
+        "negative-id",
+        "same-normalized-text",
+        "merge-unknown",
+    ],
 )
 def test_other_tokenizer_layouts_are_refused(cpp_build, runtime_bundle, tmp_path, edit, words):
     data = json.loads((Path(runtime_bundle) / "tokenizer.json").read_text())
