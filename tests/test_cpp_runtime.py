@@ -740,7 +740,11 @@ def _assert_tokenized_like_python(cpp_build, runtime_bundle, prompts: list[str])
     manifest = Manifest.load(runtime_bundle, verify="never")
     encoder = PromptEncoder(manifest, backend=None)  # token_ids needs no engine
     expected = [encoder.token_ids(prompt)[0].tolist() for prompt in prompts]
-    tokenizer = manifest.file(manifest.data["text"]["tokenizer"])
+    _assert_native_ids(cpp_build, manifest.file(manifest.data["text"]["tokenizer"]), prompts, expected)
+    return expected
+
+
+def _assert_native_ids(cpp_build, tokenizer: Path, prompts: list[str], expected: list[list[int]]) -> None:
     run = subprocess.run(
         [cpp_build / "seesr_probe", "tokenize", str(tokenizer)],
         input=json.dumps(prompts),
@@ -748,10 +752,10 @@ def _assert_tokenized_like_python(cpp_build, runtime_bundle, prompts: list[str])
         text=True,
     )
     assert run.returncode == 0, run.stderr
-    got = json.loads(run.stdout)["ids"]
-    differing = [(ascii(prompt), want, have) for prompt, want, have in zip(prompts, expected, got) if want != have]
+    answer = json.loads(run.stdout)
+    assert answer["ok"], answer
+    differing = [(ascii(p), want, have) for p, want, have in zip(prompts, expected, answer["ids"]) if want != have]
     assert not differing, f"{len(differing)} of {len(prompts)} differ; first: {differing[0]}"
-    return expected
 
 
 def random_code_point_prompts(count: int, seed: int = 0) -> list[str]:
@@ -777,6 +781,169 @@ def test_tokenizer_matches_python_on_random_code_points(cpp_build, runtime_bundl
     _assert_tokenized_like_python(cpp_build, runtime_bundle, random_code_point_prompts(5000))
 
 
+# SD2-base's tokenizer folder as released: bos, eos and unk as AddedToken objects with "normalized": true (so the
+# tokenizer.json `seesr-export build` writes from it matches them after normalisation: "<|EndOfText|>" is EOS),
+# and special_tokens_map.json's pad token "!", which overrides tokenizer_config.json's.
+def _released_added_token(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+
+
+_RELEASED_SPECIAL_TOKENS = {
+    "bos_token": _released_added_token("<|startoftext|>"),
+    "eos_token": _released_added_token("<|endoftext|>"),
+    "unk_token": _released_added_token("<|endoftext|>"),
+}
+RELEASED_TOKENIZER_CONFIG = {
+    "add_prefix_space": False,
+    **{key: {"__type": "AddedToken", **token} for key, token in _RELEASED_SPECIAL_TOKENS.items()},
+    "do_lower_case": True,
+    "errors": "replace",
+    "model_max_length": 77,
+    "name_or_path": "openai/clip-vit-large-patch14",
+    "pad_token": "<|endoftext|>",
+    "special_tokens_map_file": "./special_tokens_map.json",
+    "tokenizer_class": "CLIPTokenizer",
+}
+RELEASED_SPECIAL_TOKENS_MAP = {**_RELEASED_SPECIAL_TOKENS, "pad_token": "!"}
+
+
+@pytest.fixture(scope="module")
+def released_tokenizer_json(tmp_path_factory) -> dict:
+    """tokenizer.json as `seesr-export build` writes it from the fixture's vocabulary and merges with the
+    released tokenizer_config.json and special_tokens_map.json."""
+    pytest.importorskip("torch", reason="tokenizer.json is written by seesr_export, which needs torch")
+    from seesr_export.manifest_writer import write_tokenizer_json
+    from seesr_export.testing.fixtures import write_clip_tokenizer
+
+    sd2 = tmp_path_factory.mktemp("released-sd2")
+    write_clip_tokenizer(sd2 / "tokenizer")
+    (sd2 / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(RELEASED_TOKENIZER_CONFIG, indent=2))
+    (sd2 / "tokenizer" / "special_tokens_map.json").write_text(json.dumps(RELEASED_SPECIAL_TOKENS_MAP, indent=2))
+    write_tokenizer_json(sd2, sd2 / "tokenizer.json")
+    return json.loads((sd2 / "tokenizer.json").read_text())
+
+
+def test_the_released_tokenizer_folder_gives_normalized_special_tokens(released_tokenizer_json):
+    """What the native tokenizer must read: BOS and EOS matched after normalisation, the pad "!" in the raw text."""
+    flags = {t["content"]: (t["id"], t["normalized"], t["special"]) for t in released_tokenizer_json["added_tokens"]}
+    assert flags == {
+        "!": (0, False, True),
+        "<|startoftext|>": (49406, True, True),
+        "<|endoftext|>": (49407, True, True),
+    }
+
+
+def _random_case(text: str, rng) -> str:
+    return "".join(c.upper() if rng.random() < 0.5 else c for c in text)
+
+
+# Around the special tokens: whitespace the normalizer folds to one space, letters and punctuation the
+# pre-tokenizer would join to them, a mark NFC composes with their "<" or ">" (U+0338 turns ">" into "≯", so the
+# token no longer matches), characters NFC changes or lowercasing lengthens, and fullwidth look-alikes.
+_AROUND_SPECIAL = (
+    _SPACES
+    + ["a", "b", "Cat", "8k", "!", "!!", "..", "<", ">", "|", "<|", "|>"]
+    + ["\u0338", "e\u0301", "\u212b", "\u2126", "\u212a", "İ", "\u00ad", "＜", "＞"]
+)
+
+
+def special_token_prompts(count: int, contents: tuple[str, ...], seed: int = 0) -> list[str]:
+    """Prompts that spell the added tokens ``contents`` in mixed case, repeated, with a character dropped, glued
+    to letters and punctuation, between odd whitespace and NFC-changing characters; some truncated."""
+    import random
+
+    rng = random.Random(seed)
+    prompts = [
+        "<|STARTOFTEXT|>",
+        "<|EndOfText|>",
+        "a<|endoftext|>b",
+        "a<|EndOfText|>b",
+        "  <|endoftext|>  ",
+        "\t<|EndOfText|>\n",
+        "\u3000<|STARTOFTEXT|>\u2028",
+        "<|endoftext|><|ENDOFTEXT|><|EndOfText|>",
+        "!!<|ENDOFTEXT|>!!",
+        "..<|ENDOFTEXT|>..",
+        "<|endoftext|>\u0338",
+        "<\u0338|endoftext|>",
+        "<|endof\u00adtext|>",
+        "<|end of text|>",
+        "<|EndOfText|>" * 80,
+        "cat " * 74 + "<|EndOfText|>",
+        "cat " * 75 + "<|EndOfText|>",
+    ]
+    while len(prompts) < count:
+        parts = []
+        for _ in range(rng.choice([1, 2, 4, 8, 30])):
+            token = rng.choice(contents)
+            if rng.random() < 0.1:
+                cut = rng.randrange(len(token))
+                token = token[:cut] + token[cut + 1 :]
+            parts += rng.choices(_AROUND_SPECIAL, k=rng.randint(0, 2))
+            parts.append(_random_case(token, rng) if rng.random() < 0.7 else token)
+        parts += rng.choices(_AROUND_SPECIAL, k=rng.randint(0, 2))
+        prompts.append("".join(parts))
+    return prompts
+
+
+def _unnormalized(content: str):
+    def edit(data: dict) -> None:
+        for token in data["added_tokens"]:
+            if token["content"] == content:
+                token["normalized"] = False
+
+    return edit
+
+
+def _added(content: str, normalized: bool):
+    """One more added token, of the next id (the one the tokenizers package gives it whatever the file says)."""
+
+    def edit(data: dict) -> None:
+        flags = {"single_word": False, "lstrip": False, "rstrip": False, "special": False}
+        token = {"id": len(data["model"]["vocab"]), "content": content, "normalized": normalized, **flags}
+        data["added_tokens"].append(token)
+
+    return edit
+
+
+# The released layout, and variants mixing unnormalized and normalized added tokens: each with the extra texts its
+# prompts spell and one prompt whose ids show that the case matters (BOS 49406, EOS 49407, an added token 49408).
+_ADDED_TOKEN_LAYOUTS = {
+    "released": (lambda data: None, (), ("<|EndOfText|>", [49406, 49407, 49407, 0])),
+    "bos-unnormalized": (_unnormalized("<|startoftext|>"), (), ("<|STARTOFTEXT|>", [49406, 27, 347, 1486])),
+    "normalized-word": (_added("<|Tag  Line|>", True), ("<|Tag  Line|>",), ("<|TAG\tLINE|>", [49406, 49408, 49407])),
+    "unnormalized-word": (_added("Tag", False), ("Tag", "tag"), ("Tag TAG", [49406, 49408, 83, 525, 49407])),
+}
+
+
+@pytest.mark.parametrize("layout", _ADDED_TOKEN_LAYOUTS)
+def test_tokenizer_matches_tokenizers_on_normalized_added_tokens(cpp_build, released_tokenizer_json, tmp_path, layout):
+    """Ids equal to the tokenizers package's, on the generated prompts and on prompts built around the added tokens
+    in other cases and spacings."""
+    from tokenizers import Tokenizer
+
+    edit, extra, (sample, sample_ids) = _ADDED_TOKEN_LAYOUTS[layout]
+    data = json.loads(json.dumps(released_tokenizer_json))
+    edit(data)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    prompts = [
+        sample,
+        *generated_prompts(1500),
+        *special_token_prompts(1500, ("<|startoftext|>", "<|endoftext|>", "!", *extra)),
+    ]
+    expected = [encoding.ids for encoding in Tokenizer.from_file(str(path)).encode_batch(prompts)]
+    assert expected[0][: len(sample_ids)] == sample_ids
+    _assert_native_ids(cpp_build, path, prompts, expected)
+
+
+def _two_normalizing_alike(data: dict) -> None:
+    """EOS normalized, and a second normalized added token that lowercases to it."""
+    eos = data["added_tokens"][2]
+    eos["normalized"] = True
+    data["added_tokens"].append({**eos, "content": "<|EndOfText|>", "id": 9})
+
+
 @pytest.mark.parametrize(
     "edit,words",
     [
@@ -785,10 +952,30 @@ def test_tokenizer_matches_python_on_random_code_points(cpp_build, runtime_bundl
         (lambda t: t["model"].update(dropout=0.1), "model"),
         (lambda t: t.update(truncation=None), "truncation"),
         (lambda t: t["padding"].update(strategy="BatchLongest"), "padding"),
-        (lambda t: t["added_tokens"][0].update(normalized=True), "added token"),
+        (lambda t: t["added_tokens"][0].update(lstrip=True), '"lstrip" is true'),
+        (lambda t: t["added_tokens"][1].update(rstrip=True), '"rstrip" is true'),
+        (lambda t: t["added_tokens"][2].update(single_word=True), '"single_word" is true'),
+        (lambda t: t["added_tokens"][0].update(normalized=1), '"normalized" is not true or false'),
+        (lambda t: t["added_tokens"][0].pop("lstrip"), '"lstrip" is not true or false'),
+        (lambda t: t["added_tokens"][0].update(id=-1), "no content or no id"),
+        (_two_normalizing_alike, "normalizes to the same text as the one with id 49407"),
         (lambda t: t["model"]["merges"].append(["zzzq", "x"]), "merge part 'zzzq' is not in the vocabulary"),
     ],
-    ids=["normalizer", "pattern", "dropout", "no-truncation", "padding", "normalized-added", "merge-unknown"],
+    ids=[
+        "normalizer",
+        "pattern",
+        "dropout",
+        "no-truncation",
+        "padding",
+        "lstrip",
+        "rstrip",
+        "single-word",
+        "normalized-not-boolean",
+        "lstrip-missing",
+        "negative-id",
+        "same-normalized-text",
+        "merge-unknown",
+    ],
 )
 def test_other_tokenizer_layouts_are_refused(cpp_build, runtime_bundle, tmp_path, edit, words):
     data = json.loads((Path(runtime_bundle) / "tokenizer.json").read_text())

@@ -149,6 +149,30 @@ std::pair<std::string, std::string> merge_pair(const Json &merge, const Layout &
     return {text.substr(0, space), text.substr(space + 1)};
 }
 
+// One entry of added_tokens. The tokenizers package requires all four flags; stripping the whitespace around a
+// token (lstrip, rstrip) and matching whole words only (single_word) are not implemented here, so are refused.
+struct AddedEntry {
+    std::string content;
+    std::int32_t id;
+    bool normalized;
+};
+
+AddedEntry read_added_token(const Json &added, const Layout &layout) {
+    const std::string name = "added token " + added.dump();
+    layout.require(added.is_object() && added.value("content", Json()).is_string() &&
+                       !added["content"].get<std::string>().empty() && added.value("id", Json()).is_number_unsigned(),
+                   name + " has no content or no id (a non-negative integer)");
+    for (const char *flag : {"normalized", "lstrip", "rstrip", "single_word"}) {
+        layout.require(added.value(flag, Json()).is_boolean(), name + ": \"" + flag + "\" is not true or false");
+    }
+    for (const char *flag : {"lstrip", "rstrip", "single_word"}) {
+        layout.require(!added[flag].get<bool>(), name + ": \"" + flag +
+                                                     "\" is true (stripping whitespace around added tokens and "
+                                                     "matching them as whole words only are not implemented)");
+    }
+    return {added["content"].get<std::string>(), added["id"].get<std::int32_t>(), added["normalized"].get<bool>()};
+}
+
 Json read_json(const std::filesystem::path &path) {
     std::ifstream in(path, std::ios::binary);
     if (!in) throw bundle_error(path.string() + ": cannot be read (the bundle's text tokenizer)");
@@ -191,16 +215,25 @@ ClipTokenizer ClipTokenizer::from_file(const std::filesystem::path &path) {
     tokenizer.unknown_ = id_of(layout.at("/model/unk_token").get<std::string>(), "unk_token");
 
     for (const Json &added : layout.at("/added_tokens")) {
-        bool plain = added.value("content", Json()).is_string() && !added["content"].get<std::string>().empty() &&
-                     added.value("id", Json()).is_number_integer() &&
-                     !added.value("normalized", true) && !added.value("lstrip", false) &&
-                     !added.value("rstrip", false) && !added.value("single_word", false);
-        layout.require(plain, "added token " + added.dump() + " is not a plain (unnormalized, unstripped) token");
-        tokenizer.added_.emplace_back(unicode::decode(added["content"].get<std::string>(), "an added token"),
-                                      added["id"].get<std::int32_t>());
+        const AddedEntry entry = read_added_token(added, layout);
+        std::u32string content = unicode::decode(entry.content, "an added token");
+        if (!entry.normalized) {
+            tokenizer.raw_added_.push_back({content, entry.id});
+            continue;
+        }
+        // Matched in normalized text, so by its own normalized form (as the tokenizers package builds its matcher).
+        content = normalized(content);
+        for (const AddedToken &other : tokenizer.normalized_added_) {
+            layout.require(other.content != content,
+                           "added token " + added.dump() + " normalizes to the same text as the one with id " +
+                               std::to_string(other.id) + ", so only one of them could ever match");
+        }
+        tokenizer.normalized_added_.push_back({content, entry.id});
     }
-    std::stable_sort(tokenizer.added_.begin(), tokenizer.added_.end(),
-                     [](const auto &a, const auto &b) { return a.first.size() > b.first.size(); });
+    for (auto *added : {&tokenizer.raw_added_, &tokenizer.normalized_added_}) {
+        std::stable_sort(added->begin(), added->end(),
+                         [](const AddedToken &a, const AddedToken &b) { return a.content.size() > b.content.size(); });
+    }
 
     const Json &post = layout.at("/post_processor");
     layout.require(post.value("type", "") == "RobertaProcessing" && post.value("cls", Json()).is_array() &&
@@ -276,9 +309,8 @@ void ClipTokenizer::append_word_ids(const std::u32string &word, std::vector<std:
     }
 }
 
-void ClipTokenizer::append_segment_ids(const std::u32string &segment, std::vector<std::int64_t> &ids) const {
+void ClipTokenizer::append_normalized_ids(const std::u32string &text, std::vector<std::int64_t> &ids) const {
     const std::size_t room = length_ - 2;
-    const std::u32string text = normalized(segment);
     for (std::size_t at = 0; at < text.size() && ids.size() < room;) {
         const std::size_t piece = clip_piece(text, at);
         if (piece == 0) {
@@ -295,25 +327,47 @@ void ClipTokenizer::append_segment_ids(const std::u32string &segment, std::vecto
     }
 }
 
-std::vector<std::int64_t> ClipTokenizer::encode(const std::string &text) const {
-    const std::u32string chars = unicode::decode(text, "the prompt");
-    const std::size_t room = length_ - 2;  // BOS and EOS
-    std::vector<std::int64_t> ids;
-    std::size_t segment = 0;
-    for (std::size_t at = 0; at < chars.size() && ids.size() < room;) {
-        // Added tokens are matched in the raw text, leftmost then longest (added_ is sorted longest first).
-        auto added = std::find_if(added_.begin(), added_.end(),
-                                  [&](const auto &token) { return chars.compare(at, token.first.size(), token.first) == 0; });
-        if (added == added_.end()) {
+std::vector<ClipTokenizer::Piece> ClipTokenizer::split_at_added(const std::u32string &text,
+                                                                const std::vector<AddedToken> &tokens) {
+    std::vector<Piece> pieces;
+    std::size_t start = 0;
+    for (std::size_t at = 0; at < text.size();) {
+        // Leftmost, then longest (tokens is sorted longest first); no whitespace is stripped around a match.
+        auto token = std::find_if(tokens.begin(), tokens.end(), [&](const AddedToken &candidate) {
+            return text.compare(at, candidate.content.size(), candidate.content) == 0;
+        });
+        if (token == tokens.end()) {
             ++at;
             continue;
         }
-        append_segment_ids(chars.substr(segment, at - segment), ids);
-        if (ids.size() < room) ids.push_back(added->second);
-        at += added->first.size();
-        segment = at;
+        if (at > start) pieces.push_back({text.substr(start, at - start), -1});
+        pieces.push_back({std::u32string(), token->id});
+        at += token->content.size();
+        start = at;
     }
-    if (ids.size() < room) append_segment_ids(chars.substr(segment), ids);
+    if (start < text.size()) pieces.push_back({text.substr(start), -1});
+    return pieces;
+}
+
+std::vector<std::int64_t> ClipTokenizer::encode(const std::string &text) const {
+    const std::size_t room = length_ - 2;  // BOS and EOS
+    std::vector<std::int64_t> ids;
+    // Each stretch is normalized on its own and each piece pre-tokenized on its own, as in the tokenizers package.
+    for (const Piece &segment : split_at_added(unicode::decode(text, "the prompt"), raw_added_)) {
+        if (ids.size() >= room) break;
+        if (segment.added_id >= 0) {
+            ids.push_back(segment.added_id);
+            continue;
+        }
+        for (const Piece &piece : split_at_added(normalized(segment.text), normalized_added_)) {
+            if (ids.size() >= room) break;
+            if (piece.added_id >= 0) {
+                ids.push_back(piece.added_id);
+            } else {
+                append_normalized_ids(piece.text, ids);
+            }
+        }
+    }
     if (ids.size() > room) ids.resize(room);
     ids.insert(ids.begin(), begin_);
     ids.push_back(end_);

@@ -1,8 +1,8 @@
 // CLIP's byte-level BPE tokenizer, read from a bundle's tokenizer.json, giving the ids the Python runtime
-// gets from the `tokenizers` package (seesr_runtime/text.py): added tokens matched in the raw text, NFC,
-// whitespace runs to one space, lowercase, CLIP's pre-tokenisation, byte-level BPE with "</w>" word ends,
-// truncation, BOS/EOS and padding to a fixed length. Only that layout is accepted: any other tokenizer.json
-// is refused, naming the component that differs.
+// gets from the `tokenizers` package (seesr_runtime/text.py): unnormalized added tokens cut from the raw text;
+// NFC, whitespace runs to one space, lowercase; normalized added tokens cut from that; CLIP's pre-tokenisation,
+// byte-level BPE with "</w>" word ends, truncation, BOS/EOS and padding to a fixed length. Only that layout is
+// accepted: any other tokenizer.json is refused, naming the component that differs.
 #pragma once
 
 #include <cstdint>
@@ -30,17 +30,30 @@ public:
     };
 
 private:
+    struct AddedToken {
+        std::u32string content;  // normalized already when matched in normalized text
+        std::int32_t id;
+    };
+    // A stretch of text between added tokens (added_id < 0), or one added token.
+    struct Piece {
+        std::u32string text;
+        std::int32_t added_id;
+    };
+
     struct Merge {
         std::int32_t rank;
         std::int32_t merged;  // id of the joined symbol
     };
 
     void append_word_ids(const std::u32string &word, std::vector<std::int64_t> &ids) const;
-    void append_segment_ids(const std::u32string &segment, std::vector<std::int64_t> &ids) const;
+    void append_normalized_ids(const std::u32string &text, std::vector<std::int64_t> &ids) const;
+    static std::vector<Piece> split_at_added(const std::u32string &text, const std::vector<AddedToken> &tokens);
 
     std::unordered_map<std::string, std::int32_t> vocab_;
     std::unordered_map<std::pair<std::int32_t, std::int32_t>, Merge, PairHash> merges_;
-    std::vector<std::pair<std::u32string, std::int32_t>> added_;  // matched in the raw text, longest first
+    // Both sorted longest first. Like the tokenizers package, unnormalized ones are matched in the raw text and
+    // normalized ones in each normalized stretch between those, so "<|EndOfText|>" can match "<|endoftext|>".
+    std::vector<AddedToken> raw_added_, normalized_added_;
     std::string word_end_ = "</w>";
     std::int32_t unknown_ = 0, begin_ = 0, end_ = 0, pad_ = 0;
     std::size_t length_ = 0;
