@@ -781,30 +781,10 @@ def test_tokenizer_matches_python_on_random_code_points(cpp_build, runtime_bundl
     _assert_tokenized_like_python(cpp_build, runtime_bundle, random_code_point_prompts(5000))
 
 
-# SD2-base's tokenizer folder as released: bos, eos and unk as AddedToken objects with "normalized": true (so the
-# tokenizer.json `seesr-export build` writes from it matches them after normalisation: "<|EndOfText|>" is EOS),
-# and special_tokens_map.json's pad token "!", which overrides tokenizer_config.json's.
-def _released_added_token(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-
-
-_RELEASED_SPECIAL_TOKENS = {
-    "bos_token": _released_added_token("<|startoftext|>"),
-    "eos_token": _released_added_token("<|endoftext|>"),
-    "unk_token": _released_added_token("<|endoftext|>"),
-}
-RELEASED_TOKENIZER_CONFIG = {
-    "add_prefix_space": False,
-    **{key: {"__type": "AddedToken", **token} for key, token in _RELEASED_SPECIAL_TOKENS.items()},
-    "do_lower_case": True,
-    "errors": "replace",
-    "model_max_length": 77,
-    "name_or_path": "openai/clip-vit-large-patch14",
-    "pad_token": "<|endoftext|>",
-    "special_tokens_map_file": "./special_tokens_map.json",
-    "tokenizer_class": "CLIPTokenizer",
-}
-RELEASED_SPECIAL_TOKENS_MAP = {**_RELEASED_SPECIAL_TOKENS, "pad_token": "!"}
+# SD2-base's tokenizer folder as released (seesr_export/testing/released.py): bos, eos and unk as AddedToken
+# objects with "normalized": true (so the tokenizer.json `seesr-export build` writes from it matches them after
+# normalisation: "<|EndOfText|>" is EOS), and special_tokens_map.json's pad token "!", which overrides
+# tokenizer_config.json's.
 
 
 @pytest.fixture(scope="module")
@@ -816,9 +796,7 @@ def released_tokenizer_json(tmp_path_factory) -> dict:
     from seesr_export.testing.fixtures import write_clip_tokenizer
 
     sd2 = tmp_path_factory.mktemp("released-sd2")
-    write_clip_tokenizer(sd2 / "tokenizer")
-    (sd2 / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(RELEASED_TOKENIZER_CONFIG, indent=2))
-    (sd2 / "tokenizer" / "special_tokens_map.json").write_text(json.dumps(RELEASED_SPECIAL_TOKENS_MAP, indent=2))
+    write_clip_tokenizer(sd2 / "tokenizer", layout="released")
     write_tokenizer_json(sd2, sd2 / "tokenizer.json")
     return json.loads((sd2 / "tokenizer.json").read_text())
 
