@@ -63,7 +63,7 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 def install_hint(extra: str) -> str:
-    return f"pip install '.[{extra}]' (in the source checkout)"
+    return f"pip install '.[{extra}]' in the source checkout"
 
 
 # ---------------------------------------------------------------- the decision
