@@ -15,7 +15,7 @@
  *   seesr_options *options; seesr_options_create(pipeline, &options);
  *   seesr_options_set_int(options, "steps", 20);
  *   seesr_image *out; seesr_upscale(pipeline, rgb, width, height, stride, options, &out);
- *   ... seesr_image_pixels(out) ...
+ *   const uint8_t *pixels = seesr_image_pixels(out);  // RGB8, seesr_image_stride(out) bytes a row
  *   seesr_image_free(out); seesr_options_free(options); seesr_pipeline_close(pipeline);
  */
 #ifndef SEESR_H
