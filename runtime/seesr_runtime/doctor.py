@@ -108,8 +108,8 @@ class Recommendation:
 def recommend(facts: Facts) -> Recommendation:
     """The fastest configuration measured for these facts: onnxruntime on an NVIDIA GPU (fp16 where the
     bundle has fp16 graphs); else OpenVINO bf16 on a CPU with bf16 units (the fastest CPU configuration
-    within 35 dB of fp32: benchmarks/results/cpu/README.md), OpenVINO fp32 on one without (twice
-    onnxruntime's fp32 speed there, same image), and onnxruntime fp32 where OpenVINO is not installed."""
+    within 35 dB of fp32: benchmarks/results/cpu/README.md), OpenVINO fp32 on one without (measured at twice
+    onnxruntime fp32's speed, 79.8 dB from its image), and onnxruntime fp32 where OpenVINO is not installed."""
     if CUDA_PROVIDER in facts.onnxruntime_providers and facts.cuda_gpus:
         fp16 = facts.bundle_precisions is None or "fp16" in facts.bundle_precisions
         return Recommendation(
