@@ -370,7 +370,7 @@ def _engine_lines(engines: dict[str, Any]) -> list[str]:
     if not ov["installed"]:
         lines.append(f"          OpenVINO: not installed ({install_hint('openvino')})")
     elif ov["error"] is not None:
-        lines.append(f"          OpenVINO {ov['version'] or ''}: cannot be used ({ov['error']})")
+        lines.append(f"          {_named('OpenVINO', ov['version'])}: cannot be used ({ov['error']})")
     else:
         lines.append(f"          OpenVINO {ov['version']}:")
         for device in ov["devices"]:
@@ -382,7 +382,7 @@ def _engine_lines(engines: dict[str, Any]) -> list[str]:
         lines.append("          TensorRT: not installed")
     else:
         problem = f": cannot be used ({trt['error']})" if trt["error"] else ""
-        lines.append(f"          TensorRT {trt['version'] or ''}{problem}")
+        lines.append(f"          {_named('TensorRT', trt['version'])}{problem}")
     return lines
 
 
@@ -393,6 +393,10 @@ def _bundle_lines(bundle: dict[str, Any]) -> list[str]:
         f"          graphs: {', '.join(bundle['precisions'])}; TensorRT engines: "
         + (", ".join(bundle["tensorrt_engines"]) or "none"),
     ]
+
+
+def _named(engine: str, version: str | None) -> str:
+    return f"{engine} {version}" if version else engine
 
 
 def _yes(value: bool | None) -> str:
