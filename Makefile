@@ -84,14 +84,15 @@ cpp: $(STAMP)
 	cmake --build runtime/cpp/build -j$(CPP_JOBS)
 
 # The native runtime built, then its tests (parity with the Python runtime, the C example, the wrapper, memory
-# growth; what CI runs): all but those marked slow (more upscale geometries, bf16: test-cpp-all) and the one
+# growth; what CI runs) and the compile check of the C and C++ the documents and headers show
+# (tests/test_docs_c.py): all but those marked slow (more upscale geometries, bf16: test-cpp-all) and the one
 # under valgrind, which takes longer than the rest together (test-cpp-valgrind).
 CPP_PYTEST := SEESR_CPP_JOBS=$(CPP_JOBS) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 test-cpp: cpp
-	$(CPP_PYTEST) -m "not slow and not valgrind" tests/test_cpp_runtime.py
+	$(CPP_PYTEST) -m "not slow and not valgrind" tests/test_cpp_runtime.py tests/test_docs_c.py
 
 test-cpp-all: cpp
-	$(CPP_PYTEST) -m "not valgrind" tests/test_cpp_runtime.py
+	$(CPP_PYTEST) -m "not valgrind" tests/test_cpp_runtime.py tests/test_docs_c.py
 
 # One upscale under valgrind's memcheck: no invalid access, no leak (tests/test_cpp_runtime.py, marked valgrind).
 test-cpp-valgrind: cpp

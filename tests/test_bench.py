@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from seesr_export.export import graph_module, sample_feeds
 from seesr_export.export_networks import TorchModels
-from seesr_runtime import SeeSRPipeline
+from seesr_runtime import SeeSRPipeline, machine
 from seesr_runtime.cli import main
 from seesr_runtime.manifest import Manifest
 from seesr_runtime.networks import NETWORK_NAMES
@@ -64,6 +64,7 @@ def test_seesr_bench_smoke(runtime_bundle, tmp_path):
     summary = json.loads(out.read_text())
     assert summary["format"] == "seesr-bench" and summary["backend"]["name"] == "onnxruntime"
     assert summary["machine"]["cpu_count"] >= 1 and summary["machine"]["cpu"]
+    assert summary["machine"]["cpu_features"] == machine.cpu_features(machine.cpu_flags())  # what speed depends on
     assert len(summary["bundle"]["manifest_sha256"]) == 64
     assert summary["versions"]["onnxruntime"]
     [report] = summary["results"]

@@ -283,7 +283,7 @@ def test_rules_between_options_are_checked_at_the_call(lib, pipeline):
 def test_cpp_wrapper(cpp_build, runtime_bundle):
     run = subprocess.run([cpp_build / "seesr_wrapper_test", str(runtime_bundle)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 14, run.stdout
+    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 16, run.stdout
 
 
 def test_c_example(cpp_build, runtime_bundle, tmp_path):
@@ -1137,6 +1137,38 @@ def test_engine_settings_are_checked(cpp_build, runtime_bundle, tmp_path, settin
     with pytest.raises(SeeSRError) as refused:
         _run_network(cpp_build, runtime_bundle, "text_encoder", feeds, tmp_path, **settings)
     assert refused.value.status == STATUS[status] and words in refused.value.message, refused.value.message
+
+
+def test_engine_info_agrees_with_doctor(lib, runtime_bundle):
+    """seesr_engine_info_json: OpenVINO's version and devices as `seesr doctor` reports them, and the precisions
+    it lists for the CPU are those seesr_pipeline_open lets the CPU run."""
+    from seesr_runtime import doctor, openvino_backend
+
+    info = capi.engine_info(lib)
+    report = doctor.openvino_report()
+    assert (info["engine"], info["version"], info["devices"]) == ("openvino", report["version"], report["devices"])
+    assert capi.engine_info(lib, None) == info  # NULL: openvino
+    first, again = ctypes.c_char_p(), ctypes.c_char_p()
+    call(lib, "seesr_engine_info_json", b"openvino", ctypes.byref(first))
+    call(lib, "seesr_engine_info_json", b"openvino", ctypes.byref(again))
+    assert ctypes.cast(first, ctypes.c_void_p).value == ctypes.cast(again, ctypes.c_void_p).value  # kept, not remade
+    cpu = next(device for device in info["devices"] if device["name"] == "CPU")
+    for precision in openvino_backend.PRECISIONS:
+        if precision.startswith("int8"):
+            continue  # the tiny bundle has no int8 graphs: refused for that reason on any device
+        if precision in cpu["precisions"]:
+            lib.seesr_pipeline_close(open_pipeline(lib, runtime_bundle, precision=precision.encode()))
+        else:
+            with pytest.raises(SeeSRError) as refused:
+                open_pipeline(lib, runtime_bundle, precision=precision.encode())
+            assert refused.value.status == STATUS["SEESR_ERROR_ENGINE"] and "lack" in refused.value.message
+    with pytest.raises(SeeSRError) as unknown:
+        capi.engine_info(lib, "onnxruntime")
+    assert unknown.value.status == STATUS["SEESR_ERROR_ENGINE"]
+    assert "unknown engine 'onnxruntime'; this build has: ['openvino']" in unknown.value.message
+    with pytest.raises(SeeSRError) as null_out:
+        call(lib, "seesr_engine_info_json", None, None)
+    assert null_out.value.status == STATUS["SEESR_ERROR_INVALID_ARGUMENT"] and "out is NULL" in null_out.value.message
 
 
 def test_pipeline_open_checks_precision(lib, runtime_bundle):

@@ -15,6 +15,7 @@ from test_runtime_parity import compare, replayable_noise
 from seesr_export.quantize import modelopt_available
 from seesr_runtime import (
     SeeSRPipeline,
+    doctor,
     openvino_backend,
 )
 from seesr_runtime.cli import main
@@ -257,7 +258,7 @@ def test_cli_upscale_with_openvino(tiny_bundle, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_upscale_picks_the_cpu_default_and_says_so(tiny_bundle, tmp_path, capsys, monkeypatch):
+def test_upscale_runs_the_recommended_configuration_and_says_so(runtime_bundle, tmp_path, capsys, monkeypatch):
     source = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(source)
     command = [
@@ -266,19 +267,24 @@ def test_upscale_picks_the_cpu_default_and_says_so(tiny_bundle, tmp_path, capsys
         "-o",
         str(tmp_path / "out"),
         "--bundle",
-        str(tiny_bundle),
+        str(runtime_bundle),
         "--steps",
         "1",
         "--process-size",
         "64",
     ]
+    facts = doctor.gather_facts(Manifest.load(runtime_bundle, verify="never"))
+    on_gpu = "CUDAExecutionProvider" in facts.onnxruntime_providers and facts.cuda_gpus
     has_bf16 = "BF16" in openvino_backend.device_capabilities(ov.Core(), "CPU")
+    cpu_choice = "note: running OpenVINO bf16" if has_bf16 else "note: running OpenVINO fp32"
     assert main(command) == 0
-    err = capsys.readouterr().err
-    assert ("note: running OpenVINO bf16" if has_bf16 else "note: running onnxruntime fp32") in err
-    # a CPU without bf16 units keeps onnxruntime fp32; an explicit backend is never overridden (and not announced)
+    assert ("note: running onnxruntime fp16 on CUDA" if on_gpu else cpu_choice) in capsys.readouterr().err
+    # a CPU without bf16 units runs OpenVINO f32; an explicit backend is never overridden (and not announced)
     monkeypatch.setattr(openvino_backend, "device_capabilities", lambda core, device: {"FP32", "INT8"})
-    assert main(command) == 0
-    assert "note: running onnxruntime fp32" in capsys.readouterr().err
+    if not on_gpu:
+        assert main(command) == 0
+        assert (
+            "note: running OpenVINO fp32 (OpenVINO is installed; this CPU has no bf16 units" in capsys.readouterr().err
+        )
     assert main(command + ["--backend", "onnxruntime"]) == 0
     assert "note: running" not in capsys.readouterr().err

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import __version__
+from . import __version__, machine
 from . import options as option_table
 from .filemodes import write_atomically
 from .manifest import Manifest
@@ -187,46 +186,20 @@ def call_flops(manifest: Manifest, network: str, shapes: dict[str, tuple[int, ..
 
 
 def machine_info() -> dict[str, Any]:
+    flags = machine.cpu_flags()
     info: dict[str, Any] = {
         "system": platform.system(),
         "machine": platform.machine(),
         "python": platform.python_version(),
-        "cpu": _cpu_model(),
+        "cpu": machine.cpu_model(),
+        "cpu_features": machine.cpu_features(flags),  # AVX-512, AVX512_BF16, AMX, VNNI: what the speed depends on
         "cpu_count": os.cpu_count(),
-        "gpu": gpu_name(),
+        "gpu": machine.gpu_name(),
     }
-    try:
-        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
-    except (ValueError, OSError):
-        pass
+    total = machine.total_memory_bytes()
+    if total is not None:
+        info["memory_gb"] = round(total / 1024**3, 1)
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _nvidia_smi(*query: str) -> list[str]:
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
-
-
-def gpu_name() -> str | None:
-    names = _nvidia_smi("--query-gpu=name")
-    return names[0] if names else None
 
 
 def peak_host_mb() -> float:
@@ -238,7 +211,7 @@ def peak_host_mb() -> float:
 def gpu_memory_mb() -> float | None:
     """This process's GPU memory as the driver sees it (allocator pools included; they do not shrink,
     so after a run it is the peak)."""
-    for line in _nvidia_smi("--query-compute-apps=pid,used_memory"):
+    for line in machine.nvidia_smi("--query-compute-apps=pid,used_memory"):
         pid, _, used = line.partition(",")
         if pid.strip() == str(os.getpid()):
             return float(used)

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import __version__, logs, openvino_backend
+from . import __version__, doctor, logs
 from . import options as option_table
 from .bench import (
     FORMAT,
@@ -35,6 +35,7 @@ from .errors import BundleError, ImageRejected, SeeSRError
 from .filemodes import remove_stale_temporaries, write_atomically
 from .inputs import expand_inputs, load_lr_image
 from .lazy import lazy_import
+from .manifest import Manifest
 from .pipeline import SeeSRPipeline, UpscaleResult
 from .profiling import StageProfiler
 
@@ -75,7 +76,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 2
-    choose_cpu_default(args)
+    choose_default(args)
     backend_options = backend_options_from(args)
     pipe = SeeSRPipeline.from_bundle(
         args.bundle,
@@ -217,19 +218,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_backend_args(p: argparse.ArgumentParser, cpu_default: bool = False) -> None:
-    """Backend choice and options, shared by upscale and bench. ``cpu_default``: without --backend,
-    --precision and --providers, pick ``CPU_DEFAULT`` (see choose_cpu_default) instead of onnxruntime fp32."""
+def add_backend_args(p: argparse.ArgumentParser, machine_default: bool = False) -> None:
+    """Backend choice and options, shared by upscale and bench. ``machine_default``: without --backend,
+    --precision, --providers and --device, run doctor's recommendation (see choose_default) instead of
+    onnxruntime fp32."""
     p.add_argument(
         "--backend",
-        default=None if cpu_default else "onnxruntime",
+        default=None if machine_default else "onnxruntime",
         choices=["onnxruntime", "tensorrt", "openvino"],
         help="inference backend (tensorrt: a bundle built with --backend tensorrt, an NVIDIA GPU; "
         "openvino: needs the 'openvino' extra; bf16/int8 on CPUs with those units, Intel GPUs)"
         + (
-            "; default: openvino bf16 where OpenVINO is installed and the CPU has bf16 units (the "
-            "fastest measured CPU configuration within 35 dB of fp32), else onnxruntime fp32"
-            if cpu_default
+            "; default (with none of --backend, --precision, --providers, --device): what `seesr doctor` "
+            "recommends: onnxruntime on CUDA with an NVIDIA GPU and onnxruntime-gpu, else openvino bf16 on "
+            "CPUs with bf16 units (the fastest measured CPU configuration within 35 dB of fp32) or openvino "
+            "fp32 where OpenVINO is installed, else onnxruntime fp32"
+            if machine_default
             else ""
         ),
     )
@@ -241,7 +245,7 @@ def add_backend_args(p: argparse.ArgumentParser, cpu_default: bool = False) -> N
     )
     p.add_argument(
         "--precision",
-        default=None if cpu_default else "fp32",
+        default=None if machine_default else "fp32",
         choices=["fp32", "fp16", "bf16", "int8", "int8-bf16"],
         help="which graphs of the bundle to run and how: fp16 is for GPU providers (openvino: f16 "
         "inference precision, Intel GPUs); int8 (bundles built with --precision int8) runs the "
@@ -298,40 +302,24 @@ def add_backend_args(p: argparse.ArgumentParser, cpu_default: bool = False) -> N
 
 
 OPENVINO_ONLY_PRECISIONS = ("bf16", "int8-bf16")
-# seesr upscale's choice when no backend option is given: the fastest CPU configuration whose final image
-# stays >= 35 dB PSNR from fp32 (same noise, SD2 size, random weights): benchmarks/results/cpu/README.md.
-CPU_DEFAULT = ("openvino", "bf16")
 
 
-def choose_cpu_default(args: argparse.Namespace) -> None:
-    """Fill in args.backend and args.precision where the user gave neither (nor --providers), and say
-    which configuration was picked and why."""
+def choose_default(args: argparse.Namespace) -> None:
+    """Fill in args.backend and args.precision (and --providers) where the user gave none of --backend,
+    --precision, --providers and --device: doctor's recommendation for this machine and bundle, announced
+    with the reason. Otherwise only what is missing: the backend the precision or device needs, fp32."""
     if args.backend is None and args.precision is None and args.providers is None and args.device is None:
-        if _openvino_has_bf16():
-            args.backend, args.precision = CPU_DEFAULT
-            log.info(
-                "note: running OpenVINO bf16 (the fastest CPU configuration within 35 dB of fp32; "
-                "--backend onnxruntime --precision fp32 for the fp32 reference)"
-            )
-        else:
-            args.backend, args.precision = "onnxruntime", "fp32"
-            log.info(
-                "note: running onnxruntime fp32 (OpenVINO bf16, the faster CPU default, needs the 'openvino' "
-                "extra and a CPU with bf16 units)"
-            )
+        chosen = doctor.recommend(doctor.gather_facts(Manifest.load(args.bundle, verify="never")))
+        args.backend, args.precision = chosen.backend, chosen.precision
+        args.providers = list(chosen.providers) if chosen.providers else None
+        log.info(f"note: running {chosen.label} ({chosen.reason}; `seesr doctor` explains, --backend overrides)")
+        for hint in chosen.hints:
+            log.info(f"note: faster: {hint}")
         return
     if args.backend is None:
         args.backend = "openvino" if args.precision in OPENVINO_ONLY_PRECISIONS or args.device else "onnxruntime"
     if args.precision is None:
         args.precision = "fp32"
-
-
-def _openvino_has_bf16() -> bool:
-    try:
-        # looked up on the module at call time: tests replace device_capabilities to play another CPU
-        return "BF16" in openvino_backend.device_capabilities(openvino_backend.import_openvino().Core(), "CPU")
-    except Exception:  # noqa: BLE001 - no openvino (BundleError) or no CPU device: the fp32 default applies
-        return False
 
 
 def backend_options_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -382,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the sha256 check of the bundle's files (by default files new or changed since "
         "their last check are hashed; use when you verify the bundle otherwise)",
     )
-    add_backend_args(p, cpu_default=True)
+    add_backend_args(p, machine_default=True)
     option_table.add_arguments(p)
     p.add_argument(
         "--tiled-vae-spill-dir",
@@ -448,6 +436,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write the full report here (JSON)")
     add_verbosity_args(p, quiet_help="print nothing but errors")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "doctor",
+        help="what this machine can run, and the seesr upscale command to type",
+        description="Report the CPU's features (AVX-512, AVX512_BF16, AMX, VNNI), the engines installed "
+        "(onnxruntime and its providers, OpenVINO and its devices, TensorRT), NVIDIA GPUs, free memory and "
+        "disk; with --bundle, verify the bundle and list what it holds. Then recommend a seesr upscale "
+        "command line for this machine, with the time committed measurements lead one to expect.",
+    )
+    p.add_argument("--bundle", type=Path, default=None, help="a bundle directory to verify and recommend a command for")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (keys: seesr_runtime.doctor)")
+    add_verbosity_args(p, quiet_help="print nothing but the report and errors")
+    p.set_defaults(func=doctor.cmd_doctor)
     return parser
 
 

@@ -15,7 +15,7 @@
  *   seesr_options *options; seesr_options_create(pipeline, &options);
  *   seesr_options_set_int(options, "steps", 20);
  *   seesr_image *out; seesr_upscale(pipeline, rgb, width, height, stride, options, &out);
- *   ... seesr_image_pixels(out) ...
+ *   const uint8_t *pixels = seesr_image_pixels(out);  // RGB8, seesr_image_stride(out) bytes a row
  *   seesr_image_free(out); seesr_options_free(options); seesr_pipeline_close(pipeline);
  */
 #ifndef SEESR_H
@@ -65,6 +65,20 @@ SEESR_API const char *seesr_version(void);
 SEESR_API const char *seesr_status_name(seesr_status status);
 /* The message of the last failure on this thread ("" when the last call succeeded). */
 SEESR_API const char *seesr_last_error(void);
+
+/* ------------------------------------------------------------------ engines */
+
+/* What the inference engine `engine` ("openvino"; NULL: "openvino") finds on this machine, as a JSON object, so
+   that an application can choose its device and precision before opening a pipeline:
+     {"engine": "openvino", "version": "2026.4.1-...",
+      "devices": [{"name": "CPU", "full_name": "...", "capabilities": ["BF16", "FP32", "INT8", ...],
+                   "bf16": true, "precisions": ["fp32", "bf16", "int8", "int8-bf16"]}, ...]}
+   `capabilities` are the device's OPTIMIZATION_CAPABILITIES (sorted); `bf16` says whether it computes in bf16
+   natively (on a CPU: AVX512_BF16 or AMX units); `precisions` are the seesr_engine_options precisions it runs
+   (seesr_pipeline_open refuses the others on that device). The same facts as `seesr doctor --json` reports
+   under engines.openvino. The engine is asked on the first call; the string belongs to the library and stays
+   valid until the process ends. SEESR_ERROR_ENGINE for an engine this build lacks or one that cannot start. */
+SEESR_API seesr_status seesr_engine_info_json(const char *engine, const char **out);
 
 /* ------------------------------------------------------------------ pipeline */
 

@@ -3,7 +3,7 @@
 //   seesr::Pipeline pipeline("bundle");
 //   seesr::Options options(pipeline);
 //   options.set("steps", 20).set("color_fix", "wavelet");
-//   seesr::Image out = pipeline.upscale(rgb, width, height, stride, options);
+//   seesr::Image out = pipeline.upscale(rgb, width, height, stride, &options);
 //
 // Every failure throws seesr::Error, carrying the status and the library's message.
 #ifndef SEESR_HPP
@@ -64,6 +64,14 @@ private:
 
 inline std::string version() { return seesr_version(); }
 inline int abi_version() { return seesr_abi_version(); }
+
+// seesr_engine_info_json: the engine's version and devices, each with whether it computes bf16 natively and the
+// precisions it runs (JSON, see seesr.h).
+inline std::string engine_info_json(const std::string &engine = "openvino") {
+    const char *json = nullptr;
+    detail::check(seesr_engine_info_json(engine.c_str(), &json));
+    return json;
+}
 
 struct EngineOptions {
     std::string engine = "openvino";

@@ -6,6 +6,7 @@ benchmarks that drive the native runtime from Python. Not a Python API of its ow
 from __future__ import annotations
 
 import ctypes
+import json
 from pathlib import Path
 
 VERIFY_AUTO, VERIFY_ALWAYS, VERIFY_NEVER = 0, 1, 2  # seesr_verify
@@ -52,6 +53,13 @@ def load_library(path: Path) -> ctypes.CDLL:
         accessor = getattr(lib, f"seesr_image_{field}")
         accessor.argtypes, accessor.restype = [ctypes.c_void_p], result_type
     return lib
+
+
+def engine_info(lib: ctypes.CDLL, engine: str | None = "openvino") -> dict:
+    """seesr_engine_info_json, parsed."""
+    text = ctypes.c_char_p()
+    call(lib, "seesr_engine_info_json", engine.encode() if engine is not None else None, ctypes.byref(text))
+    return json.loads(text.value)
 
 
 def call(lib: ctypes.CDLL, function: str, *args: object) -> None:

@@ -2,6 +2,7 @@
 // crosses into C and nothing aborts the host; failures become a status and a per-thread message.
 #include "seesr.h"
 
+#include "engine.hpp"
 #include "failure.hpp"
 #include "pipeline.hpp"
 #include "tiled_vae.hpp"
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <vector>
@@ -191,6 +193,21 @@ const char *seesr_status_name(seesr_status status) {
 }
 
 const char *seesr_last_error(void) { return last_error.c_str(); }
+
+seesr_status seesr_engine_info_json(const char *engine, const char **out) {
+    // Asked once per engine and kept for the process (so the string stays valid); a failure is not kept.
+    static std::mutex mutex;
+    static std::map<std::string, std::string> answers;
+    return guarded([&] {
+        require(out, "out");
+        *out = nullptr;
+        const std::string kind = text_or(engine, "openvino");
+        std::lock_guard<std::mutex> lock(mutex);
+        auto found = answers.find(kind);
+        if (found == answers.end()) found = answers.emplace(kind, seesr::engine_info(kind).dump()).first;
+        *out = found->second.c_str();
+    });
+}
 
 seesr_status seesr_engine_options_init(seesr_engine_options *options) {
     return guarded([&] {

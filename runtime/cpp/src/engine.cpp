@@ -6,32 +6,43 @@ namespace seesr {
 
 // Defined by each engine's own source file.
 std::unique_ptr<Engine> create_openvino_engine(const Manifest &manifest, const EngineSettings &settings);
+Json openvino_engine_info();
 
 namespace {
 
-using Factory = std::unique_ptr<Engine> (*)(const Manifest &, const EngineSettings &);
+struct EngineKind {
+    std::string name;
+    std::unique_ptr<Engine> (*create)(const Manifest &, const EngineSettings &);
+    Json (*info)();
+};
 
-const std::vector<std::pair<std::string, Factory>> &factories() {
-    static const std::vector<std::pair<std::string, Factory>> known = {{"openvino", create_openvino_engine}};
+const std::vector<EngineKind> &known_engines() {
+    static const std::vector<EngineKind> known = {{"openvino", create_openvino_engine, openvino_engine_info}};
     return known;
+}
+
+const EngineKind &engine_kind(const std::string &kind) {
+    for (const EngineKind &known : known_engines()) {
+        if (known.name == kind) return known;
+    }
+    std::string have;
+    for (const auto &known : engine_kinds()) have += (have.empty() ? "'" : ", '") + known + "'";
+    throw Failure(SEESR_ERROR_ENGINE, "unknown engine '" + kind + "'; this build has: [" + have + "]");
 }
 
 }  // namespace
 
 std::vector<std::string> engine_kinds() {
     std::vector<std::string> kinds;
-    for (const auto &[kind, factory] : factories()) kinds.push_back(kind);
+    for (const EngineKind &known : known_engines()) kinds.push_back(known.name);
     return kinds;
 }
 
 std::unique_ptr<Engine> create_engine(const std::string &kind, const Manifest &manifest, const EngineSettings &settings) {
-    for (const auto &[known, factory] : factories()) {
-        if (known == kind) return factory(manifest, settings);
-    }
-    std::string have;
-    for (const auto &known : engine_kinds()) have += (have.empty() ? "'" : ", '") + known + "'";
-    throw Failure(SEESR_ERROR_ENGINE, "unknown engine '" + kind + "'; this build has: [" + have + "]");
+    return engine_kind(kind).create(manifest, settings);
 }
+
+Json engine_info(const std::string &kind) { return engine_kind(kind).info(); }
 
 std::vector<std::string> output_names(const Manifest &manifest, const std::string &network) {
     const Json &outputs = manifest.entry(network).value("/spec/outputs"_json_pointer, Json());

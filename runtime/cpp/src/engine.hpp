@@ -33,6 +33,11 @@ public:
 std::unique_ptr<Engine> create_engine(const std::string &kind, const Manifest &manifest, const EngineSettings &settings);
 std::vector<std::string> engine_kinds();
 
+// What the engine `kind` finds on this machine (seesr_engine_info_json): its version and devices, each with its
+// capabilities, whether it computes in bf16 natively and the precisions it runs. An engine failure for an unknown
+// kind, or when the engine cannot be asked.
+Json engine_info(const std::string &kind);
+
 // The output names of `network` in its manifest spec (a bundle error when the spec lacks them).
 std::vector<std::string> output_names(const Manifest &manifest, const std::string &network);
 

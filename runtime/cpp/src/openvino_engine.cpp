@@ -230,6 +230,32 @@ private:
 
 }  // namespace
 
+Json openvino_engine_info() {
+    try {
+        ov::Core core;
+        Json devices = Json::array();
+        for (const std::string &name : core.get_available_devices()) {
+            std::vector<std::string> capabilities = core.get_property(name, ov::device::capabilities);
+            std::sort(capabilities.begin(), capabilities.end());
+            const auto has = [&](const std::string &capability) {
+                return std::find(capabilities.begin(), capabilities.end(), capability) != capabilities.end();
+            };
+            Json precisions = Json::array();  // what check_capability lets this device run
+            for (const PrecisionPolicy &policy : precision_policies()) {
+                if (policy.capability.empty() || has(policy.capability)) precisions.push_back(policy.name);
+            }
+            devices.push_back({{"name", name},
+                               {"full_name", core.get_property(name, ov::device::full_name)},
+                               {"capabilities", capabilities},
+                               {"bf16", has("BF16")},
+                               {"precisions", precisions}});
+        }
+        return {{"engine", "openvino"}, {"version", ov::get_openvino_version().buildNumber}, {"devices", devices}};
+    } catch (const ov::Exception &error) {
+        throw engine_error(std::string("OpenVINO could not list its devices: ") + error.what());
+    }
+}
+
 std::unique_ptr<Engine> create_openvino_engine(const Manifest &manifest, const EngineSettings &settings) {
     try {
         return std::make_unique<OpenVinoEngine>(manifest, settings);

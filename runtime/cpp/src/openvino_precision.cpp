@@ -77,6 +77,8 @@ std::vector<ov::Output<ov::Node>> path_boundary(const ov::NodeVector &ops, const
 
 }  // namespace
 
+const std::vector<PrecisionPolicy> &precision_policies() { return kPolicies; }
+
 const PrecisionPolicy *precision_policy(const std::string &precision) {
     for (const PrecisionPolicy &policy : kPolicies) {
         if (policy.name == precision) return &policy;

@@ -8,6 +8,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace seesr {
 
@@ -19,6 +20,8 @@ struct PrecisionPolicy {
     std::string capability;  // what the device's OPTIMIZATION_CAPABILITIES must list ("" for nothing)
 };
 
+// The table, in its order.
+const std::vector<PrecisionPolicy> &precision_policies();
 // The row of `precision`, or nullptr for a precision the table lacks.
 const PrecisionPolicy *precision_policy(const std::string &precision);
 // The table's precisions in its order, as "['fp32', 'bf16', ...]" for messages.

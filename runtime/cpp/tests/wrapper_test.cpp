@@ -44,6 +44,13 @@ int main(int argc, char **argv) {
     engine.verify = SEESR_VERIFY_NEVER;
 
     expect(seesr::abi_version() == SEESR_ABI_VERSION, "ABI version matches the header");
+    const std::string info = seesr::engine_info_json();
+    const bool lists_cpu = info.find("\"name\":\"CPU\"") != std::string::npos;
+    expect(info.find("\"engine\":\"openvino\"") != std::string::npos && lists_cpu,
+           "engine_info_json lists OpenVINO's CPU device: " + info);
+    Thrown unknown_engine = thrown([&] { seesr::engine_info_json("nonesuch"); });
+    expect(unknown_engine.status == SEESR_ERROR_ENGINE && unknown_engine.says("unknown engine 'nonesuch'"),
+           "an unknown engine's info throws SEESR_ERROR_ENGINE naming it: " + unknown_engine.message);
     Thrown missing = thrown([&] { seesr::Pipeline pipeline("/nonexistent/bundle", engine); });
     expect(missing.status == SEESR_ERROR_BUNDLE && missing.says("/nonexistent/bundle"),
            "a missing bundle throws SEESR_ERROR_BUNDLE naming it: " + missing.message);
