@@ -3,10 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# What the demo needs alone: the build side (torch, diffusers, onnx) and the runtime; `make test` adds the rest
+# to the same venv.
+DEMO_STAMP := $(VENV)/.installed-demo
+# setuptools' note that an editable install maps the packages (the same for every editable install) is hidden.
+PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q
 
 .PHONY: demo test test-fast lint fuzz test-triton test-cpp test-cpp-all test-cpp-valgrind venv clean
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/seesr-export demo --out out/demo
 
 # Everything but the native runtime's tests (`make test-cpp` builds it and runs them; CI runs both); the 15
@@ -39,16 +44,23 @@ fuzz: $(STAMP)
 
 venv: $(STAMP)
 
-# torch first, from the pinned CPU build: anything else lets pip fetch a multi-GB CUDA torch.
-$(STAMP): pyproject.toml constraints.txt
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,quant]'
+
+# torch first, from the pinned CPU build: anything else lets pip fetch a multi-GB CUDA torch.
+$(DEMO_STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -c constraints.txt torch==2.13.0
+	$(PIP) -c constraints.txt -e '.[export]'
+	touch $@
+
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -c constraints.txt torch==2.13.0
+	$(PIP) -c constraints.txt -e '.[dev,quant]'
 	# Only its CLIP BPE vocabulary file is used, by the test of CLIP's own vocabulary (skipped without it;
 	# the fixtures make their own merges). --no-deps: its torchvision requirement would fetch another torch.
-	$(BIN)/pip install -q --no-deps open_clip_torch==3.3.0
-	touch $(STAMP)
+	$(PIP) --no-deps open_clip_torch==3.3.0
+	touch $@
 
 # Triton deployment tests against a real tritonserver (nvidia-pytriton's binary, CPU, 127.0.0.1 only).
 # Own env: that wheel needs numpy<2; it holds the torch-free runtime alone (editable), never torch.
@@ -73,27 +85,46 @@ $(TRITON_STAMP): pyproject.toml
 	touch $(TRITON_STAMP)
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) out
+	rm -rf $(VENV) $(TRITON_VENV) $(CPP_VENV) out
 
-# The native C++ runtime (runtime/cpp): libseesr and its C ABI, against the venv's openvino wheel. Needs cmake,
-# g++, nlohmann-json3-dev and libutf8proc-dev (valgrind for its memory test); .ci/run installs them.
+# The native C++ runtime (runtime/cpp): libseesr and its C ABI. Needs cmake, g++, nlohmann-json3-dev and
+# libutf8proc-dev (libpng-dev for seesr-upscale-cpp, valgrind for its memory test); .ci/run installs them.
+# `make cpp` needs no torch: it builds against the openvino wheel of a venv of its own ($(CPP_VENV): the
+# torch-free runtime and the openvino extra); runtime/cpp/README.md builds against any OpenVINO with plain CMake.
 CPP_JOBS ?= 2
-.PHONY: cpp
-cpp: $(STAMP)
-	cmake -S runtime/cpp -B runtime/cpp/build -DSEESR_PYTHON=$(abspath $(BIN))/python
-	cmake --build runtime/cpp/build -j$(CPP_JOBS)
+CPP_VENV ?= .venv-cpp
+CPP_STAMP := $(CPP_VENV)/.installed
+CPP_BUILD := runtime/cpp/build
+# The CMake package folder of the openvino wheel that the Python $(1) imports.
+openvino_cmake = $$($(1) -c "import openvino, os; print(os.path.join(os.path.dirname(openvino.__file__), 'cmake'))")
 
-# The native runtime built, then its tests (parity with the Python runtime, the C example, the wrapper, memory
-# growth; what CI runs) and the compile check of the C and C++ the documents and headers show
-# (tests/test_docs_c.py): all but those marked slow (more upscale geometries, bf16: test-cpp-all) and the one
-# under valgrind, which takes longer than the rest together (test-cpp-valgrind).
+.PHONY: cpp
+cpp: $(CPP_STAMP)
+	cmake -S runtime/cpp -B $(CPP_BUILD) -DOpenVINO_DIR=$(call openvino_cmake,$(CPP_VENV)/bin/python)
+	cmake --build $(CPP_BUILD) -j$(CPP_JOBS)
+
+$(CPP_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(CPP_VENV)
+	$(CPP_VENV)/bin/pip install -q --upgrade pip
+	PYTHONWARNINGS="ignore:Editable installation" $(CPP_VENV)/bin/pip install -q -e '.[openvino]'
+	touch $@
+
+# The native runtime's tests (parity with the Python runtime, the C example, the wrapper, memory growth; what CI
+# runs) and the compile check of the C and C++ the documents and headers show (tests/test_docs_c.py): all but
+# those marked slow (more upscale geometries, bf16: test-cpp-all) and the one under valgrind,
+# which takes longer than the rest together (test-cpp-valgrind). The parity tests compare with the Python
+# OpenVINO backend, so the library is configured against the test venv's openvino here (the tests build it).
 CPP_PYTEST := SEESR_CPP_JOBS=$(CPP_JOBS) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
-test-cpp: cpp
+.PHONY: cpp-test-build
+cpp-test-build: $(STAMP)
+	cmake -S runtime/cpp -B $(CPP_BUILD) -DOpenVINO_DIR=$(call openvino_cmake,$(BIN)/python)
+
+test-cpp: cpp-test-build
 	$(CPP_PYTEST) -m "not slow and not valgrind" tests/test_cpp_runtime.py tests/test_docs_c.py
 
-test-cpp-all: cpp
+test-cpp-all: cpp-test-build
 	$(CPP_PYTEST) -m "not valgrind" tests/test_cpp_runtime.py tests/test_docs_c.py
 
 # One upscale under valgrind's memcheck: no invalid access, no leak (tests/test_cpp_runtime.py, marked valgrind).
-test-cpp-valgrind: cpp
+test-cpp-valgrind: cpp-test-build
 	$(CPP_PYTEST) -m valgrind tests/test_cpp_runtime.py

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Bring onnxruntime-gpu and the export's pure-Python packages to a lent GPU machine that has no network and takes
-# at most 64 MiB per call: packed here into xz parts, carried one part per call, joined there.
+# Bring onnxruntime-gpu and the export's pure-Python packages to a GPU machine that has no network and takes files
+# in transfers of at most 64 MiB: packed here into xz parts, transferred one part at a time, joined there.
 #
 #   benchmarks/gpu_carry.sh pack          here: download the wheels for the GPU machine's Python, unpack them, xz
 #                                         the tree and split it into .gpu-carry/part-NN (58 MiB each)
-#   benchmarks/gpu_carry.sh receive       there, once per part (the part is the call's carried .gpu-carry/):
-#                                         keeps it in $SEESR_CARRY_DIR, outside the tree, while the machine is warm
+#   benchmarks/gpu_carry.sh receive       there, once per part (the part transferred into .gpu-carry/):
+#                                         keeps it in $SEESR_CARRY_DIR, outside the tree, while the machine is up
 #   benchmarks/gpu_carry.sh assemble      there, after the last part: joins and unpacks the parts into
 #                                         $SEESR_CARRY_DIR/site, checks the imports, prints the PYTHONPATH to use
 #
-# Each device call copies the working tree plus the ignored paths it names in `carry`, so a call carries one part:
-# `carry: [".gpu-carry/part-00"]`, command `benchmarks/gpu_carry.sh receive`, and so on, back to back (the machine
-# stays warm about 30 s between calls); the call after the last part runs `assemble && ... gpu.sh`.
+# Each transfer holds the working tree and one part (.gpu-carry/part-NN), followed by
+# `benchmarks/gpu_carry.sh receive` there; after the last part, `assemble && ... gpu.sh`
+# (results/nvidia-h200/README.md lists the steps).
 #
 # What is packed (override with SEESR_CARRY_PACKAGES, SEESR_CARRY_PYTHON): the machine has torch, onnx,
 # transformers and numpy, but no onnxruntime-gpu, diffusers or onnx-graphsurgeon (measured on the H200, Python 3.12).
@@ -20,7 +20,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 PACKAGES=${SEESR_CARRY_PACKAGES:-"onnxruntime-gpu==1.31.1 diffusers==0.42.1 onnx-graphsurgeon==0.6.1 onnxscript==0.7.2 onnx-ir==1.1.0"}
 TARGET_PYTHON=${SEESR_CARRY_PYTHON:-3.12}
-PART_SIZE=58M  # with the working tree (~2 MB), under the 64 MiB a call takes
+PART_SIZE=58M  # with the working tree (~2 MB), under the 64 MiB a transfer takes
 CARRY=$ROOT/.gpu-carry
 THERE=${SEESR_CARRY_DIR:-/tmp/seesr-carry}
 

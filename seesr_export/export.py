@@ -12,14 +12,18 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 import torch
 from onnx import TensorProto
+from onnx_graphsurgeon.logger import G_LOGGER
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from torch import nn
 
@@ -228,10 +232,31 @@ def finalize(
     return save_onnx(model, path, external_data_threshold)
 
 
+# onnxruntime's log severities (0 verbose .. 4 fatal); it has no getter, so folding restores its default.
+ORT_LOG_WARNING, ORT_LOG_ERROR = 2, 3
+
+
+@contextmanager
+def quiet_folding() -> Iterator[None]:
+    """Only errors from constant folding: graphsurgeon evaluates constant subgraphs in onnxruntime sessions,
+    whose optimizer logs a warning for each Unsqueeze it cannot remove (over 100 lines for the tiny bundle,
+    none of them about the exported graph), and logs notes of its own (no `colored` module, large folded
+    tensors)."""
+    previous = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.ERROR
+    ort.set_default_logger_severity(ORT_LOG_ERROR)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(ORT_LOG_WARNING)
+        G_LOGGER.severity = previous
+
+
 def simplify(model):
     """Shape inference, constant folding and dead-node removal (onnx-graphsurgeon)."""
     graph = gs.import_onnx(model)
-    graph.fold_constants().cleanup().toposort()
+    with quiet_folding():
+        graph.fold_constants().cleanup().toposort()
     model = gs.export_onnx(graph)
     return onnx.shape_inference.infer_shapes(model)
 

@@ -1,6 +1,6 @@
-"""benchmarks/gpu_carry.sh's receive and assemble, the half that runs on a lent GPU machine: parts carried one per
-call are kept outside the tree, joined and unpacked into an importable site folder. (``pack`` downloads wheels,
-so it is exercised when a GPU session prepares its run, not here.)"""
+"""benchmarks/gpu_carry.sh's receive and assemble, the half that runs on the GPU machine: parts transferred one at
+a time are kept outside the tree, joined and unpacked into an importable site folder. (``pack`` downloads wheels,
+so it is exercised when a GPU run is prepared, not here.)"""
 
 from __future__ import annotations
 

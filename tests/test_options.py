@@ -326,4 +326,4 @@ def test_option_flags_come_from_the_table(command):
     help_text = " ".join(done.stdout.split())
     for option in option_table.OPTIONS:
         assert option.cli_flag in help_text, option.name
-    assert "DDPM steps; in [1, 1000] (default: the bundle's, 50)" in help_text
+    assert "DDPM steps; in [1, 1000] (default: the bundle's; 50 in a standard bundle)" in help_text

@@ -391,7 +391,7 @@ def test_image_shapes_other_than_one_element_are_refused_before_sizing(server, r
 def test_http_json_data_declaring_more_than_it_holds_is_refused(server):
     """Tensor data inline as JSON with a fixed-size data type: this tritonserver's HTTP frontend reserves the
     size that the request's own data type and shape declare, before it looks at the model's inputs, then
-    refuses. 300 MB here (RSS comes back); see the README on larger declarations."""
+    refuses. 300 MB here (RSS comes back); docs/security.md on larger declarations."""
     body = _json_body([{"name": "image", "datatype": "UINT8", "shape": [10_000, 10_000, 3], "data": [1]}])
     before = server.resident_bytes()
     answer = post_http(server.http_url, "seesr", body, header_length=None)

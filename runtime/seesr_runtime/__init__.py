@@ -1,4 +1,4 @@
-"""Torch-free SeeSR runtime: numpy + onnxruntime (TensorRT later).
+"""Torch-free SeeSR runtime: numpy over onnxruntime (the base install), OpenVINO or TensorRT (extras).
 
 This package must never import torch: it is what users deploy.
 """

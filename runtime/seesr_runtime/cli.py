@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         default=None,
-        help="DDPM steps per image, one value or one per --size (default: the bundle's, "
-        f"{option_table.default('steps')}); fewer steps are also extrapolated to 50",
+        help="DDPM steps per image, one value or one per --size (default: the bundle's; "
+        f"{option_table.default('steps')} in a standard bundle); fewer steps are also extrapolated to that default",
     )
     p.add_argument("--runs", type=int, default=3, help="timed images (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed images first (default 1)")
@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance",
         type=float,
         default=None,
-        help=f"guidance (default: the bundle's, {option_table.default('guidance')})",
+        help=f"guidance (default: the bundle's; {option_table.default('guidance')} in a standard bundle)",
     )
     p.add_argument("--seed", type=int, default=0, help="noise and synthetic-image seed")
     p.add_argument("--image", type=Path, default=None, help="an LR image to use instead of the synthetic one")

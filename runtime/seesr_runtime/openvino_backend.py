@@ -61,7 +61,7 @@ DEVICES_WITHOUT_CAPABILITIES = ("AUTO", "MULTI", "HETERO", "BATCH")  # virtual d
 # Precision policy under a bf16 (or f16) inference precision: which operations of each network stay in
 # f32. "timestep" is ``split_timestep_path``; the other groups are marks, defined in ``_select_nodes``.
 # Chosen from measurements at SD2 size on random weights (benchmarks/openvino_precision.py, results and
-# the reasoning in benchmarks/results/cpu/openvino_precision.md and README.md, "OpenVINO backend").
+# the reasoning in benchmarks/results/cpu/openvino_precision.md and docs/openvino.md).
 KEEP_F32_GROUPS = ("softmax", "norm", "timestep", "attention", "add", "all_but_matmul")
 DEFAULT_KEEP_F32 = {
     "unet": ("timestep",),

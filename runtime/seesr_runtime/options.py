@@ -346,7 +346,8 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] = NAMES,
             continue
         shown = _shown(option.default) if option.default != "" else "empty"
         if option.in_bundle:
-            note = f"default: {'the server' if server_side else 'the bundle'}'s, {shown}"
+            # The table's default is a standard bundle's; a turbo bundle has its own (2 steps, guidance 1.0).
+            note = f"default: {'the server' if server_side else 'the bundle'}'s; {shown} in a standard bundle"
         else:
             note = f"default {'on the server ' if server_side else ''}{shown}"
         accepted = f"; {option.range_text()}" if option.kind in (int, float) and option.minimum is not None else ""

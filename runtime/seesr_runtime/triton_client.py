@@ -4,7 +4,8 @@
     seesr-triton-client upscale a.png -o results/ --protocol grpc --url 127.0.0.1:8001
     seesr-triton-client load a.png --concurrency 32 --requests 256 --steps 20       # throughput, p50/p95/p99
 
-Needs ``pip install 'seesr-export[triton]'`` (tritonclient over HTTP and gRPC). Each image is read and
+Needs the ``triton`` extra (tritonclient over HTTP and gRPC: ``pip install '.[triton]'`` in a checkout of this
+project). Each image is read and
 checked here as ``seesr upscale`` would read it (8-bit RGB), then sent as a PNG file: lossless, so the
 server sees the very pixels the in-process runtime would, whatever format the file had.
 """
@@ -41,13 +42,16 @@ PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 # Fast deflate: requests travel on a local network or a data-centre one, where encoding time matters more.
 PNG_COMPRESS_LEVEL = 1
+# Seconds a request may take: a 50-step 512 px image on onnxruntime fp32 takes 12 to 14 minutes on a 2-core
+# CPU (benchmarks/results/cpu/); larger images on CPU instances need more (--timeout).
+DEFAULT_TIMEOUT_S = 3600.0
 
 # tritonclient ships no type information: its clients and tensors are Any here.
 Client = Any
 InferInput = Any
 
 
-# The client library is an extra (seesr-export[triton]); one module per protocol.
+# The client library is an extra (the triton extra); one module per protocol.
 TRITONCLIENT = {
     "http": lazy_import("tritonclient.http", extra="triton"),
     "grpc": lazy_import("tritonclient.grpc", extra="triton"),
@@ -65,11 +69,11 @@ def _module(protocol: str) -> ModuleType:
         return imported(TRITONCLIENT[protocol])
     except MissingDependency as exc:
         raise ClientError(
-            f"tritonclient is not installed ({exc.__cause__}): pip install 'seesr-export[triton]'"
+            f"tritonclient is not installed ({exc.__cause__}): pip install '.[triton]' in a checkout of seesr-export"
         ) from None
 
 
-def connect(protocol: str, url: str | None = None, timeout: float = 600.0) -> Client:
+def connect(protocol: str, url: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Client:
     """A tritonclient InferenceServerClient; ``timeout`` bounds connecting and each request (seconds)."""
     module = _module(protocol)
     url = url or DEFAULT_URLS[protocol]
@@ -137,7 +141,7 @@ def infer(
     protocol: str,
     inputs: list[InferInput],
     model: str = "seesr",
-    timeout: float = 600.0,
+    timeout: float = DEFAULT_TIMEOUT_S,
     key: str | None = None,
 ) -> Upscaled:
     """One request, carrying the deployment's access ``key`` when given (``seesr_runtime.triton``); raises
@@ -202,7 +206,7 @@ def run_load(
     concurrency: int,
     requests: int,
     model: str = "seesr",
-    timeout: float = 600.0,
+    timeout: float = DEFAULT_TIMEOUT_S,
     key: str | None = None,
     **options: Any,
 ) -> LoadReport:
@@ -350,7 +354,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=PROTOCOLS, default="http", help="default http")
     parser.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8000 for http, :8001 for grpc)")
     parser.add_argument("--model", default="seesr", help="model name in the repository (default seesr)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds per request (default {DEFAULT_TIMEOUT_S:.0f}: a 50-step image on a CPU instance takes minutes)",
+    )
     option_table.add_arguments(parser, REQUEST_OPTIONS, server_side=True)
     parser.add_argument(
         "--max-pixels",

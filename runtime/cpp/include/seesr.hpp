@@ -3,7 +3,7 @@
 //   seesr::Pipeline pipeline("bundle");
 //   seesr::Options options(pipeline);
 //   options.set("steps", 20).set("color_fix", "wavelet");
-//   seesr::Image out = pipeline.upscale(rgb, width, height, stride, &options);
+//   seesr::Image out = pipeline.upscale(rgb, width, height, stride, &options);  // options: nullptr for the defaults
 //
 // Every failure throws seesr::Error, carrying the status and the library's message.
 #ifndef SEESR_HPP
