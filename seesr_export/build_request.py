@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from seesr_runtime.lazy import available
+from seesr_runtime.lazy import available, install_hint
 from seesr_runtime.manifest import GPU_GRAPH
 from seesr_runtime.networks import INT8_NETWORKS, NETWORK_NAMES
 
@@ -88,7 +88,7 @@ def check_request(options: BuildOptions) -> None:
 
 def _tensorrt_missing() -> str | None:
     if not available("tensorrt"):
-        return "the 'tensorrt' Python package is not installed (pip install 'seesr-export[tensorrt]')"
+        return f"the 'tensorrt' Python package is not installed ({install_hint('tensorrt')})"
     if not (Path("/dev/nvidiactl").exists() or os.environ.get("CUDA_VISIBLE_DEVICES")):
         return "no NVIDIA GPU is visible"
     return None

@@ -15,7 +15,7 @@ from seesr_runtime import options as option_table
 from seesr_runtime.cli import run_command
 from seesr_runtime.errors import ImageRejected
 from seesr_runtime.filemodes import write_atomically
-from seesr_runtime.lazy import available, lazy_import
+from seesr_runtime.lazy import available, install_hint, lazy_import
 from seesr_runtime.triton import ACCESS_KEY_ENV, server_access_arguments
 
 from .errors import SeeSRExportError
@@ -261,7 +261,7 @@ precision:
   int8   fp32 + fp16 graphs, plus Q/DQ int8 UNet and ControlNet (97 % of the FLOPs) calibrated on
          real LR images run through the SeeSR sampler (--calib-images DIR, --calib-size N images,
          --calib-steps K steps each; every step's inputs are recorded). --quant-method: NVIDIA
-         ModelOpt INT8 SmoothQuant (alpha 0.8; needs pip install 'seesr-export[quant]') or
+         ModelOpt INT8 SmoothQuant (alpha 0.8; needs the quant extra) or
          onnxruntime's static quantizer (min/max, per-channel weights); time embedding, conv_in,
          conv_out, conv_shortcut, norm_out, proj_out and attention's Q.K^T / P.V stay fp32.
          The int8 graphs run on onnxruntime CPU (seesr upscale --precision int8). Error per network
@@ -269,7 +269,7 @@ precision:
 backend:
   onnx      ONNX graphs only (any machine)
   tensorrt  also TensorRT engines: needs an NVIDIA GPU and the 'tensorrt' package
-            (pip install 'seesr-export[tensorrt]'); refused clearly where either is missing
+            (the tensorrt extra); refused clearly where either is missing
 """
 
 
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.quiet, args.verbose)
     if getattr(args, "needs_torch", True) and not available("torch"):
-        print("error: seesr-export needs the build extras: pip install 'seesr-export[export]'", file=sys.stderr)
+        print(f"error: seesr-export needs the build extras: {install_hint('export')}", file=sys.stderr)
         return 2
     return run_command(args.func, args)  # every SeeSRError (build side included): one line, exit 2
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from seesr_runtime.lazy import install_hint
 from seesr_runtime.networks import INT8_NETWORKS, NETWORK_TABLE
 
 from .errors import BuildError
@@ -37,7 +38,7 @@ def add_int8(work: Path, manifest: dict, options, progress, models) -> dict:
     )
     use_modelopt = quant.method == "modelopt" or (quant.method == "auto" and modelopt_available())
     if quant.method == "modelopt" and not modelopt_available():
-        raise BuildError("--quant-method modelopt needs nvidia-modelopt: pip install 'seesr-export[quant]'")
+        raise BuildError(f"--quant-method modelopt needs nvidia-modelopt: {install_hint('quant')}")
     images = [Image.open(p).convert("RGB") for p in options.calib_images]
     bundle = as_loaded(work, manifest)
     recorded = record_calibration_feeds(bundle, images, quant, progress)

@@ -22,7 +22,7 @@ from PIL import Image
 from seesr_runtime import doctor
 from seesr_runtime.cli import build_parser
 from seesr_runtime.doctor import Facts, recommend
-from seesr_runtime.lazy import available
+from seesr_runtime.lazy import available, install_hint
 from seesr_runtime.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_the_same_epyc_without_openvino_runs_onnxruntime_fp32_and_says_what_to_i
     chosen = recommend(Facts(cpu_flags=EPYC_ZEN5, openvino_cpu_capabilities=None))
     assert chosen.arguments() == ["--backend", "onnxruntime", "--precision", "fp32"]
     assert "bf16 units" in chosen.reason
-    assert chosen.hints == ("OpenVINO bf16: pip install '.[openvino]' in the source checkout",)
+    assert chosen.hints == ("OpenVINO bf16: pip install '.[openvino]' in the seesr-export checkout",)
 
 
 def test_the_install_hints_name_extras_that_exist():
@@ -89,7 +89,7 @@ def test_the_install_hints_name_extras_that_exist():
         pytest.skip("seesr-export is not installed (its extras are read from the installed metadata)")
     for extra in ("openvino", "gpu"):
         assert extra in extras
-        assert f"'.[{extra}]'" in doctor.install_hint(extra)
+        assert f"'.[{extra}]'" in install_hint(extra)
 
 
 def test_xeon_with_amx_runs_openvino_bf16_or_onnxruntime_fp32_without_openvino():
@@ -102,7 +102,7 @@ def test_a_cpu_without_bf16_units_runs_f32():
     assert recommend(Facts(cpu_flags=AVX2_ONLY, openvino_cpu_capabilities=OPENVINO_NO_BF16)).label == "OpenVINO fp32"
     without = recommend(Facts(cpu_flags=AVX2_ONLY))
     assert without.label == "onnxruntime fp32"
-    assert without.hints == ("OpenVINO fp32: pip install '.[openvino]' in the source checkout",)
+    assert without.hints == ("OpenVINO fp32: pip install '.[openvino]' in the seesr-export checkout",)
     # OpenVINO's own answer wins over the flags: it is what will run
     assert recommend(Facts(cpu_flags=XEON_AMX, openvino_cpu_capabilities=OPENVINO_NO_BF16)).label == "OpenVINO fp32"
 
@@ -129,7 +129,7 @@ def test_a_gpu_needs_both_the_cuda_provider_and_a_device():
     device_only = recommend(Facts(cpu_flags=EPYC_ZEN5, openvino_cpu_capabilities=OPENVINO_BF16, cuda_gpus=("A10",)))
     assert device_only.label == "OpenVINO bf16"
     assert device_only.hints == (
-        "onnxruntime's CUDA provider would use the A10: pip install '.[gpu]' in the source checkout",
+        "onnxruntime's CUDA provider would use the A10: pip install '.[gpu]' in the seesr-export checkout",
     )
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # every test here calibrates through the sampler 
 @pytest.fixture(scope="module", params=["modelopt", "onnxruntime"])
 def int8_bundle(request, int8_tiny_bundle):
     if request.param == "modelopt" and not modelopt_available():
-        pytest.skip("nvidia-modelopt is not installed (pip install 'seesr-export[quant]')")
+        pytest.skip("nvidia-modelopt is not installed (the quant extra)")
     out, report = int8_tiny_bundle(request.param)
     assert report.quality["method"] == request.param
     return out, report

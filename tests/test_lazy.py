@@ -14,7 +14,7 @@ MISSING = "seesr_no_such_package"
 def test_a_missing_package_names_the_extra_that_installs_it():
     module = lazy_import(MISSING, extra="openvino")
     assert "not imported yet" in repr(module)
-    expected = r"'seesr_no_such_package'.*pip install 'seesr-export\[openvino\]'"
+    expected = r"'seesr_no_such_package'.*pip install '\.\[openvino\]' in the seesr-export checkout"
     with pytest.raises(MissingDependency, match=expected) as info:
         _ = module.anything
     assert isinstance(info.value, ImportError) and isinstance(info.value, SeeSRError)

@@ -6,7 +6,7 @@ import pytest
 
 ov = pytest.importorskip(
     "openvino",
-    reason="the openvino package is not installed (pip install 'seesr-export[openvino]'; make test installs it)",
+    reason="the openvino package is not installed (the openvino extra; make test installs it)",
 )
 
 from PIL import Image

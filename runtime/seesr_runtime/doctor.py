@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, machine, openvino_backend
-from .lazy import available, lazy_import
+from .lazy import available, install_hint, lazy_import
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,6 @@ tensorrt = lazy_import("tensorrt", extra="tensorrt")
 FORMAT = "seesr-doctor"
 VERSION = 1
 CUDA_PROVIDER = "CUDAExecutionProvider"
-
-
-def install_hint(extra: str) -> str:
-    return f"pip install '.[{extra}]' in the source checkout"
 
 
 # ---------------------------------------------------------------- the decision

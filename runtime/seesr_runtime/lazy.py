@@ -24,6 +24,11 @@ from typing import Any
 from .errors import MissingDependency
 
 
+def install_hint(extra: str) -> str:
+    """How to install the pip extra ``extra``: seesr-export is installed from its source checkout."""
+    return f"pip install '.[{extra}]' in the seesr-export checkout"
+
+
 class LazyModule(ModuleType):
     """A stand-in for a module that imports it on first attribute access. Its own names all start with
     ``_lazy_``, so none hides an attribute of the real module (``onnx.load``)."""
@@ -39,7 +44,7 @@ class LazyModule(ModuleType):
             try:
                 self._lazy_module = importlib.import_module(self.__name__)
             except ImportError as exc:
-                hint = f": pip install 'seesr-export[{self._lazy_extra}]'" if self._lazy_extra else ""
+                hint = f": {install_hint(self._lazy_extra)}" if self._lazy_extra else ""
                 raise MissingDependency(
                     f"this needs the optional package {self.__name__!r}, which is not installed{hint} ({exc})",
                     module=self.__name__,

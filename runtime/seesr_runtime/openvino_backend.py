@@ -15,7 +15,7 @@ OpenVINO's own model cache (``CACHE_DIR``), so a second start reads compiled blo
 graphs (and maps the weights from the IR files rather than holding a copy in memory).
 
 ``openvino`` is imported when a backend is created, never at module import (a lazy module): the rest
-of the runtime does not need it (``pip install 'seesr-export[openvino]'``).
+of the runtime does not need it (the ``openvino`` extra).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BundleError, MissingDependency
-from .lazy import imported, lazy_import
+from .lazy import imported, install_hint, lazy_import
 from .manifest import Manifest
 from .networks import graph_for_precision
 from .tensors import Array, Feeds
@@ -310,7 +310,7 @@ def import_openvino() -> Any:
     except MissingDependency as exc:
         raise BundleError(
             f"the openvino backend needs the 'openvino' package ({exc.__cause__}); "
-            "install it with: pip install 'seesr-export[openvino]'"
+            f"install it with: {install_hint('openvino')}"
         ) from None
 
 
