@@ -204,8 +204,9 @@ def _sha256(path):
 
 @pytest.mark.slow
 def test_simplified_layout_builds_the_same_bundle(simplified_checkout, tiny_bundle, tmp_path):
-    """Re-saved checkpoints (plain tokens, today's VAE names, one format) still build, to the same graphs and
-    the same token ids as the released files' bundle."""
+    """Re-saved checkpoints (plain tokens, today's VAE names, one format) still build, to the same graphs; each
+    bundle's tokenizer gives its own folder's CLIPTokenizer ids (the plain specials are matched as spelt, so
+    only an upper-case spelling of them tells the two layouts apart)."""
     from seesr_export import bundle
 
     out = tmp_path / "simplified"
@@ -214,6 +215,9 @@ def test_simplified_layout_builds_the_same_bundle(simplified_checkout, tiny_bund
     assert graphs
     for graph in graphs:
         assert _sha256(out / graph) == _sha256(tiny_bundle / graph), graph
+    official = sd2.load_tokenizer(simplified_checkout.sd2)
     plain, normalized = (Tokenizer.from_file(str(b / "tokenizer.json")) for b in (out, tiny_bundle))
     for text in SPECIAL_TOKEN_TEXTS:
-        assert plain.encode(text).ids == normalized.encode(text).ids, text
+        assert plain.encode(text).ids == _ids(official, text), text
+        if text == text.lower():
+            assert plain.encode(text).ids == normalized.encode(text).ids, text
