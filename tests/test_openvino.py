@@ -1,6 +1,8 @@
 """The OpenVINO backend, on real OpenVINO and the tiny bundle: parity with the torch reference in f32,
 bf16 and int8 against f32, the compiled-model cache across starts, the bf16 capability fallback."""
 
+import json
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -225,6 +227,36 @@ def test_openvino_failures_are_backend_errors(tiny_bundle):
         backend.run("text_encoder", {"input_ids": np.zeros((1, 77), np.float32)})  # float token ids
     with pytest.raises(BackendError, match=r"OpenVINO could not compile controlnet for input shapes"):
         backend.run("controlnet", {**controlnet_feeds(backend.manifest), "sample": np.zeros((2, 4, 8, 9), np.float32)})
+
+
+# A 72x40 input at process size 128 is a 288x160 working image (36x20 latents): at these tiles the encoder's grid
+# is 4 x 2 tiles of four shapes (128 or 96 px wide, 128 or 96 high), the decoder's 2 x 1 of two.
+UNEVEN_TILES = ["--process-size", "128", "--vae-encoder-tile-size", "64", "--vae-decoder-tile-size", "8"]
+
+
+def test_a_second_tiled_image_of_the_same_size_compiles_nothing(tiny_bundle, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (40, 72, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    command = ["upscale", str(folder), "-o", str(tmp_path / "out"), "--bundle", str(tiny_bundle)]
+    command += ["--backend", "openvino", "--precision", "fp32", "--steps", "1", *UNEVEN_TILES, "-v"]
+    assert main(command) == 0
+    compiles = dict(re.findall(r"\b(\w)\.png: [\d.]+ s, (\d+) compiles", capsys.readouterr().err))
+    # 6 networks + 4 shapes of every encoder segment + 2 of every decoder segment; nothing again for b
+    assert int(compiles["a"]) > 6 + 4 + 2 and compiles["b"] == "0", compiles
+
+
+def test_bench_reports_compiles_per_image(tiny_bundle, tmp_path):
+    out = tmp_path / "bench.json"
+    command = ["bench", "--bundle", str(tiny_bundle), "--backend", "openvino", "--precision", "fp32"]
+    command += ["--size", "128", "640", "--steps", "1", "--warmup", "1", "--runs", "2", "--json", str(out), "-q"]
+    assert main(command) == 0
+    counts = [report["compiles_per_image"] for report in json.loads(out.read_text())["results"]]
+    # compiled at the opt shapes (512 px working image) before timing: 128 px (enlarged to 512) compiles
+    # nothing; the 640 px warm-up compiles the shapes of its ControlNet, UNet and VAE, the timed runs nothing
+    assert counts[0] == [0, 0, 0] and counts[1][0] >= 4 and counts[1][1:] == [0, 0], counts
 
 
 def test_bad_options_are_named(tiny_bundle):

@@ -132,8 +132,13 @@ def _write_text(path: str, text: str) -> None:
 
 def _upscale_one(pipe: SeeSRPipeline, lr: Image.Image, name: str, options: dict[str, Any]) -> UpscaleResult:
     hidden = not logs.progress_enabled()
+    compiles = getattr(pipe.backend, "compiles", None)  # backends that compile per shape (openvino) count them
+    start = time.perf_counter()
     with tqdm.tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=hidden, file=sys.stderr) as bar:
-        return pipe(lr, callback=lambda i, t: bar.update(1), **options)
+        result = pipe(lr, callback=lambda i, t: bar.update(1), **options)
+    compiled = "" if compiles is None else f", {pipe.backend.compiles - compiles} compiles"
+    log.debug(f"{name}: {time.perf_counter() - start:.2f} s{compiled}")
+    return result
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
