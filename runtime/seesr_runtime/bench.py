@@ -28,6 +28,7 @@ from PIL import Image
 
 from . import __version__
 from . import options as option_table
+from .backends import compile_count
 from .filemodes import write_atomically
 from .manifest import Manifest
 from .networks import NETWORK_CALL_ORDER, NetworkSpec
@@ -87,16 +88,15 @@ def run_bench(
     warmup: list[float] = []
     per_run_calls: list[dict[str, list[float]]] = []
     output_size: tuple[int, int] | None = None
-    counts_compiles = hasattr(pipe.backend, "compiles")  # backends that compile per shape (openvino)
-    compiles: list[int] = []
+    compiles: list[int] | None = None if compile_count(pipe.backend) is None else []
     for i in range(config.warmup + config.runs):
         profiler.clear()
-        before = pipe.backend.compiles if counts_compiles else 0
+        before = compile_count(pipe.backend) or 0
         start = time.perf_counter()
         result = pipe(image, seed=config.seed, **options)
         seconds = time.perf_counter() - start
-        if counts_compiles:
-            compiles.append(pipe.backend.compiles - before)
+        if compiles is not None:
+            compiles.append((compile_count(pipe.backend) or 0) - before)
         output_size = result.image.size
         if i >= config.warmup:
             end_to_end.append(seconds)
@@ -132,7 +132,7 @@ def run_bench(
         "end_to_end": e2e,
         "warmup_s": warmup,  # the first includes opening the sessions/engines
         # shapes compiled during each image, warm-ups first (None: the backend compiles no shapes)
-        "compiles_per_image": compiles if counts_compiles else None,
+        "compiles_per_image": compiles,
         "images_per_second": 1e3 / e2e["median_ms"],
         "extrapolated": {"steps": config.reference_steps, "end_to_end_s": extrapolated},
         "stages": stages,

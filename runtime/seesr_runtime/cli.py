@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import __version__, logs, openvino_backend
 from . import options as option_table
+from .backends import compile_count
 from .bench import (
     FORMAT,
     BenchConfig,
@@ -132,11 +133,12 @@ def _write_text(path: str, text: str) -> None:
 
 def _upscale_one(pipe: SeeSRPipeline, lr: Image.Image, name: str, options: dict[str, Any]) -> UpscaleResult:
     hidden = not logs.progress_enabled()
-    compiles = getattr(pipe.backend, "compiles", None)  # backends that compile per shape (openvino) count them
+    compiles_before = compile_count(pipe.backend)
     start = time.perf_counter()
     with tqdm.tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=hidden, file=sys.stderr) as bar:
         result = pipe(lr, callback=lambda i, t: bar.update(1), **options)
-    compiled = "" if compiles is None else f", {pipe.backend.compiles - compiles} compiles"
+    compiles_after = compile_count(pipe.backend)
+    compiled = "" if compiles_after is None else f", {compiles_after - (compiles_before or 0)} compiles"
     log.debug(f"{name}: {time.perf_counter() - start:.2f} s{compiled}")
     return result
 
