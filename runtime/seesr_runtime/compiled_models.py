@@ -14,7 +14,8 @@ Each network keeps at most ``capacity`` compiled shapes (the least recently used
 in use by some call is never dropped (dropping it would free nothing, and a second copy would be compiled),
 so the count may exceed the capacity while calls of several shapes run at once, and shrinks back as
 they end. ``release()`` drops every idle shape of a network (what a staged memory plan calls when a
-stage ends); calls in flight keep theirs until they end.
+stage ends); calls in flight keep theirs until they end. ``release_working_memory()`` keeps the shapes
+compiled but lets the engine free their intermediate memory, for networks that run once per image.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ class RequestPool(Generic[Request]):
     def give_back(self, request: Request) -> None:
         with self._lock:
             self._idle.append(request)
+
+    def clear(self) -> None:
+        """Drop the idle requests (and the input and output memory each holds); later calls make new ones."""
+        with self._lock:
+            self._idle.clear()
 
     @contextmanager
     def request(self) -> Iterator[Request]:
@@ -151,6 +157,14 @@ class NetworkModels(Generic[Model]):
             dropped = self._drop_idle(0)
         if dropped:
             gc.collect()
+
+    def release_working_memory(self, free: Callable[[Model], None]) -> None:
+        """``free(model)`` for every kept shape no call is using now, under the lock, so that no call starts
+        on it meanwhile: an engine frees the shape's intermediate memory there and keeps it compiled."""
+        with self._lock:
+            for shape in self._ready.values():
+                if shape.users == 0:
+                    free(shape.model)
 
     def models(self) -> list[Model]:
         """The compiled shapes kept now, least recently used first."""

@@ -104,6 +104,15 @@ class _Compiled:
         timestep = self.timestep_path.create_infer_request() if self.timestep_path is not None else None
         return self.main.create_infer_request(), timestep
 
+    def release_memory(self) -> None:
+        """Free what this shape holds between calls, keeping it compiled: OpenVINO's intermediate memory
+        and the idle requests with their input and output tensors (the next call allocates them again).
+        Only while no request of this shape runs (OpenVINO refuses otherwise)."""
+        self.requests.clear()
+        for model in (self.main, self.timestep_path):
+            if model is not None:
+                model.release_memory()
+
     def infer(self, tensors: dict[str, Any], outputs: Sequence[str]) -> list[Array]:
         """The named outputs of one call, copied: the request goes back to the pool, whose next call
         reuses its output memory."""
@@ -226,6 +235,13 @@ class OpenVINOBackend:
         with self._lock:
             networks = list(self._networks.values())
         return sum(n.compiles for n in networks)
+
+    def release_working_memory(self, network: str) -> None:
+        """Free the intermediate memory of ``network``'s compiled shapes that no call is running, keeping
+        them compiled. For the networks that run once per image (the VAE halves, each tiled-VAE segment once
+        its tiles are done): their activations, several GB at SD2 size, would otherwise stay allocated
+        through the rest of the image and the next one."""
+        self.network(network).release_working_memory(_Compiled.release_memory)
 
     def compiled(self, network: str, shapes: Shapes) -> _Compiled:
         """The compiled model(s) of ``network`` for these input shapes (compiled on first use)."""

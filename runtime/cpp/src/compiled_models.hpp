@@ -7,7 +7,8 @@
 // on meanwhile. At most `capacity` shapes are kept (least recently used dropped first), never dropping one in use
 // (that would free nothing, and a second copy would be compiled): the count may exceed the capacity while calls
 // of several shapes run at once, and shrinks back as they end. release() drops every idle shape (what a staged
-// memory plan calls when a stage ends).
+// memory plan calls when a stage ends); release_working_memory() keeps them compiled but lets the engine free
+// their intermediate memory, for networks that run once per image.
 #pragma once
 
 #include <cstddef>
@@ -45,6 +46,11 @@ public:
     void give_back(Request request) {
         std::lock_guard<std::mutex> lock(mutex_);
         idle_.push_back(std::move(request));
+    }
+    // Drop the idle requests (and the input and output memory each holds); later calls make new ones.
+    void clear() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        idle_.clear();
     }
     // Requests made so far: the most calls that ran at once.
     std::size_t created() const {
@@ -132,6 +138,15 @@ public:
         return Use(this, std::move(model));
     }
 
+    // `free(model)` for every kept shape no call is using now, under the lock, so that no call starts on it
+    // meanwhile: an engine frees the shape's intermediate memory there and keeps it compiled.
+    template <typename Free>
+    void release_working_memory(const Free &free) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (Entry &entry : ready_) {
+            if (entry.users == 0) free(*entry.model);
+        }
+    }
     // Drop every compiled shape no call is using now (calls in flight keep theirs until they end).
     void release() {
         std::lock_guard<std::mutex> lock(mutex_);

@@ -51,6 +51,11 @@ public:
     virtual std::vector<Tensor> run(const std::string &network, const std::vector<NamedTensor> &feeds) = 0;
     // A session of `network` at these input shapes, for the calling thread (compiled on first use, as run()).
     virtual std::unique_ptr<Session> session(const std::string &network, const InputShapes &shapes) = 0;
+    // Free the working memory (intermediate tensors, idle requests) of `network`'s compiled shapes that no call is
+    // running, keeping them compiled: for networks that run once per image (the VAE halves, each tiled-VAE segment
+    // once its tiles are done), whose activations would otherwise stay allocated through the rest of the image and
+    // the next one. An engine without such memory does nothing.
+    virtual void release_working_memory(const std::string &network) = 0;
     // Shapes compiled so far, every network together (one compiled again after being dropped counts again).
     virtual std::size_t compiles() const = 0;
     virtual std::string name() const = 0;

@@ -63,6 +63,15 @@ struct Compiled {
                               timestep_path ? std::optional<ov::InferRequest>(timestep_path->create_infer_request())
                                             : std::nullopt};
           }) {}
+    // Free what this shape holds between calls, keeping it compiled: OpenVINO's intermediate memory and the idle
+    // requests with their input and output tensors (the next call allocates them again). Only while no request of
+    // this shape runs (OpenVINO refuses otherwise).
+    void release_memory() {
+        requests.clear();
+        main.release_memory();
+        if (timestep_path) timestep_path->release_memory();
+    }
+
     ov::CompiledModel main;
     std::optional<ov::CompiledModel> timestep_path;
     RequestPool<Requests> requests;
@@ -210,6 +219,14 @@ public:
 
     std::unique_ptr<Session> session(const std::string &network, const InputShapes &shapes) override {
         return std::make_unique<OpenVinoSession>(network, compiled(this->network(network), shapes));
+    }
+
+    void release_working_memory(const std::string &network) override {
+        try {
+            this->network(network).models.release_working_memory([](Compiled &model) { model.release_memory(); });
+        } catch (const ov::Exception &error) {
+            throw engine_error("OpenVINO could not release the working memory of " + network + ": " + error.what());
+        }
     }
 
     std::size_t compiles() const override {

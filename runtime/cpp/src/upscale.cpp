@@ -86,7 +86,9 @@ private:
 std::vector<Tensor> Pipeline::run_vae(const std::string &network, const Tensor &x, std::int64_t tile, bool tiled) const {
     const TiledVaeLayout layout = TiledVaeLayout::for_network(network);
     if (!tiled || !layout.needs_tiling(x.shape()[2], x.shape()[3], tile)) {
-        return engine_->run(network, {{first_input_name(manifest_, network), x}});
+        std::vector<Tensor> outputs = engine_->run(network, {{first_input_name(manifest_, network), x}});
+        engine_->release_working_memory(network);  // each VAE half runs once per image
+        return outputs;
     }
     return run_tiled_vae(*engine_, manifest_, network, x, tile, tiled_vae_spill_dir_);
 }
