@@ -112,42 +112,44 @@ def python_upscaler(checkout: Path, bundle: Path, precision: str, threads: int |
     return pipe, counter
 
 
-def run_serial(args: argparse.Namespace) -> dict[str, Any]:
+def run_serial(args: argparse.Namespace, save: Any) -> dict[str, Any]:
     width, height = parse_size(args.size)
     images = [synthetic_image(width, height, seed) for seed in range(args.images)]
     options = {"steps": args.steps, "seed": 0}
     seconds: list[float] = []
     compiles: list[int | None] = []
+    result = {
+        "kind": "serial",
+        "engine": args.engine,
+        "input_size": [width, height],
+        "options": options,
+        "seconds_per_image": seconds,  # filled image by image, and saved after each
+        "compiles_per_image": compiles,
+    }
     start = time.perf_counter()
     if args.engine == "python":
         pipe, counter = python_upscaler(args.checkout, args.bundle, args.precision, args.engine_threads)
-        open_s = time.perf_counter() - start
+        result["open_s"] = time.perf_counter() - start
         for image in images:
             before, begin = counter.count, time.perf_counter()
             pipe(image, **options)
             seconds.append(time.perf_counter() - begin)
             compiles.append(counter.count - before)
+            save(result)
     else:
         capi = load_capi(args.checkout)
         native = Native(capi, args.checkout, args.bundle, args.precision, args.engine_threads)
-        open_s = time.perf_counter() - start
+        result["open_s"] = time.perf_counter() - start
         for image in images:
             begin = time.perf_counter()
             native.upscale(image, options)
             seconds.append(time.perf_counter() - begin)
             compiles.append(None)
+            save(result)
         native.close()
     for i, (s, c) in enumerate(zip(seconds, compiles)):
         print(f"image {i + 1}: {s:.1f} s" + ("" if c is None else f", {c} compiles"), file=sys.stderr)
-    return {
-        "kind": "serial",
-        "engine": args.engine,
-        "input_size": [width, height],
-        "options": options,
-        "open_s": open_s,
-        "seconds_per_image": seconds,
-        "compiles_per_image": compiles,
-    }
+    return result
 
 
 def memory_gb(key: str) -> float:
@@ -156,11 +158,11 @@ def memory_gb(key: str) -> float:
     return int(line.split()[1]) / 1024**2
 
 
-def run_encoder(args: argparse.Namespace) -> dict[str, Any]:
+def run_encoder(args: argparse.Namespace, save: Any) -> dict[str, Any]:
     """The tiled VAE encoder alone on the working image of a --size input (x4): seconds, compiles, memory."""
     width, height = parse_size(args.size)
     pipe, counter = python_upscaler(args.checkout, args.bundle, args.precision, args.engine_threads)
-    if args.keep_working_memory:  # what the engine holds without releasing it after each pass
+    if args.keep_working_memory and hasattr(pipe.backend, "release_working_memory"):  # held, never released
         pipe.backend.release_working_memory = lambda network: None
     x = np.random.default_rng(0).random((1, 3, 4 * height, 4 * width), dtype=np.float32) * 2 - 1
     tile = pipe.defaults["vae_encoder_tile_size"]
@@ -183,6 +185,8 @@ def run_encoder(args: argparse.Namespace) -> dict[str, Any]:
         "input_size": [width, height],
         "tile": tile,
         "keep_working_memory": args.keep_working_memory,
+        # whether the runtime frees the working memory after each pass (older versions never do)
+        "releases_working_memory": hasattr(pipe.backend, "release_working_memory") and not args.keep_working_memory,
         "images": rows,
     }
 
@@ -224,7 +228,7 @@ class Native:
         self.lib.seesr_pipeline_close(self.pipeline)
 
 
-def run_threads(args: argparse.Namespace) -> dict[str, Any]:
+def run_threads(args: argparse.Namespace, save: Any) -> dict[str, Any]:
     sizes = [parse_size(s) for s in args.sizes]
     options = {"steps": args.steps, "seed": 0}
     options.update({k: v for k, v in (("latent_tile_size", args.latent_tile_size),) if v})
@@ -346,7 +350,7 @@ def report_markdown(paths: list[Path]) -> str:
         ]
         for r in encoders:
             e = r["result"]
-            kept = "kept" if e["keep_working_memory"] else "released after each pass"
+            kept = "released after each pass" if e["releases_working_memory"] else "kept"
             for i, row in enumerate(e["images"]):
                 lines.append(
                     f"| {r['label']} ({r['commit']}) | {kept} | {e['input_size'][0]}x{e['input_size'][1]} | {i + 1} | "
@@ -404,7 +408,6 @@ def main() -> None:
     if args.command == "report":
         print(report_markdown(args.results), end="")
         return
-    result = {"serial": run_serial, "encoder": run_encoder, "threads": run_threads}[args.command](args)
     import openvino
 
     summary = {
@@ -416,10 +419,13 @@ def main() -> None:
         "machine": {"cpu": cpu_description(), "system": platform.platform()},
         "versions": {"openvino": openvino.__version__, "python": platform.python_version()},
         "command": sys.argv,
-        "result": result,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=1) + "\n")
+
+    def save(result: dict[str, Any]) -> None:  # also midway: a run stopped early keeps what it measured
+        args.json.write_text(json.dumps({**summary, "result": result}, indent=1) + "\n")
+
+    save({"serial": run_serial, "encoder": run_encoder, "threads": run_threads}[args.command](args, save))
 
 
 if __name__ == "__main__":
