@@ -256,6 +256,31 @@ def test_a_tokenizer_disagreeing_with_the_manifest_is_refused(lib, runtime_bundl
     assert refused.value.message == f"{bundle}: tokenizer.json gives 77 ids, the manifest's text.max_length is 64"
 
 
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (
+            lambda options: options.remove(next(o for o in options if o["name"] == "guidance")),
+            "has no option 'guidance'",
+        ),
+        (lambda options: next(o for o in options if o["name"] == "steps").update(type="float"), "gives option 'steps'"),
+    ],
+    ids=["missing", "wrong-type"],
+)
+def test_an_options_table_without_what_the_pipeline_reads_is_refused_on_open(
+    lib, runtime_bundle, tmp_path, edit, words
+):
+    """The options an upscale reads are checked against the bundle's table at open, not found missing halfway."""
+    bundle = _bundle_copy(Path(runtime_bundle), tmp_path / "bundle")
+    data = json.loads((bundle / "manifest.json").read_text())
+    edit(data["pipeline"]["options"])
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, bundle)
+    assert refused.value.status == STATUS["SEESR_ERROR_BUNDLE"]
+    assert refused.value.message.startswith(f"{bundle}: pipeline.options in manifest.json {words}")
+
+
 def test_rules_between_options_are_checked_at_the_call(lib, pipeline):
     options = ctypes.c_void_p()
     call(lib, "seesr_options_create", pipeline, ctypes.byref(options))
@@ -1778,6 +1803,22 @@ def test_a_bundle_without_tiled_vae_graphs_asks_for_untiled(lib, runtime_bundle,
         assert native(image, **small_tiles, tiled_vae=False).shape == (160, 288, 3)
     finally:
         lib.seesr_pipeline_close(handle)
+
+
+def test_a_second_tiled_image_of_the_same_size_compiles_nothing(cpp_build, runtime_bundle, tmp_path):
+    """Two upscales of 72x40 images through one pipeline, the tiled VAE at small uneven tiles (the encoder's grid
+    has four tile shapes, the decoder's two): the second compiles no shape."""
+    images = []
+    for seed in (1, 2):
+        rows = _padded_rows(_upscale_image(72, 40, seed), 0)
+        rows.tofile(tmp_path / f"{seed}.rgb")
+        images.append({"file": str(tmp_path / f"{seed}.rgb"), "width": 72, "height": 40, "stride": rows.shape[1]})
+    options = dict(steps=1, process_size=128, vae_encoder_tile_size=64, vae_decoder_tile_size=8, color_fix="none")
+    answer = _probe_json_args(
+        cpp_build, ["compiles", str(runtime_bundle)], {"threads": 1, "options": options, "images": images}
+    )
+    first, second = answer["compiles"]
+    assert first > 6 + 4 + 2 and second == 0, answer  # networks, encoder and decoder segments' shapes; none again
 
 
 # ---------------------------------------------------------------- tiled VAE states spilled to files

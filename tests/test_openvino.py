@@ -1,6 +1,11 @@
 """The OpenVINO backend, on real OpenVINO and the tiny bundle: parity with the torch reference in f32,
 bf16 and int8 against f32, the compiled-model cache across starts, the bf16 capability fallback."""
 
+import json
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -19,6 +24,7 @@ from seesr_runtime import (
     openvino_backend,
 )
 from seesr_runtime.cli import main
+from seesr_runtime.errors import BackendError
 from seesr_runtime.manifest import BundleError, Manifest
 from seesr_runtime.openvino_backend import OpenVINOBackend
 
@@ -125,7 +131,7 @@ def test_second_start_loads_compiled_models_from_the_cache(tiny_bundle, tmp_path
     feeds = controlnet_feeds(manifest)
     first = OpenVINOBackend(manifest, precision="bf16", cache_dir=tmp_path / "cache")
     expected = first.run("controlnet", feeds)
-    compiled = next(iter(first._compiled["controlnet"].values()))
+    compiled = first.network("controlnet").models()[0]
     assert not compiled.main.get_property("LOADED_FROM_CACHE")
     files = _snapshot(tmp_path / "cache")
     ir = [name for name in files if name.startswith("ir/controlnet.fp32.") and name.endswith(".xml")]
@@ -134,7 +140,7 @@ def test_second_start_loads_compiled_models_from_the_cache(tiny_bundle, tmp_path
 
     second = OpenVINOBackend(manifest, precision="bf16", cache_dir=tmp_path / "cache")
     outputs = second.run("controlnet", feeds)
-    compiled = next(iter(second._compiled["controlnet"].values()))
+    compiled = second.network("controlnet").models()[0]
     # OpenVINO read both compiled blobs and compiled nothing, and nothing new was written
     assert compiled.main.get_property("LOADED_FROM_CACHE")
     assert compiled.timestep_path.get_property("LOADED_FROM_CACHE")
@@ -156,7 +162,7 @@ def test_timestep_path_runs_apart_in_f32(tiny_bundle):
         backend = OpenVINOBackend(manifest, precision="bf16", keep_f32={"controlnet": keep})
         outputs = backend.run("controlnet", dict(feeds))
         errors[keep] = max(relative_l2(a, b) for a, b in zip(outputs, f32))
-        compiled = next(iter(backend._compiled["controlnet"].values()))
+        compiled = backend.network("controlnet").models()[0]
         assert (compiled.timestep_path is not None) == bool(keep)
     print(f"controlnet bf16 rel L2 vs f32: all bf16 {errors[()]:.2e}, timestep path in f32 {errors[('timestep',)]:.2e}")
     assert errors[("timestep",)] < errors[()] / 2
@@ -184,12 +190,74 @@ def test_kept_groups_run_in_f32_under_bf16(tiny_bundle):
     def mvn_precisions(keep):
         backend = OpenVINOBackend(manifest, precision="bf16", keep_f32={"text_encoder": keep})
         backend.run("text_encoder", feeds)
-        compiled = next(iter(backend._compiled["text_encoder"].values()))
+        compiled = backend.network("text_encoder").models()[0]
         info = [op.get_rt_info() for op in compiled.main.get_runtime_model().get_ops()]
         return {i["runtimePrecision"].value for i in info if i["layerType"].value == "MVN"}
 
     assert "bf16" in mvn_precisions(())  # (the last one, at the graph's tail, stays f32 anyway)
     assert mvn_precisions(("norm",)) == {"f32"}
+
+
+def test_threads_sharing_one_pipeline_get_their_serial_images(tiny_bundle):
+    """Eight upscales at once on one pipeline (4 images at 2 sizes), started together on a fresh backend, so
+    that they compile and run at once: each gives the bytes it gives alone."""
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(4) for h, w in ((20, 24), (16, 28))]
+    options = dict(steps=2, process_size=64, color_fix="wavelet")
+    serial_pipe = SeeSRPipeline.from_bundle(tiny_bundle, backend="openvino", precision="fp32")
+    serial = [serial_pipe(image, seed=i, **options).image.tobytes() for i, image in enumerate(images)]
+    assert len({len(image) for image in serial}) == 2  # two output sizes: two shapes of every denoiser call
+
+    shared = SeeSRPipeline.from_bundle(tiny_bundle, backend="openvino", precision="fp32")
+    start = threading.Barrier(len(images))
+
+    def upscale(i):
+        start.wait()
+        return shared(images[i], seed=i, **options).image.tobytes()
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        together = list(pool.map(upscale, range(len(images))))
+    assert [a == b for a, b in zip(together, serial)] == [True] * len(images)
+    # the calls really overlapped: some compiled shape served several at once, each with its own request
+    assert max(c.requests.created for c in shared.backend.network("dape").models()) > 1
+
+
+def test_openvino_failures_are_backend_errors(tiny_bundle):
+    backend = OpenVINOBackend(Manifest.load(tiny_bundle), precision="fp32")
+    with pytest.raises(BackendError, match=r"OpenVINO failed to run text_encoder on input shapes \{'input_ids'"):
+        backend.run("text_encoder", {"input_ids": np.zeros((1, 77), np.float32)})  # float token ids
+    with pytest.raises(BackendError, match=r"OpenVINO could not compile controlnet for input shapes"):
+        backend.run("controlnet", {**controlnet_feeds(backend.manifest), "sample": np.zeros((2, 4, 8, 9), np.float32)})
+
+
+# A 72x40 input at process size 128 is a 288x160 working image (36x20 latents): at these tiles the encoder's grid
+# is 4 x 2 tiles of four shapes (128 or 96 px wide, 128 or 96 high), the decoder's 2 x 1 of two.
+UNEVEN_TILES = ["--process-size", "128", "--vae-encoder-tile-size", "64", "--vae-decoder-tile-size", "8"]
+
+
+def test_a_second_tiled_image_of_the_same_size_compiles_nothing(tiny_bundle, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (40, 72, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    command = ["upscale", str(folder), "-o", str(tmp_path / "out"), "--bundle", str(tiny_bundle)]
+    command += ["--backend", "openvino", "--precision", "fp32", "--steps", "1", *UNEVEN_TILES, "-v"]
+    assert main(command) == 0
+    compiles = dict(re.findall(r"\b(\w)\.png: [\d.]+ s, (\d+) compiles", capsys.readouterr().err))
+    # 6 networks + 4 shapes of every encoder segment + 2 of every decoder segment; nothing again for b
+    assert int(compiles["a"]) > 6 + 4 + 2 and compiles["b"] == "0", compiles
+
+
+def test_bench_reports_compiles_per_image(tiny_bundle, tmp_path):
+    out = tmp_path / "bench.json"
+    command = ["bench", "--bundle", str(tiny_bundle), "--backend", "openvino", "--precision", "fp32"]
+    command += ["--size", "128", "640", "--steps", "1", "--warmup", "1", "--runs", "2", "--json", str(out), "-q"]
+    assert main(command) == 0
+    counts = [report["compiles_per_image"] for report in json.loads(out.read_text())["results"]]
+    # compiled at the opt shapes (512 px working image) before timing: 128 px (enlarged to 512) compiles
+    # nothing; the 640 px warm-up compiles the shapes of its ControlNet, UNet and VAE, the timed runs nothing
+    assert counts[0] == [0, 0, 0] and counts[1][0] >= 4 and counts[1][1:] == [0, 0], counts
 
 
 def test_bad_options_are_named(tiny_bundle):

@@ -32,6 +32,13 @@ def run_on_device(backend: Backend, network: str, feeds: Feeds) -> list[Any]:
     return outputs
 
 
+def compile_count(backend: Backend) -> int | None:
+    """Shapes ``backend`` has compiled so far (the openvino backend's ``compiles``); None for a backend
+    that compiles no shapes per call."""
+    count: int | None = getattr(backend, "compiles", None)
+    return count
+
+
 def create_backend(kind: str, manifest: Manifest, **options: Any) -> Backend:
     if kind == "onnxruntime":
         return OnnxRuntimeBackend(manifest, **options)

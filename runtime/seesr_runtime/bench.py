@@ -27,6 +27,7 @@ from PIL import Image
 
 from . import __version__, machine
 from . import options as option_table
+from .backends import compile_count
 from .filemodes import write_atomically
 from .manifest import Manifest
 from .networks import NETWORK_CALL_ORDER, NetworkSpec
@@ -86,11 +87,15 @@ def run_bench(
     warmup: list[float] = []
     per_run_calls: list[dict[str, list[float]]] = []
     output_size: tuple[int, int] | None = None
+    compiles: list[int] | None = None if compile_count(pipe.backend) is None else []
     for i in range(config.warmup + config.runs):
         profiler.clear()
+        before = compile_count(pipe.backend) or 0
         start = time.perf_counter()
         result = pipe(image, seed=config.seed, **options)
         seconds = time.perf_counter() - start
+        if compiles is not None:
+            compiles.append((compile_count(pipe.backend) or 0) - before)
         output_size = result.image.size
         if i >= config.warmup:
             end_to_end.append(seconds)
@@ -125,6 +130,8 @@ def run_bench(
         "config": asdict(config),
         "end_to_end": e2e,
         "warmup_s": warmup,  # the first includes opening the sessions/engines
+        # shapes compiled during each image, warm-ups first (None: the backend compiles no shapes)
+        "compiles_per_image": compiles,
         "images_per_second": 1e3 / e2e["median_ms"],
         "extrapolated": {"steps": config.reference_steps, "end_to_end_s": extrapolated},
         "stages": stages,
@@ -277,6 +284,8 @@ def format_table(report: dict[str, Any]) -> str:
     extrapolated = report["extrapolated"]
     if extrapolated["end_to_end_s"] is not None and extrapolated["steps"] != report["config"]["steps"]:
         lines.append(f"extrapolated to {extrapolated['steps']} steps: {extrapolated['end_to_end_s']:.3f} s")
+    if report.get("compiles_per_image") is not None:
+        lines.append(f"compiles per image (warm-ups first): {report['compiles_per_image']}")
     memory = report.get("memory") or {}
     if memory:
         gpu = memory.get("peak_gpu_mb")

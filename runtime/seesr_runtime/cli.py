@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import __version__, doctor, logs
 from . import options as option_table
+from .backends import compile_count
 from .bench import (
     FORMAT,
     BenchConfig,
@@ -133,8 +134,14 @@ def _write_text(path: str, text: str) -> None:
 
 def _upscale_one(pipe: SeeSRPipeline, lr: Image.Image, name: str, options: dict[str, Any]) -> UpscaleResult:
     hidden = not logs.progress_enabled()
+    compiles_before = compile_count(pipe.backend)
+    start = time.perf_counter()
     with tqdm.tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=hidden, file=sys.stderr) as bar:
-        return pipe(lr, callback=lambda i, t: bar.update(1), **options)
+        result = pipe(lr, callback=lambda i, t: bar.update(1), **options)
+    compiles_after = compile_count(pipe.backend)
+    compiled = "" if compiles_after is None else f", {compiles_after - (compiles_before or 0)} compiles"
+    log.debug(f"{name}: {time.perf_counter() - start:.2f} s{compiled}")
+    return result
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

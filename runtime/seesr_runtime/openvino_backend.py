@@ -6,7 +6,9 @@ fp32 (see benchmarks/results/cpu/README.md for what that buys).
 
 How it runs a network: the ONNX graph is read with ``openvino.Core().read_model`` (external data
 included), reshaped to the static shapes of the call, and compiled; one compiled model is kept per
-(network, input shapes). Under bf16 the precision policy (below) first moves the UNet's and
+(network, input shapes), with a pool of inference requests, so one backend serves several threads at
+once (``compiled_models``: each call takes a request of its own; a new shape compiles outside any lock
+that other calls wait on). Under bf16 the precision policy (below) first moves the UNet's and
 ControlNet's timestep path into a second model compiled in f32, and may mark other operations f32; the
 weights are then stored as f16 (``compress_weights_to_f16``), since the CPU plugin keeps them beside its
 own repacked copy.
@@ -20,21 +22,21 @@ of the runtime does not need it (the ``openvino`` extra).
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import BundleError, MissingDependency
+from .compiled_models import NetworkModels, RequestPool
+from .errors import BackendError, BundleError, MissingDependency
 from .lazy import imported, install_hint, lazy_import
 from .manifest import Manifest
 from .networks import graph_for_precision
@@ -70,32 +72,57 @@ DEFAULT_KEEP_F32 = {
 
 # Compiled models kept per network, one per input shape; each holds its own copy of the weights. The
 # denoisers keep one: every latent tile of an image has the same shape, and a second SD2 UNet shape costs
-# 4.5 GB (at 1024 px after 512 px it ran a 24 GB machine out of memory). The tiled VAE's segments alternate
-# between two tile shapes, and their weights are small.
+# 4.5 GB (at 1024 px after 512 px it ran a 24 GB machine out of memory). A tiled-VAE segment ("vae_decoder#3")
+# keeps four: a grid uneven in both directions has four tile shapes (interior, last column, last row,
+# corner), and tiles cannot be padded to one shape without changing the result (each convolution after the
+# first would see the padding's own activations where the image border's zeros belong); their weights are
+# small. The others keep two.
 SHAPES_KEPT = {"unet": 1, "controlnet": 1}
+SHAPES_KEPT_SEGMENTS = 4
 SHAPES_KEPT_OTHERS = 2
 _IR_LAYOUT = 3  # bump when _prepare changes what it writes: older cache entries are then ignored
 TIMESTEP_PATH_PREFIX = "seesr_timestep_path_"
 
 Shapes = dict[str, tuple[int, ...]]  # input name -> shape of one call
+ShapesKey = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def shapes_kept(network: str) -> int:
+    """How many compiled shapes of ``network`` stay (see SHAPES_KEPT)."""
+    return SHAPES_KEPT_SEGMENTS if "#" in network else SHAPES_KEPT.get(network, SHAPES_KEPT_OTHERS)
 
 
 class _Compiled:
     """One network at one set of shapes: the main compiled model and, when the timestep path runs apart
-    in f32, that model too (its outputs are inputs of the main one)."""
+    in f32, that model too (its outputs are inputs of the main one); with a pool of request pairs."""
 
     def __init__(self, main: Any, timestep_path: Any = None):  # OpenVINO CompiledModels
-        self.main, self.request = main, main.create_infer_request()
-        self.timestep_path = timestep_path
-        self.timestep_request = timestep_path.create_infer_request() if timestep_path is not None else None
+        self.main, self.timestep_path = main, timestep_path
+        self.requests: RequestPool[tuple[Any, Any]] = RequestPool(self._new_requests)
 
-    def infer(self, tensors: dict[str, Any]) -> Any:
-        if self.timestep_request is not None:
-            self.timestep_request.infer({"timestep": tensors.pop("timestep")})
-            for output in self.timestep_path.outputs:
-                tensors[output.get_any_name()] = self.timestep_request.get_tensor(output)
-        self.request.infer(tensors)
-        return self.request
+    def _new_requests(self) -> tuple[Any, Any]:
+        timestep = self.timestep_path.create_infer_request() if self.timestep_path is not None else None
+        return self.main.create_infer_request(), timestep
+
+    def release_memory(self) -> None:
+        """Free what this shape holds between calls, keeping it compiled: OpenVINO's intermediate memory
+        and the idle requests with their input and output tensors (the next call allocates them again).
+        Only while no request of this shape runs (OpenVINO refuses otherwise)."""
+        self.requests.clear()
+        for model in (self.main, self.timestep_path):
+            if model is not None:
+                model.release_memory()
+
+    def infer(self, tensors: dict[str, Any], outputs: Sequence[str]) -> list[Array]:
+        """The named outputs of one call, copied: the request goes back to the pool, whose next call
+        reuses its output memory."""
+        with self.requests.request() as (request, timestep_request):
+            if timestep_request is not None:
+                timestep_request.infer({"timestep": tensors.pop("timestep")})
+                for output in self.timestep_path.outputs:
+                    tensors[output.get_any_name()] = timestep_request.get_tensor(output)
+            request.infer(tensors)
+            return [np.array(request.get_tensor(name).data, copy=True) for name in outputs]
 
 
 class OpenVINOBackend:
@@ -155,8 +182,9 @@ class OpenVINOBackend:
         self.compress_weights = self.inference_precision in ("bf16", "f16") and self.graphs == "fp32"
         if self.compress_weights:  # read weights into memory: a mapped f32 file would stay mapped beside them
             self.core.set_property({"ENABLE_MMAP": False})
-        self._compiled: dict[str, OrderedDict[tuple[tuple[str, tuple[int, ...]], ...], _Compiled]] = {}
+        self._networks: dict[str, NetworkModels[_Compiled]] = {}
         self._outputs = {n: manifest.spec(n).output_names for n in manifest.data["networks"]}
+        self._lock = threading.Lock()  # guards the two dicts above; never held while compiling
 
     # ------------------------------------------------------------ precision
 
@@ -188,30 +216,56 @@ class OpenVINOBackend:
 
     # ------------------------------------------------------------ compiled models
 
+    def network(self, network: str) -> NetworkModels[_Compiled]:
+        """The compiled shapes of ``network`` (or of a tiled-VAE segment, "vae_decoder#3"): count them,
+        or ``release()`` them."""
+        with self._lock:
+            models = self._networks.get(network)
+        if models is not None:
+            return models
+        outputs = self._outputs.get(network) or self.manifest.spec(network).output_names  # BundleError if unknown
+        with self._lock:
+            self._outputs[network] = outputs
+            return self._networks.setdefault(network, NetworkModels(network, shapes_kept(network)))
+
+    @property
+    def compiles(self) -> int:
+        """Shapes compiled so far, every network together (a shape compiled again after being dropped
+        counts again): what ``seesr upscale -v`` and ``seesr bench`` report per image."""
+        with self._lock:
+            networks = list(self._networks.values())
+        return sum(n.compiles for n in networks)
+
+    def release_working_memory(self, network: str) -> None:
+        """Free the intermediate memory of ``network``'s compiled shapes that no call is running, keeping
+        them compiled. For the networks that run once per image (the VAE halves, each tiled-VAE segment once
+        its tiles are done): their activations, several GB at SD2 size, would otherwise stay allocated
+        through the rest of the image and the next one."""
+        self.network(network).release_working_memory(_Compiled.release_memory)
+
     def compiled(self, network: str, shapes: Shapes) -> _Compiled:
         """The compiled model(s) of ``network`` for these input shapes (compiled on first use)."""
-        key = tuple(sorted(shapes.items()))
-        per_network = self._compiled.setdefault(network, OrderedDict())
-        if key in per_network:
-            per_network.move_to_end(key)
-            return per_network[key]
-        if len(per_network) >= SHAPES_KEPT.get(network, SHAPES_KEPT_OTHERS):
-            per_network.popitem(last=False)
-            gc.collect()  # free the evicted model's weights before the next one is compiled
+        with self.network(network).use(_shapes_key(shapes), lambda: self._compile(network, shapes)) as compiled:
+            return compiled
+
+    def _compile(self, network: str, shapes: Shapes) -> _Compiled:
+        """Prepare and compile ``network`` for ``shapes``; OpenVINO's failures as a BackendError."""
         keep = self.kept_f32(network)
         log.debug(f"openvino: compiling {network} for {dict(shapes)} on {self.device} ({self.inference_precision})")
-        paths = self._prepared_ir(self.cache_dir, network, shapes, keep) if self.cache_dir is not None else None
-        if paths is not None:  # compiled from files: OpenVINO's model cache can skip the compilation
-            models = paths
-        else:
+        try:
+            paths = self._prepared_ir(self.cache_dir, network, shapes, keep) if self.cache_dir is not None else None
+            if paths is not None:  # compiled from files: OpenVINO's model cache can skip the compilation
+                return self._compile_pair(paths)
             models = self._prepare(network, shapes, keep)
-            if _has_marks(keep):  # the f32 marks reach the CPU plugin only through IR (see _mark_f32)
-                with tempfile.TemporaryDirectory(prefix="seesr-ov-") as tmp:
-                    models = self._save(models, Path(tmp) / f"{network}.xml")
-                    per_network[key] = self._compile_pair(models)
-                return per_network[key]
-        per_network[key] = self._compile_pair(models)
-        return per_network[key]
+            if not _has_marks(keep):
+                return self._compile_pair(models)
+            # the f32 marks reach the CPU plugin only through IR (see _mark_f32)
+            with tempfile.TemporaryDirectory(prefix="seesr-ov-") as tmp:
+                return self._compile_pair(self._save(models, Path(tmp) / f"{network}.xml"))
+        except RuntimeError as exc:  # OpenVINO's exceptions (ov::Exception) derive from RuntimeError
+            raise BackendError(
+                f"OpenVINO could not compile {network} for input shapes {dict(shapes)} on {self.device}: {exc}"
+            ) from exc
 
     def _compile_pair(self, models: tuple[Any, Any]) -> _Compiled:
         main, timestep_path = (str(m) if isinstance(m, Path) else m for m in models)
@@ -243,7 +297,7 @@ class OpenVINOBackend:
         for model, target in zip(models, paths):
             if model is None or target is None:  # no timestep-path model, so no file for it
                 continue
-            tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.xml")
+            tmp = target.with_name(f".{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.xml")
             self._ov.save_model(model, str(tmp), compress_to_fp16=False)
             os.replace(tmp.with_suffix(".bin"), target.with_suffix(".bin"))
             os.replace(tmp, target)
@@ -279,13 +333,17 @@ class OpenVINOBackend:
     # ------------------------------------------------------------ the Backend interface
 
     def run(self, network: str, feeds: Feeds) -> list[Array]:
-        if network not in self._outputs:  # tiled-VAE segments ("vae_decoder#3") are looked up on first use
-            self._outputs[network] = self.manifest.spec(network).output_names  # BundleError if unknown
+        """Outputs of ``network``; safe to call from several threads at once."""
+        models = self.network(network)  # tiled-VAE segments ("vae_decoder#3") are looked up on first use
         shapes = {name: tuple(np.shape(value)) for name, value in feeds.items()}
-        compiled = self.compiled(network, shapes)
-        request = compiled.infer({name: self._tensor(value) for name, value in feeds.items()})
-        # copies: the request reuses its output memory on the next call
-        return [np.array(request.get_tensor(name).data, copy=True) for name in self._outputs[network]]
+        tensors = {name: self._tensor(value) for name, value in feeds.items()}
+        with models.use(_shapes_key(shapes), lambda: self._compile(network, shapes)) as compiled:
+            try:
+                return compiled.infer(tensors, self._outputs[network])
+            except RuntimeError as exc:  # OpenVINO's exceptions (ov::Exception) derive from RuntimeError
+                raise BackendError(
+                    f"OpenVINO failed to run {network} on input shapes {dict(shapes)} ({self.device}): {exc}"
+                ) from exc
 
     def _tensor(self, value: Array) -> Any:
         # an ov.Tensor shares the array's memory and keeps 0-d inputs (conditioning_scale) 0-d, which a
@@ -301,6 +359,10 @@ class OpenVINOBackend:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _shapes_key(shapes: Shapes) -> ShapesKey:
+    return tuple(sorted(shapes.items()))
 
 
 def import_openvino() -> Any:

@@ -181,8 +181,12 @@ class SeeSRPipeline:
         tiles (``tiled_vae.py``). ``tiled=False`` always runs untiled (a deviation; memory grows
         with the image)."""
         layout = TiledVaeLayout.for_half(network.removeprefix("vae_"))
+        # Each VAE half runs once per image: a backend that can may free its working memory after it.
+        done: Callable[[str], None] = getattr(self.backend, "release_working_memory", lambda network: None)
         if not tiled or not layout.needs_tiling(x.shape[2], x.shape[3], tile):
-            return self.backend.run(network, {self.manifest.spec(network).input_names[0]: x})
+            outputs = self.backend.run(network, {self.manifest.spec(network).input_names[0]: x})
+            done(network)
+            return outputs
         segments = self.manifest.tiled_vae(network)
         if segments is None:
             raise BundleError(
@@ -190,7 +194,7 @@ class SeeSRPipeline:
                 f"{x.shape[3]}x{x.shape[2]} input needs; rebuild it with this version of "
                 "`seesr-export build`, or pass tiled_vae=False (--no-tiled-vae) to run the VAE untiled"
             )
-        return run_tiled_vae(self.backend.run, network, segments, x, tile, self.tiled_vae_spill_dir)
+        return run_tiled_vae(self.backend.run, network, segments, x, tile, self.tiled_vae_spill_dir, done)
 
     def lr_latent(
         self,

@@ -179,11 +179,18 @@ class TileStates:
 
 
 def run_tiled_vae(
-    run: RunFn, network: str, tiled: dict[str, Any], x: Array, tile: int, spill_dir: str | Path | None = None
+    run: RunFn,
+    network: str,
+    tiled: dict[str, Any],
+    x: Array,
+    tile: int,
+    spill_dir: str | Path | None = None,
+    segment_done: Callable[[str], None] | None = None,
 ) -> list[Array]:
     """The tiled VAE half ``network`` (``"vae_encoder"``/``"vae_decoder"``) on ``x`` through ``run``
     (``backend.run``); ``tiled`` is the network's ``tiled`` manifest entry; ``spill_dir``: see
-    ``TileStates``. Returns the network's outputs: ``[mean, logvar]`` or ``[image]``."""
+    ``TileStates``; ``segment_done(name)`` once every tile has run segment ``name`` (a backend frees
+    its working memory there). Returns the network's outputs: ``[mean, logvar]`` or ``[image]``."""
     layout = TiledVaeLayout(pad=tiled["pad"], decoder=network == "vae_decoder")
     groups, segments = tiled["groups"], tiled["segments"]
     inputs, outputs = split_tiles(x.shape[2], x.shape[3], tile, layout)
@@ -193,9 +200,12 @@ def run_tiled_vae(
             states.put(("hidden", i), np.ascontiguousarray(x[:, :, y0:y1, x0:x1]))
         for k, segment in enumerate(segments[:-1]):
             _run_segment(run, f"{network}#{k}", segment, states, len(inputs), groups if k > 0 else None)
-        results = _run_segment(
-            run, f"{network}#{len(segments) - 1}", segments[-1], states, len(inputs), groups, last=True
-        )
+            if segment_done is not None:
+                segment_done(f"{network}#{k}")
+        last = f"{network}#{len(segments) - 1}"
+        results = _run_segment(run, last, segments[-1], states, len(inputs), groups, last=True)
+        if segment_done is not None:
+            segment_done(last)
     finally:
         states.close()
     return [assemble_tiles([r[j] for r in results], inputs, outputs, layout) for j in range(len(results[0]))]

@@ -24,13 +24,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#if defined(_WIN32)
-#  if defined(SEESR_BUILDING_LIBRARY)
-#    define SEESR_API __declspec(dllexport)
-#  else
-#    define SEESR_API __declspec(dllimport)
-#  endif
-#elif defined(__GNUC__)
+/* Built and tested on Linux only: the library uses POSIX calls (mkdtemp, mmap, open/read/write) and Linux's
+   struct stat fields, so other systems need porting first. */
+#if defined(__GNUC__)
 #  define SEESR_API __attribute__((visibility("default")))
 #else
 #  define SEESR_API

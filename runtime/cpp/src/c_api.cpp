@@ -225,12 +225,12 @@ seesr_status seesr_pipeline_open(const char *bundle_path, const seesr_engine_opt
         *out = nullptr;
         const seesr_engine_options engine = read_engine_options(options);
         check_engine_options(engine);
+        seesr::Manifest manifest = seesr::Manifest::load(bundle_path);  // read once: verified, then kept by the pipeline
         if (engine.verify != SEESR_VERIFY_NEVER) {
-            seesr::verify_bundle(seesr::Manifest::load(bundle_path), engine.verify == SEESR_VERIFY_ALWAYS
-                                                                          ? seesr::VerifyMode::always
-                                                                          : seesr::VerifyMode::automatic);
+            seesr::verify_bundle(manifest, engine.verify == SEESR_VERIFY_ALWAYS ? seesr::VerifyMode::always
+                                                                                : seesr::VerifyMode::automatic);
         }
-        auto opened = std::make_unique<seesr::Pipeline>(bundle_path, text_or(engine.engine, "openvino"),
+        auto opened = std::make_unique<seesr::Pipeline>(std::move(manifest), text_or(engine.engine, "openvino"),
                                                         engine_settings(engine), text_or(engine.tiled_vae_spill_dir, ""));
         const seesr::Json &data = opened->manifest().data();
         std::string exporter = data["provenance"].value("/versions/seesr_export"_json_pointer, std::string());

@@ -8,6 +8,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace seesr {
@@ -19,12 +20,44 @@ struct EngineSettings {
     std::string cache_dir;  // empty: no cache
 };
 
+// One network held at fixed input shapes by one thread for many runs (the ControlNet and UNet of one sampling
+// loop): it keeps one inference request of the engine's pool for its lifetime, so an input set once (an
+// image's constants) stays set across runs, and one session's output can be an input of another without a
+// copy through host memory. Not for sharing between threads; a pipeline's threads each make their own.
+class Session {
+public:
+    virtual ~Session() = default;
+    // Input `name` reads `value` (shared, not copied) on every run until set again: `value` must stay alive and
+    // unchanged through the runs that read it. An engine failure for an input the network lacks or a shape other
+    // than the session's.
+    virtual void set(const std::string &name, const Tensor &value) = 0;
+    // Input `name` reads output `output` of `from`'s latest run (shared on the engine's side, not copied): set it
+    // again after each run of `from` whose output it is to read.
+    virtual void set_from(const std::string &name, Session &from, const std::string &output) = 0;
+    virtual void run() = 0;
+    // Output `name` of the latest run, copied to the host.
+    virtual Tensor output(const std::string &name) const = 0;
+    // The static shape of output `name` (known before any run).
+    virtual Shape output_shape(const std::string &name) const = 0;
+};
+
+using InputShapes = std::vector<std::pair<std::string, Shape>>;  // input name -> shape, every input of a network
+
 class Engine {
 public:
     virtual ~Engine() = default;
     // Outputs of `network` (or a tiled-VAE segment, "vae_decoder#3") for `feeds`, in the manifest's output
     // order; safe to call from several threads at once. An engine failure for anything the engine refuses.
     virtual std::vector<Tensor> run(const std::string &network, const std::vector<NamedTensor> &feeds) = 0;
+    // A session of `network` at these input shapes, for the calling thread (compiled on first use, as run()).
+    virtual std::unique_ptr<Session> session(const std::string &network, const InputShapes &shapes) = 0;
+    // Free the working memory (intermediate tensors, idle requests) of `network`'s compiled shapes that no call is
+    // running, keeping them compiled: for networks that run once per image (the VAE halves, each tiled-VAE segment
+    // once its tiles are done), whose activations would otherwise stay allocated through the rest of the image and
+    // the next one. An engine without such memory does nothing.
+    virtual void release_working_memory(const std::string &network) = 0;
+    // Shapes compiled so far, every network together (one compiled again after being dropped counts again).
+    virtual std::size_t compiles() const = 0;
     virtual std::string name() const = 0;
 };
 

@@ -1,4 +1,5 @@
 #include "noise.hpp"
+#include "pi.hpp"
 
 #include <cmath>
 
@@ -42,7 +43,7 @@ Tensor SeededNoise::draw(const std::string &, const Shape &shape) {
             has_spare_ = false;
             continue;
         }
-        const double radius = std::sqrt(-2.0 * std::log(uniform())), angle = 2.0 * M_PI * uniform();
+        const double radius = std::sqrt(-2.0 * std::log(uniform())), angle = 2.0 * kPi * uniform();
         value = static_cast<float>(radius * std::cos(angle));
         spare_ = radius * std::sin(angle);
         has_spare_ = true;

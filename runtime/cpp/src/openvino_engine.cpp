@@ -1,6 +1,9 @@
 // The OpenVINO engine: the bundle's ONNX graphs read by OpenVINO, reshaped to each call's static shapes and
 // compiled once per (network, shapes), prepared for each precision as seesr_runtime/openvino_backend.py does
-// (openvino_precision.hpp: the int8 graphs, the f32 timestep path and f16 weights under bf16 / f16).
+// (openvino_precision.hpp: the int8 graphs, the f32 timestep path and f16 weights under bf16 / f16). Shared by
+// threads: each compiled shape keeps a pool of inference requests, and a new shape compiles outside any lock
+// that calls of other shapes wait on (compiled_models.hpp).
+#include "compiled_models.hpp"
 #include "engine.hpp"
 #include "openvino_precision.hpp"
 
@@ -8,7 +11,6 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <list>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -16,9 +18,11 @@
 namespace seesr {
 namespace {
 
-// Compiled models kept per network, one per input shape (each holds its own copy of the weights): the
-// denoisers one (every latent tile has the same shape), the others two (the tiled VAE alternates two).
+// Compiled models kept per network, one per input shape (each holds its own copy of the weights), as the
+// Python backend keeps them (SHAPES_KEPT there, and why): the denoisers one (every latent tile has the same
+// shape), a tiled-VAE segment ("vae_decoder#3") four (the tile shapes of an uneven grid), the others two.
 std::size_t shapes_kept(const std::string &network) {
+    if (network.find('#') != std::string::npos) return 4;
     return network == "unet" || network == "controlnet" ? 1 : 2;
 }
 
@@ -44,11 +48,119 @@ ov::element::Type element_type(const std::string &hint) {
     return ov::element::f32;
 }
 
-// One network at one set of shapes: the main compiled model and, when the timestep path runs apart in f32,
-// that model too (its outputs are inputs of the main one).
+// An inference request of one compiled shape, with its timestep path's when that runs apart.
+struct Requests {
+    ov::InferRequest main;
+    std::optional<ov::InferRequest> timestep;
+};
+
+// One network at one set of shapes: the main compiled model and, when the timestep path runs apart in f32, that
+// model too (its outputs are inputs of the main one); with the pool of their requests.
 struct Compiled {
+    Compiled(ov::CompiledModel main_model, std::optional<ov::CompiledModel> timestep_model)
+        : main(std::move(main_model)), timestep_path(std::move(timestep_model)), requests([this] {
+              return Requests{main.create_infer_request(),
+                              timestep_path ? std::optional<ov::InferRequest>(timestep_path->create_infer_request())
+                                            : std::nullopt};
+          }) {}
+    // Free what this shape holds between calls, keeping it compiled: OpenVINO's intermediate memory and the idle
+    // requests with their input and output tensors (the next call allocates them again). Only while no request of
+    // this shape runs (OpenVINO refuses otherwise).
+    void release_memory() {
+        requests.clear();
+        main.release_memory();
+        if (timestep_path) timestep_path->release_memory();
+    }
+
     ov::CompiledModel main;
     std::optional<ov::CompiledModel> timestep_path;
+    RequestPool<Requests> requests;
+};
+
+using Models = NetworkModels<Compiled>;
+
+ov::Tensor host_tensor(const Tensor &tensor) {
+    const ov::element::Type type = tensor.dtype() == DType::f32 ? ov::element::f32 : ov::element::i64;
+    const ov::Shape shape(tensor.shape().begin(), tensor.shape().end());
+    // OpenVINO reads inputs only; the wrapper shares the caller's memory for the call.
+    return ov::Tensor(type, shape, const_cast<void *>(tensor.bytes()));
+}
+
+Tensor copied(const ov::Tensor &output, const std::string &network, const std::string &name) {
+    const ov::Shape &dims = output.get_shape();
+    Shape shape(dims.begin(), dims.end());
+    if (output.get_element_type() == ov::element::f32) {
+        const float *values = output.data<const float>();
+        return Tensor::f32(shape, std::vector<float>(values, values + output.get_size()));
+    }
+    throw engine_error(network + " output " + name + " is " + output.get_element_type().get_type_name() +
+                       ", expected f32");
+}
+
+// Input `name` of one call: the timestep goes to the timestep path's request where that runs apart.
+void set_input(Requests &requests, const std::string &name, const ov::Tensor &value) {
+    ov::InferRequest &target = requests.timestep && name == "timestep" ? *requests.timestep : requests.main;
+    target.set_tensor(name, value);
+}
+
+void infer(const Compiled &model, Requests &requests) {
+    if (requests.timestep) {
+        requests.timestep->infer();
+        for (const ov::Output<const ov::Node> &output : model.timestep_path->outputs()) {
+            requests.main.set_tensor(output.get_any_name(), requests.timestep->get_tensor(output));
+        }
+    }
+    requests.main.infer();
+}
+
+// A network's session (engine.hpp): one request of a compiled shape, held until the session goes.
+class OpenVinoSession final : public Session {
+public:
+    OpenVinoSession(std::string network, Models::Use model)
+        : network_(std::move(network)), model_(std::move(model)), requests_(model_->requests.take()) {}
+    OpenVinoSession(const OpenVinoSession &) = delete;
+    OpenVinoSession &operator=(const OpenVinoSession &) = delete;
+    ~OpenVinoSession() override { model_->requests.give_back(std::move(requests_)); }
+
+    void set(const std::string &name, const Tensor &value) override {
+        guarded("set input " + name + " of", [&] { set_input(requests_, name, host_tensor(value)); });
+    }
+    void set_from(const std::string &name, Session &from, const std::string &output) override {
+        auto &source = dynamic_cast<OpenVinoSession &>(from);
+        guarded("hand " + source.network_ + " output " + output + " to", [&] {
+            requests_.main.set_tensor(name, source.requests_.main.get_tensor(output));
+        });
+    }
+    void run() override {
+        guarded("run", [&] { infer(*model_, requests_); });
+    }
+    Tensor output(const std::string &name) const override {
+        std::optional<Tensor> result;
+        guarded("read output " + name + " of", [&] { result = copied(requests_.main.get_tensor(name), network_, name); });
+        return std::move(*result);
+    }
+    Shape output_shape(const std::string &name) const override {
+        Shape shape;
+        guarded("find output " + name + " of", [&] {
+            const ov::Shape dims = model_->main.output(name).get_shape();
+            shape.assign(dims.begin(), dims.end());
+        });
+        return shape;
+    }
+
+private:
+    template <typename Body>
+    void guarded(const std::string &action, const Body &body) const {
+        try {
+            body();
+        } catch (const ov::Exception &error) {
+            throw engine_error("OpenVINO could not " + action + " " + network_ + ": " + error.what());
+        }
+    }
+
+    std::string network_;
+    Models::Use model_;
+    mutable Requests requests_;
 };
 
 class OpenVinoEngine final : public Engine {
@@ -82,29 +194,46 @@ public:
     std::string name() const override { return "openvino"; }
 
     std::vector<Tensor> run(const std::string &network, const std::vector<NamedTensor> &feeds) override {
-        const std::vector<std::string> outputs = output_names(manifest_, network);
-        std::shared_ptr<Compiled> model = compiled(network, feeds);
+        InputShapes shapes;
+        for (const NamedTensor &feed : feeds) shapes.emplace_back(feed.name, feed.tensor.shape());
+        Network &entry = this->network(network);
+        Models::Use model = compiled(entry, shapes);
+        Requests requests = model->requests.take();
         try {
-            ov::InferRequest request = model->main.create_infer_request();
-            std::optional<ov::InferRequest> timestep_request;
-            if (model->timestep_path) timestep_request = model->timestep_path->create_infer_request();
-            for (const NamedTensor &feed : feeds) {
-                ov::InferRequest &target = timestep_request && feed.name == "timestep" ? *timestep_request : request;
-                target.set_tensor(feed.name, host_tensor(feed.tensor));
-            }
-            if (timestep_request) {
-                timestep_request->infer();
-                for (const ov::Output<const ov::Node> &output : model->timestep_path->outputs()) {
-                    request.set_tensor(output.get_any_name(), timestep_request->get_tensor(output));
-                }
-            }
-            request.infer();
+            for (const NamedTensor &feed : feeds) set_input(requests, feed.name, host_tensor(feed.tensor));
+            infer(*model, requests);
             std::vector<Tensor> results;
-            for (const std::string &output : outputs) results.push_back(copied(request.get_tensor(output), network, output));
+            for (const std::string &output : entry.outputs) {
+                results.push_back(copied(requests.main.get_tensor(output), network, output));
+            }
+            model->requests.give_back(std::move(requests));
             return results;
         } catch (const ov::Exception &error) {
+            model->requests.give_back(std::move(requests));
             throw engine_error("OpenVINO failed to run " + network + ": " + error.what());
+        } catch (...) {
+            model->requests.give_back(std::move(requests));
+            throw;
         }
+    }
+
+    std::unique_ptr<Session> session(const std::string &network, const InputShapes &shapes) override {
+        return std::make_unique<OpenVinoSession>(network, compiled(this->network(network), shapes));
+    }
+
+    void release_working_memory(const std::string &network) override {
+        try {
+            this->network(network).models.release_working_memory([](Compiled &model) { model.release_memory(); });
+        } catch (const ov::Exception &error) {
+            throw engine_error("OpenVINO could not release the working memory of " + network + ": " + error.what());
+        }
+    }
+
+    std::size_t compiles() const override {
+        std::lock_guard<std::mutex> lock(mutex_);
+        std::size_t total = 0;
+        for (const auto &[name, entry] : networks_) total += entry->models.compiles();
+        return total;
     }
 
 private:
@@ -156,62 +285,60 @@ private:
         return policy_.graphs;
     }
 
-    static ov::Tensor host_tensor(const Tensor &tensor) {
-        const ov::element::Type type = tensor.dtype() == DType::f32 ? ov::element::f32 : ov::element::i64;
-        const ov::Shape shape(tensor.shape().begin(), tensor.shape().end());
-        // OpenVINO reads inputs only; the wrapper shares the caller's memory for the call.
-        return ov::Tensor(type, shape, const_cast<void *>(tensor.bytes()));
-    }
+    // One network's compiled shapes and its output names (read once).
+    struct Network {
+        Network(const std::string &name, std::vector<std::string> output_names)
+            : models(name, shapes_kept(name)), outputs(std::move(output_names)) {}
+        Models models;
+        std::vector<std::string> outputs;
+    };
 
-    static Tensor copied(const ov::Tensor &output, const std::string &network, const std::string &name) {
-        const ov::Shape &dims = output.get_shape();
-        Shape shape(dims.begin(), dims.end());
-        if (output.get_element_type() == ov::element::f32) {
-            const float *values = output.data<const float>();
-            return Tensor::f32(shape, std::vector<float>(values, values + output.get_size()));
+    // The entry of `network` (or a tiled-VAE segment), made on first use: a bundle error for one it lacks.
+    Network &network(const std::string &network) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            auto found = networks_.find(network);
+            if (found != networks_.end()) return *found->second;
         }
-        throw engine_error(network + " output " + name + " is " + output.get_element_type().get_type_name() +
-                           ", expected f32");
+        std::vector<std::string> outputs = output_names(manifest_, network);
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto &entry = networks_[network];
+        if (!entry) entry = std::make_unique<Network>(network, std::move(outputs));
+        return *entry;
     }
 
-    std::string shapes_key(const std::vector<NamedTensor> &feeds) const {
+    // The same key whatever the order of the inputs (a call's feeds, a session's shapes).
+    static std::string shapes_key(InputShapes shapes) {
+        std::sort(shapes.begin(), shapes.end());
         std::string key;
-        for (const NamedTensor &feed : feeds) key += feed.name + shape_text(feed.tensor.shape()) + ";";
+        for (const auto &[name, shape] : shapes) key += name + shape_text(shape) + ";";
         return key;
     }
 
-    // The compiled model of `network` for these feeds' shapes: compiled on first use, the least recently used
-    // shape of the network dropped beyond shapes_kept (callers still running it keep it alive).
-    std::shared_ptr<Compiled> compiled(const std::string &network, const std::vector<NamedTensor> &feeds) {
-        const std::string key = shapes_key(feeds);
-        std::lock_guard<std::mutex> lock(mutex_);
-        auto &per_network = compiled_[network];
-        for (auto it = per_network.begin(); it != per_network.end(); ++it) {
-            if (it->first == key) {
-                per_network.splice(per_network.end(), per_network, it);
-                return per_network.back().second;
-            }
-        }
-        if (per_network.size() >= shapes_kept(network)) per_network.pop_front();
+    // The compiled model of `entry`'s network for these input shapes, in use until the handle goes: compiled
+    // on first use outside any lock other calls wait on (models.use), the least recently used shape of the
+    // network dropped beyond shapes_kept.
+    Models::Use compiled(Network &entry, const InputShapes &shapes) {
+        const std::string key = shapes_key(shapes);
+        return entry.models.use(key, [&] { return compile(entry.models.network(), shapes, key); });
+    }
+
+    std::shared_ptr<Compiled> compile(const std::string &network, const InputShapes &shapes, const std::string &key) {
         const std::filesystem::path graph = manifest_.graph_path(network, graph_precision(network));
         try {
             std::shared_ptr<ov::Model> model = core_.read_model(graph.string());
-            std::map<std::string, ov::PartialShape> shapes;
-            for (const NamedTensor &feed : feeds) {
-                shapes[feed.name] = ov::PartialShape(std::vector<ov::Dimension>(feed.tensor.shape().begin(),
-                                                                                feed.tensor.shape().end()));
+            std::map<std::string, ov::PartialShape> partial;
+            for (const auto &[name, shape] : shapes) {
+                partial[name] = ov::PartialShape(std::vector<ov::Dimension>(shape.begin(), shape.end()));
             }
-            model->reshape(shapes);
+            model->reshape(partial);
             std::shared_ptr<ov::Model> timestep_path;
             if (reduced_hint(policy_) && keeps_timestep_f32(network)) timestep_path = split_timestep_path(model);
             if (compresses_weights(policy_)) compress_weights_to_f16(model);
-            auto compiled = std::make_shared<Compiled>(
-                Compiled{core_.compile_model(model, settings_.device, config_), std::nullopt});
-            if (timestep_path) {
-                compiled->timestep_path = core_.compile_model(timestep_path, settings_.device, f32_config_);
-            }
-            per_network.emplace_back(key, compiled);
-            return compiled;
+            ov::CompiledModel main = core_.compile_model(model, settings_.device, config_);
+            std::optional<ov::CompiledModel> timestep;
+            if (timestep_path) timestep = core_.compile_model(timestep_path, settings_.device, f32_config_);
+            return std::make_shared<Compiled>(std::move(main), std::move(timestep));
         } catch (const ov::Exception &error) {
             throw engine_error("OpenVINO could not prepare " + network + " (" + graph.string() + ") for shapes " + key +
                                ": " + error.what());
@@ -224,8 +351,8 @@ private:
     ov::Core core_;
     ov::AnyMap config_;
     ov::AnyMap f32_config_;  // the timestep path's: config_ with an f32 inference precision
-    std::mutex mutex_;
-    std::map<std::string, std::list<std::pair<std::string, std::shared_ptr<Compiled>>>> compiled_;
+    mutable std::mutex mutex_;  // guards networks_ only, never held while compiling or running
+    std::map<std::string, std::unique_ptr<Network>> networks_;
 };
 
 }  // namespace

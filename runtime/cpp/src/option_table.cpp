@@ -6,6 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <sstream>
+#include <type_traits>
+#include <utility>
+#include <variant>
 
 namespace seesr {
 
@@ -70,6 +73,38 @@ Json OptionSpec::checked(const Json &value) const {
     return type == "float" ? Json(value.get<double>()) : value;
 }
 
+namespace {
+
+using UpscaleField = std::variant<std::string UpscaleOptions::*, std::int64_t UpscaleOptions::*,
+                                  double UpscaleOptions::*, bool UpscaleOptions::*>;
+const char *const kFieldTypes[] = {"str", "int", "float", "bool"};  // the options table's type of each alternative
+
+// Every option UpscaleOptions holds, by its name in the options table.
+const std::vector<std::pair<std::string, UpscaleField>> &upscale_fields() {
+    static const std::vector<std::pair<std::string, UpscaleField>> fields = {
+        {"prompt", &UpscaleOptions::prompt},
+        {"added_prompt", &UpscaleOptions::added_prompt},
+        {"negative_prompt", &UpscaleOptions::negative_prompt},
+        {"color_fix", &UpscaleOptions::color_fix},
+        {"start_point", &UpscaleOptions::start_point},
+        {"guidance", &UpscaleOptions::guidance},
+        {"conditioning_scale", &UpscaleOptions::conditioning_scale},
+        {"steps", &UpscaleOptions::steps},
+        {"process_size", &UpscaleOptions::process_size},
+        {"upscale", &UpscaleOptions::upscale},
+        {"latent_tile_size", &UpscaleOptions::latent_tile_size},
+        {"latent_tile_overlap", &UpscaleOptions::latent_tile_overlap},
+        {"vae_encoder_tile_size", &UpscaleOptions::vae_encoder_tile_size},
+        {"vae_decoder_tile_size", &UpscaleOptions::vae_decoder_tile_size},
+        {"seed", &UpscaleOptions::seed},
+        {"max_pixels", &UpscaleOptions::max_pixels},
+        {"tiled_vae", &UpscaleOptions::tiled_vae},
+    };
+    return fields;
+}
+
+}  // namespace
+
 OptionTable OptionTable::from_pipeline(const Json &pipeline, const std::string &bundle) {
     if (!pipeline.contains("options")) {
         throw bundle_error(bundle + ": the manifest records no pipeline.options (the bundle predates it); "
@@ -94,6 +129,18 @@ OptionTable OptionTable::from_pipeline(const Json &pipeline, const std::string &
         }
         table.specs_.push_back(std::move(spec));
     }
+    for (const auto &[name, field] : upscale_fields()) {
+        const std::string expected = kFieldTypes[field.index()];
+        auto found = std::find_if(table.specs_.begin(), table.specs_.end(), [&](const OptionSpec &s) { return s.name == name; });
+        if (found == table.specs_.end()) {
+            throw bundle_error(bundle + ": pipeline.options in manifest.json has no option '" + name +
+                               "', which this runtime reads (as " + expected + ")");
+        }
+        if (found->type != expected) {
+            throw bundle_error(bundle + ": pipeline.options in manifest.json gives option '" + name + "' type " +
+                               found->type + ", but this runtime reads it as " + expected);
+        }
+    }
     return table;
 }
 
@@ -116,6 +163,17 @@ std::map<std::string, Json> OptionTable::resolve(const std::map<std::string, Jso
                                               tile->second.dump() + "), got " + overlap->second.dump());
     }
     return values;
+}
+
+UpscaleOptions OptionTable::upscale_options(const std::map<std::string, Json> &given) const {
+    const std::map<std::string, Json> values = resolve(given);
+    UpscaleOptions typed;
+    for (const auto &[name, field] : upscale_fields()) {
+        const Json &value = values.at(name);  // present: from_pipeline checked the table
+        std::visit(
+            [&](auto member) { typed.*member = value.get<std::remove_reference_t<decltype(typed.*member)>>(); }, field);
+    }
+    return typed;
 }
 
 }  // namespace seesr

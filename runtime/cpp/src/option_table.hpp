@@ -4,6 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
 #include <map>
 #include <string>
 #include <vector>
@@ -28,9 +29,20 @@ struct OptionSpec {
     std::string range_text() const;
 };
 
+// The options an upscale reads, typed: read once per call from the resolved table (OptionTable::upscale_options).
+// Every one must be in a bundle's options table with this type, which from_pipeline checks at open.
+struct UpscaleOptions {
+    std::string prompt, added_prompt, negative_prompt, color_fix, start_point;
+    double guidance = 0.0, conditioning_scale = 0.0;
+    std::int64_t steps = 0, process_size = 0, upscale = 0, latent_tile_size = 0, latent_tile_overlap = 0,
+                 vae_encoder_tile_size = 0, vae_decoder_tile_size = 0, seed = 0, max_pixels = 0;
+    bool tiled_vae = true;
+};
+
 class OptionTable {
 public:
-    // From a validated manifest's "pipeline" section; a bundle error when it records no options table.
+    // From a validated manifest's "pipeline" section; a bundle error when it records no options table, or one
+    // lacking an option UpscaleOptions reads or giving it another type (naming the option).
     static OptionTable from_pipeline(const Json &pipeline, const std::string &bundle);
 
     const OptionSpec &spec(const std::string &name) const;  // an option error for an unknown name
@@ -39,6 +51,8 @@ public:
 
     // Every option: `given` over the bundle's defaults, checked, with the rules between options.
     std::map<std::string, Json> resolve(const std::map<std::string, Json> &given) const;
+    // resolve(given), typed.
+    UpscaleOptions upscale_options(const std::map<std::string, Json> &given) const;
 
 private:
     std::vector<OptionSpec> specs_;

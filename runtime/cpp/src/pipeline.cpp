@@ -74,7 +74,11 @@ Pipeline::Tagger Pipeline::read_tagger(const Manifest &manifest) {
 
 Pipeline::Pipeline(const std::filesystem::path &bundle, const std::string &engine, const EngineSettings &settings,
                    std::filesystem::path tiled_vae_spill_dir)
-    : manifest_(Manifest::load(bundle)),
+    : Pipeline(Manifest::load(bundle), engine, settings, std::move(tiled_vae_spill_dir)) {}
+
+Pipeline::Pipeline(Manifest manifest, const std::string &engine, const EngineSettings &settings,
+                   std::filesystem::path tiled_vae_spill_dir)
+    : manifest_(std::move(manifest)),
       options_(std::make_shared<const OptionTable>(
           OptionTable::from_pipeline(manifest_.data()["pipeline"], manifest_.root().string()))),
       text_(manifest_),
@@ -121,13 +125,12 @@ Pipeline::Tagged Pipeline::tag(const RgbView &image) const {
 }
 
 Description Pipeline::describe(const RgbView &image, const Options &given) const {
-    const Options o = options_->resolve(given);
-    check_image_size(image.width, image.height, o.at("max_pixels").get<std::int64_t>());
+    const UpscaleOptions o = options_->upscale_options(given);
+    check_image_size(image.width, image.height, o.max_pixels);
     Description description;
     description.tags = tag(image).tags;
-    description.prompt = format_prompt(prompt_template_, {{"tags", description.tags},
-                                                          {"prompt", o.at("prompt").get<std::string>()},
-                                                          {"added_prompt", o.at("added_prompt").get<std::string>()}});
+    description.prompt = format_prompt(prompt_template_,
+                                       {{"tags", description.tags}, {"prompt", o.prompt}, {"added_prompt", o.added_prompt}});
     return description;
 }
 

@@ -52,12 +52,17 @@ public:
     // where the tiled VAE keeps its waiting tile states (run_tiled_vae); empty: in memory.
     Pipeline(const std::filesystem::path &bundle, const std::string &engine, const EngineSettings &settings,
              std::filesystem::path tiled_vae_spill_dir = {});
+    // The same over a manifest already loaded (Manifest::load), which the pipeline keeps.
+    Pipeline(Manifest manifest, const std::string &engine, const EngineSettings &settings,
+             std::filesystem::path tiled_vae_spill_dir = {});
 
     const Manifest &manifest() const { return manifest_; }
     const std::shared_ptr<const OptionTable> &options() const { return options_; }
     const ClipTokenizer &tokenizer() const { return text_.tokenizer(); }
     Tensor encode_prompt(const std::string &text) const { return text_.encode(*engine_, text); }
     Tensor encode_negative(const std::string &text) const { return text_.encode_negative(*engine_, text); }
+    // Shapes the engine has compiled so far (Engine::compiles).
+    std::size_t compiles() const { return engine_->compiles(); }
 
     // The image's tags and prompt (DAPE only); image errors before any network runs.
     Description describe(const RgbView &image, const Options &given) const;
@@ -69,23 +74,21 @@ private:
     // The constants of one sampling loop: every batched tensor is [uncond, cond] when guided.
     struct Conditioning {
         Tensor text_embeds, image_embeds, control;
-        float conditioning_scale;
+        Tensor conditioning_scale;  // float32, 0-d
     };
     struct Tagged {
         std::string tags;
         Tensor image_embeds;
     };
+    class Denoiser;
     Tagged tag(const RgbView &image) const;
-    Conditioning condition(const std::string &prompt, Tensor image_embeds, const Rgb8Image &work, const Options &o) const;
+    Conditioning condition(const std::string &prompt, Tensor image_embeds, const Rgb8Image &work,
+                           const UpscaleOptions &o) const;
     // eps_uncond + guidance * (eps_cond - eps_uncond) of a [2, ...] prediction, in float32.
     static Tensor guided_eps(const Tensor &eps, float guidance);
     // The scheduler's steps from `latents`, with the hooks' progress, cancellation and latents after each.
     Tensor sample(Tensor latents, const Conditioning &c, const DdpmScheduler &scheduler, NoiseSource &noise,
-                  const Options &o, const UpscaleHooks &hooks) const;
-    // ControlNet residuals, then the UNet's noise, for one window of the latents and its `control` pixels.
-    Tensor predict_noise(const Tensor &latents, std::int64_t t, const Conditioning &c, const Tensor &control) const;
-    Tensor predict_noise_tiled(const Tensor &latents, std::int64_t t, const Conditioning &c, std::int64_t tile,
-                               std::int64_t overlap) const;
+                  const UpscaleOptions &o, const UpscaleHooks &hooks) const;
     std::vector<Tensor> run_vae(const std::string &network, const Tensor &x, std::int64_t tile, bool tiled) const;
     Tensor lr_latent(const Tensor &work, const Tensor &initial_noise, NoiseSource &noise, const DdpmScheduler &scheduler,
                      std::int64_t vae_tile, bool tiled) const;

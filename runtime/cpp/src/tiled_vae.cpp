@@ -354,6 +354,7 @@ std::vector<Tensor> run_tiled_vae(Engine &engine, const Manifest &manifest, cons
             states.put(TileStates::residual, t,
                        segment.hands_residual ? std::optional<Tensor>(std::move(out.at(1))) : std::nullopt);
         }
+        engine.release_working_memory(name);  // every tile has run this segment: until the next image
     }
     std::vector<Tensor> assembled;
     for (std::size_t j = 0; j < results[0].size(); ++j) {

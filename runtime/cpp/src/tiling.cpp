@@ -1,4 +1,5 @@
 #include "tiling.hpp"
+#include "pi.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -20,7 +21,7 @@ std::vector<double> profile(std::int64_t tile, double midpoint) {
     for (std::int64_t i = 0; i < tile; ++i) {
         const double offset = static_cast<double>(i) - midpoint;
         values.push_back(std::exp(-(offset * offset) / static_cast<double>(tile * tile) / (2 * var)) /
-                         std::sqrt(2 * M_PI * var));
+                         std::sqrt(2 * kPi * var));
     }
     return values;
 }

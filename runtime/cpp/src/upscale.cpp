@@ -5,6 +5,7 @@
 #include "tiled_vae.hpp"
 #include "tiling.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 namespace seesr {
@@ -33,37 +34,61 @@ void check_finite(const Tensor &x, const std::string &what) {
 
 }  // namespace
 
-Tensor Pipeline::predict_noise(const Tensor &latents, std::int64_t t, const Conditioning &c, const Tensor &control) const {
-    const std::int64_t batch = latents.shape()[0];
-    std::vector<NamedTensor> common = {
-        {"sample", latents},
-        {"timestep", Tensor::f32({batch}, std::vector<float>(static_cast<std::size_t>(batch), static_cast<float>(t)))},
-        {"encoder_hidden_states", c.text_embeds},
-        {"image_embeds", c.image_embeds},
-    };
-    std::vector<NamedTensor> controlnet_feeds = common;
-    controlnet_feeds.push_back({"controlnet_cond", control});
-    controlnet_feeds.push_back({"conditioning_scale", Tensor::f32({}, {c.conditioning_scale})});
-    std::vector<Tensor> residuals = engine_->run("controlnet", controlnet_feeds);
-    const std::vector<std::string> names = output_names(manifest_, "controlnet");
-    for (std::size_t i = 0; i < names.size() && i < residuals.size(); ++i) {
-        common.push_back({names[i], std::move(residuals[i])});
+// The ControlNet and UNet of one sampling loop at one window shape (the whole latents, or one latent tile), as
+// sessions of the calling thread: the image's constants set once, the ControlNet's residuals handed to the UNet
+// inside the engine (no copy through host memory), a window's latents and control pixels set per call.
+class Pipeline::Denoiser {
+public:
+    Denoiser(Engine &engine, const Manifest &manifest, const Conditioning &c, const Shape &window)
+        : residuals_(output_names(manifest, "controlnet")), eps_(output_names(manifest, "unet").at(0)) {
+        const Shape timestep = {window[0]}, control = {window[0], 3, 8 * window[2], 8 * window[3]};
+        const InputShapes common = {{"sample", window},
+                                    {"timestep", timestep},
+                                    {"encoder_hidden_states", c.text_embeds.shape()},
+                                    {"image_embeds", c.image_embeds.shape()}};
+        InputShapes controlnet_shapes = common;
+        controlnet_shapes.emplace_back("controlnet_cond", control);
+        controlnet_shapes.emplace_back("conditioning_scale", c.conditioning_scale.shape());
+        controlnet_ = engine.session("controlnet", controlnet_shapes);
+        InputShapes unet_shapes = common;
+        for (const std::string &name : residuals_) unet_shapes.emplace_back(name, controlnet_->output_shape(name));
+        unet_ = engine.session("unet", unet_shapes);
+        for (Session *session : {controlnet_.get(), unet_.get()}) {
+            session->set("encoder_hidden_states", c.text_embeds);
+            session->set("image_embeds", c.image_embeds);
+        }
+        controlnet_->set("conditioning_scale", c.conditioning_scale);
+        if (c.control.shape() == control) controlnet_->set("controlnet_cond", c.control);  // untiled: constant
     }
-    return std::move(engine_->run("unet", common).at(0));
-}
 
-Tensor Pipeline::predict_noise_tiled(const Tensor &latents, std::int64_t t, const Conditioning &c, std::int64_t tile,
-                                     std::int64_t overlap) const {
-    return blend_tiles(latents.shape(), tile, overlap, [&](std::int64_t y, std::int64_t x, std::int64_t size) {
-        const Tensor pixels = crop(c.control, 8 * y, 8 * (y + size), 8 * x, 8 * (x + size));
-        return predict_noise(crop(latents, y, y + size, x, x + size), t, c, pixels);
-    });
-}
+    // The UNet's noise for `latents` (one window) at `t`; `control`: the window's pixels, null when constant.
+    Tensor predict(const Tensor &latents, std::int64_t t, const Tensor *control) {
+        const std::int64_t batch = latents.shape()[0];
+        const Tensor timestep =
+            Tensor::f32({batch}, std::vector<float>(static_cast<std::size_t>(batch), static_cast<float>(t)));
+        controlnet_->set("sample", latents);
+        controlnet_->set("timestep", timestep);
+        if (control != nullptr) controlnet_->set("controlnet_cond", *control);
+        controlnet_->run();
+        unet_->set("sample", latents);
+        unet_->set("timestep", timestep);
+        for (const std::string &name : residuals_) unet_->set_from(name, *controlnet_, name);
+        unet_->run();
+        return unet_->output(eps_);
+    }
+
+private:
+    std::vector<std::string> residuals_;  // the ControlNet's outputs: inputs of the UNet by the same names
+    std::string eps_;
+    std::unique_ptr<Session> controlnet_, unet_;
+};
 
 std::vector<Tensor> Pipeline::run_vae(const std::string &network, const Tensor &x, std::int64_t tile, bool tiled) const {
     const TiledVaeLayout layout = TiledVaeLayout::for_network(network);
     if (!tiled || !layout.needs_tiling(x.shape()[2], x.shape()[3], tile)) {
-        return engine_->run(network, {{first_input_name(manifest_, network), x}});
+        std::vector<Tensor> outputs = engine_->run(network, {{first_input_name(manifest_, network), x}});
+        engine_->release_working_memory(network);  // each VAE half runs once per image
+        return outputs;
     }
     return run_tiled_vae(*engine_, manifest_, network, x, tile, tiled_vae_spill_dir_);
 }
@@ -93,11 +118,11 @@ Rgb8Image Pipeline::decode(const Tensor &latents, std::int64_t tile, bool tiled)
 }
 
 Pipeline::Conditioning Pipeline::condition(const std::string &prompt, Tensor image_embeds, const Rgb8Image &work,
-                                           const Options &o) const {
+                                           const UpscaleOptions &o) const {
     Conditioning c = {text_.encode(*engine_, prompt), std::move(image_embeds), to_chw(work.view()),
-                      static_cast<float>(o.at("conditioning_scale").get<double>())};
-    if (o.at("guidance").get<double>() > 1.0) {  // every batched tensor is [uncond, cond]
-        c.text_embeds = concat_batch(text_.encode_negative(*engine_, o.at("negative_prompt").get<std::string>()), c.text_embeds);
+                      Tensor::f32({}, {static_cast<float>(o.conditioning_scale)})};
+    if (o.guidance > 1.0) {  // every batched tensor is [uncond, cond]
+        c.text_embeds = concat_batch(text_.encode_negative(*engine_, o.negative_prompt), c.text_embeds);
         c.image_embeds = concat_batch(c.image_embeds, c.image_embeds);
         c.control = concat_batch(c.control, c.control);
     }
@@ -117,19 +142,26 @@ Tensor Pipeline::guided_eps(const Tensor &eps, float guidance) {
 }
 
 Tensor Pipeline::sample(Tensor latents, const Conditioning &c, const DdpmScheduler &scheduler, NoiseSource &noise,
-                        const Options &o, const UpscaleHooks &hooks) const {
-    const double guidance = o.at("guidance").get<double>();
-    const std::int64_t tile = o.at("latent_tile_size").get<std::int64_t>();
-    const std::int64_t overlap = o.at("latent_tile_overlap").get<std::int64_t>();
+                        const UpscaleOptions &o, const UpscaleHooks &hooks) const {
+    const bool guided = o.guidance > 1.0;
     const Shape shape = latents.shape();
-    const bool tiled = shape[2] * shape[3] > tile * tile;
+    const bool tiled = shape[2] * shape[3] > o.latent_tile_size * o.latent_tile_size;
+    // every window has one shape: the whole latents, or tiles of the size blend_tiles takes
+    const std::int64_t tile = std::min({o.latent_tile_size, shape[2], shape[3]});
+    const std::int64_t batch = guided ? 2 * shape[0] : shape[0];
+    Denoiser denoiser(*engine_, manifest_, c, tiled ? Shape{batch, shape[1], tile, tile} : Shape{batch, shape[1], shape[2], shape[3]});
     const std::vector<std::int64_t> &timesteps = scheduler.timesteps();
     const int total = static_cast<int>(timesteps.size());
     for (int i = 0; i < total; ++i) {
         const std::int64_t t = timesteps[static_cast<std::size_t>(i)];
-        const Tensor model_input = guidance > 1.0 ? concat_batch(latents, latents) : latents;
-        Tensor eps = tiled ? predict_noise_tiled(model_input, t, c, tile, overlap) : predict_noise(model_input, t, c, c.control);
-        if (guidance > 1.0) eps = guided_eps(eps, static_cast<float>(guidance));
+        const Tensor model_input = guided ? concat_batch(latents, latents) : latents;
+        Tensor eps = tiled ? blend_tiles(model_input.shape(), tile, o.latent_tile_overlap,
+                                         [&](std::int64_t y, std::int64_t x, std::int64_t size) {
+                                             const Tensor pixels = crop(c.control, 8 * y, 8 * (y + size), 8 * x, 8 * (x + size));
+                                             return denoiser.predict(crop(model_input, y, y + size, x, x + size), t, &pixels);
+                                         })
+                           : denoiser.predict(model_input, t, nullptr);
+        if (guided) eps = guided_eps(eps, static_cast<float>(o.guidance));
         const Tensor step_noise = noise.draw("step", shape);
         scheduler.step(eps.f32_data(), t, latents.f32_data(), step_noise.f32_data(), latents.count());
         if (hooks.step_latents) hooks.step_latents(i + 1, latents);
@@ -142,14 +174,12 @@ Tensor Pipeline::sample(Tensor latents, const Conditioning &c, const DdpmSchedul
 }
 
 Upscaled Pipeline::upscale(const RgbView &image, const Options &given, const UpscaleHooks &hooks) const {
-    const Options o = options_->resolve(given);
-    const auto integer = [&](const char *name) { return o.at(name).get<std::int64_t>(); };
-    const auto text = [&](const char *name) { return o.at(name).get<std::string>(); };
-    check_image_size(image.width, image.height, integer("max_pixels"));
+    const UpscaleOptions o = options_->upscale_options(given);
+    check_image_size(image.width, image.height, o.max_pixels);
     std::unique_ptr<NoiseSource> seeded;
     NoiseSource *noise = hooks.noise;
     if (noise == nullptr) {
-        seeded = std::make_unique<SeededNoise>(static_cast<std::uint64_t>(integer("seed")));
+        seeded = std::make_unique<SeededNoise>(static_cast<std::uint64_t>(o.seed));
         noise = seeded.get();
     }
 
@@ -157,24 +187,23 @@ Upscaled Pipeline::upscale(const RgbView &image, const Options &given, const Ups
     Tagged tagged = tag(image);
     result.tags = tagged.tags;
     result.prompt = format_prompt(prompt_template_,
-                                  {{"tags", tagged.tags}, {"prompt", text("prompt")}, {"added_prompt", text("added_prompt")}});
-    const Rgb8Image work = working_image(image, integer("process_size"), integer("upscale"));
+                                  {{"tags", tagged.tags}, {"prompt", o.prompt}, {"added_prompt", o.added_prompt}});
+    const Rgb8Image work = working_image(image, o.process_size, o.upscale);
     const Conditioning c = condition(result.prompt, std::move(tagged.image_embeds), work, o);
 
     DdpmScheduler scheduler(scheduler_config_);
-    scheduler.set_timesteps(static_cast<int>(integer("steps")));
+    scheduler.set_timesteps(static_cast<int>(o.steps));
     Tensor latents = noise->draw("initial", {1, 4, work.height / 8, work.width / 8});
     for (std::size_t i = 0; i < latents.count(); ++i) latents.f32_data()[i] *= DdpmScheduler::init_noise_sigma;
-    const bool tiled_vae = o.at("tiled_vae").get<bool>();
-    if (text("start_point") == "lr") {
-        latents = lr_latent(to_chw(work.view()), latents, *noise, scheduler, integer("vae_encoder_tile_size"), tiled_vae);
+    if (o.start_point == "lr") {
+        latents = lr_latent(to_chw(work.view()), latents, *noise, scheduler, o.vae_encoder_tile_size, o.tiled_vae);
     }
     latents = sample(std::move(latents), c, scheduler, *noise, o, hooks);
 
-    const Rgb8Image decoded = decode(latents, integer("vae_decoder_tile_size"), tiled_vae);
-    const Rgb8Image fixed = color_fix(text("color_fix"), decoded, work);
-    result.image = resize_bicubic(fixed.view(), static_cast<std::int32_t>(image.width * integer("upscale")),
-                                  static_cast<std::int32_t>(image.height * integer("upscale")));
+    const Rgb8Image decoded = decode(latents, o.vae_decoder_tile_size, o.tiled_vae);
+    const Rgb8Image fixed = color_fix(o.color_fix, decoded, work);
+    result.image = resize_bicubic(fixed.view(), static_cast<std::int32_t>(image.width * o.upscale),
+                                  static_cast<std::int32_t>(image.height * o.upscale));
     return result;
 }
 

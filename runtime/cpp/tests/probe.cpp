@@ -20,6 +20,8 @@
 //                            -> {"ok": true}, the bicubic-resized RGB8 rows in "out"
 //   seesr_probe encode-text BUNDLE   stdin: {"threads": n, "prompts": [...], "negatives": [...], "out": folder}
 //                            -> {"ok": true, "prompts": [{"shape", "file"}], "negatives": [{"shape", "file"}]}
+//   seesr_probe compiles BUNDLE      stdin: {"threads": n, "options": {...}, "images": [{"file" (RGB8 rows), "width",
+//                            "height", "stride"}]} -> {"ok": true, "compiles": [shapes compiled during each upscale]}
 //   seesr_probe sha256 FILE...       -> {"ok": true, "sha256": [hex, ...]}
 //   seesr_probe verify BUNDLE MODE   (MODE "auto" or "always") -> {"ok": true, "hashed": [...], "trusted": [...],
 //                            "stamp": path or ""}
@@ -166,6 +168,25 @@ Json probe_encode_text(const std::string &bundle, const Json &request) {
     return {{"ok", true}, {"prompts", prompts}, {"negatives", negatives}};
 }
 
+// Upscales one after the other through one pipeline, and the shapes its engine compiled during each.
+Json probe_compiles(const std::string &bundle, const Json &request) {
+    seesr::EngineSettings settings;
+    settings.threads = request.value("threads", 0);
+    const seesr::Pipeline pipeline(bundle, "openvino", settings);
+    seesr::Options options;
+    const Json given = request.value("options", Json::object());
+    for (const auto &[name, value] : given.items()) options[name] = value;
+    Json compiles = Json::array();
+    for (const Json &image : request["images"]) {
+        const std::int32_t width = image["width"], height = image["height"], stride = image["stride"];
+        const auto pixels = read_values<std::uint8_t>(image["file"], static_cast<std::size_t>(stride) * height);
+        const std::size_t before = pipeline.compiles();
+        pipeline.upscale({pixels.data(), width, height, stride}, options, {});
+        compiles.push_back(pipeline.compiles() - before);
+    }
+    return {{"ok", true}, {"compiles", compiles}};
+}
+
 Json probe_tiles(const Json &request) {
     const auto origins = seesr::tile_origins(request["height"], request["width"], request["tile"], request["overlap"]);
     Json listed = Json::array();
@@ -239,6 +260,8 @@ int main(int argc, char **argv) {
             answer = probe_dape_input(Json::parse(std::cin));
         } else if (command == "encode-text" && argc == 3) {
             answer = probe_encode_text(argv[2], Json::parse(std::cin));
+        } else if (command == "compiles" && argc == 3) {
+            answer = probe_compiles(argv[2], Json::parse(std::cin));
         } else if (command == "tiles" && argc == 2) {
             answer = probe_tiles(Json::parse(std::cin));
         } else if (command == "blend" && argc == 2) {
