@@ -71,6 +71,7 @@ class StopRequests:
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     given = option_table.given_in(args)  # bad values fail here, before the bundle loads
+    budget = option_table.given_in(args, option_table.PIPELINE_NAMES).get("memory_budget")
     files = expand_inputs(args.inputs)
     if not files:
         print("error: no input images found", file=sys.stderr)
@@ -82,6 +83,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         backend=args.backend,
         tiled_vae_spill_dir=args.tiled_vae_spill_dir,
         verify="never" if args.no_verify else "auto",
+        memory_budget=budget,
         **backend_options,
     )
     options = pipe.resolve_options(given)  # with the bundle's defaults: the rules between options
@@ -384,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_backend_args(p, cpu_default=True)
     option_table.add_arguments(p)
+    option_table.add_arguments(p, option_table.PIPELINE_NAMES)
     p.add_argument(
         "--tiled-vae-spill-dir",
         type=Path,

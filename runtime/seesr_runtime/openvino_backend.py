@@ -15,6 +15,11 @@ own repacked copy.
 With ``cache_dir`` the prepared models are also written there as OpenVINO IR and compiled through
 OpenVINO's own model cache (``CACHE_DIR``), so a second start reads compiled blobs instead of the ONNX
 graphs (and maps the weights from the IR files rather than holding a copy in memory).
+With ``map_weights`` (what a memory budget asks for) the prepared IR is always written, to ``cache_dir`` or a
+temporary folder, and compiled with its weights mapped from the file: the source weights are then clean page
+cache that the kernel can drop under memory pressure, and only the plugin's own repacked copy is anonymous
+memory. ``release(network)`` frees a network's compiled models (a staged memory plan's stage end);
+``resident()`` counts them.
 
 ``openvino`` is imported when a backend is created, never at module import (a lazy module): the rest
 of the runtime does not need it (``pip install 'seesr-export[openvino]'``).
@@ -26,9 +31,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,9 +44,10 @@ import numpy as np
 
 from .compiled_models import NetworkModels, RequestPool
 from .errors import BackendError, BundleError, MissingDependency
+from .heap import return_freed_memory
 from .lazy import imported, lazy_import
 from .manifest import Manifest
-from .networks import graph_for_precision
+from .networks import graph_for_precision, part_of
 from .tensors import Array, Feeds
 
 log = logging.getLogger(__name__)
@@ -126,6 +134,7 @@ class OpenVINOBackend:
     ``DEFAULT_KEEP_F32``; ``{}`` keeps nothing.
     ``on_unsupported``: a precision the device cannot run (e.g. bf16 without BF16 in its
     OPTIMIZATION_CAPABILITIES): ``"fallback"`` (default) runs f32 and warns, ``"error"`` raises.
+    ``map_weights``: compile from prepared IR whose weights OpenVINO maps from the file (see the module's doc).
     """
 
     name = "openvino"
@@ -139,6 +148,7 @@ class OpenVINOBackend:
         cache_dir: str | Path | None = None,
         keep_f32: Mapping[str, Sequence[str]] | None = None,
         on_unsupported: str = "fallback",
+        map_weights: bool = False,
     ):
         ov = import_openvino()
         if precision not in PRECISIONS:
@@ -173,6 +183,11 @@ class OpenVINOBackend:
         self.compress_weights = self.inference_precision in ("bf16", "f16") and self.graphs == "fp32"
         if self.compress_weights:  # read weights into memory: a mapped f32 file would stay mapped beside them
             self.core.set_property({"ENABLE_MMAP": False})
+        self.map_weights = map_weights
+        self.ir_dir = self.cache_dir
+        if map_weights and self.ir_dir is None:  # prepared IR for this backend's life only
+            self.ir_dir = Path(tempfile.mkdtemp(prefix="seesr-ov-ir-"))
+            weakref.finalize(self, shutil.rmtree, self.ir_dir, ignore_errors=True)
         self._networks: dict[str, NetworkModels[_Compiled]] = {}
         self._outputs = {n: manifest.spec(n).output_names for n in manifest.data["networks"]}
         self._lock = threading.Lock()  # guards the two dicts above; never held while compiling
@@ -227,6 +242,21 @@ class OpenVINOBackend:
             networks = list(self._networks.values())
         return sum(n.compiles for n in networks)
 
+    def release(self, network: str) -> None:
+        """Free the compiled models of ``network`` and of its tiled-VAE segments ("vae_decoder#0", ...) that no
+        call is using, and give the memory back to the system."""
+        with self._lock:
+            held = [models for name, models in self._networks.items() if part_of(name, network)]
+        for models in held:
+            models.release()
+        return_freed_memory()
+
+    def resident(self) -> dict[str, int]:
+        """Compiled models alive now, per network or segment (only those with at least one)."""
+        with self._lock:
+            networks = dict(self._networks)
+        return {name: len(models) for name, models in networks.items() if len(models)}
+
     def compiled(self, network: str, shapes: Shapes) -> _Compiled:
         """The compiled model(s) of ``network`` for these input shapes (compiled on first use)."""
         with self.network(network).use(_shapes_key(shapes), lambda: self._compile(network, shapes)) as compiled:
@@ -237,7 +267,7 @@ class OpenVINOBackend:
         keep = self.kept_f32(network)
         log.debug(f"openvino: compiling {network} for {dict(shapes)} on {self.device} ({self.inference_precision})")
         try:
-            paths = self._prepared_ir(self.cache_dir, network, shapes, keep) if self.cache_dir is not None else None
+            paths = self._prepared_ir(self.ir_dir, network, shapes, keep) if self.ir_dir is not None else None
             if paths is not None:  # compiled from files: OpenVINO's model cache can skip the compilation
                 return self._compile_pair(paths)
             models = self._prepare(network, shapes, keep)
@@ -253,9 +283,12 @@ class OpenVINOBackend:
 
     def _compile_pair(self, models: tuple[Any, Any]) -> _Compiled:
         main, timestep_path = (str(m) if isinstance(m, Path) else m for m in models)
-        f32 = {**self.config, "INFERENCE_PRECISION_HINT": "f32"}
+        # mapped: the IR's weights stay file pages, not a copy in memory (ENABLE_MMAP per compile, checked:
+        # the .bin file is mapped for the compiled model's life)
+        config = {**self.config, "ENABLE_MMAP": True} if self.map_weights else self.config
+        f32 = {**config, "INFERENCE_PRECISION_HINT": "f32"}
         return _Compiled(
-            self.core.compile_model(main, self.device, self.config),
+            self.core.compile_model(main, self.device, config),
             None if timestep_path is None else self.core.compile_model(timestep_path, self.device, f32),
         )
 
@@ -266,7 +299,8 @@ class OpenVINOBackend:
     def _prepare(self, network: str, shapes: Shapes, keep: tuple[str, ...]) -> tuple[Any, Any]:
         """(main model, f32 timestep-path model or None), reshaped to ``shapes`` and marked."""
         path = self.manifest.graph_path(network, self.graph_precision(network))
-        model = self.core.read_model(str(path))
+        # mapped: the ONNX external data is read through a mapping, so preparing holds no second copy
+        model = self.core.read_model(str(path), config={"ENABLE_MMAP": True} if self.map_weights else None)
         model.reshape({name: list(shape) for name, shape in shapes.items()})
         timestep_path = split_timestep_path(model) if "timestep" in keep else None
         _mark_f32(model, keep)

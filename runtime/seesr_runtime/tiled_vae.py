@@ -179,11 +179,19 @@ class TileStates:
 
 
 def run_tiled_vae(
-    run: RunFn, network: str, tiled: dict[str, Any], x: Array, tile: int, spill_dir: str | Path | None = None
+    run: RunFn,
+    network: str,
+    tiled: dict[str, Any],
+    x: Array,
+    tile: int,
+    spill_dir: str | Path | None = None,
+    after_segment: Callable[[str], None] | None = None,
 ) -> list[Array]:
     """The tiled VAE half ``network`` (``"vae_encoder"``/``"vae_decoder"``) on ``x`` through ``run``
     (``backend.run``); ``tiled`` is the network's ``tiled`` manifest entry; ``spill_dir``: see
-    ``TileStates``. Returns the network's outputs: ``[mean, logvar]`` or ``[image]``."""
+    ``TileStates``; ``after_segment(name)``: called once every tile has passed a segment ("vae_decoder#2"),
+    which no tile needs again (a memory plan frees it). Returns the network's outputs: ``[mean, logvar]`` or
+    ``[image]``."""
     layout = TiledVaeLayout(pad=tiled["pad"], decoder=network == "vae_decoder")
     groups, segments = tiled["groups"], tiled["segments"]
     inputs, outputs = split_tiles(x.shape[2], x.shape[3], tile, layout)
@@ -193,9 +201,12 @@ def run_tiled_vae(
             states.put(("hidden", i), np.ascontiguousarray(x[:, :, y0:y1, x0:x1]))
         for k, segment in enumerate(segments[:-1]):
             _run_segment(run, f"{network}#{k}", segment, states, len(inputs), groups if k > 0 else None)
-        results = _run_segment(
-            run, f"{network}#{len(segments) - 1}", segments[-1], states, len(inputs), groups, last=True
-        )
+            if after_segment is not None:
+                after_segment(f"{network}#{k}")
+        last = f"{network}#{len(segments) - 1}"
+        results = _run_segment(run, last, segments[-1], states, len(inputs), groups, last=True)
+        if after_segment is not None:
+            after_segment(last)
     finally:
         states.close()
     return [assemble_tiles([r[j] for r in results], inputs, outputs, layout) for j in range(len(results[0]))]
