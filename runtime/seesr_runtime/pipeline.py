@@ -356,6 +356,7 @@ class SeeSRPipeline:
                         eps = eps_uncond + np.float32(o["guidance"]) * (eps_text - eps_uncond)
                     latents = scheduler.step(eps, t, latents, noise("step", shape))
             history.append(latents)
+            log.debug(f"step {i + 1}/{len(scheduler.timesteps)} done")
             if callback is not None:
                 callback(i, t)
 
