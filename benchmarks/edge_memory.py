@@ -48,6 +48,7 @@ from PIL import Image
 
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 STAGE_LINE = re.compile(r"memory: stage (\w+) (starts|ends)")
+PLAN_LINE = re.compile(r"\[seesr_runtime\.pipeline\] (memory plan \(.*|  .*)$")
 STEP_LINE = re.compile(r"step (\d+)/(\d+) done")
 GB = 10**9
 
@@ -175,9 +176,8 @@ def run_child(
     drop_from_page_cache(drop)
     command = [sys.executable, "-m", "seesr_runtime.cli", "upscale", *args, "-o", str(out), "-v"]
     start = time.perf_counter()
-    env = {**os.environ, "TQDM_DISABLE": "1"}  # progress bars would only clutter the log read below
     child = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=group.enter, env=env
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=group.enter
     )
     state = {"stage": "start", "plan": [], "marks": [], "steps": [], "tail": []}
 
@@ -185,9 +185,11 @@ def run_child(
         assert child.stderr is not None
         for line in child.stderr:
             now = time.perf_counter() - start
-            state["tail"] = (state["tail"] + [line.rstrip()])[-20:]
-            if "memory plan (" in line or line.startswith("[seesr_runtime.pipeline]   "):
-                state["plan"].append(line.split("] ", 1)[-1].rstrip())
+            if "it/s" not in line and "img/s" not in line and "step/s" not in line:  # progress bars
+                state["tail"] = (state["tail"] + [line.rstrip()])[-20:]
+            planned = PLAN_LINE.search(line)
+            if planned:
+                state["plan"].append(planned[1].rstrip())
             found = STAGE_LINE.search(line)
             if found:
                 state["stage"] = found[1] if found[2] == "starts" else f"after {found[1]}"

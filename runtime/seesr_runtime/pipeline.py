@@ -47,7 +47,7 @@ from .imaging import (
     working_image,
 )
 from .manifest import Manifest
-from .memory_plan import ENGINE_MEMORY, STAGE_NETWORKS, MemoryPlan, Workload, engine_key, graph_bytes, plan_memory
+from .memory_plan import ENGINE_MEMORY, STAGE_NETWORKS, MemoryPlan, Workload, engine_key, graph_sizes, plan_memory
 from .profiling import ProfiledBackend, StageProfiler
 from .scheduler import DDPMScheduler
 from .tensors import Array, FloatArray
@@ -92,7 +92,7 @@ class SeeSRPipeline:
         self.memory_budget = None if memory_budget is None else option_table.check("memory_budget", memory_budget)
         if self.memory_budget is not None:
             _check_budget_backend(backend)
-        self._network_bytes: tuple[dict[str, int], dict[str, int]] | None = None
+        self._network_bytes: tuple[dict[str, int], dict[str, int], dict[str, int]] | None = None
         self.backend = ProfiledBackend(backend, profiler) if profiler is not None else backend
         pipeline, tagger = manifest.data["pipeline"], manifest.data["tagger"]
         self.defaults = option_table.defaults_from_manifest(pipeline)
@@ -276,6 +276,8 @@ class SeeSRPipeline:
             o.update(latent_tile_size=plan.latent_tile_size, vae_encoder_tile_size=plan.vae_encoder_tile_size)
             o.update(vae_decoder_tile_size=plan.vae_decoder_tile_size)
         staged = plan if plan is not None and plan.staged else None
+        if plan is not None and hasattr(self.backend, "compress_linear"):
+            self.backend.compress_linear(plan.int8_linear)
         with self._loaded("tag", staged):
             tags, image_embeds = self.tag(lr)
         prompt = self.prompt_template.format(tags=tags, prompt=o["prompt"], added_prompt=o["added_prompt"])
@@ -369,30 +371,37 @@ class SeeSRPipeline:
         key = engine_key(self.backend.name, _arithmetic(self.backend))
         if key not in ENGINE_MEMORY or (self.memory_budget is None and not log.isEnabledFor(logging.DEBUG)):
             return None
-        weights, segments = self._graph_bytes()
+        weights, embedded, segments = self._graph_bytes()
         workload = Workload.of(*lr_size, options)
         engine = f"{self.backend.name} {getattr(self.backend, 'requested_precision', _arithmetic(self.backend))}"
-        plan = plan_memory(workload, weights, ENGINE_MEMORY[key], engine, self.memory_budget, segments)
+        prepared = getattr(self.backend, "prepared", lambda: ())()
+        plan = plan_memory(
+            workload, weights, ENGINE_MEMORY[key], engine, self.memory_budget, segments, embedded, prepared
+        )
         for line in plan.lines():
             log.debug(line)
         for change in plan.changed:
-            log.info(f"note: the memory budget changes {change} (another tiling: a slightly different image)")
+            log.info(
+                f"note: to stay under the memory budget: {change} (the image differs slightly from an unbudgeted one)"
+            )
         return plan
 
-    def _graph_bytes(self) -> tuple[dict[str, int], dict[str, int]]:
-        """The graph bytes of each network as this backend runs it, and of each VAE half's largest segment."""
+    def _graph_bytes(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """The graph bytes of each network as this backend runs it, the part embedded in the graph file, and
+        the bytes of each VAE half's largest segment."""
         if self._network_bytes is None:
             backend: Any = self.backend
             networks = list(self.manifest.data["networks"])
-            weights = graph_bytes(self.manifest, {n: backend.graph_precision(n) for n in networks})
+            sizes = graph_sizes(self.manifest, {n: backend.graph_precision(n) for n in networks})
             segments = {}
             for half in ("vae_encoder", "vae_decoder"):
                 tiled = self.manifest.tiled_vae(half)
                 if tiled is not None:
                     count = len(tiled["segments"])
-                    sizes = graph_bytes(self.manifest, {f"{half}#{k}": "fp32" for k in range(count)})
-                    segments[half] = max(sizes.values())
-            self._network_bytes = weights, segments
+                    parts = graph_sizes(self.manifest, {f"{half}#{k}": "fp32" for k in range(count)})
+                    segments[half] = max(part.total for part in parts.values())
+            weights = {n: size.total for n, size in sizes.items()}
+            self._network_bytes = weights, {n: size.embedded for n, size in sizes.items()}, segments
         return self._network_bytes
 
     @contextmanager
