@@ -20,7 +20,7 @@ with the page cache charged to it and no swap. Each run here:
 Per configuration (``--config NAME=ARGS``: extra ``seesr upscale`` arguments), one run without a limit (time,
 peaks, PSNR against ``--reference``'s image) and a bisection over limits (``--bisect LOW HIGH``, ``--probes``)
 for the smallest limit it completes in. With fewer steps than 50 the time is also extrapolated to 50 as the
-other tables do (measured total - steps x last step + 50 x last step; the first step also loads the
+other tables do (measured total + (50 - steps) x the median step after the first, which also loads the
 denoisers). Writes edge_memory.{json,md} (``--name``) into ``--out``, with the CPU model and flags.
 
 Needs root and the cgroup-v1 memory controller (/sys/fs/cgroup/memory); says so plainly and stops without.
@@ -140,6 +140,8 @@ class Sample:
 class Run:
     config: str
     limit: int | None
+    size: int  # output side in px
+    images: int  # upscaled one after the other by one process
     completed: bool
     oom_killed: bool
     returncode: int
@@ -149,6 +151,7 @@ class Run:
     peak_charged: int = 0  # memory.max_usage_in_bytes
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> seconds, peaks
     step_seconds: list[float] = field(default_factory=list)
+    image_seconds: list[float] = field(default_factory=list)  # each image, from its first stage to the next's
     extrapolated_50_s: float | None = None
     psnr_db: float | None = None
     plan: list[str] = field(default_factory=list)  # the -v plan lines
@@ -170,7 +173,15 @@ def status_of(pid: int) -> dict[str, int] | None:
 
 
 def run_child(
-    config: str, args: list[str], limit: int | None, out: Path, steps: int, interval: float, drop: list[Path]
+    config: str,
+    args: list[str],
+    limit: int | None,
+    out: Path,
+    steps: int,
+    interval: float,
+    drop: list[Path],
+    size: int,
+    images: int,
 ) -> Run:
     group = MemoryGroup(limit)
     drop_from_page_cache(drop)
@@ -220,7 +231,9 @@ def run_child(
     run = Run(
         config,
         limit,
-        completed=child.returncode == 0 and any(out.glob("*.png")),
+        size,
+        images,
+        completed=child.returncode == 0 and len(list(out.glob("*.png"))) == images,
         oom_killed=oom,
         returncode=child.returncode,
         seconds=seconds,
@@ -235,10 +248,14 @@ def run_child(
         run.error = "\n".join(state["tail"][-5:])
     run.stages = stage_summary(state["marks"], samples)
     starts = [t for t, name, what in state["marks"] if name == "denoise" and what == "starts"]
-    ticks = ([starts[0]] if starts else []) + state["steps"]
+    ticks = ([starts[0]] if starts else []) + state["steps"][:steps]  # the first image's steps
     run.step_seconds = [b - a for a, b in zip(ticks, ticks[1:])]
-    if run.completed and run.step_seconds and steps < 50:
-        run.extrapolated_50_s = seconds + (50 - steps) * run.step_seconds[-1]
+    firsts = [t for t, name, what in state["marks"] if name == "tag" and what == "starts"]
+    run.image_seconds = [b - a for a, b in zip(firsts, [*firsts[1:], seconds])]
+    if run.completed and run.step_seconds and steps < 50 and images == 1:
+        # the first step also loads the denoisers: the others are the step's time
+        step = float(np.median(run.step_seconds[1:] or run.step_seconds))
+        run.extrapolated_50_s = seconds + (50 - steps) * step
     return run
 
 
@@ -324,6 +341,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512, help="output side in px (an LR image of size/4 is upscaled)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument(
+        "--images", type=int, default=1, help="images per process (a budget reloads the networks for each one)"
+    )
+    parser.add_argument(
         "--common", default="--backend openvino --precision bf16", help="seesr upscale arguments of every run"
     )
     parser.add_argument(
@@ -343,7 +363,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--name", default="edge_memory")
     parser.add_argument("--append", action="store_true", help="add to an existing --out/NAME.json")
+    parser.add_argument("--render", action="store_true", help="only write NAME.md and .png again from NAME.json")
     args = parser.parse_args()
+    if args.render:
+        target = args.out / f"{args.name}.json"
+        data = json.loads(target.read_text())
+        target.with_suffix(".md").write_text(markdown(data))
+        plot(data, target.with_suffix(".png"))
+        return 0
     try:
         own_memory_group()
     except NoCgroup as exc:
@@ -351,13 +378,15 @@ def main() -> int:
         return 2
 
     work = Path(tempfile.mkdtemp(prefix="seesr-edge-"))
-    lr = work / "lr.png"
     side = args.size // 4
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:side, 0:side]
-    base = np.stack([x * 4, y * 5, (x + y) * 2], -1) % 256 + rng.normal(0, 8, (side, side, 3))
-    Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(lr)
-    common = [str(lr), "--bundle", str(args.bundle), "--steps", str(args.steps), "--no-verify"]
+    inputs = []
+    for i in range(args.images):  # the same synthetic LR image (gradients and noise) under several names
+        rng = np.random.default_rng(0)
+        y, x = np.mgrid[0:side, 0:side]
+        base = np.stack([x * 4, y * 5, (x + y) * 2], -1) % 256 + rng.normal(0, 8, (side, side, 3))
+        inputs.append(work / f"lr{i}.png")
+        Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(inputs[-1])
+    common = ["--bundle", str(args.bundle), "--steps", str(args.steps), "--no-verify"]
     drop = [args.bundle] + [Path(a) for a in _values_of(args.common, "--cache-dir")]
     runs: list[Run] = []
     counter = iter(range(10**6))
@@ -365,11 +394,10 @@ def main() -> int:
     def one(config: str, extra: str, limit: int | None) -> Run:
         out = work / f"run{next(counter)}"
         cache = [Path(a) for a in _values_of(extra, "--cache-dir")]
-        run = run_child(
-            config, common + shlex.split(args.common + " " + extra), limit, out, args.steps, args.interval, drop + cache
-        )
+        words = [*map(str, inputs), *common, *shlex.split(args.common + " " + extra)]
+        run = run_child(config, words, limit, out, args.steps, args.interval, drop + cache, args.size, args.images)
         if run.completed and reference is not None:
-            run.psnr_db = round(psnr(next(out.glob("*.png")), reference), 2)
+            run.psnr_db = round(psnr(out / "lr0.png", reference), 2)
         shown = "no limit" if limit is None else f"limit {limit / GB:.2f} GB"
         print(
             f"{config}, {shown}: {'completed' if run.completed else 'OOM-killed' if run.oom_killed else 'failed'} "
@@ -385,15 +413,14 @@ def main() -> int:
     reference = None
     if args.reference:
         ref_out = work / "reference"
-        ref = run_child(
-            "fp32 reference", common + shlex.split(args.reference), None, ref_out, args.steps, args.interval, drop
-        )
+        words = [str(inputs[0]), *common, *shlex.split(args.reference)]
+        ref = run_child("fp32 reference", words, None, ref_out, args.steps, args.interval, drop, args.size, 1)
         print(
             f"reference ({args.reference}): {'completed' if ref.completed else 'failed'} in {ref.seconds:.0f} s",
             flush=True,
         )
         if ref.completed:
-            reference = next(ref_out.glob("*.png"))
+            reference = ref_out / "lr0.png"
             runs.append(ref)
     smallest: dict[str, int | None] = {}
     for spec in args.config:
@@ -404,7 +431,7 @@ def main() -> int:
             one(name, extra, parse_size(limit))
         if args.bisect:
             low, high = (parse_size(v) for v in args.bisect)
-            smallest[name] = bisect(
+            smallest[f"{name}, {args.size} px"] = bisect(
                 lambda limit, name=name, extra=extra: one(name, extra, limit).completed,
                 low,
                 high,
@@ -433,17 +460,28 @@ def write(args: argparse.Namespace, runs: list[Run], smallest: dict[str, int | N
         "smallest_limit": smallest,
         "runs": [asdict(run) for run in runs],
     }
+    for run in data["runs"]:  # this call's samples thinned to one a second in the file
+        run["samples"] = [s for i, s in enumerate(run["samples"]) if i % max(1, round(1 / args.interval)) == 0]
     if args.append and target.exists():
         previous = json.loads(target.read_text())
         data["runs"] = previous["runs"] + data["runs"]
         data["smallest_limit"] = {**previous.get("smallest_limit", {}), **smallest}
         data["configs"] = previous.get("configs", []) + args.config
-    for run in data["runs"]:  # samples thinned to one a second in the file
-        run["samples"] = [s for i, s in enumerate(run["samples"]) if i % max(1, round(1 / args.interval)) == 0]
     target.write_text(json.dumps(data, indent=1) + "\n")
     target.with_suffix(".md").write_text(markdown(data))
     plot(data, target.with_suffix(".png"))
     print(f"wrote {target}, .md and .png")
+
+
+def limits_tried(runs: list[dict]) -> dict[tuple[int, str], tuple[list[int], list[int]]]:
+    """(output size, configuration) -> (limits completed, limits failed), single-image runs only."""
+    tried: dict[tuple[int, str], tuple[list[int], list[int]]] = {}
+    for run in runs:
+        if run["limit"] is None or run.get("images", 1) != 1:
+            continue
+        passed, failed = tried.setdefault((run.get("size"), run["config"]), ([], []))
+        (passed if run["completed"] else failed).append(run["limit"])
+    return tried
 
 
 def plot(data: dict, target: Path) -> None:
@@ -453,9 +491,13 @@ def plot(data: dict, target: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    smallest = data["smallest_limit"]
+    smallest = {key: min(passed, default=None) for key, (passed, _) in limits_tried(data["runs"]).items()}
     chosen = [
-        r for r in data["runs"] if r["completed"] and (r["limit"] is None or r["limit"] == smallest.get(r["config"]))
+        r
+        for r in data["runs"]
+        if r["completed"]
+        and r.get("images", 1) == 1
+        and (r["limit"] is None or r["limit"] == smallest.get((r.get("size"), r["config"])))
     ]
     if not chosen:
         return
@@ -474,7 +516,7 @@ def plot(data: dict, target: Path) -> None:
         if run["limit"] is not None:
             axis.axhline(run["limit"] / GB, color="k", linestyle="--", linewidth=0.8, label="limit")
         limit = "no limit" if run["limit"] is None else f"limit {run['limit'] / GB:.2f} GB"
-        axis.set_title(f"{run['config']}, {limit}", fontsize=9)
+        axis.set_title(f"{run.get('size')} px, {run['config']}, {limit}", fontsize=9)
         axis.set_ylabel("GB")
     axes[0, 0].legend(fontsize=7, loc="upper left")
     axes[-1, 0].set_xlabel("seconds")
@@ -491,16 +533,16 @@ def markdown(data: dict) -> str:
     """The runs as tables: one row per run, then each completed run's stages."""
     m = data["machine"]
     lines = [
-        f"# Memory of a {data['size']} px upscale inside a memory cgroup (`benchmarks/edge_memory.py`)",
+        "# Memory of an upscale inside a memory cgroup (`benchmarks/edge_memory.py`)",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; bf16 flags: "
         f"{', '.join(m['bf16_flags']) or 'none'}; kernel {m['kernel']}; load average at start "
         f"{', '.join(f'{v:.1f}' for v in m['loadavg_start'])}. Bundle `{data['bundle']}`, {data['steps']} steps "
         f"timed, common arguments `{data['common']}`. GB = 10^9 bytes.",
         "",
-        "| configuration | cgroup limit | result | time | 50 steps, extrapolated | peak RssAnon | peak VmRSS "
-        "| peak charged to the group | PSNR vs fp32 |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| output | configuration | images | cgroup limit | result | time | 50 steps, extrapolated | peak RssAnon "
+        "| peak VmRSS | peak charged to the group | PSNR vs fp32 |",
+        "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for run in data["runs"]:
         result = (
@@ -508,30 +550,34 @@ def markdown(data: dict) -> str:
         )
         limit = "none" if run["limit"] is None else f"{run['limit'] / GB:.2f} GB"
         extrapolated = "—" if run["extrapolated_50_s"] is None else f"{run['extrapolated_50_s']:.0f} s"
+        per_image = ", ".join(f"{t:.0f}" for t in run.get("image_seconds", []))
+        time_text = f"{run['seconds']:.0f} s" + (f" ({per_image} s each)" if run.get("images", 1) > 1 else "")
         lines.append(
-            f"| {run['config']} | {limit} | {result} | {run['seconds']:.0f} s | {extrapolated} | "
+            f"| {run.get('size', data['size'])} px | {run['config']} | {run.get('images', 1)} | {limit} | {result} | "
+            f"{time_text} | {extrapolated} | "
             f"{_g(run['peak_rss_anon'])} GB | {_g(run['peak_vm_rss'])} GB | {_g(run['peak_charged'])} GB | "
             f"{'—' if run['psnr_db'] is None else str(run['psnr_db']) + ' dB'} |"
         )
     lines += [
         "",
-        "Smallest limit completed: "
-        + ", ".join(
-            f"{name}: {'none found' if v is None else f'{v / GB:.2f} GB'}" for name, v in data["smallest_limit"].items()
-        )
-        or "no search.",
-        "",
+        "| output | configuration | smallest limit completed | largest limit failed below it |",
+        "|---|---|---:|---:|",
     ]
+    for (size, config), (passed, failed) in limits_tried(data["runs"]).items():
+        smallest = min(passed, default=None)
+        below = max((f for f in failed if smallest is None or f < smallest), default=None)
+        lines.append(f"| {size} px | {config} | {_g(smallest)} GB | {_g(below)} GB |")
+    lines.append("")
     lines += ["## Per stage (first completed run of each configuration and limit)", ""]
     seen = set()
     for run in data["runs"]:
-        key = (run["config"], run["limit"])
+        key = (run["config"], run["limit"], run.get("size"), run.get("images"))
         if not run["completed"] or key in seen:
             continue
         seen.add(key)
         limit = "no limit" if run["limit"] is None else f"limit {run['limit'] / GB:.2f} GB"
         lines += [
-            f"**{run['config']}, {limit}**",
+            f"**{run.get('size', data['size'])} px, {run['config']}, {limit}, {run.get('images', 1)} image(s)**",
             "",
             "| stage | time | peak RssAnon | peak VmRSS | peak charged |",
             "|---|---:|---:|---:|---:|",

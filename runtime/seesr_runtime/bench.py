@@ -87,12 +87,13 @@ def run_bench(
     warmup: list[float] = []
     per_run_calls: list[dict[str, list[float]]] = []
     output_size: tuple[int, int] | None = None
+    plan = None
     for i in range(config.warmup + config.runs):
         profiler.clear()
         start = time.perf_counter()
         result = pipe(image, seed=config.seed, **options)
         seconds = time.perf_counter() - start
-        output_size = result.image.size
+        output_size, plan = result.image.size, result.memory_plan
         if i >= config.warmup:
             end_to_end.append(seconds)
             per_run_calls.append(profiler.calls())
@@ -129,6 +130,8 @@ def run_bench(
         "images_per_second": 1e3 / e2e["median_ms"],
         "extrapolated": {"steps": config.reference_steps, "end_to_end_s": extrapolated},
         "stages": stages,
+        # under a memory budget: what was resident when, the estimated peak and the tiling (memory_plan.py)
+        "memory_plan": plan.to_json() if plan is not None and plan.budget is not None else None,
     }
 
 

@@ -247,14 +247,15 @@ PIPELINE_OPTIONS: tuple[Option, ...] = (
         "memory_budget",
         int,
         None,
-        "the most memory an upscale may keep resident: the runtime then loads each network when its stage "
-        "starts and frees it when the stage ends (ControlNet and UNet together, only in the denoising loop), "
-        "maps weights from disk where the engine can, and chooses tiling to stay under it, or refuses an "
-        "image it cannot fit before any work, naming the smallest budget that would do; e.g. 4GB, 2500MB, "
-        "6GiB (CPU backends: openvino, onnxruntime on the CPU)",
+        "the most memory an upscale may use, as a memory-limited container counts it: each network is loaded "
+        "when its stage starts and freed when it ends (ControlNet and UNet together, only in the denoising "
+        "loop; so every image loads them again), OpenVINO maps its weights from prepared files, and where a "
+        "stage still does not fit, the VAE's waiting tiles go to files, then (the image then differs slightly; "
+        "-v says what changed) the denoisers' linear layers run with int8 weights (OpenVINO) and tiles shrink. "
+        "An image no plan fits is refused before any work, naming the smallest budget that would do. E.g. 4GB, "
+        "2500MB, 6GiB; CPU backends only (openvino, onnxruntime on the CPU)",
         minimum=1,
         byte_size=True,
-        flag_help=None,
     ),
 )
 OPTION = {option.name: option for option in (*OPTIONS, *PIPELINE_OPTIONS)}
