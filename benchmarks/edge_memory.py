@@ -35,6 +35,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,8 +188,12 @@ def run_child(
     drop_from_page_cache(drop)
     command = [sys.executable, "-m", "seesr_runtime.cli", "upscale", *args, "-o", str(out), "-v"]
     start = time.perf_counter()
+    # the child's temporary files (OpenVINO's prepared IR, GBs) under the run's folder: an OOM kill leaves them
+    temporary = out.parent / f"{out.name}.tmp"
+    temporary.mkdir(parents=True)
+    env = {**os.environ, "TMPDIR": str(temporary)}
     child = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=group.enter
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=group.enter, env=env
     )
     state = {"stage": "start", "plan": [], "marks": [], "steps": [], "tail": []}
 
@@ -244,6 +249,7 @@ def run_child(
         samples=samples,
     )
     group.remove()
+    shutil.rmtree(temporary, ignore_errors=True)
     if not run.completed:
         run.error = "\n".join(state["tail"][-5:])
     run.stages = stage_summary(state["marks"], samples)
@@ -439,6 +445,7 @@ def main() -> int:
                 parse_size(args.resolution),
             )
     write(args, runs, smallest)
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
