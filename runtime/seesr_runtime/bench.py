@@ -88,6 +88,7 @@ def run_bench(
     per_run_calls: list[dict[str, list[float]]] = []
     output_size: tuple[int, int] | None = None
     compiles: list[int] | None = None if compile_count(pipe.backend) is None else []
+    plan = None
     for i in range(config.warmup + config.runs):
         profiler.clear()
         before = compile_count(pipe.backend) or 0
@@ -96,7 +97,7 @@ def run_bench(
         seconds = time.perf_counter() - start
         if compiles is not None:
             compiles.append((compile_count(pipe.backend) or 0) - before)
-        output_size = result.image.size
+        output_size, plan = result.image.size, result.memory_plan
         if i >= config.warmup:
             end_to_end.append(seconds)
             per_run_calls.append(profiler.calls())
@@ -135,6 +136,8 @@ def run_bench(
         "images_per_second": 1e3 / e2e["median_ms"],
         "extrapolated": {"steps": config.reference_steps, "end_to_end_s": extrapolated},
         "stages": stages,
+        # under a memory budget: what was resident when, the estimated peak and the tiling (memory_plan.py)
+        "memory_plan": plan.to_json() if plan is not None and plan.budget is not None else None,
     }
 
 

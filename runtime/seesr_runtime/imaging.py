@@ -25,13 +25,25 @@ from .tensors import FloatArray
 def working_image(lr: Image.Image, process_size: int, upscale: int) -> Image.Image:
     """The LR image at the size SeeSR denoises: short side raised to process_size/upscale if smaller,
     then x upscale, then resampled (not cropped) to multiples of 8. PIL bicubic throughout."""
-    w, h = lr.size
+    enlarged = _enlarged_size(*lr.size, process_size, upscale)
+    if enlarged != lr.size:
+        lr = lr.resize(enlarged, Image.Resampling.BICUBIC)
+    lr = lr.resize((lr.size[0] * upscale, lr.size[1] * upscale), Image.Resampling.BICUBIC)
+    return lr.resize((lr.size[0] // 8 * 8, lr.size[1] // 8 * 8), Image.Resampling.BICUBIC)
+
+
+def working_size(width: int, height: int, process_size: int, upscale: int) -> tuple[int, int]:
+    """The size ``working_image`` gives an LR image of ``width`` x ``height``, without the image."""
+    w, h = _enlarged_size(width, height, process_size, upscale)
+    return w * upscale // 8 * 8, h * upscale // 8 * 8
+
+
+def _enlarged_size(w: int, h: int, process_size: int, upscale: int) -> tuple[int, int]:
     short = process_size // upscale
     if w < short or h < short:
         scale = short / min(w, h)
-        lr = lr.resize((int(scale * w), int(scale * h)), Image.Resampling.BICUBIC)
-    lr = lr.resize((lr.size[0] * upscale, lr.size[1] * upscale), Image.Resampling.BICUBIC)
-    return lr.resize((lr.size[0] // 8 * 8, lr.size[1] // 8 * 8), Image.Resampling.BICUBIC)
+        return int(scale * w), int(scale * h)
+    return w, h
 
 
 def to_chw(image: Image.Image) -> FloatArray:
@@ -83,6 +95,19 @@ def select_tags(tag_logits: FloatArray, tags: list[str], thresholds: FloatArray)
 
 
 # ---------------------------------------------------------------- latent tiling
+
+
+def needs_latent_tiles(height: int, width: int, tile: int) -> bool:
+    """The official rule: the denoiser runs in tiles when the latent has more than tile² pixels."""
+    return height * width > tile * tile
+
+
+def latent_windows(height: int, width: int, tile: int, overlap: int) -> tuple[int, int, int]:
+    """(height, width, count) of the windows the denoiser runs on per step: the whole latent, or its tiles."""
+    if not needs_latent_tiles(height, width, tile):
+        return height, width, 1
+    side = min(tile, height, width)
+    return side, side, len(tile_origins(height, width, side, overlap))
 
 
 def tile_origins(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:

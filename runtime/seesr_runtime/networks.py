@@ -268,6 +268,11 @@ NETWORK_NAMES = tuple(NETWORK_TABLE)  # the manifest's order
 NETWORK_CALL_ORDER = tuple(sorted(NETWORK_NAMES, key=lambda n: NETWORK_TABLE[n].call_order))
 
 
+def part_of(name: str, network: str) -> bool:
+    """Whether the network or tiled-VAE segment ``name`` is ``network`` or one of its segments ("vae_decoder#2")."""
+    return name == network or name.startswith(network + "#")
+
+
 def networks_of_model() -> dict[str, tuple[str, ...]]:
     """torch model -> the networks traced from it."""
     models: dict[str, tuple[str, ...]] = {}

@@ -15,6 +15,13 @@ own repacked copy.
 With ``cache_dir`` the prepared models are also written there as OpenVINO IR and compiled through
 OpenVINO's own model cache (``CACHE_DIR``), so a second start reads compiled blobs instead of the ONNX
 graphs (and maps the weights from the IR files rather than holding a copy in memory).
+With ``map_weights`` (what a memory budget asks for) the prepared IR is always written, to ``cache_dir`` or a
+temporary folder, and compiled with its weights mapped from the file: the source weights are then clean page
+cache that the kernel can drop under memory pressure, and only the plugin's own repacked copy is anonymous
+memory. ``release(network)`` frees a network's compiled models (a staged memory plan's stage end);
+``resident()`` counts them. ``compress_linear(networks)``: from then on those networks are compiled with
+their linear layers' weights in int8 (``compress_linear_weights_int8``), which the CPU plugin keeps in int8:
+a memory plan's lever for the denoisers, at a small cost in accuracy.
 
 ``openvino`` is imported when a backend is created, never at module import (a lazy module): the rest
 of the runtime does not need it (the ``openvino`` extra).
@@ -26,10 +33,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +46,10 @@ import numpy as np
 
 from .compiled_models import NetworkModels, RequestPool
 from .errors import BackendError, BundleError, MissingDependency
+from .heap import return_freed_memory
 from .lazy import imported, install_hint, lazy_import
 from .manifest import Manifest
-from .networks import graph_for_precision
+from .networks import graph_for_precision, part_of
 from .tensors import Array, Feeds
 
 log = logging.getLogger(__name__)
@@ -135,6 +145,7 @@ class OpenVINOBackend:
     ``DEFAULT_KEEP_F32``; ``{}`` keeps nothing.
     ``on_unsupported``: a precision the device cannot run (e.g. bf16 without BF16 in its
     OPTIMIZATION_CAPABILITIES): ``"fallback"`` (default) runs f32 and warns, ``"error"`` raises.
+    ``map_weights``: compile from prepared IR whose weights OpenVINO maps from the file (see the module's doc).
     """
 
     name = "openvino"
@@ -148,6 +159,7 @@ class OpenVINOBackend:
         cache_dir: str | Path | None = None,
         keep_f32: Mapping[str, Sequence[str]] | None = None,
         on_unsupported: str = "fallback",
+        map_weights: bool = False,
     ):
         ov = import_openvino()
         if precision not in PRECISIONS:
@@ -182,6 +194,12 @@ class OpenVINOBackend:
         self.compress_weights = self.inference_precision in ("bf16", "f16") and self.graphs == "fp32"
         if self.compress_weights:  # read weights into memory: a mapped f32 file would stay mapped beside them
             self.core.set_property({"ENABLE_MMAP": False})
+        self.map_weights = map_weights
+        self.int8_linear: frozenset[str] = frozenset()  # networks compiled with int8 linear weights
+        self.ir_dir = self.cache_dir
+        if map_weights and self.ir_dir is None:  # prepared IR for this backend's life only
+            self.ir_dir = Path(tempfile.mkdtemp(prefix="seesr-ov-ir-"))
+            weakref.finalize(self, shutil.rmtree, self.ir_dir, ignore_errors=True)
         self._networks: dict[str, NetworkModels[_Compiled]] = {}
         self._outputs = {n: manifest.spec(n).output_names for n in manifest.data["networks"]}
         self._lock = threading.Lock()  # guards the two dicts above; never held while compiling
@@ -243,17 +261,54 @@ class OpenVINOBackend:
         through the rest of the image and the next one."""
         self.network(network).release_working_memory(_Compiled.release_memory)
 
+    def release(self, network: str) -> None:
+        """Free the compiled models of ``network`` and of its tiled-VAE segments ("vae_decoder#0", ...) that no
+        call is using, and give the memory back to the system."""
+        with self._lock:
+            held = [models for name, models in self._networks.items() if part_of(name, network)]
+        for models in held:
+            models.release()
+        return_freed_memory()
+
+    def compress_linear(self, networks: Iterable[str]) -> None:
+        """Compile ``networks`` with int8 linear weights from now on, the others without (fp32 graphs only;
+        Q/DQ graphs keep their own quantization). Compiled models made the other way are not reused."""
+        self.int8_linear = frozenset(networks) if self.graphs == "fp32" else frozenset()
+
+    def prepared(self) -> set[str]:
+        """Networks with a prepared IR in this backend's IR folder for their graph precision (at some shape and
+        setting: an approximation of whether loading them again skips reading the ONNX graph)."""
+        folder = self.ir_dir / "ir" if self.ir_dir is not None else None
+        if folder is None or not folder.is_dir():
+            return set()
+        found = set()
+        for xml in folder.glob("*.xml"):
+            network, _, rest = xml.name.partition(".")
+            if ".timestep." not in xml.name and rest.startswith(self.graph_precision(network) + "."):
+                found.add(network)
+        return found
+
+    def resident(self) -> dict[str, int]:
+        """Compiled models alive now, per network or segment (only those with at least one)."""
+        with self._lock:
+            networks = dict(self._networks)
+        return {name: len(models) for name, models in networks.items() if len(models)}
+
     def compiled(self, network: str, shapes: Shapes) -> _Compiled:
         """The compiled model(s) of ``network`` for these input shapes (compiled on first use)."""
-        with self.network(network).use(_shapes_key(shapes), lambda: self._compile(network, shapes)) as compiled:
+        with self.network(network).use(self._key(network, shapes), lambda: self._compile(network, shapes)) as compiled:
             return compiled
+
+    def _key(self, network: str, shapes: Shapes) -> tuple[ShapesKey, bool]:
+        """What a compiled model is kept under: its input shapes, and whether its linear weights are int8."""
+        return _shapes_key(shapes), network in self.int8_linear
 
     def _compile(self, network: str, shapes: Shapes) -> _Compiled:
         """Prepare and compile ``network`` for ``shapes``; OpenVINO's failures as a BackendError."""
         keep = self.kept_f32(network)
         log.debug(f"openvino: compiling {network} for {dict(shapes)} on {self.device} ({self.inference_precision})")
         try:
-            paths = self._prepared_ir(self.cache_dir, network, shapes, keep) if self.cache_dir is not None else None
+            paths = self._prepared_ir(self.ir_dir, network, shapes, keep) if self.ir_dir is not None else None
             if paths is not None:  # compiled from files: OpenVINO's model cache can skip the compilation
                 return self._compile_pair(paths)
             models = self._prepare(network, shapes, keep)
@@ -269,9 +324,12 @@ class OpenVINOBackend:
 
     def _compile_pair(self, models: tuple[Any, Any]) -> _Compiled:
         main, timestep_path = (str(m) if isinstance(m, Path) else m for m in models)
-        f32 = {**self.config, "INFERENCE_PRECISION_HINT": "f32"}
+        # mapped: the IR's weights stay file pages, not a copy in memory (ENABLE_MMAP per compile, checked:
+        # the .bin file is mapped for the compiled model's life)
+        config = {**self.config, "ENABLE_MMAP": True} if self.map_weights else self.config
+        f32 = {**config, "INFERENCE_PRECISION_HINT": "f32"}
         return _Compiled(
-            self.core.compile_model(main, self.device, self.config),
+            self.core.compile_model(main, self.device, config),
             None if timestep_path is None else self.core.compile_model(timestep_path, self.device, f32),
         )
 
@@ -282,10 +340,13 @@ class OpenVINOBackend:
     def _prepare(self, network: str, shapes: Shapes, keep: tuple[str, ...]) -> tuple[Any, Any]:
         """(main model, f32 timestep-path model or None), reshaped to ``shapes`` and marked."""
         path = self.manifest.graph_path(network, self.graph_precision(network))
-        model = self.core.read_model(str(path))
+        # mapped: the ONNX external data is read through a mapping, so preparing holds no second copy
+        model = self.core.read_model(str(path), config={"ENABLE_MMAP": True} if self.map_weights else None)
         model.reshape({name: list(shape) for name, shape in shapes.items()})
         timestep_path = split_timestep_path(model) if "timestep" in keep else None
         _mark_f32(model, keep)
+        if network in self.int8_linear:
+            log.debug(f"openvino: {network}: {compress_linear_weights_int8(model)} linear layers' weights in int8")
         if self.compress_weights:
             compress_weights_to_f16(model)
         return model, timestep_path
@@ -316,6 +377,7 @@ class OpenVINOBackend:
                 "shapes": sorted(shapes.items()),
                 "keep_f32": keep,
                 "f16_weights": self.compress_weights,
+                "int8_linear": network in self.int8_linear,
                 "layout": _IR_LAYOUT,
             },
             sort_keys=True,
@@ -328,7 +390,11 @@ class OpenVINOBackend:
             log.debug(f"openvino: {network}: prepared model found in the cache ({xml.name})")
             return xml, timestep_xml if timestep_xml.exists() else None
         xml.parent.mkdir(parents=True, exist_ok=True)
-        return self._save(self._prepare(network, shapes, keep), xml)
+        paths = self._save(self._prepare(network, shapes, keep), xml)
+        # the source graph and its prepared copy are freed now: hand their pages back before compiling, which
+        # would otherwise grow the heap around them (measured at SD2 size: 1.8 GB kept through the denoise stage)
+        return_freed_memory()
+        return paths
 
     # ------------------------------------------------------------ the Backend interface
 
@@ -337,7 +403,7 @@ class OpenVINOBackend:
         models = self.network(network)  # tiled-VAE segments ("vae_decoder#3") are looked up on first use
         shapes = {name: tuple(np.shape(value)) for name, value in feeds.items()}
         tensors = {name: self._tensor(value) for name, value in feeds.items()}
-        with models.use(_shapes_key(shapes), lambda: self._compile(network, shapes)) as compiled:
+        with models.use(self._key(network, shapes), lambda: self._compile(network, shapes)) as compiled:
             try:
                 return compiled.infer(tensors, self._outputs[network])
             except RuntimeError as exc:  # OpenVINO's exceptions (ov::Exception) derive from RuntimeError
@@ -540,3 +606,33 @@ def split_timestep_path(model: Any) -> Any:
     model.remove_parameter(parameters[0])
     model.validate_nodes_and_infer_types()
     return ov.Model(outputs, [copy_timestep], "timestep_path")
+
+
+def compress_linear_weights_int8(model: Any) -> int:
+    """Store the constant weights of ``model``'s matrix products (its linear layers: attention projections,
+    feed-forward) as int8 with one float32 scale per output channel (symmetric, round to nearest), in place;
+    returns how many. The CPU plugin keeps weights of this form (int8, Convert, Multiply by the scale) in int8
+    inside its FullyConnected kernels, decompressing them as it computes, where it folds other forms back to
+    full precision at compile (measured: benchmarks/results/cpu/edge_memory.md). Convolutions are left alone:
+    the plugin decompresses their weights whatever the form."""
+    compressed = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        weights = op.input_value(1).get_node()
+        if weights.get_type_name() != "Constant" or weights.get_element_type().get_type_name() != "f32":
+            continue
+        values = weights.get_data()
+        if values.ndim != 2:
+            continue
+        transposed = bool(op.get_attributes()["transpose_b"])
+        axis = 1 if transposed else 0  # the input-channel axis: one scale per output channel
+        scale = np.abs(values).max(axis=axis, keepdims=True).astype(np.float32) / np.float32(127.0)
+        scale[scale == 0] = np.float32(1.0)
+        quantized = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
+        decompressed = openvino_opset.multiply(
+            openvino_opset.convert(openvino_opset.constant(quantized), "f32"), openvino_opset.constant(scale)
+        )
+        op.input(1).replace_source_output(decompressed.output(0))
+        compressed += 1
+    return compressed

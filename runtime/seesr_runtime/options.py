@@ -6,6 +6,11 @@ through ``resolve``; ``seesr upscale``, ``seesr-export reference``/``demo`` and
 config generator check values with ``check``; the bundle writer records ``bundle_defaults`` and
 ``describe`` (JSON) in the manifest under ``pipeline.options``, which the C++ runtime reads.
 
+``PIPELINE_OPTIONS`` (``memory_budget``) are declared, parsed and described the same way but are set once
+for a pipeline (``SeeSRPipeline.from_bundle(..., memory_budget=...)``, ``seesr upscale --memory-budget``)
+rather than per call: they say how the runtime runs, not which image it makes, so the manifest's
+description (per-call options, read by the C++ runtime) leaves them out.
+
 Defaults marked ``in_bundle`` come from the bundle's manifest where it has them (the values here
 are the official ``test_seesr.py`` ones, which ``seesr-export build`` writes). A value outside its
 range raises ``OptionError`` naming the option, the value and what is accepted; an unusable image
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +44,7 @@ class Option:
     in_bundle: str | None = None  # where a manifest's "pipeline" section keeps this default ("defaults.steps")
     flag: str | None = None  # command-line flag; None: --name-with-dashes
     flag_help: str | None = None  # a switch's help (what giving the flag does), where it differs from ``help``
+    byte_size: bool = False  # an int of bytes, also given as text with a unit (``parse_byte_size``)
 
     @property
     def cli_flag(self) -> str:
@@ -47,6 +54,8 @@ class Option:
         """What this option accepts, in words: "an integer in [1, 1000]", "one of ('lr', 'noise')"."""
         if self.choices is not None:
             return f"one of {self.choices}"
+        if self.byte_size:
+            return BYTE_SIZE_FORMS
         what = {str: "a string", int: "an integer", float: "a finite number", bool: "true or false"}[self.kind]
         if self.minimum is not None and self.maximum is not None:
             return f"{what} in [{self.minimum}, {self.maximum}]"
@@ -68,7 +77,8 @@ class Option:
             and value > self.maximum
         )
         if out_of_range:
-            raise OptionError(f"{self.name} must be {self.range_text()}, got {_shown(value)}", self.name)
+            wanted = self.accepted() if self.byte_size else self.range_text()
+            raise OptionError(f"{self.name} must be {wanted}, got {_shown(value)}", self.name)
         return value
 
     def _typed(self, value: Any) -> Any:
@@ -80,6 +90,8 @@ class Option:
             return bool(value)
         if self.kind is int and isinstance(value, numbers.Integral) and not is_bool:
             return int(value)
+        if self.byte_size and isinstance(value, str):
+            return parse_byte_size(self.name, value)
         if self.kind is float and isinstance(value, numbers.Real) and not is_bool:
             return float(value)
         if self.kind is str and isinstance(value, str):
@@ -229,8 +241,59 @@ OPTIONS: tuple[Option, ...] = (
         minimum=MIN_SIDE * MIN_SIDE,
     ),
 )
-OPTION = {option.name: option for option in OPTIONS}
-NAMES = tuple(OPTION)
+# Set once per pipeline, not per call (see the module's doc).
+PIPELINE_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "memory_budget",
+        int,
+        None,
+        "the most memory an upscale may use, as a memory-limited container counts it: each network is loaded "
+        "when its stage starts and freed when it ends (ControlNet and UNet together, only in the denoising "
+        "loop; so every image loads them again), OpenVINO maps its weights from prepared files, and where a "
+        "stage still does not fit, the VAE's waiting tiles go to files, then (the image then differs slightly; "
+        "-v says what changed) the denoisers' linear layers run with int8 weights (OpenVINO) and tiles shrink. "
+        "An image no plan fits is refused before any work, naming the smallest budget that would do. E.g. 4GB, "
+        "2500MB, 6GiB; CPU backends only (openvino, onnxruntime on the CPU)",
+        minimum=1,
+        byte_size=True,
+    ),
+)
+OPTION = {option.name: option for option in (*OPTIONS, *PIPELINE_OPTIONS)}
+NAMES = tuple(option.name for option in OPTIONS)  # the per-call options
+PIPELINE_NAMES = tuple(option.name for option in PIPELINE_OPTIONS)
+
+# ---------------------------------------------------------------- sizes in bytes
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+_SIZE = re.compile(r"^\s*(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[A-Za-z]*)\s*$")
+BYTE_SIZE_FORMS = (
+    "a positive size: a whole number of bytes, or a number with a unit, as '4GB', '2500MB', '4GiB', '3.5GB' "
+    "(B, KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB: powers of 1024)"
+)
+
+
+def parse_byte_size(name: str, text: str) -> int:
+    """``text`` ("4GB", "2500MB", "4GiB", "3.5 GB", "4000000000") in bytes; OptionError naming the option,
+    the text and the accepted forms for anything else."""
+    match = _SIZE.match(text)
+    unit = match["unit"].lower() if match else ""
+    if match is None or unit not in _UNITS or ("." in match["number"] and _UNITS[unit] == 1):
+        raise OptionError(f"{name} must be {BYTE_SIZE_FORMS}, got {text!r}", name)
+    whole, _, fraction = str(match["number"]).partition(".")
+    scale, places = _UNITS[unit], int("1" + "0" * len(fraction))
+    size = int(whole) * scale + int(fraction or "0") * scale // places
+    if size < 1:
+        raise OptionError(f"{name} must be {BYTE_SIZE_FORMS}, got {text!r}", name)
+    return size
+
+
+def format_bytes(size: float) -> str:
+    """``size`` bytes as a short decimal figure: "3.71 GB", "512 MB" (what error messages and plans print)."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{int(size)} B"
 
 
 def _shown(value: object) -> str:
@@ -250,7 +313,14 @@ def check(name: str, value: Any) -> Any:
 
 def check_given(given: dict[str, Any]) -> dict[str, Any]:
     """The options a caller set (None: not set), checked one by one; defaults are not filled in."""
-    unknown = sorted(set(given) - set(OPTION))
+    per_pipeline = sorted(set(given) & set(PIPELINE_NAMES))
+    if per_pipeline:
+        raise OptionError(
+            f"{per_pipeline[0]} is set once for a pipeline, not per call: "
+            f"SeeSRPipeline.from_bundle(..., {per_pipeline[0]}=...)",
+            per_pipeline[0],
+        )
+    unknown = sorted(set(given) - set(NAMES))
     if unknown:
         raise OptionError(f"unknown option(s) {unknown}; known: {list(NAMES)}", unknown[0])
     return {name: OPTION[name].check(value) for name, value in given.items() if value is not None}
@@ -344,26 +414,35 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] = NAMES,
                 help=(option.flag_help or option.help).replace("%", "%%"),
             )
             continue
-        shown = _shown(option.default) if option.default != "" else "empty"
+        shown = "none" if option.default is None else _shown(option.default) if option.default != "" else "empty"
         if option.in_bundle:
             # The table's default is a standard bundle's; a turbo bundle has its own (2 steps, guidance 1.0).
             note = f"default: {'the server' if server_side else 'the bundle'}'s; {shown} in a standard bundle"
         else:
             note = f"default {'on the server ' if server_side else ''}{shown}"
-        accepted = f"; {option.range_text()}" if option.kind in (int, float) and option.minimum is not None else ""
+        numeric = option.kind in (int, float) and option.minimum is not None and not option.byte_size
+        accepted = f"; {option.range_text()}" if numeric else ""
         text = f"{option.help}{accepted} ({note})".replace("%", "%%")
         extra: dict[str, Any] = {"choices": option.choices} if option.choices else {}
         parser.add_argument(
             option.cli_flag,
             dest=name,
-            type=option.kind,
+            type=str if option.byte_size else option.kind,  # the text is parsed by ``check``: OptionError
             default=None,
             help=text,
-            metavar={int: "N", float: "X", str: None}[option.kind] if not extra else None,
+            metavar="SIZE"
+            if option.byte_size
+            else {int: "N", float: "X", str: None}[option.kind]
+            if not extra
+            else None,
             **extra,
         )
 
 
 def given_in(args: argparse.Namespace, names: Iterable[str] = NAMES) -> dict[str, Any]:
-    """The options set on a parsed command line, checked."""
-    return check_given({name: getattr(args, name) for name in names if hasattr(args, name)})
+    """The options set on a parsed command line, checked (per-call and pipeline options alike)."""
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    per_pipeline = {
+        name: check(name, value) for name, value in given.items() if name in PIPELINE_NAMES and value is not None
+    }
+    return {**check_given({n: v for n, v in given.items() if n not in PIPELINE_NAMES}), **per_pipeline}

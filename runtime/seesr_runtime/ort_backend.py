@@ -14,8 +14,9 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BundleError
+from .heap import return_freed_memory
 from .manifest import Manifest
-from .networks import NetworkSpec
+from .networks import NetworkSpec, part_of
 from .ort_device import (
     GPU_PROVIDERS,
     PER_STEP_NETWORKS,
@@ -125,6 +126,24 @@ class OnnxRuntimeBackend:
             self._sessions[network] = ort.InferenceSession(str(path), self.options, providers=self.providers)
             self._outputs[network] = self.manifest.spec(network).output_names
         return self._sessions[network]
+
+    def release(self, network: str) -> None:
+        """Close the sessions of ``network`` and of its tiled-VAE segments ("vae_decoder#0", ...) with their
+        weights (a staged memory plan's stage end), and give the memory back to the system."""
+        for name in [n for n in self._sessions if part_of(n, network)]:
+            del self._sessions[name]
+        for key in [k for k in self._calls if part_of(k[0], network)]:
+            del self._calls[key]
+        for name in [n for n in self._weights if part_of(n, network)]:
+            del self._weights[name]
+        return_freed_memory()
+
+    def resident(self) -> dict[str, int]:
+        """Sessions open now, per network or segment."""
+        counts = {name: 1 for name in self._sessions}
+        for network, _ in self._calls:
+            counts[network] = counts.get(network, 0) + 1
+        return counts
 
     def run(self, network: str, feeds: Feeds) -> list[Array]:
         if not self.io_binding:

@@ -20,8 +20,10 @@ guidance, start points and colour fixes among its cases) and, for the tiled VAE,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+import logging
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,12 @@ from PIL import Image
 
 from . import options as option_table
 from .backends import Backend, create_backend, run_on_device, to_device
-from .errors import BundleError, ImageRejected, InputError
+from .errors import BundleError, ImageRejected, InputError, OptionError
 from .imaging import (
     COLOR_FIXES,
     dape_input,
     gaussian_tile_weights,
+    needs_latent_tiles,
     select_tags,
     tile_origins,
     to_chw,
@@ -44,6 +47,7 @@ from .imaging import (
     working_image,
 )
 from .manifest import Manifest
+from .memory_plan import ENGINE_MEMORY, STAGE_NETWORKS, MemoryPlan, Workload, engine_key, graph_sizes, plan_memory
 from .profiling import ProfiledBackend, StageProfiler
 from .scheduler import DDPMScheduler
 from .tensors import Array, FloatArray
@@ -57,6 +61,8 @@ Noise = Callable[[str, tuple[int, ...]], FloatArray]  # the pipeline's: float32 
 Constant = Any
 OPTIONS = option_table.NAMES  # described in options.py
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class UpscaleResult:
@@ -64,6 +70,7 @@ class UpscaleResult:
     tags: str
     prompt: str
     latents: list[FloatArray] = field(default_factory=list)  # [1, 4, h, w] float32 after every step
+    memory_plan: MemoryPlan | None = None  # what was resident when, and the tiling (under a memory budget)
 
 
 class SeeSRPipeline:
@@ -73,12 +80,19 @@ class SeeSRPipeline:
         backend: Backend,
         profiler: StageProfiler | None = None,
         tiled_vae_spill_dir: str | Path | None = None,
+        memory_budget: int | str | None = None,
     ):
         """``profiler``: record every stage and network call (``seesr bench``); None costs nothing.
         ``tiled_vae_spill_dir``: keep the tiled VAE's waiting tile states in files there (resident
-        memory then stays near one tile's worth for any image size; see ``tiled_vae.TileStates``)."""
+        memory then stays near one tile's worth for any image size; see ``tiled_vae.TileStates``).
+        ``memory_budget``: bytes, or text as "4GB" (the ``memory_budget`` option): each upscale is planned to
+        stay under it (``memory_plan``); None: every network stays loaded once used."""
         self.manifest, self.profiler = manifest, profiler
         self.tiled_vae_spill_dir = tiled_vae_spill_dir
+        self.memory_budget = None if memory_budget is None else option_table.check("memory_budget", memory_budget)
+        if self.memory_budget is not None:
+            _check_budget_backend(backend)
+        self._network_bytes: tuple[dict[str, int], dict[str, int], dict[str, int]] | None = None
         self.backend = ProfiledBackend(backend, profiler) if profiler is not None else backend
         pipeline, tagger = manifest.data["pipeline"], manifest.data["tagger"]
         self.defaults = option_table.defaults_from_manifest(pipeline)
@@ -100,12 +114,25 @@ class SeeSRPipeline:
         verify: str | bool = "auto",
         profiler: StageProfiler | None = None,
         tiled_vae_spill_dir: str | Path | None = None,
+        memory_budget: int | str | None = None,
         **backend_options: Any,
     ) -> SeeSRPipeline:
         """``verify``: the sha256 check of the bundle's files, see ``Manifest.load`` ("auto": files new or
-        changed since their last check; "always"/True; "never"/False for callers that verify otherwise)."""
+        changed since their last check; "always"/True; "never"/False for callers that verify otherwise).
+        ``memory_budget``: see ``__init__``; under one, the openvino backend maps its weights from files
+        (``map_weights``)."""
+        if memory_budget is not None:  # a bad value fails before the bundle loads
+            memory_budget = option_table.check("memory_budget", memory_budget)
+            if backend == "openvino":
+                backend_options.setdefault("map_weights", True)
         manifest = Manifest.load(bundle, verify=verify)
-        return cls(manifest, create_backend(backend, manifest, **backend_options), profiler, tiled_vae_spill_dir)
+        return cls(
+            manifest,
+            create_backend(backend, manifest, **backend_options),
+            profiler,
+            tiled_vae_spill_dir,
+            memory_budget,
+        )
 
     def _stage(self, name: str) -> AbstractContextManager[None]:
         return self.profiler.stage(name) if self.profiler is not None else nullcontext()
@@ -175,11 +202,14 @@ class SeeSRPipeline:
             contributors[window] += weights
         return total / contributors
 
-    def run_vae(self, network: str, x: FloatArray, tile: int, tiled: bool = True) -> list[Array]:
+    def run_vae(
+        self, network: str, x: FloatArray, tile: int, tiled: bool = True, plan: MemoryPlan | None = None
+    ) -> list[Array]:
         """A VAE half on the whole input, or, above the official threshold (the longer side over
         tile + 2 * pad), the official tiled VAE: padded tiles, GroupNorm statistics shared across
         tiles (``tiled_vae.py``). ``tiled=False`` always runs untiled (a deviation; memory grows
-        with the image)."""
+        with the image). ``plan``: a staged memory plan frees each segment when every tile has passed
+        it, and may spill the waiting tiles to files."""
         layout = TiledVaeLayout.for_half(network.removeprefix("vae_"))
         # Each VAE half runs once per image: a backend that can may free its working memory after it.
         done: Callable[[str], None] = getattr(self.backend, "release_working_memory", lambda network: None)
@@ -194,7 +224,12 @@ class SeeSRPipeline:
                 f"{x.shape[3]}x{x.shape[2]} input needs; rebuild it with this version of "
                 "`seesr-export build`, or pass tiled_vae=False (--no-tiled-vae) to run the VAE untiled"
             )
-        return run_tiled_vae(self.backend.run, network, segments, x, tile, self.tiled_vae_spill_dir, done)
+        spill_dir = self.tiled_vae_spill_dir
+        if plan is not None and network in plan.spill and spill_dir is None:
+            spill_dir = tempfile.gettempdir()
+        backend: Any = self.backend  # a staged plan's backend can release (``_check_budget_backend``)
+        segment_done = backend.release if plan is not None and plan.staged else done
+        return run_tiled_vae(self.backend.run, network, segments, x, tile, spill_dir, segment_done)
 
     def lr_latent(
         self,
@@ -204,17 +239,22 @@ class SeeSRPipeline:
         scheduler: DDPMScheduler,
         vae_tile: int,
         tiled: bool = True,
+        plan: MemoryPlan | None = None,
     ) -> FloatArray:
         """Sample the VAE posterior of the working image, scale it, and noise it to t=999."""
-        mean, logvar = self.run_vae("vae_encoder", work * np.float32(2.0) - np.float32(1.0), vae_tile, tiled)
+        mean, logvar = self.run_vae("vae_encoder", work * np.float32(2.0) - np.float32(1.0), vae_tile, tiled, plan)
         sample = mean + np.exp(np.float32(0.5) * logvar) * noise("posterior", mean.shape)
         return scheduler.add_noise(sample * self.scaling_factor, initial_noise, self.start_step)
 
     def decode(
-        self, latents: FloatArray, tile: int = option_table.default("vae_decoder_tile_size"), tiled: bool = True
+        self,
+        latents: FloatArray,
+        tile: int = option_table.default("vae_decoder_tile_size"),
+        tiled: bool = True,
+        plan: MemoryPlan | None = None,
     ) -> Image.Image:
         """VAE decode to a uint8 image."""
-        image = self.run_vae("vae_decoder", latents / self.scaling_factor, tile, tiled)[0]
+        image = self.run_vae("vae_decoder", latents / self.scaling_factor, tile, tiled, plan)[0]
         return Image.fromarray(to_uint8_rounded(image))
 
     # ------------------------------------------------------------ the whole pipeline
@@ -235,16 +275,26 @@ class SeeSRPipeline:
         noise = _noise_source(noise_fn, o["seed"])
         with self._stage("preprocess"):
             lr = as_rgb(image, o["max_pixels"])
-        tags, image_embeds = self.tag(lr)
+        plan = self.memory_plan(lr.size, o)  # an impossible budget fails here, before any network runs
+        if plan is not None and plan.budget is not None:
+            o.update(latent_tile_size=plan.latent_tile_size, vae_encoder_tile_size=plan.vae_encoder_tile_size)
+            o.update(vae_decoder_tile_size=plan.vae_decoder_tile_size)
+        staged = plan if plan is not None and plan.staged else None
+        if plan is not None and hasattr(self.backend, "compress_linear"):
+            self.backend.compress_linear(plan.int8_linear)
+        with self._loaded("tag", staged):
+            tags, image_embeds = self.tag(lr)
         prompt = self.prompt_template.format(tags=tags, prompt=o["prompt"], added_prompt=o["added_prompt"])
 
         with self._stage("preprocess"):
             work = working_image(lr, o["process_size"], o["upscale"])
             control = to_chw(work)
-        text_embeds = self.text.encode(prompt)
         guided = o["guidance"] > 1.0
-        if guided:  # every batched tensor is [uncond, cond]
-            text_embeds = np.concatenate([self.text.encode_negative(o["negative_prompt"]), text_embeds])
+        with self._loaded("prompt", staged):
+            text_embeds = self.text.encode(prompt)
+            if guided:  # every batched tensor is [uncond, cond]
+                text_embeds = np.concatenate([self.text.encode_negative(o["negative_prompt"]), text_embeds])
+        if guided:
             image_embeds = np.concatenate([image_embeds, image_embeds])
             control = np.concatenate([control, control])
         # Constant for the whole sampling loop: a backend may copy them to its device once here.
@@ -255,12 +305,39 @@ class SeeSRPipeline:
         shape = (1, 4, work.size[1] // 8, work.size[0] // 8)
         latents = noise("initial", shape) * np.float32(scheduler.init_noise_sigma)
         if o["start_point"] == "lr":
-            latents = self.lr_latent(
-                to_chw(work), latents, noise, scheduler, o["vae_encoder_tile_size"], o["tiled_vae"]
-            )
+            with self._loaded("encode", staged):
+                latents = self.lr_latent(
+                    to_chw(work), latents, noise, scheduler, o["vae_encoder_tile_size"], o["tiled_vae"], staged
+                )
 
-        tiled = shape[2] * shape[3] > o["latent_tile_size"] ** 2
         history: list[FloatArray] = []
+        with self._loaded("denoise", staged):
+            self._denoise(latents, o, history, scheduler, noise, shape, text_embeds, image_embeds, control, callback)
+        latents = history[-1] if history else latents
+
+        with self._loaded("decode", staged):
+            decoded = self.decode(latents, o["vae_decoder_tile_size"], o["tiled_vae"], staged)
+        with self._stage("postprocess"):
+            result = COLOR_FIXES[o["color_fix"]](decoded, work)
+            result = result.resize((lr.size[0] * o["upscale"], lr.size[1] * o["upscale"]), Image.Resampling.BICUBIC)
+        return UpscaleResult(image=result, tags=tags, prompt=prompt, latents=history, memory_plan=plan)
+
+    def _denoise(
+        self,
+        latents: FloatArray,
+        o: dict[str, Any],
+        history: list[FloatArray],
+        scheduler: DDPMScheduler,
+        noise: Noise,
+        shape: tuple[int, int, int, int],
+        text_embeds: Constant,
+        image_embeds: Constant,
+        control: Constant,
+        callback: Callable[[int, int], None] | None,
+    ) -> None:
+        """The sampling loop: appends the latent after every step to ``history``."""
+        guided = o["guidance"] > 1.0
+        tiled = needs_latent_tiles(shape[2], shape[3], o["latent_tile_size"])
         for i, t in enumerate(scheduler.timesteps.tolist()):
             with self._stage("denoise_step"):
                 model_input = np.concatenate([latents, latents]) if guided else latents
@@ -285,18 +362,96 @@ class SeeSRPipeline:
                         eps = eps_uncond + np.float32(o["guidance"]) * (eps_text - eps_uncond)
                     latents = scheduler.step(eps, t, latents, noise("step", shape))
             history.append(latents)
+            log.debug(f"step {i + 1}/{len(scheduler.timesteps)} done")
             if callback is not None:
                 callback(i, t)
 
-        decoded = self.decode(latents, o["vae_decoder_tile_size"], o["tiled_vae"])
-        with self._stage("postprocess"):
-            result = COLOR_FIXES[o["color_fix"]](decoded, work)
-            result = result.resize((lr.size[0] * o["upscale"], lr.size[1] * o["upscale"]), Image.Resampling.BICUBIC)
-        return UpscaleResult(image=result, tags=tags, prompt=prompt, latents=history)
+    # ------------------------------------------------------------ memory
+
+    def memory_plan(self, lr_size: tuple[int, int], options: dict[str, Any]) -> MemoryPlan | None:
+        """The memory plan of an upscale of an LR image of ``lr_size`` with the resolved ``options``: under
+        the budget (OptionError naming the smallest that would do where none fits), or, without one, the
+        plan that keeps everything resident (for ``-v``; None where this backend's memory is not modelled)."""
+        key = engine_key(self.backend.name, _arithmetic(self.backend))
+        if key not in ENGINE_MEMORY or (self.memory_budget is None and not log.isEnabledFor(logging.DEBUG)):
+            return None
+        weights, embedded, segments = self._graph_bytes()
+        workload = Workload.of(*lr_size, options)
+        engine = f"{self.backend.name} {getattr(self.backend, 'requested_precision', _arithmetic(self.backend))}"
+        prepared = getattr(self.backend, "prepared", lambda: ())()
+        plan = plan_memory(
+            workload, weights, ENGINE_MEMORY[key], engine, self.memory_budget, segments, embedded, prepared
+        )
+        for line in plan.lines():
+            log.debug(line)
+        for change in plan.changed:
+            log.info(
+                f"note: to stay under the memory budget: {change} (the image differs slightly from an unbudgeted one)"
+            )
+        return plan
+
+    def _graph_bytes(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """The graph bytes of each network as this backend runs it, the part embedded in the graph file, and
+        the bytes of each VAE half's largest segment."""
+        if self._network_bytes is None:
+            backend: Any = self.backend
+            networks = list(self.manifest.data["networks"])
+            sizes = graph_sizes(self.manifest, {n: backend.graph_precision(n) for n in networks})
+            segments = {}
+            for half in ("vae_encoder", "vae_decoder"):
+                tiled = self.manifest.tiled_vae(half)
+                if tiled is not None:
+                    count = len(tiled["segments"])
+                    parts = graph_sizes(self.manifest, {f"{half}#{k}": "fp32" for k in range(count)})
+                    segments[half] = max(part.total for part in parts.values())
+            weights = {n: size.total for n, size in sizes.items()}
+            self._network_bytes = weights, {n: size.embedded for n, size in sizes.items()}, segments
+        return self._network_bytes
+
+    @contextmanager
+    def _loaded(self, stage: str, plan: MemoryPlan | None) -> Iterator[None]:
+        """One stage of an upscale. Staged (``plan``), only its networks are loaded during it (networks other
+        calls left loaded are freed first) and they are freed when it ends, error or not."""
+        networks = STAGE_NETWORKS[stage]
+        log.debug(f"memory: stage {stage} starts ({'+'.join(networks)})")
+        if plan is not None:
+            backend: Any = self.backend
+            for leftover in sorted({name.partition("#")[0] for name in backend.resident()} - set(networks)):
+                backend.release(leftover)
+        try:
+            yield
+        finally:
+            if plan is not None:
+                for network in networks:
+                    backend.release(network)
+            log.debug(f"memory: stage {stage} ends" + (f" (freed {'+'.join(networks)})" if plan is not None else ""))
 
     def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Every option of a call: ``options`` (None: not set) over the bundle's defaults, checked."""
         return option_table.resolve(options, self.defaults)
+
+
+def _arithmetic(backend: Any) -> str:
+    """The precision a CPU backend computes in: OpenVINO's inference precision, onnxruntime's graphs."""
+    return str(getattr(backend, "inference_precision", None) or getattr(backend, "precision", "fp32"))
+
+
+def _check_budget_backend(backend: Any) -> None:
+    """OptionError unless ``backend`` can free networks between stages and its memory is modelled: the
+    openvino backend, onnxruntime on the CPU."""
+    if not hasattr(backend, "release") or getattr(backend, "device", "cpu") not in ("cpu", "CPU"):
+        raise OptionError(
+            f"memory_budget plans host memory for the CPU backends (openvino on the CPU, onnxruntime with the "
+            f"CPU provider); this pipeline runs {backend.name} on {getattr(backend, 'device', 'a GPU')}",
+            "memory_budget",
+        )
+    if engine_key(backend.name, _arithmetic(backend)) not in ENGINE_MEMORY:
+        modelled = sorted(" ".join(key) for key in ENGINE_MEMORY)
+        raise OptionError(
+            f"memory_budget: the memory of {backend.name} at {_arithmetic(backend)} is not measured (measured: "
+            f"{modelled})",
+            "memory_budget",
+        )
 
 
 def as_rgb(image: object, max_pixels: int = option_table.default("max_pixels")) -> Image.Image:
