@@ -190,7 +190,8 @@ def run_tiled_vae(
     """The tiled VAE half ``network`` (``"vae_encoder"``/``"vae_decoder"``) on ``x`` through ``run``
     (``backend.run``); ``tiled`` is the network's ``tiled`` manifest entry; ``spill_dir``: see
     ``TileStates``; ``segment_done(name)`` once every tile has run segment ``name`` ("vae_decoder#2"), which no
-    tile needs again (a backend frees its working memory there, a staged memory plan the segment). Returns the network's outputs: ``[mean, logvar]`` or ``[image]``."""
+    tile needs again (a backend frees its working memory there, a staged memory plan the segment).
+    Returns the network's outputs: ``[mean, logvar]`` or ``[image]``."""
     layout = TiledVaeLayout(pad=tiled["pad"], decoder=network == "vae_decoder")
     groups, segments = tiled["groups"], tiled["segments"]
     inputs, outputs = split_tiles(x.shape[2], x.shape[3], tile, layout)
