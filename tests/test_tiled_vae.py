@@ -150,6 +150,36 @@ def test_runtime_segments_match_the_torch_tiler(tiny_bundle, vae, half, tile):
         assert relative_l2(a, b.numpy()) < 1e-5
 
 
+@pytest.mark.parametrize("half, tile", [("encoder", 64), ("decoder", 10)])
+def test_segments_run_their_tiles_a_shape_at_a_time(tiny_bundle, vae, half, tile):
+    """A memory plan frees each tile shape's working memory before the next shape runs (``shape_done``), so
+    each segment runs every tile of one shape before the next shape; the outputs are those of any order."""
+    network = f"vae_{half}"
+    manifest = Manifest.load(tiny_bundle)
+    image, latent = _inputs(1)
+    x = (image if half == "encoder" else latent).numpy()
+    backend = OnnxRuntimeBackend(manifest)
+    events: list[tuple[str, object]] = []
+
+    def run(name, feeds):
+        events.append((name, feeds["hidden"].shape[2:]))
+        return backend.run(name, feeds)
+
+    grouped = run_tiled_vae(
+        run, network, manifest.tiled_vae(network), x, tile, shape_done=lambda name: events.append((name, "done"))
+    )
+    segments = len(manifest.tiled_vae(network)["segments"])
+    for k in range(segments):
+        sequence = [shape for name, shape in events if name == f"{network}#{k}"]
+        runs = [shape for shape in sequence if shape != "done"]
+        assert len(set(runs)) > 1  # uneven tiles: edge and interior shapes
+        blocks = [shape for i, shape in enumerate(runs) if i == 0 or runs[i - 1] != shape]
+        assert len(blocks) == len(set(runs))  # each shape's tiles together
+        assert sequence.count("done") == len(blocks) and sequence[-1] == "done"
+    for ours, theirs in zip(grouped, tiled_forward(vae, half, torch.from_numpy(x), tile)):  # the row-order oracle
+        assert relative_l2(ours, theirs.numpy()) < 1e-5
+
+
 @pytest.mark.parametrize("network", ["vae_encoder", "vae_decoder"])
 def test_build_checked_every_segment(tiny_bundle, network):
     manifest = Manifest.load(tiny_bundle)
@@ -232,12 +262,8 @@ def test_openvino_reads_spilled_tile_states(runtime_pipeline, tiny_bundle, tmp_p
     pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino extra")
     latent = np.random.default_rng(5).standard_normal((1, 4, 40, 52)).astype(np.float32)
     plain = SeeSRPipeline.from_bundle(tiny_bundle, backend="openvino", precision="fp32")
-    spilled = SeeSRPipeline.from_bundle(
-        tiny_bundle, backend="openvino", precision="fp32", tiled_vae_spill_dir=tmp_path
-    )
-    assert np.array_equal(
-        np.asarray(spilled.decode(latent, tile=16)), np.asarray(plain.decode(latent, tile=16))
-    )
+    spilled = SeeSRPipeline.from_bundle(tiny_bundle, backend="openvino", precision="fp32", tiled_vae_spill_dir=tmp_path)
+    assert np.array_equal(np.asarray(spilled.decode(latent, tile=16)), np.asarray(plain.decode(latent, tile=16)))
     assert list(tmp_path.iterdir()) == []
 
 

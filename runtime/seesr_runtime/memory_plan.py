@@ -81,9 +81,12 @@ class TiledSegmentMemory:
     running: float
     held: float = 0.0
 
-    def bytes(self, shape_pixels: Collection[int], scale: float) -> int:
+    def bytes(self, shape_pixels: Collection[int], scale: float, staged: bool) -> int:
+        """Staged, the pipeline runs a segment's tiles a shape at a time and frees each shape's working memory
+        before the next (``tiled_vae.run_tiled_vae``'s ``shape_done``): only the largest counts."""
         largest = max(shape_pixels)
-        return int(scale * (self.running * largest + self.held * (sum(shape_pixels) - largest)))
+        held = 0 if staged else self.held * (sum(shape_pixels) - largest)
+        return int(scale * (self.running * largest + held))
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,12 @@ ENGINE_MEMORY: dict[tuple[str, str], EngineMemory] = {
             "controlnet": Activation(35_000.0),
             "unet": Activation(55_000.0),
         },
+        # 2048 px, RssAnon of the encoder stage at tiles 1024 / 512 / 256 (one shape, then four: 4.61, 3.04,
+        # 0.89 GB over the process) and of the decoder at latent tiles 96 (four shapes, 7.35 GB)
+        tiled_segments={
+            "vae_encoder": TiledSegmentMemory(running=4_150.0, held=1_950.0),
+            "vae_decoder": TiledSegmentMemory(running=3_500.0, held=3_500.0),
+        },
     ),
     # Not measured apart: bf16's figures with weights held at full precision and activations in f32 (twice
     # the bytes), so that a CPU without bf16 units (where bf16 falls back to f32) still plans conservatively.
@@ -152,6 +161,10 @@ ENGINE_MEMORY: dict[tuple[str, str], EngineMemory] = {
             "vae_decoder": Activation(6_800.0),
             "controlnet": Activation(70_000.0),
             "unet": Activation(110_000.0),
+        },
+        tiled_segments={
+            "vae_encoder": TiledSegmentMemory(running=8_300.0, held=3_900.0),
+            "vae_decoder": TiledSegmentMemory(running=7_000.0, held=7_000.0),
         },
     ),
     # Staged (the fp32 reference runs of edge_memory.md): onnxruntime keeps every weight in anonymous memory,
@@ -492,7 +505,7 @@ def _vae_stage(half: str, w: Workload, sizes: _Sizes, held: int, staged: bool, s
     shape_pixels = [w_ * h * per_pixel for w_, h in {(x1 - x0, y1 - y0) for x0, x1, y0, y1 in inputs}]
     tile_pixels = max(shape_pixels)  # image pixels of the largest tile
     if engine.tiled_segments is not None:
-        working = engine.tiled_segments[half].bytes(shape_pixels, scale)
+        working = engine.tiled_segments[half].bytes(shape_pixels, scale, staged)
     else:
         working = activation.bytes(1, tile_pixels, tile_pixels // 64, scale)
     states = 0 if spill else int(VAE_STATE_BYTES_PER_PIXEL * w.width * w.height * scale)

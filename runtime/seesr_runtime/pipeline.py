@@ -228,8 +228,11 @@ class SeeSRPipeline:
         if plan is not None and network in plan.spill and spill_dir is None:
             spill_dir = tempfile.gettempdir()
         backend: Any = self.backend  # a staged plan's backend can release (``_check_budget_backend``)
-        segment_done = backend.release if plan is not None and plan.staged else done
-        return run_tiled_vae(self.backend.run, network, segments, x, tile, spill_dir, segment_done)
+        staged = plan is not None and plan.staged
+        segment_done = backend.release if staged else done
+        # staged, one tile shape at a time holds working memory (the plan counts the largest only)
+        shape_done = done if staged else None
+        return run_tiled_vae(self.backend.run, network, segments, x, tile, spill_dir, segment_done, shape_done)
 
     def lr_latent(
         self,

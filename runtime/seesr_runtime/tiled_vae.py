@@ -186,25 +186,31 @@ def run_tiled_vae(
     tile: int,
     spill_dir: str | Path | None = None,
     segment_done: Callable[[str], None] | None = None,
+    shape_done: Callable[[str], None] | None = None,
 ) -> list[Array]:
     """The tiled VAE half ``network`` (``"vae_encoder"``/``"vae_decoder"``) on ``x`` through ``run``
     (``backend.run``); ``tiled`` is the network's ``tiled`` manifest entry; ``spill_dir``: see
     ``TileStates``; ``segment_done(name)`` once every tile has run segment ``name`` ("vae_decoder#2"), which no
     tile needs again (a backend frees its working memory there, a staged memory plan the segment).
+    A segment runs its tiles grouped by shape (a grid has up to four: edge and interior tiles), so that
+    ``shape_done(name)``, called after each group, lets a backend free the working memory of that shape
+    before the next one allocates its own (a memory plan asks for it; the order changes no result).
     Returns the network's outputs: ``[mean, logvar]`` or ``[image]``."""
     layout = TiledVaeLayout(pad=tiled["pad"], decoder=network == "vae_decoder")
     groups, segments = tiled["groups"], tiled["segments"]
     inputs, outputs = split_tiles(x.shape[2], x.shape[3], tile, layout)
+    by_shape = tiles_by_shape(inputs)
     states = TileStates(spill_dir)
     try:
         for i, (x0, x1, y0, y1) in enumerate(inputs):
             states.put(("hidden", i), np.ascontiguousarray(x[:, :, y0:y1, x0:x1]))
         for k, segment in enumerate(segments[:-1]):
-            _run_segment(run, f"{network}#{k}", segment, states, len(inputs), groups if k > 0 else None)
+            name = f"{network}#{k}"
+            _run_segment(run, name, segment, states, by_shape, groups if k > 0 else None, shape_done=shape_done)
             if segment_done is not None:
-                segment_done(f"{network}#{k}")
+                segment_done(name)
         last = f"{network}#{len(segments) - 1}"
-        results = _run_segment(run, last, segments[-1], states, len(inputs), groups, last=True)
+        results = _run_segment(run, last, segments[-1], states, by_shape, groups, last=True, shape_done=shape_done)
         if segment_done is not None:
             segment_done(last)
     finally:
@@ -212,17 +218,28 @@ def run_tiled_vae(
     return [assemble_tiles([r[j] for r in results], inputs, outputs, layout) for j in range(len(results[0]))]
 
 
+def tiles_by_shape(inputs: list[Box]) -> list[list[int]]:
+    """The tile indices grouped by the shape of their input box, groups in order of first appearance."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (x0, x1, y0, y1) in enumerate(inputs):
+        groups.setdefault((x1 - x0, y1 - y0), []).append(i)
+    return list(groups.values())
+
+
 def _run_segment(
     run: RunFn,
     name: str,
     segment: dict[str, Any],
     states: TileStates,
-    count: int,
+    by_shape: list[list[int]],
     groups: int | None,
     last: bool = False,
+    shape_done: Callable[[str], None] | None = None,
 ) -> list[list[Array]]:
-    """One segment over every tile (the first segment has no GroupNorm: ``groups`` None). The last
-    returns every tile's outputs; the others leave their outputs in ``states`` (and return [])."""
+    """One segment over every tile, a shape at a time (the first segment has no GroupNorm: ``groups``
+    None). The last returns every tile's outputs, in tile order; the others leave their outputs in
+    ``states`` (and return [])."""
+    count = sum(len(group) for group in by_shape)
     feeds: dict[str, Any] = {}
     if groups is not None:  # every tile waits here for the shared statistics
         per_tile: list[tuple[Stats, Stats]] = []
@@ -234,17 +251,20 @@ def _run_segment(
             pixels.append(hidden.shape[2] * hidden.shape[3])
             del hidden
         feeds["group_mean"], feeds["group_var"] = shared_group_stats(per_tile, pixels)
-    results: list[list[Array]] = []
-    for i in range(count):
-        tile_feeds = {"hidden": states.get(("hidden", i)), **feeds}
-        if segment["takes_residual"]:
-            tile_feeds["residual"] = states.get(("residual", i))
-        out = run(name, tile_feeds)
-        del tile_feeds
-        if last:
-            results.append(out)
-            states.put(("hidden", i), None)
-        else:
-            states.put(("hidden", i), out[0])
-            states.put(("residual", i), out[1] if segment["hands_residual"] else None)
-    return results
+    results: dict[int, list[Array]] = {}
+    for tiles in by_shape:
+        for i in tiles:
+            tile_feeds = {"hidden": states.get(("hidden", i)), **feeds}
+            if segment["takes_residual"]:
+                tile_feeds["residual"] = states.get(("residual", i))
+            out = run(name, tile_feeds)
+            del tile_feeds
+            if last:
+                results[i] = out
+                states.put(("hidden", i), None)
+            else:
+                states.put(("hidden", i), out[0])
+                states.put(("residual", i), out[1] if segment["hands_residual"] else None)
+        if shape_done is not None:
+            shape_done(name)
+    return [results[i] for i in sorted(results)]
