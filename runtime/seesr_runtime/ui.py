@@ -14,9 +14,9 @@ step, and the library's one-line message for bad input.
   ``concurrency`` jobs at once (1 by default) and shows each browser its place. Cancel marks the session's
   jobs; the pipeline's progress callback raises ``UpscaleCancelled`` at the next step.
 - **Safety**: 127.0.0.1 unless ``--host`` says otherwise; no share link; uploads limited in size; Gradio's
-  analytics, version check and Hugging Face telemetry off (no outbound request); every file (Gradio's upload
-  cache and our results) lives in one temporary folder, removed when the server stops (Ctrl-C or SIGTERM)
-  and swept of jobs older than an hour while it runs.
+  analytics and version check and Hugging Face's and onnxruntime's telemetry off (no outbound request); every
+  file (Gradio's upload cache and our results) lives in one temporary folder, removed when the server stops
+  (Ctrl-C or SIGTERM) and swept of jobs older than an hour while it runs.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ gr = lazy_import("gradio", extra="ui")
 log = logging.getLogger(__name__)
 
 # Set before Gradio is imported: no analytics or version check (Gradio), no telemetry (huggingface_hub), no
-# Node server for server-side rendering; together, no request leaves the machine.
+# Node server for server-side rendering. With onnxruntime's telemetry off (the package's __init__), no request
+# leaves the machine.
 OFFLINE_ENVIRONMENT = {
     "GRADIO_ANALYTICS_ENABLED": "False",
     "HF_HUB_OFFLINE": "1",
@@ -319,8 +320,8 @@ def build_page(upscaler: Upscaler) -> Any:
                 tags = gr.Textbox(label="Tags (DAPE)", interactive=False, elem_id=ELEMENT_IDS["tags"])
                 prompt = gr.Textbox(label="Full prompt", interactive=False, elem_id=ELEMENT_IDS["prompt"])
 
-        def arm() -> float:
-            return time.monotonic()
+        def arm() -> tuple[float, str]:
+            return time.monotonic(), "working: waiting for its turn, then tags, prompt and denoising"
 
         def upscale(request: Any, progress: Any = None, *values: Any) -> tuple[Any, ...]:
             image, armed, *options, samples_value = values
@@ -345,7 +346,7 @@ def build_page(upscaler: Upscaler) -> Any:
 
         inputs = [image, armed_at, *(widgets[name] for name in WIDGET_OPTIONS), samples]
         outputs = [comparison, gallery, files, tags, prompt, status, pairs]
-        run.click(arm, outputs=[armed_at], queue=False, api_name=False).then(
+        run.click(arm, outputs=[armed_at, status], queue=False, api_name=False).then(
             upscale, inputs=inputs, outputs=outputs, preprocess=False, api_name="upscale"
         )
         cancel.click(stop, outputs=[status], queue=False, api_name="cancel")
