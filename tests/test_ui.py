@@ -47,6 +47,9 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+# A server and two browsers end to end (about a minute): `make test` and CI run them, `make test-fast` leaves them.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"process_size": 64}  # set in the page and on the command line alike: a 64 px working size
 WAIT_S = 120  # for a job on a loaded 2-core machine
@@ -109,7 +112,7 @@ def server(runtime_bundle, tmp_path_factory):
 def _browser():
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1500"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,2000"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)

@@ -268,7 +268,8 @@ class Upscaler:
 def build_page(upscaler: Upscaler) -> Any:
     """The Gradio page (a ``gr.Blocks``), its controls generated from the options table."""
     defaults = upscaler.pipe.defaults
-    turbo = " (turbo bundle: its defaults)" if upscaler.pipe.manifest.data["pipeline"].get("turbo") else ""
+    variant = upscaler.pipe.manifest.data["pipeline"].get("variant", "standard")
+    turbo = " (turbo bundle: its defaults)" if variant == "turbo" else ""
     widgets: dict[str, Any] = {}
 
     def add(names: tuple[str, ...]) -> None:
