@@ -282,6 +282,7 @@ def test_cancel_stops_a_long_run_while_the_other_session_waits_its_turn(server, 
     # the waiting session is shown its place in the queue while the long job runs
     WebDriverWait(waiting, 30).until(lambda d: "queue" in d.find_element(By.ID, "seesr-status").text.lower())
     running.find_element(By.ID, "seesr-cancel").click()
+    WebDriverWait(running, 30).until(lambda d: status(d).startswith(("cancelling", "cancelled")))  # acknowledged
     assert finished(running).startswith("cancelled: cancelled after step ")
     assert finished(waiting).startswith("done:")
     start(running, steps=1, seed=2)  # the page is ready for the next job
