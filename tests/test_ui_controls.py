@@ -3,6 +3,7 @@ components built alone). The page in a real browser: tests/test_ui.py."""
 
 import pytest
 
+from seesr_runtime import SeeSRPipeline
 from seesr_runtime import options as option_table
 from seesr_runtime.errors import OptionError
 from seesr_runtime.lazy import available
@@ -51,3 +52,18 @@ def test_download_names_are_safe():
     assert ui.safe_stem("../../etc/pass wd.png") == "pass_wd"
     assert ui.safe_stem("") == "image" and ui.safe_stem(None) == "image"
     assert ui.safe_stem("photo.jpg") == "photo"
+
+
+def test_page_opens_at_the_bundles_defaults(runtime_bundle, tmp_path):
+    """The page shows the bundle's defaults: a turbo bundle's manifest records 2 steps and guidance 1.0 (the
+    tiny bundle's manifest, as loaded, changed so here: building a turbo bundle takes a minute)."""
+    pipe = SeeSRPipeline.from_bundle(runtime_bundle, verify="never")
+    pipe.manifest.data["pipeline"]["defaults"].update(steps=2, guidance=1.0)
+    pipe.manifest.data["pipeline"]["variant"] = "turbo"
+    pipe.defaults = option_table.defaults_from_manifest(pipe.manifest.data["pipeline"])
+    page = ui.build_page(ui.Upscaler(pipe, ui.ServerSettings(), tmp_path))
+    components = page.get_config_file()["components"]
+    values = {c["props"].get("elem_id"): c["props"].get("value") for c in components}
+    assert values[ui.widget_id("steps")] == 2 and values[ui.widget_id("guidance")] == 1.0
+    assert values[ui.widget_id("color_fix")] == pipe.defaults["color_fix"]
+    assert any("turbo bundle" in str(c["props"].get("value")) for c in components)
