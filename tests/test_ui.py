@@ -310,6 +310,22 @@ def test_hand_made_request_out_of_range_gets_the_library_message(server, browser
     assert finished(driver).startswith("done:")
 
 
+def test_hand_made_request_cannot_make_the_server_fetch_a_url(server):
+    """Gradio fetches an http(s) URL given as an input file's path; the server refuses such a request first."""
+    import httpx
+
+    recorder = server["recorder"]
+    with httpx.Client(base_url=server["url"], timeout=60, trust_env=False) as client:
+        info = client.get("/gradio_api/info").json()["named_endpoints"]["/upscale"]["parameters"]
+        values = [p["parameter_default"] for p in info]
+        values[0] = {"path": f"http://127.0.0.1:{recorder.port}/photo.png", "meta": {"_type": "gradio.FileData"}}
+        response = client.post("/gradio_api/call/upscale", json={"data": values})
+        if response.status_code == 200:  # refused later, in the event stream
+            client.get(f"/gradio_api/call/upscale/{response.json()['event_id']}")
+    assert response.status_code == 400 and "URL" in response.text
+    assert recorder.seen == []
+
+
 def test_no_request_leaves_the_machine(server, browsers):
     """Every request the pages made went to the server, and the server made none (its proxies record)."""
     hosts = set()

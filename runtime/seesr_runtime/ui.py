@@ -14,13 +14,15 @@ step, and the library's one-line message for bad input.
   ``concurrency`` jobs at once (1 by default) and shows each browser its place. Cancel marks the session's
   jobs; the pipeline's progress callback raises ``UpscaleCancelled`` at the next step.
 - **Safety**: 127.0.0.1 unless ``--host`` says otherwise; no share link; uploads limited in size; Gradio's
-  analytics and version check and Hugging Face's and onnxruntime's telemetry off (no outbound request); every
+  analytics and version check and Hugging Face's and onnxruntime's telemetry off, and files named by URL
+  refused (``RefuseRemoteFiles``): no outbound request; every
   file (Gradio's upload cache and our results) lives in one temporary folder, removed when the server stops
   (Ctrl-C or SIGTERM) and swept of jobs older than an hour while it runs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -48,6 +50,7 @@ from .lazy import lazy_import
 from .pipeline import SeeSRPipeline
 
 gr = lazy_import("gradio", extra="ui")
+starlette_middleware = lazy_import("starlette.middleware", extra="ui")  # Gradio's web framework
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,61 @@ class ServerSettings:
     concurrency: int = 1  # jobs run at once; the others wait in the queue
     max_file_size: int = 50 * 10**6  # bytes per upload
     max_pixels: int = option_table.default("max_pixels")
+
+
+URL_PATH = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*:")  # "http://...", "https:...", "file:..." (not "/tmp/x")
+
+
+class RefuseRemoteFiles:
+    """ASGI middleware: a JSON request naming a file by URL (``{"path": "http://..."}``) gets 400 and one line.
+    Gradio would fetch such a URL from the server before any of our code runs (and look its host up over DNS
+    over HTTPS first): an outbound request a hand-made request could cause. The page itself sends local paths."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = dict(scope.get("headers") or ())
+        if scope["type"] != "http" or b"json" not in headers.get(b"content-type", b""):
+            await self.app(scope, receive, send)
+            return
+        messages, more = [], True
+        while more:
+            message = await receive()
+            messages.append(message)
+            more = message.get("type") == "http.request" and message.get("more_body", False)
+        body = b"".join(m.get("body", b"") for m in messages)
+        named = _url_path(body)
+        if named is not None:
+            text = f"error: a file must be uploaded, not named by URL ({named[:80]!r})".encode()
+            await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": text})
+            return
+        pending = iter(messages)
+
+        async def replay() -> Any:
+            return next(pending, None) or await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _url_path(body: bytes) -> str | None:
+    """The first ``path`` of a JSON body's objects that is a URL, if any (an unreadable body: None, Gradio's to
+    refuse)."""
+    try:
+        stack = [json.loads(body or b"null")]
+    except ValueError:
+        return None
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            path = item.get("path")
+            if isinstance(path, str) and URL_PATH.match(path):
+                return path
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 def widget_id(name: str) -> str:
@@ -394,6 +452,7 @@ def serve(pipe: SeeSRPipeline, settings: ServerSettings, work: Path) -> int:
         mcp_server=False,
         pwa=False,
         show_error=False,
+        app_kwargs={"middleware": [starlette_middleware.Middleware(RefuseRemoteFiles)]},
     )
     where = (
         "this machine only; --host 0.0.0.0 serves every network interface"
