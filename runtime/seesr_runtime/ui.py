@@ -419,7 +419,9 @@ def server_folder() -> Iterator[Path]:
     removed when the server stops: Ctrl-C, SIGTERM (handled here as Ctrl-C), or an error. Entered before
     Gradio is imported: it sets the environment that keeps Gradio offline and inside this folder."""
     folder = Path(tempfile.mkdtemp(prefix="seesr-ui-"))
-    os.environ.update(OFFLINE_ENVIRONMENT, GRADIO_TEMP_DIR=str(folder / "gradio"))
+    settings = {**OFFLINE_ENVIRONMENT, "GRADIO_TEMP_DIR": str(folder / "gradio")}
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if previous is not None:
         signal.signal(signal.SIGTERM, _interrupt)
@@ -428,6 +430,11 @@ def server_folder() -> Iterator[Path]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        for name, value in before.items():  # as it was, for a caller that goes on (a test)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         shutil.rmtree(folder, ignore_errors=True)
 
 
