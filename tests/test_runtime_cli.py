@@ -1,5 +1,6 @@
 """``seesr upscale``: batches, bad inputs, atomic outputs (torch-free)."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -144,3 +145,23 @@ def test_help_documents_every_option():
         "--quiet",
     ]
     assert [option for option in options if option not in done.stdout] == []
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--concurrency", "0"], "--concurrency must be an integer >= 1, got 0"),
+        (["--port", "70000"], "--port must be an integer in [0, 65535], got 70000"),
+        (["--max-file-size", "lots"], "max_file_size must be a positive size"),
+    ],
+)
+def test_ui_bad_flags_are_one_clear_error(flags, message, tmp_path, capsys):
+    code = main(["ui", "--bundle", str(tmp_path / "none"), *flags])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_ui_without_gradio_names_the_extra(tmp_path, capsys):
+    if importlib.util.find_spec("gradio") is not None:
+        pytest.skip("gradio is installed here (CI's base-install run checks this without it)")
+    code = main(["ui", "--bundle", str(tmp_path / "none")])
+    assert code == 2 and "pip install '.[ui]'" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import __version__, doctor, logs
+from . import __version__, doctor, logs, ui
 from . import options as option_table
 from .backends import compile_count
 from .bench import (
@@ -32,10 +32,10 @@ from .bench import (
     versions,
     write_json,
 )
-from .errors import BundleError, ImageRejected, SeeSRError
-from .filemodes import remove_stale_temporaries, write_atomically
+from .errors import BundleError, ImageRejected, OptionError, SeeSRError
+from .filemodes import remove_stale_temporaries, save_png, write_atomically
 from .inputs import expand_inputs, load_lr_image
-from .lazy import lazy_import
+from .lazy import imported, lazy_import
 from .manifest import Manifest
 from .pipeline import SeeSRPipeline, UpscaleResult
 from .profiling import StageProfiler
@@ -109,7 +109,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             if note:
                 log.info(f"note: {path}: {note}")
             result = _upscale_one(pipe, lr, path.name, options)
-            write_atomically(target, partial(result.image.save, format="PNG"))
+            save_png(target, result.image)
             if args.save_prompts:
                 write_atomically(
                     args.output / "txt" / f"{path.stem}.txt",
@@ -144,6 +144,34 @@ def _upscale_one(pipe: SeeSRPipeline, lr: Image.Image, name: str, options: dict[
     compiled = "" if compiles_after is None else f", {compiles_after - (compiles_before or 0)} compiles"
     log.debug(f"{name}: {time.perf_counter() - start:.2f} s{compiled}")
     return result
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    if args.concurrency < 1:
+        raise OptionError(f"--concurrency must be an integer >= 1, got {args.concurrency}", "concurrency")
+    if not 0 <= args.port <= 65535:
+        raise OptionError(f"--port must be an integer in [0, 65535], got {args.port}", "port")
+    settings = ui.ServerSettings(
+        host=args.host,
+        port=args.port,
+        concurrency=args.concurrency,
+        max_file_size=option_table.parse_byte_size("max_file_size", args.max_file_size),
+        max_pixels=option_table.given_in(args, ["max_pixels"]).get("max_pixels", option_table.default("max_pixels")),
+    )
+    budget = option_table.given_in(args, option_table.PIPELINE_NAMES).get("memory_budget")
+    with ui.server_folder() as work:
+        imported(ui.gr)  # a missing extra is named before the bundle loads
+        choose_default(args)
+        pipe = SeeSRPipeline.from_bundle(
+            args.bundle,
+            backend=args.backend,
+            verify="never" if args.no_verify else "auto",
+            memory_budget=budget,
+            **backend_options_from(args),
+        )
+        if hasattr(pipe.backend, "load_all") and budget is None:
+            pipe.backend.load_all()  # every session open before the first job (under a budget, each job's stages)
+        return ui.serve(pipe, settings, work)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -397,6 +425,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-existing", action="store_true", help="leave inputs whose output PNG exists")
     add_verbosity_args(p, quiet_help="no progress bars or notes; errors and summary only")
     p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser(
+        "ui",
+        help="a web page to upscale images in a browser (the 'ui' extra)",
+        description="Serve a web page (Gradio) to upscale images with a bundle: upload, options with the "
+        "bundle's defaults, before/after comparison, tags and prompt, progress, cancel, PNG download (the "
+        "bytes seesr upscale writes). One pipeline, loaded at start, serves every browser through a queue. "
+        "No outbound requests; temporary files are removed when it stops. docs/ui.md has the details.",
+    )
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 serves every interface, "
+        "with no authentication)",
+    )
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    p.add_argument(
+        "--concurrency", type=int, default=1, help="jobs run at once; the others wait in the queue (default 1)"
+    )
+    p.add_argument(
+        "--max-file-size",
+        default="50MB",
+        metavar="SIZE",
+        help="the largest upload accepted, e.g. 20MB, 1GiB (default 50MB)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 check of the bundle's files (by default files new or changed since "
+        "their last check are hashed; use when you verify the bundle otherwise)",
+    )
+    add_backend_args(p, machine_default=True)
+    option_table.add_arguments(p, ui.SERVER_OPTIONS)
+    option_table.add_arguments(p, option_table.PIPELINE_NAMES)
+    add_verbosity_args(p, quiet_help="errors only")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser(
         "bench",

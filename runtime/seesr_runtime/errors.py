@@ -38,6 +38,11 @@ class OptionError(InputError):
         self.option = option
 
 
+class UpscaleCancelled(SeeSRError):
+    """An upscale stopped because its caller asked: a progress callback raises it to stop at the next step
+    (``seesr ui``'s cancel button)."""
+
+
 class MissingDependency(SeeSRError, ImportError):
     """An optional package (an extra such as ``openvino`` or ``tensorrt``) is needed and not installed
     (``seesr_runtime.lazy``); ``module`` names it and the message says which extra provides it."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 
 def current_umask() -> int:
@@ -67,6 +69,12 @@ def write_atomically(path: Path, write: Callable[..., object]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_png(path: Path, image: Any) -> None:
+    """``image`` (a PIL image) as a PNG at ``path``, atomically: the one writer of result files, so
+    ``seesr upscale`` and ``seesr ui`` give the same bytes for the same image."""
+    write_atomically(path, partial(image.save, format="PNG"))
 
 
 def remove_stale_temporaries(folder: Path, suffix: str) -> None:

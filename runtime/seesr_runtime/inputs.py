@@ -31,7 +31,10 @@ def load_lr_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Ima
     """
     if path.stat().st_size == 0:
         raise ImageRejected("empty file")
-    return _decode_lr_image(path, max_pixels, "--max-pixels")
+    # Decoded from the bytes, as ``load_lr_image_bytes`` does: given a path, Pillow's TIFF reader hands libtiff
+    # the file descriptor, whose errors differ from its in-memory reader's (Pillow 12.3: "buffer is not large
+    # enough" against "image file is truncated"), and a file must get the verdict its bytes get.
+    return _decode_lr_image(io.BytesIO(path.read_bytes()), max_pixels, "--max-pixels")
 
 
 def load_lr_image_bytes(
