@@ -111,8 +111,12 @@ def test_resumed_job_skips_finished_images(first_job, cluster, runtime_bundle, t
     shutil.copytree(first_out, out)
     write_images(resumed_in, ["new0.png", "new1.png"], seed=2)
     (out / "img0.png").unlink()  # as if the first job had stopped before it
+    # Given as a list file this time: relative paths, and one URL the actors read through fsspec.
+    listed = sorted(p.name for p in resumed_in.iterdir() if p.name != "new1.png")
+    batch = resumed_in / "batch.txt"
+    batch.write_text("\n".join([*listed, f"file://{resumed_in / 'new1.png'}"]) + "\n")
 
-    done = ray_upscale(cluster, resumed_in, out, "--bundle", str(runtime_bundle), "--skip-existing")
+    done = ray_upscale(cluster, batch, out, "--bundle", str(runtime_bundle), "--skip-existing")
 
     assert done.returncode == 1, done.stderr[-3000:]  # the corrupt file again
     assert f"3 upscaled, {GOOD - 1} skipped, 1 failed" in done.stderr
@@ -125,6 +129,7 @@ def test_resumed_job_skips_finished_images(first_job, cluster, runtime_bundle, t
         "corrupt.png": "error",
     }
     assert (out / "img0.png").read_bytes() == (first_out / "img0.png").read_bytes()
+    assert (out / "new1.png").is_file()
 
 
 def test_killed_worker_images_are_retried_and_written_once(cluster, runtime_bundle, tmp_path):
