@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="seesr-ray-bench-"))
     batch, single = write_batch(work / "batch", args.images, args.lr_side), write_batch(work / "one", 1, args.lr_side)
     options = ["--bundle", str(args.bundle.resolve()), "--backend", "onnxruntime", "--precision", "fp32"]
-    options += ["--threads", "1", "--steps", str(args.steps), "--process-size", str(args.process_size), "-q"]
+    options += ["--threads", "1", "--steps", str(args.steps), "--process-size", str(args.process_size)]
     rows = [measure("seesr upscale (one process)", None, batch, single, options, work)]
     cluster = Cluster(node_cpus=(1, 1)).start()
     try:
@@ -71,7 +72,7 @@ def main() -> int:
         },
         "machine": machine_info(),
         "ray": ray_version(),
-        "loadavg_before": os.getloadavg(),
+        "loadavg_after": os.getloadavg(),
         "rows": rows,
     }
     print(format_table(rows))
@@ -96,9 +97,14 @@ def measure(label, cluster, batch, single, options, work, actors=None) -> dict:
         out = work / f"{label.replace(' ', '_')}-{name}"
         argv = [sys.executable, "-m", "seesr_runtime.cli", "upscale", str(inputs), "-o", str(out), *options]
         if cluster is not None:
-            argv = cluster.command([*argv, "--ray", ADDRESS, "--ray-actors", str(actors)])
+            argv = cluster.command([*argv, "-q", "--ray", ADDRESS, "--ray-actors", str(actors)])
+        else:
+            argv.append("-v")  # each image's pipeline seconds, in the debug lines
         runs[name] = timed(argv, cluster)
-        if cluster is not None:
+        if cluster is None:
+            timings = re.findall(r"\] img\d+\.png: ([\d.]+) s", runs[name]["stderr"])
+            runs[name]["in_process_s"] = [float(seconds) for seconds in timings]
+        else:
             record = [json.loads(line) for line in (out / "seesr-job.jsonl").read_text().splitlines()]
             runs[name]["in_actor_s"] = [row["seconds"] for row in record]
             runs[name]["nodes"] = len({row["node"] for row in record})
@@ -117,9 +123,10 @@ def measure(label, cluster, batch, single, options, work, actors=None) -> dict:
         "peak_cluster_mb": runs["batch"].get("peak_cluster_mb"),
     }
     if cluster is not None:
-        seconds = runs["batch"]["in_actor_s"]
-        row["in_actor_median_s"] = statistics.median(seconds)
+        row["per_image_median_s"] = statistics.median(runs["batch"]["in_actor_s"])
         row["nodes_used"] = runs["batch"]["nodes"]
+    else:
+        row["per_image_median_s"] = statistics.median(runs["batch"]["in_process_s"])
     return row
 
 
@@ -140,8 +147,9 @@ def timed(argv, cluster) -> dict:
         raise RuntimeError(f"{argv} exited {process.returncode}:\n{stderr[-3000:]}")
     if sampler:
         sampler.stop()
-        return {"wall_s": wall, "peak_process_mb": sampler.actor_peak_mb, "peak_cluster_mb": sampler.cluster_peak_mb}
-    return {"wall_s": wall, "peak_process_mb": usage.ru_maxrss / 1024}
+        peaks = {"peak_process_mb": sampler.actor_peak_mb, "peak_cluster_mb": sampler.cluster_peak_mb}
+        return {"wall_s": wall, "stderr": stderr, **peaks}
+    return {"wall_s": wall, "stderr": stderr, "peak_process_mb": usage.ru_maxrss / 1024}
 
 
 class Sampler(threading.Thread):
@@ -200,7 +208,7 @@ def ray_version() -> str:
 def format_table(rows) -> str:
     lines = [
         "| configuration | batch wall | images/min (batch) | s/image (marginal) | images/min (steady) | fixed s/job "
-        "| in-actor s/image (median) | nodes | peak RSS, process/actor | peak RSS, cluster |",
+        "| s/image in the pipeline's process (median) | nodes | peak RSS, process/actor | peak RSS, cluster |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -208,7 +216,7 @@ def format_table(rows) -> str:
             lines.append(f"| {row['label']} | | | | | | | | | {row['peak_cluster_mb']:.0f} MB |")
             continue
         cluster_mb = f"{row['peak_cluster_mb']:.0f} MB" if row.get("peak_cluster_mb") else ""
-        in_actor = f"{row['in_actor_median_s']:.2f}" if "in_actor_median_s" in row else ""
+        in_actor = f"{row['per_image_median_s']:.2f}"
         lines.append(
             f"| {row['label']} | {row['batch_wall_s']:.1f} s | {row['images_per_min']:.1f} | "
             f"{row['marginal_s_per_image']:.2f} | {row['steady_images_per_min']:.1f} | {row['fixed_s_per_job']:.1f} | "

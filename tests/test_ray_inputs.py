@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from seesr_runtime import ray_batch
-from seesr_runtime.cli import main
+from seesr_runtime.cli import build_parser, main
 from seesr_runtime.errors import InputError
 
 pytest.importorskip("fsspec", reason="the 'ray' extra is not installed (pip install '.[ray]')")
@@ -66,6 +66,14 @@ def test_gpu_actors_take_one_gpu_each():
     assert ray_batch.actor_placement(cuda, {"CPU": 32.0, "GPU": 4.0}, [16.0, 16.0])["num_gpus"] == 1
     assert ray_batch.wants_gpu(placement_args(), {"GPU": 1.0})  # no backend option: the cluster's GPUs
     assert not ray_batch.wants_gpu(placement_args(backend="openvino"), {"GPU": 1.0})
+
+
+def test_urls_reach_the_driver_whole_and_are_no_output(tmp_path, capsys):
+    args = build_parser().parse_args(["upscale", "s3://archive/lr/", "-o", "out", "--bundle", "b", "--ray"])
+    assert args.inputs == ["s3://archive/lr/"] and args.ray == "auto"
+    code = main(["upscale", str(tmp_path), "-o", "s3://bucket/out", "--bundle", str(tmp_path), "--ray"])
+    assert code == 2
+    assert "the output must be a folder every node can write" in capsys.readouterr().err
 
 
 def test_ray_options_need_ray(tmp_path, capsys):

@@ -79,7 +79,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         return ray_batch.run_ray_batch(args, given)
     if args.ray_actors is not None or args.job_record is not None:
         raise OptionError("--ray-actors and --job-record are options of --ray (a batch on a Ray cluster)")
-    files = expand_inputs(args.inputs)
+    files = expand_inputs([Path(given) for given in args.inputs])
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 2
@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Upscale images (files or directories) with a SeeSR bundle. Options left out "
         "take the bundle's defaults (those of the official test_seesr.py).",
     )
-    p.add_argument("inputs", nargs="+", type=Path, help="LR images, or directories of images")
+    # strings, not Paths: with --ray an input may be a URL, whose "//" a Path would collapse
+    p.add_argument("inputs", nargs="+", help="LR images, or directories of images (--ray: also list files and URLs)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (PNG, same stem as the input)")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
     p.add_argument(

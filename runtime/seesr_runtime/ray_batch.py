@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import logs
-from .errors import BackendError, InputError, SeeSRError
+from .errors import BackendError, InputError, OptionError, SeeSRError
 from .inputs import IMAGE_SUFFIXES, load_lr_image, load_lr_image_bytes
 from .lazy import lazy_import
 from .upscaling import open_pipeline, output_png, summary_line, upscale_and_write
@@ -54,10 +55,17 @@ RECORD_FIELDS = ("input", "output", "status", "seconds", "node", "host", "pid", 
 MAX_BLOCKS = 100_000
 # Backends and onnxruntime providers that run on an NVIDIA GPU: their actors ask Ray for one GPU each.
 GPU_PROVIDERS = ("cuda", "tensorrt")
+# An output given as a URL ("s3://b/x" reaches us as the Path "s3:/b/x").
+URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
 def run_ray_batch(args: argparse.Namespace, given: dict[str, Any]) -> int:
     """``seesr upscale ... --ray``: the whole job; returns the exit status (0, or 1 when an image failed)."""
+    if URL_LIKE.match(str(args.output)):
+        raise OptionError(
+            f"-o {args.output}: the output must be a folder every node can write at the same path (shared "
+            "storage), not a URL; mount the object store, or copy the results up after the job"
+        )
     sources = list_sources(args.inputs)
     if not sources:
         print("error: no input images found", file=sys.stderr)
