@@ -135,13 +135,15 @@ def timed(argv, cluster) -> dict:
     largest actor and of the whole cluster (sampled every 0.1 s)."""
     env = cluster.env if cluster is not None else {**os.environ, "PYTHONPATH": f"{ROOT / 'runtime'}:{ROOT}"}
     sampler = Sampler(cluster) if cluster is not None else None
-    start = time.perf_counter()
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if sampler:
-        sampler.start()
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    stderr = process.stderr.read().decode() if process.stderr else ""
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: nothing reads while it runs
+        start = time.perf_counter()
+        process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        if sampler:
+            sampler.start()
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        log.seek(0)
+        stderr = log.read().decode(errors="replace")
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"{argv} exited {process.returncode}:\n{stderr[-3000:]}")

@@ -27,6 +27,9 @@ pytestmark = pytest.mark.slow
 # The same options on both sides; one thread each, so onnxruntime's sums run in the same order.
 OPTIONS = ["--backend", "onnxruntime", "--precision", "fp32", "--threads", "1", "--process-size", "64"]
 GOOD = 6
+# Enough steps that one actor cannot finish the first batch alone while the other is still loading its
+# pipeline (Ray Data starts using a pool's actors as each becomes ready).
+STEPS = 8
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def write_images(folder, names, seed):
         Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / name)
 
 
-def ray_upscale(cluster, inputs, out, *extra, steps=1) -> subprocess.CompletedProcess:
+def ray_upscale(cluster, inputs, out, *extra, steps=STEPS) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "seesr_runtime.cli", "upscale", str(inputs), "-o", str(out)]
     argv += [*OPTIONS, "--steps", str(steps), "--ray", ADDRESS, *extra]
     return subprocess.run(cluster.command(argv), env=cluster.env, capture_output=True, text=True, timeout=600)
@@ -80,7 +83,9 @@ def test_batch_spreads_over_both_nodes_with_the_clis_bytes(first_job, cluster, r
     assert len({row["pid"] for row in rows}) == 2  # two actors, one pipeline each
 
     cli_out = tmp_path / "cli"
-    code = main(["upscale", str(inputs), "-o", str(cli_out), "--bundle", str(runtime_bundle), *OPTIONS, "--steps", "1"])
+    code = main(
+        ["upscale", str(inputs), "-o", str(cli_out), "--bundle", str(runtime_bundle), *OPTIONS, "--steps", str(STEPS)]
+    )
     assert code == 1  # the corrupt file, as on the cluster
     for i in range(GOOD):
         assert (out / f"img{i}.png").read_bytes() == (cli_out / f"img{i}.png").read_bytes(), f"img{i}.png"
