@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,14 +54,17 @@ def main() -> int:
     batch, single = write_batch(work / "batch", args.images, args.lr_side), write_batch(work / "one", 1, args.lr_side)
     options = ["--bundle", str(args.bundle.resolve()), "--backend", "onnxruntime", "--precision", "fp32"]
     options += ["--threads", "1", "--steps", str(args.steps), "--process-size", str(args.process_size)]
-    rows = [measure("seesr upscale (one process)", None, batch, single, options, work)]
-    cluster = Cluster(node_cpus=(1, 1)).start()
     try:
-        rows.append(cluster_idle(cluster))
-        for actors in (1, 2):
-            rows.append(measure(f"--ray, {actors} actor(s)", cluster, batch, single, options, work, actors))
+        rows = [measure("seesr upscale (one process)", None, batch, single, options, work)]
+        cluster = Cluster(node_cpus=(1, 1)).start()
+        try:
+            rows.append(cluster_idle(cluster))
+            for actors in (1, 2):
+                rows.append(measure(f"--ray, {actors} actor(s)", cluster, batch, single, options, work, actors))
+        finally:
+            cluster.stop()
     finally:
-        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
     report = {
         "workload": {
             "images": args.images,
