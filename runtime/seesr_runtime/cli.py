@@ -9,16 +9,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from PIL import Image
-
-from . import __version__, doctor, logs, ui
+from . import __version__, doctor, logs, ray_batch, ui
 from . import options as option_table
-from .backends import compile_count
 from .bench import (
     FORMAT,
     BenchConfig,
@@ -32,13 +28,20 @@ from .bench import (
     versions,
     write_json,
 )
-from .errors import BundleError, ImageRejected, OptionError, SeeSRError
-from .filemodes import remove_stale_temporaries, save_png, write_atomically
+from .errors import ImageRejected, OptionError, SeeSRError
+from .filemodes import remove_stale_temporaries
 from .inputs import expand_inputs, load_lr_image
 from .lazy import imported, lazy_import
-from .manifest import Manifest
-from .pipeline import SeeSRPipeline, UpscaleResult
+from .pipeline import SeeSRPipeline
 from .profiling import StageProfiler
+from .upscaling import (
+    backend_options_from,
+    choose_default,
+    open_pipeline,
+    output_png,
+    summary_line,
+    upscale_and_write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +76,15 @@ class StopRequests:
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     given = option_table.given_in(args)  # bad values fail here, before the bundle loads
-    budget = option_table.given_in(args, option_table.PIPELINE_NAMES).get("memory_budget")
-    files = expand_inputs(args.inputs)
+    if args.ray is not None:
+        return ray_batch.run_ray_batch(args, given)
+    if args.ray_actors is not None or args.job_record is not None:
+        raise OptionError("--ray-actors and --job-record are options of --ray (a batch on a Ray cluster)")
+    files = expand_inputs([Path(given) for given in args.inputs])
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 2
-    choose_default(args)
-    backend_options = backend_options_from(args)
-    pipe = SeeSRPipeline.from_bundle(
-        args.bundle,
-        backend=args.backend,
-        tiled_vae_spill_dir=args.tiled_vae_spill_dir,
-        verify="never" if args.no_verify else "auto",
-        memory_budget=budget,
-        **backend_options,
-    )
-    options = pipe.resolve_options(given)  # with the bundle's defaults: the rules between options
+    pipe, options = open_pipeline(args, given)
     remove_stale_temporaries(args.output, ".png")
     remove_stale_temporaries(args.output / "txt", ".txt")
     done, skipped, failed = 0, 0, []
@@ -96,8 +92,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         for path in tqdm.tqdm(files, desc="images", unit="img", disable=not logs.progress_enabled(), file=sys.stderr):
             if stop.signal is not None:
                 break
-            target = args.output / f"{path.stem}.png"
-            if args.skip_existing and target.exists():
+            if args.skip_existing and output_png(args.output, path.name).exists():
                 skipped += 1
                 continue
             try:
@@ -108,18 +103,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                 continue
             if note:
                 log.info(f"note: {path}: {note}")
-            result = _upscale_one(pipe, lr, path.name, options)
-            save_png(target, result.image)
-            if args.save_prompts:
-                write_atomically(
-                    args.output / "txt" / f"{path.stem}.txt",
-                    partial(_write_text, text=result.prompt),
-                )
+            target, result = upscale_and_write(pipe, lr, path.name, options, args.output, args.save_prompts)
             log.info(f"{path} -> {target} ({result.image.size[0]}x{result.image.size[1]})")
             done += 1
-    summary = f"{done} upscaled, {skipped} skipped, {len(failed)} failed" + (
-        ": " + ", ".join(str(p) for p in failed) if failed else ""
-    )
+    summary = summary_line(done, skipped, failed)
     if stop.signal is not None:
         left = len(files) - done - skipped - len(failed)
         summary += (
@@ -128,22 +115,6 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         )
     print(summary, file=sys.stderr)
     return 128 + stop.signal if stop.signal is not None else 1 if failed else 0
-
-
-def _write_text(path: str, text: str) -> None:
-    Path(path).write_text(text)
-
-
-def _upscale_one(pipe: SeeSRPipeline, lr: Image.Image, name: str, options: dict[str, Any]) -> UpscaleResult:
-    hidden = not logs.progress_enabled()
-    compiles_before = compile_count(pipe.backend)
-    start = time.perf_counter()
-    with tqdm.tqdm(total=options["steps"], desc=name, unit="step", leave=False, disable=hidden, file=sys.stderr) as bar:
-        result = pipe(lr, callback=lambda i, t: bar.update(1), **options)
-    compiles_after = compile_count(pipe.backend)
-    compiled = "" if compiles_after is None else f", {compiles_after - (compiles_before or 0)} compiles"
-    log.debug(f"{name}: {time.perf_counter() - start:.2f} s{compiled}")
-    return result
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -261,7 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_backend_args(p: argparse.ArgumentParser, machine_default: bool = False) -> None:
     """Backend choice and options, shared by upscale and bench. ``machine_default``: without --backend,
-    --precision, --providers and --device, run doctor's recommendation (see choose_default) instead of
+    --precision, --providers and --device, run doctor's recommendation (see upscaling.choose_default) instead of
     onnxruntime fp32."""
     p.add_argument(
         "--backend",
@@ -342,55 +313,6 @@ def add_backend_args(p: argparse.ArgumentParser, machine_default: bool = False) 
     )
 
 
-OPENVINO_ONLY_PRECISIONS = ("bf16", "int8-bf16")
-
-
-def choose_default(args: argparse.Namespace) -> None:
-    """Fill in args.backend and args.precision (and --providers) where the user gave none of --backend,
-    --precision, --providers and --device: doctor's recommendation for this machine and bundle, announced
-    with the reason. Otherwise only what is missing: the backend the precision or device needs, fp32."""
-    if args.backend is None and args.precision is None and args.providers is None and args.device is None:
-        chosen = doctor.recommend(doctor.gather_facts(Manifest.load(args.bundle, verify="never")))
-        args.backend, args.precision = chosen.backend, chosen.precision
-        args.providers = list(chosen.providers) if chosen.providers else None
-        log.info(f"note: running {chosen.label} ({chosen.reason}; `seesr doctor` explains, --backend overrides)")
-        for hint in chosen.hints:
-            log.info(f"note: faster: {hint}")
-        return
-    if args.backend is None:
-        args.backend = "openvino" if args.precision in OPENVINO_ONLY_PRECISIONS or args.device else "onnxruntime"
-    if args.precision is None:
-        args.precision = "fp32"
-
-
-def backend_options_from(args: argparse.Namespace) -> dict[str, Any]:
-    if args.backend != "openvino":
-        if args.precision in OPENVINO_ONLY_PRECISIONS:
-            raise BundleError(
-                f"--precision {args.precision} needs --backend openvino ({args.backend} runs fp32, fp16 or int8 graphs)"
-            )
-        if args.device is not None or args.cache_dir is not None:
-            raise BundleError("--device and --cache-dir are options of --backend openvino")
-    if args.backend == "openvino":
-        return {
-            "precision": args.precision,
-            "threads": args.threads,
-            "device": args.device or "CPU",
-            "cache_dir": args.cache_dir,
-            "providers": args.providers,
-            "cuda_graph": args.cuda_graph,
-        }
-    options = {"precision": args.precision, "providers": args.providers, "threads": args.threads}
-    if args.cuda_graph:
-        options["cuda_graph"] = True
-    if args.backend == "onnxruntime":
-        options["cpu_arena"] = args.cpu_arena
-        options["io_binding"] = {"auto": None, "on": True, "off": False}[args.io_binding]
-        options["static_shapes"] = args.static_shapes
-        options["gpu_graph"] = not args.no_gpu_graph
-    return options
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seesr", description="Run SeeSR from an exported bundle, without PyTorch.")
     parser.add_argument("--version", action="version", version=f"seesr-runtime {__version__}")
@@ -402,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Upscale images (files or directories) with a SeeSR bundle. Options left out "
         "take the bundle's defaults (those of the official test_seesr.py).",
     )
-    p.add_argument("inputs", nargs="+", type=Path, help="LR images, or directories of images")
+    # strings, not Paths: with --ray an input may be a URL, whose "//" a Path would collapse
+    p.add_argument("inputs", nargs="+", help="LR images, or directories of images (--ray: also list files and URLs)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (PNG, same stem as the input)")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
     p.add_argument(
@@ -423,6 +346,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--save-prompts", action="store_true", help="also write each prompt to OUTPUT/txt/NAME.txt")
     p.add_argument("--skip-existing", action="store_true", help="leave inputs whose output PNG exists")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="ADDRESS",
+        help="run the batch on a Ray cluster with Ray Data (the 'ray' extra; docs/scale-out.md): ADDRESS is "
+        "HOST:PORT or ray://HOST:PORT; alone, RAY_ADDRESS or the cluster running here, else a new local one. "
+        "INPUT may then also be a list file (one path or URL a line) or an fsspec URL; the bundle and OUTPUT "
+        "must be at the same path on every node",
+    )
+    p.add_argument(
+        "--ray-actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--ray: pipelines to run (default: one per GPU with a GPU backend, else as many as the nodes' "
+        "cores hold at --threads cores each; --threads defaults to the smallest node's cores)",
+    )
+    p.add_argument(
+        "--job-record",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"--ray: append one JSON line per image here (default OUTPUT/{ray_batch.RECORD_NAME})",
+    )
     add_verbosity_args(p, quiet_help="no progress bars or notes; errors and summary only")
     p.set_defaults(func=cmd_upscale)
 

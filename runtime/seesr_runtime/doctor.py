@@ -4,7 +4,7 @@ It reports the CPU and its features, the engines installed, NVIDIA GPUs, free me
 bundle it verifies it (the runtime's own check, ``Manifest.load``) and lists what it holds. Then it
 recommends a ``seesr upscale`` command line, with the time a committed measurement
 (``reference_figures.json``) leads one to expect. ``recommend`` is the one rule: ``seesr upscale`` runs
-it too when no backend option is given (``cli.choose_default``).
+it too when no backend option is given (``upscaling.choose_default``).
 
 Nothing here needs more than the base install: each engine is imported only to ask it what it has, and
 a missing one is reported as missing.
