@@ -136,11 +136,12 @@ ENGINE_MEMORY: dict[tuple[str, str], EngineMemory] = {
             "controlnet": Activation(35_000.0),
             "unet": Activation(55_000.0),
         },
-        # 2048 px, RssAnon of the encoder stage at tiles 1024 / 512 / 256 (one shape, then four: 4.61, 3.04,
-        # 0.89 GB over the process) and of the decoder at latent tiles 96 (four shapes, 7.35 GB)
+        # RssAnon over the process of the VAE stages alone: encoder at 2048 px, tiles 1024 / 512 / 256 (one shape,
+        # then four held at once: 4.61, 3.04, 0.89 GB); decoder at 2048 px, latent tiles 96 (four shapes held at
+        # once: 7.35 GB) and at 1024 px, latent tiles 48 run a shape at a time (1.66 GB)
         tiled_segments={
             "vae_encoder": TiledSegmentMemory(running=4_150.0, held=1_950.0),
-            "vae_decoder": TiledSegmentMemory(running=3_500.0, held=3_500.0),
+            "vae_decoder": TiledSegmentMemory(running=5_400.0, held=2_100.0),
         },
     ),
     # Not measured apart: bf16's figures with weights held at full precision and activations in f32 (twice
@@ -164,7 +165,7 @@ ENGINE_MEMORY: dict[tuple[str, str], EngineMemory] = {
         },
         tiled_segments={
             "vae_encoder": TiledSegmentMemory(running=8_300.0, held=3_900.0),
-            "vae_decoder": TiledSegmentMemory(running=7_000.0, held=7_000.0),
+            "vae_decoder": TiledSegmentMemory(running=10_800.0, held=4_200.0),
         },
     ),
     # Staged (the fp32 reference runs of edge_memory.md): onnxruntime keeps every weight in anonymous memory,
