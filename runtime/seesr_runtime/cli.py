@@ -37,6 +37,7 @@ from .filemodes import remove_stale_temporaries, write_atomically
 from .inputs import expand_inputs, load_lr_image
 from .lazy import lazy_import
 from .manifest import Manifest
+from .ort_backend import IO_BINDING_MODES
 from .pipeline import SeeSRPipeline, UpscaleResult
 from .profiling import StageProfiler
 
@@ -288,7 +289,7 @@ def add_backend_args(p: argparse.ArgumentParser, machine_default: bool = False) 
     )
     p.add_argument(
         "--io-binding",
-        choices=["auto", "on", "off"],
+        choices=list(IO_BINDING_MODES),
         default="auto",
         help="onnxruntime: embeddings, control image and ControlNet residuals stay on the device "
         "(auto: on with a GPU provider)",
@@ -357,7 +358,7 @@ def backend_options_from(args: argparse.Namespace) -> dict[str, Any]:
         options["cuda_graph"] = True
     if args.backend == "onnxruntime":
         options["cpu_arena"] = args.cpu_arena
-        options["io_binding"] = {"auto": None, "on": True, "off": False}[args.io_binding]
+        options["io_binding"] = IO_BINDING_MODES[args.io_binding]
         options["static_shapes"] = args.static_shapes
         options["gpu_graph"] = not args.no_gpu_graph
     return options
