@@ -110,6 +110,7 @@ def measure(args: argparse.Namespace, config: str, instances: int, work: Path) -
     height, width = args.size
     rng = np.random.default_rng(0)
     image = encode_png(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+    load_before = os.getloadavg()[0]
     with TritonServer(repo, repo.parent / f"{repo.name}-server", start_timeout=600) as server:
         ready = server.resident_bytes()
         began = time.perf_counter()
@@ -137,6 +138,7 @@ def measure(args: argparse.Namespace, config: str, instances: int, work: Path) -
         "startup_s": server.startup_seconds,
         "warmup_s": warmup_s,
         "rss_mib": {"ready": ready / MiB, "warm": warm / MiB, "peak": memory.peak / MiB},
+        "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},  # other work on a shared machine
     }
     print(
         f"{config:>17} ({precision}) x{instances}: {row['throughput_rps']:.2f} req/s, p50 {p50:.0f} ms, "
@@ -159,14 +161,15 @@ def markdown(data: dict) -> str:
         f"{', '.join(f'{v:.2f}' for v in m['loadavg_start'])} (a shared machine). `{data['command']}`",
         "",
         "| backend (precision) | instances | req/s | p50 ms | p95 ms | RSS ready MiB | RSS peak MiB | startup s "
-        "| warm-up s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| warm-up s | load avg before / after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["runs"]:
         lines.append(
             f"| {r['config'].split()[0]} ({r['precision']}) | {r['instances']} | {r['throughput_rps']:.2f} | "
             f"{r['latency_ms']['p50']:.0f} | {r['latency_ms']['p95']:.0f} | {r['rss_mib']['ready']:.0f} | "
-            f"{r['rss_mib']['peak']:.0f} | {r['startup_s']:.1f} | {r['warmup_s']:.1f} |"
+            f"{r['rss_mib']['peak']:.0f} | {r['startup_s']:.1f} | {r['warmup_s']:.1f} | "
+            f"{r['loadavg_1min']['before']:.1f} / {r['loadavg_1min']['after']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
