@@ -216,6 +216,9 @@ def expand_images(folder: Path) -> list[Path]:
     return images
 
 
+OPENVINO_AUTO_NOTE = ", precision auto: bf16 where the serving CPU has bf16 units, else f32"
+
+
 def cmd_triton(args) -> int:
     options = TritonOptions(
         instances=args.instances,
@@ -241,7 +244,7 @@ def cmd_triton(args) -> int:
         options.instances,
         options.kind,
         options.backend,
-        ", precision auto: bf16 where the serving CPU has bf16 units, else f32" if options.backend == "openvino" else "",
+        OPENVINO_AUTO_NOTE if options.backend == "openvino" and options.precision in (None, "auto") else "",
         args.out.resolve(),
         access,
     )
