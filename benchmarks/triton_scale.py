@@ -149,6 +149,11 @@ def measure(args: argparse.Namespace, config: str, instances: int, work: Path) -
     return row
 
 
+def _load(run: dict) -> str:
+    load = run.get("loadavg_1min")  # absent from runs of the first version of this script
+    return f"{load['before']:.1f} / {load['after']:.1f}" if load else "not recorded"
+
+
 def markdown(data: dict) -> str:
     m, w = data["machine"], data["workload"]
     lines = [
@@ -169,7 +174,7 @@ def markdown(data: dict) -> str:
             f"| {r['config'].split()[0]} ({r['precision']}) | {r['instances']} | {r['throughput_rps']:.2f} | "
             f"{r['latency_ms']['p50']:.0f} | {r['latency_ms']['p95']:.0f} | {r['rss_mib']['ready']:.0f} | "
             f"{r['rss_mib']['peak']:.0f} | {r['startup_s']:.1f} | {r['warmup_s']:.1f} | "
-            f"{r['loadavg_1min']['before']:.1f} / {r['loadavg_1min']['after']:.1f} |"
+            f"{_load(r)} |"
         )
     return "\n".join(lines) + "\n"
 
