@@ -63,7 +63,8 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 # Triton deployment tests against a real tritonserver (nvidia-pytriton's binary, CPU, 127.0.0.1 only).
-# Own env: that wheel needs numpy<2; it holds the torch-free runtime alone (editable), never torch.
+# Own env: that wheel needs numpy<2; it holds the torch-free runtime alone (editable) with OpenVINO (the
+# OpenVINO model's tests), never torch.
 # The tiny bundles (standard and turbo) are built on the torch side ($(VENV)); rebuilds are cached.
 TRITON_VENV ?= .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
@@ -76,12 +77,12 @@ test-triton: $(STAMP) $(TRITON_STAMP)
 		--no-verify -q
 	SEESR_REQUIRE_TRITON=1 SEESR_TEST_BUNDLE=$(TRITON_WORK)/engines/tiny \
 		SEESR_TEST_TURBO_BUNDLE=$(TRITON_WORK)/engines/tiny-turbo $(TRITON_VENV)/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_triton.py tests/test_triton_turbo.py
+		tests/test_triton.py tests/test_triton_turbo.py tests/test_triton_openvino.py
 
 $(TRITON_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/pip install -q --upgrade pip
-	$(TRITON_VENV)/bin/pip install -q 'numpy<2' nvidia-pytriton pytest -e '.[triton]'
+	$(TRITON_VENV)/bin/pip install -q 'numpy<2' nvidia-pytriton pytest -e '.[triton,openvino]'
 	touch $(TRITON_STAMP)
 
 clean:

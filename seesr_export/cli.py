@@ -16,6 +16,7 @@ from seesr_runtime.cli import run_command
 from seesr_runtime.errors import ImageRejected
 from seesr_runtime.filemodes import write_atomically
 from seesr_runtime.lazy import available, install_hint, lazy_import
+from seesr_runtime.ort_backend import IO_BINDING_MODES
 from seesr_runtime.triton import ACCESS_KEY_ENV, server_access_arguments
 
 from .errors import SeeSRExportError
@@ -23,7 +24,8 @@ from .graph_format import EXTERNAL_DATA_THRESHOLD, OPSET
 from .layout import SeeSRPaths
 from .progress import Progress
 from .testing import released as released_files
-from .triton_repo import DEFAULT_MAX_PIXELS, TritonOptions, write_repository
+from .triton_repo import BACKENDS as TRITON_BACKENDS
+from .triton_repo import DEFAULT_MAX_PIXELS, PRECISION_CHOICES, TritonOptions, write_repository
 from .turbo_options import TURBO_DEFAULTS, add_turbo_args, sd_turbo_from_args
 
 # The modules behind the torch commands load torch, diffusers and onnx (seconds): they are lazy modules,
@@ -214,6 +216,9 @@ def expand_images(folder: Path) -> list[Path]:
     return images
 
 
+OPENVINO_AUTO_NOTE = ", precision auto: bf16 where the serving CPU has bf16 units, else f32"
+
+
 def cmd_triton(args) -> int:
     options = TritonOptions(
         instances=args.instances,
@@ -222,6 +227,9 @@ def cmd_triton(args) -> int:
         precision=args.precision,
         providers=tuple(args.providers) if args.providers else None,
         threads=args.threads,
+        static_shapes=args.static_shapes,
+        cuda_graph=args.cuda_graph,
+        io_binding=args.io_binding,
         max_pixels=args.max_pixels,
         pipeline_options=dict(args.option or []),
         reference_bundle=args.reference_bundle,
@@ -230,12 +238,13 @@ def cmd_triton(args) -> int:
     model_dir = write_repository(args.bundle, args.out, options)
     access = " ".join(server_access_arguments(f"${ACCESS_KEY_ENV}"))
     log.info(
-        "wrote %s (%d x %s instance(s), %s); serve with inference for holders of the access key:\n"
+        "wrote %s (%d x %s instance(s), %s%s); serve with inference for holders of the access key:\n"
         "  tritonserver --model-repository %s %s",
         model_dir,
         options.instances,
         options.kind,
         options.backend,
+        OPENVINO_AUTO_NOTE if options.backend == "openvino" and options.precision in (None, "auto") else "",
         args.out.resolve(),
         access,
     )
@@ -401,18 +410,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["cpu", "gpu"], default="cpu", help="instance kind (default cpu)")
     p.add_argument(
         "--backend",
-        choices=["onnxruntime", "tensorrt"],
+        choices=list(TRITON_BACKENDS),
         default="onnxruntime",
-        help="runtime backend inside each instance (tensorrt needs the bundle's engines and --kind gpu)",
+        help="runtime backend inside each instance (tensorrt needs the bundle's engines and --kind gpu; "
+        "openvino: --kind cpu, the fastest CPU backend)",
     )
     p.add_argument(
         "--precision",
-        choices=["fp32", "fp16", "int8"],
+        choices=list(PRECISION_CHOICES),
         default=None,
-        help="graphs to run (default fp32 on CPU, fp16 on GPU when the bundle has them)",
+        help="graphs to run (default fp32 on CPU, fp16 on GPU when the bundle has them); openvino: fp32, bf16, "
+        "int8, int8-bf16 or auto (its default: bf16 where the serving CPU has bf16 units, else fp32)",
     )
     p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers (default cpu; gpu: cuda cpu)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads per instance (default cores/instances)")
+    p.add_argument("--threads", type=int, default=None, help="threads per instance (default cores/instances)")
+    gpu = p.add_argument_group("GPU options of each instance's pipeline (those of `seesr upscale`)")
+    gpu.add_argument(
+        "--static-shapes", action="store_true", help="onnxruntime: one UNet/ControlNet session per input shape"
+    )
+    gpu.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture CUDA graphs and replay them (tensorrt; onnxruntime with the CUDA provider); --kind gpu",
+    )
+    gpu.add_argument(
+        "--io-binding",
+        choices=list(IO_BINDING_MODES),
+        default="auto",
+        help="onnxruntime: keep constants and ControlNet residuals on the device (auto: on with a GPU provider)",
+    )
     p.add_argument(
         "--max-pixels",
         type=int,

@@ -28,7 +28,17 @@ from seesr_runtime.errors import OptionError
 from seesr_runtime.filemodes import give_tree_umask_modes
 from seesr_runtime.manifest import BundleError, Manifest
 from seesr_runtime.networks import graph_for_precision
-from seesr_runtime.triton import INPUTS, MODEL_FILE, OUTPUTS, SERVICE_VERSION, TensorSpec
+from seesr_runtime.openvino_backend import PRECISIONS as OPENVINO_PRECISIONS
+from seesr_runtime.ort_backend import IO_BINDING_MODES
+from seesr_runtime.triton import (
+    AUTO_PRECISION,
+    BACKEND_PARAMETERS,
+    INPUTS,
+    MODEL_FILE,
+    OUTPUTS,
+    SERVICE_VERSION,
+    TensorSpec,
+)
 from seesr_runtime.verification import STAMP
 
 from .atomic import swap_into_place
@@ -36,7 +46,10 @@ from .errors import SeeSRExportError
 
 MARKER = ".seesr-triton-repository"
 KINDS = ("cpu", "gpu")
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = tuple(BACKEND_PARAMETERS)  # onnxruntime, tensorrt, openvino
+# The precisions of the ONNX Runtime and TensorRT backends; OpenVINO's are its backend's (bf16, int8-bf16...).
+GRAPH_PRECISIONS = ("fp32", "fp16", "int8")
+PRECISION_CHOICES = (*GRAPH_PRECISIONS, *(p for p in OPENVINO_PRECISIONS if p not in GRAPH_PRECISIONS), AUTO_PRECISION)
 # Input pixels per request: a quarter of the library's limit (the output has 16x as many), since a server
 # holds several requests' images at once.
 DEFAULT_MAX_PIXELS = option_table.default("max_pixels") // 4
@@ -51,9 +64,15 @@ class TritonOptions:
     instances: int = 1
     kind: str = "cpu"
     backend: str = "onnxruntime"
-    precision: str | None = None  # default: fp32 on CPU, fp16 on GPU when the bundle has it
+    # default: openvino "auto" (bf16 or f32, decided on the serving CPU); else fp32 on CPU, fp16 on GPU when the
+    # bundle has it
+    precision: str | None = None
     providers: tuple[str, ...] | None = None  # onnxruntime; default: cpu, or cuda then cpu on GPU
-    threads: int | None = None  # onnxruntime intra-op threads per instance; None: cores / instances
+    threads: int | None = None  # onnxruntime/openvino threads per instance; None: cores / instances
+    # The GPU options of `seesr upscale`, passed to each instance's pipeline (onnxruntime; cuda_graph: tensorrt too)
+    static_shapes: bool = False
+    cuda_graph: bool = False
+    io_binding: str = "auto"  # IO_BINDING_MODES
     max_pixels: int = DEFAULT_MAX_PIXELS
     pipeline_options: dict = field(default_factory=dict)  # per-model defaults (process_size, tiles...)
     reference_bundle: bool = False  # store the bundle's absolute path instead of a copy
@@ -115,10 +134,46 @@ def resolve_options(manifest: Manifest, options: TritonOptions) -> TritonOptions
     gpu = options.kind == "gpu"
     if options.backend == "tensorrt" and not gpu:
         raise TritonRepoError("--backend tensorrt runs TensorRT engines on GPUs: use --kind gpu")
+    if options.backend == "openvino":
+        _check_openvino(options)
     precision = options.precision or _default_precision(manifest, options.backend, gpu)
+    _check_precision(options.backend, precision)
     providers = tuple(options.providers or (("cuda", "cpu") if gpu else ("cpu",)))
+    _check_gpu_options(options, providers)
     _check_bundle_has(manifest, options.backend, precision)
     return TritonOptions(**{**options.__dict__, "precision": precision, "providers": providers})
+
+
+def _check_openvino(options: TritonOptions) -> None:
+    if options.kind != "cpu":
+        raise TritonRepoError("--backend openvino serves Triton CPU instances: use --kind cpu")
+    if options.providers:
+        raise TritonRepoError("--providers selects onnxruntime execution providers, not openvino's device (CPU)")
+
+
+def _check_precision(backend: str, precision: str) -> None:
+    allowed = [*OPENVINO_PRECISIONS, AUTO_PRECISION] if backend == "openvino" else list(GRAPH_PRECISIONS)
+    if precision not in allowed:
+        raise TritonRepoError(f"--precision {precision} is not one of --backend {backend}'s: {allowed}")
+
+
+def _check_gpu_options(options: TritonOptions, providers: tuple[str, ...]) -> None:
+    """The GPU options are the backend's own: refused where they would be ignored."""
+    accepted = BACKEND_PARAMETERS[options.backend]
+    asked = {
+        "static_shapes": options.static_shapes,
+        "io_binding": options.io_binding != "auto",
+        "cuda_graph": options.cuda_graph,
+    }
+    for name, given in asked.items():
+        if given and name not in accepted:
+            raise TritonRepoError(f"--{name.replace('_', '-')} is not an option of --backend {options.backend}")
+    if options.io_binding not in IO_BINDING_MODES:
+        raise TritonRepoError(f"--io-binding must be one of {list(IO_BINDING_MODES)}, got {options.io_binding!r}")
+    if options.cuda_graph and options.kind != "gpu":
+        raise TritonRepoError("--cuda-graph captures CUDA graphs on GPUs: use --kind gpu")
+    if options.cuda_graph and options.backend == "onnxruntime" and "cuda" not in providers:
+        raise TritonRepoError(f"--cuda-graph needs onnxruntime's CUDA provider (--providers {' '.join(providers)})")
 
 
 def _check_pipeline_options(manifest: Manifest, options: TritonOptions) -> None:
@@ -141,6 +196,8 @@ def _check_pipeline_options(manifest: Manifest, options: TritonOptions) -> None:
 def _default_precision(manifest: Manifest, backend: str, gpu: bool) -> str:
     if backend == "tensorrt":
         return "fp16"
+    if backend == "openvino":
+        return AUTO_PRECISION
     has_fp16 = all("fp16" in entry["files"] for entry in manifest.data["networks"].values())
     return "fp16" if gpu and has_fp16 else "fp32"
 
@@ -150,6 +207,12 @@ def _check_bundle_has(manifest: Manifest, backend: str, precision: str) -> None:
     if backend == "tensorrt":
         missing = [n for n, entry in networks.items() if precision not in entry.get("engines", {})]
         what = f"{precision} TensorRT engines (seesr-export build --backend tensorrt)"
+    elif backend == "openvino":
+        graphs = OPENVINO_PRECISIONS[precision][0] if precision != AUTO_PRECISION else "fp32"
+        missing = [n for n, entry in networks.items() if graphs not in entry["files"]]
+        what = f"{graphs} ONNX graphs (OpenVINO precision {precision})"
+        if graphs == "int8":  # the OpenVINO backend runs fp32 graphs for the networks without int8 ones
+            missing = [] if any("int8" in entry["files"] for entry in networks.values()) else ["unet", "controlnet"]
     else:
         missing = [
             n for n, entry in networks.items() if graph_for_precision(entry["files"], precision) not in entry["files"]
@@ -162,12 +225,18 @@ def _check_bundle_has(manifest: Manifest, backend: str, precision: str) -> None:
 def model_config(options: TritonOptions, bundle_param: str) -> str:
     """config.pbtxt: no server-side batching (images differ in size), optional sampling inputs."""
     kind = "KIND_GPU" if options.kind == "gpu" else "KIND_CPU"
+    backend_values = {
+        "precision": options.precision,
+        "providers": ",".join(options.providers or ()),
+        "threads": "auto" if options.threads is None else str(options.threads),
+        "static_shapes": json.dumps(options.static_shapes),
+        "io_binding": options.io_binding,
+        "cuda_graph": json.dumps(options.cuda_graph),
+    }
     parameters = {
         "bundle": bundle_param,
         "backend": options.backend,
-        "precision": options.precision,
-        "providers": ",".join(options.providers),
-        "threads": "auto" if options.threads is None else str(options.threads),
+        **{name: backend_values[name] for name in BACKEND_PARAMETERS[options.backend]},
         "max_pixels": str(options.max_pixels),
         "pipeline_options": json.dumps(options.pipeline_options, sort_keys=True),
         "seesr_runtime_version": runtime_version,

@@ -25,8 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The documents whose code is held true (those that exist; docs/ and its subfolders entirely).
-DOCUMENTS = ("README.md", "CONTRIBUTING.md", "benchmarks/README.md", "runtime/cpp/README.md", "docs/**/*.md")
+# The documents whose code is held true (those that exist; docs/ and deploy/ and their subfolders entirely).
+DOCUMENTS = (
+    "README.md",
+    "CONTRIBUTING.md",
+    "benchmarks/README.md",
+    "runtime/cpp/README.md",
+    "deploy/**/*.md",
+    "docs/**/*.md",
+)
 HEADERS = ("runtime/cpp/include/seesr.h", "runtime/cpp/include/seesr.hpp")
 SHELL_LANGUAGES = ("bash", "sh", "shell")
 PROGRAMS = ("seesr", "seesr-export", "seesr-triton-client")

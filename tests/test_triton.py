@@ -205,15 +205,16 @@ def reference_pipeline(runtime_bundle):
     return SeeSRPipeline.from_bundle(runtime_bundle, threads=1)
 
 
-def call(server, protocol, image, **options):
-    """One request through tritonclient; ``image`` an array or PIL image (sent as PNG) or a file's bytes."""
+def call(server, protocol, image, key=None, **options):
+    """One request through tritonclient; ``image`` an array or PIL image (sent as PNG) or a file's bytes;
+    ``key``: the deployment's access key, for a server that requires one."""
     from seesr_runtime.triton_client import connect, infer
 
     url = server.http_url if protocol == "http" else server.grpc_url
     data = image if isinstance(image, bytes) else encode_png(image)
     client = connect(protocol, url, timeout=120)
     try:
-        return infer(client, protocol, build_inputs(protocol, data, **options), timeout=120)
+        return infer(client, protocol, build_inputs(protocol, data, **options), timeout=120, key=key)
     finally:
         client.close()
 
@@ -597,8 +598,12 @@ class SoakOutcome:
     unexpected: str | None  # what went other than expected
 
 
-def run_soak(server, protocol: str, requests: list[SoakRequest]) -> tuple[list[SoakOutcome], float]:
-    """All requests, SOAK_CONCURRENCY at a time (one tritonclient connection per worker thread)."""
+def run_soak(
+    server, protocol: str, requests: list[SoakRequest], key: str | None = None
+) -> tuple[list[SoakOutcome], float]:
+    """All requests, SOAK_CONCURRENCY at a time (one tritonclient connection per worker thread); each carries
+    ``key``, the access key of a server that requires one."""
+    from seesr_runtime.triton import access_headers
     from seesr_runtime.triton_client import ClientError, connect, infer
 
     url = server.http_url if protocol == "http" else server.grpc_url
@@ -606,14 +611,15 @@ def run_soak(server, protocol: str, requests: list[SoakRequest]) -> tuple[list[S
 
     def answer(item: SoakRequest) -> tuple[tuple[int, ...] | None, str]:
         if item.wire is not None:
-            wire = send(protocol, url, item.wire, timeout=120)
+            wire = send(protocol, url, item.wire, timeout=120, headers=access_headers(key, protocol))
             return None, wire.message
         if not hasattr(local, "client"):
             local.client = connect(protocol, url, timeout=120)
             with lock:
                 clients.append(local.client)
         try:
-            result = infer(local.client, protocol, build_inputs(protocol, item.image, **item.options), timeout=120)
+            inputs = build_inputs(protocol, item.image, **item.options)
+            result = infer(local.client, protocol, inputs, timeout=120, key=key)
         except ClientError as exc:
             return None, str(exc)
         return result.image.shape, ""

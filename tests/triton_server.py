@@ -49,8 +49,14 @@ class TritonServer:
         start_timeout: float = 120,
         stop_timeout: float = 30,
         extra_args: tuple[str, ...] = (),
+        launcher: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ):
+        """``launcher``: a command that starts tritonserver (found on PATH) on the repository named in
+        $SEESR_MODEL_REPOSITORY, given the other options (the deployment's ``seesr_runtime.triton.serve``);
+        ``env``: variables added to the server's environment."""
         self.repository, self.workdir, self.extra_args = repository, workdir, extra_args
+        self.launcher, self.extra_env = launcher, env or {}
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self.http_port, self.grpc_port = free_port(), free_port()
         self.http_url, self.grpc_url = f"{LOOPBACK}:{self.http_port}", f"{LOOPBACK}:{self.grpc_port}"
@@ -76,9 +82,12 @@ class TritonServer:
         dist = pytriton_dist()
         if dist is None:
             raise RuntimeError("nvidia-pytriton (with its tritonserver binary) is not installed in this interpreter")
+        if self.launcher:
+            start = [*self.launcher]
+        else:
+            start = [str(dist / "bin" / "tritonserver"), f"--model-repository={self.repository}"]
         command = [
-            str(dist / "bin" / "tritonserver"),
-            f"--model-repository={self.repository}",
+            *start,
             f"--backend-directory={self._backends(dist)}",
             f"--http-address={LOOPBACK}",
             f"--http-port={self.http_port}",
@@ -116,7 +125,9 @@ class TritonServer:
         env = dict(os.environ)
         libs = [str(dist.parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
         env["LD_LIBRARY_PATH"] = ":".join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
-        env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the stub's python is this environment's
+        env["PATH"] = f"{Path(sys.executable).parent}:{dist / 'bin'}:{env['PATH']}"  # the stub's python is ours
+        env["SEESR_MODEL_REPOSITORY"] = str(self.repository)  # for a launcher
+        env.update(self.extra_env)
         # glibc's mmap threshold, fixed at 1 MiB for the server and its stubs: a freed buffer of that size or more
         # goes back to the system, so resident memory tracks live memory (the soak's leak check). Left dynamic,
         # the threshold rises with the buffers freed and the heap keeps them: 60 to 80 MiB that come and go.

@@ -32,6 +32,7 @@ from .errors import ImageRejected, OptionError, SeeSRError
 from .filemodes import remove_stale_temporaries
 from .inputs import expand_inputs, load_lr_image
 from .lazy import imported, lazy_import
+from .ort_backend import IO_BINDING_MODES
 from .pipeline import SeeSRPipeline
 from .profiling import StageProfiler
 from .upscaling import (
@@ -287,7 +288,7 @@ def add_backend_args(p: argparse.ArgumentParser, machine_default: bool = False) 
     )
     p.add_argument(
         "--io-binding",
-        choices=["auto", "on", "off"],
+        choices=list(IO_BINDING_MODES),
         default="auto",
         help="onnxruntime: embeddings, control image and ControlNet residuals stay on the device "
         "(auto: on with a GPU provider)",

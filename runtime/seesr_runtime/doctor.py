@@ -119,11 +119,8 @@ def recommend(facts: Facts) -> Recommendation:
     if facts.cuda_gpus:
         hints.append(f"onnxruntime's CUDA provider would use the {facts.cuda_gpus[0]}: {install_hint('gpu')}")
     if facts.openvino_cpu_capabilities is not None:
-        if "BF16" in facts.openvino_cpu_capabilities:
-            reason = "OpenVINO is installed and runs bf16 on this CPU's bf16 units"
-            return Recommendation("openvino", "bf16", None, reason, tuple(hints))
-        reason = "OpenVINO is installed; this CPU has no bf16 units (OpenVINO lists no BF16), so f32"
-        return Recommendation("openvino", "fp32", None, reason, tuple(hints))
+        precision, reason = openvino_cpu_precision(facts.openvino_cpu_capabilities)
+        return Recommendation("openvino", precision, None, reason, tuple(hints))
     bf16 = machine.has_bf16_units(facts.cpu_flags)
     if bf16:
         reason = "OpenVINO, which would run bf16 on this CPU's bf16 units (AVX512_BF16 or AMX), is not available"
@@ -131,6 +128,22 @@ def recommend(facts: Facts) -> Recommendation:
         reason = "OpenVINO, faster than onnxruntime in f32 too, is not available"
     hints.append(f"OpenVINO {'bf16' if bf16 else 'fp32'}: {install_hint('openvino')}")
     return Recommendation("onnxruntime", "fp32", None, reason, tuple(hints))
+
+
+def openvino_cpu_precision(capabilities: frozenset[str]) -> tuple[str, str]:
+    """OpenVINO's precision on a CPU of these OPTIMIZATION_CAPABILITIES, and why: bf16 on bf16 units, else f32."""
+    if "BF16" in capabilities:
+        return "bf16", "OpenVINO is installed and runs bf16 on this CPU's bf16 units"
+    return "fp32", "OpenVINO is installed; this CPU has no bf16 units (OpenVINO lists no BF16), so f32"
+
+
+def openvino_precision_here() -> tuple[str, str]:
+    """``openvino_cpu_precision`` for this machine's CPU (for a backend already chosen to be OpenVINO, e.g. a
+    Triton model of precision "auto"); f32 where OpenVINO cannot say, whose backend then reports why."""
+    cpu = next((d for d in openvino_report(only_cpu=True)["devices"] if d["name"] == "CPU"), None)
+    if cpu is None:
+        return "fp32", "OpenVINO could not report this CPU's capabilities, so f32"
+    return openvino_cpu_precision(frozenset(cpu["capabilities"]))
 
 
 def gather_facts(manifest: Manifest | None = None) -> Facts:

@@ -38,6 +38,10 @@ PROVIDER_ALIASES = {
 }
 
 
+# ``io_binding`` as command lines and Triton model configurations spell it.
+IO_BINDING_MODES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
 class OnnxRuntimeBackend:
     """onnxruntime sessions over the bundle's ONNX graphs.
 

@@ -21,6 +21,7 @@ from .errors import BundleError
 from .filemodes import save_png, write_atomically
 from .lazy import lazy_import
 from .manifest import Manifest
+from .ort_backend import IO_BINDING_MODES
 from .pipeline import SeeSRPipeline, UpscaleResult
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def backend_options_from(args: argparse.Namespace) -> dict[str, Any]:
         options["cuda_graph"] = True
     if args.backend == "onnxruntime":
         options["cpu_arena"] = args.cpu_arena
-        options["io_binding"] = {"auto": None, "on": True, "off": False}[args.io_binding]
+        options["io_binding"] = IO_BINDING_MODES[args.io_binding]
         options["static_shapes"] = args.static_shapes
         options["gpu_graph"] = not args.no_gpu_graph
     return options

@@ -9,10 +9,14 @@ triton`` writes config.pbtxt from them, the model reads and writes its tensors b
 ``seesr-triton-client`` builds its requests and reads the answers by them.
 """
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..errors import InputError
+from ..errors import BundleError, InputError
+from ..ort_backend import IO_BINDING_MODES
 
 MODEL_FILE = Path(__file__).with_name("model.py")
 
@@ -97,3 +101,71 @@ def access_headers(key: str | None, protocol: str) -> dict[str, str]:
     if not key:
         return {}
     return {(GRPC_HEADER_PREFIX if protocol == "grpc" else "") + ACCESS_KEY_HEADER: key}
+
+
+# ---------------------------------------------------------------- the model's backend, from config.pbtxt
+
+# The precision of an OpenVINO model that the serving machine picks when the instance loads (the image may be
+# built elsewhere): bf16 on a CPU with bf16 units, f32 otherwise, the rule of `seesr upscale`'s default
+# (``doctor.openvino_cpu_precision``).
+AUTO_PRECISION = "auto"
+# Which backend reads which of config.pbtxt's backend parameters (``backend_options``); the generator writes
+# these and no others, so that a configuration shows only what takes effect.
+BACKEND_PARAMETERS = {
+    "onnxruntime": ("precision", "providers", "threads", "static_shapes", "io_binding", "cuda_graph"),
+    "tensorrt": ("precision", "cuda_graph"),
+    "openvino": ("precision", "threads"),
+}
+FLAG_VALUES = {"true": True, "false": False}
+
+
+def backend_options(params: Mapping[str, str], instances: int) -> dict[str, Any]:
+    """The keyword options of ``SeeSRPipeline.from_bundle(bundle, backend=params["backend"], ...)`` that
+    config.pbtxt's string parameters ask for; ``instances``: the model's instance count (threads "auto" share
+    the machine's cores between them). A value the runtime cannot take is a ``BundleError`` naming it."""
+    backend = params.get("backend", "")
+    if backend not in BACKEND_PARAMETERS:
+        raise BundleError(f"config.pbtxt parameter backend must be one of {list(BACKEND_PARAMETERS)}, got {backend!r}")
+    readers = {
+        "precision": lambda value: _precision(backend, value),
+        "providers": lambda value: value.split(","),
+        "threads": lambda value: _threads(value, instances),
+        "static_shapes": lambda value: _flag("static_shapes", value),
+        "cuda_graph": lambda value: _flag("cuda_graph", value),
+        "io_binding": _io_binding,
+    }
+    options = {name: readers[name](params[name]) for name in BACKEND_PARAMETERS[backend] if name in params}
+    if backend == "openvino":
+        options["device"] = "CPU"  # Triton's instance kinds are CPU or NVIDIA GPU: OpenVINO serves the CPU
+    return options
+
+
+def _precision(backend: str, value: str) -> str:
+    if value != AUTO_PRECISION:
+        return value
+    if backend != "openvino":
+        raise BundleError(f"config.pbtxt parameter precision {value!r} is for backend openvino, not {backend}")
+    from ..doctor import openvino_precision_here  # asks OpenVINO about the CPU: only where it is needed
+
+    return openvino_precision_here()[0]
+
+
+def _threads(value: str, instances: int) -> int | None:
+    """'auto': share the machine's cores between the instances instead of oversubscribing them."""
+    if value == "auto":
+        return max(1, (os.cpu_count() or 1) // max(1, instances))
+    if not value.isdigit() or int(value) < 1:
+        raise BundleError(f"config.pbtxt parameter threads must be 'auto' or a positive number, got {value!r}")
+    return int(value)
+
+
+def _flag(name: str, value: str) -> bool:
+    if value not in FLAG_VALUES:
+        raise BundleError(f"config.pbtxt parameter {name} must be one of {list(FLAG_VALUES)}, got {value!r}")
+    return FLAG_VALUES[value]
+
+
+def _io_binding(value: str) -> bool | None:
+    if value not in IO_BINDING_MODES:
+        raise BundleError(f"config.pbtxt parameter io_binding must be one of {list(IO_BINDING_MODES)}, got {value!r}")
+    return IO_BINDING_MODES[value]

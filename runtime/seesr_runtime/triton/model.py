@@ -3,8 +3,9 @@
 Written into ``<repository>/<model>/<SERVICE_VERSION>/model.py`` by ``seesr-export triton``. Each model instance
 is its own stub process: ``initialize`` loads the bundle's sessions (or TensorRT engines) once,
 ``execute`` serves requests one at a time. Everything this model needs is read from the
-``parameters`` of config.pbtxt (bundle, backend, precision, providers, threads, max_pixels,
-pipeline_options). The server's Python environment must have the runtime installed
+``parameters`` of config.pbtxt (bundle, backend, max_pixels, pipeline_options, and the backend's options
+that ``seesr_runtime.triton.backend_options`` reads: precision, providers, threads, static_shapes,
+io_binding, cuda_graph). The server's Python environment must have the runtime installed
 (``pip install seesr-export``; no torch).
 
 Its tensors are those of ``seesr_runtime.triton.INPUTS`` and ``OUTPUTS``: the image arrives as one
@@ -41,7 +42,14 @@ try:
     from seesr_runtime import SeeSRPipeline
     from seesr_runtime.errors import InputError
     from seesr_runtime.inputs import load_lr_image_bytes
-    from seesr_runtime.triton import IMAGE_INPUT, OPTION_INPUTS, OUTPUTS, SERVICE_VERSION, TensorSpec
+    from seesr_runtime.triton import (
+        IMAGE_INPUT,
+        OPTION_INPUTS,
+        OUTPUTS,
+        SERVICE_VERSION,
+        TensorSpec,
+        backend_options,
+    )
 
     RUNTIME_MISSING = None
 except ImportError as exc:  # reported by initialize, where Triton shows it
@@ -68,13 +76,6 @@ def _instance_count(model_config: dict[str, Any]) -> int:
     return max(1, sum(int(group.get("count", 1)) for group in model_config.get("instance_group", [])))
 
 
-def _threads(value: str, model_config: dict[str, Any]) -> int | None:
-    """'auto': share the machine's cores between the instances instead of oversubscribing them."""
-    if value == "auto":
-        return max(1, (os.cpu_count() or 1) // _instance_count(model_config))
-    return int(value) or None
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -91,10 +92,8 @@ class TritonPythonModel:
                 "pip install seesr-export (no extras) in the Triton image"
             )
         backend = params["backend"]
-        options: dict[str, Any] = {"precision": params["precision"]}
-        if backend == "onnxruntime":
-            options["providers"] = params["providers"].split(",")
-            options["threads"] = _threads(params.get("threads", "auto"), config)
+        # precision "auto" (OpenVINO) is decided here, on the serving machine's CPU
+        options = backend_options(params, _instance_count(config))
         bundle = _bundle_path(params["bundle"], args)
         self.pipe = SeeSRPipeline.from_bundle(bundle, backend=backend, **options)
         self.pipe.resolve_options(self.pipeline_options)  # a bad config.pbtxt fails here, not per request
