@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 # setuptools' note that an editable install maps the packages (the same for every editable install) is hidden.
 PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q
 
-.PHONY: demo test test-fast lint fuzz test-triton test-cpp test-cpp-all test-cpp-valgrind venv clean
+.PHONY: demo test test-fast lint fuzz test-ui test-triton test-cpp test-cpp-all test-cpp-valgrind venv clean
 
 demo: $(DEMO_STAMP)
 	$(BIN)/seesr-export demo --out out/demo
@@ -17,7 +17,9 @@ demo: $(DEMO_STAMP)
 # Everything but the native runtime's tests (`make test-cpp` builds it and runs them; CI runs both); the 15
 # slowest tests are listed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 --ignore=tests/test_cpp_runtime.py
+	$(BIN)/python -m pytest -q --durations=15 --ignore=tests/test_cpp_runtime.py --ignore=tests/test_ui.py \
+		--ignore=tests/test_ui_controls.py
+	$(MAKE) --no-print-directory test-ui
 
 # The inner loop: unit and parity tests on the tiny fixture, without the tests marked slow or gpu
 # (pyproject.toml), in two processes (pytest-xdist; whole files per process, so module fixtures are set up
@@ -70,6 +72,25 @@ TRITON_VENV ?= .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
 TRITON_WORK := out/triton-test
 
+# `seesr ui` in a headless Chromium (.ci/run installs chromium and chromium-driver), from a venv of its own: the
+# torch-free runtime with the `ui` extra, as a user installs it (Gradio also pins Pillow below 13, whose resize
+# order the native runtime's tests hold it to), on a tiny bundle the main venv builds.
+UI_VENV ?= .venv-ui
+UI_STAMP := $(UI_VENV)/.installed
+UI_WORK := out/ui-test
+
+test-ui: $(STAMP) $(UI_STAMP)
+	$(BIN)/seesr-export fixture --out $(UI_WORK)/checkpoints -q
+	$(BIN)/seesr-export build --seesr-root $(UI_WORK)/checkpoints --out $(UI_WORK)/engines/tiny --no-verify -q
+	SEESR_TEST_BUNDLE=$(UI_WORK)/engines/tiny $(UI_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_ui_controls.py tests/test_ui.py
+
+$(UI_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(UI_VENV)
+	$(UI_VENV)/bin/pip install -q --upgrade pip
+	$(UI_VENV)/bin/pip install -q -c constraints.txt pytest 'selenium>=4.20' -e '.[ui]'
+	touch $(UI_STAMP)
+
 test-triton: $(STAMP) $(TRITON_STAMP)
 	$(BIN)/seesr-export fixture --out $(TRITON_WORK)/checkpoints -q
 	$(BIN)/seesr-export build --seesr-root $(TRITON_WORK)/checkpoints --out $(TRITON_WORK)/engines/tiny --no-verify -q
@@ -86,7 +107,7 @@ $(TRITON_STAMP): pyproject.toml
 	touch $(TRITON_STAMP)
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) $(CPP_VENV) out
+	rm -rf $(VENV) $(TRITON_VENV) $(UI_VENV) $(CPP_VENV) out
 
 # The native C++ runtime (runtime/cpp): libseesr and its C ABI. Needs cmake, g++, nlohmann-json3-dev and
 # libutf8proc-dev (libpng-dev for seesr-upscale-cpp, valgrind for its memory test); .ci/run installs them.

@@ -74,6 +74,7 @@ ADVANCED_OPTIONS = tuple(
 )
 WIDGET_OPTIONS = (*PROMPT_OPTIONS, *MAIN_OPTIONS, *ADVANCED_OPTIONS)  # the run event's inputs, in this order
 MAX_SAMPLES = 10  # the official demo's "sample times" slider goes to 10
+CANCEL_WAIT_S = 60.0  # how long the cancel button waits for the running job to reach its next step
 JOB_LIFETIME_S = 3600  # results (and Gradio's copies and uploads) older than this are removed
 ELEMENT_IDS = {  # for the page's readers: the tests, and anyone styling it
     "input": "seesr-input",
@@ -204,6 +205,7 @@ class Cancels:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_cancel: dict[str, float] = {}  # session -> time of its last cancel
+        self._running: dict[str, tuple[threading.Event, list[str]]] = {}  # session -> (ended, [final status])
 
     def cancel(self, session: str) -> None:
         with self._lock:
@@ -212,6 +214,30 @@ class Cancels:
     def cancelled(self, session: str, armed_at: float) -> bool:
         with self._lock:
             return self._last_cancel.get(session, -1.0) >= armed_at
+
+    @contextmanager
+    def running(self, session: str) -> Iterator[list[str]]:
+        """A session's job while it runs; the caller appends its final status to the list it gets."""
+        entry: tuple[threading.Event, list[str]] = (threading.Event(), [])
+        with self._lock:
+            self._running[session] = entry
+        try:
+            yield entry[1]
+        finally:
+            entry[0].set()
+            with self._lock:
+                if self._running.get(session) is entry:
+                    del self._running[session]
+
+    def final_status(self, session: str, timeout: float) -> str | None:
+        """The final status of the session's running job once it has ended (None: no job running, or still
+        running after ``timeout`` s). The cancel button shows it, so that its answer and the job's own, which
+        reach the page in either order, are the same text."""
+        with self._lock:
+            entry = self._running.get(session)
+        if entry is None or not entry[0].wait(timeout):
+            return None
+        return entry[1][-1] if entry[1] else None
 
 
 @dataclass
@@ -250,6 +276,20 @@ class Upscaler:
     ) -> JobResult:
         """One job: ``samples`` upscales with consecutive seeds. Every error a user can cause comes back as
         ``error: <the library's message>``; the server goes on."""
+        with self.cancels.running(session) as final:
+            result = self._run(image, values, samples, session, armed_at, progress)
+            final.append(result.status)
+        return result
+
+    def _run(
+        self,
+        image: Any,
+        values: tuple[Any, ...],
+        samples: Any,
+        session: str,
+        armed_at: float,
+        progress: Callable[..., object],
+    ) -> JobResult:
         start = time.perf_counter()
         try:
             if self.cancels.cancelled(session, armed_at):
@@ -389,8 +429,11 @@ def build_page(upscaler: Upscaler) -> Any:
             return upscaler.run(image, tuple(options), samples_value, session, started, progress).outputs()
 
         def stop(request: Any) -> str:
-            upscaler.cancels.cancel(getattr(request, "session_hash", None) or "api")
-            return "cancelling: the job stops at its next step"
+            session = getattr(request, "session_hash", None) or "api"
+            upscaler.cancels.cancel(session)
+            # a running job ends at its next step: answer with its own final status, which would otherwise race
+            # this answer to the page; a queued job is cancelled when its turn comes
+            return upscaler.cancels.final_status(session, CANCEL_WAIT_S) or "cancelling: the job stops at its next step"
 
         def show(selected: Any, evt: Any) -> Any:
             index = getattr(evt, "index", 0) or 0
