@@ -1,8 +1,9 @@
 // seesr-upscale-cpp: a PNG upscaled x4 by the native runtime, from C++ through seesr.hpp.
 //
 //   seesr-upscale-cpp IN.png OUT.png --bundle DIR [--steps N] [--seed N] [--precision P] [--threads N]
-//                     [--tiled-vae-spill-dir DIR]
-//   (P: fp32, bf16, fp16, int8, int8-bf16)
+//                     [--tiled-vae-spill-dir DIR] [--memory-budget SIZE] [--print-plan yes]
+//   (P: fp32, bf16, fp16, int8, int8-bf16; SIZE: 4GB, 2500MB, 4GiB, bytes, as `seesr upscale --memory-budget`;
+//   --print-plan yes: the memory plan as JSON on stderr before upscaling)
 //
 // Exit status: 0 on success; 64 for a usage error; 65 for an unreadable input; 73 for an unwritable output;
 // otherwise the seesr_status of the failing call. Every error is one line on stderr.
@@ -23,7 +24,7 @@ namespace {
 
 const char *const USAGE =
     "usage: seesr-upscale-cpp IN.png OUT.png --bundle DIR [--steps N] [--seed N] [--precision P] [--threads N] "
-    "[--tiled-vae-spill-dir DIR]";
+    "[--tiled-vae-spill-dir DIR] [--memory-budget SIZE] [--print-plan yes]";
 
 struct Arguments {
     std::string input, output;
@@ -44,7 +45,7 @@ std::string parse(int argc, char **argv, Arguments &args) {
     }
     for (const auto &[name, _] : args.flags) {
         if (name != "bundle" && name != "steps" && name != "seed" && name != "precision" && name != "threads" &&
-            name != "tiled-vae-spill-dir") {
+            name != "tiled-vae-spill-dir" && name != "memory-budget" && name != "print-plan") {
             return "error: unknown option --" + name;
         }
     }
@@ -123,10 +124,14 @@ int main(int argc, char **argv) {
         if (args.flags.count("precision")) engine.precision = args.flags["precision"];
         engine.threads = static_cast<int>(threads);
         if (args.flags.count("tiled-vae-spill-dir")) engine.tiled_vae_spill_dir = args.flags["tiled-vae-spill-dir"];
+        if (args.flags.count("memory-budget")) engine.memory_budget = seesr::parse_byte_size(args.flags["memory-budget"]);
         seesr::Pipeline pipeline(args.flags["bundle"], engine);
         seesr::Options options(pipeline);
         if (args.flags.count("steps")) options.set("steps", static_cast<std::int64_t>(steps));
         if (args.flags.count("seed")) options.set("seed", static_cast<std::int64_t>(seed));
+        if (args.flags.count("print-plan") && args.flags["print-plan"] == "yes") {
+            std::cerr << pipeline.memory_plan_json(width, height, &options) << "\n";
+        }
         seesr::Image out = pipeline.upscale(rgb.data(), width, height, 3 * width, &options);
         if (!write_png(args.output, out)) return 73;
         std::cout << args.input << " -> " << args.output << " (" << out.width() << "x" << out.height()
