@@ -352,28 +352,6 @@ Json MemoryPlan::to_json() const {
             {"peak", peak()}};
 }
 
-std::vector<std::string> MemoryPlan::lines() const {
-    const auto bytes = [](std::int64_t size) { return format_bytes(static_cast<double>(size)); };
-    std::vector<std::string> out;
-    out.push_back("memory plan (" + engine + ", budget " + (budget ? bytes(*budget) : "none") + "): " +
-                  (staged ? "staged: each stage loads its networks and frees them after" : "all resident") +
-                  "; estimated peak " + bytes(peak()));
-    out.push_back("  latent tile " + std::to_string(latent_tile_size) + ", VAE tiles encoder " +
-                  std::to_string(vae_encoder_tile_size) + " / decoder " + std::to_string(vae_decoder_tile_size) +
-                  (spill.empty() ? "" : "; waiting tiles of " + joined(spill, ", ") + " spilled to files"));
-    if (!int8_linear.empty()) out.push_back("  linear layers of " + joined(int8_linear, ", ") + " with int8 weights");
-    for (const StagePlan &s : stages) {
-        char line[512];
-        std::snprintf(line, sizeof line, "  %-8s %-22s weights %8s, working %8s, loading %8s, kept %8s: peak %s",
-                      s.name.c_str(), joined(s.networks, "+").c_str(), bytes(s.weights).c_str(),
-                      bytes(s.activations).c_str(), bytes(s.loading).c_str(), bytes(s.kept).c_str(),
-                      bytes(s.peak).c_str());
-        out.push_back(line + (s.detail.empty() ? "" : " (" + s.detail + ")"));
-    }
-    for (const std::string &change : changed) out.push_back("  changed by the budget: " + change);
-    return out;
-}
-
 NetworkBytes network_bytes(const Manifest &manifest, const std::map<std::string, std::string> &precision_of) {
     const auto sizes_of = [&](const std::string &network, const std::string &precision) {
         const Json &files = manifest.entry(network).at("files");

@@ -75,7 +75,6 @@ struct MemoryPlan {
     bool int8(const std::string &network) const;
     const StagePlan *stage(const std::string &name) const;  // null: a stage this upscale skips
     Json to_json() const;  // MemoryPlan.to_json's keys and values
-    std::vector<std::string> lines() const;  // the plan in words (MemoryPlan.lines)
 };
 
 // The graph bytes of each network as an engine runs it (graph file and external data), the part embedded in the
