@@ -227,6 +227,20 @@ def test_tile_states_spill_to_files_and_clean_up(tmp_path):
     assert not folder.exists()
 
 
+def test_openvino_reads_spilled_tile_states(runtime_pipeline, tiny_bundle, tmp_path):
+    """Spilled states come back as read-only memory maps, which OpenVINO cannot share as input tensors."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino extra")
+    latent = np.random.default_rng(5).standard_normal((1, 4, 40, 52)).astype(np.float32)
+    plain = SeeSRPipeline.from_bundle(tiny_bundle, backend="openvino", precision="fp32")
+    spilled = SeeSRPipeline.from_bundle(
+        tiny_bundle, backend="openvino", precision="fp32", tiled_vae_spill_dir=tmp_path
+    )
+    assert np.array_equal(
+        np.asarray(spilled.decode(latent, tile=16)), np.asarray(plain.decode(latent, tile=16))
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_openvino_runs_the_same_tiled_vae(runtime_pipeline, tiny_bundle):
     pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino extra")

@@ -69,6 +69,21 @@ class Activation:
 
 
 @dataclass(frozen=True)
+class TiledSegmentMemory:
+    """Working memory of a tiled-VAE segment, per image pixel of a tile's input (``tiled_vae.split_tiles``): a
+    grid has up to four tile shapes (edge and interior tiles), each run by a shape of its own. ``running``: the
+    shape running a tile, at its peak; ``held``: each of the segment's other shapes, which keep their working
+    memory until every tile has passed the segment (OpenVINO; 0 for an engine that frees it after each call)."""
+
+    running: float
+    held: float = 0.0
+
+    def bytes(self, shape_pixels: Collection[int], scale: float) -> int:
+        largest = max(shape_pixels)
+        return int(scale * (self.running * largest + self.held * (sum(shape_pixels) - largest)))
+
+
+@dataclass(frozen=True)
 class EngineMemory:
     """How one engine configuration spends memory (see ``MEASURED``)."""
 
@@ -88,6 +103,8 @@ class EngineMemory:
     # held_per_graph_byte without a budget, where the engine holds its weights otherwise (OpenVINO: an f16 copy
     # in memory beside the plugin's own, instead of mapped files); None: the same
     unbudgeted_held_per_graph_byte: float | None = None
+    # the tiled VAE halves' segments (None: as the untiled half, per pixel of the largest tile)
+    tiled_segments: Mapping[str, TiledSegmentMemory] | None = None
 
 
 def _engine_memory(entry: Mapping[str, Any]) -> EngineMemory:
@@ -416,12 +433,17 @@ def _vae_stage(half: str, w: Workload, sizes: _Sizes, held: int, staged: bool, s
     if not w.tiled_vae or not layout.needs_tiling(in_h, in_w, tile):
         return held, activation.bytes(1, w.width * w.height, latent_h * latent_w, scale), "untiled"
     inputs, _ = split_tiles(in_h, in_w, tile, layout)
-    largest = max((x1 - x0) * (y1 - y0) for x0, x1, y0, y1 in inputs)  # input pixels of the largest tile
-    tile_pixels = largest if half == "vae_encoder" else largest * 64
-    tile_latent = largest // 64 if half == "vae_encoder" else largest
-    working = activation.bytes(1, tile_pixels, tile_latent, scale)
+    per_pixel = 1 if half == "vae_encoder" else 64  # image pixels per pixel of the half's input
+    shape_pixels = [w_ * h * per_pixel for w_, h in {(x1 - x0, y1 - y0) for x0, x1, y0, y1 in inputs}]
+    tile_pixels = max(shape_pixels)  # image pixels of the largest tile
+    if engine.tiled_segments is not None:
+        working = engine.tiled_segments[half].bytes(shape_pixels, scale)
+    else:
+        working = activation.bytes(1, tile_pixels, tile_pixels // 64, scale)
     states = 0 if spill else int(VAE_STATE_BYTES_PER_PIXEL * w.width * w.height * scale)
     segment = sizes.segment_weights.get(half, sizes.weights[half]) if staged else sizes.weights[half]
     held = int(engine.shapes_per_segment * segment * engine.held_per_graph_byte)
-    detail = f"{len(inputs)} tiles of up to {tile_pixels} px" + (", waiting tiles spilled" if spill else "")
+    detail = f"{len(inputs)} tiles of up to {tile_pixels} px in {len(shape_pixels)} shapes" + (
+        ", waiting tiles spilled" if spill else ""
+    )
     return held, working + states, detail

@@ -413,8 +413,10 @@ class OpenVINOBackend:
 
     def _tensor(self, value: Array) -> Any:
         # an ov.Tensor shares the array's memory and keeps 0-d inputs (conditioning_scale) 0-d, which a
-        # bare numpy scalar passed to infer() does not
-        return self._ov.Tensor(np.require(value, requirements="C"), shared_memory=True)
+        # bare numpy scalar passed to infer() does not; it can share only writeable memory, so read-only
+        # arrays (spilled tile states, mapped from their files) are copied
+        value = np.require(value, requirements="C")
+        return self._ov.Tensor(value, shared_memory=bool(value.flags.writeable))
 
     def load_all(self, shapes: dict[str, Shapes] | None = None) -> None:
         """Compile now rather than at first use (servers, benchmarks): every network at its first
