@@ -111,6 +111,10 @@ def _engine_memory(entry: Mapping[str, Any]) -> EngineMemory:
     """One engine of memory_calibration.json (keys starting with "_" are comments)."""
     fields = {key: value for key, value in entry.items() if not key.startswith("_")}
     fields["activations"] = {name: Activation(float(a), float(b)) for name, (a, b) in fields["activations"].items()}
+    if "tiled_segments" in fields:  # half -> [running, held]
+        fields["tiled_segments"] = {
+            half: TiledSegmentMemory(float(a), float(b)) for half, (a, b) in fields["tiled_segments"].items()
+        }
     return EngineMemory(**fields)
 
 

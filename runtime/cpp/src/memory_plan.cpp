@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <set>
 
 namespace seesr {
 namespace {
@@ -45,6 +46,12 @@ EngineMemory read_engine(const Json &entry) {
     engine.load_per_external_byte = entry.value("load_per_external_byte", 0.0);
     for (const auto &[network, figures] : entry.at("activations").items()) {
         engine.activations[network] = {figures.at(0).get<double>(), figures.at(1).get<double>()};
+    }
+    if (entry.contains("tiled_segments")) {
+        engine.tiled_segments.emplace();
+        for (const auto &[half, figures] : entry["tiled_segments"].items()) {
+            (*engine.tiled_segments)[half] = {figures.at(0).get<double>(), figures.at(1).get<double>()};
+        }
     }
     return engine;
 }
@@ -136,11 +143,14 @@ VaeStage vae_stage(const std::string &half, const Workload &w, const Sizes &size
     }
     std::vector<TileBox> inputs, outputs;
     split_tiles(in_h, in_w, tile, layout, inputs, outputs);
-    std::int64_t largest = 0;
-    for (const TileBox &box : inputs) largest = std::max(largest, (box.x1 - box.x0) * (box.y1 - box.y0));
-    const std::int64_t tile_pixels = encoder ? largest : largest * 64;
-    const std::int64_t tile_latent = encoder ? largest / 64 : largest;
-    const std::int64_t working = activation.bytes(1, tile_pixels, tile_latent, scale);
+    const std::int64_t per_pixel = encoder ? 1 : 64;  // image pixels per pixel of the half's input
+    std::set<std::pair<std::int64_t, std::int64_t>> shapes;
+    for (const TileBox &box : inputs) shapes.insert({box.x1 - box.x0, box.y1 - box.y0});
+    std::vector<std::int64_t> shape_pixels;
+    for (const auto &[width, height] : shapes) shape_pixels.push_back(width * height * per_pixel);
+    const std::int64_t tile_pixels = *std::max_element(shape_pixels.begin(), shape_pixels.end());
+    const std::int64_t working = engine.tiled_segments ? engine.tiled_segments->at(half).bytes(shape_pixels, scale)
+                                                       : activation.bytes(1, tile_pixels, tile_pixels / 64, scale);
     const std::int64_t states =
         spill ? 0
               : truncated(static_cast<double>(calibration().vae_state_bytes_per_pixel * w.width * w.height) * scale);
@@ -149,7 +159,8 @@ VaeStage vae_stage(const std::string &half, const Workload &w, const Sizes &size
         staged && segment != sizes.bytes.segments.end() ? segment->second : sizes.weights(half);
     const std::int64_t segment_held =
         truncated(static_cast<double>(engine.shapes_per_segment * segment_bytes) * engine.held_per_graph_byte);
-    std::string detail = std::to_string(inputs.size()) + " tiles of up to " + std::to_string(tile_pixels) + " px";
+    std::string detail = std::to_string(inputs.size()) + " tiles of up to " + std::to_string(tile_pixels) + " px in " +
+                         std::to_string(shape_pixels.size()) + " shapes";
     if (spill) detail += ", waiting tiles spilled";
     return {segment_held, working + states, detail};
 }
@@ -286,6 +297,13 @@ std::int64_t Activation::bytes(std::int64_t batch, std::int64_t pixels, std::int
     const double squared = static_cast<double>(latent_pixels * latent_pixels);
     return truncated(static_cast<double>(batch) *
                      (per_pixel * static_cast<double>(pixels) * scale + per_pixel_squared * squared));
+}
+
+std::int64_t TiledSegmentMemory::bytes(const std::vector<std::int64_t> &shape_pixels, double scale) const {
+    const std::int64_t largest = *std::max_element(shape_pixels.begin(), shape_pixels.end());
+    std::int64_t total = 0;
+    for (std::int64_t pixels : shape_pixels) total += pixels;
+    return truncated(scale * (running * static_cast<double>(largest) + held * static_cast<double>(total - largest)));
 }
 
 const Calibration &calibration() {

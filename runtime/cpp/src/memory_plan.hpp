@@ -22,6 +22,13 @@ struct Activation {
     std::int64_t bytes(std::int64_t batch, std::int64_t pixels, std::int64_t latent_pixels, double scale) const;
 };
 
+// Working memory of a tiled-VAE segment per image pixel of a tile shape (memory_plan.TiledSegmentMemory): the
+// shape running a tile, and each other shape of the segment holding its working memory meanwhile.
+struct TiledSegmentMemory {
+    double running = 0.0, held = 0.0;
+    std::int64_t bytes(const std::vector<std::int64_t> &shape_pixels, double scale) const;
+};
+
 // How one engine configuration spends memory (memory_plan.EngineMemory).
 struct EngineMemory {
     std::int64_t base = 0;
@@ -32,6 +39,7 @@ struct EngineMemory {
     std::optional<double> int8_linear_held_per_graph_byte;
     double load_per_embedded_byte = 0.0, load_per_external_byte = 0.0;
     std::optional<double> unbudgeted_held_per_graph_byte;
+    std::optional<std::map<std::string, TiledSegmentMemory>> tiled_segments;  // per VAE half; none: as untiled
 };
 
 // The embedded memory_calibration.json, parsed once.
