@@ -232,12 +232,8 @@ def test_openvino_reads_spilled_tile_states(runtime_pipeline, tiny_bundle, tmp_p
     pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino extra")
     latent = np.random.default_rng(5).standard_normal((1, 4, 40, 52)).astype(np.float32)
     plain = SeeSRPipeline.from_bundle(tiny_bundle, backend="openvino", precision="fp32")
-    spilled = SeeSRPipeline.from_bundle(
-        tiny_bundle, backend="openvino", precision="fp32", tiled_vae_spill_dir=tmp_path
-    )
-    assert np.array_equal(
-        np.asarray(spilled.decode(latent, tile=16)), np.asarray(plain.decode(latent, tile=16))
-    )
+    spilled = SeeSRPipeline.from_bundle(tiny_bundle, backend="openvino", precision="fp32", tiled_vae_spill_dir=tmp_path)
+    assert np.array_equal(np.asarray(spilled.decode(latent, tile=16)), np.asarray(plain.decode(latent, tile=16)))
     assert list(tmp_path.iterdir()) == []
 
 
