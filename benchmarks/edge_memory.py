@@ -23,6 +23,12 @@ for the smallest limit it completes in. With fewer steps than 50 the time is als
 other tables do (measured total + (50 - steps) x the median step after the first, which also loads the
 denoisers). Writes edge_memory.{json,md} (``--name``) into ``--out``, with the CPU model and flags.
 
+``--engine native`` runs the native runtime's ``seesr-upscale-cpp`` (``--native-command``, built by ``make cpp``)
+with the same budget and ``--common`` / ``--config`` arguments in its own spelling (``--precision bf16``,
+``--memory-budget 4GB``; one image per process): the same cgroup, samples, step times (its ``--progress`` lines)
+and plan (its ``--print-plan`` JSON), without per-stage marks (the library prints none); its configurations are
+named "native NAME" beside the Python ones (``--append`` to one file).
+
 Needs root and the cgroup-v1 memory controller (/sys/fs/cgroup/memory); says so plainly and stops without.
 """
 
@@ -175,7 +181,7 @@ def status_of(pid: int) -> dict[str, int] | None:
 
 def run_child(
     config: str,
-    args: list[str],
+    command: list[str],
     limit: int | None,
     out: Path,
     steps: int,
@@ -186,7 +192,6 @@ def run_child(
 ) -> Run:
     group = MemoryGroup(limit)
     drop_from_page_cache(drop)
-    command = [sys.executable, "-m", "seesr_runtime.cli", "upscale", *args, "-o", str(out), "-v"]
     start = time.perf_counter()
     # the child's temporary files (OpenVINO's prepared IR, GBs) under the run's folder: an OOM kill leaves them
     temporary = out.parent / f"{out.name}.tmp"
@@ -206,6 +211,8 @@ def run_child(
             planned = PLAN_LINE.search(line)
             if planned:
                 state["plan"].append(planned[1].rstrip())
+            elif line.startswith("{"):  # seesr-upscale-cpp --print-plan: the plan as JSON
+                state["plan"].append(line.rstrip())
             found = STAGE_LINE.search(line)
             if found:
                 state["stage"] = found[1] if found[2] == "starts" else f"after {found[1]}"
@@ -254,7 +261,8 @@ def run_child(
         run.error = "\n".join(state["tail"][-5:])
     run.stages = stage_summary(state["marks"], samples)
     starts = [t for t, name, what in state["marks"] if name == "denoise" and what == "starts"]
-    ticks = ([starts[0]] if starts else []) + state["steps"][:steps]  # the first image's steps
+    # the first image's steps (the native command marks no stages: its first step, which also loads, is left out)
+    ticks = ([starts[0]] if starts else []) + state["steps"][:steps]
     run.step_seconds = [b - a for a, b in zip(ticks, ticks[1:])]
     firsts = [t for t, name, what in state["marks"] if name == "tag" and what == "starts"]
     run.image_seconds = [b - a for a, b in zip(firsts, [*firsts[1:], seconds])]
@@ -350,7 +358,22 @@ def main() -> int:
         "--images", type=int, default=1, help="images per process (a budget reloads the networks for each one)"
     )
     parser.add_argument(
-        "--common", default="--backend openvino --precision bf16", help="seesr upscale arguments of every run"
+        "--common",
+        default=None,
+        help="seesr upscale arguments of every run (default: --backend openvino --precision bf16; native: "
+        "--precision bf16)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("python", "native"),
+        default="python",
+        help="the runtime measured: `seesr upscale`, or the native seesr-upscale-cpp (one image per process)",
+    )
+    parser.add_argument(
+        "--native-command",
+        type=Path,
+        default=Path("runtime/cpp/build/seesr-upscale-cpp"),
+        help="the native command (make cpp builds it)",
     )
     parser.add_argument(
         "--config", action="append", default=[], help="NAME=ARGS: a configuration (extra seesr upscale arguments)"
@@ -371,6 +394,15 @@ def main() -> int:
     parser.add_argument("--append", action="store_true", help="add to an existing --out/NAME.json")
     parser.add_argument("--render", action="store_true", help="only write NAME.md and .png again from NAME.json")
     args = parser.parse_args()
+    native = args.engine == "native"
+    if args.common is None:
+        args.common = "--precision bf16" if native else "--backend openvino --precision bf16"
+    if native and (args.images != 1 or not args.native_command.is_file()):
+        print(
+            f"edge_memory: --engine native needs --images 1 and the command {args.native_command} (make cpp)",
+            file=sys.stderr,
+        )
+        return 2
     if args.render:
         target = args.out / f"{args.name}.json"
         data = json.loads(target.read_text())
@@ -393,6 +425,7 @@ def main() -> int:
         inputs.append(work / f"lr{i}.png")
         Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(inputs[-1])
     common = ["--bundle", str(args.bundle), "--steps", str(args.steps), "--no-verify"]
+    native_common = ["--bundle", str(args.bundle), "--steps", str(args.steps), "--verify", "never", "--progress", "yes"]
     drop = [args.bundle] + [Path(a) for a in _values_of(args.common, "--cache-dir")]
     runs: list[Run] = []
     counter = iter(range(10**6))
@@ -400,8 +433,15 @@ def main() -> int:
     def one(config: str, extra: str, limit: int | None) -> Run:
         out = work / f"run{next(counter)}"
         cache = [Path(a) for a in _values_of(extra, "--cache-dir")]
-        words = [*map(str, inputs), *common, *shlex.split(args.common + " " + extra)]
-        run = run_child(config, words, limit, out, args.steps, args.interval, drop + cache, args.size, args.images)
+        given = shlex.split(args.common + " " + extra)
+        if native:
+            out.mkdir(parents=True)
+            config = f"native {config}"
+            plan = ["--print-plan", "yes"]
+            command = [str(args.native_command), str(inputs[0]), str(out / "lr0.png"), *native_common, *plan, *given]
+        else:
+            command = python_upscale([*map(str, inputs), *common, *given], out)
+        run = run_child(config, command, limit, out, args.steps, args.interval, drop + cache, args.size, args.images)
         if run.completed and reference is not None:
             run.psnr_db = round(psnr(out / "lr0.png", reference), 2)
         shown = "no limit" if limit is None else f"limit {limit / GB:.2f} GB"
@@ -420,7 +460,17 @@ def main() -> int:
     if args.reference:
         ref_out = work / "reference"
         words = [str(inputs[0]), *common, *shlex.split(args.reference)]
-        ref = run_child("fp32 reference", words, None, ref_out, args.steps, args.interval, drop, args.size, 1)
+        ref = run_child(
+            "fp32 reference",
+            python_upscale(words, ref_out),
+            None,
+            ref_out,
+            args.steps,
+            args.interval,
+            drop,
+            args.size,
+            1,
+        )
         print(
             f"reference ({args.reference}): {'completed' if ref.completed else 'failed'} in {ref.seconds:.0f} s",
             flush=True,
@@ -447,6 +497,11 @@ def main() -> int:
     write(args, runs, smallest)
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def python_upscale(words: list[str], out: Path) -> list[str]:
+    """The `seesr upscale` command of one run, its images into ``out``, with the -v lines the stages are read from."""
+    return [sys.executable, "-m", "seesr_runtime.cli", "upscale", *words, "-o", str(out), "-v"]
 
 
 def _values_of(text: str, flag: str) -> list[str]:

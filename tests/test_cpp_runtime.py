@@ -359,6 +359,11 @@ def test_upscale_png_command(cpp_build, runtime_bundle, tmp_path):
         (["in.png"], 64, "usage: seesr-upscale-cpp IN.png OUT.png --bundle DIR"),
         (["in.png", "out.png", "--bundle", "BUNDLE", "--steps", "x"], 64, "--steps must be a whole number, got 'x'"),
         (["in.png", "out.png", "--bundle", "BUNDLE", "--colour", "red"], 64, "unknown option --colour"),
+        (
+            ["in.png", "out.png", "--bundle", "BUNDLE", "--verify", "sometimes"],
+            64,
+            "--verify must be auto, always or never, got 'sometimes'",
+        ),
         (["not.png", "out.png", "--bundle", "BUNDLE"], 65, "not.png: not a readable PNG"),
         (["in.png", "out.png", "--bundle", "missing"], 2, "missing: not a SeeSR bundle (no manifest.json)"),
         (["in.png", "out.png", "--bundle", "BUNDLE", "--steps", "0"], 3, "steps must be in [1, 1000], got 0"),
@@ -372,6 +377,7 @@ def test_upscale_png_command(cpp_build, runtime_bundle, tmp_path):
         "usage",
         "steps-not-a-number",
         "unknown-option",
+        "bad-verify",
         "not-a-png",
         "missing-bundle",
         "steps-out-of-range",
@@ -2284,3 +2290,265 @@ def test_reduced_precision_upscale_matches_the_python_pipeline(lib, request, pre
                 assert max(errors) <= tolerance and apart <= levels
     finally:
         lib.seesr_pipeline_close(handle)
+
+
+# ---------------------------------------------------------------- the memory budget (engine options memory_budget)
+
+# Upscales of the plan grid (LR size, options): the default geometry, a small image, no encoder stage and no
+# guidance (batch 1), latent tiles, latent and tiled-VAE tiles.
+PLAN_CASES = {
+    "default": ((56, 40), {}),
+    "small": ((16, 16), {"process_size": 64}),
+    "from-noise-unguided": ((56, 40), {"start_point": "noise", "guidance": 1.0}),
+    "latent-tiles": ((56, 40), {"latent_tile_size": 16, "latent_tile_overlap": 4}),
+    "vae-tiles": ((56, 40), {"upscale": 8, "vae_decoder_tile_size": 24, "latent_tile_size": 32}),
+}
+
+
+def _native_plan(lib, handle, size, options):
+    """seesr_pipeline_memory_plan_json, or ("refused", status, message)."""
+    made = ctypes.c_void_p()
+    call(lib, "seesr_options_create", handle, ctypes.byref(made))
+    try:
+        for name, value in options.items():
+            set_option(lib, made, name, value)
+        return capi.memory_plan(lib, handle, *size, made)
+    except SeeSRError as refused:
+        return ("refused", refused.status, refused.message)
+    finally:
+        lib.seesr_options_free(made)
+
+
+def _python_plan(pipe, size, options, caplog):
+    """SeeSRPipeline.memory_plan as JSON (without a budget it plans only with -v: DEBUG), or ("refused", ...)."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="seesr_runtime.pipeline"):
+        try:
+            plan = pipe.memory_plan(size, pipe.resolve_options(dict(options)))
+        except OptionError as refused:
+            return ("refused", STATUS["SEESR_ERROR_OPTION"], str(refused))
+    return json.loads(json.dumps(plan.to_json()))
+
+
+def _budget_grid(lib, bundle, precision, size, options) -> list:
+    """Budgets that take every branch of the plan for this upscale: none, roomy, just under the roomy peak of each
+    stage that has levers (spill, int8 linear weights, smaller tiles), far too small, and the smallest named."""
+    handle = open_pipeline(lib, bundle, precision=precision.encode(), memory_budget=10**12)
+    try:
+        roomy = _native_plan(lib, handle, size, options)
+    finally:
+        lib.seesr_pipeline_close(handle)
+    budgets = [None, 10**12, 10**6]
+    for stage in roomy["stages"]:
+        if stage["name"] in ("encode", "denoise", "decode"):
+            budgets.append(stage["peak"] - 1)
+        if stage["name"] == "denoise":  # below what int8 linear weights save: smaller latent tiles
+            budgets.append(stage["peak"] - 30_000_000)
+    return budgets
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
+def test_the_native_plan_is_the_python_plan(lib, runtime_bundle, caplog, precision):
+    """For a grid of image sizes, options and budgets the native plan (seesr_pipeline_memory_plan_json) equals the
+    Python runtime's MemoryPlan.to_json on the same bundle and engine, refusals word for word; the smallest budget a
+    refusal names plans; the grid reaches every lever (the tiled VAE's spill, int8 linear weights, smaller tiles)."""
+    from seesr_runtime.backends import create_backend
+    from seesr_runtime.pipeline import SeeSRPipeline
+
+    if precision != "fp32":
+        _needs_capability(precision)
+    manifest = Manifest.load(runtime_bundle, verify="never")
+    backend = create_backend("openvino", manifest, precision=precision, map_weights=True)  # as from_bundle's
+    compared = refused = 0
+    levers: set[str] = set()
+    for name, (size, options) in PLAN_CASES.items():
+        for budget in _budget_grid(lib, runtime_bundle, precision, size, options):
+            handle = open_pipeline(lib, runtime_bundle, precision=precision.encode(), memory_budget=budget or 0)
+            python = SeeSRPipeline(manifest, backend, memory_budget=budget)
+            try:
+                native = _native_plan(lib, handle, size, options)
+                assert native == _python_plan(python, size, options, caplog), (name, budget)
+            finally:
+                lib.seesr_pipeline_close(handle)
+            compared += 1
+            if isinstance(native, dict):
+                levers |= {"spill"} if native["spill"] else set()
+                levers |= {"int8"} if native["int8_linear"] == ["controlnet", "unet"] else set()
+                levers |= {"tiles"} if any("tile_size" in change for change in native["changed"]) else set()
+            else:
+                refused += 1
+                smallest = option_table.parse_byte_size(
+                    "memory_budget", native[2].split("needs at least ")[1].split()[0]
+                )
+                handle = open_pipeline(lib, runtime_bundle, precision=precision.encode(), memory_budget=smallest)
+                try:
+                    assert _native_plan(lib, handle, size, options)["peak"] <= smallest
+                finally:
+                    lib.seesr_pipeline_close(handle)
+    assert compared >= 30 and refused >= len(PLAN_CASES) and levers == {"spill", "int8", "tiles"}
+
+
+def _levers_of(lib, bundle, size, options, budget):
+    handle = open_pipeline(lib, bundle, memory_budget=budget)
+    try:
+        return _native_plan(lib, handle, size, options)
+    finally:
+        lib.seesr_pipeline_close(handle)
+
+
+class BudgetedUpscale(NativeUpscale):
+    """NativeUpscale that also records, at every step, the compiled models the engine says are alive."""
+
+    def __init__(self, lib, pipeline):
+        super().__init__(lib, pipeline)
+        self.alive_in_loop: list = []
+
+        def progress(_, step, total):
+            self.alive_in_loop.append(capi.resident(lib, pipeline))
+            return 0
+
+        noise, latents, _ = self._callbacks
+        self._callbacks = (noise, latents, PROGRESS_FN(progress))
+
+
+BUDGET_GEOMETRIES = {
+    "untiled": {},
+    # every tile shape of every VAE segment compiled twice (free and budgeted): slow
+    "tiled": {"upscale": 8, "vae_decoder_tile_size": 24, "latent_tile_size": 32},
+}
+
+
+@pytest.mark.parametrize(
+    "geometry", [pytest.param("untiled"), pytest.param("tiled", marks=pytest.mark.slow)], ids=list(BUDGET_GEOMETRIES)
+)
+def test_a_budgeted_upscale_frees_each_stage_and_makes_the_same_image(lib, runtime_bundle, geometry):
+    """memory_budget honoured: the same image as without one, only ControlNet and UNet compiled during the loop
+    (counted by the engine), nothing left after the last stage; without a budget every network stays."""
+    options = {"steps": 2, "seed": 3, **BUDGET_GEOMETRIES[geometry]}
+    image = _upscale_image(56, 40)
+    free = open_pipeline(lib, runtime_bundle)
+    try:
+        expected = NativeUpscale(lib, free)(image, **options)
+        assert len(capi.resident(lib, free)) >= 6
+    finally:
+        lib.seesr_pipeline_close(free)
+    handle = open_pipeline(lib, runtime_bundle, memory_budget=10**12)
+    try:
+        budgeted = BudgetedUpscale(lib, handle)
+        got = budgeted(image, **options)
+        assert budgeted.alive_in_loop == [{"controlnet": 1, "unet": 1}] * options["steps"]
+        assert capi.resident(lib, handle) == {}
+        assert np.array_equal(got, expected)
+    finally:
+        lib.seesr_pipeline_close(handle)
+
+
+@pytest.mark.slow  # the denoisers compiled twice more, once with int8 linear weights
+def test_a_budget_that_needs_int8_linear_weights_stays_close(lib, runtime_bundle):
+    """A budget just under the denoiser stage's roomy peak: the plan gives ControlNet and UNet int8 linear weights
+    (the Python backend's compress_linear_weights_int8), and the image stays within the relative L2 of 0.05 the
+    Python test holds the int8 UNet to (tests/test_memory_budget.py)."""
+    options = {"steps": 2, "seed": 3}
+    image = _upscale_image(56, 40)
+    roomy = _levers_of(lib, runtime_bundle, (56, 40), {}, 10**12)
+    denoise = next(stage for stage in roomy["stages"] if stage["name"] == "denoise")
+    budget = max(denoise["peak"] - 1, *(s["peak"] for s in roomy["stages"] if s["name"] != "denoise"))
+    assert _levers_of(lib, runtime_bundle, (56, 40), {}, budget)["int8_linear"] == ["controlnet", "unet"]
+    free = open_pipeline(lib, runtime_bundle)
+    handle = open_pipeline(lib, runtime_bundle, memory_budget=budget)
+    try:
+        expected = NativeUpscale(lib, free)(image, **options).astype(np.float64)
+        got = BudgetedUpscale(lib, handle)(image, **options).astype(np.float64)
+    finally:
+        lib.seesr_pipeline_close(free)
+        lib.seesr_pipeline_close(handle)
+    apart = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    print(f"int8 linear weights: image {apart:.4f} relative L2 from the unbudgeted one")
+    assert 0 < apart < 0.05
+
+
+def test_an_impossible_budget_is_refused_before_any_network_loads(lib, runtime_bundle):
+    from seesr_runtime.pipeline import SeeSRPipeline
+
+    handle = open_pipeline(lib, runtime_bundle, memory_budget=10**6)
+    python = SeeSRPipeline.from_bundle(runtime_bundle, backend="openvino", verify="never", memory_budget=10**6)
+    try:
+        with pytest.raises(SeeSRError) as refused:
+            NativeUpscale(lib, handle)(_upscale_image(56, 40), steps=2)
+        assert capi.resident(lib, handle) == {}
+    finally:
+        lib.seesr_pipeline_close(handle)
+    assert refused.value.status == STATUS["SEESR_ERROR_OPTION"]
+    assert refused.value.message.startswith("memory_budget 1 MB is below the smallest plan for this bundle on openvino")
+    with pytest.raises(OptionError) as python_refused:
+        python(Image.fromarray(_upscale_image(56, 40)), steps=2)
+    assert refused.value.message == str(python_refused.value)
+
+
+def test_an_engine_options_struct_without_memory_budget_still_opens(lib, runtime_bundle):
+    """A caller built before memory_budget passes the struct_size that ends with tiled_vae_spill_dir: the library
+    reads no budget (here 1 byte, which every plan would refuse); the current size reads it."""
+    before = capi.EngineOptions.memory_budget.offset
+    for size in (before, capi.EngineOptions.tiled_vae_spill_dir.offset):
+        handle = open_pipeline(lib, runtime_bundle, struct_size=size, memory_budget=1)
+        try:
+            assert capi.memory_plan(lib, handle, 56, 40)["budget"] is None
+        finally:
+            lib.seesr_pipeline_close(handle)
+    handle = open_pipeline(lib, runtime_bundle, memory_budget=1)
+    try:
+        with pytest.raises(SeeSRError) as refused:
+            capi.memory_plan(lib, handle, 56, 40)
+        assert refused.value.message.startswith("memory_budget 1 B is below the smallest plan")
+    finally:
+        lib.seesr_pipeline_close(handle)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["4GB", "2500MB", "4GiB", "3.5 GB", " 1.25kib ", "4000000000", "1", "lots", "0", "-1GB", "1.5", "4 G", "", "1e9"],
+)
+def test_byte_sizes_are_parsed_as_python_parses_them(lib, text):
+    value = ctypes.c_uint64()
+    try:
+        expected = option_table.parse_byte_size("memory_budget", text)
+    except OptionError as refused:
+        with pytest.raises(SeeSRError) as native:
+            call(lib, "seesr_parse_byte_size", b"memory_budget", text.encode(), ctypes.byref(value))
+        assert (native.value.status, native.value.message) == (STATUS["SEESR_ERROR_OPTION"], str(refused))
+        return
+    call(lib, "seesr_parse_byte_size", b"memory_budget", text.encode(), ctypes.byref(value))
+    assert value.value == expected
+
+
+def test_a_budget_on_another_device_is_refused(lib, runtime_bundle):
+    with pytest.raises(SeeSRError) as refused:
+        open_pipeline(lib, runtime_bundle, device=b"AUTO", memory_budget=4 * 10**9)
+    assert refused.value.status == STATUS["SEESR_ERROR_OPTION"]
+    assert "memory_budget plans host memory for the CPU" in refused.value.message
+
+
+def test_upscale_png_command_takes_a_memory_budget(cpp_build, runtime_bundle, tmp_path):
+    """--memory-budget as `seesr upscale` reads it: the plan printed and the image written (the same image as
+    without a budget: test_a_budgeted_upscale_frees_each_stage_and_makes_the_same_image); nonsense refused in one
+    line."""
+    command = _upscale_png_command(cpp_build)
+    Image.fromarray(_upscale_image(32, 24)).save(tmp_path / "in.png")
+    common = [command, tmp_path / "in.png", "--bundle", runtime_bundle, "--steps", "1"]
+    budgeted = subprocess.run(
+        [*common[:2], tmp_path / "b.png", *common[2:], "--memory-budget", "1TB", "--print-plan", "yes"],
+        capture_output=True,
+        text=True,
+    )
+    assert budgeted.returncode == 0, budgeted.stderr
+    plan = json.loads(budgeted.stderr)
+    assert plan["budget"] == 10**12 and plan["staged"] and plan["engine"] == "openvino fp32"
+    assert Image.open(tmp_path / "b.png").size == (128, 96)
+    nonsense = subprocess.run(
+        [*common[:2], tmp_path / "c.png", *common[2:], "--memory-budget", "lots"], capture_output=True, text=True
+    )
+    assert nonsense.returncode == STATUS["SEESR_ERROR_OPTION"]
+    assert nonsense.stderr.splitlines() == [
+        "error: SEESR_ERROR_OPTION: memory_budget must be " + option_table.BYTE_SIZE_FORMS + ", got 'lots'"
+    ]

@@ -99,6 +99,22 @@ def workload(size: int, **changes):
     return Workload.of(size // 4, size // 4, options)
 
 
+def test_the_calibration_file_is_the_plans_one_source():
+    """memory_calibration.json (also embedded into the native runtime) gives the engines' figures, and what it says
+    of the OpenVINO backend's tiled-VAE segments is what the backend keeps."""
+    from seesr_runtime import memory_plan
+    from seesr_runtime.openvino_backend import SHAPES_KEPT_SEGMENTS
+
+    data = json.loads(memory_plan.CALIBRATION_FILE.read_text())
+    assert set(memory_plan.ENGINE_MEMORY) == {tuple(key.split(" ")) for key in data["engines"]}
+    bf16 = memory_plan.ENGINE_MEMORY[("openvino", "bf16")]
+    assert bf16.held_per_graph_byte == data["engines"]["openvino bf16"]["held_per_graph_byte"]
+    assert bf16.activations["unet"] == Activation(*data["engines"]["openvino bf16"]["activations"]["unet"])
+    for key in (("openvino", "bf16"), ("openvino", "fp32")):
+        assert memory_plan.ENGINE_MEMORY[key].shapes_per_segment == SHAPES_KEPT_SEGMENTS
+    assert memory_plan.STAGES == tuple(data["stages"]) and memory_plan.LATENT_TILES == tuple(data["latent_tiles"])
+
+
 def test_without_a_budget_everything_stays_resident():
     plan = plan_memory(workload(512), WEIGHTS, ENGINE, "test", None)
     assert not plan.staged and [s.name for s in plan.stages] == ["tag", "prompt", "encode", "denoise", "decode"]

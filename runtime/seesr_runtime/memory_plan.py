@@ -27,32 +27,29 @@ engine, no image; the file sizes come in as numbers (``graph_sizes`` reads them)
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from .errors import OptionError
 from .imaging import latent_windows, working_size
 from .manifest import Manifest
-from .openvino_backend import SHAPES_KEPT_SEGMENTS
 from .options import format_bytes
 from .tiled_vae import TiledVaeLayout, split_tiles
 
-# Where the constants below come from: benchmarks/edge_memory.py, results and method in
-# benchmarks/results/cpu/edge_memory.md (per-stage RssAnon sampled every 0.2 s, staged, 512 px, batch 2).
-MEASURED = "SD2-size fixture bundle (fp32 graphs), 2-core x86 with AVX512_BF16, OpenVINO 2026.4, onnxruntime 1.32"
+# The calibration (measured figures, stage layout, levers) lives in memory_calibration.json, which the native
+# runtime embeds too (runtime/cpp/src/memory_plan.cpp): both plan from the same numbers. Where they come from:
+# benchmarks/edge_memory.py, results and method in benchmarks/results/cpu/edge_memory.md.
+CALIBRATION_FILE = Path(__file__).with_name("memory_calibration.json")
+_CALIBRATION: dict[str, Any] = json.loads(CALIBRATION_FILE.read_text(encoding="utf-8"))
+MEASURED: str = _CALIBRATION["measured"]
 
 # The fp32 graph bytes (graph and external data) of each network of the bundle the constants were measured on;
 # a bundle's networks are scaled against these (``width_scale``).
-CALIBRATION_GRAPH_BYTES = {
-    "dape": 907_739_790,
-    "text_encoder": 1_362_176_203,
-    "vae_encoder": 136_770_531,
-    "vae_decoder": 198_105_035,
-    "controlnet": 1_957_117_733,
-    "unet": 4_508_967_151,
-}
+CALIBRATION_GRAPH_BYTES: dict[str, int] = dict(_CALIBRATION["calibration_graph_bytes"])
 
 GB = 10**9
 
@@ -113,93 +110,34 @@ class EngineMemory:
     tiled_segments: Mapping[str, TiledSegmentMemory] | None = None
 
 
+def _engine_memory(entry: Mapping[str, Any]) -> EngineMemory:
+    """One engine of memory_calibration.json (keys starting with "_" are comments)."""
+    fields = {key: value for key, value in entry.items() if not key.startswith("_")}
+    fields["activations"] = {name: Activation(float(a), float(b)) for name, (a, b) in fields["activations"].items()}
+    if "tiled_segments" in fields:  # half -> [running, held]
+        fields["tiled_segments"] = {
+            half: TiledSegmentMemory(float(a), float(b)) for half, (a, b) in fields["tiled_segments"].items()
+        }
+    return EngineMemory(**fields)
+
+
 # Keyed by (backend, the precision of the arithmetic): "bf16" for OpenVINO's bf16 and int8-bf16, "fp32" else.
 ENGINE_MEMORY: dict[tuple[str, str], EngineMemory] = {
-    # Staged, the prepared f16 IR mapped from files: the anonymous memory is the plugin's repacked bf16 copy
-    # (0.5 byte per fp32 graph byte) and the activations. Denoiser pair alone, 512 px: 4.05 GB of RssAnon
-    # (3.29 GB with int8 linear weights); the tag and prompt stages peak while preparing (2.0x the embedded
-    # weights: DAPE 1.90 GB, text encoder 2.79 GB).
-    ("openvino", "bf16"): EngineMemory(
-        base=250_000_000,  # 0.07 GB RssAnon + ~0.2 GB of the libraries' pages
-        held_per_graph_byte=0.50,
-        unbudgeted_held_per_graph_byte=1.0,  # the default run: 10.7 GB at 512 px, 13.1 GB at 1024 px
-        int8_linear_held_per_graph_byte=0.38,
-        load_per_embedded_byte=2.0,
-        load_per_external_byte=0.15,
-        mapped=True,
-        shapes_per_segment=SHAPES_KEPT_SEGMENTS,  # each with its own weights
-        activations={
-            "dape": Activation(220_000_000),
-            "text_encoder": Activation(150_000_000),
-            "vae_encoder": Activation(1_900.0),
-            "vae_decoder": Activation(3_400.0),
-            "controlnet": Activation(35_000.0),
-            "unet": Activation(55_000.0),
-        },
-        # RssAnon over the process of the VAE stages alone: encoder at 2048 px, tiles 1024 / 512 / 256 (one shape,
-        # then four held at once: 4.61, 3.04, 0.89 GB); decoder at 2048 px, latent tiles 96 (four shapes held at
-        # once: 7.35 GB) and at 1024 px, latent tiles 48 run a shape at a time (1.66 GB)
-        tiled_segments={
-            "vae_encoder": TiledSegmentMemory(running=4_150.0, held=1_950.0),
-            "vae_decoder": TiledSegmentMemory(running=5_400.0, held=2_100.0),
-        },
-    ),
-    # Not measured apart: bf16's figures with weights held at full precision and activations in f32 (twice
-    # the bytes), so that a CPU without bf16 units (where bf16 falls back to f32) still plans conservatively.
-    ("openvino", "fp32"): EngineMemory(
-        base=250_000_000,
-        held_per_graph_byte=1.0,
-        unbudgeted_held_per_graph_byte=2.0,
-        int8_linear_held_per_graph_byte=0.76,
-        load_per_embedded_byte=2.0,
-        load_per_external_byte=0.3,
-        mapped=True,
-        shapes_per_segment=SHAPES_KEPT_SEGMENTS,
-        activations={
-            "dape": Activation(440_000_000),
-            "text_encoder": Activation(300_000_000),
-            "vae_encoder": Activation(3_800.0),
-            "vae_decoder": Activation(6_800.0),
-            "controlnet": Activation(70_000.0),
-            "unet": Activation(110_000.0),
-        },
-        tiled_segments={
-            "vae_encoder": TiledSegmentMemory(running=8_300.0, held=3_900.0),
-            "vae_decoder": TiledSegmentMemory(running=10_800.0, held=4_200.0),
-        },
-    ),
-    # Staged (the fp32 reference runs of edge_memory.md): onnxruntime keeps every weight in anonymous memory,
-    # external data included (RssFile stays under 0.05 GB), and computes attention unfused (the squared term).
-    ("onnxruntime", "fp32"): EngineMemory(
-        base=150_000_000,
-        held_per_graph_byte=1.0,
-        mapped=False,
-        activations={
-            "dape": Activation(570_000_000),
-            "text_encoder": Activation(590_000_000),
-            "vae_encoder": Activation(5_700.0),
-            "vae_decoder": Activation(8_400.0),
-            "controlnet": Activation(10_000.0, 10.0),
-            "unet": Activation(70_000.0, 20.0),
-        },
-    ),
+    (backend, precision): _engine_memory(entry)
+    for (backend, _, precision), entry in (
+        (key.partition(" "), value) for key, value in _CALIBRATION["engines"].items()
+    )
 }
 
-STAGES = ("tag", "prompt", "encode", "denoise", "decode")
-STAGE_NETWORKS = {
-    "tag": ("dape",),
-    "prompt": ("text_encoder",),
-    "encode": ("vae_encoder",),
-    "denoise": ("controlnet", "unet"),
-    "decode": ("vae_decoder",),
-}
+STAGES: tuple[str, ...] = tuple(_CALIBRATION["stages"])
+STAGE_NETWORKS: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in _CALIBRATION["stage_networks"].items()}
 # The levers that change the image, smallest first: VAE decoder / encoder tiles, latent tiles.
-DECODER_TILES = (224, 160, 128, 96, 64)
-ENCODER_TILES = (1024, 768, 512, 384, 256)
-LATENT_TILES = (96, 80, 64, 48, 32)
+DECODER_TILES: tuple[int, ...] = tuple(_CALIBRATION["decoder_tiles"])
+ENCODER_TILES: tuple[int, ...] = tuple(_CALIBRATION["encoder_tiles"])
+LATENT_TILES: tuple[int, ...] = tuple(_CALIBRATION["latent_tiles"])
 # What the full-resolution VAE layers hold per image pixel and batch item (128 float32 channels in SD2's VAE),
 # times two for a tile's waiting hidden state and residual at a GroupNorm (tiled_vae.md).
-VAE_STATE_BYTES_PER_PIXEL = 2 * 128 * 4
+VAE_STATE_BYTES_PER_PIXEL: int = _CALIBRATION["vae_state_bytes_per_pixel"]
 
 
 @dataclass(frozen=True)

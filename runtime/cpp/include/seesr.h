@@ -107,6 +107,16 @@ typedef struct seesr_engine_options {
        from an upscale that finds it gone); a full disk (or file-size limit) during an upscale is
        SEESR_ERROR_OUT_OF_MEMORY, naming the file. NULL: in memory. */
     const char *tiled_vae_spill_dir;
+    /* Added after tiled_vae_spill_dir (a shorter struct_size reads as 0): the most memory, in bytes, an upscale may
+       use as a memory-limited container counts it; 0: no budget (every network stays loaded once used, the
+       fastest). Under a budget each upscale is planned as the Python runtime plans it (the same calibration and
+       arithmetic; seesr_pipeline_memory_plan_json shows the plan): each network is loaded when its stage starts
+       and freed when it ends (ControlNet and UNet only in the denoising loop), the engine maps its weights from
+       prepared IR files (in cache_dir/ir, else a private temporary folder), and where a stage still does not fit,
+       the tiled VAE's waiting tiles go to files, then (the image then differs slightly) the denoisers' linear layers
+       take int8 weights and tiles shrink. An upscale no plan fits fails with SEESR_ERROR_OPTION before any network
+       runs, naming the smallest budget that would do. CPU devices only (SEESR_ERROR_OPTION on open otherwise). */
+    uint64_t memory_budget;
 } seesr_engine_options;
 
 SEESR_API seesr_status seesr_engine_options_init(seesr_engine_options *options);
@@ -125,6 +135,19 @@ SEESR_API seesr_status seesr_pipeline_bundle_exporter_version(const seesr_pipeli
 /* The bundle's upscale options table (its manifest's pipeline.options, as JSON: name, type, default,
    minimum/maximum or choices, help). Lives as long as the pipeline. */
 SEESR_API seesr_status seesr_pipeline_options_json(const seesr_pipeline *pipeline, const char **out);
+
+/* Compiled models alive now in the pipeline's engine, per network or tiled-VAE segment ("vae_decoder#3"), as a JSON
+   object ({"controlnet": 1, "unet": 1}; {} when none): how a caller (or a test) sees a memory budget's stages free
+   their networks. Safe to call from a progress callback. Free the string with seesr_string_free. */
+SEESR_API seesr_status seesr_pipeline_resident_json(const seesr_pipeline *pipeline, char **out);
+
+/* A string the library allocated for the caller (NULL is accepted and ignored). */
+SEESR_API void seesr_string_free(char *text);
+
+/* A size in bytes from text as the Python runtime's memory_budget option reads it: a whole number of bytes, or a
+   number with a unit ("4GB", "2500MB", "4GiB", "3.5 GB"; B, KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB:
+   powers of 1024). SEESR_ERROR_OPTION naming `name`, the text and these forms for anything else. */
+SEESR_API seesr_status seesr_parse_byte_size(const char *name, const char *text, uint64_t *out);
 
 /* ------------------------------------------------------------------ per-call options */
 
@@ -177,6 +200,15 @@ SEESR_API seesr_status seesr_upscale(seesr_pipeline *pipeline, const uint8_t *rg
 /* Only the tags and prompt of an image (runs the tagger, not the diffusion); read them from the result. */
 SEESR_API seesr_status seesr_describe(seesr_pipeline *pipeline, const uint8_t *rgb, int32_t width, int32_t height,
                                       int32_t stride, const seesr_options *options, seesr_image **out);
+
+/* The memory plan of an upscale of a `width` x `height` image with `options` (NULL: the bundle's defaults) under the
+   pipeline's memory_budget, as a JSON object with the keys and values of the Python runtime's MemoryPlan.to_json
+   (budget, engine, staged, tile sizes, spill, int8_linear, stages with their networks, weights, working memory,
+   loading, kept and peak bytes, changed, peak); computed without running anything. Without a budget: the plan that
+   keeps every network resident (budget null). A budget no plan fits: SEESR_ERROR_OPTION naming the smallest budget
+   that would do, as seesr_upscale would fail. Free the string with seesr_string_free. */
+SEESR_API seesr_status seesr_pipeline_memory_plan_json(const seesr_pipeline *pipeline, int32_t width, int32_t height,
+                                                       const seesr_options *options, char **out);
 
 SEESR_API void seesr_image_free(seesr_image *image);
 /* The result's pixels: RGB8, rows tightly packed (stride = 3 * width); NULL from seesr_describe. */

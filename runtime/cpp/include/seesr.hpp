@@ -60,6 +60,15 @@ private:
     }
     T *raw_ = nullptr;
 };
+// The string `query(&out)` allocated, copied and freed (seesr_string_free).
+template <typename Query>
+std::string owned_text(const Query &query) {
+    char *text = nullptr;
+    const seesr_status status = query(&text);
+    const Handle<char, seesr_string_free> freed(text);
+    check(status);
+    return text != nullptr ? text : "";
+}
 }  // namespace detail
 
 inline std::string version() { return seesr_version(); }
@@ -81,7 +90,15 @@ struct EngineOptions {
     std::string cache_dir;  // empty: no cache
     seesr_verify verify = SEESR_VERIFY_AUTO;
     std::string tiled_vae_spill_dir;  // empty: the tiled VAE's waiting tile states stay in memory (seesr.h)
+    std::uint64_t memory_budget = 0;  // bytes (parse_byte_size reads "4GB"); 0: none (seesr.h)
 };
+
+// "4GB", "2500MB", "4GiB", bytes: a size as the memory_budget option reads it (seesr_parse_byte_size).
+inline std::uint64_t parse_byte_size(const std::string &text, const std::string &name = "memory_budget") {
+    std::uint64_t bytes = 0;
+    detail::check(seesr_parse_byte_size(name.c_str(), text.c_str(), &bytes));
+    return bytes;
+}
 
 class Image {
 public:
@@ -111,6 +128,7 @@ public:
         raw.cache_dir = engine.cache_dir.empty() ? nullptr : engine.cache_dir.c_str();
         raw.verify = engine.verify;
         raw.tiled_vae_spill_dir = engine.tiled_vae_spill_dir.empty() ? nullptr : engine.tiled_vae_spill_dir.c_str();
+        raw.memory_budget = engine.memory_budget;
         seesr_pipeline *opened = nullptr;
         detail::check(seesr_pipeline_open(bundle.c_str(), &raw, &opened));
         handle_ = detail::Handle<seesr_pipeline, seesr_pipeline_close>(opened);
@@ -125,6 +143,12 @@ public:
         return version;
     }
 
+    // Compiled models alive now, per network (seesr_pipeline_resident_json), as JSON.
+    std::string resident_json() const {
+        return detail::owned_text([&](char **out) { return seesr_pipeline_resident_json(handle_.get(), out); });
+    }
+    // The memory plan of a `width` x `height` upscale (seesr_pipeline_memory_plan_json), as JSON.
+    inline std::string memory_plan_json(int width, int height, const Options *options = nullptr) const;
     inline Image upscale(const std::uint8_t *rgb, int width, int height, int stride, const Options *options = nullptr);
     inline Image describe(const std::uint8_t *rgb, int width, int height, int stride, const Options *options = nullptr);
 
@@ -185,6 +209,12 @@ public:
 private:
     detail::Handle<seesr_options, seesr_options_free> handle_;
 };
+
+inline std::string Pipeline::memory_plan_json(int width, int height, const Options *options) const {
+    return detail::owned_text([&](char **out) {
+        return seesr_pipeline_memory_plan_json(get(), width, height, options ? options->get() : nullptr, out);
+    });
+}
 
 inline Image Pipeline::upscale(const std::uint8_t *rgb, int width, int height, int stride, const Options *options) {
     seesr_image *out = nullptr;

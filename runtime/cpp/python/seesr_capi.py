@@ -32,6 +32,7 @@ class EngineOptions(ctypes.Structure):
         ("cache_dir", ctypes.c_char_p),
         ("verify", ctypes.c_int),
         ("tiled_vae_spill_dir", ctypes.c_char_p),
+        ("memory_budget", ctypes.c_uint64),
     ]
 
 
@@ -45,8 +46,17 @@ def load_library(path: Path) -> ctypes.CDLL:
     setters = {"int": ctypes.c_int64, "float": ctypes.c_double, "bool": ctypes.c_int, "string": ctypes.c_char_p}
     for kind, value_type in setters.items():
         getattr(lib, f"seesr_options_set_{kind}").argtypes = [ctypes.c_void_p, ctypes.c_char_p, value_type]
-    for name in ("seesr_pipeline_close", "seesr_options_free", "seesr_image_free"):
+    for name in ("seesr_pipeline_close", "seesr_options_free", "seesr_image_free", "seesr_string_free"):
         getattr(lib, name).argtypes = [ctypes.c_void_p]
+    lib.seesr_pipeline_memory_plan_json.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_void_p),
+    ]
+    lib.seesr_pipeline_resident_json.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+    lib.seesr_parse_byte_size.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint64)]
     image_accessors = {"pixels": ctypes.c_void_p, "tags": ctypes.c_char_p, "prompt": ctypes.c_char_p}
     image_accessors.update(dict.fromkeys(("width", "height", "stride"), ctypes.c_int32))
     for field, result_type in image_accessors.items():
@@ -60,6 +70,30 @@ def engine_info(lib: ctypes.CDLL, engine: str | None = "openvino") -> dict:
     text = ctypes.c_char_p()
     call(lib, "seesr_engine_info_json", engine.encode() if engine is not None else None, ctypes.byref(text))
     return json.loads(text.value)
+
+
+def owned_json(lib: ctypes.CDLL, function: str, *args: object) -> object:
+    """The JSON string ``lib.function(*args, &out)`` allocates, parsed, then freed (seesr_string_free)."""
+    text = ctypes.c_void_p()
+    call(lib, function, *args, ctypes.byref(text))
+    try:
+        return json.loads(ctypes.string_at(text.value))
+    finally:
+        lib.seesr_string_free(text)
+
+
+def resident(lib: ctypes.CDLL, pipeline: ctypes.c_void_p) -> dict[str, int]:
+    """seesr_pipeline_resident_json: compiled models alive now, per network."""
+    alive = owned_json(lib, "seesr_pipeline_resident_json", pipeline)
+    assert isinstance(alive, dict)
+    return alive
+
+
+def memory_plan(lib: ctypes.CDLL, pipeline: ctypes.c_void_p, width: int, height: int, options: object = None) -> dict:
+    """seesr_pipeline_memory_plan_json for a ``width`` x ``height`` image (``options``: a seesr_options or None)."""
+    plan = owned_json(lib, "seesr_pipeline_memory_plan_json", pipeline, width, height, options)
+    assert isinstance(plan, dict)
+    return plan
 
 
 def call(lib: ctypes.CDLL, function: str, *args: object) -> None:

@@ -4,6 +4,7 @@
 
 #include "engine.hpp"
 #include "failure.hpp"
+#include "memory_plan.hpp"
 #include "pipeline.hpp"
 #include "tiled_vae.hpp"
 #include "unicode_text.hpp"
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -81,6 +83,14 @@ void require(const T *pointer, const char *what) {
 
 std::string text_or(const char *value, const char *fallback) { return value != nullptr ? value : fallback; }
 
+// `text` copied into malloc'd memory the caller frees with seesr_string_free.
+char *allocated(const std::string &text) {
+    char *copy = static_cast<char *>(std::malloc(text.size() + 1));
+    if (copy == nullptr) throw std::bad_alloc();
+    std::memcpy(copy, text.c_str(), text.size() + 1);
+    return copy;
+}
+
 // The first release's seesr_engine_options ended with `verify`: a caller built against it passes this size or
 // its padded sizeof, and the fields added since keep their defaults.
 constexpr std::size_t kFirstEngineOptionsSize = offsetof(seesr_engine_options, verify) + sizeof(seesr_verify);
@@ -111,6 +121,10 @@ void check_engine_options(const seesr_engine_options &options) {
     if (options.verify < SEESR_VERIFY_AUTO || options.verify > SEESR_VERIFY_NEVER) {
         throw seesr::Failure(SEESR_ERROR_INVALID_ARGUMENT, "verify must be SEESR_VERIFY_AUTO, _ALWAYS or _NEVER, got " +
                                                                std::to_string(static_cast<int>(options.verify)));
+    }
+    if (options.memory_budget > static_cast<std::uint64_t>(INT64_MAX)) {
+        throw seesr::option_error("memory_budget must be at most " + std::to_string(INT64_MAX) + " bytes, got " +
+                                  std::to_string(options.memory_budget));
     }
     // On open rather than at the first tiled upscale, which may come hours later or never for small images.
     if (options.tiled_vae_spill_dir != nullptr) seesr::check_spill_dir(options.tiled_vae_spill_dir);
@@ -230,8 +244,11 @@ seesr_status seesr_pipeline_open(const char *bundle_path, const seesr_engine_opt
             seesr::verify_bundle(manifest, engine.verify == SEESR_VERIFY_ALWAYS ? seesr::VerifyMode::always
                                                                                 : seesr::VerifyMode::automatic);
         }
+        std::optional<std::int64_t> budget;
+        if (engine.memory_budget != 0) budget = static_cast<std::int64_t>(engine.memory_budget);
         auto opened = std::make_unique<seesr::Pipeline>(std::move(manifest), text_or(engine.engine, "openvino"),
-                                                        engine_settings(engine), text_or(engine.tiled_vae_spill_dir, ""));
+                                                        engine_settings(engine), text_or(engine.tiled_vae_spill_dir, ""),
+                                                        budget);
         const seesr::Json &data = opened->manifest().data();
         std::string exporter = data["provenance"].value("/versions/seesr_export"_json_pointer, std::string());
         std::string name = data["name"].get<std::string>();
@@ -271,6 +288,48 @@ seesr_status seesr_pipeline_options_json(const seesr_pipeline *pipeline, const c
         require(pipeline, "pipeline");
         require(out, "out");
         *out = pipeline->pipeline->options()->json_text().c_str();
+    });
+}
+
+seesr_status seesr_pipeline_resident_json(const seesr_pipeline *pipeline, char **out) {
+    return guarded([&] {
+        require(pipeline, "pipeline");
+        require(out, "out");
+        *out = nullptr;
+        seesr::Json alive = seesr::Json::object();
+        for (const auto &[name, count] : pipeline->pipeline->resident()) alive[name] = count;
+        *out = allocated(alive.dump());
+    });
+}
+
+void seesr_string_free(char *text) { std::free(text); }
+
+seesr_status seesr_parse_byte_size(const char *name, const char *text, uint64_t *out) {
+    return guarded([&] {
+        require(name, "name");
+        require(text, "text");
+        require(out, "out");
+        *out = static_cast<uint64_t>(seesr::parse_byte_size(name, text));
+    });
+}
+
+seesr_status seesr_pipeline_memory_plan_json(const seesr_pipeline *pipeline, int32_t width, int32_t height,
+                                             const seesr_options *options, char **out) {
+    return guarded([&] {
+        require(pipeline, "pipeline");
+        require(out, "out");
+        *out = nullptr;
+        if (width <= 0 || height <= 0) {
+            throw seesr::Failure(SEESR_ERROR_IMAGE, "image size must be positive, got " + std::to_string(width) + "x" +
+                                                        std::to_string(height));
+        }
+        const seesr::Options none;
+        const std::optional<seesr::MemoryPlan> plan =
+            pipeline->pipeline->memory_plan(width, height, options != nullptr ? options->given : none);
+        if (!plan) {
+            throw seesr::Failure(SEESR_ERROR_NOT_IMPLEMENTED, "the memory of this pipeline's engine is not modelled");
+        }
+        *out = allocated(plan->to_json().dump());
     });
 }
 

@@ -6,7 +6,9 @@
 #include "manifest.hpp"
 #include "tensor.hpp"
 
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -18,6 +20,10 @@ struct EngineSettings {
     std::string precision = "fp32";
     int threads = 0;        // 0: the engine's choice
     std::string cache_dir;  // empty: no cache
+    // Compile from prepared IR whose weights the engine maps from the file (what a memory budget asks for): the
+    // source weights are then clean page cache the kernel can drop, not a copy in memory (the Python backend's
+    // map_weights). The IR goes to cache_dir, or to a private temporary folder removed with the engine.
+    bool map_weights = false;
 };
 
 // One network held at fixed input shapes by one thread for many runs (the ControlNet and UNet of one sampling
@@ -56,6 +62,20 @@ public:
     // once its tiles are done), whose activations would otherwise stay allocated through the rest of the image and
     // the next one. An engine without such memory does nothing.
     virtual void release_working_memory(const std::string &network) = 0;
+    // Free the compiled models of `network` and of its tiled-VAE segments ("vae_decoder#0", ...) that no call is
+    // using, and give the memory back to the system (a staged memory plan's stage end).
+    virtual void release(const std::string &network) = 0;
+    // Compiled models alive now, per network or segment (only those with at least one).
+    virtual std::map<std::string, std::size_t> resident() const = 0;
+    // From now on compile `networks` with their linear layers' weights in int8, the others without (fp32 graphs
+    // only): a memory plan's lever for the denoisers. Compiled models made the other way are not reused.
+    virtual void compress_linear(const std::set<std::string> &networks) = 0;
+    // Networks whose prepared IR exists already (loading them skips reading the ONNX graph; see map_weights).
+    virtual std::set<std::string> prepared() const = 0;
+    // Which of the bundle's graphs `network` runs ("fp32", "int8").
+    virtual std::string graph_precision(const std::string &network) const = 0;
+    // The precision the engine computes in, as the memory calibration keys it: "bf16" or "fp32".
+    virtual std::string arithmetic() const = 0;
     // Shapes compiled so far, every network together (one compiled again after being dropped counts again).
     virtual std::size_t compiles() const = 0;
     virtual std::string name() const = 0;

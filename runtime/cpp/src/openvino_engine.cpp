@@ -10,10 +10,19 @@
 #include <openvino/openvino.hpp>
 
 #include <algorithm>
+#include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
+#include <system_error>
+#include <unistd.h>
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 namespace seesr {
 namespace {
@@ -35,6 +44,29 @@ std::string joined(const std::vector<std::string> &names) {
 }
 
 Failure engine_error(const std::string &message) { return Failure(SEESR_ERROR_ENGINE, message); }
+
+// glibc keeps freed pages of its heaps for reuse: hand them back after a network is released (heap.py's reason).
+void return_freed_memory() {
+#if defined(__GLIBC__)
+    malloc_trim(0);
+#endif
+}
+
+// Whether `name` is `network` or one of its tiled-VAE segments ("vae_decoder#3").
+bool part_of(const std::string &name, const std::string &network) {
+    return name == network || name.rfind(network + "#", 0) == 0;
+}
+
+// A private folder for the prepared IR of one engine's life (map_weights without a cache folder).
+std::filesystem::path private_ir_folder() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "seesr-ov-ir-XXXXXX").string();
+    if (mkdtemp(pattern.data()) == nullptr) {
+        throw engine_error("cannot create a folder for OpenVINO's prepared IR in " +
+                           std::filesystem::temp_directory_path().string() + ": " +
+                           std::error_code(errno, std::generic_category()).message());
+    }
+    return pattern;
+}
 
 const PrecisionPolicy &checked_policy(const std::string &precision) {
     const PrecisionPolicy *policy = precision_policy(precision);
@@ -189,9 +221,36 @@ public:
         if (settings.threads > 0) config_.insert(ov::inference_num_threads(settings.threads));
         f32_config_ = config_;
         f32_config_[ov::hint::inference_precision.name()] = ov::element::f32;
+        if (settings.map_weights) {
+            if (settings.cache_dir.empty()) {
+                ir_dir_ = private_ir_folder();
+                owns_ir_dir_ = true;
+            } else {
+                ir_dir_ = std::filesystem::path(settings.cache_dir) / "ir";
+            }
+        }
     }
+    ~OpenVinoEngine() override {
+        networks_.clear();  // the compiled models map the IR files: gone before the files
+        if (owns_ir_dir_) {
+            std::error_code ignored;
+            std::filesystem::remove_all(ir_dir_, ignored);
+        }
+    }
+    OpenVinoEngine(const OpenVinoEngine &) = delete;
+    OpenVinoEngine &operator=(const OpenVinoEngine &) = delete;
 
     std::string name() const override { return "openvino"; }
+
+    // Which of the bundle's graphs `network` runs: the policy's, but int8 bundles quantize only UNet and
+    // ControlNet, so the other networks (and the tiled VAE's segments) run their fp32 graphs.
+    std::string graph_precision(const std::string &network) const override {
+        if (policy_.graphs == "int8" && !manifest_.entry(network).value("files", Json::object()).contains("int8")) {
+            return "fp32";
+        }
+        return policy_.graphs;
+    }
+
 
     std::vector<Tensor> run(const std::string &network, const std::vector<NamedTensor> &feeds) override {
         InputShapes shapes;
@@ -228,6 +287,52 @@ public:
             throw engine_error("OpenVINO could not release the working memory of " + network + ": " + error.what());
         }
     }
+
+    void release(const std::string &network) override {
+        std::vector<Network *> held;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            for (const auto &[name, entry] : networks_) {
+                if (part_of(name, network)) held.push_back(entry.get());
+            }
+        }
+        for (Network *entry : held) entry->models.release();  // entries live as long as the engine
+        return_freed_memory();
+    }
+
+    std::map<std::string, std::size_t> resident() const override {
+        std::lock_guard<std::mutex> lock(mutex_);
+        std::map<std::string, std::size_t> alive;
+        for (const auto &[name, entry] : networks_) {
+            if (const std::size_t count = entry->models.size()) alive[name] = count;
+        }
+        return alive;
+    }
+
+    void compress_linear(const std::set<std::string> &networks) override {
+        std::lock_guard<std::mutex> lock(mutex_);
+        int8_linear_ = policy_.graphs == "fp32" ? networks : std::set<std::string>();
+    }
+
+    std::set<std::string> prepared() const override {
+        std::set<std::string> found;
+        std::error_code error;
+        if (ir_dir_.empty() || !std::filesystem::is_directory(ir_dir_, error)) return found;
+        for (const auto &file : std::filesystem::directory_iterator(ir_dir_, error)) {
+            const std::string name = file.path().filename().string();
+            const std::size_t dot = name.find('.');
+            if (dot == std::string::npos || dot == 0 || file.path().extension() != ".xml") continue;
+            const std::string network = name.substr(0, dot);
+            if (!manifest_.data().at("networks").contains(network)) continue;  // a segment, or another bundle's
+            if (name.find(".timestep.") == std::string::npos &&
+                name.compare(dot + 1, graph_precision(network).size() + 1, graph_precision(network) + ".") == 0) {
+                found.insert(network);
+            }
+        }
+        return found;
+    }
+
+    std::string arithmetic() const override { return policy_.hint == "bf16" ? "bf16" : "fp32"; }
 
     std::size_t compiles() const override {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -276,15 +381,6 @@ private:
                            policy_.name + "' (build it with --precision int8)");
     }
 
-    // Which of the bundle's graphs `network` runs: the policy's, but int8 bundles quantize only UNet and
-    // ControlNet, so the other networks (and the tiled VAE's segments) run their fp32 graphs.
-    std::string graph_precision(const std::string &network) const {
-        if (policy_.graphs == "int8" && !manifest_.entry(network).value("files", Json::object()).contains("int8")) {
-            return "fp32";
-        }
-        return policy_.graphs;
-    }
-
     // One network's compiled shapes and its output names (read once).
     struct Network {
         Network(const std::string &name, std::vector<std::string> output_names)
@@ -319,28 +415,92 @@ private:
     // on first use outside any lock other calls wait on (models.use), the least recently used shape of the
     // network dropped beyond shapes_kept.
     Models::Use compiled(Network &entry, const InputShapes &shapes) {
-        const std::string key = shapes_key(shapes);
-        return entry.models.use(key, [&] { return compile(entry.models.network(), shapes, key); });
+        const std::string &network = entry.models.network();
+        bool int8 = false;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            int8 = int8_linear_.count(network) > 0;
+        }
+        const std::string key = shapes_key(shapes) + (int8 ? "int8-linear" : "");
+        return entry.models.use(key, [&] { return compile(network, shapes, key, int8); });
     }
 
-    std::shared_ptr<Compiled> compile(const std::string &network, const InputShapes &shapes, const std::string &key) {
+    // `network` read, reshaped and prepared for the policy (the f32 timestep path cut out, int8 linear weights,
+    // f16 weights): (main model, timestep path or null).
+    std::pair<std::shared_ptr<ov::Model>, std::shared_ptr<ov::Model>> prepare(const std::string &network,
+                                                                               const InputShapes &shapes, bool int8) {
         const std::filesystem::path graph = manifest_.graph_path(network, graph_precision(network));
+        std::shared_ptr<ov::Model> model =
+            settings_.map_weights ? core_.read_model(graph.string(), "", {ov::enable_mmap(true)})
+                                  : core_.read_model(graph.string());
+        std::map<std::string, ov::PartialShape> partial;
+        for (const auto &[name, shape] : shapes) {
+            partial[name] = ov::PartialShape(std::vector<ov::Dimension>(shape.begin(), shape.end()));
+        }
+        model->reshape(partial);
+        std::shared_ptr<ov::Model> timestep_path;
+        if (reduced_hint(policy_) && keeps_timestep_f32(network)) timestep_path = split_timestep_path(model);
+        if (int8) compress_linear_weights_int8(model);
+        if (compresses_weights(policy_)) compress_weights_to_f16(model);
+        return {model, timestep_path};
+    }
+
+    // The prepared IR of `network` at these shapes in ir_dir_, written once (each .xml after its .bin, the main
+    // model's last, so an existing main .xml is a complete entry): the name pins the graph files' sha256, the
+    // shapes, the int8 flag and the precision, so a rebuilt bundle or another setting gets new files. Returns the
+    // files of the main model and of the timestep path (empty when it does not run apart).
+    std::pair<std::filesystem::path, std::filesystem::path> prepared_ir(const std::string &network,
+                                                                        const InputShapes &shapes,
+                                                                        const std::string &key, bool int8) {
+        std::filesystem::create_directories(ir_dir_);
+        const std::string precision = graph_precision(network);
+        const Json &files = manifest_.entry(network).at("files");
+        const Json &graph = files.contains(precision) ? files[precision] : files.at("fp32");
+        const std::string identity = graph.value("sha256", Json::object()).dump() + "|" + key + "|" + policy_.name;
+        const std::string stem = network + "." + precision + "." + std::to_string(std::hash<std::string>()(identity));
+        const std::filesystem::path xml = ir_dir_ / (stem + ".xml"), timestep_xml = ir_dir_ / (stem + ".timestep.xml");
+        const bool split = reduced_hint(policy_) && keeps_timestep_f32(network);
+        if (std::filesystem::exists(xml)) return {xml, split ? timestep_xml : std::filesystem::path()};
+        const auto [model, timestep_path] = prepare(network, shapes, int8);
+        if (timestep_path) save_ir(timestep_path, timestep_xml);
+        save_ir(model, xml);
+        return {xml, timestep_path ? timestep_xml : std::filesystem::path()};
+    }
+
+    // `model` written as IR at `xml` through a temporary name, the .bin moved into place before the .xml.
+    static void save_ir(const std::shared_ptr<ov::Model> &model, const std::filesystem::path &xml) {
+        const std::filesystem::path tmp =
+            xml.parent_path() / ("." + xml.stem().string() + "." + std::to_string(getpid()) + ".tmp.xml");
+        ov::save_model(model, tmp.string(), false);
+        std::filesystem::rename(std::filesystem::path(tmp).replace_extension(".bin"),
+                                std::filesystem::path(xml).replace_extension(".bin"));
+        std::filesystem::rename(tmp, xml);
+    }
+
+    std::shared_ptr<Compiled> compile(const std::string &network, const InputShapes &shapes, const std::string &key,
+                                      bool int8) {
         try {
-            std::shared_ptr<ov::Model> model = core_.read_model(graph.string());
-            std::map<std::string, ov::PartialShape> partial;
-            for (const auto &[name, shape] : shapes) {
-                partial[name] = ov::PartialShape(std::vector<ov::Dimension>(shape.begin(), shape.end()));
-            }
-            model->reshape(partial);
+            std::optional<ov::CompiledModel> main, timestep;
             std::shared_ptr<ov::Model> timestep_path;
-            if (reduced_hint(policy_) && keeps_timestep_f32(network)) timestep_path = split_timestep_path(model);
-            if (compresses_weights(policy_)) compress_weights_to_f16(model);
-            ov::CompiledModel main = core_.compile_model(model, settings_.device, config_);
-            std::optional<ov::CompiledModel> timestep;
+            if (settings_.map_weights) {  // the IR's weights stay file pages, mapped for the compiled model's life
+                const auto [xml, timestep_xml] = prepared_ir(network, shapes, key, int8);
+                ov::AnyMap mapped = config_;
+                mapped[ov::enable_mmap.name()] = true;
+                main = core_.compile_model(xml.string(), settings_.device, mapped);
+                if (!timestep_xml.empty()) timestep_path = core_.read_model(timestep_xml.string());
+            } else {
+                std::shared_ptr<ov::Model> model;
+                std::tie(model, timestep_path) = prepare(network, shapes, int8);
+                main = core_.compile_model(model, settings_.device, config_);
+            }
             if (timestep_path) timestep = core_.compile_model(timestep_path, settings_.device, f32_config_);
-            return std::make_shared<Compiled>(std::move(main), std::move(timestep));
+            return std::make_shared<Compiled>(std::move(*main), std::move(timestep));
         } catch (const ov::Exception &error) {
-            throw engine_error("OpenVINO could not prepare " + network + " (" + graph.string() + ") for shapes " + key +
+            throw engine_error("OpenVINO could not prepare " + network + " (" +
+                               manifest_.graph_path(network, graph_precision(network)).string() + ") for shapes " +
+                               key + ": " + error.what());
+        } catch (const std::filesystem::filesystem_error &error) {
+            throw engine_error("OpenVINO could not write the prepared IR of " + network + " in " + ir_dir_.string() +
                                ": " + error.what());
         }
     }
@@ -352,6 +512,9 @@ private:
     ov::AnyMap config_;
     ov::AnyMap f32_config_;  // the timestep path's: config_ with an f32 inference precision
     mutable std::mutex mutex_;  // guards networks_ only, never held while compiling or running
+    std::set<std::string> int8_linear_;  // networks compiled with int8 linear weights (guarded by mutex_)
+    std::filesystem::path ir_dir_;       // prepared IR (map_weights); empty: none
+    bool owns_ir_dir_ = false;           // a private folder, removed with the engine
     std::map<std::string, std::unique_ptr<Network>> networks_;
 };
 

@@ -1,10 +1,15 @@
 #include "openvino_precision.hpp"
 
+#include <openvino/op/constant.hpp>
+#include <openvino/op/convert.hpp>
+#include <openvino/op/matmul.hpp>
+#include <openvino/op/multiply.hpp>
 #include <openvino/op/parameter.hpp>
 #include <openvino/pass/constant_folding.hpp>
 #include <openvino/pass/manager.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <unordered_set>
 #include <vector>
@@ -135,6 +140,44 @@ std::shared_ptr<ov::Model> split_timestep_path(const std::shared_ptr<ov::Model> 
 
 void compress_weights_to_f16(const std::shared_ptr<ov::Model> &model) {
     if (ov::pass::compress_model_to_f16 != nullptr) ov::pass::compress_model_to_f16(model, false);
+}
+
+std::size_t compress_linear_weights_int8(const std::shared_ptr<ov::Model> &model) {
+    std::size_t compressed = 0;
+    for (const std::shared_ptr<ov::Node> &op : model->get_ordered_ops()) {
+        const auto matmul = std::dynamic_pointer_cast<ov::op::v0::MatMul>(op);
+        if (!matmul) continue;
+        const auto weights = std::dynamic_pointer_cast<ov::op::v0::Constant>(matmul->get_input_node_shared_ptr(1));
+        if (!weights || weights->get_element_type() != ov::element::f32 || weights->get_shape().size() != 2) continue;
+        const ov::Shape shape = weights->get_shape();
+        const std::size_t rows = shape[0], columns = shape[1];
+        // one scale per output channel: the maximum over the input-channel axis (1 when transposed, else 0)
+        const bool transposed = matmul->get_transpose_b();
+        const float *values = weights->get_data_ptr<float>();
+        std::vector<float> scale(transposed ? rows : columns, 0.0f);
+        for (std::size_t r = 0; r < rows; ++r) {
+            for (std::size_t c = 0; c < columns; ++c) {
+                float &most = scale[transposed ? r : c];
+                most = std::max(most, std::fabs(values[r * columns + c]));
+            }
+        }
+        for (float &s : scale) s = s == 0.0f ? 1.0f : s / 127.0f;  // numpy: max / float32(127), zeros to 1
+        std::vector<std::int8_t> quantized(rows * columns);
+        for (std::size_t r = 0; r < rows; ++r) {
+            for (std::size_t c = 0; c < columns; ++c) {
+                const float q = std::nearbyint(values[r * columns + c] / scale[transposed ? r : c]);  // half to even
+                quantized[r * columns + c] = static_cast<std::int8_t>(std::clamp(q, -127.0f, 127.0f));
+            }
+        }
+        const ov::Shape scale_shape = transposed ? ov::Shape{rows, 1} : ov::Shape{1, columns};
+        const auto stored = std::make_shared<ov::op::v0::Constant>(ov::element::i8, shape, quantized);
+        const auto widened = std::make_shared<ov::op::v0::Convert>(stored, ov::element::f32);
+        const auto scales = std::make_shared<ov::op::v0::Constant>(ov::element::f32, scale_shape, scale);
+        const auto decompressed = std::make_shared<ov::op::v1::Multiply>(widened, scales);
+        matmul->input(1).replace_source_output(decompressed->output(0));
+        ++compressed;
+    }
+    return compressed;
 }
 
 }  // namespace seesr

@@ -47,4 +47,10 @@ std::shared_ptr<ov::Model> split_timestep_path(const std::shared_ptr<ov::Model> 
 // the weights stay f32 (more memory, same results), as in the Python backend.
 void compress_weights_to_f16(const std::shared_ptr<ov::Model> &model);
 
+// compress_linear_weights_int8: the constant f32 weights of `model`'s matrix products (its linear layers) stored
+// as int8 with one f32 scale per output channel (symmetric, rounded to nearest even), in place, as the Python
+// backend stores them; returns how many. The CPU plugin keeps weights of this form in int8 inside its
+// FullyConnected kernels. Convolutions are left alone.
+std::size_t compress_linear_weights_int8(const std::shared_ptr<ov::Model> &model);
+
 }  // namespace seesr

@@ -73,11 +73,11 @@ Pipeline::Tagger Pipeline::read_tagger(const Manifest &manifest) {
 }
 
 Pipeline::Pipeline(const std::filesystem::path &bundle, const std::string &engine, const EngineSettings &settings,
-                   std::filesystem::path tiled_vae_spill_dir)
-    : Pipeline(Manifest::load(bundle), engine, settings, std::move(tiled_vae_spill_dir)) {}
+                   std::filesystem::path tiled_vae_spill_dir, std::optional<std::int64_t> memory_budget)
+    : Pipeline(Manifest::load(bundle), engine, settings, std::move(tiled_vae_spill_dir), memory_budget) {}
 
 Pipeline::Pipeline(Manifest manifest, const std::string &engine, const EngineSettings &settings,
-                   std::filesystem::path tiled_vae_spill_dir)
+                   std::filesystem::path tiled_vae_spill_dir, std::optional<std::int64_t> memory_budget)
     : manifest_(std::move(manifest)),
       options_(std::make_shared<const OptionTable>(
           OptionTable::from_pipeline(manifest_.data()["pipeline"], manifest_.root().string()))),
@@ -102,7 +102,48 @@ Pipeline::Pipeline(Manifest manifest, const std::string &engine, const EngineSet
     }
     start_step_ = start.get<std::int64_t>();
     tiled_vae_spill_dir_ = std::move(tiled_vae_spill_dir);
-    engine_ = create_engine(engine, manifest_, settings);
+    memory_budget_ = memory_budget;
+    settings_ = settings;
+    if (memory_budget_) {
+        if (*memory_budget_ < 1) {
+            throw option_error("memory_budget must be a positive number of bytes, got " + std::to_string(*memory_budget_));
+        }
+        // the budget plans host memory, for an engine that frees networks between stages (pipeline.py's rule)
+        if (settings_.device.rfind("CPU", 0) != 0) {
+            throw option_error("memory_budget plans host memory for the CPU; this pipeline runs " + engine + " on " +
+                               settings_.device);
+        }
+        settings_.map_weights = true;
+    }
+    engine_ = create_engine(engine, manifest_, settings_);
+    if (memory_budget_ && engine_memory(engine_->name(), engine_->arithmetic()) == nullptr) {
+        throw option_error("memory_budget: the memory of " + engine_->name() + " at " + engine_->arithmetic() +
+                           " is not measured");
+    }
+}
+
+NetworkBytes Pipeline::network_bytes_once() const {
+    std::call_once(bytes_once_, [this] {
+        std::map<std::string, std::string> precision_of;
+        for (const auto &[network, entry] : manifest_.data().at("networks").items()) {
+            precision_of[network] = engine_->graph_precision(network);
+        }
+        bytes_ = network_bytes(manifest_, precision_of);
+    });
+    return bytes_;
+}
+
+std::optional<MemoryPlan> Pipeline::memory_plan(std::int64_t width, std::int64_t height, const UpscaleOptions &o) const {
+    const EngineMemory *engine = engine_memory(engine_->name(), engine_->arithmetic());
+    if (engine == nullptr) return std::nullopt;
+    return plan_memory(Workload::of(width, height, o), network_bytes_once(), *engine,
+                       engine_->name() + " " + settings_.precision, memory_budget_, engine_->prepared());
+}
+
+std::optional<MemoryPlan> Pipeline::memory_plan(std::int64_t width, std::int64_t height, const Options &given) const {
+    const UpscaleOptions o = options_->upscale_options(given);
+    check_image_size(width, height, o.max_pixels);
+    return memory_plan(width, height, o);
 }
 
 Pipeline::Tagged Pipeline::tag(const RgbView &image) const {

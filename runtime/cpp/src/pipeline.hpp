@@ -7,6 +7,7 @@
 #include "engine.hpp"
 #include "imaging.hpp"
 #include "manifest.hpp"
+#include "memory_plan.hpp"
 #include "noise.hpp"
 #include "option_table.hpp"
 #include "resample.hpp"
@@ -14,8 +15,10 @@
 #include "text_encoder.hpp"
 
 #include <functional>
+#include <mutex>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,6 +34,7 @@ struct Description {
 struct Upscaled {
     Rgb8Image image;
     std::string tags, prompt;
+    std::optional<MemoryPlan> memory_plan;  // under a memory budget: what was resident when, and the tiles
 };
 
 // What a caller follows or replaces during an upscale; all optional.
@@ -49,12 +53,15 @@ std::string format_prompt(const std::string &templ, const std::map<std::string, 
 class Pipeline {
 public:
     // Read the bundle (manifest, options table, tokenizer, tagger) and start its engine. `tiled_vae_spill_dir`:
-    // where the tiled VAE keeps its waiting tile states (run_tiled_vae); empty: in memory.
+    // where the tiled VAE keeps its waiting tile states (run_tiled_vae); empty: in memory. `memory_budget`: bytes
+    // each upscale is planned to stay under (memory_plan.hpp; the engine then maps its weights from prepared
+    // files); none: every network stays loaded once used. An option error for a budget on an engine or device
+    // whose memory is not modelled.
     Pipeline(const std::filesystem::path &bundle, const std::string &engine, const EngineSettings &settings,
-             std::filesystem::path tiled_vae_spill_dir = {});
+             std::filesystem::path tiled_vae_spill_dir = {}, std::optional<std::int64_t> memory_budget = {});
     // The same over a manifest already loaded (Manifest::load), which the pipeline keeps.
     Pipeline(Manifest manifest, const std::string &engine, const EngineSettings &settings,
-             std::filesystem::path tiled_vae_spill_dir = {});
+             std::filesystem::path tiled_vae_spill_dir = {}, std::optional<std::int64_t> memory_budget = {});
 
     const Manifest &manifest() const { return manifest_; }
     const std::shared_ptr<const OptionTable> &options() const { return options_; }
@@ -63,6 +70,15 @@ public:
     Tensor encode_negative(const std::string &text) const { return text_.encode_negative(*engine_, text); }
     // Shapes the engine has compiled so far (Engine::compiles).
     std::size_t compiles() const { return engine_->compiles(); }
+    // Compiled models alive now, per network or tiled-VAE segment (Engine::resident).
+    std::map<std::string, std::size_t> resident() const { return engine_->resident(); }
+    const std::optional<std::int64_t> &memory_budget() const { return memory_budget_; }
+
+    // The memory plan of an upscale of a `width` x `height` LR image with `given` options (pipeline.py's
+    // memory_plan): under the budget (an option error naming the smallest budget that would do where none
+    // fits), or without one the plan that keeps everything resident; none where the engine's memory is not
+    // modelled (and no budget is set).
+    std::optional<MemoryPlan> memory_plan(std::int64_t width, std::int64_t height, const Options &given) const;
 
     // The image's tags and prompt (DAPE only); image errors before any network runs.
     Description describe(const RgbView &image, const Options &given) const;
@@ -89,10 +105,15 @@ private:
     // The scheduler's steps from `latents`, with the hooks' progress, cancellation and latents after each.
     Tensor sample(Tensor latents, const Conditioning &c, const DdpmScheduler &scheduler, NoiseSource &noise,
                   const UpscaleOptions &o, const UpscaleHooks &hooks) const;
-    std::vector<Tensor> run_vae(const std::string &network, const Tensor &x, std::int64_t tile, bool tiled) const;
+    std::optional<MemoryPlan> memory_plan(std::int64_t width, std::int64_t height, const UpscaleOptions &o) const;
+    // `staged`: a staged memory plan (null: none), which frees each tiled-VAE segment once every tile has passed
+    // it and may spill the waiting tiles to files.
+    std::vector<Tensor> run_vae(const std::string &network, const Tensor &x, std::int64_t tile, bool tiled,
+                                const MemoryPlan *staged) const;
     Tensor lr_latent(const Tensor &work, const Tensor &initial_noise, NoiseSource &noise, const DdpmScheduler &scheduler,
-                     std::int64_t vae_tile, bool tiled) const;
-    Rgb8Image decode(const Tensor &latents, std::int64_t tile, bool tiled) const;
+                     std::int64_t vae_tile, bool tiled, const MemoryPlan *staged) const;
+    Rgb8Image decode(const Tensor &latents, std::int64_t tile, bool tiled, const MemoryPlan *staged) const;
+    NetworkBytes network_bytes_once() const;
 
     struct Tagger {
         std::int64_t input_size = 0;
@@ -110,6 +131,10 @@ private:
     float scaling_factor_ = 0.0f;
     std::int64_t start_step_ = 0;
     std::filesystem::path tiled_vae_spill_dir_;  // empty: tile states in memory
+    std::optional<std::int64_t> memory_budget_;
+    EngineSettings settings_;
+    mutable std::once_flag bytes_once_;
+    mutable NetworkBytes bytes_;  // the bundle's graph sizes as the engine runs them (read on the first plan)
     std::unique_ptr<Engine> engine_;  // runs over manifest_, so declared (and destroyed) after it
 };
 

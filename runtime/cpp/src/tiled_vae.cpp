@@ -301,7 +301,7 @@ void split_tiles(std::int64_t height, std::int64_t width, std::int64_t tile, con
 }
 
 std::vector<Tensor> run_tiled_vae(Engine &engine, const Manifest &manifest, const std::string &network, const Tensor &x,
-                                  std::int64_t tile, const std::filesystem::path &spill_dir) {
+                                  std::int64_t tile, const std::filesystem::path &spill_dir, SegmentDone done) {
     const std::int64_t batch = x.shape()[0], height = x.shape()[2], width = x.shape()[3];
     const TiledEntry tiled = read_tiled(manifest, network, width, height);
     const TiledVaeLayout layout = {tiled.pad, network == "vae_decoder"};
@@ -354,7 +354,12 @@ std::vector<Tensor> run_tiled_vae(Engine &engine, const Manifest &manifest, cons
             states.put(TileStates::residual, t,
                        segment.hands_residual ? std::optional<Tensor>(std::move(out.at(1))) : std::nullopt);
         }
-        engine.release_working_memory(name);  // every tile has run this segment: until the next image
+        // every tile has run this segment: until the next image
+        if (done == SegmentDone::release) {
+            engine.release(name);
+        } else {
+            engine.release_working_memory(name);
+        }
     }
     std::vector<Tensor> assembled;
     for (std::size_t j = 0; j < results[0].size(); ++j) {

@@ -44,11 +44,17 @@ std::filesystem::path make_spill_folder(const std::filesystem::path &spill_dir);
 // Refuse (as make_spill_folder does) a spill folder the tiled VAE could not write in, leaving nothing there.
 void check_spill_dir(const std::filesystem::path &spill_dir);
 
+// What becomes of a segment's compiled models once every tile has run it: their working memory freed (kept
+// compiled for the next image), or the models themselves released (a staged memory plan: one segment loaded at
+// a time).
+enum class SegmentDone { release_working_memory, release };
+
 // The tiled VAE half `network` on `x` [B, C, H, W] through `engine`: its outputs ([mean, logvar] or [image]).
 // A bundle error when the manifest has no segment graphs for it. `spill_dir` empty: the tile states waiting
 // between segments stay in memory; else they wait in files of a private folder made there for this call and
 // removed before it returns, however it ends.
 std::vector<Tensor> run_tiled_vae(Engine &engine, const Manifest &manifest, const std::string &network, const Tensor &x,
-                                  std::int64_t tile, const std::filesystem::path &spill_dir);
+                                  std::int64_t tile, const std::filesystem::path &spill_dir,
+                                  SegmentDone done = SegmentDone::release_working_memory);
 
 }  // namespace seesr

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
+#include <set>
 
 namespace seesr {
 namespace {
@@ -31,6 +33,34 @@ void check_finite(const Tensor &x, const std::string &what) {
         }
     }
 }
+
+// One stage of an upscale (pipeline.py's _loaded). Under a staged plan only the stage's networks are loaded during
+// it: networks other calls left loaded are freed when it starts, and its own when it ends, error or not.
+class StageScope {
+public:
+    StageScope(Engine &engine, const std::string &stage, const MemoryPlan *staged)
+        : engine_(engine), networks_(calibration().stage_networks.at(stage)), staged_(staged != nullptr) {
+        if (!staged_) return;
+        for (const auto &[name, count] : engine_.resident()) {
+            const std::string network = name.substr(0, name.find('#'));
+            if (std::find(networks_.begin(), networks_.end(), network) == networks_.end()) engine_.release(network);
+        }
+    }
+    StageScope(const StageScope &) = delete;
+    StageScope &operator=(const StageScope &) = delete;
+    ~StageScope() {
+        if (!staged_) return;
+        try {
+            for (const std::string &network : networks_) engine_.release(network);
+        } catch (...) {  // freeing is best effort: the stage's own outcome (or error) is what the caller gets
+        }
+    }
+
+private:
+    Engine &engine_;
+    const std::vector<std::string> &networks_;
+    bool staged_;
+};
 
 }  // namespace
 
@@ -83,21 +113,26 @@ private:
     std::unique_ptr<Session> controlnet_, unet_;
 };
 
-std::vector<Tensor> Pipeline::run_vae(const std::string &network, const Tensor &x, std::int64_t tile, bool tiled) const {
+std::vector<Tensor> Pipeline::run_vae(const std::string &network, const Tensor &x, std::int64_t tile, bool tiled,
+                                      const MemoryPlan *staged) const {
     const TiledVaeLayout layout = TiledVaeLayout::for_network(network);
     if (!tiled || !layout.needs_tiling(x.shape()[2], x.shape()[3], tile)) {
         std::vector<Tensor> outputs = engine_->run(network, {{first_input_name(manifest_, network), x}});
         engine_->release_working_memory(network);  // each VAE half runs once per image
         return outputs;
     }
-    return run_tiled_vae(*engine_, manifest_, network, x, tile, tiled_vae_spill_dir_);
+    std::filesystem::path spill_dir = tiled_vae_spill_dir_;
+    if (staged != nullptr && staged->spills(network) && spill_dir.empty()) spill_dir = std::filesystem::temp_directory_path();
+    const SegmentDone done = staged != nullptr ? SegmentDone::release : SegmentDone::release_working_memory;
+    return run_tiled_vae(*engine_, manifest_, network, x, tile, spill_dir, done);
 }
 
 Tensor Pipeline::lr_latent(const Tensor &work, const Tensor &initial_noise, NoiseSource &noise,
-                           const DdpmScheduler &scheduler, std::int64_t vae_tile, bool tiled) const {
+                           const DdpmScheduler &scheduler, std::int64_t vae_tile, bool tiled,
+                           const MemoryPlan *staged) const {
     std::vector<float> scaled(work.f32_data(), work.f32_data() + work.count());
     for (float &value : scaled) value = value * 2.0f - 1.0f;
-    std::vector<Tensor> moments = run_vae("vae_encoder", Tensor::f32(work.shape(), std::move(scaled)), vae_tile, tiled);
+    std::vector<Tensor> moments = run_vae("vae_encoder", Tensor::f32(work.shape(), std::move(scaled)), vae_tile, tiled, staged);
     Tensor &mean = moments.at(0);
     const Tensor &logvar = moments.at(1);
     const Tensor posterior = noise.draw("posterior", mean.shape());
@@ -109,10 +144,10 @@ Tensor Pipeline::lr_latent(const Tensor &work, const Tensor &initial_noise, Nois
     return std::move(mean);
 }
 
-Rgb8Image Pipeline::decode(const Tensor &latents, std::int64_t tile, bool tiled) const {
+Rgb8Image Pipeline::decode(const Tensor &latents, std::int64_t tile, bool tiled, const MemoryPlan *staged) const {
     std::vector<float> unscaled(latents.f32_data(), latents.f32_data() + latents.count());
     for (float &value : unscaled) value /= scaling_factor_;
-    const Tensor image = run_vae("vae_decoder", Tensor::f32(latents.shape(), std::move(unscaled)), tile, tiled).at(0);
+    const Tensor image = run_vae("vae_decoder", Tensor::f32(latents.shape(), std::move(unscaled)), tile, tiled, staged).at(0);
     check_finite(image, "the VAE decoder");
     return to_uint8_rounded(image);
 }
@@ -174,8 +209,18 @@ Tensor Pipeline::sample(Tensor latents, const Conditioning &c, const DdpmSchedul
 }
 
 Upscaled Pipeline::upscale(const RgbView &image, const Options &given, const UpscaleHooks &hooks) const {
-    const UpscaleOptions o = options_->upscale_options(given);
+    UpscaleOptions o = options_->upscale_options(given);
     check_image_size(image.width, image.height, o.max_pixels);
+    Upscaled result;
+    if (memory_budget_) {  // an impossible budget fails here, before any network runs
+        result.memory_plan = memory_plan(image.width, image.height, o);
+        o.latent_tile_size = result.memory_plan->latent_tile_size;
+        o.vae_encoder_tile_size = result.memory_plan->vae_encoder_tile_size;
+        o.vae_decoder_tile_size = result.memory_plan->vae_decoder_tile_size;
+        const std::vector<std::string> &int8 = result.memory_plan->int8_linear;
+        engine_->compress_linear(std::set<std::string>(int8.begin(), int8.end()));
+    }
+    const MemoryPlan *staged = result.memory_plan && result.memory_plan->staged ? &*result.memory_plan : nullptr;
     std::unique_ptr<NoiseSource> seeded;
     NoiseSource *noise = hooks.noise;
     if (noise == nullptr) {
@@ -183,24 +228,40 @@ Upscaled Pipeline::upscale(const RgbView &image, const Options &given, const Ups
         noise = seeded.get();
     }
 
-    Upscaled result;
-    Tagged tagged = tag(image);
-    result.tags = tagged.tags;
+    std::optional<Tagged> tagged;
+    {
+        StageScope stage(*engine_, "tag", staged);
+        tagged = tag(image);
+    }
+    result.tags = tagged->tags;
     result.prompt = format_prompt(prompt_template_,
-                                  {{"tags", tagged.tags}, {"prompt", o.prompt}, {"added_prompt", o.added_prompt}});
+                                  {{"tags", tagged->tags}, {"prompt", o.prompt}, {"added_prompt", o.added_prompt}});
     const Rgb8Image work = working_image(image, o.process_size, o.upscale);
-    const Conditioning c = condition(result.prompt, std::move(tagged.image_embeds), work, o);
+    std::optional<Conditioning> conditioned;
+    {
+        StageScope stage(*engine_, "prompt", staged);
+        conditioned = condition(result.prompt, std::move(tagged->image_embeds), work, o);
+    }
+    const Conditioning &c = *conditioned;
 
     DdpmScheduler scheduler(scheduler_config_);
     scheduler.set_timesteps(static_cast<int>(o.steps));
     Tensor latents = noise->draw("initial", {1, 4, work.height / 8, work.width / 8});
     for (std::size_t i = 0; i < latents.count(); ++i) latents.f32_data()[i] *= DdpmScheduler::init_noise_sigma;
     if (o.start_point == "lr") {
-        latents = lr_latent(to_chw(work.view()), latents, *noise, scheduler, o.vae_encoder_tile_size, o.tiled_vae);
+        StageScope stage(*engine_, "encode", staged);
+        latents = lr_latent(to_chw(work.view()), latents, *noise, scheduler, o.vae_encoder_tile_size, o.tiled_vae, staged);
     }
-    latents = sample(std::move(latents), c, scheduler, *noise, o, hooks);
+    {
+        StageScope stage(*engine_, "denoise", staged);
+        latents = sample(std::move(latents), c, scheduler, *noise, o, hooks);
+    }
 
-    const Rgb8Image decoded = decode(latents, o.vae_decoder_tile_size, o.tiled_vae);
+    Rgb8Image decoded;
+    {
+        StageScope stage(*engine_, "decode", staged);
+        decoded = decode(latents, o.vae_decoder_tile_size, o.tiled_vae, staged);
+    }
     const Rgb8Image fixed = color_fix(o.color_fix, decoded, work);
     result.image = resize_bicubic(fixed.view(), static_cast<std::int32_t>(image.width * o.upscale),
                                   static_cast<std::int32_t>(image.height * o.upscale));
