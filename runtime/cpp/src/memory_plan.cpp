@@ -149,7 +149,7 @@ VaeStage vae_stage(const std::string &half, const Workload &w, const Sizes &size
     std::vector<std::int64_t> shape_pixels;
     for (const auto &[width, height] : shapes) shape_pixels.push_back(width * height * per_pixel);
     const std::int64_t tile_pixels = *std::max_element(shape_pixels.begin(), shape_pixels.end());
-    const std::int64_t working = engine.tiled_segments ? engine.tiled_segments->at(half).bytes(shape_pixels, scale)
+    const std::int64_t working = engine.tiled_segments ? engine.tiled_segments->at(half).bytes(shape_pixels, scale, staged)
                                                        : activation.bytes(1, tile_pixels, tile_pixels / 64, scale);
     const std::int64_t states =
         spill ? 0
@@ -299,11 +299,14 @@ std::int64_t Activation::bytes(std::int64_t batch, std::int64_t pixels, std::int
                      (per_pixel * static_cast<double>(pixels) * scale + per_pixel_squared * squared));
 }
 
-std::int64_t TiledSegmentMemory::bytes(const std::vector<std::int64_t> &shape_pixels, double scale) const {
+// Staged, the pipeline runs a segment's tiles a shape at a time and frees each shape's working memory before the
+// next: only the largest counts.
+std::int64_t TiledSegmentMemory::bytes(const std::vector<std::int64_t> &shape_pixels, double scale, bool staged) const {
     const std::int64_t largest = *std::max_element(shape_pixels.begin(), shape_pixels.end());
     std::int64_t total = 0;
     for (std::int64_t pixels : shape_pixels) total += pixels;
-    return truncated(scale * (running * static_cast<double>(largest) + held * static_cast<double>(total - largest)));
+    const double others = staged ? 0.0 : held * static_cast<double>(total - largest);
+    return truncated(scale * (running * static_cast<double>(largest) + others));
 }
 
 const Calibration &calibration() {

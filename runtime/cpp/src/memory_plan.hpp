@@ -26,7 +26,7 @@ struct Activation {
 // shape running a tile, and each other shape of the segment holding its working memory meanwhile.
 struct TiledSegmentMemory {
     double running = 0.0, held = 0.0;
-    std::int64_t bytes(const std::vector<std::int64_t> &shape_pixels, double scale) const;
+    std::int64_t bytes(const std::vector<std::int64_t> &shape_pixels, double scale, bool staged) const;
 };
 
 // How one engine configuration spends memory (memory_plan.EngineMemory).

@@ -300,6 +300,53 @@ void split_tiles(std::int64_t height, std::int64_t width, std::int64_t tile, con
     }
 }
 
+// The tiles of one shape (their indices in row order) through segment ``name``: their states in, their outputs
+// back into the states (or into ``results``, by tile, after the last segment).
+static void run_shape_group(Engine &engine, const Manifest &manifest, const std::string &name, const Segment &segment,
+                     bool last, const std::vector<NamedTensor> &shared, const std::vector<std::size_t> &group,
+                     TileStates &states, std::vector<std::vector<Tensor>> &results) {
+    for (std::size_t t : group) {
+        std::vector<NamedTensor> feeds = {{"hidden", *states.get(TileStates::hidden, t)}};
+        feeds.insert(feeds.end(), shared.begin(), shared.end());
+        if (segment.takes_residual) {
+            std::optional<Tensor> residual = states.get(TileStates::residual, t);
+            if (!residual) {
+                throw bundle_error(manifest.root().string() + ": segment " + name +
+                                   " takes a residual that no earlier segment hands on");
+            }
+            feeds.push_back({"residual", std::move(*residual)});
+        }
+        std::vector<Tensor> out = engine.run(name, feeds);
+        feeds.clear();  // before the next state is written: resident memory stays near one tile's
+        if (last) {
+            states.put(TileStates::hidden, t, std::nullopt);
+            states.put(TileStates::residual, t, std::nullopt);
+            results[t] = std::move(out);
+            continue;
+        }
+        states.put(TileStates::hidden, t, std::move(out.at(0)));
+        states.put(TileStates::residual, t,
+                   segment.hands_residual ? std::optional<Tensor>(std::move(out.at(1))) : std::nullopt);
+    }
+}
+
+// The tile indices grouped by the shape of their input box, groups in order of first appearance.
+static std::vector<std::vector<std::size_t>> tiles_by_shape(const std::vector<TileBox> &inputs) {
+    std::vector<std::pair<std::int64_t, std::int64_t>> shapes;
+    std::vector<std::vector<std::size_t>> groups;
+    for (std::size_t t = 0; t < inputs.size(); ++t) {
+        const std::pair<std::int64_t, std::int64_t> shape = {inputs[t].x1 - inputs[t].x0, inputs[t].y1 - inputs[t].y0};
+        const auto found = std::find(shapes.begin(), shapes.end(), shape);
+        if (found == shapes.end()) {
+            shapes.push_back(shape);
+            groups.push_back({t});
+        } else {
+            groups[static_cast<std::size_t>(found - shapes.begin())].push_back(t);
+        }
+    }
+    return groups;
+}
+
 std::vector<Tensor> run_tiled_vae(Engine &engine, const Manifest &manifest, const std::string &network, const Tensor &x,
                                   std::int64_t tile, const std::filesystem::path &spill_dir, SegmentDone done) {
     const std::int64_t batch = x.shape()[0], height = x.shape()[2], width = x.shape()[3];
@@ -313,7 +360,8 @@ std::vector<Tensor> run_tiled_vae(Engine &engine, const Manifest &manifest, cons
         const TileBox &box = inputs[t];
         states.put(TileStates::hidden, t, crop(x, box.y0, box.y1, box.x0, box.x1));
     }
-    std::vector<std::vector<Tensor>> results;
+    const std::vector<std::vector<std::size_t>> by_shape = tiles_by_shape(inputs);
+    std::vector<std::vector<Tensor>> results(inputs.size());
     for (std::size_t k = 0; k < tiled.segments.size(); ++k) {
         const Segment &segment = tiled.segments[k];
         const bool last = k + 1 == tiled.segments.size();
@@ -331,28 +379,10 @@ std::vector<Tensor> run_tiled_vae(Engine &engine, const Manifest &manifest, cons
             shared.push_back({"group_var", std::move(var)});
         }
         const std::string name = network + "#" + std::to_string(k);
-        for (std::size_t t = 0; t < inputs.size(); ++t) {
-            std::vector<NamedTensor> feeds = {{"hidden", *states.get(TileStates::hidden, t)}};
-            feeds.insert(feeds.end(), shared.begin(), shared.end());
-            if (segment.takes_residual) {
-                std::optional<Tensor> residual = states.get(TileStates::residual, t);
-                if (!residual) {
-                    throw bundle_error(manifest.root().string() + ": segment " + name +
-                                       " takes a residual that no earlier segment hands on");
-                }
-                feeds.push_back({"residual", std::move(*residual)});
-            }
-            std::vector<Tensor> out = engine.run(name, feeds);
-            feeds.clear();  // before the next state is written: resident memory stays near one tile's
-            if (last) {
-                states.put(TileStates::hidden, t, std::nullopt);
-                states.put(TileStates::residual, t, std::nullopt);
-                results.push_back(std::move(out));
-                continue;
-            }
-            states.put(TileStates::hidden, t, std::move(out.at(0)));
-            states.put(TileStates::residual, t,
-                       segment.hands_residual ? std::optional<Tensor>(std::move(out.at(1))) : std::nullopt);
+        // a shape at a time: staged, each shape frees its working memory before the next shape allocates its own
+        for (const std::vector<std::size_t> &group : by_shape) {
+            run_shape_group(engine, manifest, name, segment, last, shared, group, states, results);
+            if (done == SegmentDone::release) engine.release_working_memory(name);
         }
         // every tile has run this segment: until the next image
         if (done == SegmentDone::release) {
