@@ -87,17 +87,18 @@ def run_bench(
     warmup: list[float] = []
     per_run_calls: list[dict[str, list[float]]] = []
     output_size: tuple[int, int] | None = None
-    compiles: list[int] | None = None if compile_count(pipe.backend) is None else []
+    backend: Any = getattr(pipe, "backend", None)  # benchmarks/bench.py's torch reference has none
+    compiles: list[int] | None = None if compile_count(backend) is None else []
     plan = None
     for i in range(config.warmup + config.runs):
         profiler.clear()
-        before = compile_count(pipe.backend) or 0
+        before = compile_count(backend) or 0
         start = time.perf_counter()
         result = pipe(image, seed=config.seed, **options)
         seconds = time.perf_counter() - start
         if compiles is not None:
-            compiles.append((compile_count(pipe.backend) or 0) - before)
-        output_size, plan = result.image.size, result.memory_plan
+            compiles.append((compile_count(backend) or 0) - before)
+        output_size, plan = result.image.size, getattr(result, "memory_plan", None)
         if i >= config.warmup:
             end_to_end.append(seconds)
             per_run_calls.append(profiler.calls())

@@ -375,8 +375,10 @@ class SeeSRPipeline:
         """The memory plan of an upscale of an LR image of ``lr_size`` with the resolved ``options``: under
         the budget (OptionError naming the smallest that would do where none fits), or, without one, the
         plan that keeps everything resident (for ``-v``; None where this backend's memory is not modelled)."""
+        if self.memory_budget is None and not log.isEnabledFor(logging.DEBUG):
+            return None  # nothing to plan, nothing to print
         key = engine_key(self.backend.name, _arithmetic(self.backend))
-        if key not in ENGINE_MEMORY or (self.memory_budget is None and not log.isEnabledFor(logging.DEBUG)):
+        if key not in ENGINE_MEMORY:
             return None
         weights, embedded, segments = self._graph_bytes()
         workload = Workload.of(*lr_size, options)
