@@ -231,6 +231,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_no_verify_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 check of the bundle's files (by default files new or changed since "
+        "their last check are hashed; use when you verify the bundle otherwise)",
+    )
+
+
 def add_backend_args(p: argparse.ArgumentParser, machine_default: bool = False) -> None:
     """Backend choice and options, shared by upscale and bench. ``machine_default``: without --backend,
     --precision, --providers and --device, run doctor's recommendation (see upscaling.choose_default) instead of
@@ -329,12 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="LR images, or directories of images (--ray: also list files and URLs)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (PNG, same stem as the input)")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
-    p.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip the sha256 check of the bundle's files (by default files new or changed since "
-        "their last check are hashed; use when you verify the bundle otherwise)",
-    )
+    add_no_verify_arg(p)
     add_backend_args(p, machine_default=True)
     option_table.add_arguments(p)
     option_table.add_arguments(p, option_table.PIPELINE_NAMES)
@@ -401,12 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="the largest upload accepted, e.g. 20MB, 1GiB (default 50MB)",
     )
-    p.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip the sha256 check of the bundle's files (by default files new or changed since "
-        "their last check are hashed; use when you verify the bundle otherwise)",
-    )
+    add_no_verify_arg(p)
     add_backend_args(p, machine_default=True)
     option_table.add_arguments(p, ui.SERVER_OPTIONS)
     option_table.add_arguments(p, option_table.PIPELINE_NAMES)
@@ -422,12 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks/bench.py runs the PyTorch reference beside it.",
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by seesr-export build")
-    p.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip the sha256 check of the bundle's files (by default files new or changed since "
-        "their last check are hashed; use when you verify the bundle otherwise)",
-    )
+    add_no_verify_arg(p)
     add_backend_args(p)
     p.add_argument(
         "--size",
