@@ -276,31 +276,20 @@ class Upscaler:
     ) -> JobResult:
         """One job: ``samples`` upscales with consecutive seeds. Every error a user can cause comes back as
         ``error: <the library's message>``; the server goes on."""
+        start = time.perf_counter()
         with self.cancels.running(session) as final:
-            result = self._run(image, values, samples, session, armed_at, progress)
+            try:
+                if self.cancels.cancelled(session, armed_at):
+                    raise UpscaleCancelled("cancelled before it started")
+                result = self._upscale(image, raw_options(values), check_samples(samples), session, armed_at, progress)
+            except UpscaleCancelled as exc:
+                log.info(f"ui: job of session {session[:8]} {exc}")
+                result = JobResult.failed(f"cancelled: {exc} ({time.perf_counter() - start:.1f} s)")
+            except (SeeSRError, OSError) as exc:
+                log.info(f"ui: refused: {exc}")
+                result = JobResult.failed(f"error: {exc}")
             final.append(result.status)
         return result
-
-    def _run(
-        self,
-        image: Any,
-        values: tuple[Any, ...],
-        samples: Any,
-        session: str,
-        armed_at: float,
-        progress: Callable[..., object],
-    ) -> JobResult:
-        start = time.perf_counter()
-        try:
-            if self.cancels.cancelled(session, armed_at):
-                raise UpscaleCancelled("cancelled before it started")
-            return self._upscale(image, raw_options(values), check_samples(samples), session, armed_at, progress)
-        except UpscaleCancelled as exc:
-            log.info(f"ui: job of session {session[:8]} {exc}")
-            return JobResult.failed(f"cancelled: {exc} ({time.perf_counter() - start:.1f} s)")
-        except (SeeSRError, OSError) as exc:
-            log.info(f"ui: refused: {exc}")
-            return JobResult.failed(f"error: {exc}")
 
     def _upscale(
         self,
