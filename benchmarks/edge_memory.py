@@ -380,8 +380,10 @@ def main() -> int:
     )
     parser.add_argument(
         "--reference",
-        default="--backend onnxruntime --precision fp32 --memory-budget 20GB",
-        help="arguments of the fp32 run the PSNR is measured against (no limit); '' for none",
+        default=None,
+        help="arguments of the fp32 run the PSNR is measured against (no limit), run by the same runtime (the "
+        "native runtime draws its own noise, so only its own fp32 image is comparable); default: --backend "
+        "onnxruntime --precision fp32 --memory-budget 20GB, native: --precision fp32; '' for none",
     )
     parser.add_argument("--bisect", nargs=2, metavar=("LOW", "HIGH"), default=None, help="limits to search between")
     parser.add_argument("--limits", nargs="*", default=[], help="limits to try as well (each config)")
@@ -397,6 +399,8 @@ def main() -> int:
     native = args.engine == "native"
     if args.common is None:
         args.common = "--precision bf16" if native else "--backend openvino --precision bf16"
+    if args.reference is None:
+        args.reference = "--precision fp32" if native else "--backend onnxruntime --precision fp32 --memory-budget 20GB"
     if native and (args.images != 1 or not args.native_command.is_file()):
         print(
             f"edge_memory: --engine native needs --images 1 and the command {args.native_command} (make cpp)",
@@ -430,18 +434,30 @@ def main() -> int:
     runs: list[Run] = []
     counter = iter(range(10**6))
 
+    def command(out: Path, given: list[str], images: list[Path]) -> list[str]:
+        """The runtime's command upscaling ``images`` into ``out`` with the arguments ``given``."""
+        if native:
+            out.mkdir(parents=True)
+            plan = ["--print-plan", "yes"]
+            return [str(args.native_command), str(images[0]), str(out / "lr0.png"), *native_common, *plan, *given]
+        return python_upscale([*map(str, images), *common, *given], out)
+
     def one(config: str, extra: str, limit: int | None) -> Run:
         out = work / f"run{next(counter)}"
         cache = [Path(a) for a in _values_of(extra, "--cache-dir")]
         given = shlex.split(args.common + " " + extra)
-        if native:
-            out.mkdir(parents=True)
-            config = f"native {config}"
-            plan = ["--print-plan", "yes"]
-            command = [str(args.native_command), str(inputs[0]), str(out / "lr0.png"), *native_common, *plan, *given]
-        else:
-            command = python_upscale([*map(str, inputs), *common, *given], out)
-        run = run_child(config, command, limit, out, args.steps, args.interval, drop + cache, args.size, args.images)
+        config = f"native {config}" if native else config
+        run = run_child(
+            config,
+            command(out, given, inputs),
+            limit,
+            out,
+            args.steps,
+            args.interval,
+            drop + cache,
+            args.size,
+            args.images,
+        )
         if run.completed and reference is not None:
             run.psnr_db = round(psnr(out / "lr0.png", reference), 2)
         shown = "no limit" if limit is None else f"limit {limit / GB:.2f} GB"
@@ -459,10 +475,9 @@ def main() -> int:
     reference = None
     if args.reference:
         ref_out = work / "reference"
-        words = [str(inputs[0]), *common, *shlex.split(args.reference)]
         ref = run_child(
-            "fp32 reference",
-            python_upscale(words, ref_out),
+            "native fp32 reference" if native else "fp32 reference",
+            command(ref_out, shlex.split(args.reference), inputs[:1]),
             None,
             ref_out,
             args.steps,

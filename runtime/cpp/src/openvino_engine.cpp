@@ -461,10 +461,18 @@ private:
         const std::filesystem::path xml = ir_dir_ / (stem + ".xml"), timestep_xml = ir_dir_ / (stem + ".timestep.xml");
         const bool split = reduced_hint(policy_) && keeps_timestep_f32(network);
         if (std::filesystem::exists(xml)) return {xml, split ? timestep_xml : std::filesystem::path()};
-        const auto [model, timestep_path] = prepare(network, shapes, int8);
-        if (timestep_path) save_ir(timestep_path, timestep_xml);
-        save_ir(model, xml);
-        return {xml, timestep_path ? timestep_xml : std::filesystem::path()};
+        bool timestep_written = false;
+        {
+            const auto [model, timestep_path] = prepare(network, shapes, int8);
+            if (timestep_path) save_ir(timestep_path, timestep_xml);
+            save_ir(model, xml);
+            timestep_written = timestep_path != nullptr;
+        }
+        // the source graph and its prepared copy are freed now: hand their pages back before compiling, which
+        // would otherwise grow the heap around them (measured at SD2 size: 0.36 GB more anonymous memory through
+        // the denoise stage than the Python backend, which trims here too)
+        return_freed_memory();
+        return {xml, timestep_written ? timestep_xml : std::filesystem::path()};
     }
 
     // `model` written as IR at `xml` through a temporary name, the .bin moved into place before the .xml.
