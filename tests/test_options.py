@@ -51,9 +51,9 @@ LIBRARY_CASES = {
     "process_size -8": (RGB, {"process_size": -8}, OptionError, "process_size must be in [8, 8192], got -8"),
     "guidance nan": (RGB, {"guidance": math.nan}, OptionError, "guidance must be a finite number >= 0.0, got nan"),
     "guidance inf": (RGB, {"guidance": math.inf}, OptionError, "guidance must be a finite number >= 0.0, got inf"),
-    "steps 0": (RGB, {"steps": 0}, OptionError, "steps must be in [1, 1000], got 0"),
-    "steps 2.5": (RGB, {"steps": 2.5}, OptionError, "steps must be an integer in [1, 1000], got 2.5 (float)"),
-    "steps as text": (RGB, {"steps": "10"}, OptionError, "steps must be an integer in [1, 1000], got '10' (str)"),
+    "steps 0": (RGB, {"steps": 0}, OptionError, "steps must be in [1, 999], got 0"),
+    "steps 2.5": (RGB, {"steps": 2.5}, OptionError, "steps must be an integer in [1, 999], got 2.5 (float)"),
+    "steps as text": (RGB, {"steps": "10"}, OptionError, "steps must be an integer in [1, 999], got '10' (str)"),
     "unknown colour fix": (
         RGB,
         {"color_fix": "sepia"},
@@ -134,7 +134,7 @@ def test_bundle_records_the_options_description(runtime_bundle):
         "type": "int",
         "default": 50,
         "minimum": 1,
-        "maximum": 1000,
+        "maximum": 999,
         "in_bundle": "defaults.steps",
         "help": "DDPM steps",
     }
@@ -158,7 +158,7 @@ def test_bundles_built_before_the_description_fall_back_to_the_table(runtime_bun
     bundle = _rewritten(runtime_bundle, tmp_path, older)
     described = {entry["name"]: entry for entry in Manifest.load(bundle).options()}
     assert described["steps"]["default"] == 20 and described["tiled_vae"]["default"] is True
-    assert described["steps"]["maximum"] == 1000
+    assert described["steps"]["maximum"] == 999
     resolved = SeeSRPipeline.from_bundle(bundle).resolve_options({})
     assert resolved["steps"] == 20 and resolved["tiled_vae"] is True
 
@@ -198,7 +198,7 @@ def lr_file(tmp_path_factory):
 
 
 RUNTIME_CLI_CASES = {
-    "steps 0": (["--steps", "0"], "steps must be in [1, 1000], got 0"),
+    "steps 0": (["--steps", "0"], "steps must be in [1, 999], got 0"),
     "guidance nan": (["--guidance", "nan"], "guidance must be a finite number >= 0.0, got nan"),
     "process size -8": (["--process-size", "-8"], "process_size must be in [8, 8192], got -8"),
     "upscale 0": (["--upscale", "0"], "upscale must be in [1, 8], got 0"),
@@ -257,7 +257,7 @@ EXPORT_CLI_CASES = {
     "flops, missing bundle": (["flops", "--bundle", "/nonexistent/bundle"], "/nonexistent/bundle: not a SeeSR bundle"),
     "triton, steps 0": (
         ["triton", "--bundle", "{bundle}", "--out", "{tmp}/repo", "--option", "steps=0"],
-        "--option: steps must be in [1, 1000], got 0",
+        "--option: steps must be in [1, 999], got 0",
     ),
     "triton, max pixels 10": (
         ["triton", "--bundle", "{bundle}", "--out", "{tmp}/repo", "--max-pixels", "10"],
@@ -314,7 +314,7 @@ def test_triton_client_checks_options_before_connecting(lr_file, tmp_path):
         "--steps",
         "0",
     )
-    assert_one_line_error(done, "steps must be in [1, 1000], got 0")
+    assert_one_line_error(done, "steps must be in [1, 999], got 0")
 
 
 @pytest.mark.parametrize(
@@ -326,4 +326,19 @@ def test_option_flags_come_from_the_table(command):
     help_text = " ".join(done.stdout.split())
     for option in option_table.OPTIONS:
         assert option.cli_flag in help_text, option.name
-    assert "DDPM steps; in [1, 1000] (default: the bundle's; 50 in a standard bundle)" in help_text
+    assert "DDPM steps; in [1, 999] (default: the bundle's; 50 in a standard bundle)" in help_text
+
+
+def test_scheduler_refuses_steps_past_its_schedule():
+    """The released SD2 scheduler ("leading", steps_offset 1) at 1000 steps would reach t=1000: refused by name,
+    not an IndexError at the first step; 999, the table's maximum, is the largest it runs."""
+    from seesr_runtime.scheduler import DDPMScheduler
+
+    released = DDPMScheduler({"timestep_spacing": "leading", "steps_offset": 1})
+    assert released.set_timesteps(999)[0] == 999
+    with pytest.raises(OptionError) as refused:
+        released.set_timesteps(1000)
+    assert str(refused.value) == (
+        "steps 1000 reach timestep 1000 with this bundle's scheduler (leading spacing, steps_offset 1), outside 0..999"
+    )
+    assert option_table.OPTION["steps"].maximum == 999

@@ -250,7 +250,7 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(server, lr_
         ),
         (encode_png(np.zeros((4, 300, 3), np.uint8)), {}, "input 'image': 300x4 is too small (at least 8x8 pixels)"),
         (good, {"guidance": float("nan")}, "guidance must be a finite number >= 0.0, got nan"),
-        (good, {"steps": 0}, "steps must be in [1, 1000], got 0"),
+        (good, {"steps": 0}, "steps must be in [1, 999], got 0"),
         (good, {"seed": -1}, "seed must be >= 0, got -1"),
     ]
     for image, options, message in bad:
@@ -551,8 +551,8 @@ def _invalid(rng, index: int) -> SoakRequest:
     image = encode_png(np.zeros((side, side, 3), np.uint8))
     noisy = encode_png(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8))
     kinds = [
-        ("steps 0", "steps must be in [1, 1000], got 0", {"steps": 0}, image),
-        ("steps 1001", "steps must be in [1, 1000], got 1001", {"steps": 1001}, image),
+        ("steps 0", "steps must be in [1, 999], got 0", {"steps": 0}, image),
+        ("steps 1001", "steps must be in [1, 999], got 1001", {"steps": 1001}, image),
         ("negative seed", f"seed must be >= 0, got {-huge}", {"seed": -huge}, image),
         ("guidance nan", "guidance must be a finite number >= 0.0, got nan", {"guidance": float("nan")}, image),
         ("truncated PNG", "input 'image': cannot decode the image (", {}, noisy[: len(noisy) // 2]),

@@ -144,7 +144,9 @@ OPTIONS: tuple[Option, ...] = (
         "negative prompt (guidance above 1 only)",
         in_bundle="negative_prompt",
     ),
-    Option("steps", int, 50, "DDPM steps", minimum=1, maximum=1000, in_bundle="defaults.steps"),
+    # 999: at 1000 steps the released SD2 scheduler ("leading" spacing, steps_offset 1) reaches t=1000, one past
+    # its last trained timestep (the scheduler refuses such counts for any other configuration)
+    Option("steps", int, 50, "DDPM steps", minimum=1, maximum=999, in_bundle="defaults.steps"),
     Option(
         "guidance",
         float,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .errors import OptionError
 from .tensors import FloatArray
 
 
@@ -73,6 +74,12 @@ class DDPMScheduler:
             t = np.linspace(0, n - 1, steps).round()[::-1]
         else:
             raise ValueError(f"unknown timestep_spacing {spacing!r}")
+        if t.min() < 0 or t.max() >= n:  # diffusers would index past the schedule at the first step
+            bad = int(t.max() if t.max() >= n else t.min())
+            raise OptionError(
+                f"steps {steps} reach timestep {bad} with this bundle's scheduler ({spacing} spacing, "
+                f"steps_offset {self.config.steps_offset}), outside 0..{n - 1}"
+            )
         self.timesteps = t.astype(np.int64)
         self.num_inference_steps = steps
         return self.timesteps
