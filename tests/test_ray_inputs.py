@@ -80,3 +80,21 @@ def test_ray_options_need_ray(tmp_path, capsys):
     code = main(["upscale", str(tmp_path), "-o", str(tmp_path / "o"), "--bundle", str(tmp_path), "--ray-actors", "2"])
     assert code == 2
     assert "--ray-actors and --job-record are options of --ray" in capsys.readouterr().err
+
+
+def test_the_job_waits_for_ray_datas_threads_before_leaving_the_cluster():
+    """ray.shutdown() under a Ray Data thread still at work ends the process with status 1: settle_ray_data waits
+    for those (by their names), and only for those."""
+    import threading
+    import time
+
+    release = threading.Event()
+    executor = threading.Thread(target=lambda: time.sleep(0.5), name="StreamingExecutor-dataset_1", daemon=True)
+    unrelated = threading.Thread(target=release.wait, name="ray_print_logs", daemon=True)
+    executor.start()
+    unrelated.start()
+    started = time.monotonic()
+    ray_batch.settle_ray_data()
+    assert not executor.is_alive() and time.monotonic() - started >= 0.4
+    assert unrelated.is_alive()  # Ray's own threads live until shutdown: not waited for
+    release.set()

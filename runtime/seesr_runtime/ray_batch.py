@@ -24,12 +24,14 @@ results arrive: ``job``, ``input``, ``output``, ``status`` (``done``, ``skipped`
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import re
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -55,6 +57,10 @@ RECORD_FIELDS = ("input", "output", "status", "seconds", "node", "host", "pid", 
 MAX_BLOCKS = 100_000
 # Backends and onnxruntime providers that run on an NVIDIA GPU: their actors ask Ray for one GPU each.
 GPU_PROVIDERS = ("cuda", "tensorrt")
+# Ray Data's threads that release object references after the last row (its executor's scheduling loop and the
+# metadata prefetcher), and how long to wait for them before leaving the cluster
+RAY_DATA_THREADS = ("StreamingExecutor-", "ray-data-metadata-prefetch")
+RAY_DATA_SETTLE_S = 30.0
 # An output given as a URL ("s3://b/x" reaches us as the Path "s3:/b/x").
 URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
@@ -116,7 +122,20 @@ def run_on_cluster(
     except ray.exceptions.RayError as exc:  # no pipeline could start, the cluster went away: the job fails
         raise BackendError(f"the Ray job stopped: {cause_line(exc)} (the workers' logs say more)") from exc
     finally:
+        settle_ray_data()
         ray.shutdown()
+
+
+def settle_ray_data() -> None:
+    """Wait (bounded) for Ray Data's background threads to finish before ``ray.shutdown()``: one still touching
+    the core worker after it ends the process with status 1 ("The core worker has already been shutdown ...
+    The process will exit"), which a job whose every image was written then reports as failed (seen after a
+    worker was killed mid-batch, when the pool's teardown takes longer)."""
+    gc.collect()  # a finished dataset's executor shuts down when it is collected
+    deadline = time.monotonic() + RAY_DATA_SETTLE_S
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name.startswith(RAY_DATA_THREADS):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def cause_line(exc: BaseException) -> str:
