@@ -38,7 +38,7 @@ def test_raw_values_are_left_to_the_table():
     values[ui.WIDGET_OPTIONS.index("steps")] = 3.0  # a browser's JSON number
     assert ui.raw_options(tuple(values))["steps"] == 3
     values[ui.WIDGET_OPTIONS.index("steps")] = 2.5
-    with pytest.raises(OptionError, match=r"steps must be an integer in \[1, 1000\], got 2.5"):
+    with pytest.raises(OptionError, match=r"steps must be an integer in \[1, 999\], got 2.5"):
         option_table.check_given(ui.raw_options(tuple(values)))
 
 

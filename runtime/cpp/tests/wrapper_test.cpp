@@ -73,7 +73,7 @@ int main(int argc, char **argv) {
     seesr::Options options(moved);
     options.set("steps", 3).set("guidance", 2.5).set("color_fix", "wavelet").set("tiled_vae", false);
     Thrown zero_steps = thrown([&] { options.set("steps", 0); });
-    expect(zero_steps.status == SEESR_ERROR_OPTION && zero_steps.says("steps must be in [1, 1000], got 0"),
+    expect(zero_steps.status == SEESR_ERROR_OPTION && zero_steps.says("steps must be in [1, 999], got 0"),
            "steps 0 refused: " + zero_steps.message);
     Thrown unknown = thrown([&] { options.set("colour", "x"); });
     expect(unknown.status == SEESR_ERROR_OPTION && unknown.says("unknown option 'colour'"),
